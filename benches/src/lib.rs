@@ -1,0 +1,1 @@
+//! Benchmarks live in `benches/` (criterion) and `fio/` (the peer comparison harness).

@@ -1,0 +1,38 @@
+//! The NBD protocol for thinbd: handshake, transmission, a server session driver generic over
+//! [`BlockDevice`], an async [`client::Client`], and the gRPC definitions of the management API.
+
+pub mod client;
+pub mod consts;
+pub mod device;
+pub mod fuzzing;
+pub mod handshake;
+pub mod io;
+pub mod mem_device;
+pub mod session;
+pub mod tls;
+pub mod wire;
+
+pub use device::{BlockDevice, DeviceError, DeviceInfo, DeviceResult, Extent, ReadChunk};
+pub use handshake::{Export, ExportCatalog, ExportListing, Negotiated, OpenError, ServerConfig, negotiate};
+pub use session::{SessionLimits, serve};
+
+/// Why a connection ended abnormally. Every variant closes the connection; none panics.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad magic {0:#x}")]
+    BadMagic(u64),
+    #[error("malformed: {0}")]
+    Malformed(String),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// Generated gRPC code for `thinbd.v1`.
+pub mod pb {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("thinbd.v1");
+}

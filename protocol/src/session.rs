@@ -1,0 +1,323 @@
+//! Server side of the transmission phase. The reader parses requests and starts each on its own
+//! task, so many are in flight per connection and replies go out in completion order through
+//! one writer task.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::ProtocolError;
+use crate::consts::*;
+use crate::device::{BlockDevice, DeviceError, Extent, ReadChunk};
+use crate::handshake::Negotiated;
+use crate::io::BoxIo;
+use crate::wire::{REQUEST_HEADER_LEN, Request, simple_reply_header, structured_header};
+
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// Largest payload a request may carry or ask for.
+    pub max_payload: u32,
+    /// Requests being served at once; the reader stops reading beyond this (back-pressure).
+    pub max_in_flight: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits { max_payload: 32 * 1024 * 1024, max_in_flight: 128 }
+    }
+}
+
+enum Reply {
+    Simple { cookie: u64, error: u32 },
+    SimpleRead { cookie: u64, chunks: Vec<ReadChunk> },
+    Read { cookie: u64, offset: u64, chunks: Vec<ReadChunk> },
+    Error { cookie: u64, errno: u32, message: String },
+    BlockStatus { cookie: u64, context: u32, extents: Vec<Extent> },
+}
+
+const KNOWN_FLAGS: u16 = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
+static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
+
+/// Serves requests until the client disconnects, sends DISC, or `shutdown` fires; in every case
+/// requests already started are finished and their replies sent before returning.
+pub async fn serve<D: BlockDevice>(
+    neg: Negotiated<D>,
+    limits: SessionLimits,
+    shutdown: CancellationToken,
+) -> Result<(), ProtocolError> {
+    let structured = neg.structured;
+    let context = neg.base_allocation;
+    let dev = neg.export.device.clone();
+    let info = dev.info();
+    let (rd, wr) = tokio::io::split(neg.io);
+    let mut rd = BufReader::with_capacity(256 * 1024, rd);
+    let (tx, rx) = mpsc::channel::<Reply>(limits.max_in_flight.max(1) * 2);
+    let writer_stop = CancellationToken::new();
+    let writer = tokio::spawn(write_replies(wr, rx, writer_stop.clone()));
+    let permits = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
+    let mut tasks = JoinSet::new();
+
+    let result: Result<(), ProtocolError> = loop {
+        while tasks.try_join_next().is_some() {}
+        let mut hdr = [0u8; REQUEST_HEADER_LEN];
+        let read = tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            _ = writer_stop.cancelled() => break Ok(()),
+            r = rd.read_exact(&mut hdr) => r,
+        };
+        match read {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+            Err(e) => break Err(e.into()),
+        }
+        let Some(req) = Request::parse(&hdr) else {
+            break Err(ProtocolError::BadMagic(u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) as u64));
+        };
+        if req.command == CMD_DISC {
+            debug!("client sent DISC");
+            break Ok(());
+        }
+        // A write's payload follows its header whatever we think of the request.
+        let mut payload = None;
+        if req.command == CMD_WRITE {
+            if req.length > limits.max_payload {
+                if let Err(e) = discard(&mut rd, req.length).await {
+                    break Err(e.into());
+                }
+            } else {
+                let mut buf = BytesMut::zeroed(req.length as usize);
+                if let Err(e) = rd.read_exact(&mut buf).await {
+                    break Err(e.into());
+                }
+                payload = Some(buf.freeze());
+            }
+        }
+        if let Err(errno) = check(&req, info.size, info.read_only, structured, context.is_some(), limits) {
+            let reply = error_reply(&req, structured, errno, "request rejected".into());
+            if tx.send(reply).await.is_err() {
+                break Ok(());
+            }
+            continue;
+        }
+        let Ok(permit) = permits.clone().acquire_owned().await else { break Ok(()) };
+        let dev = dev.clone();
+        let tx = tx.clone();
+        tasks.spawn(async move {
+            let reply = execute(&*dev, req, payload, structured, context).await;
+            let _ = tx.send(reply).await;
+            drop(permit);
+        });
+    };
+    // Finish what was started, then let the writer drain and close.
+    while tasks.join_next().await.is_some() {}
+    drop(tx);
+    match writer.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(error = %e, "reply writer"),
+        Err(e) => debug!(error = %e, "reply writer task"),
+    }
+    result
+}
+
+async fn discard<R: AsyncReadExt + Unpin>(rd: &mut R, mut n: u32) -> std::io::Result<()> {
+    let mut sink = vec![0u8; 64 * 1024];
+    while n > 0 {
+        let k = (n as usize).min(sink.len());
+        rd.read_exact(&mut sink[..k]).await?;
+        n -= k as u32;
+    }
+    Ok(())
+}
+
+/// Validates a request against the export; `Err(errno)` is what the spec says to answer.
+fn check(
+    req: &Request,
+    size: u64,
+    read_only: bool,
+    structured: bool,
+    has_context: bool,
+    limits: SessionLimits,
+) -> Result<(), u32> {
+    if req.flags & !KNOWN_FLAGS != 0 {
+        return Err(EINVAL);
+    }
+    if req.flags & CMD_FLAG_DF != 0 && (!structured || req.command != CMD_READ) {
+        return Err(EINVAL);
+    }
+    let end = req.offset.checked_add(req.length as u64);
+    let past_end = end.is_none_or(|e| e > size);
+    let writes = matches!(req.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if writes && read_only {
+        return Err(EPERM);
+    }
+    match req.command {
+        CMD_READ | CMD_WRITE if req.length > limits.max_payload => Err(EINVAL),
+        CMD_READ | CMD_TRIM | CMD_CACHE if past_end => Err(EINVAL),
+        CMD_WRITE | CMD_WRITE_ZEROES if past_end => Err(ENOSPC),
+        CMD_READ | CMD_WRITE | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES | CMD_FLUSH => Ok(()),
+        CMD_BLOCK_STATUS if !has_context || req.length == 0 || past_end => Err(EINVAL),
+        CMD_BLOCK_STATUS => Ok(()),
+        _ => Err(EINVAL),
+    }
+}
+
+fn error_reply(req: &Request, structured: bool, errno: u32, message: String) -> Reply {
+    if structured && matches!(req.command, CMD_READ | CMD_BLOCK_STATUS) {
+        Reply::Error { cookie: req.cookie, errno, message }
+    } else {
+        Reply::Simple { cookie: req.cookie, error: errno }
+    }
+}
+
+async fn execute<D: BlockDevice>(
+    dev: &D,
+    req: Request,
+    payload: Option<bytes::Bytes>,
+    structured: bool,
+    context: Option<u32>,
+) -> Reply {
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let done = |r: Result<(), DeviceError>| match r {
+        Ok(()) => Reply::Simple { cookie: req.cookie, error: 0 },
+        Err(e) => error_reply(&req, structured, e.errno(), e.to_string()),
+    };
+    match req.command {
+        CMD_READ => match dev.read(req.offset, req.length).await {
+            Ok(mut chunks) if structured => {
+                if req.flags & CMD_FLAG_DF != 0 && chunks.len() > 1 {
+                    chunks = vec![ReadChunk::Data(materialize(&chunks).into())];
+                }
+                Reply::Read { cookie: req.cookie, offset: req.offset, chunks }
+            }
+            Ok(chunks) => Reply::SimpleRead { cookie: req.cookie, chunks },
+            Err(e) => error_reply(&req, structured, e.errno(), e.to_string()),
+        },
+        CMD_WRITE => done(dev.write(req.offset, payload.unwrap_or_default(), fua).await),
+        CMD_FLUSH => done(dev.flush().await),
+        CMD_TRIM => done(dev.trim(req.offset, req.length, fua).await),
+        CMD_CACHE => done(dev.cache(req.offset, req.length).await),
+        CMD_WRITE_ZEROES => {
+            let may_unmap = req.flags & CMD_FLAG_NO_HOLE == 0;
+            let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
+            done(dev.write_zeroes(req.offset, req.length, may_unmap, fast, fua).await)
+        }
+        CMD_BLOCK_STATUS => match dev.block_status(req.offset, req.length).await {
+            Ok(mut extents) => {
+                if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                    extents.truncate(1);
+                }
+                Reply::BlockStatus { cookie: req.cookie, context: context.unwrap_or(0), extents }
+            }
+            Err(e) => error_reply(&req, structured, e.errno(), e.to_string()),
+        },
+        _ => error_reply(&req, structured, EINVAL, "unknown command".into()),
+    }
+}
+
+fn materialize(chunks: &[ReadChunk]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(chunks.iter().map(|c| c.len() as usize).sum());
+    for c in chunks {
+        match c {
+            ReadChunk::Data(b) => out.extend_from_slice(b),
+            ReadChunk::Hole(n) => out.resize(out.len() + *n as usize, 0),
+        }
+    }
+    out
+}
+
+async fn write_replies(
+    wr: tokio::io::WriteHalf<BoxIo>,
+    mut rx: mpsc::Receiver<Reply>,
+    stop: CancellationToken,
+) -> Result<(), ProtocolError> {
+    let mut w = BufWriter::with_capacity(256 * 1024, wr);
+    let r = async {
+        while let Some(reply) = rx.recv().await {
+            encode(&mut w, reply).await?;
+            // Batch replies that are already waiting into one write.
+            if rx.is_empty() {
+                w.flush().await?;
+            }
+        }
+        w.flush().await?;
+        w.shutdown().await
+    }
+    .await;
+    if r.is_err() {
+        // The client is gone: stop the reader too.
+        stop.cancel();
+    }
+    Ok(r?)
+}
+
+async fn encode<W: AsyncWriteExt + Unpin>(w: &mut W, reply: Reply) -> std::io::Result<()> {
+    match reply {
+        Reply::Simple { cookie, error } => w.write_all(&simple_reply_header(cookie, error)).await,
+        Reply::SimpleRead { cookie, chunks } => {
+            w.write_all(&simple_reply_header(cookie, 0)).await?;
+            for c in chunks {
+                match c {
+                    ReadChunk::Data(b) => w.write_all(&b).await?,
+                    ReadChunk::Hole(mut n) => {
+                        while n > 0 {
+                            let k = (n as usize).min(ZEROS.len());
+                            w.write_all(&ZEROS[..k]).await?;
+                            n -= k as u32;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        Reply::Read { cookie, mut offset, chunks } => {
+            let chunks: Vec<_> = chunks.into_iter().filter(|c| !c.is_empty()).collect();
+            if chunks.is_empty() {
+                return w.write_all(&structured_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)).await;
+            }
+            let last = chunks.len() - 1;
+            for (i, c) in chunks.into_iter().enumerate() {
+                let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+                match c {
+                    ReadChunk::Data(b) => {
+                        let len = b.len() as u32;
+                        w.write_all(&structured_header(cookie, flags, REPLY_TYPE_OFFSET_DATA, 8 + len)).await?;
+                        w.write_all(&offset.to_be_bytes()).await?;
+                        w.write_all(&b).await?;
+                        offset += len as u64;
+                    }
+                    ReadChunk::Hole(n) => {
+                        w.write_all(&structured_header(cookie, flags, REPLY_TYPE_OFFSET_HOLE, 12)).await?;
+                        w.write_all(&offset.to_be_bytes()).await?;
+                        w.write_all(&n.to_be_bytes()).await?;
+                        offset += n as u64;
+                    }
+                }
+            }
+            Ok(())
+        }
+        Reply::Error { cookie, errno, message } => {
+            let msg = &message.as_bytes()[..message.len().min(MAX_STRING_LEN as usize)];
+            let len = 6 + msg.len() as u32;
+            w.write_all(&structured_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, len)).await?;
+            w.write_all(&errno.to_be_bytes()).await?;
+            w.write_all(&(msg.len() as u16).to_be_bytes()).await?;
+            w.write_all(msg).await
+        }
+        Reply::BlockStatus { cookie, context, extents } => {
+            let len = 4 + 8 * extents.len() as u32;
+            w.write_all(&structured_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, len)).await?;
+            let mut b = Vec::with_capacity(len as usize);
+            b.extend_from_slice(&context.to_be_bytes());
+            for e in extents {
+                b.extend_from_slice(&e.length.to_be_bytes());
+                b.extend_from_slice(&e.flags.to_be_bytes());
+            }
+            w.write_all(&b).await
+        }
+    }
+}
