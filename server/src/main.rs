@@ -1,1 +1,255 @@
-fn main() {}
+//! The `thinbd` binary: `serve` runs the daemon; the other commands talk to it over the
+//! management API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use thinbd::daemon::{ServeOptions, serve};
+use thinbd::size::{format_size, parse_size};
+use thinbd_protocol::pb;
+use thinbd_protocol::pb::management_client::ManagementClient;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(name = "thinbd", version, about = "Thin-provisioned copy-on-write block volumes over NBD")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, Default)]
+enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// Management API of the daemon.
+    #[arg(long, global = true, default_value = "127.0.0.1:10810", env = "THINBD_API")]
+    api: String,
+    /// Output format.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the storage daemon.
+    Serve {
+        /// Where the pool file, metadata and lock live.
+        #[arg(long, default_value = "./thinbd-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        nbd_listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:10810")]
+        api_listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:10811")]
+        metrics_listen: SocketAddr,
+        /// Pool capacity, e.g. 10GiB (default 10 GiB for a new pool; may grow later).
+        #[arg(long, value_parser = parse_size)]
+        capacity: Option<u64>,
+        /// Allocation unit, 4KiB to 1MiB (default 64 KiB), fixed when the pool is created.
+        #[arg(long, value_parser = parse_size)]
+        cluster_size: Option<u64>,
+        /// PEM certificate chain; enables and requires NBD STARTTLS.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key for --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// PEM CA bundle; clients must present a certificate it signed.
+        #[arg(long, requires = "tls_cert")]
+        tls_client_ca: Option<PathBuf>,
+    },
+    /// Manage volumes.
+    Volume {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: VolumeCommand,
+    },
+    /// Show the pool.
+    Pool {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolumeCommand {
+    /// Create a thin volume.
+    Create {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// List volumes.
+    List,
+    /// Show one volume.
+    Show { name: String },
+    /// Grow a volume (shrinking is refused).
+    Resize {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Delete a volume and free its clusters.
+    Delete { name: String },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve {
+            data_dir,
+            nbd_listen,
+            api_listen,
+            metrics_listen,
+            capacity,
+            cluster_size,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+        } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            serve(ServeOptions {
+                data_dir,
+                nbd_listen,
+                api_listen,
+                metrics_listen,
+                capacity,
+                cluster_size,
+                tls_cert,
+                tls_key,
+                tls_client_ca,
+            })
+            .await
+        }
+        Command::Volume { client, command } => volume_command(client, command).await,
+        Command::Pool { client } => {
+            let mut c = connect(&client.api).await?;
+            let p = c.get_pool(pb::GetPoolRequest {}).await.map_err(rpc_error)?.into_inner();
+            match client.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({
+                        "capacity_bytes": p.capacity_bytes, "used_bytes": p.used_bytes,
+                        "cluster_size": p.cluster_size, "volume_count": p.volume_count, "data_dir": p.data_dir,
+                    })
+                ),
+                Output::Table => {
+                    println!("data dir:     {}", p.data_dir);
+                    println!("capacity:     {}", format_size(p.capacity_bytes));
+                    println!("used:         {}", format_size(p.used_bytes));
+                    println!("cluster size: {}", format_size(p.cluster_size as u64));
+                    println!("volumes:      {}", p.volume_count);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn connect(api: &str) -> anyhow::Result<ManagementClient<Channel>> {
+    let url = if api.contains("://") { api.to_string() } else { format!("http://{api}") };
+    ManagementClient::connect(url.clone())
+        .await
+        .with_context(|| format!("cannot reach thinbd at {url} (is `thinbd serve` running? --api sets the address)"))
+}
+
+fn rpc_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+fn volume_json(v: &pb::Volume) -> serde_json::Value {
+    serde_json::json!({
+        "name": v.name, "id": v.id, "size_bytes": v.size_bytes, "allocated_bytes": v.allocated_bytes,
+        "sessions": v.sessions, "created_unix_seconds": v.created_unix_seconds,
+    })
+}
+
+fn print_volumes(out: Output, vols: &[pb::Volume], single: bool) {
+    match out {
+        Output::Json if single && vols.len() == 1 => println!("{}", volume_json(&vols[0])),
+        Output::Json => println!("{}", serde_json::Value::Array(vols.iter().map(volume_json).collect())),
+        Output::Table if single => {
+            for v in vols {
+                println!("name:      {}", v.name);
+                println!("size:      {} ({} bytes)", format_size(v.size_bytes), v.size_bytes);
+                println!("allocated: {} ({} bytes)", format_size(v.allocated_bytes), v.allocated_bytes);
+                println!("sessions:  {}", v.sessions);
+                println!("export:    nbd://127.0.0.1:10809/{}", v.name);
+            }
+        }
+        Output::Table => {
+            let w = vols.iter().map(|v| v.name.len()).max().unwrap_or(4).max(4);
+            println!("{:<w$}  {:>10}  {:>10}  {:>8}", "NAME", "SIZE", "ALLOCATED", "SESSIONS");
+            for v in vols {
+                println!(
+                    "{:<w$}  {:>10}  {:>10}  {:>8}",
+                    v.name,
+                    format_size(v.size_bytes),
+                    format_size(v.allocated_bytes),
+                    v.sessions
+                );
+            }
+        }
+    }
+}
+
+async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::Result<()> {
+    let mut c = connect(&client.api).await?;
+    match command {
+        VolumeCommand::Create { name, size } => {
+            let v = c.create_volume(pb::CreateVolumeRequest { name, size_bytes: size }).await.map_err(rpc_error)?;
+            print_volumes(client.output, &[v.into_inner()], true);
+        }
+        VolumeCommand::List => {
+            let r = c.list_volumes(pb::ListVolumesRequest {}).await.map_err(rpc_error)?.into_inner();
+            print_volumes(client.output, &r.volumes, false);
+        }
+        VolumeCommand::Show { name } => {
+            let v = c.get_volume(pb::GetVolumeRequest { name }).await.map_err(rpc_error)?;
+            print_volumes(client.output, &[v.into_inner()], true);
+        }
+        VolumeCommand::Resize { name, size } => {
+            let v = c.resize_volume(pb::ResizeVolumeRequest { name, size_bytes: size }).await.map_err(rpc_error)?;
+            print_volumes(client.output, &[v.into_inner()], true);
+        }
+        VolumeCommand::Delete { name } => {
+            c.delete_volume(pb::DeleteVolumeRequest { name: name.clone() }).await.map_err(rpc_error)?;
+            match client.output {
+                Output::Json => println!("{}", serde_json::json!({ "deleted": name })),
+                Output::Table => println!("deleted volume {name}"),
+            }
+        }
+    }
+    Ok(())
+}

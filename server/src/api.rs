@@ -1,0 +1,86 @@
+//! The management API (gRPC, `thinbd.v1.Management`).
+
+use std::sync::Arc;
+
+use thinbd_protocol::pb;
+use thinbd_protocol::pb::management_server::Management;
+use tonic::{Request, Response, Status};
+
+use crate::engine::Engine;
+use crate::error::EngineError;
+
+pub struct Api {
+    pub engine: Arc<Engine>,
+}
+
+fn status(e: EngineError) -> Status {
+    match e {
+        EngineError::NotFound(_) => Status::not_found(e.to_string()),
+        EngineError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+        EngineError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        EngineError::Precondition(_) => Status::failed_precondition(e.to_string()),
+        EngineError::NoSpace => Status::resource_exhausted(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+impl Api {
+    fn volume(&self, v: &crate::engine::Volume) -> pb::Volume {
+        let i = self.engine.info(v);
+        pb::Volume {
+            name: i.name,
+            size_bytes: i.size,
+            allocated_bytes: i.allocated,
+            created_unix_seconds: i.created_unix,
+            id: i.id,
+            sessions: i.sessions,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Management for Api {
+    async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        let v = self.engine.create_volume(&r.name, r.size_bytes).await.map_err(status)?;
+        Ok(Response::new(self.volume(&v)))
+    }
+
+    async fn list_volumes(
+        &self,
+        _req: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let volumes = self.engine.list().iter().map(|v| self.volume(v)).collect();
+        Ok(Response::new(pb::ListVolumesResponse { volumes }))
+    }
+
+    async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        let v = self.engine.volume(&req.into_inner().name).map_err(status)?;
+        Ok(Response::new(self.volume(&v)))
+    }
+
+    async fn resize_volume(&self, req: Request<pb::ResizeVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        let v = self.engine.resize_volume(&r.name, r.size_bytes).await.map_err(status)?;
+        Ok(Response::new(self.volume(&v)))
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        self.engine.delete_volume(&req.into_inner().name).await.map_err(status)?;
+        Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    async fn get_pool(&self, _req: Request<pb::GetPoolRequest>) -> Result<Response<pb::Pool>, Status> {
+        let p = self.engine.pool_info();
+        Ok(Response::new(pb::Pool {
+            capacity_bytes: p.capacity,
+            used_bytes: p.used,
+            cluster_size: p.cluster_size as u32,
+            volume_count: p.volumes as u32,
+            data_dir: p.data_dir.display().to_string(),
+        }))
+    }
+}

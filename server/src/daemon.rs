@@ -1,0 +1,133 @@
+//! `thinbd serve`: lock the data dir, open the engine, run the NBD, API and metrics listeners,
+//! and shut down cleanly on SIGTERM/SIGINT.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use nix::fcntl::{Flock, FlockArg};
+use thinbd_protocol::ServerConfig;
+use thinbd_protocol::pb::management_server::ManagementServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::api::Api;
+use crate::engine::{Engine, EngineConfig, lock_path};
+use crate::nbd_export::{Catalog, serve_nbd};
+
+pub struct ServeOptions {
+    pub data_dir: PathBuf,
+    pub nbd_listen: SocketAddr,
+    pub api_listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub capacity: Option<u64>,
+    pub cluster_size: Option<u64>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+/// Holds the data dir's lock for the life of the daemon.
+pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<Flock<File>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+    let path = lock_path(dir);
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!("data dir {} is in use by another thinbd (cannot lock {}: {e})", dir.display(), path.display())
+    })
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen for {what} on {addr}"))
+}
+
+pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    let _lock = lock_data_dir(&opts.data_dir)?;
+    let engine = Engine::open(&EngineConfig {
+        data_dir: opts.data_dir.clone(),
+        capacity: opts.capacity,
+        cluster_size: opts.cluster_size,
+    })
+    .with_context(|| format!("opening pool in {}", opts.data_dir.display()))?;
+    let tls = match (&opts.tls_cert, &opts.tls_key) {
+        (Some(c), Some(k)) => Some(thinbd_protocol::tls::server_acceptor(c, k, opts.tls_client_ca.as_deref())?),
+        (None, None) if opts.tls_client_ca.is_some() => bail!("--tls-client-ca needs --tls-cert and --tls-key"),
+        (None, None) => None,
+        _ => bail!("--tls-cert and --tls-key go together"),
+    };
+    let nbd = bind(opts.nbd_listen, "NBD").await?;
+    let api = bind(opts.api_listen, "the management API").await?;
+    let metrics = bind(opts.metrics_listen, "metrics").await?;
+    let pool = engine.pool_info();
+    info!(
+        data_dir = %opts.data_dir.display(),
+        capacity = pool.capacity,
+        cluster_size = pool.cluster_size,
+        volumes = pool.volumes,
+        nbd = %opts.nbd_listen,
+        api = %opts.api_listen,
+        metrics = %opts.metrics_listen,
+        tls = tls.is_some(),
+        "thinbd serving"
+    );
+    let shutdown = CancellationToken::new();
+    let catalog = Arc::new(Catalog { engine: engine.clone() });
+    let config = ServerConfig { tls, ..ServerConfig::default() };
+    let nbd_task = tokio::spawn(serve_nbd(nbd, catalog, config, shutdown.clone()));
+
+    let api_shutdown = shutdown.clone();
+    let api_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ManagementServer::new(Api { engine: engine.clone() }))
+            .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(api), async move {
+                api_shutdown.cancelled().await
+            }),
+    );
+
+    let metrics_engine = engine.clone();
+    let router = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let e = metrics_engine.clone();
+            async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], e.render_metrics()) }
+        }),
+    );
+    let metrics_shutdown = shutdown.clone();
+    let metrics_task = tokio::spawn(async move {
+        axum::serve(metrics, router).with_graceful_shutdown(async move { metrics_shutdown.cancelled().await }).await
+    });
+
+    wait_for_signal().await?;
+    info!("shutting down: finishing in-flight requests");
+    shutdown.cancel();
+    match tokio::time::timeout(Duration::from_secs(30), nbd_task).await {
+        Ok(Ok(Err(e))) => warn!(error = %e, "NBD listener"),
+        Err(_) => warn!("NBD sessions did not finish within 30 s"),
+        _ => {}
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), metrics_task).await;
+    engine.flush().await.context("final flush")?;
+    info!("stopped cleanly");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        _ = int.recv() => info!("SIGINT"),
+    }
+    Ok(())
+}

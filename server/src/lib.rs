@@ -1,0 +1,13 @@
+//! thinbd: thin-provisioned volumes in a pool on local disk, exported over NBD.
+
+pub mod allocator;
+pub mod api;
+pub mod daemon;
+pub mod engine;
+pub mod error;
+pub mod extent_map;
+pub mod metadata;
+pub mod metrics;
+pub mod nbd_export;
+pub mod pool;
+pub mod size;

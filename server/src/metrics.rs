@@ -1,0 +1,190 @@
+//! Counters and latency histograms, rendered in the Prometheus text format.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, in seconds.
+const BOUNDS: [f64; 14] =
+    [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BOUNDS.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        if let Some(i) = BOUNDS.iter().position(|b| s <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (b, c) in BOUNDS.iter().zip(&self.buckets) {
+            cumulative += c.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_ns.load(Relaxed) as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+    Flush,
+    Trim,
+    WriteZeroes,
+    BlockStatus,
+}
+
+impl Op {
+    const ALL: [Op; 6] = [Op::Read, Op::Write, Op::Flush, Op::Trim, Op::WriteZeroes, Op::BlockStatus];
+    fn name(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Flush => "flush",
+            Op::Trim => "trim",
+            Op::WriteZeroes => "write_zeroes",
+            Op::BlockStatus => "block_status",
+        }
+    }
+}
+
+/// Per-volume request metrics.
+#[derive(Default)]
+pub struct VolumeMetrics {
+    ops: [AtomicU64; 6],
+    errors: [AtomicU64; 6],
+    latency: [Histogram; 6],
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+}
+
+impl VolumeMetrics {
+    pub fn record(&self, op: Op, started: std::time::Instant, ok: bool) {
+        let i = op as usize;
+        self.ops[i].fetch_add(1, Relaxed);
+        if !ok {
+            self.errors[i].fetch_add(1, Relaxed);
+        }
+        self.latency[i].observe(started.elapsed());
+    }
+}
+
+/// One volume's numbers at render time.
+pub struct VolumeSample<'a> {
+    pub name: &'a str,
+    pub size: u64,
+    pub allocated: u64,
+    pub sessions: u32,
+    pub metrics: &'a VolumeMetrics,
+}
+
+pub struct PoolSample {
+    pub capacity: u64,
+    pub used: u64,
+    pub cluster_size: u64,
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
+    let mut o = String::with_capacity(4096 + volumes.len() * 4096);
+    let _ = writeln!(o, "# HELP thinbd_pool_capacity_bytes Pool capacity.\n# TYPE thinbd_pool_capacity_bytes gauge");
+    let _ = writeln!(o, "thinbd_pool_capacity_bytes {}", pool.capacity);
+    let _ =
+        writeln!(o, "# HELP thinbd_pool_used_bytes Pool bytes in use by volumes.\n# TYPE thinbd_pool_used_bytes gauge");
+    let _ = writeln!(o, "thinbd_pool_used_bytes {}", pool.used);
+    let _ = writeln!(
+        o,
+        "# HELP thinbd_pool_cluster_size_bytes Allocation unit.\n# TYPE thinbd_pool_cluster_size_bytes gauge"
+    );
+    let _ = writeln!(o, "thinbd_pool_cluster_size_bytes {}", pool.cluster_size);
+    let _ = writeln!(
+        o,
+        "# HELP thinbd_volumes Number of volumes.\n# TYPE thinbd_volumes gauge\nthinbd_volumes {}",
+        volumes.len()
+    );
+    let headers = [
+        ("thinbd_volume_size_bytes", "gauge", "Virtual size of the volume."),
+        ("thinbd_volume_allocated_bytes", "gauge", "Pool bytes mapped by the volume."),
+        ("thinbd_volume_sessions", "gauge", "Open NBD sessions."),
+        ("thinbd_volume_ops_total", "counter", "Requests served, by operation."),
+        ("thinbd_volume_errors_total", "counter", "Requests that failed, by operation."),
+        ("thinbd_volume_read_bytes_total", "counter", "Bytes read."),
+        ("thinbd_volume_written_bytes_total", "counter", "Bytes written."),
+        ("thinbd_volume_request_duration_seconds", "histogram", "Request latency inside the server."),
+    ];
+    for (name, kind, help) in headers {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for v in volumes {
+            let l = format!("volume=\"{}\"", escape(v.name));
+            let m = v.metrics;
+            let simple = match name {
+                "thinbd_volume_size_bytes" => Some(v.size),
+                "thinbd_volume_allocated_bytes" => Some(v.allocated),
+                "thinbd_volume_sessions" => Some(v.sessions as u64),
+                "thinbd_volume_read_bytes_total" => Some(m.bytes_read.load(Relaxed)),
+                "thinbd_volume_written_bytes_total" => Some(m.bytes_written.load(Relaxed)),
+                _ => None,
+            };
+            if let Some(value) = simple {
+                let _ = writeln!(o, "{name}{{{l}}} {value}");
+                continue;
+            }
+            match name {
+                "thinbd_volume_ops_total" | "thinbd_volume_errors_total" => {
+                    let arr = if name == "thinbd_volume_ops_total" { &m.ops } else { &m.errors };
+                    for op in Op::ALL {
+                        let _ = writeln!(o, "{name}{{{l},op=\"{}\"}} {}", op.name(), arr[op as usize].load(Relaxed));
+                    }
+                }
+                _ => {
+                    for op in Op::ALL {
+                        m.latency[op as usize].render(&mut o, name, &format!("{l},op=\"{}\"", op.name()));
+                    }
+                }
+            }
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = VolumeMetrics::default();
+        m.record(Op::Write, std::time::Instant::now(), true);
+        m.bytes_written.fetch_add(4096, Relaxed);
+        let pool = PoolSample { capacity: 1 << 30, used: 65536, cluster_size: 65536 };
+        let text =
+            render(&pool, &[VolumeSample { name: "v\"1", size: 1 << 20, allocated: 65536, sessions: 2, metrics: &m }]);
+        assert!(text.contains("thinbd_pool_capacity_bytes 1073741824\n"));
+        assert!(text.contains("thinbd_volume_ops_total{volume=\"v\\\"1\",op=\"write\"} 1\n"));
+        assert!(text.contains("thinbd_volume_written_bytes_total{volume=\"v\\\"1\"} 4096\n"));
+        assert!(text.contains("thinbd_volume_request_duration_seconds_count{volume=\"v\\\"1\",op=\"write\"} 1\n"));
+        assert!(text.contains("le=\"+Inf\"} 1\n"));
+        // Every sample line is `name{labels} value` or `name value`.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().unwrap_or("");
+            assert!(value.parse::<f64>().is_ok(), "bad sample line {line:?}");
+        }
+    }
+}
