@@ -1,1 +1,268 @@
-//! Test harness.
+//! Test harness: runs the real `thinbd` binary on free loopback ports in a temporary data dir,
+//! and finds the external NBD clients the tests drive.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Whether an external tool is installed. Under CI (`CI=true`) a missing tool fails the test,
+/// since the setup script must have installed it; elsewhere the test is skipped, loudly.
+pub fn require(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{tool} is not installed; scripts/setup installs it");
+        }
+        eprintln!("SKIPPED: {tool} is not installed (run scripts/setup)");
+    }
+    found
+}
+
+/// The `thinbd` binary next to the test executable (target/<profile>/thinbd), built on demand.
+pub fn thinbd_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let bin = profile_dir.join("thinbd");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "thinbd", "--bin", "thinbd"]);
+        if release {
+            cmd.arg("--release");
+        }
+        assert!(cmd.status().expect("cargo build").success(), "building thinbd failed");
+    }
+    bin
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+pub struct Server {
+    pub child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub nbd_port: u16,
+    pub api_port: u16,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+    extra: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data_dir = tmp.path().join("data");
+        let mut s = Server {
+            child: None,
+            log: tmp.path().join("thinbd.log"),
+            data_dir,
+            nbd_port: free_port(),
+            api_port: free_port(),
+            metrics_port: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            _tmp: Some(tmp),
+        };
+        s.spawn();
+        s
+    }
+
+    /// Starts (again) on the same data dir and ports.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let child = Command::new(thinbd_bin())
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--nbd-listen", &format!("127.0.0.1:{}", self.nbd_port)])
+            .args(["--api-listen", &format!("127.0.0.1:{}", self.api_port)])
+            .args(["--metrics-listen", &format!("127.0.0.1:{}", self.metrics_port)])
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn thinbd");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", self.api_port)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", self.nbd_port)).is_ok()
+            {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("thinbd exited with {status} during start:\n{}", self.log_text());
+            }
+            assert!(Instant::now() < deadline, "thinbd did not start:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.nbd_port)
+    }
+
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{export}", self.nbd_port)
+    }
+
+    /// Runs a CLI command against this server; panics with its stderr on failure.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = self.cli_output(args);
+        assert!(out.status.success(), "thinbd {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn cli_output(&self, args: &[&str]) -> Output {
+        Command::new(thinbd_bin())
+            .args(args)
+            .args(["--api", &format!("127.0.0.1:{}", self.api_port)])
+            .output()
+            .expect("run thinbd")
+    }
+
+    pub fn create_volume(&self, name: &str, size: &str) {
+        self.cli(&["volume", "create", name, "--size", size]);
+    }
+
+    pub fn volume_json(&self, name: &str) -> serde_json::Value {
+        serde_json::from_str(&self.cli(&["volume", "show", name, "-o", "json"])).expect("json")
+    }
+
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("metrics port");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("request");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("response");
+        body
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        send_signal(child.id(), "TERM");
+        wait_timeout(&mut child, Duration::from_secs(40)).unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("thinbd did not stop on SIGTERM:\n{}", self.log_text())
+        })
+    }
+
+    /// kill -9: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Sends a signal through kill(1), which keeps this crate free of unsafe code.
+pub fn send_signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().map(|s| s.success());
+    assert!(matches!(ok, Ok(true)), "kill -{sig} {pid} failed");
+}
+
+pub fn wait_timeout(child: &mut Child, d: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + d;
+    while Instant::now() < deadline {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Runs an external command; panics with its output when it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+/// Writes a test CA, a server certificate for localhost/127.0.0.1 and a client certificate
+/// into `dir`, named as GnuTLS clients (libnbd, qemu) expect: ca-cert.pem, server-cert.pem,
+/// server-key.pem, client-cert.pem, client-key.pem.
+pub fn make_certs(dir: &Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "thinbd test CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    std::fs::write(dir.join("ca-cert.pem"), ca.pem()).unwrap();
+    for (who, usage) in
+        [("server", ExtendedKeyUsagePurpose::ServerAuth), ("client", ExtendedKeyUsagePurpose::ClientAuth)]
+    {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, format!("thinbd test {who}"));
+        p.extended_key_usages = vec![usage];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        let cert = p.signed_by(&key, &ca).unwrap();
+        std::fs::write(dir.join(format!("{who}-cert.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{who}-key.pem")), key.serialize_pem()).unwrap();
+    }
+}

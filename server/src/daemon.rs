@@ -50,7 +50,20 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("cannot listen for {what} on {addr}"))
 }
 
+/// Every NBD connection is a file descriptor; the usual soft limit of 1024 is too low for a
+/// storage node, so raise it to the hard limit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        warn!(error = %e, soft, "cannot raise the open-file limit");
+    }
+}
+
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    raise_fd_limit();
     let _lock = lock_data_dir(&opts.data_dir)?;
     let engine = Engine::open(&EngineConfig {
         data_dir: opts.data_dir.clone(),

@@ -269,7 +269,7 @@ impl Engine {
     }
 
     fn check_size(size: u64) -> Result<(), EngineError> {
-        if size == 0 || size % 512 != 0 {
+        if size == 0 || !size.is_multiple_of(512) {
             return Err(EngineError::Invalid(format!("volume size {size} must be a positive multiple of 512 bytes")));
         }
         if size > 1 << 60 {

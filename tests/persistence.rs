@@ -1,0 +1,169 @@
+//! Volumes and data survive SIGTERM and kill -9 (after FLUSH); the data dir is locked; the CLI
+//! and metrics behave as the README says.
+
+use std::process::Command;
+
+use thinbd_protocol::client::{Client, ClientOptions};
+use thinbd_tests::{Server, pattern, runtime, thinbd_bin};
+
+async fn connect(s: &Server, name: &str) -> Client {
+    Client::connect(s.addr(), ClientOptions::new(name)).await.expect("connect")
+}
+
+#[test]
+fn data_survives_sigterm_restart() {
+    let rt = runtime();
+    let mut s = Server::start();
+    s.create_volume("keep", "32MiB");
+    let a = pattern(11, 300_000);
+    rt.block_on(async {
+        let c = connect(&s, "keep").await;
+        c.write(12_345, &a, 0).await.unwrap();
+        // No FLUSH: a clean shutdown must make completed writes durable by itself.
+        c.disconnect().await.unwrap();
+    });
+    assert!(s.stop().success(), "clean exit:\n{}", s.log_text());
+    assert!(s.log_text().contains("stopped cleanly"));
+    s.spawn();
+    rt.block_on(async {
+        let c = connect(&s, "keep").await;
+        assert_eq!(c.size, 32 << 20);
+        assert!(c.read(12_345, a.len() as u32).await.unwrap() == a);
+    });
+    let v = s.volume_json("keep");
+    assert_eq!(v["size_bytes"], 32u64 << 20);
+}
+
+#[test]
+fn flushed_writes_survive_kill_9() {
+    let rt = runtime();
+    let mut s = Server::start();
+    s.create_volume("crash", "64MiB");
+    let mut expected = Vec::new();
+    rt.block_on(async {
+        let c = connect(&s, "crash").await;
+        for i in 0..64u64 {
+            let data = pattern(i, 40_000);
+            let off = i * 1_000_003 % (60 << 20);
+            c.write(off, &data, 0).await.unwrap();
+            expected.push((off, data));
+        }
+        c.flush().await.unwrap();
+        // A FUA write is durable on its own.
+        let fua = pattern(999, 5000);
+        c.write(63 << 20, &fua, thinbd_protocol::consts::CMD_FLAG_FUA).await.unwrap();
+        expected.push((63 << 20, fua));
+    });
+    s.kill9();
+    s.spawn();
+    rt.block_on(async {
+        let c = connect(&s, "crash").await;
+        // Later writes may overlap earlier ones: check the final content in write order.
+        let mut image = vec![0u8; 64 << 20];
+        for (off, d) in &expected {
+            image[*off as usize..*off as usize + d.len()].copy_from_slice(d);
+        }
+        let got = c.read(0, 32 << 20).await.unwrap();
+        let got2 = c.read(32 << 20, 32 << 20).await.unwrap();
+        assert!(got == image[..32 << 20] && got2 == image[32 << 20..], "flushed data lost after kill -9");
+    });
+}
+
+#[test]
+fn second_daemon_on_same_data_dir_is_refused() {
+    let s = Server::start();
+    let out = Command::new(thinbd_bin())
+        .args(["serve", "--data-dir"])
+        .arg(&s.data_dir)
+        .args(["--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another thinbd"), "{err}");
+}
+
+#[test]
+fn cli_manages_volumes_with_clear_errors() {
+    let rt = runtime();
+    let s = Server::start();
+    let out = s.cli(&["volume", "create", "v1", "--size", "512MiB", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["size_bytes"], 512u64 << 20);
+    assert_eq!(v["allocated_bytes"], 0);
+    s.create_volume("v2", "1073741824");
+    let table = s.cli(&["volume", "list"]);
+    assert!(table.contains("v1") && table.contains("512 MiB") && table.contains("1 GiB"), "{table}");
+    let list: serde_json::Value = serde_json::from_str(&s.cli(&["volume", "list", "-o", "json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+
+    let err = |args: &[&str]| {
+        let o = s.cli_output(args);
+        assert!(!o.status.success(), "{args:?} should fail");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    assert!(err(&["volume", "create", "v1", "--size", "1GiB"]).contains("already exists"));
+    assert!(err(&["volume", "create", "bad/name", "--size", "1GiB"]).contains("invalid volume name"));
+    assert!(err(&["volume", "create", "x", "--size", "12XB"]).contains("unknown size unit"));
+    assert!(err(&["volume", "create", "x", "--size", "1000"]).contains("multiple of 512"));
+    assert!(err(&["volume", "show", "nope"]).contains("not found"));
+    assert!(err(&["volume", "resize", "v1", "--size", "256MiB"]).contains("shrinking"));
+
+    // Grow: sessions opened afterwards see the new size.
+    s.cli(&["volume", "resize", "v1", "--size", "1GiB"]);
+    assert_eq!(s.volume_json("v1")["size_bytes"], 1u64 << 30);
+    rt.block_on(async {
+        let c = connect(&s, "v1").await;
+        assert_eq!(c.size, 1 << 30);
+        c.write(1000 << 20, b"beyond the old end", 0).await.unwrap();
+        // Deleting a volume with an open session is refused.
+        let o = s.cli_output(&["volume", "delete", "v1"]);
+        assert!(String::from_utf8_lossy(&o.stderr).contains("open NBD session"));
+        c.disconnect().await.unwrap();
+    });
+    assert_eq!(s.volume_json("v1")["allocated_bytes"], 65536);
+    // The session count drops once the server notices the disconnect.
+    let mut deleted = false;
+    for _ in 0..100 {
+        if s.cli_output(&["volume", "delete", "v1"]).status.success() {
+            deleted = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(deleted);
+    assert!(err(&["volume", "show", "v1"]).contains("not found"));
+    let pool: serde_json::Value = serde_json::from_str(&s.cli(&["pool", "-o", "json"])).unwrap();
+    assert_eq!(pool["used_bytes"], 0, "deleting returned the cluster");
+    assert_eq!(pool["volume_count"], 1);
+    // No daemon: a readable error.
+    let o = Command::new(thinbd_bin()).args(["volume", "list", "--api", "127.0.0.1:1"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot reach thinbd"));
+}
+
+#[test]
+fn metrics_report_ops_bytes_latency_and_pool() {
+    let rt = runtime();
+    let s = Server::start_with(&["--capacity", "1GiB"]);
+    s.create_volume("m", "16MiB");
+    rt.block_on(async {
+        let c = connect(&s, "m").await;
+        c.write(0, &[7u8; 8192], 0).await.unwrap();
+        c.read(0, 4096).await.unwrap();
+        c.flush().await.unwrap();
+    });
+    let m = s.metrics();
+    for needle in [
+        "thinbd_pool_capacity_bytes 1073741824",
+        "thinbd_pool_used_bytes 65536",
+        "thinbd_volume_ops_total{volume=\"m\",op=\"write\"} 1",
+        "thinbd_volume_ops_total{volume=\"m\",op=\"read\"} 1",
+        "thinbd_volume_ops_total{volume=\"m\",op=\"flush\"} 1",
+        "thinbd_volume_written_bytes_total{volume=\"m\"} 8192",
+        "thinbd_volume_read_bytes_total{volume=\"m\"} 4096",
+        "thinbd_volume_request_duration_seconds_count{volume=\"m\",op=\"write\"} 1",
+        "# TYPE thinbd_volume_request_duration_seconds histogram",
+    ] {
+        assert!(m.contains(needle), "missing {needle:?} in\n{m}");
+    }
+}
