@@ -26,7 +26,7 @@ fn corpus_replays_without_panic() {
 
 #[test]
 fn seeded_mutations_do_not_panic_or_hang() {
-    let seed: u64 = std::env::var("THINBD_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x7415_bd);
+    let seed: u64 = std::env::var("THINBD_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x7415bd);
     let iterations: usize = std::env::var("THINBD_FUZZ_ITERATIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(5000);
     let corpus = corpus();
     let mut x = seed | 1;
