@@ -61,6 +61,11 @@ impl Allocator {
         self.high_water
     }
 
+    /// Clusters in use (pending frees still count: someone may read them until they are durable).
+    pub fn used(&self) -> u64 {
+        self.high_water - self.free.len() as u64
+    }
+
     /// Clusters that can still be handed out (pending frees not counted).
     pub fn available(&self) -> u64 {
         self.capacity - self.high_water + self.free.len() as u64

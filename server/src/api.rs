@@ -6,7 +6,7 @@ use thinbd_protocol::pb;
 use thinbd_protocol::pb::management_server::Management;
 use tonic::{Request, Response, Status};
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Snapshot, Volume};
 use crate::error::EngineError;
 
 pub struct Api {
@@ -18,21 +18,37 @@ fn status(e: EngineError) -> Status {
         EngineError::NotFound(_) => Status::not_found(e.to_string()),
         EngineError::AlreadyExists(_) => Status::already_exists(e.to_string()),
         EngineError::Invalid(_) => Status::invalid_argument(e.to_string()),
-        EngineError::Precondition(_) => Status::failed_precondition(e.to_string()),
+        EngineError::Precondition(_) | EngineError::ReadOnly(_) => Status::failed_precondition(e.to_string()),
         EngineError::NoSpace => Status::resource_exhausted(e.to_string()),
         _ => Status::internal(e.to_string()),
     }
 }
 
 impl Api {
-    fn volume(&self, v: &crate::engine::Volume) -> pb::Volume {
+    fn volume(&self, v: &Volume) -> pb::Volume {
         let i = self.engine.info(v);
         pb::Volume {
             name: i.name,
             size_bytes: i.size,
-            allocated_bytes: i.allocated,
+            allocated_bytes: i.usage.allocated,
+            exclusive_bytes: i.usage.exclusive,
+            shared_bytes: i.usage.shared,
             created_unix_seconds: i.created_unix,
             id: i.id,
+            sessions: i.sessions,
+        }
+    }
+
+    fn snapshot(&self, s: &Snapshot) -> pb::Snapshot {
+        let i = self.engine.snapshot_info(s);
+        pb::Snapshot {
+            volume: i.volume,
+            name: i.name,
+            size_bytes: i.size,
+            allocated_bytes: i.usage.allocated,
+            exclusive_bytes: i.usage.exclusive,
+            shared_bytes: i.usage.shared,
+            created_unix_seconds: i.created_unix,
             sessions: i.sessions,
         }
     }
@@ -73,6 +89,36 @@ impl Management for Api {
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
+    async fn clone_volume(&self, req: Request<pb::CloneVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        let v = self.engine.clone_volume(&r.source, &r.name).await.map_err(status)?;
+        Ok(Response::new(self.volume(&v)))
+    }
+
+    async fn create_snapshot(&self, req: Request<pb::CreateSnapshotRequest>) -> Result<Response<pb::Snapshot>, Status> {
+        let r = req.into_inner();
+        let s = self.engine.create_snapshot(&r.volume, &r.name).await.map_err(status)?;
+        Ok(Response::new(self.snapshot(&s)))
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let r = req.into_inner();
+        let filter = Some(r.volume.as_str()).filter(|v| !v.is_empty());
+        let snapshots = self.engine.list_snapshots(filter).iter().map(|s| self.snapshot(s)).collect();
+        Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        self.engine.delete_snapshot(&req.into_inner().key).await.map_err(status)?;
+        Ok(Response::new(pb::DeleteSnapshotResponse {}))
+    }
+
     async fn get_pool(&self, _req: Request<pb::GetPoolRequest>) -> Result<Response<pb::Pool>, Status> {
         let p = self.engine.pool_info();
         Ok(Response::new(pb::Pool {
@@ -80,6 +126,7 @@ impl Management for Api {
             used_bytes: p.used,
             cluster_size: p.cluster_size as u32,
             volume_count: p.volumes as u32,
+            snapshot_count: p.snapshots as u32,
             data_dir: p.data_dir.display().to_string(),
         }))
     }

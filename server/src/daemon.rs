@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::Api;
-use crate::engine::{Engine, EngineConfig, lock_path};
+use crate::engine::{Engine, EngineConfig};
 use crate::nbd_export::{Catalog, serve_nbd};
 
 pub struct ServeOptions {
@@ -34,7 +34,7 @@ pub struct ServeOptions {
 /// Holds the data dir's lock for the life of the daemon.
 pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<Flock<File>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
-    let path = lock_path(dir);
+    let path = dir.join("lock");
     let f = File::options()
         .create(true)
         .truncate(false)

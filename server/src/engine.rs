@@ -1,19 +1,23 @@
-//! The volume engine: volumes with sparse extent maps over a shared pool, metadata in redb.
+//! The volume engine: volumes and snapshots as chains of layers over a shared pool of clusters,
+//! metadata in redb. Admin operations (create, snapshot, clone, resize, delete) are serialized
+//! and commit durably; data operations commit their mapping changes non-durably and rely on
+//! FLUSH/FUA for durability.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
-
 use crate::allocator::Allocator;
 use crate::error::EngineError;
-use crate::extent_map::{ExtentMap, Run};
-use crate::metadata::{MetaOp, PoolConfig, Store, VolumeRecord};
+use crate::extent_map::{ExtentMap, ZERO_MARK};
+use crate::layer::{Layer, poisoned};
+use crate::metadata::{LayerRecord, MetaOp, PoolConfig, SnapshotRecord, Store, VolumeRecord};
 use crate::metrics::{PoolSample, VolumeMetrics, VolumeSample};
 use crate::pool::Pool;
+
+pub use crate::volume::VolumeHandle;
 
 pub const DEFAULT_CLUSTER_SIZE: u64 = 64 * 1024;
 pub const DEFAULT_CAPACITY: u64 = 10 << 30;
@@ -29,51 +33,100 @@ pub struct EngineConfig {
 pub struct Volume {
     pub id: u64,
     pub name: String,
-    size: AtomicU64,
+    pub(crate) size: AtomicU64,
     pub created_unix: u64,
-    map: RwLock<ExtentMap>,
-    /// Shared by reads and writes, exclusive while clusters are unmapped, so no request can
-    /// touch a cluster after it went back to the allocator.
-    gate: tokio::sync::RwLock<()>,
+    top: RwLock<Arc<Layer>>,
+    /// Shared by reads and writes, exclusive while clusters are unmapped or the top layer
+    /// changes, so no request can touch a cluster after it went back to the allocator.
+    pub(crate) gate: tokio::sync::RwLock<()>,
     /// Serializes first writes, so two requests never both allocate the same virtual cluster.
-    alloc_lock: tokio::sync::Mutex<()>,
-    sessions: AtomicU32,
+    pub(crate) alloc_lock: tokio::sync::Mutex<()>,
+    pub(crate) sessions: AtomicU32,
     pub metrics: VolumeMetrics,
 }
 
 impl Volume {
+    fn new(id: u64, name: &str, size: u64, created_unix: u64, top: Arc<Layer>) -> Volume {
+        Volume {
+            id,
+            name: name.to_string(),
+            size: AtomicU64::new(size),
+            created_unix,
+            top: RwLock::new(top),
+            gate: Default::default(),
+            alloc_lock: Default::default(),
+            sessions: AtomicU32::new(0),
+            metrics: VolumeMetrics::default(),
+        }
+    }
+
     pub fn size(&self) -> u64 {
         self.size.load(Relaxed)
     }
 
-    pub fn mapped_clusters(&self) -> u64 {
-        self.map.read().map(|m| m.len() as u64).unwrap_or(0)
+    pub fn top(&self) -> Result<Arc<Layer>, EngineError> {
+        Ok(self.top.read().map_err(|_| poisoned())?.clone())
     }
 
     pub fn sessions(&self) -> u32 {
         self.sessions.load(Relaxed)
     }
 
-    fn record(&self) -> VolumeRecord {
-        VolumeRecord { id: self.id, name: self.name.clone(), size: self.size(), created_unix: self.created_unix }
-    }
-
-    fn runs(&self, first: u64, end: u64) -> Result<Vec<Run>, EngineError> {
-        Ok(self.map.read().map_err(|_| poisoned())?.runs(first, end))
+    fn record(&self) -> Result<VolumeRecord, EngineError> {
+        Ok(VolumeRecord {
+            id: self.id,
+            name: self.name.clone(),
+            size: self.size(),
+            created_unix: self.created_unix,
+            layer: self.top()?.id,
+        })
     }
 }
 
-fn poisoned() -> EngineError {
-    EngineError::Internal("lock poisoned".into())
+/// A snapshot: a frozen layer, readable as `VOLUME@SNAPSHOT`.
+pub struct Snapshot {
+    pub volume: String,
+    pub name: String,
+    pub layer: Arc<Layer>,
+    pub size: u64,
+    pub created_unix: u64,
+    pub(crate) sessions: AtomicU32,
+    pub metrics: VolumeMetrics,
 }
 
-/// What the API reports about a volume.
+impl Snapshot {
+    pub fn key(&self) -> String {
+        format!("{}@{}", self.volume, self.name)
+    }
+}
+
+/// Space a volume or snapshot uses, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Clusters with data it can read.
+    pub allocated: u64,
+    /// Of those, the ones only it references (its own layer).
+    pub exclusive: u64,
+    /// Allocated minus exclusive: inherited from snapshots, shared with them and their clones.
+    pub shared: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct VolumeInfo {
     pub id: u64,
     pub name: String,
     pub size: u64,
-    pub allocated: u64,
+    pub usage: Usage,
+    pub created_unix: u64,
+    pub sessions: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct SnapshotInfo {
+    pub volume: String,
+    pub name: String,
+    pub size: u64,
+    pub usage: Usage,
     pub created_unix: u64,
     pub sessions: u32,
 }
@@ -84,24 +137,27 @@ pub struct PoolInfo {
     pub used: u64,
     pub cluster_size: u64,
     pub volumes: usize,
+    pub snapshots: usize,
     pub data_dir: PathBuf,
 }
 
 pub struct Engine {
-    store: Store,
-    pool: Pool,
-    cs: u64,
+    pub(crate) store: Store,
+    pub(crate) pool: Pool,
+    pub(crate) cs: u64,
     alloc: Mutex<Allocator>,
     volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
+    snapshots: RwLock<BTreeMap<String, Arc<Snapshot>>>,
+    layers: RwLock<BTreeMap<u64, Arc<Layer>>>,
     next_id: AtomicU64,
-    /// Serializes create/delete/resize so checks and commits do not interleave.
+    /// Serializes admin operations so their checks and commits do not interleave.
     admin: tokio::sync::Mutex<()>,
     data_dir: PathBuf,
 }
 
-/// Volume names become NBD export names and CLI arguments: keep them plain. `@` is reserved for
-/// `VOLUME@SNAPSHOT`.
-pub fn validate_name(name: &str) -> Result<(), EngineError> {
+/// Names become NBD export names and CLI arguments: keep them plain. `@` separates a volume
+/// from its snapshot.
+pub fn validate_name(kind: &str, name: &str) -> Result<(), EngineError> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
@@ -110,13 +166,44 @@ pub fn validate_name(name: &str) -> Result<(), EngineError> {
         Ok(())
     } else {
         Err(EngineError::Invalid(format!(
-            "invalid volume name {name:?}: use 1-128 letters, digits, '-', '_' or '.', not starting with '.' or '-'"
+            "invalid {kind} name {name:?}: use 1-128 letters, digits, '-', '_' or '.', not starting with '.' or '-'"
         )))
     }
 }
 
 fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Builds layers parents-first; refuses dangling parents and cycles.
+fn build_layers(records: Vec<LayerRecord>) -> Result<BTreeMap<u64, Arc<Layer>>, EngineError> {
+    let mut pending: BTreeMap<u64, LayerRecord> = records.into_iter().map(|r| (r.id, r)).collect();
+    let mut built: BTreeMap<u64, Arc<Layer>> = BTreeMap::new();
+    while let Some((&id, _)) = pending.iter().next() {
+        // Follow parents up to one that is built (or none), then build down again.
+        let mut chain = vec![id];
+        loop {
+            let cur = *chain.last().unwrap_or(&id);
+            let parent = pending.get(&cur).and_then(|r| r.parent);
+            match parent {
+                Some(p) if built.contains_key(&p) => break,
+                Some(p) if pending.contains_key(&p) => {
+                    if chain.contains(&p) {
+                        return Err(EngineError::Metadata(format!("layer {p} is its own ancestor")));
+                    }
+                    chain.push(p);
+                }
+                Some(p) => return Err(EngineError::Metadata(format!("layer {cur} has missing parent {p}"))),
+                None => break,
+            }
+        }
+        for id in chain.into_iter().rev() {
+            let rec = pending.remove(&id).ok_or_else(|| EngineError::Internal("layer build".into()))?;
+            let parent = rec.parent.and_then(|p| built.get(&p).cloned());
+            built.insert(id, Layer::new(id, ExtentMap::from_pairs(rec.extents), parent));
+        }
+    }
+    Ok(built)
 }
 
 impl Engine {
@@ -154,23 +241,43 @@ impl Engine {
                 capacity_clusters = want;
             }
         }
-        let pool = Pool::open(&cfg.data_dir.join("pool.img"), capacity_clusters * cs, cs)?;
+        let pool = Pool::open_file(&cfg.data_dir.join("pool.img"), capacity_clusters * cs, cs)?;
+        Self::assemble(store, pool, loaded, capacity_clusters, cfg.data_dir.clone())
+    }
+
+    /// Builds the engine from loaded metadata and an opened pool (tests use other pool backends).
+    pub fn assemble(
+        store: Store,
+        pool: Pool,
+        loaded: crate::metadata::Loaded,
+        capacity_clusters: u64,
+        data_dir: PathBuf,
+    ) -> Result<Arc<Engine>, EngineError> {
+        let cs = loaded.config.cluster_size;
+        let layers = build_layers(loaded.layers)?;
+        let layer = |id: u64, what: &str| {
+            layers
+                .get(&id)
+                .cloned()
+                .ok_or_else(|| EngineError::Metadata(format!("{what} refers to missing layer {id}")))
+        };
         let mut volumes = BTreeMap::new();
-        let mut max_id = 0;
-        for (rec, pairs) in loaded.volumes {
-            max_id = max_id.max(rec.id);
-            let vol = Volume {
-                id: rec.id,
+        for rec in loaded.volumes {
+            let top = layer(rec.layer, &format!("volume {}", rec.name))?;
+            volumes.insert(rec.name.clone(), Arc::new(Volume::new(rec.id, &rec.name, rec.size, rec.created_unix, top)));
+        }
+        let mut snapshots = BTreeMap::new();
+        for rec in loaded.snapshots {
+            let snap = Snapshot {
+                layer: layer(rec.layer, &format!("snapshot {}", rec.key()))?,
+                volume: rec.volume.clone(),
                 name: rec.name.clone(),
-                size: AtomicU64::new(rec.size),
+                size: rec.size,
                 created_unix: rec.created_unix,
-                map: RwLock::new(ExtentMap::from_pairs(pairs)),
-                gate: Default::default(),
-                alloc_lock: Default::default(),
                 sessions: AtomicU32::new(0),
                 metrics: VolumeMetrics::default(),
             };
-            volumes.insert(rec.name, Arc::new(vol));
+            snapshots.insert(rec.key(), Arc::new(snap));
         }
         Ok(Arc::new(Engine {
             store,
@@ -178,9 +285,11 @@ impl Engine {
             cs,
             alloc: Mutex::new(Allocator::new(loaded.free, loaded.high_water, capacity_clusters)),
             volumes: RwLock::new(volumes),
-            next_id: AtomicU64::new(loaded.next_volume_id.max(max_id + 1)),
+            snapshots: RwLock::new(snapshots),
+            layers: RwLock::new(layers),
+            next_id: AtomicU64::new(loaded.next_id.max(1)),
             admin: Default::default(),
-            data_dir: cfg.data_dir.clone(),
+            data_dir,
         }))
     }
 
@@ -188,13 +297,13 @@ impl Engine {
         self.cs
     }
 
-    fn alloc(&self) -> Result<std::sync::MutexGuard<'_, Allocator>, EngineError> {
+    pub(crate) fn alloc(&self) -> Result<std::sync::MutexGuard<'_, Allocator>, EngineError> {
         self.alloc.lock().map_err(|_| poisoned())
     }
 
     /// Commits `ops` on a blocking thread. A durable commit first syncs the pool (inside the
     /// transaction) and afterwards releases clusters whose frees it made durable.
-    async fn commit(self: &Arc<Self>, ops: Vec<MetaOp>, durable: bool) -> Result<(), EngineError> {
+    pub(crate) async fn commit(self: &Arc<Self>, ops: Vec<MetaOp>, durable: bool) -> Result<(), EngineError> {
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
             let mut released = Vec::new();
@@ -218,23 +327,61 @@ impl Engine {
         self.commit(Vec::new(), true).await
     }
 
+    fn take_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Relaxed)
+    }
+
+    fn next_id_op(&self) -> MetaOp {
+        MetaOp::SetNextId(self.next_id.load(Relaxed))
+    }
+
     pub fn volume(&self, name: &str) -> Result<Arc<Volume>, EngineError> {
         self.volumes
             .read()
             .map_err(|_| poisoned())?
             .get(name)
             .cloned()
-            .ok_or_else(|| EngineError::NotFound(name.to_string()))
+            .ok_or_else(|| EngineError::NotFound(format!("volume {name:?}")))
+    }
+
+    pub fn snapshot(&self, key: &str) -> Result<Arc<Snapshot>, EngineError> {
+        self.snapshots
+            .read()
+            .map_err(|_| poisoned())?
+            .get(key)
+            .cloned()
+            .ok_or_else(|| EngineError::NotFound(format!("snapshot {key:?}")))
+    }
+
+    fn usage(&self, layer: &Arc<Layer>) -> Usage {
+        let (allocated, exclusive) = layer.visible_data().unwrap_or((0, 0));
+        Usage {
+            allocated: allocated * self.cs,
+            exclusive: exclusive * self.cs,
+            shared: (allocated - exclusive) * self.cs,
+        }
     }
 
     pub fn info(&self, v: &Volume) -> VolumeInfo {
+        let usage = v.top().map(|t| self.usage(&t)).unwrap_or_default();
         VolumeInfo {
             id: v.id,
             name: v.name.clone(),
             size: v.size(),
-            allocated: v.mapped_clusters() * self.cs,
+            usage,
             created_unix: v.created_unix,
             sessions: v.sessions(),
+        }
+    }
+
+    pub fn snapshot_info(&self, s: &Snapshot) -> SnapshotInfo {
+        SnapshotInfo {
+            volume: s.volume.clone(),
+            name: s.name.clone(),
+            size: s.size,
+            usage: self.usage(&s.layer),
+            created_unix: s.created_unix,
+            sessions: s.sessions.load(Relaxed),
         }
     }
 
@@ -242,26 +389,55 @@ impl Engine {
         self.volumes.read().map(|m| m.values().cloned().collect()).unwrap_or_default()
     }
 
+    pub fn list_snapshots(&self, volume: Option<&str>) -> Vec<Arc<Snapshot>> {
+        self.snapshots
+            .read()
+            .map(|m| m.values().filter(|s| volume.is_none_or(|v| s.volume == v)).cloned().collect())
+            .unwrap_or_default()
+    }
+
     pub fn pool_info(&self) -> PoolInfo {
-        let vols = self.list();
-        let used: u64 = vols.iter().map(|v| v.mapped_clusters()).sum::<u64>() * self.cs;
-        let capacity = self.alloc().map(|a| a.capacity()).unwrap_or(0) * self.cs;
-        PoolInfo { capacity, used, cluster_size: self.cs, volumes: vols.len(), data_dir: self.data_dir.clone() }
+        let (capacity, used) = self.alloc().map(|a| (a.capacity(), a.used())).unwrap_or((0, 0));
+        PoolInfo {
+            capacity: capacity * self.cs,
+            used: used * self.cs,
+            cluster_size: self.cs,
+            volumes: self.volumes.read().map(|m| m.len()).unwrap_or(0),
+            snapshots: self.snapshots.read().map(|m| m.len()).unwrap_or(0),
+            data_dir: self.data_dir.clone(),
+        }
     }
 
     pub fn render_metrics(&self) -> String {
         let p = self.pool_info();
         let vols = self.list();
-        let samples: Vec<VolumeSample<'_>> = vols
-            .iter()
-            .map(|v| VolumeSample {
+        let snaps = self.list_snapshots(None);
+        let keys: Vec<String> = snaps.iter().map(|s| s.key()).collect();
+        let mut samples: Vec<VolumeSample<'_>> = Vec::with_capacity(vols.len() + snaps.len());
+        for v in &vols {
+            let usage = v.top().map(|t| self.usage(&t)).unwrap_or_default();
+            samples.push(VolumeSample {
                 name: &v.name,
                 size: v.size(),
-                allocated: v.mapped_clusters() * self.cs,
+                allocated: usage.allocated,
+                exclusive: usage.exclusive,
+                shared: usage.shared,
                 sessions: v.sessions(),
                 metrics: &v.metrics,
-            })
-            .collect();
+            });
+        }
+        for (s, key) in snaps.iter().zip(&keys) {
+            let usage = self.usage(&s.layer);
+            samples.push(VolumeSample {
+                name: key,
+                size: s.size,
+                allocated: usage.allocated,
+                exclusive: usage.exclusive,
+                shared: usage.shared,
+                sessions: s.sessions.load(Relaxed),
+                metrics: &s.metrics,
+            });
+        }
         crate::metrics::render(
             &PoolSample { capacity: p.capacity, used: p.used, cluster_size: p.cluster_size },
             &samples,
@@ -278,25 +454,47 @@ impl Engine {
         Ok(())
     }
 
+    /// A new volume name must not collide with a volume, nor with snapshots left by a deleted
+    /// volume of that name (their export names would be ambiguous).
+    fn check_new_volume_name(&self, name: &str) -> Result<(), EngineError> {
+        validate_name("volume", name)?;
+        if let Ok(v) = self.volume(name) {
+            return Err(EngineError::AlreadyExists(format!("volume {:?}", v.name)));
+        }
+        if !self.list_snapshots(Some(name)).is_empty() {
+            return Err(EngineError::AlreadyExists(format!(
+                "snapshots of a deleted volume {name:?} still exist; delete them or choose another name"
+            )));
+        }
+        Ok(())
+    }
+
+    fn new_layer(&self, parent: Option<Arc<Layer>>) -> Result<Arc<Layer>, EngineError> {
+        let l = Layer::new(self.take_id(), ExtentMap::default(), parent);
+        self.layers.write().map_err(|_| poisoned())?.insert(l.id, l.clone());
+        Ok(l)
+    }
+
+    fn forget_layers(&self, ids: &[u64]) {
+        if let Ok(mut m) = self.layers.write() {
+            for id in ids {
+                m.remove(id);
+            }
+        }
+    }
+
     pub async fn create_volume(self: &Arc<Self>, name: &str, size: u64) -> Result<Arc<Volume>, EngineError> {
-        validate_name(name)?;
         Self::check_size(size)?;
         let _admin = self.admin.lock().await;
-        if let Ok(v) = self.volume(name) {
-            return Err(EngineError::AlreadyExists(v.name.clone()));
+        self.check_new_volume_name(name)?;
+        let top = self.new_layer(None)?;
+        let vol = Arc::new(Volume::new(self.take_id(), name, size, now_unix(), top.clone()));
+        let ops =
+            vec![MetaOp::PutLayer { id: top.id, parent: None }, MetaOp::PutVolume(vol.record()?), self.next_id_op()];
+        if let Err(e) = self.commit(ops, true).await {
+            self.forget_layers(&[top.id]);
+            return Err(e);
         }
-        let vol = Arc::new(Volume {
-            id: self.next_id.fetch_add(1, Relaxed),
-            name: name.to_string(),
-            size: AtomicU64::new(size),
-            created_unix: now_unix(),
-            map: Default::default(),
-            gate: Default::default(),
-            alloc_lock: Default::default(),
-            sessions: AtomicU32::new(0),
-            metrics: VolumeMetrics::default(),
-        });
-        self.commit(vec![MetaOp::PutVolume(vol.record())], true).await?;
         self.volumes.write().map_err(|_| poisoned())?.insert(name.to_string(), vol.clone());
         tracing::info!(volume = name, size, "volume created");
         Ok(vol)
@@ -314,12 +512,108 @@ impl Engine {
             )));
         }
         if size != old {
-            let mut rec = vol.record();
+            let mut rec = vol.record()?;
             rec.size = size;
             self.commit(vec![MetaOp::PutVolume(rec)], true).await?;
             vol.size.store(size, Relaxed);
             tracing::info!(volume = name, old, size, "volume resized");
         }
+        Ok(vol)
+    }
+
+    /// Freezes the volume's top layer as the snapshot and gives the volume a new, empty top.
+    /// Costs the same for an empty volume and a full one.
+    pub async fn create_snapshot(self: &Arc<Self>, volume: &str, name: &str) -> Result<Arc<Snapshot>, EngineError> {
+        validate_name("snapshot", name)?;
+        let _admin = self.admin.lock().await;
+        let vol = self.volume(volume)?;
+        let key = format!("{volume}@{name}");
+        if self.snapshot(&key).is_ok() {
+            return Err(EngineError::AlreadyExists(format!("snapshot {key:?}")));
+        }
+        // Wait for requests in flight; new ones wait for the new top.
+        let _gate = vol.gate.write().await;
+        let frozen = vol.top()?;
+        let top = self.new_layer(Some(frozen.clone()))?;
+        let snap = Arc::new(Snapshot {
+            volume: volume.to_string(),
+            name: name.to_string(),
+            layer: frozen.clone(),
+            size: vol.size(),
+            created_unix: now_unix(),
+            sessions: AtomicU32::new(0),
+            metrics: VolumeMetrics::default(),
+        });
+        let mut rec = vol.record()?;
+        rec.layer = top.id;
+        let ops = vec![
+            MetaOp::PutLayer { id: top.id, parent: Some(frozen.id) },
+            MetaOp::PutVolume(rec),
+            MetaOp::PutSnapshot(SnapshotRecord {
+                volume: snap.volume.clone(),
+                name: snap.name.clone(),
+                layer: frozen.id,
+                size: snap.size,
+                created_unix: snap.created_unix,
+            }),
+            self.next_id_op(),
+        ];
+        if let Err(e) = self.commit(ops, true).await {
+            self.forget_layers(&[top.id]);
+            return Err(e);
+        }
+        *vol.top.write().map_err(|_| poisoned())? = top;
+        self.snapshots.write().map_err(|_| poisoned())?.insert(key.clone(), snap.clone());
+        tracing::info!(snapshot = %key, "snapshot created");
+        Ok(snap)
+    }
+
+    /// A writable volume from `VOLUME@SNAPSHOT`, or from a volume's current state (which
+    /// freezes it into a hidden layer that both then share).
+    pub async fn clone_volume(self: &Arc<Self>, source: &str, name: &str) -> Result<Arc<Volume>, EngineError> {
+        let _admin = self.admin.lock().await;
+        self.check_new_volume_name(name)?;
+        let mut ops = Vec::new();
+        let source_vol = if source.contains('@') { None } else { Some(self.volume(source)?) };
+        let _gate = match &source_vol {
+            Some(v) => Some(v.gate.write().await),
+            None => None,
+        };
+        let (base, size) = match &source_vol {
+            Some(v) => (v.top()?, v.size()),
+            None => {
+                let snap = self.snapshot(source)?;
+                (snap.layer.clone(), snap.size)
+            }
+        };
+        let mut new_layers = Vec::new();
+        let src_top = match &source_vol {
+            Some(src) => {
+                let t = self.new_layer(Some(base.clone()))?;
+                new_layers.push(t.id);
+                let mut rec = src.record()?;
+                rec.layer = t.id;
+                ops.push(MetaOp::PutLayer { id: t.id, parent: Some(base.id) });
+                ops.push(MetaOp::PutVolume(rec));
+                Some(t)
+            }
+            None => None,
+        };
+        let top = self.new_layer(Some(base.clone()))?;
+        new_layers.push(top.id);
+        let vol = Arc::new(Volume::new(self.take_id(), name, size, now_unix(), top.clone()));
+        ops.push(MetaOp::PutLayer { id: top.id, parent: Some(base.id) });
+        ops.push(MetaOp::PutVolume(vol.record()?));
+        ops.push(self.next_id_op());
+        if let Err(e) = self.commit(ops, true).await {
+            self.forget_layers(&new_layers);
+            return Err(e);
+        }
+        if let (Some(src), Some(t)) = (&source_vol, src_top) {
+            *src.top.write().map_err(|_| poisoned())? = t;
+        }
+        self.volumes.write().map_err(|_| poisoned())?.insert(name.to_string(), vol.clone());
+        tracing::info!(source, volume = name, "clone created");
         Ok(vol)
     }
 
@@ -333,280 +627,136 @@ impl Engine {
                 "volume {name:?} has {n} open NBD session(s); disconnect them first"
             )));
         }
-        let freed: Vec<u64> = vol.map.read().map_err(|_| poisoned())?.iter().map(|(_, p)| p).collect();
-        let mut ops: Vec<MetaOp> = freed.iter().map(|p| MetaOp::Free(*p)).collect();
-        ops.push(MetaOp::DeleteVolume { name: name.to_string(), id: vol.id });
-        self.commit(ops, true).await?;
+        self.commit(vec![MetaOp::DeleteVolume(name.to_string())], true).await?;
         self.volumes.write().map_err(|_| poisoned())?.remove(name);
-        // The delete is durable: its clusters can be reused at once.
-        self.alloc()?.release(freed.iter().copied());
-        *vol.map.write().map_err(|_| poisoned())? = ExtentMap::default();
-        tracing::info!(volume = name, clusters = freed.len(), "volume deleted");
+        self.release_layer(vol.top()?.id).await?;
+        tracing::info!(volume = name, "volume deleted");
         Ok(())
     }
 
-    /// Opens a volume for I/O; the handle counts as a session until dropped.
-    pub fn open_volume(self: &Arc<Self>, name: &str, read_only: bool) -> Result<VolumeHandle, EngineError> {
-        let vol = self.volume(name)?;
-        vol.sessions.fetch_add(1, Relaxed);
-        let size = vol.size();
-        Ok(VolumeHandle { engine: self.clone(), vol, size, read_only })
-    }
-}
-
-/// An open volume: the NBD session's block device.
-pub struct VolumeHandle {
-    engine: Arc<Engine>,
-    pub vol: Arc<Volume>,
-    size: u64,
-    read_only: bool,
-}
-
-impl Drop for VolumeHandle {
-    fn drop(&mut self) {
-        self.vol.sessions.fetch_sub(1, Relaxed);
-    }
-}
-
-/// The byte range of `run` that lies inside `[offset, end)`: (start, length, offset into the
-/// run's first physical cluster).
-fn clip(run: &Run, cs: u64, offset: u64, end: u64) -> (u64, u64, u64) {
-    let rs = (run.vstart * cs).max(offset);
-    let re = ((run.vstart + run.count) * cs).min(end);
-    (rs, re - rs, rs - run.vstart * cs)
-}
-
-impl VolumeHandle {
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<thinbd_protocol::ReadChunk>, EngineError> {
-        use thinbd_protocol::ReadChunk;
-        if len == 0 {
-            return Ok(Vec::new());
+    pub async fn delete_snapshot(self: &Arc<Self>, key: &str) -> Result<(), EngineError> {
+        let _admin = self.admin.lock().await;
+        let snap = self.snapshot(key)?;
+        let n = snap.sessions.load(Relaxed);
+        if n > 0 {
+            return Err(EngineError::Precondition(format!(
+                "snapshot {key:?} has {n} open NBD session(s); disconnect them first"
+            )));
         }
-        let cs = self.engine.cs;
-        let end = offset + len as u64;
-        let _g = self.vol.gate.read().await;
-        let runs = self.vol.runs(offset / cs, end.div_ceil(cs))?;
-        let mut out = Vec::with_capacity(runs.len());
-        for run in &runs {
-            let (_, n, within) = clip(run, cs, offset, end);
-            match run.physical {
-                Some(p) => {
-                    let data = self.engine.pool.read_at(p * cs + within, n as usize).await?;
-                    out.push(ReadChunk::Data(Bytes::from(data)));
-                }
-                None => out.push(ReadChunk::Hole(n as u32)),
-            }
-        }
-        self.vol.metrics.bytes_read.fetch_add(len as u64, Relaxed);
-        Ok(out)
-    }
-
-    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
-        if !data.is_empty() {
-            let _g = self.vol.gate.read().await;
-            self.write_locked(offset, data.clone()).await?;
-            self.vol.metrics.bytes_written.fetch_add(data.len() as u64, Relaxed);
-        }
-        if fua {
-            self.engine.flush().await?;
-        }
+        self.commit(vec![MetaOp::DeleteSnapshot(key.to_string())], true).await?;
+        self.snapshots.write().map_err(|_| poisoned())?.remove(key);
+        self.release_layer(snap.layer.id).await?;
+        tracing::info!(snapshot = key, "snapshot deleted");
         Ok(())
     }
 
-    /// Writes with the gate held (shared or exclusive) by the caller.
-    async fn write_locked(&self, offset: u64, data: Bytes) -> Result<(), EngineError> {
-        let cs = self.engine.cs;
-        let end = offset + data.len() as u64;
-        let runs = self.vol.runs(offset / cs, end.div_ceil(cs))?;
-        let mut holes = Vec::new();
-        for run in runs {
-            let (start, n, within) = clip(&run, cs, offset, end);
-            match run.physical {
-                Some(p) => {
-                    let slice = data.slice((start - offset) as usize..(start - offset + n) as usize);
-                    self.engine.pool.write_at(p * cs + within, slice).await?;
-                }
-                None => holes.push(run),
-            }
-        }
-        if holes.is_empty() {
-            return Ok(());
-        }
-        let _a = self.vol.alloc_lock.lock().await;
-        // Another request may have filled some of these clusters while we waited.
-        let mut need = Vec::new();
-        for hole in holes {
-            for run in self.vol.runs(hole.vstart, hole.vstart + hole.count)? {
-                let (start, n, within) = clip(&run, cs, offset, end);
-                match run.physical {
-                    Some(p) => {
-                        let slice = data.slice((start - offset) as usize..(start - offset + n) as usize);
-                        self.engine.pool.write_at(p * cs + within, slice).await?;
-                    }
-                    None => need.extend(run.vstart..run.vstart + run.count),
-                }
-            }
-        }
-        if need.is_empty() {
-            return Ok(());
-        }
-        let pcs = self.engine.alloc()?.allocate(need.len()).ok_or(EngineError::NoSpace)?;
-        let r = self.fill_new_clusters(&need, &pcs, offset, &data).await;
-        let r = match r {
-            Ok(()) => {
-                let mut ops = Vec::with_capacity(need.len() * 2);
-                for (v, p) in need.iter().zip(&pcs) {
-                    ops.push(MetaOp::Claim(*p));
-                    ops.push(MetaOp::Map { volume: self.vol.id, vcluster: *v, pcluster: *p });
-                }
-                self.engine.commit(ops, false).await
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = r {
-            self.engine.alloc()?.unallocate(pcs);
-            return Err(e);
-        }
-        let mut map = self.vol.map.write().map_err(|_| poisoned())?;
-        for (v, p) in need.iter().zip(&pcs) {
-            map.insert(*v, *p);
-        }
-        Ok(())
+    /// Who holds `id`: volumes whose top it is, snapshots of it, and child layers.
+    fn references(&self, id: u64) -> Result<(Vec<Arc<Volume>>, usize, Vec<Arc<Layer>>), EngineError> {
+        let vols: Vec<Arc<Volume>> = self
+            .volumes
+            .read()
+            .map_err(|_| poisoned())?
+            .values()
+            .filter(|v| v.top().is_ok_and(|t| t.id == id))
+            .cloned()
+            .collect();
+        let snaps = self.snapshots.read().map_err(|_| poisoned())?.values().filter(|s| s.layer.id == id).count();
+        let children = self
+            .layers
+            .read()
+            .map_err(|_| poisoned())?
+            .values()
+            .filter(|l| l.parent().ok().flatten().is_some_and(|p| p.id == id))
+            .cloned()
+            .collect();
+        Ok((vols, snaps, children))
     }
 
-    /// Writes whole new clusters: the request's bytes where it covers them, zeros elsewhere, so
-    /// a reused cluster never shows its previous owner's data. Consecutive clusters go in one
-    /// write.
-    async fn fill_new_clusters(&self, vcs: &[u64], pcs: &[u64], offset: u64, data: &Bytes) -> Result<(), EngineError> {
-        let cs = self.engine.cs;
-        let end = offset + data.len() as u64;
-        let mut i = 0;
-        while i < vcs.len() {
-            let mut j = i + 1;
-            while j < vcs.len() && vcs[j] == vcs[j - 1] + 1 && pcs[j] == pcs[j - 1] + 1 && j - i < 256 {
-                j += 1;
-            }
-            let vstart = vcs[i] * cs;
-            let vend = (vcs[j - 1] + 1) * cs;
-            let mut buf = BytesMut::zeroed((vend - vstart) as usize);
-            let (s, e) = (offset.max(vstart), end.min(vend));
-            if s < e {
-                buf[(s - vstart) as usize..(e - vstart) as usize]
-                    .copy_from_slice(&data[(s - offset) as usize..(e - offset) as usize]);
-            }
-            self.engine.pool.write_at(pcs[i] * cs, buf.freeze()).await?;
-            i = j;
-        }
-        Ok(())
-    }
-
-    /// TRIM and WRITE_ZEROES: whole clusters are unmapped (freed when `unmap`), partial ones
-    /// zeroed in place.
-    pub async fn zero(&self, offset: u64, len: u32, unmap: bool, fua: bool) -> Result<(), EngineError> {
-        let cs = self.engine.cs;
-        let end = offset + len as u64;
-        {
-            let _g = self.vol.gate.write().await;
-            if unmap {
-                let first_full = offset.div_ceil(cs);
-                let end_full = end / cs;
-                let mut freed = Vec::new();
-                if first_full < end_full {
-                    let runs = self.vol.runs(first_full, end_full)?;
-                    for r in runs.iter().filter(|r| r.physical.is_some()) {
-                        let p = r.physical.unwrap_or_default();
-                        freed.extend((0..r.count).map(|k| (r.vstart + k, p + k)));
-                    }
+    /// After a reference to layer `id` went away: a layer nobody holds is deleted and its
+    /// clusters freed (then its parent is looked at in turn); a layer only one child layer holds
+    /// is merged into that child, freeing the clusters the child overrides.
+    async fn release_layer(self: &Arc<Self>, mut id: u64) -> Result<(), EngineError> {
+        loop {
+            let Some(layer) = self.layers.read().map_err(|_| poisoned())?.get(&id).cloned() else { return Ok(()) };
+            let (vols, snaps, children) = self.references(id)?;
+            if vols.is_empty() && snaps == 0 && children.is_empty() {
+                let (freed, parent) = {
+                    let st = layer.read()?;
+                    let freed: Vec<u64> = st.map.iter().map(|(_, p)| p).filter(|p| *p != ZERO_MARK).collect();
+                    (freed, st.parent.clone())
+                };
+                let mut ops: Vec<MetaOp> = freed.iter().map(|p| MetaOp::Free(*p)).collect();
+                ops.push(MetaOp::DeleteLayer(id));
+                self.commit(ops, true).await?;
+                self.forget_layers(&[id]);
+                self.alloc()?.release(freed);
+                match parent {
+                    Some(p) => id = p.id,
+                    None => return Ok(()),
                 }
-                if !freed.is_empty() {
-                    let mut ops = Vec::with_capacity(freed.len() * 2);
-                    for (v, p) in &freed {
-                        ops.push(MetaOp::Unmap { volume: self.vol.id, vcluster: *v });
-                        ops.push(MetaOp::Free(*p));
+            } else if vols.is_empty() && snaps == 0 && children.len() == 1 {
+                let child = children[0].clone();
+                // A child that is a volume's top changes with writes: hold them off.
+                let owner = self
+                    .volumes
+                    .read()
+                    .map_err(|_| poisoned())?
+                    .values()
+                    .find(|v| v.top().is_ok_and(|t| t.id == child.id))
+                    .cloned();
+                let _gate = match &owner {
+                    Some(v) => Some(v.gate.write().await),
+                    None => None,
+                };
+                let (merged, freed, mut ops, parent) = {
+                    let ls = layer.read()?;
+                    let cs = child.read()?;
+                    let mut merged = cs.map.clone();
+                    let mut freed = Vec::new();
+                    let mut ops = Vec::new();
+                    for (v, p) in ls.map.iter() {
+                        if cs.map.get(v) != crate::extent_map::Mapping::Hole {
+                            if p != ZERO_MARK {
+                                freed.push(p);
+                                ops.push(MetaOp::Free(p));
+                            }
+                        } else {
+                            merged.insert(v, p);
+                            ops.push(MetaOp::Map { layer: child.id, vcluster: v, pcluster: p });
+                        }
                     }
-                    self.engine.commit(ops, false).await?;
-                    let mut map = self.vol.map.write().map_err(|_| poisoned())?;
-                    for (v, _) in &freed {
-                        map.remove(*v);
-                    }
-                    drop(map);
-                    self.engine.alloc()?.free_later(freed.iter().map(|(_, p)| *p));
+                    (merged, freed, ops, ls.parent.clone())
+                };
+                ops.push(MetaOp::PutLayer { id: child.id, parent: parent.as_ref().map(|p| p.id) });
+                ops.push(MetaOp::DeleteLayer(id));
+                self.commit(ops, true).await?;
+                {
+                    let mut cs = child.state.write().map_err(|_| poisoned())?;
+                    cs.map = merged;
+                    cs.parent = parent;
                 }
-                // Partial clusters at either end are zeroed where mapped.
-                let head_end = (first_full * cs).min(end);
-                let tail_start = (end_full * cs).max(offset);
-                if first_full >= end_full {
-                    self.zero_mapped(offset, end).await?;
-                } else {
-                    self.zero_mapped(offset, head_end).await?;
-                    self.zero_mapped(tail_start, end).await?;
-                }
+                self.forget_layers(&[id]);
+                self.alloc()?.release(freed);
+                return Ok(());
             } else {
-                // NO_HOLE: the range must end up allocated and zero.
-                let mut pos = offset;
-                while pos < end {
-                    let n = (end - pos).min(1 << 20);
-                    self.write_locked(pos, Bytes::from(vec![0u8; n as usize])).await?;
-                    pos += n;
-                }
+                return Ok(());
             }
         }
-        if fua {
-            self.engine.flush().await?;
+    }
+
+    /// Opens `NAME` (read-write volume) or `VOLUME@SNAPSHOT` (read-only) for I/O; the handle
+    /// counts as a session until dropped.
+    pub fn open_export(self: &Arc<Self>, name: &str) -> Result<VolumeHandle, EngineError> {
+        if name.contains('@') {
+            let snap = self.snapshot(name)?;
+            Ok(VolumeHandle::snapshot(self.clone(), snap))
+        } else {
+            Ok(VolumeHandle::volume(self.clone(), self.volume(name)?))
         }
-        Ok(())
     }
 
-    /// Zeroes `[start, end)` inside clusters that are mapped; unmapped ones already read as zero.
-    async fn zero_mapped(&self, start: u64, end: u64) -> Result<(), EngineError> {
-        if start >= end {
-            return Ok(());
-        }
-        let cs = self.engine.cs;
-        for run in self.vol.runs(start / cs, end.div_ceil(cs))? {
-            if let Some(p) = run.physical {
-                let (_, n, within) = clip(&run, cs, start, end);
-                self.engine.pool.write_at(p * cs + within, Bytes::from(vec![0u8; n as usize])).await?;
-            }
-        }
-        Ok(())
+    /// Every layer, for consistency checks.
+    pub fn layer_ids(&self) -> Vec<u64> {
+        self.layers.read().map(|m| m.keys().copied().collect()).unwrap_or_default()
     }
-
-    pub async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<thinbd_protocol::Extent>, EngineError> {
-        use thinbd_protocol::consts::{STATE_HOLE, STATE_ZERO};
-        let cs = self.engine.cs;
-        let end = offset + len as u64;
-        let runs = self.vol.runs(offset / cs, end.div_ceil(cs))?;
-        let mut out: Vec<thinbd_protocol::Extent> = Vec::new();
-        for run in &runs {
-            let (_, n, _) = clip(run, cs, offset, end);
-            let flags = if run.physical.is_some() { 0 } else { STATE_HOLE | STATE_ZERO };
-            match out.last_mut() {
-                Some(e) if e.flags == flags => e.length += n as u32,
-                _ => out.push(thinbd_protocol::Extent { length: n as u32, flags }),
-            }
-        }
-        Ok(out)
-    }
-
-    pub async fn flush(&self) -> Result<(), EngineError> {
-        self.engine.flush().await
-    }
-
-    pub fn read_only(&self) -> bool {
-        self.read_only
-    }
-
-    pub fn cluster_size(&self) -> u64 {
-        self.engine.cs
-    }
-}
-
-/// Where the pool lives; used by `serve` for the lock file and by tests.
-pub fn lock_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("lock")
 }

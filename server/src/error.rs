@@ -8,10 +8,12 @@ pub enum EngineError {
     Io { op: &'static str, offset: u64, source: std::io::Error },
     #[error("metadata: {0}")]
     Metadata(String),
-    #[error("volume {0:?} not found")]
+    #[error("{0} not found")]
     NotFound(String),
-    #[error("volume {0:?} already exists")]
+    #[error("{0} already exists")]
     AlreadyExists(String),
+    #[error("{0} is a read-only snapshot")]
+    ReadOnly(String),
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
@@ -39,6 +41,7 @@ impl From<EngineError> for DeviceError {
         match e {
             EngineError::NoSpace => DeviceError::NoSpace,
             EngineError::Invalid(m) => DeviceError::Invalid(m),
+            EngineError::ReadOnly(m) => DeviceError::NotPermitted(m),
             other => DeviceError::Io(other.to_string()),
         }
     }

@@ -72,11 +72,35 @@ enum Command {
         #[command(subcommand)]
         command: VolumeCommand,
     },
+    /// Manage snapshots.
+    Snapshot {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
     /// Show the pool.
     Pool {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Check that maps, allocator and layers agree (the daemon must be stopped).
+    Fsck {
+        #[arg(long, default_value = "./thinbd-data")]
+        data_dir: PathBuf,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Snapshot a volume (instant, copy-on-write).
+    Create { volume: String, name: String },
+    /// List snapshots, of one volume or all.
+    List { volume: Option<String> },
+    /// Delete VOLUME@SNAPSHOT, freeing the clusters nobody else references.
+    Delete { snapshot: String },
 }
 
 #[derive(Subcommand)]
@@ -99,6 +123,8 @@ enum VolumeCommand {
     },
     /// Delete a volume and free its clusters.
     Delete { name: String },
+    /// Create a writable volume from VOLUME@SNAPSHOT or from a volume's current state.
+    Clone { source: String, name: String },
 }
 
 fn main() -> std::process::ExitCode {
@@ -154,6 +180,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Volume { client, command } => volume_command(client, command).await,
+        Command::Snapshot { client, command } => snapshot_command(client, command).await,
+        Command::Fsck { data_dir, output } => fsck(&data_dir, output),
         Command::Pool { client } => {
             let mut c = connect(&client.api).await?;
             let p = c.get_pool(pb::GetPoolRequest {}).await.map_err(rpc_error)?.into_inner();
@@ -162,7 +190,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "{}",
                     serde_json::json!({
                         "capacity_bytes": p.capacity_bytes, "used_bytes": p.used_bytes,
-                        "cluster_size": p.cluster_size, "volume_count": p.volume_count, "data_dir": p.data_dir,
+                        "cluster_size": p.cluster_size, "volume_count": p.volume_count,
+                        "snapshot_count": p.snapshot_count, "data_dir": p.data_dir,
                     })
                 ),
                 Output::Table => {
@@ -171,6 +200,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("used:         {}", format_size(p.used_bytes));
                     println!("cluster size: {}", format_size(p.cluster_size as u64));
                     println!("volumes:      {}", p.volume_count);
+                    println!("snapshots:    {}", p.snapshot_count);
                 }
             }
             Ok(())
@@ -192,6 +222,7 @@ fn rpc_error(s: tonic::Status) -> anyhow::Error {
 fn volume_json(v: &pb::Volume) -> serde_json::Value {
     serde_json::json!({
         "name": v.name, "id": v.id, "size_bytes": v.size_bytes, "allocated_bytes": v.allocated_bytes,
+        "exclusive_bytes": v.exclusive_bytes, "shared_bytes": v.shared_bytes,
         "sessions": v.sessions, "created_unix_seconds": v.created_unix_seconds,
     })
 }
@@ -205,6 +236,8 @@ fn print_volumes(out: Output, vols: &[pb::Volume], single: bool) {
                 println!("name:      {}", v.name);
                 println!("size:      {} ({} bytes)", format_size(v.size_bytes), v.size_bytes);
                 println!("allocated: {} ({} bytes)", format_size(v.allocated_bytes), v.allocated_bytes);
+                println!("exclusive: {} ({} bytes)", format_size(v.exclusive_bytes), v.exclusive_bytes);
+                println!("shared:    {} ({} bytes)", format_size(v.shared_bytes), v.shared_bytes);
                 println!("sessions:  {}", v.sessions);
                 println!("export:    nbd://127.0.0.1:10809/{}", v.name);
             }
@@ -244,6 +277,10 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
             let v = c.resize_volume(pb::ResizeVolumeRequest { name, size_bytes: size }).await.map_err(rpc_error)?;
             print_volumes(client.output, &[v.into_inner()], true);
         }
+        VolumeCommand::Clone { source, name } => {
+            let v = c.clone_volume(pb::CloneVolumeRequest { source, name }).await.map_err(rpc_error)?;
+            print_volumes(client.output, &[v.into_inner()], true);
+        }
         VolumeCommand::Delete { name } => {
             c.delete_volume(pb::DeleteVolumeRequest { name: name.clone() }).await.map_err(rpc_error)?;
             match client.output {
@@ -251,6 +288,82 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
                 Output::Table => println!("deleted volume {name}"),
             }
         }
+    }
+    Ok(())
+}
+
+fn snapshot_json(s: &pb::Snapshot) -> serde_json::Value {
+    serde_json::json!({
+        "volume": s.volume, "name": s.name, "snapshot": format!("{}@{}", s.volume, s.name),
+        "size_bytes": s.size_bytes, "allocated_bytes": s.allocated_bytes, "exclusive_bytes": s.exclusive_bytes,
+        "shared_bytes": s.shared_bytes, "sessions": s.sessions, "created_unix_seconds": s.created_unix_seconds,
+    })
+}
+
+async fn snapshot_command(client: ClientArgs, command: SnapshotCommand) -> anyhow::Result<()> {
+    let mut c = connect(&client.api).await?;
+    let snaps = match command {
+        SnapshotCommand::Create { volume, name } => {
+            let s = c.create_snapshot(pb::CreateSnapshotRequest { volume, name }).await.map_err(rpc_error)?;
+            vec![s.into_inner()]
+        }
+        SnapshotCommand::List { volume } => {
+            let r = c
+                .list_snapshots(pb::ListSnapshotsRequest { volume: volume.unwrap_or_default() })
+                .await
+                .map_err(rpc_error)?;
+            r.into_inner().snapshots
+        }
+        SnapshotCommand::Delete { snapshot } => {
+            if !snapshot.contains('@') {
+                anyhow::bail!("name the snapshot as VOLUME@SNAPSHOT");
+            }
+            c.delete_snapshot(pb::DeleteSnapshotRequest { key: snapshot.clone() }).await.map_err(rpc_error)?;
+            match client.output {
+                Output::Json => println!("{}", serde_json::json!({ "deleted": snapshot })),
+                Output::Table => println!("deleted snapshot {snapshot}"),
+            }
+            return Ok(());
+        }
+    };
+    match client.output {
+        Output::Json => println!("{}", serde_json::Value::Array(snaps.iter().map(snapshot_json).collect())),
+        Output::Table => {
+            let name = |s: &pb::Snapshot| format!("{}@{}", s.volume, s.name);
+            let w = snaps.iter().map(|s| name(s).len()).max().unwrap_or(8).max(8);
+            println!("{:<w$}  {:>10}  {:>10}  {:>10}", "SNAPSHOT", "SIZE", "ALLOCATED", "EXCLUSIVE");
+            for s in &snaps {
+                println!(
+                    "{:<w$}  {:>10}  {:>10}  {:>10}",
+                    name(s),
+                    format_size(s.size_bytes),
+                    format_size(s.allocated_bytes),
+                    format_size(s.exclusive_bytes)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn fsck(data_dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
+    let _lock = thinbd::daemon::lock_data_dir(data_dir)?;
+    let (_store, loaded) = thinbd::metadata::Store::open_existing(&data_dir.join("meta.redb"))
+        .with_context(|| format!("reading metadata in {}", data_dir.display()))?;
+    let report = thinbd::fsck::check(&loaded);
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "ok": report.ok(), "problems": report.problems, "volumes": report.volumes,
+                "snapshots": report.snapshots, "layers": report.layers, "mapped_clusters": report.mapped_clusters,
+                "free_clusters": report.free_clusters, "high_water": report.high_water,
+            })
+        ),
+        Output::Table => print!("{report}"),
+    }
+    if !report.ok() {
+        anyhow::bail!("fsck found {} problem(s) in {}", report.problems.len(), data_dir.display());
     }
     Ok(())
 }

@@ -11,7 +11,11 @@ use crate::error::EngineError;
 
 const CONFIG: TableDefinition<&str, u64> = TableDefinition::new("config");
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
-/// (volume id, virtual cluster) → physical cluster.
+/// `VOLUME@SNAPSHOT` → snapshot record.
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+/// Layer id → parent layer id (0: none).
+const LAYERS: TableDefinition<u64, u64> = TableDefinition::new("layers");
+/// (layer id, virtual cluster) → physical cluster, or `ZERO_MARK`.
 const EXTENTS: TableDefinition<(u64, u64), u64> = TableDefinition::new("extents");
 /// Physical clusters below the high-water mark that nobody maps.
 const FREE: TableDefinition<u64, ()> = TableDefinition::new("free_clusters");
@@ -24,6 +28,31 @@ pub struct VolumeRecord {
     pub name: String,
     pub size: u64,
     pub created_unix: u64,
+    /// The volume's writable layer.
+    pub layer: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    pub volume: String,
+    pub name: String,
+    /// The frozen layer the snapshot reads.
+    pub layer: u64,
+    pub size: u64,
+    pub created_unix: u64,
+}
+
+impl SnapshotRecord {
+    pub fn key(&self) -> String {
+        format!("{}@{}", self.volume, self.name)
+    }
+}
+
+/// A layer as stored: id, parent and its extents.
+pub struct LayerRecord {
+    pub id: u64,
+    pub parent: Option<u64>,
+    pub extents: Vec<(u64, u64)>,
 }
 
 /// Pool geometry fixed at creation.
@@ -36,23 +65,38 @@ pub struct PoolConfig {
 #[derive(Debug, Clone)]
 pub enum MetaOp {
     Map {
-        volume: u64,
+        layer: u64,
         vcluster: u64,
         pcluster: u64,
     },
     Unmap {
-        volume: u64,
+        layer: u64,
         vcluster: u64,
     },
     /// Takes a physical cluster into use: off the free list, and below the high-water mark.
     Claim(u64),
     Free(u64),
     PutVolume(VolumeRecord),
-    DeleteVolume {
-        name: String,
+    DeleteVolume(String),
+    PutSnapshot(SnapshotRecord),
+    DeleteSnapshot(String),
+    PutLayer {
         id: u64,
+        parent: Option<u64>,
     },
+    /// Removes the layer and its extents (their clusters are freed by separate `Free` ops).
+    DeleteLayer(u64),
     SetCapacity(u64),
+    /// Volume and layer ids come from one counter.
+    SetNextId(u64),
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, EngineError> {
+    serde_json::to_vec(v).map_err(|e| EngineError::Internal(e.to_string()))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(what: &str, b: &[u8]) -> Result<T, EngineError> {
+    serde_json::from_slice(b).map_err(|e| EngineError::Metadata(format!("{what} record: {e}")))
 }
 
 /// Everything the engine keeps in memory, read once at start.
@@ -60,8 +104,12 @@ pub struct Loaded {
     pub config: PoolConfig,
     pub high_water: u64,
     pub free: Vec<u64>,
-    pub next_volume_id: u64,
-    pub volumes: Vec<(VolumeRecord, Vec<(u64, u64)>)>,
+    pub next_id: u64,
+    pub volumes: Vec<VolumeRecord>,
+    pub snapshots: Vec<SnapshotRecord>,
+    pub layers: Vec<LayerRecord>,
+    /// Extent rows whose layer does not exist (a leak if nonzero).
+    pub orphan_extents: u64,
 }
 
 pub struct Store {
@@ -81,7 +129,7 @@ impl Store {
                 cfg.insert("cluster_size", create.cluster_size)?;
                 cfg.insert("capacity_clusters", create.capacity_clusters)?;
                 cfg.insert("high_water", 0)?;
-                cfg.insert("next_volume_id", 1)?;
+                cfg.insert("next_id", 1)?;
             }
             let version = cfg.get("format_version")?.map(|v| v.value()).unwrap_or(0);
             if version != FORMAT_VERSION {
@@ -90,10 +138,22 @@ impl Store {
                 )));
             }
             txn.open_table(VOLUMES)?;
+            txn.open_table(SNAPSHOTS)?;
+            txn.open_table(LAYERS)?;
             txn.open_table(EXTENTS)?;
             txn.open_table(FREE)?;
         }
         txn.commit()?;
+        let loaded = store.load()?;
+        Ok((store, loaded))
+    }
+
+    /// Opens an existing store without creating anything (fsck).
+    pub fn open_existing(path: &Path) -> Result<(Store, Loaded), EngineError> {
+        if !path.exists() {
+            return Err(EngineError::NotFound(format!("metadata file {}", path.display())));
+        }
+        let store = Store { db: Database::open(path)? };
         let loaded = store.load()?;
         Ok((store, loaded))
     }
@@ -106,22 +166,34 @@ impl Store {
         };
         let config = PoolConfig { cluster_size: get("cluster_size")?, capacity_clusters: get("capacity_clusters")? };
         let high_water = get("high_water")?;
-        let next_volume_id = get("next_volume_id")?;
+        let next_id = get("next_id")?;
         let free = txn.open_table(FREE)?.iter()?.map(|r| r.map(|(k, _)| k.value())).collect::<Result<Vec<_>, _>>()?;
-        let vols = txn.open_table(VOLUMES)?;
-        let extents = txn.open_table(EXTENTS)?;
         let mut volumes = Vec::new();
-        for row in vols.iter()? {
+        for row in txn.open_table(VOLUMES)?.iter()? {
             let (_, v) = row?;
-            let rec: VolumeRecord =
-                serde_json::from_slice(v.value()).map_err(|e| EngineError::Metadata(format!("volume record: {e}")))?;
-            let map = extents
-                .range((rec.id, 0)..=(rec.id, u64::MAX))?
-                .map(|r| r.map(|(k, v)| (k.value().1, v.value())))
-                .collect::<Result<Vec<_>, _>>()?;
-            volumes.push((rec, map));
+            volumes.push(from_json::<VolumeRecord>("volume", v.value())?);
         }
-        Ok(Loaded { config, high_water, free, next_volume_id, volumes })
+        let mut snapshots = Vec::new();
+        for row in txn.open_table(SNAPSHOTS)?.iter()? {
+            let (_, v) = row?;
+            snapshots.push(from_json::<SnapshotRecord>("snapshot", v.value())?);
+        }
+        let mut by_layer: std::collections::BTreeMap<u64, Vec<(u64, u64)>> = Default::default();
+        for row in txn.open_table(EXTENTS)?.iter()? {
+            let (k, v) = row?;
+            let (layer, vc) = k.value();
+            by_layer.entry(layer).or_default().push((vc, v.value()));
+        }
+        let mut layers = Vec::new();
+        for row in txn.open_table(LAYERS)?.iter()? {
+            let (k, v) = row?;
+            let id = k.value();
+            let parent = Some(v.value()).filter(|p| *p != 0);
+            let extents = by_layer.remove(&id).unwrap_or_default();
+            layers.push(LayerRecord { id, parent, extents });
+        }
+        let orphan_extents = by_layer.values().map(|v| v.len() as u64).sum();
+        Ok(Loaded { config, high_water, free, next_id, volumes, snapshots, layers, orphan_extents })
     }
 
     /// Applies `ops` in one transaction. `before_durable_commit` runs inside the transaction,
@@ -139,15 +211,17 @@ impl Store {
         {
             let mut cfg = txn.open_table(CONFIG)?;
             let mut vols = txn.open_table(VOLUMES)?;
+            let mut snaps = txn.open_table(SNAPSHOTS)?;
+            let mut layers = txn.open_table(LAYERS)?;
             let mut extents = txn.open_table(EXTENTS)?;
             let mut free = txn.open_table(FREE)?;
             for op in ops {
                 match op {
-                    MetaOp::Map { volume, vcluster, pcluster } => {
-                        extents.insert((*volume, *vcluster), *pcluster)?;
+                    MetaOp::Map { layer, vcluster, pcluster } => {
+                        extents.insert((*layer, *vcluster), *pcluster)?;
                     }
-                    MetaOp::Unmap { volume, vcluster } => {
-                        extents.remove((*volume, *vcluster))?;
+                    MetaOp::Unmap { layer, vcluster } => {
+                        extents.remove((*layer, *vcluster))?;
                     }
                     MetaOp::Claim(p) => {
                         free.remove(*p)?;
@@ -160,19 +234,29 @@ impl Store {
                         free.insert(*p, ())?;
                     }
                     MetaOp::PutVolume(rec) => {
-                        let json = serde_json::to_vec(rec).map_err(|e| EngineError::Internal(e.to_string()))?;
-                        vols.insert(rec.name.as_str(), json.as_slice())?;
-                        let next = cfg.get("next_volume_id")?.map(|v| v.value()).unwrap_or(1);
-                        if rec.id >= next {
-                            cfg.insert("next_volume_id", rec.id + 1)?;
-                        }
+                        vols.insert(rec.name.as_str(), to_json(rec)?.as_slice())?;
                     }
-                    MetaOp::DeleteVolume { name, id } => {
+                    MetaOp::DeleteVolume(name) => {
                         vols.remove(name.as_str())?;
+                    }
+                    MetaOp::PutSnapshot(rec) => {
+                        snaps.insert(rec.key().as_str(), to_json(rec)?.as_slice())?;
+                    }
+                    MetaOp::DeleteSnapshot(key) => {
+                        snaps.remove(key.as_str())?;
+                    }
+                    MetaOp::PutLayer { id, parent } => {
+                        layers.insert(*id, parent.unwrap_or(0))?;
+                    }
+                    MetaOp::DeleteLayer(id) => {
+                        layers.remove(*id)?;
                         extents.retain_in((*id, 0)..=(*id, u64::MAX), |_, _| false)?;
                     }
                     MetaOp::SetCapacity(c) => {
                         cfg.insert("capacity_clusters", *c)?;
+                    }
+                    MetaOp::SetNextId(n) => {
+                        cfg.insert("next_id", *n)?;
                     }
                 }
             }

@@ -88,6 +88,8 @@ pub struct VolumeSample<'a> {
     pub name: &'a str,
     pub size: u64,
     pub allocated: u64,
+    pub exclusive: u64,
+    pub shared: u64,
     pub sessions: u32,
     pub metrics: &'a VolumeMetrics,
 }
@@ -121,7 +123,9 @@ pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
     );
     let headers = [
         ("thinbd_volume_size_bytes", "gauge", "Virtual size of the volume."),
-        ("thinbd_volume_allocated_bytes", "gauge", "Pool bytes mapped by the volume."),
+        ("thinbd_volume_allocated_bytes", "gauge", "Bytes of clusters with data the volume reads."),
+        ("thinbd_volume_exclusive_bytes", "gauge", "Allocated bytes only this volume references."),
+        ("thinbd_volume_shared_bytes", "gauge", "Allocated bytes shared with snapshots and clones."),
         ("thinbd_volume_sessions", "gauge", "Open NBD sessions."),
         ("thinbd_volume_ops_total", "counter", "Requests served, by operation."),
         ("thinbd_volume_errors_total", "counter", "Requests that failed, by operation."),
@@ -137,6 +141,8 @@ pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
             let simple = match name {
                 "thinbd_volume_size_bytes" => Some(v.size),
                 "thinbd_volume_allocated_bytes" => Some(v.allocated),
+                "thinbd_volume_exclusive_bytes" => Some(v.exclusive),
+                "thinbd_volume_shared_bytes" => Some(v.shared),
                 "thinbd_volume_sessions" => Some(v.sessions as u64),
                 "thinbd_volume_read_bytes_total" => Some(m.bytes_read.load(Relaxed)),
                 "thinbd_volume_written_bytes_total" => Some(m.bytes_written.load(Relaxed)),
@@ -174,8 +180,18 @@ mod tests {
         m.record(Op::Write, std::time::Instant::now(), true);
         m.bytes_written.fetch_add(4096, Relaxed);
         let pool = PoolSample { capacity: 1 << 30, used: 65536, cluster_size: 65536 };
-        let text =
-            render(&pool, &[VolumeSample { name: "v\"1", size: 1 << 20, allocated: 65536, sessions: 2, metrics: &m }]);
+        let text = render(
+            &pool,
+            &[VolumeSample {
+                name: "v\"1",
+                size: 1 << 20,
+                allocated: 65536,
+                exclusive: 65536,
+                shared: 0,
+                sessions: 2,
+                metrics: &m,
+            }],
+        );
         assert!(text.contains("thinbd_pool_capacity_bytes 1073741824\n"));
         assert!(text.contains("thinbd_volume_ops_total{volume=\"v\\\"1\",op=\"write\"} 1\n"));
         assert!(text.contains("thinbd_volume_written_bytes_total{volume=\"v\\\"1\"} 4096\n"));

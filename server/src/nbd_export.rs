@@ -22,10 +22,10 @@ use crate::metrics::Op;
 async fn measured<T>(h: &VolumeHandle, op: Op, f: impl Future<Output = Result<T, EngineError>>) -> DeviceResult<T> {
     let started = Instant::now();
     let r = f.await;
-    h.vol.metrics.record(op, started, r.is_ok());
+    h.metrics().record(op, started, r.is_ok());
     r.map_err(|e| {
         if !matches!(e, EngineError::NoSpace) {
-            warn!(volume = %h.vol.name, ?op, error = %e, "request failed");
+            warn!(volume = %h.name(), ?op, error = %e, "request failed");
         }
         DeviceError::from(e)
     })
@@ -82,9 +82,13 @@ impl ExportCatalog for Catalog {
     type Device = VolumeHandle;
 
     fn open(&self, name: &str, _peer: Option<SocketAddr>) -> Result<Export<VolumeHandle>, OpenError> {
-        match self.engine.open_volume(name, false) {
+        match self.engine.open_export(name) {
             Ok(h) => {
-                let description = format!("thinbd volume {name}");
+                let description = if h.read_only() {
+                    format!("thinbd snapshot {name} (read-only)")
+                } else {
+                    format!("thinbd volume {name}")
+                };
                 Ok(Export { name: name.to_string(), description, device: Arc::new(h) })
             }
             Err(EngineError::NotFound(_)) => Err(OpenError::Unknown),

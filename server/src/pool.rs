@@ -15,7 +15,7 @@ pub struct Pool {
 
 impl Pool {
     /// Opens or creates the pool file and makes it at least `bytes` long (sparse).
-    pub fn open(path: &Path, bytes: u64, cluster_size: u64) -> Result<Pool, EngineError> {
+    pub fn open_file(path: &Path, bytes: u64, cluster_size: u64) -> Result<Pool, EngineError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -34,12 +34,12 @@ impl Pool {
         self.cluster_size
     }
 
-    pub async fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, EngineError> {
+    pub async fn read_at(&self, offset: u64, len: usize) -> Result<bytes::Bytes, EngineError> {
         let file = self.file.clone();
         blocking(move || {
             let mut buf = vec![0u8; len];
             file.read_exact_at(&mut buf, offset).map_err(|e| EngineError::io("read", offset, e))?;
-            Ok(buf)
+            Ok(bytes::Bytes::from(buf))
         })
         .await
     }

@@ -1,0 +1,111 @@
+//! Layers: a volume reads through a chain of extent maps, its own (writable) top first, then the
+//! frozen layers of the snapshots it came from. Taking a snapshot freezes the top and starts a
+//! new empty one, which is O(1) whatever the size of the map.
+
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use crate::error::EngineError;
+use crate::extent_map::{ExtentMap, Mapping, Run, push_run};
+
+/// Map and parent under one lock, so a reader never sees a map from before a merge with a parent
+/// from after it.
+pub struct LayerState {
+    pub map: ExtentMap,
+    pub parent: Option<Arc<Layer>>,
+}
+
+pub struct Layer {
+    pub id: u64,
+    pub state: RwLock<LayerState>,
+}
+
+/// Most clusters one resolve may cover; larger ranges are walked in pieces by the caller.
+pub const RESOLVE_MAX: u64 = 1 << 16;
+
+pub(crate) fn poisoned() -> EngineError {
+    EngineError::Internal("lock poisoned".into())
+}
+
+impl Layer {
+    pub fn new(id: u64, map: ExtentMap, parent: Option<Arc<Layer>>) -> Arc<Layer> {
+        Arc::new(Layer { id, state: RwLock::new(LayerState { map, parent }) })
+    }
+
+    pub fn read(&self) -> Result<RwLockReadGuard<'_, LayerState>, EngineError> {
+        self.state.read().map_err(|_| poisoned())
+    }
+
+    pub fn parent(&self) -> Result<Option<Arc<Layer>>, EngineError> {
+        Ok(self.read()?.parent.clone())
+    }
+
+    /// What virtual clusters `start..end` read as from this layer down: `Data` or `Zero` (no
+    /// `Hole`s). At most [`RESOLVE_MAX`] clusters.
+    pub fn resolve(self: &Arc<Self>, start: u64, end: u64) -> Result<Vec<Run>, EngineError> {
+        let n = (end - start) as usize;
+        debug_assert!(end - start <= RESOLVE_MAX);
+        let mut slots: Vec<Option<u64>> = vec![None; n];
+        let mut unresolved = n;
+        let mut layer = Some(self.clone());
+        while let Some(l) = layer {
+            let st = l.read()?;
+            for (v, p) in st.map.range(start, end) {
+                let slot = &mut slots[(v - start) as usize];
+                if slot.is_none() {
+                    *slot = Some(p);
+                    unresolved -= 1;
+                }
+            }
+            if unresolved == 0 {
+                break;
+            }
+            layer = st.parent.clone();
+        }
+        let mut out = Vec::new();
+        for (i, s) in slots.into_iter().enumerate() {
+            let mapping = match s {
+                Some(p) if p != crate::extent_map::ZERO_MARK => Mapping::Data(p),
+                _ => Mapping::Zero,
+            };
+            push_run(&mut out, Run { vstart: start + i as u64, count: 1, mapping });
+        }
+        Ok(out)
+    }
+
+    /// Resolves one cluster.
+    pub fn resolve_one(self: &Arc<Self>, v: u64) -> Result<Option<u64>, EngineError> {
+        let mut layer = Some(self.clone());
+        while let Some(l) = layer {
+            let st = l.read()?;
+            match st.map.get(v) {
+                Mapping::Data(p) => return Ok(Some(p)),
+                Mapping::Zero => return Ok(None),
+                Mapping::Hole => layer = st.parent.clone(),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Clusters with data visible from this layer (the volume's allocated clusters), and how
+    /// many of them are this layer's own.
+    pub fn visible_data(self: &Arc<Self>) -> Result<(u64, u64), EngineError> {
+        let own = self.read()?.map.data_clusters() as u64;
+        let Some(parent) = self.parent()? else { return Ok((own, own)) };
+        // Walk the chain once, nearest first; a virtual cluster counts for the first layer that
+        // has an entry for it.
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0u64;
+        let mut layer = Some(self.clone());
+        while let Some(l) = layer {
+            let st = l.read()?;
+            for (v, p) in st.map.iter() {
+                if seen.insert(v) && p != crate::extent_map::ZERO_MARK {
+                    total += 1;
+                }
+            }
+            layer = st.parent.clone();
+        }
+        drop(parent);
+        Ok((total, own))
+    }
+}

@@ -1,0 +1,392 @@
+//! I/O on an open volume or snapshot: reads resolve through the layer chain; writes go to the
+//! volume's top layer, allocating (and filling from the layer below) on first write.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::{Bytes, BytesMut};
+use thinbd_protocol::{Extent, ReadChunk};
+
+use crate::engine::{Engine, Snapshot, Volume};
+use crate::error::EngineError;
+use crate::extent_map::{Mapping, Run, ZERO_MARK};
+use crate::layer::{Layer, RESOLVE_MAX, poisoned};
+use crate::metadata::MetaOp;
+use crate::metrics::VolumeMetrics;
+
+enum Target {
+    Volume(Arc<Volume>),
+    Snapshot(Arc<Snapshot>),
+}
+
+/// An open export: the NBD session's block device.
+pub struct VolumeHandle {
+    engine: Arc<Engine>,
+    target: Target,
+    size: u64,
+}
+
+impl Drop for VolumeHandle {
+    fn drop(&mut self) {
+        match &self.target {
+            Target::Volume(v) => v.sessions.fetch_sub(1, Relaxed),
+            Target::Snapshot(s) => s.sessions.fetch_sub(1, Relaxed),
+        };
+    }
+}
+
+/// The byte range of `run` that lies inside `[offset, end)`: (start, length, offset into the
+/// run's first cluster).
+fn clip(run: &Run, cs: u64, offset: u64, end: u64) -> (u64, u64, u64) {
+    let rs = (run.vstart * cs).max(offset);
+    let re = ((run.vstart + run.count) * cs).min(end);
+    (rs, re - rs, rs - run.vstart * cs)
+}
+
+impl VolumeHandle {
+    pub(crate) fn volume(engine: Arc<Engine>, vol: Arc<Volume>) -> Self {
+        vol.sessions.fetch_add(1, Relaxed);
+        let size = vol.size();
+        VolumeHandle { engine, target: Target::Volume(vol), size }
+    }
+
+    pub(crate) fn snapshot(engine: Arc<Engine>, snap: Arc<Snapshot>) -> Self {
+        snap.sessions.fetch_add(1, Relaxed);
+        let size = snap.size;
+        VolumeHandle { engine, target: Target::Snapshot(snap), size }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn read_only(&self) -> bool {
+        matches!(self.target, Target::Snapshot(_))
+    }
+
+    pub fn name(&self) -> String {
+        match &self.target {
+            Target::Volume(v) => v.name.clone(),
+            Target::Snapshot(s) => s.key(),
+        }
+    }
+
+    pub fn metrics(&self) -> &VolumeMetrics {
+        match &self.target {
+            Target::Volume(v) => &v.metrics,
+            Target::Snapshot(s) => &s.metrics,
+        }
+    }
+
+    fn writable(&self) -> Result<&Arc<Volume>, EngineError> {
+        match &self.target {
+            Target::Volume(v) => Ok(v),
+            Target::Snapshot(s) => Err(EngineError::ReadOnly(s.key())),
+        }
+    }
+
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, EngineError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let cs = self.engine.cs;
+        let end = offset + len as u64;
+        let (_g, layer) = match &self.target {
+            Target::Volume(v) => (Some(v.gate.read().await), v.top()?),
+            Target::Snapshot(s) => (None, s.layer.clone()),
+        };
+        let mut out = Vec::new();
+        let mut first = offset / cs;
+        let last = end.div_ceil(cs);
+        while first < last {
+            let stop = last.min(first + RESOLVE_MAX);
+            for run in layer.resolve(first, stop)? {
+                let (_, n, within) = clip(&run, cs, offset, end);
+                match run.mapping {
+                    Mapping::Data(p) => {
+                        let data = self.engine.pool.read_at(p * cs + within, n as usize).await?;
+                        out.push(ReadChunk::Data(data));
+                    }
+                    _ => out.push(ReadChunk::Hole(n as u32)),
+                }
+            }
+            first = stop;
+        }
+        self.metrics().bytes_read.fetch_add(len as u64, Relaxed);
+        Ok(out)
+    }
+
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        let vol = self.writable()?;
+        if !data.is_empty() {
+            let _g = vol.gate.read().await;
+            self.write_locked(vol, offset, data.clone()).await?;
+            vol.metrics.bytes_written.fetch_add(data.len() as u64, Relaxed);
+        }
+        if fua {
+            self.engine.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_runs(&self, runs: &[Run], offset: u64, data: &Bytes) -> Result<Vec<u64>, EngineError> {
+        let cs = self.engine.cs;
+        let end = offset + data.len() as u64;
+        let mut need = Vec::new();
+        for run in runs {
+            let (start, n, within) = clip(run, cs, offset, end);
+            match run.mapping {
+                Mapping::Data(p) => {
+                    let slice = data.slice((start - offset) as usize..(start - offset + n) as usize);
+                    self.engine.pool.write_at(p * cs + within, slice).await?;
+                }
+                _ => need.extend(run.vstart..run.vstart + run.count),
+            }
+        }
+        Ok(need)
+    }
+
+    /// Writes with the gate held (shared or exclusive) by the caller.
+    async fn write_locked(&self, vol: &Volume, offset: u64, data: Bytes) -> Result<(), EngineError> {
+        let cs = self.engine.cs;
+        let end = offset + data.len() as u64;
+        let top = vol.top()?;
+        let runs = top.read()?.map.runs(offset / cs, end.div_ceil(cs));
+        let holes: Vec<Run> = runs.iter().filter(|r| r.physical().is_none()).copied().collect();
+        if holes.len() == runs.len() {
+            // Nothing owned yet: go straight to allocation below.
+        } else {
+            let owned: Vec<Run> = runs.iter().filter(|r| r.physical().is_some()).copied().collect();
+            self.write_runs(&owned, offset, &data).await?;
+        }
+        if holes.is_empty() {
+            return Ok(());
+        }
+        let _a = vol.alloc_lock.lock().await;
+        // Another request may have filled some of these clusters while we waited.
+        let mut need = Vec::new();
+        for hole in holes {
+            let now = top.read()?.map.runs(hole.vstart, hole.vstart + hole.count);
+            need.extend(self.write_runs(&now, offset, &data).await?);
+        }
+        if need.is_empty() {
+            return Ok(());
+        }
+        let pcs = self.engine.alloc()?.allocate(need.len()).ok_or(EngineError::NoSpace)?;
+        let r = match self.fill_new_clusters(&top, &need, &pcs, offset, &data).await {
+            Ok(()) => {
+                let mut ops = Vec::with_capacity(need.len() * 2);
+                for (v, p) in need.iter().zip(&pcs) {
+                    ops.push(MetaOp::Claim(*p));
+                    ops.push(MetaOp::Map { layer: top.id, vcluster: *v, pcluster: *p });
+                }
+                self.engine.commit(ops, false).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            self.engine.alloc()?.unallocate(pcs);
+            return Err(e);
+        }
+        let mut st = top.state.write().map_err(|_| poisoned())?;
+        for (v, p) in need.iter().zip(&pcs) {
+            st.map.insert(*v, *p);
+        }
+        Ok(())
+    }
+
+    /// Writes whole new clusters: the request's bytes where it covers them, and elsewhere what
+    /// the cluster read as before — the layer below's data (redirect-on-write) or zeros, so a
+    /// reused cluster never shows its previous owner's bytes. Consecutive clusters go in one
+    /// write.
+    async fn fill_new_clusters(
+        &self,
+        top: &Arc<Layer>,
+        vcs: &[u64],
+        pcs: &[u64],
+        offset: u64,
+        data: &Bytes,
+    ) -> Result<(), EngineError> {
+        let cs = self.engine.cs;
+        let end = offset + data.len() as u64;
+        let mut i = 0;
+        while i < vcs.len() {
+            let mut j = i + 1;
+            while j < vcs.len() && vcs[j] == vcs[j - 1] + 1 && pcs[j] == pcs[j - 1] + 1 && j - i < 256 {
+                j += 1;
+            }
+            let vstart = vcs[i] * cs;
+            let vend = (vcs[j - 1] + 1) * cs;
+            let mut buf = BytesMut::zeroed((vend - vstart) as usize);
+            // Only clusters the request covers in part need their old content.
+            for &v in &vcs[i..j] {
+                let (cstart, cend) = (v * cs, (v + 1) * cs);
+                if offset <= cstart && end >= cend {
+                    continue;
+                }
+                if let Some(old) = self.inherited(top, v)? {
+                    let bytes = self.engine.pool.read_at(old * cs, cs as usize).await?;
+                    let at = (cstart - vstart) as usize;
+                    buf[at..at + cs as usize].copy_from_slice(&bytes);
+                }
+            }
+            let (s, e) = (offset.max(vstart), end.min(vend));
+            if s < e {
+                buf[(s - vstart) as usize..(e - vstart) as usize]
+                    .copy_from_slice(&data[(s - offset) as usize..(e - offset) as usize]);
+            }
+            self.engine.pool.write_at(pcs[i] * cs, buf.freeze()).await?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// What cluster `v` reads from below the top layer, unless the top says it is zero.
+    fn inherited(&self, top: &Arc<Layer>, v: u64) -> Result<Option<u64>, EngineError> {
+        let st = top.read()?;
+        if st.map.get(v) == Mapping::Zero {
+            return Ok(None);
+        }
+        match &st.parent {
+            Some(p) => p.resolve_one(v),
+            None => Ok(None),
+        }
+    }
+
+    /// TRIM and WRITE_ZEROES. With `unmap`, whole clusters stop being mapped (freed, or marked
+    /// zero where a snapshot below still has data) and partial ones are zeroed; without it
+    /// (NO_HOLE) zeros are written.
+    pub async fn zero(&self, offset: u64, len: u32, unmap: bool, fua: bool) -> Result<(), EngineError> {
+        let vol = self.writable()?;
+        let cs = self.engine.cs;
+        let end = offset + len as u64;
+        {
+            let _g = vol.gate.write().await;
+            if unmap {
+                let first_full = offset.div_ceil(cs);
+                let end_full = end / cs;
+                if first_full < end_full {
+                    self.unmap_clusters(vol, first_full, end_full).await?;
+                    self.zero_partial(vol, offset, first_full * cs).await?;
+                    self.zero_partial(vol, end_full * cs, end).await?;
+                } else {
+                    self.zero_partial(vol, offset, end).await?;
+                }
+            } else {
+                let mut pos = offset;
+                while pos < end {
+                    let n = (end - pos).min(1 << 20);
+                    self.write_locked(vol, pos, Bytes::from(vec![0u8; n as usize])).await?;
+                    pos += n;
+                }
+            }
+        }
+        if fua {
+            self.engine.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes zeros over `[start, end)` (inside one or two clusters) where it reads as data.
+    async fn zero_partial(&self, vol: &Volume, start: u64, end: u64) -> Result<(), EngineError> {
+        if start >= end {
+            return Ok(());
+        }
+        let cs = self.engine.cs;
+        let top = vol.top()?;
+        let has_data = top.resolve(start / cs, end.div_ceil(cs))?.iter().any(|r| r.physical().is_some());
+        if has_data {
+            self.write_locked(vol, start, Bytes::from(vec![0u8; (end - start) as usize])).await?;
+        }
+        Ok(())
+    }
+
+    async fn unmap_clusters(&self, vol: &Volume, first: u64, end: u64) -> Result<(), EngineError> {
+        let top = vol.top()?;
+        let parent = top.parent()?;
+        let mut ops = Vec::new();
+        let mut freed = Vec::new();
+        let mut changes: Vec<(u64, Option<u64>)> = Vec::new();
+        {
+            let st = top.read()?;
+            match &parent {
+                None => {
+                    for (v, p) in st.map.range(first, end) {
+                        ops.push(MetaOp::Unmap { layer: top.id, vcluster: v });
+                        changes.push((v, None));
+                        if p != ZERO_MARK {
+                            freed.push(p);
+                        }
+                    }
+                }
+                Some(parent) => {
+                    // Where a layer below has data, the top needs a zero mark to hide it.
+                    let mut chunk = first;
+                    while chunk < end {
+                        let stop = end.min(chunk + RESOLVE_MAX);
+                        for (v, p) in st.map.range(chunk, stop) {
+                            if p != ZERO_MARK {
+                                freed.push(p);
+                            }
+                            ops.push(MetaOp::Unmap { layer: top.id, vcluster: v });
+                            changes.push((v, None));
+                        }
+                        for run in parent.resolve(chunk, stop)? {
+                            if run.physical().is_some() {
+                                for v in run.vstart..run.vstart + run.count {
+                                    ops.push(MetaOp::Map { layer: top.id, vcluster: v, pcluster: ZERO_MARK });
+                                    changes.push((v, Some(ZERO_MARK)));
+                                }
+                            }
+                        }
+                        chunk = stop;
+                    }
+                }
+            }
+        }
+        if ops.is_empty() {
+            return Ok(());
+        }
+        ops.extend(freed.iter().map(|p| MetaOp::Free(*p)));
+        self.engine.commit(ops, false).await?;
+        {
+            let mut st = top.state.write().map_err(|_| poisoned())?;
+            for (v, p) in changes {
+                match p {
+                    None => st.map.remove(v),
+                    Some(p) => st.map.insert(v, p),
+                };
+            }
+        }
+        self.engine.alloc()?.free_later(freed);
+        Ok(())
+    }
+
+    /// `base:allocation` extents; covers at most [`RESOLVE_MAX`] clusters per call (the spec
+    /// lets a reply stop short of the requested length).
+    pub async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, EngineError> {
+        use thinbd_protocol::consts::{STATE_HOLE, STATE_ZERO};
+        let cs = self.engine.cs;
+        let first = offset / cs;
+        let last = (offset + len as u64).div_ceil(cs).min(first + RESOLVE_MAX);
+        let end = (offset + len as u64).min(last * cs);
+        let layer = match &self.target {
+            Target::Volume(v) => v.top()?,
+            Target::Snapshot(s) => s.layer.clone(),
+        };
+        let mut out: Vec<Extent> = Vec::new();
+        for run in layer.resolve(first, last)? {
+            let (_, n, _) = clip(&run, cs, offset, end);
+            let flags = if run.physical().is_some() { 0 } else { STATE_HOLE | STATE_ZERO };
+            match out.last_mut() {
+                Some(e) if e.flags == flags => e.length += n as u32,
+                _ => out.push(Extent { length: n as u32, flags }),
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn flush(&self) -> Result<(), EngineError> {
+        self.engine.flush().await
+    }
+}
