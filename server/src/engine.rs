@@ -141,6 +141,12 @@ pub struct PoolInfo {
     pub data_dir: PathBuf,
 }
 
+struct References {
+    volumes: Vec<Arc<Volume>>,
+    snapshots: usize,
+    children: Vec<Arc<Layer>>,
+}
+
 pub struct Engine {
     pub(crate) store: Store,
     pub(crate) pool: Pool,
@@ -651,7 +657,7 @@ impl Engine {
     }
 
     /// Who holds `id`: volumes whose top it is, snapshots of it, and child layers.
-    fn references(&self, id: u64) -> Result<(Vec<Arc<Volume>>, usize, Vec<Arc<Layer>>), EngineError> {
+    fn references(&self, id: u64) -> Result<References, EngineError> {
         let vols: Vec<Arc<Volume>> = self
             .volumes
             .read()
@@ -669,7 +675,7 @@ impl Engine {
             .filter(|l| l.parent().ok().flatten().is_some_and(|p| p.id == id))
             .cloned()
             .collect();
-        Ok((vols, snaps, children))
+        Ok(References { volumes: vols, snapshots: snaps, children })
     }
 
     /// After a reference to layer `id` went away: a layer nobody holds is deleted and its
@@ -678,7 +684,7 @@ impl Engine {
     async fn release_layer(self: &Arc<Self>, mut id: u64) -> Result<(), EngineError> {
         loop {
             let Some(layer) = self.layers.read().map_err(|_| poisoned())?.get(&id).cloned() else { return Ok(()) };
-            let (vols, snaps, children) = self.references(id)?;
+            let References { volumes: vols, snapshots: snaps, children } = self.references(id)?;
             if vols.is_empty() && snaps == 0 && children.is_empty() {
                 let (freed, parent) = {
                     let st = layer.read()?;
