@@ -761,6 +761,41 @@ impl Engine {
         }
     }
 
+    /// Checks the committed metadata (fsck) and that the in-memory maps agree with it. Call it
+    /// with no requests in flight.
+    pub fn fsck(&self) -> Result<crate::fsck::Report, EngineError> {
+        let loaded = self.store.load()?;
+        let mut report = crate::fsck::check(&loaded);
+        let layers = self.layers.read().map_err(|_| poisoned())?;
+        if layers.len() != loaded.layers.len() {
+            report.problems.push(format!("{} layers in memory, {} committed", layers.len(), loaded.layers.len()));
+        }
+        for rec in &loaded.layers {
+            let Some(l) = layers.get(&rec.id) else {
+                report.problems.push(format!("layer {} is committed but not in memory", rec.id));
+                continue;
+            };
+            let st = l.read()?;
+            let mem: Vec<(u64, u64)> = st.map.iter().collect();
+            if mem != rec.extents {
+                report.problems.push(format!(
+                    "layer {}: {} extents in memory, {} committed, or they differ",
+                    rec.id,
+                    mem.len(),
+                    rec.extents.len()
+                ));
+            }
+            if st.parent.as_ref().map(|p| p.id) != rec.parent {
+                report.problems.push(format!("layer {}: parent differs between memory and disk", rec.id));
+            }
+        }
+        let a = self.alloc()?;
+        if a.high_water() != loaded.high_water {
+            report.problems.push(format!("high-water mark {} in memory, {} committed", a.high_water(), loaded.high_water));
+        }
+        Ok(report)
+    }
+
     /// Every layer, for consistency checks.
     pub fn layer_ids(&self) -> Vec<u64> {
         self.layers.read().map(|m| m.keys().copied().collect()).unwrap_or_default()

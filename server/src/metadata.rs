@@ -158,7 +158,7 @@ impl Store {
         Ok((store, loaded))
     }
 
-    fn load(&self) -> Result<Loaded, EngineError> {
+    pub fn load(&self) -> Result<Loaded, EngineError> {
         let txn = self.db.begin_read()?;
         let cfg = txn.open_table(CONFIG)?;
         let get = |k: &str| -> Result<u64, EngineError> {
