@@ -45,6 +45,10 @@ impl Allocator {
         std::mem::take(&mut self.pending)
     }
 
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     pub fn release(&mut self, clusters: impl IntoIterator<Item = u64>) {
         self.free.extend(clusters);
     }

@@ -214,15 +214,31 @@ fn build_layers(records: Vec<LayerRecord>) -> Result<BTreeMap<u64, Arc<Layer>>, 
 
 impl Engine {
     pub fn open(cfg: &EngineConfig) -> Result<Arc<Engine>, EngineError> {
+        let db = redb::Database::create(cfg.data_dir.join("meta.redb"))?;
+        let pool_path = cfg.data_dir.join("pool.img");
+        Self::open_parts(cfg, db, |bytes| Pool::open_file(&pool_path, bytes))
+    }
+
+    /// Opens an engine on a given redb database and pool store (tests: fault-injecting disks).
+    pub fn open_on(
+        cfg: &EngineConfig,
+        db: redb::Database,
+        store: Arc<dyn crate::pool::BlockStore>,
+    ) -> Result<Arc<Engine>, EngineError> {
+        Self::open_parts(cfg, db, |_| Ok(Pool::on(store)))
+    }
+
+    fn open_parts(
+        cfg: &EngineConfig,
+        db: redb::Database,
+        pool: impl FnOnce(u64) -> Result<Pool, EngineError>,
+    ) -> Result<Arc<Engine>, EngineError> {
         let cs = cfg.cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE);
         if !(4096..=1 << 20).contains(&cs) || !cs.is_power_of_two() {
             return Err(EngineError::Invalid(format!("cluster size {cs} must be a power of two from 4 KiB to 1 MiB")));
         }
         let capacity = cfg.capacity.unwrap_or(DEFAULT_CAPACITY);
-        let (store, loaded) = Store::open(
-            &cfg.data_dir.join("meta.redb"),
-            PoolConfig { cluster_size: cs, capacity_clusters: capacity / cs },
-        )?;
+        let (store, loaded) = Store::on(db, PoolConfig { cluster_size: cs, capacity_clusters: capacity / cs })?;
         let pc = loaded.config;
         if let Some(want) = cfg.cluster_size
             && want != pc.cluster_size
@@ -247,12 +263,12 @@ impl Engine {
                 capacity_clusters = want;
             }
         }
-        let pool = Pool::open_file(&cfg.data_dir.join("pool.img"), capacity_clusters * cs, cs)?;
+        let pool = pool(capacity_clusters * cs)?;
         Self::assemble(store, pool, loaded, capacity_clusters, cfg.data_dir.clone())
     }
 
     /// Builds the engine from loaded metadata and an opened pool (tests use other pool backends).
-    pub fn assemble(
+    fn assemble(
         store: Store,
         pool: Pool,
         loaded: crate::metadata::Loaded,
@@ -791,7 +807,11 @@ impl Engine {
         }
         let a = self.alloc()?;
         if a.high_water() != loaded.high_water {
-            report.problems.push(format!("high-water mark {} in memory, {} committed", a.high_water(), loaded.high_water));
+            report.problems.push(format!(
+                "high-water mark {} in memory, {} committed",
+                a.high_water(),
+                loaded.high_water
+            ));
         }
         Ok(report)
     }

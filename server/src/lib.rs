@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod extent_map;
+pub mod fault_disk;
 pub mod fsck;
 pub mod layer;
 pub mod metadata;

@@ -119,7 +119,11 @@ pub struct Store {
 impl Store {
     /// Opens the store, creating it with `create` geometry if it is new.
     pub fn open(path: &Path, create: PoolConfig) -> Result<(Store, Loaded), EngineError> {
-        let db = Database::create(path)?;
+        Self::on(Database::create(path)?, create)
+    }
+
+    /// Opens the store on any redb database (tests use fault-injecting backends).
+    pub fn on(db: Database, create: PoolConfig) -> Result<(Store, Loaded), EngineError> {
         let store = Store { db };
         let txn = store.db.begin_write()?;
         {

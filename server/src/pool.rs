@@ -1,21 +1,45 @@
-//! The pool: one file (or block device) cut into fixed-size clusters. Positional I/O only; the
-//! extent maps decide which cluster holds what.
+//! The pool: a file (or block device) cut into fixed-size clusters. The extent maps decide which
+//! cluster holds what; the pool only moves bytes. Backends are small and synchronous; the pool
+//! runs them off the async runtime.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::error::EngineError;
 
+/// Where pool bytes live: a file here, a fault-injecting memory disk in tests.
+pub trait BlockStore: Send + Sync + 'static {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()>;
+    /// Makes every completed write durable.
+    fn sync(&self) -> std::io::Result<()>;
+}
+
+pub struct FileStore(File);
+
+impl BlockStore for FileStore {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_exact_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_all_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
 pub struct Pool {
-    file: Arc<File>,
-    cluster_size: u64,
+    store: Arc<dyn BlockStore>,
 }
 
 impl Pool {
     /// Opens or creates the pool file and makes it at least `bytes` long (sparse).
-    pub fn open_file(path: &Path, bytes: u64, cluster_size: u64) -> Result<Pool, EngineError> {
+    pub fn open_file(path: &Path, bytes: u64) -> Result<Pool, EngineError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -27,37 +51,31 @@ impl Pool {
         if len < bytes {
             file.set_len(bytes).map_err(|e| EngineError::io("grow pool", bytes, e))?;
         }
-        Ok(Pool { file: Arc::new(file), cluster_size })
+        Ok(Pool { store: Arc::new(FileStore(file)) })
     }
 
-    pub fn cluster_size(&self) -> u64 {
-        self.cluster_size
+    pub fn on(store: Arc<dyn BlockStore>) -> Pool {
+        Pool { store }
     }
 
-    pub async fn read_at(&self, offset: u64, len: usize) -> Result<bytes::Bytes, EngineError> {
-        let file = self.file.clone();
+    pub async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes, EngineError> {
+        let store = self.store.clone();
         blocking(move || {
             let mut buf = vec![0u8; len];
-            file.read_exact_at(&mut buf, offset).map_err(|e| EngineError::io("read", offset, e))?;
-            Ok(bytes::Bytes::from(buf))
+            store.read_at(&mut buf, offset).map_err(|e| EngineError::io("read", offset, e))?;
+            Ok(Bytes::from(buf))
         })
         .await
     }
 
-    /// Writes `data[range]` at `offset`; takes the buffer by value so it can move to the I/O
-    /// thread without a copy.
-    pub async fn write_at(&self, offset: u64, data: bytes::Bytes) -> Result<(), EngineError> {
-        let file = self.file.clone();
-        blocking(move || file.write_all_at(&data, offset).map_err(|e| EngineError::io("write", offset, e))).await
-    }
-
-    pub async fn sync(&self) -> Result<(), EngineError> {
-        let file = self.file.clone();
-        blocking(move || file.sync_data().map_err(|e| EngineError::io("fdatasync", 0, e))).await
+    /// Takes the buffer by value so it moves to the I/O thread without a copy.
+    pub async fn write_at(&self, offset: u64, data: Bytes) -> Result<(), EngineError> {
+        let store = self.store.clone();
+        blocking(move || store.write_at(&data, offset).map_err(|e| EngineError::io("write", offset, e))).await
     }
 
     pub fn sync_blocking(&self) -> Result<(), EngineError> {
-        self.file.sync_data().map_err(|e| EngineError::io("fdatasync", 0, e))
+        self.store.sync().map_err(|e| EngineError::io("fdatasync", 0, e))
     }
 }
 

@@ -172,7 +172,17 @@ impl VolumeHandle {
         if need.is_empty() {
             return Ok(());
         }
-        let pcs = self.engine.alloc()?.allocate(need.len()).ok_or(EngineError::NoSpace)?;
+        let first_try = self.engine.alloc()?.allocate(need.len());
+        let pcs = match first_try {
+            Some(pcs) => pcs,
+            // Clusters freed since the last durable commit become usable after one: a full
+            // pool recovers by itself once something was trimmed or deleted.
+            None if self.engine.alloc()?.has_pending() => {
+                self.engine.flush().await?;
+                self.engine.alloc()?.allocate(need.len()).ok_or(EngineError::NoSpace)?
+            }
+            None => return Err(EngineError::NoSpace),
+        };
         let r = match self.fill_new_clusters(&top, &need, &pcs, offset, &data).await {
             Ok(()) => {
                 let mut ops = Vec::with_capacity(need.len() * 2);

@@ -96,8 +96,12 @@ async fn clones_are_writable_and_isolated_both_ways() {
     // Clone straight from a volume's current state.
     write(&e.open_export("src").unwrap(), 0, 2, CS as usize).await;
     e.clone_volume("src", "c2").await.unwrap();
-    let (src, c1, c2, gold) =
-        (e.open_export("src").unwrap(), e.open_export("c1").unwrap(), e.open_export("c2").unwrap(), e.open_export("src@gold").unwrap());
+    let (src, c1, c2, gold) = (
+        e.open_export("src").unwrap(),
+        e.open_export("c1").unwrap(),
+        e.open_export("c2").unwrap(),
+        e.open_export("src@gold").unwrap(),
+    );
     write(&c1, 0, 3, 100).await;
     write(&c2, CS, 4, 100).await;
     write(&src, CS, 5, 100).await;
