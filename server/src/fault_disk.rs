@@ -28,7 +28,7 @@ pub struct FaultDisk(Arc<Mutex<State>>);
 pub struct XorShift(pub u64);
 
 impl XorShift {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0.max(1);
         x ^= x << 13;
         x ^= x >> 7;
@@ -37,7 +37,7 @@ impl XorShift {
         x
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
+        if n == 0 { 0 } else { self.next_u64() % n }
     }
 }
 
