@@ -1,0 +1,104 @@
+//! Full pool (invariant 4), reuse of a deleted volume's clusters (invariant 2) and injected I/O
+//! errors, on fault-injecting disks.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use thinbd::engine::{Engine, EngineConfig, VolumeHandle};
+use thinbd::error::EngineError;
+use thinbd::fault_disk::FaultDisk;
+use thinbd_protocol::ReadChunk;
+
+const CS: u64 = 4096;
+
+fn open(capacity_clusters: u64) -> (Arc<Engine>, FaultDisk) {
+    let (meta, pool) = (FaultDisk::new(), FaultDisk::new());
+    let cfg = EngineConfig { data_dir: "/nonexistent".into(), capacity: Some(capacity_clusters * CS), cluster_size: Some(CS) };
+    let db = redb::Builder::new().create_with_backend(meta.redb_backend()).unwrap();
+    (Engine::open_on(&cfg, db, Arc::new(pool.clone())).unwrap(), pool)
+}
+
+async fn read(h: &VolumeHandle, off: u64, len: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in h.read(off, len).await.expect("read") {
+        match c {
+            ReadChunk::Data(b) => out.extend_from_slice(&b),
+            ReadChunk::Hole(n) => out.resize(out.len() + n as usize, 0),
+        }
+    }
+    out
+}
+
+fn fill(b: u8, n: u64) -> Bytes {
+    Bytes::from(vec![b; n as usize])
+}
+
+#[tokio::test]
+async fn full_pool_refuses_new_clusters_serves_the_rest_and_recovers() {
+    let (e, _) = open(8);
+    e.create_volume("a", 16 * CS).await.unwrap();
+    let h = e.open_export("a").unwrap();
+    h.write(0, fill(1, 8 * CS), false).await.unwrap();
+    assert!(matches!(h.write(8 * CS, fill(2, 512), false).await, Err(EngineError::NoSpace)));
+    // A write that needs one new cluster among owned ones fails whole on the new part only.
+    assert!(matches!(h.write(7 * CS, fill(3, 2 * CS), false).await, Err(EngineError::NoSpace)));
+    // Reads and overwrites of owned clusters keep working.
+    h.write(0, fill(4, 100), true).await.unwrap();
+    assert_eq!(read(&h, 0, 101).await, [vec![4u8; 100], vec![1u8]].concat());
+    assert_eq!(read(&h, 8 * CS, 512).await, vec![0u8; 512], "nothing landed past the full pool");
+    // Free two clusters: the next first write succeeds without an explicit flush.
+    h.zero(2 * CS, 2 * CS as u32, true, false).await.unwrap();
+    h.write(8 * CS, fill(5, 2 * CS), false).await.unwrap();
+    assert_eq!(read(&h, 8 * CS, 2 * CS as u32).await, vec![5u8; 2 * CS as usize]);
+    assert_eq!(e.pool_info().used, 8 * CS);
+    drop(h);
+    assert!(e.fsck().unwrap().ok());
+}
+
+#[tokio::test]
+async fn reused_clusters_never_show_a_previous_owners_bytes() {
+    let (e, _) = open(16);
+    e.create_volume("old", 8 * CS).await.unwrap();
+    e.open_export("old").unwrap().write(0, fill(0xEE, 8 * CS), true).await.unwrap();
+    e.delete_volume("old").await.unwrap();
+    e.create_volume("new", 8 * CS).await.unwrap();
+    let h = e.open_export("new").unwrap();
+    for c in 0..8 {
+        // A small write into each cluster, at a different place each time.
+        h.write(c * CS + c * 256, fill(c as u8 + 1, 100), false).await.unwrap();
+    }
+    let got = read(&h, 0, 8 * CS as u32).await;
+    assert!(!got.contains(&0xEE), "a reused cluster leaked the deleted volume's data");
+    for c in 0..8u64 {
+        let at = (c * CS + c * 256) as usize;
+        assert_eq!(&got[at..at + 100], &vec![c as u8 + 1; 100][..]);
+    }
+    assert_eq!(e.pool_info().used, 8 * CS, "the deleted volume's clusters were reused");
+}
+
+#[tokio::test]
+async fn io_errors_reach_the_client_and_leave_metadata_consistent() {
+    let (e, pool) = open(64);
+    e.create_volume("v", 32 * CS).await.unwrap();
+    let h = e.open_export("v").unwrap();
+    h.write(0, fill(1, CS), true).await.unwrap();
+    pool.fail_writes(Some(std::io::ErrorKind::Other));
+    let err = h.write(CS, fill(2, CS), false).await.unwrap_err();
+    assert!(matches!(err, EngineError::Io { .. }), "{err}");
+    assert!(h.write(0, fill(3, 10), false).await.is_err(), "overwrite fails too");
+    assert!(h.flush().await.is_err(), "a flush that cannot sync reports it");
+    pool.fail_writes(Some(std::io::ErrorKind::StorageFull));
+    assert!(h.write(5 * CS, fill(2, CS), false).await.is_err());
+    pool.fail_writes(None);
+    // The failed first write never got mapped: that cluster still reads as zeros.
+    assert_eq!(read(&h, CS, CS as u32).await, vec![0u8; CS as usize]);
+    assert_eq!(read(&h, 10, 10).await, vec![1u8; 10]);
+    pool.fail_reads(true);
+    assert!(h.read(0, 512).await.is_err());
+    pool.fail_reads(false);
+    h.write(CS, fill(4, CS), true).await.unwrap();
+    assert_eq!(read(&h, CS, 4).await, vec![4u8; 4]);
+    drop(h);
+    let r = e.fsck().unwrap();
+    assert!(r.ok(), "{r}");
+}
