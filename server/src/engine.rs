@@ -156,6 +156,8 @@ pub struct Engine {
     snapshots: RwLock<BTreeMap<String, Arc<Snapshot>>>,
     layers: RwLock<BTreeMap<u64, Arc<Layer>>>,
     next_id: AtomicU64,
+    /// Set by non-durable metadata commits, cleared by durable ones.
+    meta_dirty: std::sync::atomic::AtomicBool,
     /// Serializes admin operations so their checks and commits do not interleave.
     admin: tokio::sync::Mutex<()>,
     data_dir: PathBuf,
@@ -310,6 +312,7 @@ impl Engine {
             snapshots: RwLock::new(snapshots),
             layers: RwLock::new(layers),
             next_id: AtomicU64::new(loaded.next_id.max(1)),
+            meta_dirty: Default::default(),
             admin: Default::default(),
             data_dir,
         }))
@@ -330,9 +333,14 @@ impl Engine {
         tokio::task::spawn_blocking(move || {
             let mut released = Vec::new();
             let r = me.store.commit(&ops, durable, || {
+                // Under redb's writer lock: every non-durable commit so far is in this one.
+                me.meta_dirty.store(false, Relaxed);
                 released = me.alloc()?.take_pending();
                 me.pool.sync_blocking()
             });
+            if !durable || r.is_err() {
+                me.meta_dirty.store(true, Relaxed);
+            }
             let mut alloc = me.alloc()?;
             match r {
                 Ok(()) => alloc.release(released),
@@ -345,7 +353,16 @@ impl Engine {
     }
 
     /// Makes every completed write durable (NBD FLUSH; covers all connections).
+    /// When no mapping changed since the last durable commit (overwrites only), syncing the
+    /// pool is enough: the metadata on disk already describes every completed write.
     pub async fn flush(self: &Arc<Self>) -> Result<(), EngineError> {
+        let clean = !self.meta_dirty.load(Relaxed) && !self.alloc()?.has_pending();
+        if clean {
+            let me = self.clone();
+            return tokio::task::spawn_blocking(move || me.pool.sync_blocking())
+                .await
+                .map_err(|e| EngineError::Internal(format!("sync task: {e}")))?;
+        }
         self.commit(Vec::new(), true).await
     }
 

@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""fio harness: thinbd and its peers on the same disk, in one run, through fio's nbd engine.
+
+Targets: thinbd, qemu-nbd (raw, qcow2, qcow2 overlay on a backing file), nbdkit file,
+nbd-server, and the raw file itself with fio's io_uring engine and O_DIRECT (the limit).
+Prints IOPS, MB/s and p99 latency per job and target, and ratios to qemu-nbd qcow2 and to the
+raw limit, as a Markdown table.
+
+Usage: benches/fio/harness.py [--runtime 5] [--size 1G] [--dir DIR] [--only thinbd,raw]
+Needs: fio, qemu-utils, nbdkit, nbd-server (scripts/setup installs them), a release build.
+"""
+import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# name, fio options, metric direction
+JOBS = [
+    ("4k randread QD32", dict(rw="randread", bs="4k", iodepth=32, numjobs=1), "read"),
+    ("4k randread QD32 x2", dict(rw="randread", bs="4k", iodepth=32, numjobs=2), "read"),
+    ("4k randwrite QD32", dict(rw="randwrite", bs="4k", iodepth=32, numjobs=1), "write"),
+    ("4k randwrite QD32 x2", dict(rw="randwrite", bs="4k", iodepth=32, numjobs=2), "write"),
+    ("1M seq read QD8", dict(rw="read", bs="1M", iodepth=8, numjobs=1), "read"),
+    ("1M seq write QD8", dict(rw="write", bs="1M", iodepth=8, numjobs=1), "write"),
+    ("4k write QD1 + fsync", dict(rw="randwrite", bs="4k", iodepth=1, numjobs=1, fsync=1), "write"),
+    ("first write after snapshot 4k randwrite", dict(rw="randwrite", bs="4k", iodepth=32, numjobs=1), "write"),
+]
+COW_JOB = JOBS[-1][0]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, what):
+    for _ in range(300):
+        if proc.poll() is not None:
+            sys.exit(f"{what} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"{what} did not start")
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw).stdout
+
+
+def fio(target, opts, runtime, size, name="job"):
+    args = ["fio", f"--name={name}", "--output-format=json", "--group_reporting", f"--size={size}",
+            "--time_based", f"--runtime={runtime}", "--ramp_time=1", "--randrepeat=0", "--norandommap"]
+    if target["engine"] == "nbd":
+        args += ["--ioengine=nbd", f"--uri={target['uri']}"]
+    else:
+        args += ["--ioengine=io_uring", "--direct=1", f"--filename={target['file']}"]
+    for k, v in opts.items():
+        args.append(f"--{k}={v}")
+    out = sh(*args)
+    return json.loads(out[out.index("{"):])["jobs"][0]
+
+
+def prefill(target, size):
+    """Sequential 1M writes over the whole target, so reads read data (not holes) everywhere."""
+    args = ["fio", "--name=prefill", f"--size={size}", "--rw=write", "--bs=1M", "--iodepth=8", "--output-format=json"]
+    if target["engine"] == "nbd":
+        args += ["--ioengine=nbd", f"--uri={target['uri']}"]
+    else:
+        args += ["--ioengine=io_uring", "--direct=1", f"--filename={target['file']}"]
+    sh(*args)
+
+
+class Targets:
+    def __init__(self, d, size, only):
+        self.d, self.size, self.only, self.procs = d, size, only, []
+
+    def want(self, name):
+        return not self.only or name in self.only
+
+    def spawn(self, args, port, what, **kw):
+        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.d, what + ".log"), "w"), **kw)
+        self.procs.append(p)
+        wait_port(port, p, what)
+        return p
+
+    def stop_all(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.procs = []
+
+    def image(self, name, fmt="raw", backing=None):
+        path = os.path.join(self.d, name)
+        if backing:
+            sh("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing, path)
+        elif fmt == "raw":
+            with open(path, "wb") as f:
+                f.truncate(self.size_bytes())
+        else:
+            sh("qemu-img", "create", "-q", "-f", fmt, path, str(self.size_bytes()))
+        return path
+
+    def size_bytes(self):
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        s = self.size
+        return int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s)
+
+    def thinbd(self, cow=False):
+        bin_ = os.path.join(ROOT, "target", "release", "thinbd")
+        data = os.path.join(self.d, "thinbd-data" + ("-cow" if cow else ""))
+        nbd, api, met = free_port(), free_port(), free_port()
+        self.spawn([bin_, "serve", "--data-dir", data, "--capacity", str(self.size_bytes() * 3),
+                    "--nbd-listen", f"127.0.0.1:{nbd}", "--api-listen", f"127.0.0.1:{api}",
+                    "--metrics-listen", f"127.0.0.1:{met}"], nbd, "thinbd", env=dict(os.environ, RUST_LOG="warn"))
+        cli = lambda *a: sh(bin_, *a, "--api", f"127.0.0.1:{api}")
+        cli("volume", "create", "bench", "--size", str(self.size_bytes()))
+        t = dict(engine="nbd", uri=f"nbd://127.0.0.1:{nbd}/bench")
+        if cow:
+            prefill(t, self.size)
+            cli("snapshot", "create", "bench", "base")
+        return t
+
+    def qemu_nbd(self, path, fmt):
+        port = free_port()
+        self.spawn(["qemu-nbd", "-f", fmt, "-x", "disk", "-p", str(port), "-b", "127.0.0.1", "-t", "--shared=8",
+                    "--cache=none", "--aio=native", "--discard=unmap", path], port, "qemu-nbd")
+        return dict(engine="nbd", uri=f"nbd://127.0.0.1:{port}/disk")
+
+    def nbdkit(self, path):
+        port = free_port()
+        self.spawn(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", f"file={path}"], port, "nbdkit")
+        return dict(engine="nbd", uri=f"nbd://127.0.0.1:{port}/")
+
+    def nbd_server(self, path):
+        port = free_port()
+        conf = os.path.join(self.d, "nbd-server.conf")
+        with open(conf, "w") as f:
+            f.write(f"[generic]\nport = {port}\nlistenaddr = 127.0.0.1\nallowlist = true\n[disk]\nexportname = {path}\nflush = true\nfua = true\nmulticonn = true\n")
+        self.spawn(["nbd-server", "-C", conf, "-d"], port, "nbd-server")
+        return dict(engine="nbd", uri=f"nbd://127.0.0.1:{port}/disk")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runtime", type=int, default=5)
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--dir", default=os.path.join(ROOT, "target", "fio-bench"))
+    ap.add_argument("--only", default="")
+    args = ap.parse_args()
+    for tool in ["fio", "qemu-img", "qemu-nbd", "nbdkit", "nbd-server"]:
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is missing: run scripts/setup")
+    print("building thinbd (release)...", file=sys.stderr)
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "thinbd"], cwd=ROOT, check=True)
+    os.makedirs(args.dir, exist_ok=True)
+    only = set(filter(None, args.only.split(",")))
+    names = ["raw file (io_uring, direct)", "thinbd", "nbdkit file", "nbd-server", "qemu-nbd raw", "qemu-nbd qcow2", "qcow2 overlay (COW)"]
+    keys = ["raw", "thinbd", "nbdkit", "nbd-server", "qemu-raw", "qemu-qcow2", "overlay"]
+    results = {}  # (job, key) -> (iops, MB/s, p99 us)
+    for key, name in zip(keys, names):
+        if only and key not in only:
+            continue
+        for job, opts, direction in JOBS:
+            if job == COW_JOB and key not in ("thinbd", "overlay"):
+                continue
+            if job != COW_JOB and key == "overlay":
+                continue
+            with tempfile.TemporaryDirectory(dir=args.dir) as d:
+                t = Targets(d, args.size, only)
+                try:
+                    if key == "raw":
+                        target = dict(engine="file", file=t.image("raw.img"))
+                    elif key == "thinbd":
+                        target = t.thinbd(cow=(job == COW_JOB))
+                    elif key == "nbdkit":
+                        target = t.nbdkit(t.image("raw.img"))
+                    elif key == "nbd-server":
+                        target = t.nbd_server(t.image("raw.img"))
+                    elif key == "qemu-raw":
+                        target = t.qemu_nbd(t.image("raw.img"), "raw")
+                    elif key == "qemu-qcow2":
+                        target = t.qemu_nbd(t.image("disk.qcow2", "qcow2"), "qcow2")
+                    else:
+                        base = t.image("base.qcow2", "qcow2")
+                        fill = t.qemu_nbd(base, "qcow2")
+                        prefill(fill, args.size)
+                        t.stop_all()
+                        target = t.qemu_nbd(t.image("overlay.qcow2", backing=base), "qcow2")
+                    if "read" in opts["rw"] and key != "overlay":
+                        prefill(target, args.size)
+                    r = fio(target, opts, args.runtime, args.size)[direction]
+                    p99 = r["clat_ns"].get("percentile", {}).get("99.000000", 0) / 1000
+                    results[(job, key)] = (r["iops"], r["bw_bytes"] / 1e6, p99)
+                    print(f"{name:28} {job:40} {r['iops']:10.0f} IOPS {r['bw_bytes']/1e6:8.1f} MB/s p99 {p99:8.0f} us", file=sys.stderr)
+                except subprocess.CalledProcessError as e:
+                    print(f"{name}: {job}: failed: {e.stderr[-500:]}", file=sys.stderr)
+                finally:
+                    t.stop_all()
+    # Table.
+    cols = [(k, n) for k, n in zip(keys, names) if not only or k in only]
+    print(f"\nfio {os.popen('fio --version').read().strip()}, size {args.size}, {args.runtime} s per job, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}\n")
+    print("| job | " + " | ".join(n for _, n in cols) + " | thinbd / qemu-nbd qcow2 | thinbd / raw |")
+    print("|---|" + "---|" * (len(cols) + 2))
+    for job, opts, _ in JOBS:
+        cells = []
+        for k, _ in cols:
+            v = results.get((job, k))
+            big = opts["bs"] == "1M"
+            cells.append("–" if not v else (f"{v[1]:.0f} MB/s, p99 {v[2]:.0f} µs" if big else f"{v[0]/1000:.1f}k, p99 {v[2]:.0f} µs"))
+        t = results.get((job, "thinbd"))
+        ref = results.get((job, "overlay" if job == COW_JOB else "qemu-qcow2"))
+        raw = results.get((job, "raw"))
+        ratio = lambda a, b: f"{a[0]/b[0]:.2f}×" if a and b and b[0] else "–"
+        print(f"| {job} | " + " | ".join(cells) + f" | {ratio(t, ref)} | {ratio(t, raw)} |")
+    print("\n(IOPS in thousands for 4k jobs; the COW row compares thinbd after a snapshot with a qcow2 overlay.)")
+
+
+if __name__ == "__main__":
+    main()
