@@ -29,6 +29,7 @@ pub struct ServeOptions {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
+    pub io_engine: crate::pool::IoEngine,
 }
 
 /// Holds the data dir's lock for the life of the daemon.
@@ -69,6 +70,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         data_dir: opts.data_dir.clone(),
         capacity: opts.capacity,
         cluster_size: opts.cluster_size,
+        io_engine: opts.io_engine,
     })
     .with_context(|| format!("opening pool in {}", opts.data_dir.display()))?;
     let tls = match (&opts.tls_cert, &opts.tls_key) {
@@ -90,6 +92,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         api = %opts.api_listen,
         metrics = %opts.metrics_listen,
         tls = tls.is_some(),
+        io_engine = ?engine.io_engine(),
         "thinbd serving"
     );
     let shutdown = CancellationToken::new();

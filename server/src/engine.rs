@@ -28,6 +28,7 @@ pub struct EngineConfig {
     pub capacity: Option<u64>,
     /// Cluster size for a new pool; an existing pool must match if given.
     pub cluster_size: Option<u64>,
+    pub io_engine: crate::pool::IoEngine,
 }
 
 pub struct Volume {
@@ -218,7 +219,7 @@ impl Engine {
     pub fn open(cfg: &EngineConfig) -> Result<Arc<Engine>, EngineError> {
         let db = redb::Database::create(cfg.data_dir.join("meta.redb"))?;
         let pool_path = cfg.data_dir.join("pool.img");
-        Self::open_parts(cfg, db, |bytes| Pool::open_file(&pool_path, bytes))
+        Self::open_parts(cfg, db, |bytes| Pool::open_file(&pool_path, bytes, cfg.io_engine))
     }
 
     /// Opens an engine on a given redb database and pool store (tests: fault-injecting disks).
@@ -320,6 +321,10 @@ impl Engine {
 
     pub fn cluster_size(&self) -> u64 {
         self.cs
+    }
+
+    pub fn io_engine(&self) -> crate::pool::IoEngine {
+        self.pool.engine()
     }
 
     pub(crate) fn alloc(&self) -> Result<std::sync::MutexGuard<'_, Allocator>, EngineError> {

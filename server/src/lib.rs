@@ -14,4 +14,5 @@ pub mod metrics;
 pub mod nbd_export;
 pub mod pool;
 pub mod size;
+pub mod uring;
 pub mod volume;

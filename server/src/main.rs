@@ -64,6 +64,9 @@ enum Command {
         /// PEM CA bundle; clients must present a certificate it signed.
         #[arg(long, requires = "tls_cert")]
         tls_client_ca: Option<PathBuf>,
+        /// How pool I/O is done.
+        #[arg(long, value_enum, default_value_t = thinbd::pool::IoEngine::Uring)]
+        io_engine: thinbd::pool::IoEngine,
     },
     /// Manage volumes.
     Volume {
@@ -157,6 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             tls_client_ca,
+            io_engine,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -176,6 +180,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tls_cert,
                 tls_key,
                 tls_client_ca,
+                io_engine,
             })
             .await
         }

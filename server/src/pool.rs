@@ -33,13 +33,24 @@ impl BlockStore for FileStore {
     }
 }
 
+/// How the pool file is driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum IoEngine {
+    /// io_uring on a dedicated ring thread (falls back to `threads` where io_uring is refused).
+    #[default]
+    Uring,
+    /// pread/pwrite on tokio's blocking threads.
+    Threads,
+}
+
 pub struct Pool {
     store: Arc<dyn BlockStore>,
+    uring: Option<Arc<crate::uring::UringStore>>,
 }
 
 impl Pool {
     /// Opens or creates the pool file and makes it at least `bytes` long (sparse).
-    pub fn open_file(path: &Path, bytes: u64) -> Result<Pool, EngineError> {
+    pub fn open_file(path: &Path, bytes: u64, engine: IoEngine) -> Result<Pool, EngineError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -51,14 +62,34 @@ impl Pool {
         if len < bytes {
             file.set_len(bytes).map_err(|e| EngineError::io("grow pool", bytes, e))?;
         }
-        Ok(Pool { store: Arc::new(FileStore(file)) })
+        let uring = match engine {
+            IoEngine::Uring => {
+                let dup = file.try_clone().map_err(|e| EngineError::io("dup pool fd", 0, e))?;
+                match crate::uring::UringStore::new(dup) {
+                    Ok(u) => Some(Arc::new(u)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "io_uring is not available; using blocking threads for pool I/O");
+                        None
+                    }
+                }
+            }
+            IoEngine::Threads => None,
+        };
+        Ok(Pool { store: Arc::new(FileStore(file)), uring })
     }
 
     pub fn on(store: Arc<dyn BlockStore>) -> Pool {
-        Pool { store }
+        Pool { store, uring: None }
+    }
+
+    pub fn engine(&self) -> IoEngine {
+        if self.uring.is_some() { IoEngine::Uring } else { IoEngine::Threads }
     }
 
     pub async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes, EngineError> {
+        if let Some(u) = &self.uring {
+            return u.read_at(offset, len).await.map_err(|e| EngineError::io("read", offset, e));
+        }
         let store = self.store.clone();
         blocking(move || {
             let mut buf = vec![0u8; len];
@@ -70,6 +101,9 @@ impl Pool {
 
     /// Takes the buffer by value so it moves to the I/O thread without a copy.
     pub async fn write_at(&self, offset: u64, data: Bytes) -> Result<(), EngineError> {
+        if let Some(u) = &self.uring {
+            return u.write_at(offset, data).await.map_err(|e| EngineError::io("write", offset, e));
+        }
         let store = self.store.clone();
         blocking(move || store.write_at(&data, offset).map_err(|e| EngineError::io("write", offset, e))).await
     }

@@ -17,6 +17,7 @@ fn open(capacity_clusters: u64) -> (Arc<Engine>, FaultDisk) {
         data_dir: "/nonexistent".into(),
         capacity: Some(capacity_clusters * CS),
         cluster_size: Some(CS),
+        io_engine: Default::default(),
     };
     let db = redb::Builder::new().create_with_backend(meta.redb_backend()).unwrap();
     (Engine::open_on(&cfg, db, Arc::new(pool.clone())).unwrap(), pool)

@@ -12,8 +12,13 @@ use thinbd_protocol::ReadChunk;
 const CS: u64 = 64 * 1024;
 
 fn engine(dir: &std::path::Path) -> Arc<Engine> {
-    Engine::open(&EngineConfig { data_dir: dir.to_path_buf(), capacity: Some(256 << 20), cluster_size: None })
-        .expect("open engine")
+    Engine::open(&EngineConfig {
+        data_dir: dir.to_path_buf(),
+        capacity: Some(256 << 20),
+        cluster_size: None,
+        io_engine: Default::default(),
+    })
+    .expect("open engine")
 }
 
 async fn read(h: &VolumeHandle, off: u64, len: u32) -> Vec<u8> {

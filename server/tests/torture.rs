@@ -83,7 +83,12 @@ async fn read_tags(e: &Arc<Engine>, name: &str, sectors: usize) -> Vec<Option<u6
 }
 
 fn config() -> EngineConfig {
-    EngineConfig { data_dir: "/nonexistent".into(), capacity: Some(CAPACITY), cluster_size: Some(CS) }
+    EngineConfig {
+        data_dir: "/nonexistent".into(),
+        capacity: Some(CAPACITY),
+        cluster_size: Some(CS),
+        io_engine: Default::default(),
+    }
 }
 
 fn open(meta: &FaultDisk, pool: &FaultDisk) -> Arc<Engine> {
