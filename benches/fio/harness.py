@@ -147,12 +147,37 @@ class Targets:
         return dict(engine="nbd", uri=f"nbd://127.0.0.1:{port}/disk")
 
 
+def footprint(root_dir, size):
+    """Daemon RSS with 100 volumes of 100 GiB, and metadata bytes per byte of data written."""
+    with tempfile.TemporaryDirectory(dir=root_dir) as d:
+        t = Targets(d, size, set())
+        try:
+            target = t.thinbd()
+            proc = t.procs[-1]
+            bin_ = os.path.join(ROOT, "target", "release", "thinbd")
+            api = [a for a in proc.args if a.startswith("127.0.0.1:")][1]
+            for i in range(100):
+                sh(bin_, "volume", "create", f"v{i}", "--size", "100GiB", "--api", api)
+            prefill(target, size)
+            subprocess.run(["fio", "--name=f", "--ioengine=nbd", f"--uri={target['uri']}", "--rw=randwrite", "--bs=4k",
+                            f"--size={size}", "--io_size=64M", "--end_fsync=1", "--output-format=json"], check=True,
+                           stdout=subprocess.DEVNULL)
+            rss = int([l for l in open(f"/proc/{proc.pid}/status") if l.startswith("VmRSS")][0].split()[1])
+            meta = os.path.getsize(os.path.join(d, "thinbd-data", "meta.redb"))
+            data = t.size_bytes()
+            print(f"\nfootprint: daemon RSS {rss / 1024:.1f} MiB with 101 volumes (100 of 100 GiB, one with {size} written); "
+                  f"metadata file {meta / 1e6:.2f} MB for {data / 1e9:.2f} GB of data ({100 * meta / data:.3f}%)")
+        finally:
+            t.stop_all()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runtime", type=int, default=5)
     ap.add_argument("--size", default="1G")
     ap.add_argument("--dir", default=os.path.join(ROOT, "target", "fio-bench"))
     ap.add_argument("--only", default="")
+    ap.add_argument("--footprint-only", action="store_true")
     args = ap.parse_args()
     for tool in ["fio", "qemu-img", "qemu-nbd", "nbdkit", "nbd-server"]:
         if not shutil.which(tool):
@@ -160,6 +185,9 @@ def main():
     print("building thinbd (release)...", file=sys.stderr)
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "thinbd"], cwd=ROOT, check=True)
     os.makedirs(args.dir, exist_ok=True)
+    if args.footprint_only:
+        footprint(args.dir, args.size)
+        return
     only = set(filter(None, args.only.split(",")))
     names = ["raw file (io_uring, direct)", "thinbd", "nbdkit file", "nbd-server", "qemu-nbd raw", "qemu-nbd qcow2", "qcow2 overlay (COW)"]
     keys = ["raw", "thinbd", "nbdkit", "nbd-server", "qemu-raw", "qemu-qcow2", "overlay"]
@@ -220,6 +248,8 @@ def main():
         ratio = lambda a, b: f"{a[0]/b[0]:.2f}×" if a and b and b[0] else "–"
         print(f"| {job} | " + " | ".join(cells) + f" | {ratio(t, ref)} | {ratio(t, raw)} |")
     print("\n(IOPS in thousands for 4k jobs; the COW row compares thinbd after a snapshot with a qcow2 overlay.)")
+    if not only or "thinbd" in only:
+        footprint(args.dir, args.size)
 
 
 if __name__ == "__main__":

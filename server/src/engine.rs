@@ -40,8 +40,9 @@ pub struct Volume {
     /// Shared by reads and writes, exclusive while clusters are unmapped or the top layer
     /// changes, so no request can touch a cluster after it went back to the allocator.
     pub(crate) gate: tokio::sync::RwLock<()>,
-    /// Serializes first writes, so two requests never both allocate the same virtual cluster.
-    pub(crate) alloc_lock: tokio::sync::Mutex<()>,
+    /// Virtual clusters some request is allocating and filling right now, so two requests never
+    /// both allocate the same one; the lock is write-held by the filler until its mapping is in.
+    pub(crate) filling: Mutex<std::collections::HashMap<u64, Arc<tokio::sync::RwLock<()>>>>,
     pub(crate) sessions: AtomicU32,
     pub metrics: VolumeMetrics,
 }
@@ -55,7 +56,7 @@ impl Volume {
             created_unix,
             top: RwLock::new(top),
             gate: Default::default(),
-            alloc_lock: Default::default(),
+            filling: Default::default(),
             sessions: AtomicU32::new(0),
             metrics: VolumeMetrics::default(),
         }
@@ -148,8 +149,59 @@ struct References {
     children: Vec<Arc<Layer>>,
 }
 
+type CommitJob = (Vec<MetaOp>, tokio::sync::oneshot::Sender<Result<(), EngineError>>);
+
+/// Group commit: one thread takes every non-durable metadata change queued while the previous
+/// transaction ran and commits them all in one, so first writes from many requests share a
+/// transaction instead of waiting in line for one each.
+fn spawn_committer(store: Arc<Store>, dirty: Arc<std::sync::atomic::AtomicBool>) -> Result<Committer, EngineError> {
+    let (tx, rx) = std::sync::mpsc::channel::<CommitJob>();
+    let thread = std::thread::Builder::new()
+        .name("thinbd-commit".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let (mut ops, mut replies) = (first.0, vec![first.1]);
+                while let Ok((o, r)) = rx.try_recv() {
+                    ops.extend(o);
+                    replies.push(r);
+                    if replies.len() >= 512 {
+                        break;
+                    }
+                }
+                let r = store.commit(&ops, false, || Ok(()));
+                dirty.store(true, Relaxed);
+                for reply in replies {
+                    let _ = reply.send(match &r {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(EngineError::Metadata(e.to_string())),
+                    });
+                }
+            }
+        })
+        .map_err(|e| EngineError::Internal(format!("cannot start the commit thread: {e}")))?;
+    Ok(Committer { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
+}
+
+struct Committer {
+    tx: Mutex<Option<std::sync::mpsc::Sender<CommitJob>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Engine {
+    /// Stops the commit thread before the store closes, so a reopen finds the file free.
+    fn drop(&mut self) {
+        if let Ok(mut tx) = self.committer.tx.lock() {
+            tx.take();
+        }
+        if let Some(t) = self.committer.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+    }
+}
+
 pub struct Engine {
-    pub(crate) store: Store,
+    pub(crate) store: Arc<Store>,
+    committer: Committer,
     pub(crate) pool: Pool,
     pub(crate) cs: u64,
     alloc: Mutex<Allocator>,
@@ -158,7 +210,7 @@ pub struct Engine {
     layers: RwLock<BTreeMap<u64, Arc<Layer>>>,
     next_id: AtomicU64,
     /// Set by non-durable metadata commits, cleared by durable ones.
-    meta_dirty: std::sync::atomic::AtomicBool,
+    meta_dirty: Arc<std::sync::atomic::AtomicBool>,
     /// Serializes admin operations so their checks and commits do not interleave.
     admin: tokio::sync::Mutex<()>,
     data_dir: PathBuf,
@@ -304,8 +356,12 @@ impl Engine {
             };
             snapshots.insert(rec.key(), Arc::new(snap));
         }
+        let store = Arc::new(store);
+        let meta_dirty: Arc<std::sync::atomic::AtomicBool> = Default::default();
+        let committer = spawn_committer(store.clone(), meta_dirty.clone())?;
         Ok(Arc::new(Engine {
             store,
+            committer,
             pool,
             cs,
             alloc: Mutex::new(Allocator::new(loaded.free, loaded.high_water, capacity_clusters)),
@@ -313,7 +369,7 @@ impl Engine {
             snapshots: RwLock::new(snapshots),
             layers: RwLock::new(layers),
             next_id: AtomicU64::new(loaded.next_id.max(1)),
-            meta_dirty: Default::default(),
+            meta_dirty,
             admin: Default::default(),
             data_dir,
         }))
@@ -334,6 +390,17 @@ impl Engine {
     /// Commits `ops` on a blocking thread. A durable commit first syncs the pool (inside the
     /// transaction) and afterwards releases clusters whose frees it made durable.
     pub(crate) async fn commit(self: &Arc<Self>, ops: Vec<MetaOp>, durable: bool) -> Result<(), EngineError> {
+        if !durable {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let sent = match self.committer.tx.lock().map_err(|_| poisoned())?.as_ref() {
+                Some(c) => c.send((ops, tx)).is_ok(),
+                None => false,
+            };
+            if !sent {
+                return Err(EngineError::Internal("commit thread is gone".into()));
+            }
+            return rx.await.map_err(|_| EngineError::Internal("commit thread dropped a commit".into()))?;
+        }
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
             let mut released = Vec::new();
@@ -343,7 +410,7 @@ impl Engine {
                 released = me.alloc()?.take_pending();
                 me.pool.sync_blocking()
             });
-            if !durable || r.is_err() {
+            if r.is_err() {
                 me.meta_dirty.store(true, Relaxed);
             }
             let mut alloc = me.alloc()?;
@@ -836,6 +903,32 @@ impl Engine {
             ));
         }
         Ok(report)
+    }
+
+    /// Maps `clusters` virtual clusters of `volume` (every `stride`-th one) to fresh physical
+    /// clusters in one commit, without writing data. Only for benchmarks that need a big map
+    /// quickly; the clusters read as whatever the pool file holds there.
+    #[doc(hidden)]
+    pub async fn populate_for_bench(
+        self: &Arc<Self>,
+        volume: &str,
+        clusters: u64,
+        stride: u64,
+    ) -> Result<(), EngineError> {
+        let vol = self.volume(volume)?;
+        let top = vol.top()?;
+        let pcs = self.alloc()?.allocate(clusters as usize).ok_or(EngineError::NoSpace)?;
+        let mut ops = Vec::with_capacity(pcs.len() * 2);
+        for (i, p) in pcs.iter().enumerate() {
+            ops.push(MetaOp::Claim(*p));
+            ops.push(MetaOp::Map { layer: top.id, vcluster: i as u64 * stride, pcluster: *p });
+        }
+        self.commit(ops, true).await?;
+        let mut st = top.state.write().map_err(|_| poisoned())?;
+        for (i, p) in pcs.iter().enumerate() {
+            st.map.insert(i as u64 * stride, *p);
+        }
+        Ok(())
     }
 
     /// Every layer, for consistency checks.

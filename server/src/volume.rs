@@ -19,6 +19,24 @@ enum Target {
     Snapshot(Arc<Snapshot>),
 }
 
+/// Clusters a request is filling; dropping it (after the mapping is in, or on error) lets
+/// requests waiting for them go on.
+struct Claims<'a> {
+    vol: &'a Volume,
+    vcs: Vec<u64>,
+    _guard: tokio::sync::OwnedRwLockWriteGuard<()>,
+}
+
+impl Drop for Claims<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut f) = self.vol.filling.lock() {
+            for v in &self.vcs {
+                f.remove(v);
+            }
+        }
+    }
+}
+
 /// An open export: the NBD session's block device.
 pub struct VolumeHandle {
     engine: Arc<Engine>,
@@ -162,16 +180,46 @@ impl VolumeHandle {
         if holes.is_empty() {
             return Ok(());
         }
-        let _a = vol.alloc_lock.lock().await;
-        // Another request may have filled some of these clusters while we waited.
-        let mut need = Vec::new();
-        for hole in holes {
-            let now = top.read()?.map.runs(hole.vstart, hole.vstart + hole.count);
-            need.extend(self.write_runs(&now, offset, &data).await?);
+        // First writes run concurrently: each request claims the clusters nobody is filling,
+        // fills them, and commits through the group committer; a request that needs a cluster
+        // another one is filling waits for it and then overwrites it in place.
+        let mut todo: Vec<u64> = holes.iter().flat_map(|r| r.vstart..r.vstart + r.count).collect();
+        while !todo.is_empty() {
+            let mine = Arc::new(tokio::sync::RwLock::new(()));
+            let guard = mine.clone().try_write_owned().map_err(|_| EngineError::Internal("fresh lock".into()))?;
+            let (mut claim, mut waits, mut mapped) = (Vec::new(), Vec::new(), Vec::new());
+            {
+                let mut filling = vol.filling.lock().map_err(|_| poisoned())?;
+                let st = top.read()?;
+                for v in todo.drain(..) {
+                    match st.map.get(v) {
+                        Mapping::Data(p) => mapped.push(Run { vstart: v, count: 1, mapping: Mapping::Data(p) }),
+                        _ => match filling.get(&v) {
+                            Some(other) => waits.push((v, other.clone())),
+                            None => {
+                                filling.insert(v, mine.clone());
+                                claim.push(v);
+                            }
+                        },
+                    }
+                }
+            }
+            let claims = Claims { vol, vcs: claim, _guard: guard };
+            self.write_runs(&mapped, offset, &data).await?;
+            if !claims.vcs.is_empty() {
+                self.fill_and_map(&top, &claims.vcs, offset, &data).await?;
+            }
+            drop(claims);
+            for (v, lock) in waits {
+                drop(lock.read().await);
+                todo.push(v);
+            }
         }
-        if need.is_empty() {
-            return Ok(());
-        }
+        Ok(())
+    }
+
+    /// Allocates clusters for `need`, writes them whole and commits their mappings.
+    async fn fill_and_map(&self, top: &Arc<Layer>, need: &[u64], offset: u64, data: &Bytes) -> Result<(), EngineError> {
         let first_try = self.engine.alloc()?.allocate(need.len());
         let pcs = match first_try {
             Some(pcs) => pcs,
@@ -183,7 +231,7 @@ impl VolumeHandle {
             }
             None => return Err(EngineError::NoSpace),
         };
-        let r = match self.fill_new_clusters(&top, &need, &pcs, offset, &data).await {
+        let r = match self.fill_new_clusters(top, need, &pcs, offset, data).await {
             Ok(()) => {
                 let mut ops = Vec::with_capacity(need.len() * 2);
                 for (v, p) in need.iter().zip(&pcs) {
