@@ -74,7 +74,7 @@ def prefill(target, size):
 
 class Targets:
     def __init__(self, d, size, only):
-        self.d, self.size, self.only, self.procs = d, size, only, []
+        self.d, self.size, self.only, self.procs, self.pidfiles = d, size, only, [], []
 
     def want(self, name):
         return not self.only or name in self.only
@@ -95,6 +95,17 @@ class Targets:
             except subprocess.TimeoutExpired:
                 p.kill()
         self.procs = []
+        for pf in self.pidfiles:
+            try:
+                pid = int(open(pf).read().strip())
+                os.kill(pid, signal.SIGTERM)
+                # Its per-client children exit with their connections.
+                for _ in range(100):
+                    os.kill(pid, 0)
+                    time.sleep(0.05)
+            except (OSError, ValueError):
+                pass
+        self.pidfiles = []
 
     def image(self, name, fmt="raw", backing=None):
         path = os.path.join(self.d, name)
@@ -142,8 +153,18 @@ class Targets:
         port = free_port()
         conf = os.path.join(self.d, "nbd-server.conf")
         with open(conf, "w") as f:
-            f.write(f"[generic]\nport = {port}\nlistenaddr = 127.0.0.1\nallowlist = true\n[disk]\nexportname = {path}\nflush = true\nfua = true\nmulticonn = true\n")
-        self.spawn(["nbd-server", "-C", conf, "-d"], port, "nbd-server")
+            f.write(f"[generic]\nport = {port}\nlistenaddr = 127.0.0.1\n[disk]\nexportname = {path}\nflush = true\nfua = true\nmulticonn = true\n")
+        # In the foreground (-d) nbd-server serves one connection at a time; let it daemonize
+        # (a process per client) and stop it through its pid file.
+        pidfile = os.path.join(self.d, "nbd-server.pid")
+        sh("nbd-server", "-C", conf, "-p", pidfile)
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        self.pidfiles.append(pidfile)
         return dict(engine="nbd", uri=f"nbd://127.0.0.1:{port}/disk")
 
 
