@@ -134,6 +134,18 @@ impl VolumeHandle {
         Ok(out)
     }
 
+    /// A read as plain bytes, holes filled with zeros.
+    pub async fn read_bytes(&self, offset: u64, len: u32) -> Result<Vec<u8>, EngineError> {
+        let mut out = Vec::with_capacity(len as usize);
+        for c in self.read(offset, len).await? {
+            match c {
+                ReadChunk::Data(b) => out.extend_from_slice(&b),
+                ReadChunk::Hole(n) => out.resize(out.len() + n as usize, 0),
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
         let vol = self.writable()?;
         if !data.is_empty() {

@@ -7,7 +7,6 @@ use bytes::Bytes;
 use thinbd::engine::{Engine, EngineConfig, VolumeHandle};
 use thinbd::error::EngineError;
 use thinbd::fault_disk::FaultDisk;
-use thinbd_protocol::ReadChunk;
 
 const CS: u64 = 4096;
 
@@ -24,14 +23,7 @@ fn open(capacity_clusters: u64) -> (Arc<Engine>, FaultDisk) {
 }
 
 async fn read(h: &VolumeHandle, off: u64, len: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    for c in h.read(off, len).await.expect("read") {
-        match c {
-            ReadChunk::Data(b) => out.extend_from_slice(&b),
-            ReadChunk::Hole(n) => out.resize(out.len() + n as usize, 0),
-        }
-    }
-    out
+    h.read_bytes(off, len).await.expect("read")
 }
 
 fn fill(b: u8, n: u64) -> Bytes {

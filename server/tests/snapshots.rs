@@ -7,7 +7,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use thinbd::engine::{Engine, EngineConfig, VolumeHandle};
 use thinbd::error::EngineError;
-use thinbd_protocol::ReadChunk;
 
 const CS: u64 = 64 * 1024;
 
@@ -22,14 +21,7 @@ fn engine(dir: &std::path::Path) -> Arc<Engine> {
 }
 
 async fn read(h: &VolumeHandle, off: u64, len: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    for c in h.read(off, len).await.expect("read") {
-        match c {
-            ReadChunk::Data(b) => out.extend_from_slice(&b),
-            ReadChunk::Hole(n) => out.resize(out.len() + n as usize, 0),
-        }
-    }
-    out
+    h.read_bytes(off, len).await.expect("read")
 }
 
 async fn write(h: &VolumeHandle, off: u64, byte: u8, len: usize) {

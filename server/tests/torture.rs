@@ -18,7 +18,6 @@ use bytes::Bytes;
 use thinbd::engine::{Engine, EngineConfig};
 use thinbd::error::EngineError;
 use thinbd::fault_disk::{FaultDisk, XorShift};
-use thinbd_protocol::ReadChunk;
 
 const CS: u64 = 4096;
 const SECTOR: u64 = 512;
@@ -72,13 +71,7 @@ fn tag_of(b: &[u8]) -> Option<u64> {
 
 async fn read_tags(e: &Arc<Engine>, name: &str, sectors: usize) -> Vec<Option<u64>> {
     let h = e.open_export(name).expect("open for read");
-    let mut bytes = Vec::with_capacity(sectors * SECTOR as usize);
-    for c in h.read(0, (sectors as u64 * SECTOR) as u32).await.expect("read") {
-        match c {
-            ReadChunk::Data(b) => bytes.extend_from_slice(&b),
-            ReadChunk::Hole(n) => bytes.resize(bytes.len() + n as usize, 0),
-        }
-    }
+    let bytes = h.read_bytes(0, (sectors as u64 * SECTOR) as u32).await.expect("read");
     bytes.chunks(SECTOR as usize).map(tag_of).collect()
 }
 
