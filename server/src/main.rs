@@ -306,6 +306,11 @@ fn snapshot_json(s: &pb::Snapshot) -> serde_json::Value {
 }
 
 async fn snapshot_command(client: ClientArgs, command: SnapshotCommand) -> anyhow::Result<()> {
+    if let SnapshotCommand::Delete { snapshot } = &command
+        && !snapshot.contains('@')
+    {
+        anyhow::bail!("name the snapshot as VOLUME@SNAPSHOT");
+    }
     let mut c = connect(&client.api).await?;
     let snaps = match command {
         SnapshotCommand::Create { volume, name } => {
@@ -320,9 +325,6 @@ async fn snapshot_command(client: ClientArgs, command: SnapshotCommand) -> anyho
             r.into_inner().snapshots
         }
         SnapshotCommand::Delete { snapshot } => {
-            if !snapshot.contains('@') {
-                anyhow::bail!("name the snapshot as VOLUME@SNAPSHOT");
-            }
             c.delete_snapshot(pb::DeleteSnapshotRequest { key: snapshot.clone() }).await.map_err(rpc_error)?;
             match client.output {
                 Output::Json => println!("{}", serde_json::json!({ "deleted": snapshot })),
@@ -352,6 +354,9 @@ async fn snapshot_command(client: ClientArgs, command: SnapshotCommand) -> anyho
 }
 
 fn fsck(data_dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
+    if !data_dir.join("meta.redb").exists() {
+        anyhow::bail!("{} holds no thinbd pool (no meta.redb); --data-dir names it", data_dir.display());
+    }
     let _lock = thinbd::daemon::lock_data_dir(data_dir)?;
     let (_store, loaded) = thinbd::metadata::Store::open_existing(&data_dir.join("meta.redb"))
         .with_context(|| format!("reading metadata in {}", data_dir.display()))?;
