@@ -849,6 +849,36 @@ impl Engine {
                 self.forget_layers(&[id]);
                 self.alloc()?.release(freed);
                 return Ok(());
+            } else if vols.is_empty() && snaps == 0 {
+                // Several children: the clusters every child overrides are read by nobody.
+                // (Children only ever add entries while this layer exists, so "every child
+                // has an entry" stays true once it is.)
+                let dead: Vec<(u64, u64)> = {
+                    let ls = layer.read()?;
+                    let guards = children.iter().map(|c| c.read()).collect::<Result<Vec<_>, _>>()?;
+                    ls.map
+                        .iter()
+                        .filter(|(v, _)| guards.iter().all(|c| c.map.get(*v) != crate::extent_map::Mapping::Hole))
+                        .collect()
+                };
+                if dead.is_empty() {
+                    return Ok(());
+                }
+                let mut ops = Vec::with_capacity(dead.len() * 2);
+                for (v, p) in &dead {
+                    ops.push(MetaOp::Unmap { layer: id, vcluster: *v });
+                    if *p != ZERO_MARK {
+                        ops.push(MetaOp::Free(*p));
+                    }
+                }
+                self.commit(ops, true).await?;
+                let mut st = layer.state.write().map_err(|_| poisoned())?;
+                for (v, _) in &dead {
+                    st.map.remove(*v);
+                }
+                drop(st);
+                self.alloc()?.release(dead.iter().map(|(_, p)| *p).filter(|p| *p != ZERO_MARK));
+                return Ok(());
             } else {
                 return Ok(());
             }

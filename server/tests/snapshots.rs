@@ -261,3 +261,33 @@ async fn snapshots_taken_during_writes_are_consistent_points_in_time() {
     }
     assert_fsck(&e);
 }
+
+#[tokio::test]
+async fn deleting_a_snapshot_with_two_clones_frees_what_both_override() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    e.create_volume("v", 4 << 20).await.unwrap();
+    write(&e.open_export("v").unwrap(), 0, 1, 3 * CS as usize).await;
+    e.create_snapshot("v", "s").await.unwrap();
+    e.delete_volume("v").await.unwrap();
+    e.clone_volume("v@s", "a").await.unwrap();
+    e.clone_volume("v@s", "b").await.unwrap();
+    write(&e.open_export("a").unwrap(), 0, 2, 2 * CS as usize).await;
+    write(&e.open_export("b").unwrap(), 0, 3, CS as usize).await;
+    assert_eq!(used(&e), 6);
+    e.delete_snapshot("v@s").await.unwrap();
+    // Cluster 0 of the snapshot is overridden by both clones: freed. 1 and 2 are still read.
+    assert_eq!(used(&e), 5);
+    assert_eq!(read(&e.open_export("b").unwrap(), CS, 1).await, [1]);
+    assert_eq!(read(&e.open_export("a").unwrap(), 2 * CS, 1).await, [1]);
+    assert_fsck(&e);
+    e.delete_volume("a").await.unwrap();
+    assert_fsck(&e);
+    assert_eq!(
+        read(&e.open_export("b").unwrap(), 0, 3 * CS as u32).await,
+        [vec![3u8; CS as usize], vec![1u8; 2 * CS as usize]].concat()
+    );
+    e.delete_volume("b").await.unwrap();
+    assert_eq!(used(&e), 0);
+    assert_fsck(&e);
+}
