@@ -19,16 +19,34 @@ use crate::api::Api;
 use crate::engine::{Engine, EngineConfig};
 use crate::nbd_export::{Catalog, serve_nbd};
 
+#[derive(clap::Args)]
 pub struct ServeOptions {
+    /// Where the pool file, metadata and lock live.
+    #[arg(long, default_value = "./thinbd-data")]
     pub data_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:10809")]
     pub nbd_listen: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:10810")]
     pub api_listen: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:10811")]
     pub metrics_listen: SocketAddr,
+    /// Pool capacity, e.g. 10GiB (default 10 GiB for a new pool; may grow later).
+    #[arg(long, value_parser = crate::size::parse_size)]
     pub capacity: Option<u64>,
+    /// Allocation unit, 4KiB to 1MiB (default 64 KiB), fixed when the pool is created.
+    #[arg(long, value_parser = crate::size::parse_size)]
     pub cluster_size: Option<u64>,
+    /// PEM certificate chain; enables and requires NBD STARTTLS.
+    #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle; clients must present a certificate it signed.
+    #[arg(long, requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// How pool I/O is done.
+    #[arg(long, value_enum, default_value_t = crate::pool::IoEngine::Uring)]
     pub io_engine: crate::pool::IoEngine,
 }
 

@@ -1,7 +1,6 @@
 //! The `thinbd` binary: `serve` runs the daemon; the other commands talk to it over the
 //! management API.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -39,35 +38,7 @@ struct ClientArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Run the storage daemon.
-    Serve {
-        /// Where the pool file, metadata and lock live.
-        #[arg(long, default_value = "./thinbd-data")]
-        data_dir: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:10809")]
-        nbd_listen: SocketAddr,
-        #[arg(long, default_value = "127.0.0.1:10810")]
-        api_listen: SocketAddr,
-        #[arg(long, default_value = "127.0.0.1:10811")]
-        metrics_listen: SocketAddr,
-        /// Pool capacity, e.g. 10GiB (default 10 GiB for a new pool; may grow later).
-        #[arg(long, value_parser = parse_size)]
-        capacity: Option<u64>,
-        /// Allocation unit, 4KiB to 1MiB (default 64 KiB), fixed when the pool is created.
-        #[arg(long, value_parser = parse_size)]
-        cluster_size: Option<u64>,
-        /// PEM certificate chain; enables and requires NBD STARTTLS.
-        #[arg(long, requires = "tls_key")]
-        tls_cert: Option<PathBuf>,
-        /// PEM private key for --tls-cert.
-        #[arg(long, requires = "tls_cert")]
-        tls_key: Option<PathBuf>,
-        /// PEM CA bundle; clients must present a certificate it signed.
-        #[arg(long, requires = "tls_cert")]
-        tls_client_ca: Option<PathBuf>,
-        /// How pool I/O is done.
-        #[arg(long, value_enum, default_value_t = thinbd::pool::IoEngine::Uring)]
-        io_engine: thinbd::pool::IoEngine,
-    },
+    Serve(ServeOptions),
     /// Manage volumes.
     Volume {
         #[command(flatten)]
@@ -150,18 +121,7 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve {
-            data_dir,
-            nbd_listen,
-            api_listen,
-            metrics_listen,
-            capacity,
-            cluster_size,
-            tls_cert,
-            tls_key,
-            tls_client_ca,
-            io_engine,
-        } => {
+        Command::Serve(opts) => {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
@@ -170,19 +130,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
-            serve(ServeOptions {
-                data_dir,
-                nbd_listen,
-                api_listen,
-                metrics_listen,
-                capacity,
-                cluster_size,
-                tls_cert,
-                tls_key,
-                tls_client_ca,
-                io_engine,
-            })
-            .await
+            serve(opts).await
         }
         Command::Volume { client, command } => volume_command(client, command).await,
         Command::Snapshot { client, command } => snapshot_command(client, command).await,
