@@ -57,10 +57,6 @@ impl Allocator {
         self.capacity
     }
 
-    pub fn set_capacity(&mut self, c: u64) {
-        self.capacity = c;
-    }
-
     pub fn high_water(&self) -> u64 {
         self.high_water
     }

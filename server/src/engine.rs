@@ -375,10 +375,6 @@ impl Engine {
         }))
     }
 
-    pub fn cluster_size(&self) -> u64 {
-        self.cs
-    }
-
     pub fn io_engine(&self) -> crate::pool::IoEngine {
         self.pool.engine()
     }
@@ -959,10 +955,5 @@ impl Engine {
             st.map.insert(i as u64 * stride, *p);
         }
         Ok(())
-    }
-
-    /// Every layer, for consistency checks.
-    pub fn layer_ids(&self) -> Vec<u64> {
-        self.layers.read().map(|m| m.keys().copied().collect()).unwrap_or_default()
     }
 }

@@ -90,7 +90,9 @@ impl Layer {
     /// many of them are this layer's own.
     pub fn visible_data(self: &Arc<Self>) -> Result<(u64, u64), EngineError> {
         let own = self.read()?.map.data_clusters() as u64;
-        let Some(parent) = self.parent()? else { return Ok((own, own)) };
+        if self.parent()?.is_none() {
+            return Ok((own, own));
+        }
         // Walk the chain once, nearest first; a virtual cluster counts for the first layer that
         // has an entry for it.
         let mut seen = std::collections::HashSet::new();
@@ -105,7 +107,6 @@ impl Layer {
             }
             layer = st.parent.clone();
         }
-        drop(parent);
         Ok((total, own))
     }
 }

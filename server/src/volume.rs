@@ -182,20 +182,11 @@ impl VolumeHandle {
         let end = offset + data.len() as u64;
         let top = vol.top()?;
         let runs = top.read()?.map.runs(offset / cs, end.div_ceil(cs));
-        let holes: Vec<Run> = runs.iter().filter(|r| r.physical().is_none()).copied().collect();
-        if holes.len() == runs.len() {
-            // Nothing owned yet: go straight to allocation below.
-        } else {
-            let owned: Vec<Run> = runs.iter().filter(|r| r.physical().is_some()).copied().collect();
-            self.write_runs(&owned, offset, &data).await?;
-        }
-        if holes.is_empty() {
-            return Ok(());
-        }
+        // Clusters the top layer owns are overwritten in place; the rest need new clusters.
+        let mut todo = self.write_runs(&runs, offset, &data).await?;
         // First writes run concurrently: each request claims the clusters nobody is filling,
         // fills them, and commits through the group committer; a request that needs a cluster
         // another one is filling waits for it and then overwrites it in place.
-        let mut todo: Vec<u64> = holes.iter().flat_map(|r| r.vstart..r.vstart + r.count).collect();
         while !todo.is_empty() {
             let mine = Arc::new(tokio::sync::RwLock::new(()));
             let guard = mine.clone().try_write_owned().map_err(|_| EngineError::Internal("fresh lock".into()))?;
