@@ -44,6 +44,7 @@ fn snapshot_and_clone(c: &mut Criterion) {
         capacity: Some(1 << 40),
         cluster_size: None,
         io_engine: Default::default(),
+        buffered_io: false,
     })
     .expect("engine");
     rt.block_on(async {

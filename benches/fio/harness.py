@@ -123,13 +123,13 @@ class Targets:
         s = self.size
         return int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s)
 
-    def thinbd(self, cow=False):
+    def thinbd(self, cow=False, extra=()):
         bin_ = os.path.join(ROOT, "target", "release", "thinbd")
         data = os.path.join(self.d, "thinbd-data" + ("-cow" if cow else ""))
         nbd, api, met = free_port(), free_port(), free_port()
         self.spawn([bin_, "serve", "--data-dir", data, "--capacity", str(self.size_bytes() * 3),
                     "--nbd-listen", f"127.0.0.1:{nbd}", "--api-listen", f"127.0.0.1:{api}",
-                    "--metrics-listen", f"127.0.0.1:{met}"], nbd, "thinbd", env=dict(os.environ, RUST_LOG="warn"))
+                    "--metrics-listen", f"127.0.0.1:{met}", *extra], nbd, "thinbd", env=dict(os.environ, RUST_LOG="warn"))
         cli = lambda *a: sh(bin_, *a, "--api", f"127.0.0.1:{api}")
         cli("volume", "create", "bench", "--size", str(self.size_bytes()))
         t = dict(engine="nbd", uri=f"nbd://127.0.0.1:{nbd}/bench")
@@ -197,7 +197,9 @@ def main():
     ap.add_argument("--runtime", type=int, default=5)
     ap.add_argument("--size", default="1G")
     ap.add_argument("--dir", default=os.path.join(ROOT, "target", "fio-bench"))
-    ap.add_argument("--only", default="")
+    ap.add_argument("--only", default="", help="comma-separated targets: raw,thinbd,thinbd-buffered,nbdkit,"
+                    "nbd-server,qemu-raw,qemu-qcow2,overlay (thinbd-buffered runs only when named)")
+    ap.add_argument("--jobs", default="", help="run only jobs whose name contains this")
     ap.add_argument("--footprint-only", action="store_true")
     args = ap.parse_args()
     for tool in ["fio", "qemu-img", "qemu-nbd", "nbdkit", "nbd-server"]:
@@ -210,14 +212,16 @@ def main():
         footprint(args.dir, args.size)
         return
     only = set(filter(None, args.only.split(",")))
-    names = ["raw file (io_uring, direct)", "thinbd", "nbdkit file", "nbd-server", "qemu-nbd raw", "qemu-nbd qcow2", "qcow2 overlay (COW)"]
-    keys = ["raw", "thinbd", "nbdkit", "nbd-server", "qemu-raw", "qemu-qcow2", "overlay"]
+    names = ["raw file (io_uring, direct)", "thinbd", "thinbd --buffered-io", "nbdkit file", "nbd-server", "qemu-nbd raw", "qemu-nbd qcow2", "qcow2 overlay (COW)"]
+    keys = ["raw", "thinbd", "thinbd-buffered", "nbdkit", "nbd-server", "qemu-raw", "qemu-qcow2", "overlay"]
     results = {}  # (job, key) -> (iops, MB/s, p99 us)
     for key, name in zip(keys, names):
-        if only and key not in only:
+        if (only and key not in only) or (key == "thinbd-buffered" and key not in only):
             continue
         for job, opts, direction in JOBS:
-            if job == COW_JOB and key not in ("thinbd", "overlay"):
+            if args.jobs not in job:
+                continue
+            if job == COW_JOB and key not in ("thinbd", "thinbd-buffered", "overlay"):
                 continue
             if job != COW_JOB and key == "overlay":
                 continue
@@ -228,6 +232,8 @@ def main():
                         target = dict(engine="file", file=t.image("raw.img"))
                     elif key == "thinbd":
                         target = t.thinbd(cow=(job == COW_JOB))
+                    elif key == "thinbd-buffered":
+                        target = t.thinbd(cow=(job == COW_JOB), extra=["--buffered-io"])
                     elif key == "nbdkit":
                         target = t.nbdkit(t.image("raw.img"))
                     elif key == "nbd-server":
@@ -253,11 +259,13 @@ def main():
                 finally:
                     t.stop_all()
     # Table.
-    cols = [(k, n) for k, n in zip(keys, names) if not only or k in only]
+    cols = [(k, n) for k, n in zip(keys, names) if (not only and k != "thinbd-buffered") or k in only]
     print(f"\nfio {os.popen('fio --version').read().strip()}, size {args.size}, {args.runtime} s per job, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}\n")
     print("| job | " + " | ".join(n for _, n in cols) + " | thinbd / qemu-nbd qcow2 | thinbd / raw |")
     print("|---|" + "---|" * (len(cols) + 2))
     for job, opts, _ in JOBS:
+        if args.jobs not in job:
+            continue
         cells = []
         for k, _ in cols:
             v = results.get((job, k))
@@ -269,7 +277,7 @@ def main():
         ratio = lambda a, b: f"{a[0]/b[0]:.2f}×" if a and b and b[0] else "–"
         print(f"| {job} | " + " | ".join(cells) + f" | {ratio(t, ref)} | {ratio(t, raw)} |")
     print("\n(IOPS in thousands for 4k jobs; the COW row compares thinbd after a snapshot with a qcow2 overlay.)")
-    if not only or "thinbd" in only:
+    if (not only or "thinbd" in only) and not args.jobs:
         footprint(args.dir, args.size)
 
 

@@ -1,6 +1,7 @@
 //! The NBD protocol for thinbd: handshake, transmission, a server session driver generic over
 //! [`BlockDevice`], an async [`client::Client`], and the gRPC definitions of the management API.
 
+pub mod aligned;
 pub mod client;
 pub mod consts;
 pub mod device;

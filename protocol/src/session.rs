@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -90,8 +89,8 @@ pub async fn serve<D: BlockDevice>(
                     break Err(e.into());
                 }
             } else {
-                let mut buf = BytesMut::zeroed(req.length as usize);
-                if let Err(e) = rd.read_exact(&mut buf).await {
+                let mut buf = crate::aligned::AlignedBuf::zeroed(req.length as usize);
+                if let Err(e) = rd.read_exact(buf.as_mut_slice()).await {
                     break Err(e.into());
                 }
                 payload = Some(buf.freeze());

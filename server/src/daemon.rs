@@ -48,6 +48,10 @@ pub struct ServeOptions {
     /// How pool I/O is done.
     #[arg(long, value_enum, default_value_t = crate::pool::IoEngine::Uring)]
     pub io_engine: crate::pool::IoEngine,
+    /// Pool I/O through the page cache instead of O_DIRECT (for filesystems without O_DIRECT
+    /// support, or to compare).
+    #[arg(long)]
+    pub buffered_io: bool,
 }
 
 /// Holds the data dir's lock for the life of the daemon.
@@ -89,6 +93,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         capacity: opts.capacity,
         cluster_size: opts.cluster_size,
         io_engine: opts.io_engine,
+        buffered_io: opts.buffered_io,
     })
     .with_context(|| format!("opening pool in {}", opts.data_dir.display()))?;
     let tls = match (&opts.tls_cert, &opts.tls_key) {
@@ -111,6 +116,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         metrics = %opts.metrics_listen,
         tls = tls.is_some(),
         io_engine = ?engine.io_engine(),
+        direct_io = engine.direct_io(),
         "thinbd serving"
     );
     let shutdown = CancellationToken::new();

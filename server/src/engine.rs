@@ -29,6 +29,8 @@ pub struct EngineConfig {
     /// Cluster size for a new pool; an existing pool must match if given.
     pub cluster_size: Option<u64>,
     pub io_engine: crate::pool::IoEngine,
+    /// Pool I/O through the page cache instead of O_DIRECT.
+    pub buffered_io: bool,
 }
 
 pub struct Volume {
@@ -213,6 +215,8 @@ pub struct Engine {
     meta_dirty: Arc<std::sync::atomic::AtomicBool>,
     /// Serializes admin operations so their checks and commits do not interleave.
     admin: tokio::sync::Mutex<()>,
+    /// Serializes freeing clusters of hidden layers (see [`Engine::reclaim_overridden`]).
+    reclaim: tokio::sync::Mutex<()>,
     data_dir: PathBuf,
 }
 
@@ -271,7 +275,7 @@ impl Engine {
     pub fn open(cfg: &EngineConfig) -> Result<Arc<Engine>, EngineError> {
         let db = redb::Database::create(cfg.data_dir.join("meta.redb"))?;
         let pool_path = cfg.data_dir.join("pool.img");
-        Self::open_parts(cfg, db, |bytes| Pool::open_file(&pool_path, bytes, cfg.io_engine))
+        Self::open_parts(cfg, db, |bytes| Pool::open_file(&pool_path, bytes, cfg.io_engine, !cfg.buffered_io))
     }
 
     /// Opens an engine on a given redb database and pool store (tests: fault-injecting disks).
@@ -356,6 +360,11 @@ impl Engine {
             };
             snapshots.insert(rec.key(), Arc::new(snap));
         }
+        for l in layers.values() {
+            let named = volumes.values().any(|v: &Arc<Volume>| v.top().is_ok_and(|t| t.id == l.id))
+                || snapshots.values().any(|s: &Arc<Snapshot>| s.layer.id == l.id);
+            l.hidden.store(!named, Relaxed);
+        }
         let store = Arc::new(store);
         let meta_dirty: Arc<std::sync::atomic::AtomicBool> = Default::default();
         let committer = spawn_committer(store.clone(), meta_dirty.clone())?;
@@ -371,12 +380,17 @@ impl Engine {
             next_id: AtomicU64::new(loaded.next_id.max(1)),
             meta_dirty,
             admin: Default::default(),
+            reclaim: Default::default(),
             data_dir,
         }))
     }
 
     pub fn io_engine(&self) -> crate::pool::IoEngine {
         self.pool.engine()
+    }
+
+    pub fn direct_io(&self) -> bool {
+        self.pool.direct()
     }
 
     pub(crate) fn alloc(&self) -> Result<std::sync::MutexGuard<'_, Allocator>, EngineError> {
@@ -718,6 +732,7 @@ impl Engine {
         }
         if let (Some(src), Some(t)) = (&source_vol, src_top) {
             *src.top.write().map_err(|_| poisoned())? = t;
+            base.hidden.store(true, Relaxed);
         }
         self.volumes.write().map_err(|_| poisoned())?.insert(name.to_string(), vol.clone());
         tracing::info!(source, volume = name, "clone created");
@@ -846,39 +861,81 @@ impl Engine {
                 self.alloc()?.release(freed);
                 return Ok(());
             } else if vols.is_empty() && snaps == 0 {
-                // Several children: the clusters every child overrides are read by nobody.
-                // (Children only ever add entries while this layer exists, so "every child
-                // has an entry" stays true once it is.)
-                let dead: Vec<(u64, u64)> = {
-                    let ls = layer.read()?;
-                    let guards = children.iter().map(|c| c.read()).collect::<Result<Vec<_>, _>>()?;
-                    ls.map
-                        .iter()
-                        .filter(|(v, _)| guards.iter().all(|c| c.map.get(*v) != crate::extent_map::Mapping::Hole))
-                        .collect()
-                };
-                if dead.is_empty() {
-                    return Ok(());
+                // Several children: from now on only they read this layer. What they all
+                // override already is freed here; what they override later is freed as they
+                // write (`reclaim_overridden`).
+                layer.hidden.store(true, Relaxed);
+                let _reclaim = self.reclaim.lock().await;
+                let dead = dead_entries(&layer, &children, layer.read()?.map.iter().map(|(v, _)| v))?;
+                if !dead.is_empty() {
+                    self.free_dead(&layer, &dead, true).await?;
                 }
-                let mut ops = Vec::with_capacity(dead.len() * 2);
-                for (v, p) in &dead {
-                    ops.push(MetaOp::Unmap { layer: id, vcluster: *v });
-                    if *p != ZERO_MARK {
-                        ops.push(MetaOp::Free(*p));
-                    }
-                }
-                self.commit(ops, true).await?;
-                let mut st = layer.state.write().map_err(|_| poisoned())?;
-                for (v, _) in &dead {
-                    st.map.remove(*v);
-                }
-                drop(st);
-                self.alloc()?.release(dead.iter().map(|(_, p)| *p).filter(|p| *p != ZERO_MARK));
                 return Ok(());
             } else {
                 return Ok(());
             }
         }
+    }
+
+    /// After a layer whose parent is hidden stopped reading `vclusters` from it (first writes,
+    /// zero marks): the parent's clusters there that no other child reads either are freed.
+    pub(crate) async fn reclaim_overridden(
+        self: &Arc<Self>,
+        top: &Arc<Layer>,
+        vclusters: &[u64],
+    ) -> Result<(), EngineError> {
+        let Some(parent) = top.parent()? else { return Ok(()) };
+        if !parent.hidden.load(Relaxed) {
+            return Ok(());
+        }
+        let _reclaim = self.reclaim.lock().await;
+        // Under the lock: the layer may have been merged away or already freed these.
+        if !self.layers.read().map_err(|_| poisoned())?.contains_key(&parent.id) {
+            return Ok(());
+        }
+        let children: Vec<Arc<Layer>> = self
+            .layers
+            .read()
+            .map_err(|_| poisoned())?
+            .values()
+            .filter(|l| l.parent().ok().flatten().is_some_and(|p| p.id == parent.id))
+            .cloned()
+            .collect();
+        let dead = dead_entries(&parent, &children, vclusters.iter().copied())?;
+        if !dead.is_empty() {
+            self.free_dead(&parent, &dead, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops `dead` entries from a hidden layer and frees their clusters: at once after a
+    /// durable commit, or with the next one (like a TRIM) after a grouped one.
+    async fn free_dead(
+        self: &Arc<Self>,
+        layer: &Arc<Layer>,
+        dead: &[(u64, u64)],
+        durable: bool,
+    ) -> Result<(), EngineError> {
+        let mut ops = Vec::with_capacity(dead.len() * 2);
+        for (v, p) in dead {
+            ops.push(MetaOp::Unmap { layer: layer.id, vcluster: *v });
+            if *p != ZERO_MARK {
+                ops.push(MetaOp::Free(*p));
+            }
+        }
+        self.commit(ops, durable).await?;
+        let mut st = layer.state.write().map_err(|_| poisoned())?;
+        for (v, _) in dead {
+            st.map.remove(*v);
+        }
+        drop(st);
+        let freed = dead.iter().map(|(_, p)| *p).filter(|p| *p != ZERO_MARK);
+        if durable {
+            self.alloc()?.release(freed);
+        } else {
+            self.alloc()?.free_later(freed);
+        }
+        Ok(())
     }
 
     /// Opens `NAME` (read-write volume) or `VOLUME@SNAPSHOT` (read-only) for I/O; the handle
@@ -956,4 +1013,26 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// The entries of `layer` among `vclusters` that every child overrides (maps as data or zero),
+/// so nobody reads them. Children only add entries while the layer exists, so an entry found
+/// dead stays dead.
+fn dead_entries(
+    layer: &Layer,
+    children: &[Arc<Layer>],
+    vclusters: impl Iterator<Item = u64>,
+) -> Result<Vec<(u64, u64)>, EngineError> {
+    let ls = layer.read()?;
+    let guards = children.iter().map(|c| c.read()).collect::<Result<Vec<_>, _>>()?;
+    Ok(vclusters
+        .filter_map(|v| match ls.map.get(v) {
+            crate::extent_map::Mapping::Data(p) => Some((v, p)),
+            crate::extent_map::Mapping::Zero => Some((v, ZERO_MARK)),
+            crate::extent_map::Mapping::Hole => None,
+        })
+        .filter(|(v, _)| {
+            !children.is_empty() && guards.iter().all(|c| c.map.get(*v) != crate::extent_map::Mapping::Hole)
+        })
+        .collect())
 }

@@ -19,6 +19,9 @@ struct State {
     pending: Vec<(u64, Vec<u8>)>,
     fail_writes: Option<std::io::ErrorKind>,
     fail_reads: bool,
+    /// As O_DIRECT: pool I/O whose offset, length or buffer address is not a multiple of this
+    /// fails with EINVAL (0: any alignment).
+    align: usize,
 }
 
 #[derive(Clone, Default)]
@@ -67,6 +70,23 @@ impl FaultDisk {
         self.lock().fail_reads = on;
     }
 
+    /// Makes pool I/O demand O_DIRECT alignment, to prove the pool never issues anything else.
+    pub fn require_alignment(&self, align: usize) {
+        self.lock().align = align;
+    }
+
+    fn check_alignment(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let a = self.lock().align;
+        if a > 1
+            && (!offset.is_multiple_of(a as u64)
+                || !buf.len().is_multiple_of(a)
+                || !(buf.as_ptr() as usize).is_multiple_of(a))
+        {
+            return Err(std::io::Error::from_raw_os_error(22));
+        }
+        Ok(())
+    }
+
     pub fn unsynced_writes(&self) -> usize {
         self.lock().pending.len()
     }
@@ -99,7 +119,8 @@ impl FaultDisk {
         }
         let len = st.current.len();
         image.resize(len, 0);
-        FaultDisk(Arc::new(Mutex::new(State { durable: image.clone(), current: image, ..State::default() })))
+        let align = st.align;
+        FaultDisk(Arc::new(Mutex::new(State { durable: image.clone(), current: image, align, ..State::default() })))
     }
 
     fn read(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
@@ -109,7 +130,9 @@ impl FaultDisk {
         }
         let off = offset as usize;
         let avail = st.current.len().saturating_sub(off).min(buf.len());
-        buf[..avail].copy_from_slice(&st.current[off..off + avail]);
+        if avail > 0 {
+            buf[..avail].copy_from_slice(&st.current[off..off + avail]);
+        }
         buf[avail..].fill(0);
         Ok(())
     }
@@ -146,10 +169,15 @@ impl FaultDisk {
 
 impl BlockStore for FaultDisk {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.check_alignment(buf, offset)?;
         self.read(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.check_alignment(buf, offset)?;
         self.write(buf, offset)
+    }
+    fn alignment(&self) -> u64 {
+        self.lock().align.max(1) as u64
     }
     fn sync(&self) -> std::io::Result<()> {
         self.sync_all()

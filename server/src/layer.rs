@@ -17,6 +17,9 @@ pub struct LayerState {
 pub struct Layer {
     pub id: u64,
     pub state: RwLock<LayerState>,
+    /// Frozen and named by no snapshot: only its child layers read it, so a cluster every
+    /// child overrides is garbage. Never goes back to false.
+    pub hidden: std::sync::atomic::AtomicBool,
 }
 
 /// Most clusters one resolve may cover; larger ranges are walked in pieces by the caller.
@@ -28,7 +31,7 @@ pub(crate) fn poisoned() -> EngineError {
 
 impl Layer {
     pub fn new(id: u64, map: ExtentMap, parent: Option<Arc<Layer>>) -> Arc<Layer> {
-        Arc::new(Layer { id, state: RwLock::new(LayerState { map, parent }) })
+        Arc::new(Layer { id, state: RwLock::new(LayerState { map, parent }), hidden: Default::default() })
     }
 
     pub fn read(&self) -> Result<RwLockReadGuard<'_, LayerState>, EngineError> {

@@ -12,6 +12,7 @@ use std::sync::mpsc;
 use bytes::Bytes;
 use io_uring::{IoUring, opcode, types};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use thinbd_protocol::aligned::AlignedBuf;
 use tokio::sync::oneshot;
 
 const RING_ENTRIES: u32 = 256;
@@ -24,7 +25,7 @@ enum Op {
 
 /// A request on the ring. Its buffer lives here until the kernel has completed it.
 enum InFlight {
-    Read { offset: u64, buf: Vec<u8>, filled: usize, done: oneshot::Sender<io::Result<Bytes>> },
+    Read { offset: u64, buf: AlignedBuf, filled: usize, done: oneshot::Sender<io::Result<Bytes>> },
     Write { offset: u64, data: Bytes, written: usize, done: oneshot::Sender<io::Result<()>> },
 }
 
@@ -111,7 +112,9 @@ fn run(mut ring: IoUring, rx: mpsc::Receiver<Op>, file: &File, wake: &EventFd) {
                 slots.len() - 1
             });
             let f = match op {
-                Op::Read { offset, len, done } => InFlight::Read { offset, buf: vec![0u8; len], filled: 0, done },
+                Op::Read { offset, len, done } => {
+                    InFlight::Read { offset, buf: AlignedBuf::zeroed(len), filled: 0, done }
+                }
                 Op::Write { offset, data, done } => InFlight::Write { offset, data, written: 0, done },
             };
             slots[slot] = Some(f);
@@ -171,7 +174,7 @@ fn run(mut ring: IoUring, rx: mpsc::Receiver<Op>, file: &File, wake: &EventFd) {
                 };
                 if finished {
                     match f {
-                        InFlight::Read { buf, done, .. } => drop(done.send(Ok(Bytes::from(buf)))),
+                        InFlight::Read { buf, done, .. } => drop(done.send(Ok(buf.freeze()))),
                         InFlight::Write { done, .. } => drop(done.send(Ok(()))),
                     }
                 } else {
@@ -198,7 +201,7 @@ fn fail(f: InFlight, e: io::Error) {
 fn submit(ring: &mut IoUring, fd: types::Fd, slot: usize, f: Option<&mut InFlight>) {
     let entry = match f {
         Some(InFlight::Read { offset, buf, filled, .. }) => {
-            let rest = &mut buf[*filled..];
+            let rest = &mut buf.as_mut_slice()[*filled..];
             opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32).offset(*offset + *filled as u64).build()
         }
         Some(InFlight::Write { offset, data, written, .. }) => {

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use thinbd_protocol::aligned::AlignedBuf;
 use thinbd_protocol::{Extent, ReadChunk};
 
 use crate::engine::{Engine, Snapshot, Volume};
@@ -249,11 +250,13 @@ impl VolumeHandle {
             self.engine.alloc()?.unallocate(pcs);
             return Err(e);
         }
-        let mut st = top.state.write().map_err(|_| poisoned())?;
-        for (v, p) in need.iter().zip(&pcs) {
-            st.map.insert(*v, *p);
+        {
+            let mut st = top.state.write().map_err(|_| poisoned())?;
+            for (v, p) in need.iter().zip(&pcs) {
+                st.map.insert(*v, *p);
+            }
         }
-        Ok(())
+        self.engine.reclaim_overridden(top, need).await
     }
 
     /// Writes whole new clusters: the request's bytes where it covers them, and elsewhere what
@@ -278,7 +281,14 @@ impl VolumeHandle {
             }
             let vstart = vcs[i] * cs;
             let vend = (vcs[j - 1] + 1) * cs;
-            let mut buf = BytesMut::zeroed((vend - vstart) as usize);
+            if offset <= vstart && end >= vend {
+                // The request covers these clusters whole: its payload is the cluster content.
+                let slice = data.slice((vstart - offset) as usize..(vend - offset) as usize);
+                self.engine.pool.write_at(pcs[i] * cs, slice).await?;
+                i = j;
+                continue;
+            }
+            let mut buf = AlignedBuf::zeroed((vend - vstart) as usize);
             // Only clusters the request covers in part need their old content.
             for &v in &vcs[i..j] {
                 let (cstart, cend) = (v * cs, (v + 1) * cs);
@@ -288,12 +298,12 @@ impl VolumeHandle {
                 if let Some(old) = self.inherited(top, v)? {
                     let bytes = self.engine.pool.read_at(old * cs, cs as usize).await?;
                     let at = (cstart - vstart) as usize;
-                    buf[at..at + cs as usize].copy_from_slice(&bytes);
+                    buf.as_mut_slice()[at..at + cs as usize].copy_from_slice(&bytes);
                 }
             }
             let (s, e) = (offset.max(vstart), end.min(vend));
             if s < e {
-                buf[(s - vstart) as usize..(e - vstart) as usize]
+                buf.as_mut_slice()[(s - vstart) as usize..(e - vstart) as usize]
                     .copy_from_slice(&data[(s - offset) as usize..(e - offset) as usize]);
             }
             self.engine.pool.write_at(pcs[i] * cs, buf.freeze()).await?;
@@ -337,7 +347,7 @@ impl VolumeHandle {
                 let mut pos = offset;
                 while pos < end {
                     let n = (end - pos).min(1 << 20);
-                    self.write_locked(vol, pos, Bytes::from(vec![0u8; n as usize])).await?;
+                    self.write_locked(vol, pos, AlignedBuf::zeroed(n as usize).freeze()).await?;
                     pos += n;
                 }
             }
@@ -357,7 +367,7 @@ impl VolumeHandle {
         let top = vol.top()?;
         let has_data = top.resolve(start / cs, end.div_ceil(cs))?.iter().any(|r| r.physical().is_some());
         if has_data {
-            self.write_locked(vol, start, Bytes::from(vec![0u8; (end - start) as usize])).await?;
+            self.write_locked(vol, start, AlignedBuf::zeroed((end - start) as usize).freeze()).await?;
         }
         Ok(())
     }
@@ -410,17 +420,21 @@ impl VolumeHandle {
         }
         ops.extend(freed.iter().map(|p| MetaOp::Free(*p)));
         self.engine.commit(ops, false).await?;
+        let mut marked = Vec::new();
         {
             let mut st = top.state.write().map_err(|_| poisoned())?;
             for (v, p) in changes {
                 match p {
                     None => st.map.remove(v),
-                    Some(p) => st.map.insert(v, p),
+                    Some(p) => {
+                        marked.push(v);
+                        st.map.insert(v, p)
+                    }
                 };
             }
         }
         self.engine.alloc()?.free_later(freed);
-        Ok(())
+        self.engine.reclaim_overridden(&top, &marked).await
     }
 
     /// `base:allocation` extents; covers at most [`RESOLVE_MAX`] clusters per call (the spec

@@ -12,11 +12,13 @@ const CS: u64 = 4096;
 
 fn open(capacity_clusters: u64) -> (Arc<Engine>, FaultDisk) {
     let (meta, pool) = (FaultDisk::new(), FaultDisk::new());
+    pool.require_alignment(4096);
     let cfg = EngineConfig {
         data_dir: "/nonexistent".into(),
         capacity: Some(capacity_clusters * CS),
         cluster_size: Some(CS),
         io_engine: Default::default(),
+        buffered_io: false,
     };
     let db = redb::Builder::new().create_with_backend(meta.redb_backend()).unwrap();
     (Engine::open_on(&cfg, db, Arc::new(pool.clone())).unwrap(), pool)

@@ -16,6 +16,7 @@ fn engine(dir: &std::path::Path) -> Arc<Engine> {
         capacity: Some(256 << 20),
         cluster_size: None,
         io_engine: Default::default(),
+        buffered_io: false,
     })
     .expect("open engine")
 }
@@ -290,4 +291,63 @@ async fn deleting_a_snapshot_with_two_clones_frees_what_both_override() {
     e.delete_volume("b").await.unwrap();
     assert_eq!(used(&e), 0);
     assert_fsck(&e);
+}
+
+/// After a snapshot with two clones is deleted, a cluster of it that both clones override later
+/// (by writing or trimming) is freed then, not only at the next delete; also after a restart.
+#[tokio::test]
+async fn clusters_every_clone_overrides_later_are_freed_as_it_happens() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    e.create_volume("v", 4 << 20).await.unwrap();
+    write(&e.open_export("v").unwrap(), 0, 1, 3 * CS as usize).await;
+    e.create_snapshot("v", "s").await.unwrap();
+    e.delete_volume("v").await.unwrap();
+    e.clone_volume("v@s", "a").await.unwrap();
+    e.clone_volume("v@s", "b").await.unwrap();
+    e.delete_snapshot("v@s").await.unwrap();
+    assert_eq!(used(&e), 3);
+    write(&e.open_export("a").unwrap(), CS, 2, 100).await;
+    e.flush().await.unwrap();
+    assert_eq!(used(&e), 4, "b still reads cluster 1 of the deleted snapshot");
+    write(&e.open_export("b").unwrap(), CS + 5, 3, 100).await;
+    e.flush().await.unwrap();
+    assert_eq!(used(&e), 4, "both clones override cluster 1: the old copy is freed");
+    assert_fsck(&e);
+    e.open_export("a").unwrap().zero(2 * CS, CS as u32, true, false).await.unwrap();
+    e.flush().await.unwrap();
+    assert_eq!(used(&e), 4);
+    // Which layers are hidden is worked out again on open.
+    drop(e);
+    let e = engine(dir.path());
+    e.open_export("b").unwrap().zero(2 * CS, CS as u32, true, false).await.unwrap();
+    e.flush().await.unwrap();
+    assert_eq!(used(&e), 3, "both clones trimmed cluster 2: freed");
+    assert_fsck(&e);
+    let a = read(&e.open_export("a").unwrap(), 0, 3 * CS as u32).await;
+    let b = read(&e.open_export("b").unwrap(), 0, 3 * CS as u32).await;
+    assert!(a[..CS as usize].iter().all(|x| *x == 1) && b[..CS as usize].iter().all(|x| *x == 1));
+    assert!(a[CS as usize..CS as usize + 100].iter().all(|x| *x == 2));
+    assert!(a[CS as usize + 100..2 * CS as usize].iter().all(|x| *x == 1), "redirect-on-write kept the rest");
+    assert!(b[CS as usize..CS as usize + 5].iter().all(|x| *x == 1));
+    assert!(b[CS as usize + 5..CS as usize + 105].iter().all(|x| *x == 3));
+    assert!(a[2 * CS as usize..].iter().all(|x| *x == 0) && b[2 * CS as usize..].iter().all(|x| *x == 0));
+}
+
+/// A clone of a live volume freezes its top into a layer only the two of them read.
+#[tokio::test]
+async fn a_live_clone_and_its_source_free_what_both_rewrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    e.create_volume("v", 4 << 20).await.unwrap();
+    write(&e.open_export("v").unwrap(), 0, 1, 2 * CS as usize).await;
+    e.clone_volume("v", "c").await.unwrap();
+    write(&e.open_export("v").unwrap(), 0, 2, CS as usize).await;
+    write(&e.open_export("c").unwrap(), 0, 3, CS as usize).await;
+    e.flush().await.unwrap();
+    assert_eq!(used(&e), 3);
+    assert_fsck(&e);
+    assert_eq!(read(&e.open_export("v").unwrap(), 0, 1).await, [2]);
+    assert_eq!(read(&e.open_export("c").unwrap(), 0, 1).await, [3]);
+    assert_eq!(read(&e.open_export("c").unwrap(), CS, 1).await, [1]);
 }

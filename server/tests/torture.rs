@@ -81,10 +81,13 @@ fn config() -> EngineConfig {
         capacity: Some(CAPACITY),
         cluster_size: Some(CS),
         io_engine: Default::default(),
+        buffered_io: false,
     }
 }
 
 fn open(meta: &FaultDisk, pool: &FaultDisk) -> Arc<Engine> {
+    // As the O_DIRECT pool file: the 512-byte writes of the model become read-modify-writes.
+    pool.require_alignment(4096);
     let db = redb::Builder::new().create_with_backend(meta.redb_backend()).expect("redb reopens after any crash");
     Engine::open_on(&config(), db, Arc::new(pool.clone())).expect("engine reopens after any crash")
 }
