@@ -145,6 +145,7 @@ fn fio_nbd_randwrite_verify() {
         "--size=128M",
         "--iodepth=32",
         "--verify=crc32c",
+        "--verify_state_save=0",
         "--do_verify=1",
         "--verify_fatal=1",
         "--output-format=json",
@@ -164,6 +165,7 @@ fn fio_nbd_randwrite_verify() {
         "--size=128M",
         "--iodepth=16",
         "--verify=crc32c",
+        "--verify_state_save=0",
         "--verify_only",
         "--verify_fatal=1",
     ]));

@@ -96,7 +96,15 @@ fn kill_9_under_fio_load_keeps_flushed_data_and_fsck_passes() {
         c
     };
     // The first half: written, verified-pattern, flushed at the end.
-    run(&mut fio(&["--rw=randwrite", "--offset=0", "--size=64M", "--verify=crc32c", "--do_verify=0", "--end_fsync=1"]));
+    run(&mut fio(&[
+        "--rw=randwrite",
+        "--offset=0",
+        "--size=64M",
+        "--verify=crc32c",
+        "--verify_state_save=0",
+        "--do_verify=0",
+        "--end_fsync=1",
+    ]));
     s.cli(&["snapshot", "create", "load", "before"]);
     // The second half under heavy random writes with flushes, killed halfway.
     let mut load =
@@ -115,7 +123,15 @@ fn kill_9_under_fio_load_keeps_flushed_data_and_fsck_passes() {
     for uri in [s.uri("load"), s.uri("load@before")] {
         let mut c = Command::new("fio");
         c.args(["--name=load", "--ioengine=nbd", &format!("--uri={uri}"), "--bs=4k", "--iodepth=16"]);
-        c.args(["--rw=randwrite", "--offset=0", "--size=64M", "--verify=crc32c", "--verify_only", "--verify_fatal=1"]);
+        c.args([
+            "--rw=randwrite",
+            "--offset=0",
+            "--size=64M",
+            "--verify=crc32c",
+            "--verify_state_save=0",
+            "--verify_only",
+            "--verify_fatal=1",
+        ]);
         run(&mut c);
     }
     // And the rest reads without errors.

@@ -94,6 +94,9 @@ type PendingMap = Arc<Mutex<HashMap<u64, Pending>>>;
 pub struct Client {
     writer: tokio::sync::Mutex<WriteHalf<BoxIo>>,
     pending: PendingMap,
+    /// Set (under the `pending` lock) once the reply reader has stopped: new requests would
+    /// never be answered.
+    closed: Arc<std::sync::atomic::AtomicBool>,
     next_cookie: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
     pub size: u64,
@@ -246,8 +249,10 @@ impl Client {
         let size = size.ok_or_else(|| ClientError::Protocol("GO without NBD_INFO_EXPORT".into()))?;
         let (rd, wr) = tokio::io::split(io);
         let pending: PendingMap = Arc::default();
-        let reader = tokio::spawn(read_replies(rd, pending.clone()));
+        let closed: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let reader = tokio::spawn(read_replies(rd, pending.clone(), closed.clone()));
         Ok(Client {
+            closed,
             writer: tokio::sync::Mutex::new(wr),
             pending,
             next_cookie: AtomicU64::new(1),
@@ -276,7 +281,13 @@ impl Client {
             _ => ReadResult::default(),
         };
         let pending = Pending { kind, read, extents: Vec::new(), error: None, tx };
-        self.pending.lock().map_err(|_| ClientError::Closed)?.insert(cookie, pending);
+        {
+            let mut map = self.pending.lock().map_err(|_| ClientError::Closed)?;
+            if self.closed.load(Ordering::Relaxed) {
+                return Err(ClientError::Closed);
+            }
+            map.insert(cookie, pending);
+        }
         let hdr = Request { flags, command, cookie, offset, length }.encode();
         {
             let mut w = self.writer.lock().await;
@@ -354,13 +365,14 @@ impl Drop for Client {
     }
 }
 
-async fn read_replies(mut rd: ReadHalf<BoxIo>, pending: PendingMap) {
+async fn read_replies(mut rd: ReadHalf<BoxIo>, pending: PendingMap, closed: Arc<std::sync::atomic::AtomicBool>) {
     let err = match reply_loop(&mut rd, &pending).await {
         Ok(()) => ClientError::Closed,
         Err(e) => e,
     };
     let msg = err.to_string();
     if let Ok(mut map) = pending.lock() {
+        closed.store(true, Ordering::Relaxed);
         for (_, p) in map.drain() {
             let _ = p.tx.send(Err(ClientError::Protocol(msg.clone())));
         }

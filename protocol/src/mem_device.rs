@@ -137,7 +137,12 @@ impl ExportCatalog for MemCatalog {
         self.exports
             .iter()
             .find(|(n, _)| n == name)
-            .map(|(n, d)| Export { name: n.clone(), description: format!("memory export {n}"), device: d.clone() })
+            .map(|(n, d)| Export {
+                name: n.clone(),
+                description: format!("memory export {n}"),
+                device: d.clone(),
+                revoked: None,
+            })
             .ok_or(OpenError::Unknown)
     }
 

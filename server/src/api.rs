@@ -8,9 +8,12 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::{Engine, Snapshot, Volume};
 use crate::error::EngineError;
+use crate::grants::Access;
 
 pub struct Api {
     pub engine: Arc<Engine>,
+    pub node_name: String,
+    pub nbd_address: String,
 }
 
 fn status(e: EngineError) -> Status {
@@ -36,6 +39,8 @@ impl Api {
             created_unix_seconds: i.created_unix,
             id: i.id,
             sessions: i.sessions,
+            labels: v.labels.clone().into_iter().collect(),
+            published_nodes: self.engine.published_nodes(&v.name),
         }
     }
 
@@ -58,7 +63,8 @@ impl Api {
 impl Management for Api {
     async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        let v = self.engine.create_volume(&r.name, r.size_bytes).await.map_err(status)?;
+        let labels = r.labels.into_iter().collect();
+        let v = self.engine.create_volume_labeled(&r.name, r.size_bytes, labels).await.map_err(status)?;
         Ok(Response::new(self.volume(&v)))
     }
 
@@ -91,7 +97,8 @@ impl Management for Api {
 
     async fn clone_volume(&self, req: Request<pb::CloneVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        let v = self.engine.clone_volume(&r.source, &r.name).await.map_err(status)?;
+        let labels = r.labels.into_iter().collect();
+        let v = self.engine.clone_volume_labeled(&r.source, &r.name, labels).await.map_err(status)?;
         Ok(Response::new(self.volume(&v)))
     }
 
@@ -128,6 +135,33 @@ impl Management for Api {
             volume_count: p.volumes as u32,
             snapshot_count: p.snapshots as u32,
             data_dir: p.data_dir.display().to_string(),
+            node_name: self.node_name.clone(),
+            nbd_address: self.nbd_address.clone(),
+            available_bytes: p.capacity.saturating_sub(p.used),
         }))
+    }
+
+    async fn publish_volume(&self, req: Request<pb::PublishVolumeRequest>) -> Result<Response<pb::Grant>, Status> {
+        let r = req.into_inner();
+        let access = Access { read_only: r.read_only, single_writer: r.single_writer };
+        let g = self.engine.publish(&r.volume, &r.node, access).await.map_err(status)?;
+        let rec = &g.record;
+        Ok(Response::new(pb::Grant {
+            volume: rec.volume.clone(),
+            node: rec.node.clone(),
+            export_name: g.export_name(),
+            read_only: rec.read_only,
+            single_writer: rec.single_writer,
+            created_unix_seconds: rec.created_unix,
+        }))
+    }
+
+    async fn unpublish_volume(
+        &self,
+        req: Request<pb::UnpublishVolumeRequest>,
+    ) -> Result<Response<pb::UnpublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        self.engine.unpublish(&r.volume, &r.node).await.map_err(status)?;
+        Ok(Response::new(pb::UnpublishVolumeResponse {}))
     }
 }

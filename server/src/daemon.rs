@@ -52,6 +52,15 @@ pub struct ServeOptions {
     /// support, or to compare).
     #[arg(long)]
     pub buffered_io: bool,
+    /// Every NBD client, loopback too, must open a grant's export name (see `PublishVolume`).
+    #[arg(long)]
+    pub require_grants: bool,
+    /// This storage node's name, reported as its CSI topology segment (default: hostname).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// HOST:PORT at which other machines reach the NBD listener (default: --nbd-listen).
+    #[arg(long)]
+    pub advertise_nbd: Option<String>,
 }
 
 /// Holds the data dir's lock for the life of the daemon.
@@ -120,14 +129,21 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         "thinbd serving"
     );
     let shutdown = CancellationToken::new();
-    let catalog = Arc::new(Catalog { engine: engine.clone() });
+    let catalog = Arc::new(Catalog { engine: engine.clone(), require_grants: opts.require_grants });
+    let node_name = match &opts.node_name {
+        Some(n) => n.clone(),
+        None => {
+            nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+        }
+    };
+    let nbd_address = opts.advertise_nbd.clone().unwrap_or_else(|| opts.nbd_listen.to_string());
     let config = ServerConfig { tls, ..ServerConfig::default() };
     let nbd_task = tokio::spawn(serve_nbd(nbd, catalog, config, shutdown.clone()));
 
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(ManagementServer::new(Api { engine: engine.clone() }))
+            .add_service(ManagementServer::new(Api { engine: engine.clone(), node_name, nbd_address }))
             .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(api), async move {
                 api_shutdown.cancelled().await
             }),

@@ -47,11 +47,20 @@ pub struct Volume {
     pub(crate) filling: Mutex<std::collections::HashMap<u64, Arc<tokio::sync::RwLock<()>>>>,
     pub(crate) sessions: AtomicU32,
     pub metrics: VolumeMetrics,
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Volume {
-    fn new(id: u64, name: &str, size: u64, created_unix: u64, top: Arc<Layer>) -> Volume {
+    fn new(
+        id: u64,
+        name: &str,
+        size: u64,
+        created_unix: u64,
+        top: Arc<Layer>,
+        labels: BTreeMap<String, String>,
+    ) -> Volume {
         Volume {
+            labels,
             id,
             name: name.to_string(),
             size: AtomicU64::new(size),
@@ -83,6 +92,7 @@ impl Volume {
             size: self.size(),
             created_unix: self.created_unix,
             layer: self.top()?.id,
+            labels: self.labels.clone(),
         })
     }
 }
@@ -210,11 +220,13 @@ pub struct Engine {
     volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
     snapshots: RwLock<BTreeMap<String, Arc<Snapshot>>>,
     layers: RwLock<BTreeMap<u64, Arc<Layer>>>,
+    /// Attachment grants by `grant_key`.
+    pub(crate) grants: RwLock<BTreeMap<String, Arc<crate::grants::Grant>>>,
     next_id: AtomicU64,
     /// Set by non-durable metadata commits, cleared by durable ones.
     meta_dirty: Arc<std::sync::atomic::AtomicBool>,
     /// Serializes admin operations so their checks and commits do not interleave.
-    admin: tokio::sync::Mutex<()>,
+    pub(crate) admin: tokio::sync::Mutex<()>,
     /// Serializes freeing clusters of hidden layers (see [`Engine::reclaim_overridden`]).
     reclaim: tokio::sync::Mutex<()>,
     data_dir: PathBuf,
@@ -236,7 +248,7 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), EngineError> {
     }
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -345,7 +357,10 @@ impl Engine {
         let mut volumes = BTreeMap::new();
         for rec in loaded.volumes {
             let top = layer(rec.layer, &format!("volume {}", rec.name))?;
-            volumes.insert(rec.name.clone(), Arc::new(Volume::new(rec.id, &rec.name, rec.size, rec.created_unix, top)));
+            volumes.insert(
+                rec.name.clone(),
+                Arc::new(Volume::new(rec.id, &rec.name, rec.size, rec.created_unix, top, rec.labels.clone())),
+            );
         }
         let mut snapshots = BTreeMap::new();
         for rec in loaded.snapshots {
@@ -365,6 +380,7 @@ impl Engine {
                 || snapshots.values().any(|s: &Arc<Snapshot>| s.layer.id == l.id);
             l.hidden.store(!named, Relaxed);
         }
+        let grants = loaded.grants.into_iter().map(|g| (g.key(), Arc::new(crate::grants::Grant::new(g)))).collect();
         let store = Arc::new(store);
         let meta_dirty: Arc<std::sync::atomic::AtomicBool> = Default::default();
         let committer = spawn_committer(store.clone(), meta_dirty.clone())?;
@@ -381,6 +397,7 @@ impl Engine {
             meta_dirty,
             admin: Default::default(),
             reclaim: Default::default(),
+            grants: RwLock::new(grants),
             data_dir,
         }))
     }
@@ -605,11 +622,20 @@ impl Engine {
     }
 
     pub async fn create_volume(self: &Arc<Self>, name: &str, size: u64) -> Result<Arc<Volume>, EngineError> {
+        self.create_volume_labeled(name, size, BTreeMap::new()).await
+    }
+
+    pub async fn create_volume_labeled(
+        self: &Arc<Self>,
+        name: &str,
+        size: u64,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Arc<Volume>, EngineError> {
         Self::check_size(size)?;
         let _admin = self.admin.lock().await;
         self.check_new_volume_name(name)?;
         let top = self.new_layer(None)?;
-        let vol = Arc::new(Volume::new(self.take_id(), name, size, now_unix(), top.clone()));
+        let vol = Arc::new(Volume::new(self.take_id(), name, size, now_unix(), top.clone(), labels));
         let ops =
             vec![MetaOp::PutLayer { id: top.id, parent: None }, MetaOp::PutVolume(vol.record()?), self.next_id_op()];
         if let Err(e) = self.commit(ops, true).await {
@@ -692,6 +718,15 @@ impl Engine {
     /// A writable volume from `VOLUME@SNAPSHOT`, or from a volume's current state (which
     /// freezes it into a hidden layer that both then share).
     pub async fn clone_volume(self: &Arc<Self>, source: &str, name: &str) -> Result<Arc<Volume>, EngineError> {
+        self.clone_volume_labeled(source, name, BTreeMap::new()).await
+    }
+
+    pub async fn clone_volume_labeled(
+        self: &Arc<Self>,
+        source: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Arc<Volume>, EngineError> {
         let _admin = self.admin.lock().await;
         self.check_new_volume_name(name)?;
         let mut ops = Vec::new();
@@ -722,7 +757,7 @@ impl Engine {
         };
         let top = self.new_layer(Some(base.clone()))?;
         new_layers.push(top.id);
-        let vol = Arc::new(Volume::new(self.take_id(), name, size, now_unix(), top.clone()));
+        let vol = Arc::new(Volume::new(self.take_id(), name, size, now_unix(), top.clone(), labels));
         ops.push(MetaOp::PutLayer { id: top.id, parent: Some(base.id) });
         ops.push(MetaOp::PutVolume(vol.record()?));
         ops.push(self.next_id_op());
@@ -747,6 +782,13 @@ impl Engine {
         if n > 0 {
             return Err(EngineError::Precondition(format!(
                 "volume {name:?} has {n} open NBD session(s); disconnect them first"
+            )));
+        }
+        let nodes = self.published_nodes(name);
+        if !nodes.is_empty() {
+            return Err(EngineError::Precondition(format!(
+                "volume {name:?} is published to {}; unpublish it first",
+                nodes.join(", ")
             )));
         }
         self.commit(vec![MetaOp::DeleteVolume(name.to_string())], true).await?;

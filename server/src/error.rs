@@ -12,7 +12,7 @@ pub enum EngineError {
     NotFound(String),
     #[error("{0} already exists")]
     AlreadyExists(String),
-    #[error("{0} is a read-only snapshot")]
+    #[error("{0} is read-only")]
     ReadOnly(String),
     #[error("{0}")]
     Invalid(String),

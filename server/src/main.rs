@@ -99,6 +99,24 @@ enum VolumeCommand {
     Delete { name: String },
     /// Create a writable volume from VOLUME@SNAPSHOT or from a volume's current state.
     Clone { source: String, name: String },
+    /// Grant a node access and print the export name it must attach (what CSI
+    /// ControllerPublishVolume does).
+    Publish {
+        name: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        read_only: bool,
+        /// Refuse writable grants to other nodes while this one lasts.
+        #[arg(long)]
+        single_writer: bool,
+    },
+    /// Revoke a node's grant and disconnect its sessions.
+    Unpublish {
+        name: String,
+        #[arg(long)]
+        node: String,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -177,10 +195,12 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
         "name": v.name, "id": v.id, "size_bytes": v.size_bytes, "allocated_bytes": v.allocated_bytes,
         "exclusive_bytes": v.exclusive_bytes, "shared_bytes": v.shared_bytes,
         "sessions": v.sessions, "created_unix_seconds": v.created_unix_seconds,
+        "labels": v.labels, "published_nodes": v.published_nodes,
     })
 }
 
-fn print_volumes(out: Output, vols: &[pb::Volume], single: bool) {
+/// `nbd` is the server's advertised NBD address, for the single-volume view.
+fn print_volumes(out: Output, vols: &[pb::Volume], single: bool, nbd: &str) {
     match out {
         Output::Json if single && vols.len() == 1 => println!("{}", volume_json(&vols[0])),
         Output::Json => println!("{}", serde_json::Value::Array(vols.iter().map(volume_json).collect())),
@@ -192,7 +212,10 @@ fn print_volumes(out: Output, vols: &[pb::Volume], single: bool) {
                 println!("exclusive: {} ({} bytes)", format_size(v.exclusive_bytes), v.exclusive_bytes);
                 println!("shared:    {} ({} bytes)", format_size(v.shared_bytes), v.shared_bytes);
                 println!("sessions:  {}", v.sessions);
-                println!("export:    nbd://127.0.0.1:10809/{}", v.name);
+                if !v.published_nodes.is_empty() {
+                    println!("published: {}", v.published_nodes.join(", "));
+                }
+                println!("export:    nbd://{nbd}/{}", v.name);
             }
         }
         Output::Table => {
@@ -213,32 +236,69 @@ fn print_volumes(out: Output, vols: &[pb::Volume], single: bool) {
 
 async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::Result<()> {
     let mut c = connect(&client.api).await?;
+    let nbd = match &command {
+        VolumeCommand::List
+        | VolumeCommand::Delete { .. }
+        | VolumeCommand::Publish { .. }
+        | VolumeCommand::Unpublish { .. } => String::new(),
+        _ => c.get_pool(pb::GetPoolRequest {}).await.map_err(rpc_error)?.into_inner().nbd_address,
+    };
     match command {
         VolumeCommand::Create { name, size } => {
-            let v = c.create_volume(pb::CreateVolumeRequest { name, size_bytes: size }).await.map_err(rpc_error)?;
-            print_volumes(client.output, &[v.into_inner()], true);
+            let v = c
+                .create_volume(pb::CreateVolumeRequest { name, size_bytes: size, ..Default::default() })
+                .await
+                .map_err(rpc_error)?;
+            print_volumes(client.output, &[v.into_inner()], true, &nbd);
         }
         VolumeCommand::List => {
             let r = c.list_volumes(pb::ListVolumesRequest {}).await.map_err(rpc_error)?.into_inner();
-            print_volumes(client.output, &r.volumes, false);
+            print_volumes(client.output, &r.volumes, false, &nbd);
         }
         VolumeCommand::Show { name } => {
             let v = c.get_volume(pb::GetVolumeRequest { name }).await.map_err(rpc_error)?;
-            print_volumes(client.output, &[v.into_inner()], true);
+            print_volumes(client.output, &[v.into_inner()], true, &nbd);
         }
         VolumeCommand::Resize { name, size } => {
             let v = c.resize_volume(pb::ResizeVolumeRequest { name, size_bytes: size }).await.map_err(rpc_error)?;
-            print_volumes(client.output, &[v.into_inner()], true);
+            print_volumes(client.output, &[v.into_inner()], true, &nbd);
         }
         VolumeCommand::Clone { source, name } => {
-            let v = c.clone_volume(pb::CloneVolumeRequest { source, name }).await.map_err(rpc_error)?;
-            print_volumes(client.output, &[v.into_inner()], true);
+            let v = c
+                .clone_volume(pb::CloneVolumeRequest { source, name, ..Default::default() })
+                .await
+                .map_err(rpc_error)?;
+            print_volumes(client.output, &[v.into_inner()], true, &nbd);
         }
         VolumeCommand::Delete { name } => {
             c.delete_volume(pb::DeleteVolumeRequest { name: name.clone() }).await.map_err(rpc_error)?;
             match client.output {
                 Output::Json => println!("{}", serde_json::json!({ "deleted": name })),
                 Output::Table => println!("deleted volume {name}"),
+            }
+        }
+        VolumeCommand::Publish { name, node, read_only, single_writer } => {
+            let g = c
+                .publish_volume(pb::PublishVolumeRequest { volume: name, node, read_only, single_writer })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            match client.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({ "volume": g.volume, "node": g.node, "export_name": g.export_name,
+                        "read_only": g.read_only, "single_writer": g.single_writer })
+                ),
+                Output::Table => println!("{}", g.export_name),
+            }
+        }
+        VolumeCommand::Unpublish { name, node } => {
+            c.unpublish_volume(pb::UnpublishVolumeRequest { volume: name.clone(), node: node.clone() })
+                .await
+                .map_err(rpc_error)?;
+            match client.output {
+                Output::Json => println!("{}", serde_json::json!({ "unpublished": name, "node": node })),
+                Output::Table => println!("unpublished volume {name} from node {node}"),
             }
         }
     }

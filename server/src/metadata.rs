@@ -2,6 +2,7 @@
 //! transaction of [`MetaOp`]s, so a cluster's mapping and the allocator change that produced it
 //! land together or not at all.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -19,6 +20,8 @@ const LAYERS: TableDefinition<u64, u64> = TableDefinition::new("layers");
 const EXTENTS: TableDefinition<(u64, u64), u64> = TableDefinition::new("extents");
 /// Physical clusters below the high-water mark that nobody maps.
 const FREE: TableDefinition<u64, ()> = TableDefinition::new("free_clusters");
+/// `VOLUME\nNODE` → attachment grant record.
+const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("grants");
 
 const FORMAT_VERSION: u64 = 1;
 
@@ -30,6 +33,32 @@ pub struct VolumeRecord {
     pub created_unix: u64,
     /// The volume's writable layer.
     pub layer: u64,
+    /// Free-form labels set at creation (the CSI plugin keeps a volume's origin there).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Permission for one node to attach one volume (see design.md, Security).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GrantRecord {
+    pub volume: String,
+    pub node: String,
+    /// Secret part of the export name the node must ask for.
+    pub token: String,
+    pub read_only: bool,
+    /// No other node may hold a writable grant at the same time.
+    pub single_writer: bool,
+    pub created_unix: u64,
+}
+
+impl GrantRecord {
+    pub fn key(&self) -> String {
+        grant_key(&self.volume, &self.node)
+    }
+}
+
+pub fn grant_key(volume: &str, node: &str) -> String {
+    format!("{volume}\n{node}")
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -89,6 +118,9 @@ pub enum MetaOp {
     SetCapacity(u64),
     /// Volume and layer ids come from one counter.
     SetNextId(u64),
+    PutGrant(GrantRecord),
+    /// By `grant_key`.
+    DeleteGrant(String),
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, EngineError> {
@@ -110,6 +142,7 @@ pub struct Loaded {
     pub layers: Vec<LayerRecord>,
     /// Extent rows whose layer does not exist (a leak if nonzero).
     pub orphan_extents: u64,
+    pub grants: Vec<GrantRecord>,
 }
 
 pub struct Store {
@@ -146,6 +179,7 @@ impl Store {
             txn.open_table(LAYERS)?;
             txn.open_table(EXTENTS)?;
             txn.open_table(FREE)?;
+            txn.open_table(GRANTS)?;
         }
         txn.commit()?;
         let loaded = store.load()?;
@@ -182,6 +216,18 @@ impl Store {
             let (_, v) = row?;
             snapshots.push(from_json::<SnapshotRecord>("snapshot", v.value())?);
         }
+        let mut grants = Vec::new();
+        // Pools made before grants existed have no table (fsck opens them read-only).
+        match txn.open_table(GRANTS) {
+            Ok(t) => {
+                for row in t.iter()? {
+                    let (_, v) = row?;
+                    grants.push(from_json::<GrantRecord>("grant", v.value())?);
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
         let mut by_layer: std::collections::BTreeMap<u64, Vec<(u64, u64)>> = Default::default();
         for row in txn.open_table(EXTENTS)?.iter()? {
             let (k, v) = row?;
@@ -197,7 +243,7 @@ impl Store {
             layers.push(LayerRecord { id, parent, extents });
         }
         let orphan_extents = by_layer.values().map(|v| v.len() as u64).sum();
-        Ok(Loaded { config, high_water, free, next_id, volumes, snapshots, layers, orphan_extents })
+        Ok(Loaded { config, high_water, free, next_id, volumes, snapshots, layers, orphan_extents, grants })
     }
 
     /// Applies `ops` in one transaction. `before_durable_commit` runs inside the transaction,
@@ -219,6 +265,7 @@ impl Store {
             let mut layers = txn.open_table(LAYERS)?;
             let mut extents = txn.open_table(EXTENTS)?;
             let mut free = txn.open_table(FREE)?;
+            let mut grants = txn.open_table(GRANTS)?;
             for op in ops {
                 match op {
                     MetaOp::Map { layer, vcluster, pcluster } => {
@@ -261,6 +308,12 @@ impl Store {
                     }
                     MetaOp::SetNextId(n) => {
                         cfg.insert("next_id", *n)?;
+                    }
+                    MetaOp::PutGrant(rec) => {
+                        grants.insert(rec.key().as_str(), to_json(rec)?.as_slice())?;
+                    }
+                    MetaOp::DeleteGrant(key) => {
+                        grants.remove(key.as_str())?;
                     }
                 }
             }

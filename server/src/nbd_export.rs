@@ -73,30 +73,58 @@ impl BlockDevice for VolumeHandle {
     }
 }
 
-/// The engine's volumes as exports.
+/// The engine's volumes as exports. Loopback clients may open volumes by name unless grants are
+/// required; everyone else needs a grant's export name (`VOLUME#TOKEN`).
 pub struct Catalog {
     pub engine: Arc<Engine>,
+    pub require_grants: bool,
+}
+
+impl Catalog {
+    fn trusted(&self, peer: Option<SocketAddr>) -> bool {
+        !self.require_grants && peer.is_some_and(|p| p.ip().is_loopback())
+    }
+}
+
+fn describe(h: &VolumeHandle, name: &str) -> String {
+    if h.read_only() { format!("thinbd {name} (read-only)") } else { format!("thinbd volume {name}") }
 }
 
 impl ExportCatalog for Catalog {
     type Device = VolumeHandle;
 
-    fn open(&self, name: &str, _peer: Option<SocketAddr>) -> Result<Export<VolumeHandle>, OpenError> {
-        match self.engine.open_export(name) {
-            Ok(h) => {
-                let description = if h.read_only() {
-                    format!("thinbd snapshot {name} (read-only)")
-                } else {
-                    format!("thinbd volume {name}")
-                };
-                Ok(Export { name: name.to_string(), description, device: Arc::new(h) })
+    fn open(&self, name: &str, peer: Option<SocketAddr>) -> Result<Export<VolumeHandle>, OpenError> {
+        let engine_err = |e: EngineError| match e {
+            EngineError::NotFound(_) => OpenError::Unknown,
+            e => OpenError::Platform(e.to_string()),
+        };
+        if name.contains('#') {
+            let grant = self.engine.grant_for_export(name).ok_or(OpenError::Unknown)?;
+            let r = &grant.record;
+            let mut h = self.engine.open_export(&r.volume).map_err(engine_err)?;
+            if r.read_only {
+                h = h.into_read_only();
             }
-            Err(EngineError::NotFound(_)) => Err(OpenError::Unknown),
-            Err(e) => Err(OpenError::Platform(e.to_string())),
+            debug!(volume = %r.volume, node = %r.node, ?peer, read_only = r.read_only, "export opened through grant");
+            let description = describe(&h, &r.volume);
+            return Ok(Export {
+                name: name.to_string(),
+                description,
+                device: Arc::new(h),
+                revoked: Some(grant.revoked.clone()),
+            });
         }
+        if !self.trusted(peer) {
+            return Err(OpenError::Policy("this server requires an attachment grant's export name".into()));
+        }
+        let h = self.engine.open_export(name).map_err(engine_err)?;
+        Ok(Export { name: name.to_string(), description: describe(&h, name), device: Arc::new(h), revoked: None })
     }
 
-    fn list(&self, _peer: Option<SocketAddr>) -> Vec<ExportListing> {
+    fn list(&self, peer: Option<SocketAddr>) -> Vec<ExportListing> {
+        if !self.trusted(peer) {
+            return Vec::new();
+        }
         self.engine
             .list()
             .iter()
@@ -143,7 +171,21 @@ pub async fn serve_nbd(
                 Ok(Ok(Some(neg))) => {
                     let export = neg.export.name.clone();
                     info!(%peer, export, tls = neg.tls, structured = neg.structured, "NBD session started");
-                    match thinbd_protocol::serve(neg, limits, shutdown).await {
+                    // A revoked grant ends the session like a shutdown does.
+                    let stop = shutdown.child_token();
+                    if let Some(revoked) = neg.export.revoked.clone() {
+                        let stop = stop.clone();
+                        tokio::spawn(async move {
+                            tokio::select! {
+                                _ = revoked.cancelled() => stop.cancel(),
+                                _ = stop.cancelled() => {}
+                            }
+                        });
+                    }
+                    let ended = stop.clone().drop_guard();
+                    let r = thinbd_protocol::serve(neg, limits, stop).await;
+                    drop(ended);
+                    match r {
                         Ok(()) => info!(%peer, export, "NBD session ended"),
                         Err(e) => info!(%peer, export, error = %e, "NBD session closed"),
                     }

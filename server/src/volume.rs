@@ -43,6 +43,7 @@ pub struct VolumeHandle {
     engine: Arc<Engine>,
     target: Target,
     size: u64,
+    read_only: bool,
 }
 
 impl Drop for VolumeHandle {
@@ -66,13 +67,13 @@ impl VolumeHandle {
     pub(crate) fn volume(engine: Arc<Engine>, vol: Arc<Volume>) -> Self {
         vol.sessions.fetch_add(1, Relaxed);
         let size = vol.size();
-        VolumeHandle { engine, target: Target::Volume(vol), size }
+        VolumeHandle { engine, target: Target::Volume(vol), size, read_only: false }
     }
 
     pub(crate) fn snapshot(engine: Arc<Engine>, snap: Arc<Snapshot>) -> Self {
         snap.sessions.fetch_add(1, Relaxed);
         let size = snap.size;
-        VolumeHandle { engine, target: Target::Snapshot(snap), size }
+        VolumeHandle { engine, target: Target::Snapshot(snap), size, read_only: true }
     }
 
     pub fn size(&self) -> u64 {
@@ -80,7 +81,13 @@ impl VolumeHandle {
     }
 
     pub fn read_only(&self) -> bool {
-        matches!(self.target, Target::Snapshot(_))
+        self.read_only
+    }
+
+    /// The same export without write access (read-only attachments).
+    pub fn into_read_only(mut self) -> Self {
+        self.read_only = true;
+        self
     }
 
     pub fn name(&self) -> String {
@@ -99,8 +106,9 @@ impl VolumeHandle {
 
     fn writable(&self) -> Result<&Arc<Volume>, EngineError> {
         match &self.target {
-            Target::Volume(v) => Ok(v),
-            Target::Snapshot(s) => Err(EngineError::ReadOnly(s.key())),
+            Target::Volume(v) if !self.read_only => Ok(v),
+            Target::Volume(v) => Err(EngineError::ReadOnly(format!("read-only attachment of volume {}", v.name))),
+            Target::Snapshot(s) => Err(EngineError::ReadOnly(format!("snapshot {}", s.key()))),
         }
     }
 
