@@ -1,7 +1,7 @@
 //! Compiles the gRPC definitions with protox (pure Rust, so no `protoc` is needed).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/thinbd/v1/management.proto"];
+    let protos = ["proto/thinbd/v1/management.proto", "proto/csi.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -27,18 +27,27 @@ pub fn require(tool: &str) -> bool {
 
 /// The `thinbd` binary next to the test executable (target/<profile>/thinbd), built on demand.
 pub fn thinbd_bin() -> PathBuf {
+    workspace_bin("thinbd", "thinbd")
+}
+
+/// The `thinbd-csi` binary, built on demand.
+pub fn csi_bin() -> PathBuf {
+    workspace_bin("thinbd-csi", "thinbd-csi")
+}
+
+fn workspace_bin(package: &str, name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
-    let bin = profile_dir.join("thinbd");
+    let bin = profile_dir.join(name);
     if !bin.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "thinbd", "--bin", "thinbd"]);
+        cmd.args(["build", "-q", "-p", package, "--bin", name]);
         if release {
             cmd.arg("--release");
         }
-        assert!(cmd.status().expect("cargo build").success(), "building thinbd failed");
+        assert!(cmd.status().expect("cargo build").success(), "building {name} failed");
     }
     bin
 }
@@ -188,6 +197,67 @@ impl Drop for Server {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// A running `thinbd-csi` on a unix socket in a temporary directory.
+pub struct CsiPlugin {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl CsiPlugin {
+    /// Starts the plugin in `mode` (controller, node or all) against `api` (HOST:PORT).
+    pub fn start(mode: &str, api: &str, node_id: &str) -> CsiPlugin {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let socket = tmp.path().join("csi.sock");
+        let log = tmp.path().join("csi.log");
+        let child = Command::new(csi_bin())
+            .args(["--endpoint", &format!("unix://{}", socket.display())])
+            .args(["--mode", mode, "--thinbd-api", api, "--node-id", node_id])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn thinbd-csi");
+        let mut p = CsiPlugin { child, socket, log, _tmp: tmp };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&p.socket).is_err() {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                panic!("thinbd-csi exited with {st}:\n{}", p.log_text());
+            }
+            assert!(Instant::now() < deadline, "thinbd-csi did not start:\n{}", p.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A gRPC channel over the plugin's unix socket.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        let path = self.socket.clone();
+        tonic::transport::Endpoint::try_from("http://localhost")
+            .expect("endpoint")
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+                }
+            }))
+            .await
+            .expect("connect to the CSI socket")
+    }
+}
+
+impl Drop for CsiPlugin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -1,7 +1,101 @@
-//! thinbd-csi: the Kubernetes CSI plugin. The services arrive with the CSI issue; until then the
-//! binary says so instead of pretending to work.
+//! `thinbd-csi`: serves the CSI Identity, Controller and/or Node services on a unix socket.
 
-fn main() {
-    eprintln!("thinbd-csi: the CSI services are not implemented yet");
-    std::process::exit(2);
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use thinbd_csi::backend::Backends;
+use thinbd_csi::controller::ControllerService;
+use thinbd_csi::identity::IdentityService;
+use thinbd_csi::node::NodeService;
+use thinbd_protocol::csi::controller_server::ControllerServer;
+use thinbd_protocol::csi::identity_server::IdentityServer;
+use thinbd_protocol::csi::node_server::NodeServer;
+use tracing::info;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Controller,
+    Node,
+    All,
+}
+
+#[derive(Parser)]
+#[command(name = "thinbd-csi", version, about = "CSI plugin for thinbd (driver thinbd.csi.io)")]
+struct Cli {
+    /// Where to serve CSI: unix:///path/to/csi.sock
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    endpoint: String,
+    /// This node's name (Kubernetes node name); required for the node service.
+    #[arg(long, env = "NODE_ID")]
+    node_id: Option<String>,
+    #[arg(long, value_enum, default_value = "all")]
+    mode: Mode,
+    /// Management API of the storage server: HOST:PORT, or a template with {node}, e.g.
+    /// {node}:10810, when every node runs its own.
+    #[arg(long, default_value = "127.0.0.1:10810")]
+    thinbd_api: String,
+    /// Most volumes the node service attaches (kernel NBD devices).
+    #[arg(long, default_value_t = 64)]
+    max_volumes_per_node: i64,
+}
+
+fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
+    let path = endpoint.strip_prefix("unix://").context("--endpoint must be unix:///path")?;
+    if !path.starts_with('/') {
+        bail!("--endpoint must be an absolute unix socket path (unix:///path)");
+    }
+    Ok(PathBuf::from(path))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let path = socket_path(&cli.endpoint)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A socket left by a previous run would make bind fail.
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing stale socket {}", path.display()));
+        }
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
+    let controller = matches!(cli.mode, Mode::Controller | Mode::All);
+    let node = matches!(cli.mode, Mode::Node | Mode::All);
+    let backends = Arc::new(Backends::new(&cli.thinbd_api));
+    let router = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(IdentityService { backends: controller.then(|| backends.clone()) }));
+    let mut router = if controller {
+        router.add_service(ControllerServer::new(ControllerService { backends: backends.clone() }))
+    } else {
+        router.add_optional_service(None::<ControllerServer<ControllerService>>)
+    };
+    if node {
+        let node_id = cli.node_id.clone().context("--node-id (or NODE_ID) is required for the node service")?;
+        router = router.add_service(NodeServer::new(NodeService { node_id, max_volumes: cli.max_volumes_per_node }));
+    }
+    info!(endpoint = %cli.endpoint, controller, node, api = %cli.thinbd_api, "thinbd-csi serving");
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    router
+        .serve_with_incoming_shutdown(incoming, async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            info!("shutting down");
+        })
+        .await?;
+    Ok(())
 }

@@ -37,3 +37,9 @@ pub mod pb {
     #![allow(clippy::all, clippy::pedantic)]
     tonic::include_proto!("thinbd.v1");
 }
+
+/// Generated gRPC code for the Container Storage Interface (`csi.v1`).
+pub mod csi {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("csi.v1");
+}

@@ -1,0 +1,113 @@
+//! The storage servers the controller talks to. `--thinbd-api` is either one address (a single
+//! storage node) or a template with `{node}` (a storage server on every node, reached by node
+//! name). Channels are made lazily and kept.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use thinbd_protocol::csi::TopologyRequirement;
+use thinbd_protocol::pb;
+use thinbd_protocol::pb::management_client::ManagementClient;
+use tonic::Status;
+use tonic::transport::Channel;
+
+use crate::TOPOLOGY_KEY;
+
+pub type Api = ManagementClient<Channel>;
+
+pub struct Backends {
+    api: String,
+    clients: Mutex<HashMap<String, Api>>,
+    /// The single server's node name, once asked.
+    single_node: tokio::sync::OnceCell<String>,
+}
+
+impl Backends {
+    pub fn new(api: &str) -> Backends {
+        Backends { api: api.to_string(), clients: Mutex::default(), single_node: Default::default() }
+    }
+
+    pub fn is_template(&self) -> bool {
+        self.api.contains("{node}")
+    }
+
+    fn address(&self, node: &str) -> String {
+        let a = self.api.replace("{node}", node);
+        if a.starts_with("http://") || a.starts_with("https://") { a } else { format!("http://{a}") }
+    }
+
+    fn channel(&self, address: &str) -> Result<Api, Status> {
+        let mut clients = self.clients.lock().map_err(|_| Status::internal("backend cache poisoned"))?;
+        if let Some(c) = clients.get(address) {
+            return Ok(c.clone());
+        }
+        let endpoint = Channel::from_shared(address.to_string())
+            .map_err(|e| Status::invalid_argument(format!("bad thinbd API address {address:?}: {e}")))?
+            .connect_timeout(std::time::Duration::from_secs(5));
+        let c = ManagementClient::new(endpoint.connect_lazy());
+        clients.insert(address.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// The management API of storage node `node`.
+    pub async fn api(&self, node: &str) -> Result<Api, Status> {
+        if !self.is_template() {
+            let single = self.single_node().await?;
+            if node != single {
+                return Err(Status::not_found(format!(
+                    "storage node {node:?} is not served here (this is {single:?})"
+                )));
+            }
+        }
+        self.channel(&self.address(node))
+    }
+
+    /// The node name of the single server (`--thinbd-api` without `{node}`).
+    pub async fn single_node(&self) -> Result<String, Status> {
+        let name = self
+            .single_node
+            .get_or_try_init(|| async {
+                let mut c = self.channel(&self.address(""))?;
+                let pool = c.get_pool(pb::GetPoolRequest {}).await.map_err(unavailable)?.into_inner();
+                Ok::<_, Status>(pool.node_name)
+            })
+            .await?;
+        Ok(name.clone())
+    }
+
+    /// Where to put a new volume: the server's node for a single server (which must satisfy
+    /// the requirement), else the first preferred, then the first requisite node.
+    pub async fn place(&self, req: Option<&TopologyRequirement>) -> Result<String, Status> {
+        let nodes = |list: &[thinbd_protocol::csi::Topology]| -> Vec<String> {
+            list.iter().filter_map(|t| t.segments.get(TOPOLOGY_KEY).cloned()).collect()
+        };
+        let preferred = req.map(|r| nodes(&r.preferred)).unwrap_or_default();
+        let requisite = req.map(|r| nodes(&r.requisite)).unwrap_or_default();
+        if !self.is_template() {
+            let single = self.single_node().await?;
+            let constrained = req.is_some_and(|r| !r.requisite.is_empty());
+            if constrained && !requisite.contains(&single) {
+                return Err(Status::resource_exhausted(format!(
+                    "the storage node {single:?} is not among the requisite topologies"
+                )));
+            }
+            return Ok(single);
+        }
+        preferred.into_iter().chain(requisite).next().ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "accessibility_requirements must name a node ({TOPOLOGY_KEY}); is the StorageClass WaitForFirstConsumer?"
+            ))
+        })
+    }
+}
+
+/// Management-API errors keep their code, except transport failures, which become UNAVAILABLE
+/// so that the CO retries.
+pub fn unavailable(s: Status) -> Status {
+    match s.code() {
+        tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
+            Status::unavailable(format!("thinbd API: {}", s.message()))
+        }
+        _ => s,
+    }
+}

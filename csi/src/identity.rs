@@ -1,0 +1,62 @@
+//! CSI Identity: who we are, what we offer, and whether we are ready.
+
+use std::sync::Arc;
+
+use thinbd_protocol::csi::identity_server::Identity;
+use thinbd_protocol::csi::plugin_capability::{Service, VolumeExpansion, service, volume_expansion};
+use thinbd_protocol::csi::{
+    GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest, GetPluginInfoResponse,
+    PluginCapability, ProbeRequest, ProbeResponse, plugin_capability,
+};
+use tonic::{Request, Response, Status};
+
+use crate::backend::Backends;
+
+pub struct IdentityService {
+    /// Set when this process runs the controller: readiness then means the API answers.
+    pub backends: Option<Arc<Backends>>,
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn get_plugin_info(
+        &self,
+        _: Request<GetPluginInfoRequest>,
+    ) -> Result<Response<GetPluginInfoResponse>, Status> {
+        Ok(Response::new(GetPluginInfoResponse {
+            name: crate::DRIVER_NAME.into(),
+            vendor_version: env!("CARGO_PKG_VERSION").into(),
+            manifest: Default::default(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _: Request<GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
+        let service = |t: service::Type| PluginCapability {
+            r#type: Some(plugin_capability::Type::Service(Service { r#type: t as i32 })),
+        };
+        let capabilities = vec![
+            service(service::Type::ControllerService),
+            service(service::Type::VolumeAccessibilityConstraints),
+            PluginCapability {
+                r#type: Some(plugin_capability::Type::VolumeExpansion(VolumeExpansion {
+                    r#type: volume_expansion::Type::Online as i32,
+                })),
+            },
+        ];
+        Ok(Response::new(GetPluginCapabilitiesResponse { capabilities }))
+    }
+
+    async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        if let Some(b) = &self.backends
+            && !b.is_template()
+        {
+            let node = b.single_node().await?;
+            let mut api = b.api(&node).await?;
+            api.get_pool(thinbd_protocol::pb::GetPoolRequest {}).await.map_err(crate::backend::unavailable)?;
+        }
+        Ok(Response::new(ProbeResponse { ready: Some(true) }))
+    }
+}

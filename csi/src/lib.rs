@@ -1,0 +1,21 @@
+//! thinbd-csi: the Container Storage Interface plugin for thinbd. The controller service turns
+//! CSI calls into management-API calls on the storage node that holds (or will hold) a volume;
+//! the node service attaches volumes through the kernel's NBD client and mounts them.
+
+pub mod backend;
+pub mod capability;
+pub mod controller;
+pub mod identity;
+pub mod ids;
+pub mod node;
+pub mod params;
+
+/// The CSI driver name (`CSIDriver` object, StorageClass `provisioner`).
+pub const DRIVER_NAME: &str = "thinbd.csi.io";
+/// Topology segment key: the storage node a volume lives on.
+pub const TOPOLOGY_KEY: &str = "topology.thinbd.csi.io/node";
+/// `publish_context` / `volume_context` keys.
+pub const CTX_EXPORT: &str = "thinbd.csi.io/export";
+pub const CTX_NBD: &str = "thinbd.csi.io/nbd";
+pub const CTX_STORAGE_NODE: &str = "thinbd.csi.io/storage-node";
+pub const CTX_MKFS_OPTIONS: &str = "thinbd.csi.io/mkfs-options";
