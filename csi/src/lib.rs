@@ -2,10 +2,13 @@
 //! CSI calls into management-API calls on the storage node that holds (or will hold) a volume;
 //! the node service attaches volumes through the kernel's NBD client and mounts them.
 
+pub mod attach;
 pub mod backend;
 pub mod capability;
 pub mod controller;
 pub mod identity;
+pub mod mounts;
+pub mod nbd_netlink;
 pub mod ids;
 pub mod node;
 pub mod params;

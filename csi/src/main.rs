@@ -83,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
     };
     if node {
         let node_id = cli.node_id.clone().context("--node-id (or NODE_ID) is required for the node service")?;
-        router = router.add_service(NodeServer::new(NodeService { node_id, max_volumes: cli.max_volumes_per_node }));
+        router = router.add_service(NodeServer::new(NodeService::new(node_id, cli.max_volumes_per_node)));
     }
     info!(endpoint = %cli.endpoint, controller, node, api = %cli.thinbd_api, "thinbd-csi serving");
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);

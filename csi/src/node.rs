@@ -1,85 +1,246 @@
-//! CSI Node service. Identity of the node (id, topology, volume limit) and its capabilities are
-//! here; attaching volumes through the kernel's NBD client (netlink), formatting and mounting
-//! arrive in the next step and answer UNIMPLEMENTED until then, so nothing pretends to work.
+//! CSI Node service: attach through the kernel's NBD client at stage, format once (blkid says
+//! the device is blank) and mount to the staging path; publish bind-mounts the staging mount
+//! (filesystem) or the device node (raw block) onto the target.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use thinbd_protocol::csi::node_server::Node;
 use thinbd_protocol::csi::node_service_capability::rpc::Type as Rpc;
 use thinbd_protocol::csi::*;
 use tonic::{Request, Response, Status};
 
-use crate::TOPOLOGY_KEY;
+use crate::capability::{self, Usage};
+use crate::ids::required;
+use crate::mounts::{self, MountError};
+use crate::{CTX_EXPORT, CTX_MKFS_OPTIONS, CTX_NBD, TOPOLOGY_KEY, attach};
 
 pub struct NodeService {
     pub node_id: String,
     pub max_volumes: i64,
+    /// Target paths each volume is published at (single-workload modes allow one).
+    published: Mutex<HashMap<String, HashSet<PathBuf>>>,
 }
 
-fn not_yet(what: &str) -> Status {
-    Status::unimplemented(format!("{what}: kernel NBD attach is not implemented in this build yet"))
+impl NodeService {
+    pub fn new(node_id: String, max_volumes: i64) -> NodeService {
+        NodeService { node_id, max_volumes, published: Mutex::default() }
+    }
+}
+
+fn invalid(m: impl Into<String>) -> Status {
+    Status::invalid_argument(m.into())
+}
+
+fn mount_status(e: MountError) -> Status {
+    match &e {
+        MountError::Sys { source: nix::Error::EBUSY, .. } => {
+            Status::unavailable(format!("{e}; the volume is in use, try again when it is not"))
+        }
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+fn usage_of(cap: Option<&VolumeCapability>) -> Result<Usage, Status> {
+    capability::check(cap.ok_or_else(|| invalid("volume_capability is required"))?).map_err(invalid)
+}
+
+fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, MountError> + Send + 'static) -> impl Future<Output = Result<T, Status>> {
+    async move { tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(e.to_string()))?.map_err(mount_status) }
 }
 
 #[tonic::async_trait]
 impl Node for NodeService {
-    async fn node_stage_volume(
-        &self,
-        _: Request<NodeStageVolumeRequest>,
-    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
-        Err(not_yet("NodeStageVolume"))
+    async fn node_stage_volume(&self, req: Request<NodeStageVolumeRequest>) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let volume_id = required(&r.volume_id, "volume_id")?.to_string();
+        let staging = PathBuf::from(required(&r.staging_target_path, "staging_target_path")?);
+        let usage = usage_of(r.volume_capability.as_ref())?;
+        let (Some(export), Some(addr)) = (r.publish_context.get(CTX_EXPORT), r.publish_context.get(CTX_NBD)) else {
+            return Err(Status::failed_precondition("publish_context has no thinbd export: was ControllerPublishVolume called?"));
+        };
+        let index = attach::attach(&volume_id, addr, export).await.map_err(|e| match e {
+            attach::AttachError::Handshake { .. } => Status::unavailable(e.to_string()),
+            _ => Status::internal(e.to_string()),
+        })?;
+        let dev = attach::device_path(index);
+        let Some(fs) = usage.fs_type.clone() else {
+            // Raw block: the device is the staged volume.
+            return Ok(Response::new(NodeStageVolumeResponse {}));
+        };
+        let mkfs_opts = r.volume_context.get(CTX_MKFS_OPTIONS).cloned();
+        let flags = usage.mount_flags.clone();
+        let read_only = usage.read_only();
+        blocking(move || {
+            std::fs::create_dir_all(&staging)?;
+            match mounts::mounted_at(&staging) {
+                Some(src) if Path::new(&src) == dev => return Ok(()),
+                Some(src) => {
+                    return Err(MountError::Tool { program: "stage".into(), message: format!("{} already has {src} mounted", staging.display()) })
+                }
+                None => {}
+            }
+            match mounts::signature(&dev)? {
+                None if read_only => {
+                    return Err(MountError::Tool { program: "stage".into(), message: "a read-only volume without a filesystem cannot be mounted".into() })
+                }
+                None => mounts::mkfs(&dev, &fs, mkfs_opts.as_deref())?,
+                Some(t) if t == fs => {}
+                Some(t) => {
+                    return Err(MountError::Tool {
+                        program: "stage".into(),
+                        message: format!("the volume holds {t}, not {fs}; it is not reformatted"),
+                    })
+                }
+            }
+            mounts::mount_fs(&dev, &staging, &fs, &flags, read_only)
+        })
+        .await?;
+        Ok(Response::new(NodeStageVolumeResponse {}))
     }
 
     async fn node_unstage_volume(
         &self,
-        _: Request<NodeUnstageVolumeRequest>,
+        req: Request<NodeUnstageVolumeRequest>,
     ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
-        Err(not_yet("NodeUnstageVolume"))
+        let r = req.into_inner();
+        let volume_id = required(&r.volume_id, "volume_id")?.to_string();
+        let staging = PathBuf::from(required(&r.staging_target_path, "staging_target_path")?);
+        blocking(move || mounts::unmount(&staging)).await?;
+        if let Some(index) = attach::find(&volume_id) {
+            attach::detach(index).await.map_err(|e| Status::internal(e.to_string()))?;
+            tracing::info!(volume = %volume_id, device = index, "detached");
+        }
+        Ok(Response::new(NodeUnstageVolumeResponse {}))
     }
 
     async fn node_publish_volume(
         &self,
-        _: Request<NodePublishVolumeRequest>,
+        req: Request<NodePublishVolumeRequest>,
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
-        Err(not_yet("NodePublishVolume"))
+        let r = req.into_inner();
+        let volume_id = required(&r.volume_id, "volume_id")?.to_string();
+        let target = PathBuf::from(required(&r.target_path, "target_path")?);
+        let staging = PathBuf::from(required(&r.staging_target_path, "staging_target_path")?);
+        let usage = usage_of(r.volume_capability.as_ref())?;
+        let read_only = r.readonly || usage.read_only();
+        if usage.single_workload() {
+            let published = self.published.lock().map_err(|_| Status::internal("lock"))?;
+            if let Some(other) = published.get(&volume_id).and_then(|t| t.iter().find(|p| **p != target)) {
+                return Err(Status::failed_precondition(format!(
+                    "volume is single-writer and already published at {}",
+                    other.display()
+                )));
+            }
+        }
+        let index = attach::find(&volume_id)
+            .ok_or_else(|| Status::failed_precondition(format!("volume {volume_id} is not staged on this node")))?;
+        let dev = attach::device_path(index);
+        let block = usage.fs_type.is_none();
+        let t = target.clone();
+        blocking(move || {
+            if mounts::mounted_at(&t).is_some() {
+                return Ok(());
+            }
+            if block {
+                if let Some(parent) = t.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                if !t.exists() {
+                    std::fs::File::create(&t)?;
+                }
+                mounts::bind(&dev, &t, read_only)
+            } else {
+                if mounts::mounted_at(&staging).is_none() {
+                    return Err(MountError::Tool { program: "publish".into(), message: format!("{} is not mounted", staging.display()) });
+                }
+                std::fs::create_dir_all(&t)?;
+                mounts::bind(&staging, &t, read_only)
+            }
+        })
+        .await?;
+        self.published.lock().map_err(|_| Status::internal("lock"))?.entry(volume_id).or_default().insert(target);
+        Ok(Response::new(NodePublishVolumeResponse {}))
     }
 
     async fn node_unpublish_volume(
         &self,
-        _: Request<NodeUnpublishVolumeRequest>,
+        req: Request<NodeUnpublishVolumeRequest>,
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
-        Err(not_yet("NodeUnpublishVolume"))
+        let r = req.into_inner();
+        let volume_id = required(&r.volume_id, "volume_id")?.to_string();
+        let target = PathBuf::from(required(&r.target_path, "target_path")?);
+        let t = target.clone();
+        blocking(move || {
+            mounts::unmount(&t)?;
+            match std::fs::metadata(&t) {
+                Ok(m) if m.is_dir() => std::fs::remove_dir(&t)?,
+                Ok(_) => std::fs::remove_file(&t)?,
+                Err(_) => {}
+            }
+            Ok(())
+        })
+        .await?;
+        if let Ok(mut p) = self.published.lock()
+            && let Some(set) = p.get_mut(&volume_id)
+        {
+            set.remove(&target);
+        }
+        Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
     async fn node_get_volume_stats(
         &self,
-        _: Request<NodeGetVolumeStatsRequest>,
+        req: Request<NodeGetVolumeStatsRequest>,
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
-        Err(not_yet("NodeGetVolumeStats"))
+        let r = req.into_inner();
+        let volume_id = required(&r.volume_id, "volume_id")?.to_string();
+        let path = PathBuf::from(required(&r.volume_path, "volume_path")?);
+        let meta = std::fs::metadata(&path).map_err(|_| Status::not_found(format!("{} does not exist", path.display())))?;
+        let index = attach::find(&volume_id);
+        let condition = Some(match index {
+            Some(i) => VolumeCondition { abnormal: false, message: format!("attached as /dev/nbd{i}") },
+            None => VolumeCondition { abnormal: true, message: "no connected NBD device for this volume".into() },
+        });
+        let usage = if meta.is_dir() {
+            let st = nix::sys::statvfs::statvfs(&path).map_err(|e| Status::internal(format!("statvfs: {e}")))?;
+            let f = st.fragment_size() as i64;
+            vec![
+                VolumeUsage {
+                    available: st.blocks_available() as i64 * f,
+                    total: st.blocks() as i64 * f,
+                    used: (st.blocks() - st.blocks_free()) as i64 * f,
+                    unit: volume_usage::Unit::Bytes as i32,
+                },
+                VolumeUsage {
+                    available: st.files_available() as i64,
+                    total: st.files() as i64,
+                    used: (st.files() - st.files_free()) as i64,
+                    unit: volume_usage::Unit::Inodes as i32,
+                },
+            ]
+        } else {
+            let total = index.and_then(attach::size).unwrap_or(0) as i64;
+            vec![VolumeUsage { available: 0, total, used: 0, unit: volume_usage::Unit::Bytes as i32 }]
+        };
+        Ok(Response::new(NodeGetVolumeStatsResponse { usage, volume_condition: condition }))
     }
 
-    async fn node_expand_volume(
-        &self,
-        _: Request<NodeExpandVolumeRequest>,
-    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
-        Err(not_yet("NodeExpandVolume"))
+    async fn node_expand_volume(&self, _: Request<NodeExpandVolumeRequest>) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        Err(Status::unimplemented("NodeExpandVolume: refreshing an attached device's size is not implemented yet"))
     }
 
     async fn node_get_capabilities(
         &self,
         _: Request<NodeGetCapabilitiesRequest>,
     ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
-        let capabilities = [
-            Rpc::StageUnstageVolume,
-            Rpc::GetVolumeStats,
-            Rpc::ExpandVolume,
-            Rpc::VolumeCondition,
-            Rpc::SingleNodeMultiWriter,
-        ]
-        .into_iter()
-        .map(|t| NodeServiceCapability {
-            r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: t as i32 })),
-        })
-        .collect();
+        let capabilities = [Rpc::StageUnstageVolume, Rpc::GetVolumeStats, Rpc::VolumeCondition, Rpc::SingleNodeMultiWriter]
+            .into_iter()
+            .map(|t| NodeServiceCapability {
+                r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: t as i32 })),
+            })
+            .collect();
         Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))
     }
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::oneshot;
 use tokio_rustls::TlsConnector;
@@ -106,7 +106,7 @@ pub struct Client {
     pub block_size: Option<(u32, u32, u32)>,
 }
 
-async fn read_greeting(io: &mut BoxIo) -> Result<(), ClientError> {
+async fn read_greeting<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) -> Result<(), ClientError> {
     let magic = io.read_u64().await?;
     let opt = io.read_u64().await?;
     if magic != NBDMAGIC || opt != IHAVEOPT {
@@ -120,7 +120,7 @@ async fn read_greeting(io: &mut BoxIo) -> Result<(), ClientError> {
     Ok(())
 }
 
-async fn send_option(io: &mut BoxIo, opt: u32, data: &[u8]) -> Result<(), ClientError> {
+async fn send_option<S: AsyncWrite + Unpin>(io: &mut S, opt: u32, data: &[u8]) -> Result<(), ClientError> {
     let mut b = Vec::with_capacity(16 + data.len());
     b.extend_from_slice(&IHAVEOPT.to_be_bytes());
     b.extend_from_slice(&opt.to_be_bytes());
@@ -132,7 +132,7 @@ async fn send_option(io: &mut BoxIo, opt: u32, data: &[u8]) -> Result<(), Client
 }
 
 /// Reads one option reply: (reply type, data). Errors become `OptionRefused`.
-async fn option_reply(io: &mut BoxIo, opt: u32) -> Result<(u32, Vec<u8>), ClientError> {
+async fn option_reply<S: AsyncRead + Unpin>(io: &mut S, opt: u32) -> Result<(u32, Vec<u8>), ClientError> {
     let magic = io.read_u64().await?;
     if magic != OPTION_REPLY_MAGIC {
         return Err(ClientError::Protocol(format!("bad option reply magic {magic:#x}")));
@@ -167,6 +167,60 @@ async fn open_stream<A: ToSocketAddrs>(addr: A, opts: &ClientOptions) -> Result<
         io = Box::new(tls);
     }
     Ok(io)
+}
+
+/// NBD_OPT_GO for `export`, asking for block-size constraints: (size, transmission flags,
+/// (min, preferred, max) block sizes if the server sent them).
+async fn go<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    export: &str,
+) -> Result<(u64, u16, Option<(u32, u32, u32)>), ClientError> {
+    let mut d = string_field(export);
+    d.extend_from_slice(&1u16.to_be_bytes());
+    d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+    send_option(io, OPT_GO, &d).await?;
+    let (mut size, mut flags, mut block_size) = (None, 0u16, None);
+    loop {
+        let (rep, data) = option_reply(io, OPT_GO).await?;
+        match rep {
+            REP_ACK => break,
+            REP_INFO if data.len() >= 2 => match (u16::from_be_bytes([data[0], data[1]]), data.len()) {
+                (INFO_EXPORT, 12) => {
+                    size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap_or_default()));
+                    flags = u16::from_be_bytes([data[10], data[11]]);
+                }
+                (INFO_BLOCK_SIZE, 14) => {
+                    let f = |i: usize| u32::from_be_bytes(data[i..i + 4].try_into().unwrap_or_default());
+                    block_size = Some((f(2), f(6), f(10)));
+                }
+                _ => {}
+            },
+            _ => return Err(ClientError::Protocol(format!("unexpected reply {rep} to GO"))),
+        }
+    }
+    let size = size.ok_or_else(|| ClientError::Protocol("GO without NBD_INFO_EXPORT".into()))?;
+    Ok((size, flags, block_size))
+}
+
+/// What the kernel's NBD client needs from a negotiated connection.
+#[derive(Debug)]
+pub struct KernelHandoff {
+    /// Blocking-mode socket, ready for transmission (simple replies only: the kernel client
+    /// does not speak structured replies).
+    pub socket: std::net::TcpStream,
+    pub size: u64,
+    pub flags: u16,
+}
+
+/// Connects and negotiates `export` on plain TCP for the kernel to take over.
+pub async fn handshake_for_kernel<A: ToSocketAddrs>(addr: A, export: &str) -> Result<KernelHandoff, ClientError> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    read_greeting(&mut tcp).await?;
+    let (size, flags, _) = go(&mut tcp, export).await?;
+    let socket = tcp.into_std()?;
+    socket.set_nonblocking(false)?;
+    Ok(KernelHandoff { socket, size, flags })
 }
 
 fn string_field(s: &str) -> Vec<u8> {
@@ -223,30 +277,7 @@ impl Client {
                 }
             }
         }
-        let mut d = string_field(&opts.export);
-        d.extend_from_slice(&1u16.to_be_bytes());
-        d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-        send_option(&mut io, OPT_GO, &d).await?;
-        let (mut size, mut flags, mut block_size) = (None, 0u16, None);
-        loop {
-            let (rep, data) = option_reply(&mut io, OPT_GO).await?;
-            match rep {
-                REP_ACK => break,
-                REP_INFO if data.len() >= 2 => match (u16::from_be_bytes([data[0], data[1]]), data.len()) {
-                    (INFO_EXPORT, 12) => {
-                        size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap_or_default()));
-                        flags = u16::from_be_bytes([data[10], data[11]]);
-                    }
-                    (INFO_BLOCK_SIZE, 14) => {
-                        let f = |i: usize| u32::from_be_bytes(data[i..i + 4].try_into().unwrap_or_default());
-                        block_size = Some((f(2), f(6), f(10)));
-                    }
-                    _ => {}
-                },
-                _ => return Err(ClientError::Protocol(format!("unexpected reply {rep} to GO"))),
-            }
-        }
-        let size = size.ok_or_else(|| ClientError::Protocol("GO without NBD_INFO_EXPORT".into()))?;
+        let (size, flags, block_size) = go(&mut io, &opts.export).await?;
         let (rd, wr) = tokio::io::split(io);
         let pending: PendingMap = Arc::default();
         let closed: Arc<std::sync::atomic::AtomicBool> = Arc::default();
