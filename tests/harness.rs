@@ -99,7 +99,8 @@ impl Server {
             .args(["--nbd-listen", &format!("127.0.0.1:{}", self.nbd_port)])
             .args(["--api-listen", &format!("127.0.0.1:{}", self.api_port)])
             .args(["--metrics-listen", &format!("127.0.0.1:{}", self.metrics_port)])
-            .args(&self.extra)
+            // `{nbd_port}` in extra arguments stands for the NBD port chosen here.
+            .args(self.extra.iter().map(|a| a.replace("{nbd_port}", &self.nbd_port.to_string())))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -198,6 +199,37 @@ impl Drop for Server {
             let _ = c.wait();
         }
     }
+}
+
+/// The project's qemu guest with nbd.ko (tests/vm/guest.sh), if this machine can run it.
+/// Under CI it must: a missing guest fails the test instead of skipping it.
+pub fn guest_available() -> bool {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/guest.sh");
+    let ok = require("qemu-system-x86_64")
+        && Command::new("bash").arg(&script).arg("setup").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
+    if !ok {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("the qemu guest cannot be set up here (tests/vm/guest.sh setup)");
+        }
+        eprintln!("SKIPPED: no qemu guest with nbd.ko (tests/vm/guest.sh setup failed)");
+    }
+    ok
+}
+
+/// Runs `cmd` with bash inside the guest; `rw` directories are writable there. Returns the
+/// exit status and the guest's output.
+pub fn in_guest(cmd: &str, rw: &[&Path]) -> (i32, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/guest.sh");
+    let rw: Vec<String> = rw.iter().map(|p| p.display().to_string()).collect();
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(["run", cmd])
+        .env("NBD_GUEST_RW", rw.join(" "))
+        .env("NBD_GUEST_TIMEOUT", "300")
+        .output()
+        .expect("run the guest");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
 }
 
 /// A running `thinbd-csi` on a unix socket in a temporary directory.

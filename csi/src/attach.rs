@@ -64,7 +64,8 @@ pub fn size(index: u32) -> Option<u64> {
 }
 
 async fn sockets(addr: &str, export: &str) -> Result<(Vec<std::net::TcpStream>, u64, u16), AttachError> {
-    let err = |e: thinbd_protocol::client::ClientError| AttachError::Handshake { addr: addr.into(), message: e.to_string() };
+    let err =
+        |e: thinbd_protocol::client::ClientError| AttachError::Handshake { addr: addr.into(), message: e.to_string() };
     let first = handshake_for_kernel(addr, export).await.map_err(err)?;
     let (size, flags) = (first.size, first.flags);
     let mut socks = vec![first.socket];

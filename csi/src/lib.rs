@@ -7,9 +7,9 @@ pub mod backend;
 pub mod capability;
 pub mod controller;
 pub mod identity;
+pub mod ids;
 pub mod mounts;
 pub mod nbd_netlink;
-pub mod ids;
 pub mod node;
 pub mod params;
 

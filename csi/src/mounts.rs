@@ -88,7 +88,10 @@ pub fn mkfs(dev: &Path, fs: &str, extra: Option<&str>) -> Result<(), MountError>
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run(&format!("mkfs.{fs}"), &refs)?;
     if !out.status.success() {
-        return Err(MountError::Tool { program: format!("mkfs.{fs}"), message: String::from_utf8_lossy(&out.stderr).into() });
+        return Err(MountError::Tool {
+            program: format!("mkfs.{fs}"),
+            message: String::from_utf8_lossy(&out.stderr).into(),
+        });
     }
     Ok(())
 }
@@ -123,8 +126,14 @@ pub fn bind(src: &Path, target: &Path, read_only: bool) -> Result<(), MountError
     mount(Some(src), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
         .map_err(|source| MountError::Sys { what: what(), source })?;
     if read_only {
-        mount(None::<&str>, target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None::<&str>)
-            .map_err(|source| MountError::Sys { what: what(), source })?;
+        mount(
+            None::<&str>,
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|source| MountError::Sys { what: what(), source })?;
     }
     Ok(())
 }
@@ -146,7 +155,10 @@ pub fn grow(dev: &Path, mountpoint: &Path, fs: &str) -> Result<(), MountError> {
         _ => run("resize2fs", &[&dev.to_string_lossy()])?,
     };
     if !out.status.success() {
-        return Err(MountError::Tool { program: format!("grow {fs}"), message: String::from_utf8_lossy(&out.stderr).into() });
+        return Err(MountError::Tool {
+            program: format!("grow {fs}"),
+            message: String::from_utf8_lossy(&out.stderr).into(),
+        });
     }
     Ok(())
 }

@@ -161,8 +161,7 @@ pub struct Nbd {
 
 impl Nbd {
     pub fn open() -> Result<Nbd, NetlinkError> {
-        let sock =
-            socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkGeneric)?;
+        let sock = socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkGeneric)?;
         bind(sock.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
         let mut nbd = Nbd { sock, family: GENL_ID_CTRL, seq: 1.into() };
         let mut a = Attrs::default();

@@ -46,19 +46,24 @@ fn usage_of(cap: Option<&VolumeCapability>) -> Result<Usage, Status> {
     capability::check(cap.ok_or_else(|| invalid("volume_capability is required"))?).map_err(invalid)
 }
 
-fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, MountError> + Send + 'static) -> impl Future<Output = Result<T, Status>> {
-    async move { tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(e.to_string()))?.map_err(mount_status) }
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, MountError> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(e.to_string()))?.map_err(mount_status)
 }
 
 #[tonic::async_trait]
 impl Node for NodeService {
-    async fn node_stage_volume(&self, req: Request<NodeStageVolumeRequest>) -> Result<Response<NodeStageVolumeResponse>, Status> {
+    async fn node_stage_volume(
+        &self,
+        req: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
         let r = req.into_inner();
         let volume_id = required(&r.volume_id, "volume_id")?.to_string();
         let staging = PathBuf::from(required(&r.staging_target_path, "staging_target_path")?);
         let usage = usage_of(r.volume_capability.as_ref())?;
         let (Some(export), Some(addr)) = (r.publish_context.get(CTX_EXPORT), r.publish_context.get(CTX_NBD)) else {
-            return Err(Status::failed_precondition("publish_context has no thinbd export: was ControllerPublishVolume called?"));
+            return Err(Status::failed_precondition(
+                "publish_context has no thinbd export: was ControllerPublishVolume called?",
+            ));
         };
         let index = attach::attach(&volume_id, addr, export).await.map_err(|e| match e {
             attach::AttachError::Handshake { .. } => Status::unavailable(e.to_string()),
@@ -77,13 +82,19 @@ impl Node for NodeService {
             match mounts::mounted_at(&staging) {
                 Some(src) if Path::new(&src) == dev => return Ok(()),
                 Some(src) => {
-                    return Err(MountError::Tool { program: "stage".into(), message: format!("{} already has {src} mounted", staging.display()) })
+                    return Err(MountError::Tool {
+                        program: "stage".into(),
+                        message: format!("{} already has {src} mounted", staging.display()),
+                    });
                 }
                 None => {}
             }
             match mounts::signature(&dev)? {
                 None if read_only => {
-                    return Err(MountError::Tool { program: "stage".into(), message: "a read-only volume without a filesystem cannot be mounted".into() })
+                    return Err(MountError::Tool {
+                        program: "stage".into(),
+                        message: "a read-only volume without a filesystem cannot be mounted".into(),
+                    });
                 }
                 None => mounts::mkfs(&dev, &fs, mkfs_opts.as_deref())?,
                 Some(t) if t == fs => {}
@@ -91,7 +102,7 @@ impl Node for NodeService {
                     return Err(MountError::Tool {
                         program: "stage".into(),
                         message: format!("the volume holds {t}, not {fs}; it is not reformatted"),
-                    })
+                    });
                 }
             }
             mounts::mount_fs(&dev, &staging, &fs, &flags, read_only)
@@ -153,7 +164,10 @@ impl Node for NodeService {
                 mounts::bind(&dev, &t, read_only)
             } else {
                 if mounts::mounted_at(&staging).is_none() {
-                    return Err(MountError::Tool { program: "publish".into(), message: format!("{} is not mounted", staging.display()) });
+                    return Err(MountError::Tool {
+                        program: "publish".into(),
+                        message: format!("{} is not mounted", staging.display()),
+                    });
                 }
                 std::fs::create_dir_all(&t)?;
                 mounts::bind(&staging, &t, read_only)
@@ -197,7 +211,8 @@ impl Node for NodeService {
         let r = req.into_inner();
         let volume_id = required(&r.volume_id, "volume_id")?.to_string();
         let path = PathBuf::from(required(&r.volume_path, "volume_path")?);
-        let meta = std::fs::metadata(&path).map_err(|_| Status::not_found(format!("{} does not exist", path.display())))?;
+        let meta =
+            std::fs::metadata(&path).map_err(|_| Status::not_found(format!("{} does not exist", path.display())))?;
         let index = attach::find(&volume_id);
         let condition = Some(match index {
             Some(i) => VolumeCondition { abnormal: false, message: format!("attached as /dev/nbd{i}") },
@@ -227,7 +242,10 @@ impl Node for NodeService {
         Ok(Response::new(NodeGetVolumeStatsResponse { usage, volume_condition: condition }))
     }
 
-    async fn node_expand_volume(&self, _: Request<NodeExpandVolumeRequest>) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+    async fn node_expand_volume(
+        &self,
+        _: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
         Err(Status::unimplemented("NodeExpandVolume: refreshing an attached device's size is not implemented yet"))
     }
 
@@ -235,12 +253,13 @@ impl Node for NodeService {
         &self,
         _: Request<NodeGetCapabilitiesRequest>,
     ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
-        let capabilities = [Rpc::StageUnstageVolume, Rpc::GetVolumeStats, Rpc::VolumeCondition, Rpc::SingleNodeMultiWriter]
-            .into_iter()
-            .map(|t| NodeServiceCapability {
-                r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: t as i32 })),
-            })
-            .collect();
+        let capabilities =
+            [Rpc::StageUnstageVolume, Rpc::GetVolumeStats, Rpc::VolumeCondition, Rpc::SingleNodeMultiWriter]
+                .into_iter()
+                .map(|t| NodeServiceCapability {
+                    r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: t as i32 })),
+                })
+                .collect();
         Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))
     }
 
