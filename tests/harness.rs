@@ -30,14 +30,23 @@ pub fn thinbd_bin() -> PathBuf {
     workspace_bin("thinbd", "thinbd")
 }
 
+/// The guest half of the kernel end-to-end test, built on demand.
+pub fn guest_driver_bin() -> PathBuf {
+    workspace_bin("thinbd-tests", "thinbd-e2e-guest")
+}
+
 /// The `thinbd-csi` binary, built on demand.
 pub fn csi_bin() -> PathBuf {
     workspace_bin("thinbd-csi", "thinbd-csi")
 }
 
 fn workspace_bin(package: &str, name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    // Test executables live in target/<profile>/deps, binaries in target/<profile>.
+    let exe = std::env::current_exe().expect("executable path");
+    let mut profile_dir = exe.parent().expect("target/<profile>");
+    if profile_dir.file_name().is_some_and(|n| n == "deps") {
+        profile_dir = profile_dir.parent().expect("target/<profile>");
+    }
     let bin = profile_dir.join(name);
     if !bin.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

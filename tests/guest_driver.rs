@@ -1,0 +1,172 @@
+//! `thinbd-e2e-guest DIR`: the guest half of tests/kernel_e2e.rs. Runs inside the qemu guest,
+//! starts the CSI node plugin there and drives it over its unix socket through the plan the
+//! host wrote to DIR/plan.tsv; prints "guest side: all steps passed" and exits 0 on success,
+//! panics (exit 101) on the first failed step.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use thinbd_protocol::csi::node_client::NodeClient;
+use thinbd_protocol::csi::volume_capability::access_mode::Mode;
+use thinbd_protocol::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use thinbd_protocol::csi::*;
+use thinbd_tests::{CsiPlugin, runtime};
+
+const MIB: i64 = 1 << 20;
+
+fn cap(mode: Mode, fs: Option<&str>) -> VolumeCapability {
+    let access = match fs {
+        None => AccessType::Block(BlockVolume {}),
+        Some(f) => AccessType::Mount(MountVolume { fs_type: f.into(), ..Default::default() }),
+    };
+    VolumeCapability { access_type: Some(access), access_mode: Some(AccessMode { mode: mode as i32 }) }
+}
+
+fn read_plan(dir: &Path) -> HashMap<String, (String, HashMap<String, String>)> {
+    std::fs::read_to_string(dir.join("plan.tsv"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            let ctx = HashMap::from([
+                ("thinbd.csi.io/export".to_string(), f[2].to_string()),
+                ("thinbd.csi.io/nbd".to_string(), f[3].to_string()),
+            ]);
+            (f[0].to_string(), (f[1].to_string(), ctx))
+        })
+        .collect()
+}
+
+async fn node_client(sock: &CsiPlugin) -> NodeClient<tonic::transport::Channel> {
+    NodeClient::new(sock.channel().await)
+}
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("bash").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn main() {
+    let Some(dir) = std::env::args().nth(1) else {
+        eprintln!("usage: thinbd-e2e-guest DIR (run by tests/kernel_e2e.rs inside the qemu guest)");
+        std::process::exit(2);
+    };
+    let dir = PathBuf::from(dir);
+    let plan = read_plan(&dir);
+    let node = CsiPlugin::start("node", "unused:1", "guest");
+    let work = PathBuf::from("/run/thinbd-e2e");
+    std::fs::create_dir_all(&work).unwrap();
+    runtime().block_on(async {
+        let mut n = node_client(&node).await;
+        let stage = |role: &str, fs: Option<&str>, mode: Mode| {
+            let (id, ctx) = plan[role].clone();
+            NodeStageVolumeRequest {
+                volume_id: id,
+                publish_context: ctx,
+                staging_target_path: work.join(format!("staging-{role}")).display().to_string(),
+                volume_capability: Some(cap(mode, fs)),
+                ..Default::default()
+            }
+        };
+        let publish = |role: &str, fs: Option<&str>, mode: Mode, target: &str| NodePublishVolumeRequest {
+            volume_id: plan[role].0.clone(),
+            staging_target_path: work.join(format!("staging-{role}")).display().to_string(),
+            target_path: work.join(target).display().to_string(),
+            volume_capability: Some(cap(mode, fs)),
+            ..Default::default()
+        };
+        let unpublish = |role: &str, target: &str| NodeUnpublishVolumeRequest {
+            volume_id: plan[role].0.clone(),
+            target_path: work.join(target).display().to_string(),
+        };
+        let unstage = |role: &str| NodeUnstageVolumeRequest {
+            volume_id: plan[role].0.clone(),
+            staging_target_path: work.join(format!("staging-{role}")).display().to_string(),
+        };
+
+        // Raw block: stage twice (idempotent), publish, fio with verification.
+        let m = Mode::SingleNodeSingleWriter;
+        n.node_stage_volume(stage("block", None, m)).await.expect("stage block");
+        n.node_stage_volume(stage("block", None, m)).await.expect("stage block again");
+        n.node_publish_volume(publish("block", None, m, "block-target")).await.expect("publish block");
+        let err = n.node_publish_volume(publish("block", None, m, "block-other")).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "second workload on a single-writer volume");
+        let target = work.join("block-target");
+        sh(&format!(
+            "fio --name=v --filename={} --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=16 --size=32M \
+             --verify=crc32c --verify_fatal=1 --verify_state_save=0 --output=/dev/null",
+            target.display()
+        ));
+        let stats = n
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: plan["block"].0.clone(),
+                volume_path: target.display().to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stats.usage[0].total, 512 * MIB);
+        assert!(!stats.volume_condition.unwrap().abnormal);
+        n.node_unpublish_volume(unpublish("block", "block-target")).await.expect("unpublish block");
+        n.node_unpublish_volume(unpublish("block", "block-target")).await.expect("unpublish again");
+        n.node_unstage_volume(unstage("block")).await.expect("unstage block");
+        assert!(thinbd_csi_device(&plan["block"].0).is_none(), "device still attached after unstage");
+
+        // Filesystems: format once, files survive unstage + stage, stats, busy unpublish.
+        for fs in ["ext4", "xfs"] {
+            let m = Mode::SingleNodeWriter;
+            n.node_stage_volume(stage(fs, Some(fs), m)).await.unwrap_or_else(|e| panic!("stage {fs}: {e}"));
+            n.node_publish_volume(publish(fs, Some(fs), m, &format!("{fs}-pod"))).await.expect("publish fs");
+            let file = work.join(format!("{fs}-pod/hello"));
+            std::fs::write(&file, b"still here").unwrap();
+            sh("sync");
+            let st = n
+                .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                    volume_id: plan[fs].0.clone(),
+                    volume_path: work.join(format!("{fs}-pod")).display().to_string(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(st.usage.len(), 2, "bytes and inodes");
+            assert!(st.usage[0].total > 400 * MIB && st.usage[1].total > 0);
+            // Busy: a process holds a file open on the mount: retryable error, data kept.
+            let mut holder =
+                Command::new("sleep").arg("30").current_dir(work.join(format!("{fs}-pod"))).spawn().unwrap();
+            let busy = n.node_unpublish_volume(unpublish(fs, &format!("{fs}-pod"))).await.unwrap_err();
+            assert_eq!(busy.code(), tonic::Code::Unavailable, "{busy:?}");
+            holder.kill().unwrap();
+            holder.wait().unwrap();
+            n.node_unpublish_volume(unpublish(fs, &format!("{fs}-pod"))).await.expect("unpublish fs");
+            n.node_unstage_volume(unstage(fs)).await.expect("unstage fs");
+            n.node_stage_volume(stage(fs, Some(fs), m)).await.expect("stage fs again");
+            n.node_publish_volume(publish(fs, Some(fs), m, &format!("{fs}-pod2"))).await.expect("publish again");
+            assert_eq!(
+                std::fs::read(work.join(format!("{fs}-pod2/hello"))).unwrap(),
+                b"still here",
+                "{fs} was reformatted"
+            );
+            n.node_unpublish_volume(unpublish(fs, &format!("{fs}-pod2"))).await.unwrap();
+            n.node_unstage_volume(unstage(fs)).await.unwrap();
+        }
+        // A volume formatted as ext4 is never reformatted as xfs.
+        let wrong = n.node_stage_volume(stage("ext4", Some("xfs"), Mode::SingleNodeWriter)).await.unwrap_err();
+        assert!(wrong.message().contains("not reformatted"), "{wrong:?}");
+        n.node_unstage_volume(unstage("ext4")).await.unwrap();
+    });
+    println!("guest side: all steps passed");
+}
+
+/// The attached device for a volume id, looked up the way the plugin does.
+fn thinbd_csi_device(volume_id: &str) -> Option<u32> {
+    thinbd_csi::attach::find(volume_id)
+}
