@@ -138,7 +138,36 @@ fn main() {
                 .unwrap()
                 .into_inner();
             assert_eq!(st.usage.len(), 2, "bytes and inodes");
-            assert!(st.usage[0].total > 400 * MIB && st.usage[1].total > 0);
+            assert!(st.usage[0].total > 400 * MIB && st.usage[0].total < 512 * MIB && st.usage[1].total > 0);
+            // Online expansion: the server grows the volume, the node grows device and filesystem.
+            let api = std::fs::read_to_string(dir.join("api")).unwrap();
+            let mut mgmt = thinbd_protocol::pb::management_client::ManagementClient::connect(api).await.unwrap();
+            let name = plan[fs].0.rsplit_once('/').unwrap().1.to_string();
+            mgmt.resize_volume(thinbd_protocol::pb::ResizeVolumeRequest { name, size_bytes: (1024 * MIB) as u64 }).await.unwrap();
+            let grown = n
+                .node_expand_volume(NodeExpandVolumeRequest {
+                    volume_id: plan[fs].0.clone(),
+                    volume_path: work.join(format!("{fs}-pod")).display().to_string(),
+                    capacity_range: Some(CapacityRange { required_bytes: 1024 * MIB, limit_bytes: 0 }),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    let dbg = Command::new("bash").arg("-c").arg("grep . /sys/block/nbd[0-9]*/size | grep -v ':0$'; for d in /dev/nbd[0-3]; do blockdev --getsize64 $d; done; dmesg | tail -5").output().unwrap();
+                    panic!("expand {fs}: {e}\n{}", String::from_utf8_lossy(&dbg.stdout))
+                })
+                .into_inner();
+            assert_eq!(grown.capacity_bytes, 1024 * MIB);
+            let st = n
+                .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                    volume_id: plan[fs].0.clone(),
+                    volume_path: work.join(format!("{fs}-pod")).display().to_string(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(st.usage[0].total > 900 * MIB, "{fs} did not grow: {}", st.usage[0].total);
             // Busy: a process holds a file open on the mount: retryable error, data kept.
             let mut holder =
                 Command::new("sleep").arg("30").current_dir(work.join(format!("{fs}-pod"))).spawn().unwrap();

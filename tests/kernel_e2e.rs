@@ -1,8 +1,9 @@
 //! Real-kernel end-to-end: thinbd and the CSI controller run on the host, the CSI node plugin
 //! runs inside a qemu guest whose kernel has nbd.ko (tests/vm/guest.sh), where
 //! `thinbd-e2e-guest` (tests/guest_driver.rs) drives the node plugin over its unix socket:
-//! raw block with fio verification, ext4 format-once across unstage/stage, single-workload
-//! refusal, unpublish of a busy volume, volume stats, and the device going away at unstage.
+//! raw block with fio verification, ext4 and xfs formatted once and intact across
+//! unstage/stage, online expansion of a mounted filesystem, single-workload refusal, unpublish
+//! of a busy volume, volume stats, and the device going away at unstage.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -76,6 +77,7 @@ fn node_plugin_attaches_formats_and_mounts_through_the_kernel() {
             plan.push((role, v.volume_id, ctx));
         }
         write_plan(shared.path(), &plan);
+        std::fs::write(shared.path().join("api"), format!("http://10.0.2.2:{}", server.api_port)).unwrap();
     });
     let cmd = format!("{} {}", guest_driver_bin().display(), shared.path().display());
     let (rc, out) = in_guest(&cmd, &[shared.path()]);

@@ -110,16 +110,27 @@ pub async fn attach(volume_id: &str, addr: &str, export: &str) -> Result<u32, At
     Ok(index)
 }
 
-/// Gives device `index` fresh connections (the server restarted or the network failed).
-pub async fn reconnect(index: u32, addr: &str, export: &str) -> Result<(), AttachError> {
+/// Gives device `index` of `volume_id` fresh connections (the server restarted or the network
+/// failed).
+pub async fn reconnect(index: u32, volume_id: &str, addr: &str, export: &str) -> Result<(), AttachError> {
     let (socks, _, _) = sockets(addr, export).await?;
+    let backend = backend_id(volume_id);
     tokio::task::spawn_blocking(move || {
         let nbd = Nbd::open()?;
         let refs: Vec<&std::net::TcpStream> = socks.iter().collect();
-        nbd.reconfigure(index, &refs)
+        nbd.reconfigure(index, &backend, &refs)
     })
     .await
     .map_err(|e| AttachError::Device(format!("reconnect task: {e}")))??;
+    Ok(())
+}
+
+/// Grows device `index` of `volume_id` to `size` bytes.
+pub async fn resize(index: u32, volume_id: &str, size: u64) -> Result<(), AttachError> {
+    let backend = backend_id(volume_id);
+    tokio::task::spawn_blocking(move || Nbd::open()?.resize(index, &backend, size, BLOCK_SIZE))
+        .await
+        .map_err(|e| AttachError::Device(format!("resize task: {e}")))??;
     Ok(())
 }
 

@@ -30,6 +30,17 @@ pub fn mounted_at(target: &Path) -> Option<String> {
     })
 }
 
+/// The filesystem type mounted at `target`.
+pub fn fstype_at(target: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let target = target.canonicalize().ok()?;
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let dash = f.iter().position(|x| *x == "-")?;
+        (Path::new(&unescape(f.get(4)?)) == target).then(|| f.get(dash + 1).map(|s| s.to_string())).flatten()
+    })
+}
+
 /// mountinfo escapes space, tab, newline and backslash as octal.
 fn unescape(s: &str) -> String {
     let b = s.as_bytes();

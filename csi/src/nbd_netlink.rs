@@ -226,11 +226,24 @@ impl Nbd {
             .ok_or(NetlinkError::Malformed("CONNECT reply without an index"))
     }
 
-    /// Replaces dead connections of device `index` with `sockets` (after a server restart).
-    pub fn reconfigure(&self, index: u32, sockets: &[&std::net::TcpStream]) -> Result<(), NetlinkError> {
+    /// Replaces dead connections of device `index` with `sockets` (after a server restart);
+    /// the kernel keeps live ones and ignores sockets it has no dead slot for.
+    pub fn reconfigure(&self, index: u32, backend: &str, sockets: &[&std::net::TcpStream]) -> Result<(), NetlinkError> {
         let mut a = Attrs::default();
-        a.u32(NBD_ATTR_INDEX, index).nested(NBD_ATTR_SOCKETS, &Self::sockets(sockets));
+        a.u32(NBD_ATTR_INDEX, index)
+            .string(NBD_ATTR_BACKEND_IDENTIFIER, backend)
+            .nested(NBD_ATTR_SOCKETS, &Self::sockets(sockets));
         self.request(NBD_CMD_RECONFIGURE, &a, "NBD reconfigure").map(drop)
+    }
+
+    /// Tells the kernel device `index` is now `size` bytes (online expansion).
+    pub fn resize(&self, index: u32, backend: &str, size: u64, block_size: u64) -> Result<(), NetlinkError> {
+        let mut a = Attrs::default();
+        a.u32(NBD_ATTR_INDEX, index)
+            .string(NBD_ATTR_BACKEND_IDENTIFIER, backend)
+            .u64(NBD_ATTR_SIZE_BYTES, size)
+            .u64(NBD_ATTR_BLOCK_SIZE_BYTES, block_size);
+        self.request(NBD_CMD_RECONFIGURE, &a, "NBD resize").map(drop)
     }
 
     pub fn disconnect(&self, index: u32) -> Result<(), NetlinkError> {

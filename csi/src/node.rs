@@ -244,22 +244,50 @@ impl Node for NodeService {
 
     async fn node_expand_volume(
         &self,
-        _: Request<NodeExpandVolumeRequest>,
+        req: Request<NodeExpandVolumeRequest>,
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented("NodeExpandVolume: refreshing an attached device's size is not implemented yet"))
+        let r = req.into_inner();
+        let volume_id = required(&r.volume_id, "volume_id")?.to_string();
+        let path = PathBuf::from(required(&r.volume_path, "volume_path")?);
+        let index = attach::find(&volume_id)
+            .ok_or_else(|| Status::not_found(format!("volume {volume_id} is not attached on this node")))?;
+        let current = attach::size(index).unwrap_or(0);
+        // The controller grew the volume to exactly this size (or kept a larger one).
+        let want = crate::controller::size_for(r.capacity_range.as_ref())?;
+        if want > current {
+            attach::resize(index, &volume_id, want).await.map_err(|e| Status::internal(e.to_string()))?;
+        }
+        let dev = attach::device_path(index);
+        let meta =
+            std::fs::metadata(&path).map_err(|_| Status::not_found(format!("{} does not exist", path.display())))?;
+        if meta.is_dir() {
+            blocking(move || {
+                let fs = mounts::fstype_at(&path).unwrap_or_default();
+                mounts::grow(&dev, &path, &fs)
+            })
+            .await?;
+        }
+        let size = attach::size(index).unwrap_or(want) as i64;
+        tracing::info!(volume = %volume_id, size, "expanded on the node");
+        Ok(Response::new(NodeExpandVolumeResponse { capacity_bytes: size }))
     }
 
     async fn node_get_capabilities(
         &self,
         _: Request<NodeGetCapabilitiesRequest>,
     ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
-        let capabilities =
-            [Rpc::StageUnstageVolume, Rpc::GetVolumeStats, Rpc::VolumeCondition, Rpc::SingleNodeMultiWriter]
-                .into_iter()
-                .map(|t| NodeServiceCapability {
-                    r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: t as i32 })),
-                })
-                .collect();
+        let capabilities = [
+            Rpc::StageUnstageVolume,
+            Rpc::GetVolumeStats,
+            Rpc::ExpandVolume,
+            Rpc::VolumeCondition,
+            Rpc::SingleNodeMultiWriter,
+        ]
+        .into_iter()
+        .map(|t| NodeServiceCapability {
+            r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: t as i32 })),
+        })
+        .collect();
         Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))
     }
 

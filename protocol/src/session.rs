@@ -96,7 +96,8 @@ pub async fn serve<D: BlockDevice>(
                 payload = Some(buf.freeze());
             }
         }
-        if let Err(errno) = check(&req, info.size, info.read_only, structured, context.is_some(), limits) {
+        // The size is read per request: a device may grow while the session is open.
+        if let Err(errno) = check(&req, dev.info().size, info.read_only, structured, context.is_some(), limits) {
             let reply = error_reply(&req, structured, errno, "request rejected".into());
             if tx.send(reply).await.is_err() {
                 break Ok(());

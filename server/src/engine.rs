@@ -647,7 +647,8 @@ impl Engine {
         Ok(vol)
     }
 
-    /// Grows a volume. Open sessions keep their size; new connections see the new one.
+    /// Grows a volume. New connections see the new size in the handshake; open sessions accept
+    /// requests up to the new end as well.
     pub async fn resize_volume(self: &Arc<Self>, name: &str, size: u64) -> Result<Arc<Volume>, EngineError> {
         Self::check_size(size)?;
         let _admin = self.admin.lock().await;

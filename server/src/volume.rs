@@ -42,7 +42,6 @@ impl Drop for Claims<'_> {
 pub struct VolumeHandle {
     engine: Arc<Engine>,
     target: Target,
-    size: u64,
     read_only: bool,
 }
 
@@ -66,18 +65,22 @@ fn clip(run: &Run, cs: u64, offset: u64, end: u64) -> (u64, u64, u64) {
 impl VolumeHandle {
     pub(crate) fn volume(engine: Arc<Engine>, vol: Arc<Volume>) -> Self {
         vol.sessions.fetch_add(1, Relaxed);
-        let size = vol.size();
-        VolumeHandle { engine, target: Target::Volume(vol), size, read_only: false }
+        VolumeHandle { engine, target: Target::Volume(vol), read_only: false }
     }
 
     pub(crate) fn snapshot(engine: Arc<Engine>, snap: Arc<Snapshot>) -> Self {
         snap.sessions.fetch_add(1, Relaxed);
-        let size = snap.size;
-        VolumeHandle { engine, target: Target::Snapshot(snap), size, read_only: true }
+        VolumeHandle { engine, target: Target::Snapshot(snap), read_only: true }
     }
 
+    /// The current size: a volume grown while a session is open accepts requests up to its new
+    /// end on that session too (the kernel client learns the new size out of band, through
+    /// CSI NodeExpandVolume, and keeps its connections).
     pub fn size(&self) -> u64 {
-        self.size
+        match &self.target {
+            Target::Volume(v) => v.size(),
+            Target::Snapshot(s) => s.size,
+        }
     }
 
     pub fn read_only(&self) -> bool {
