@@ -115,6 +115,25 @@ fn main() {
             .into_inner();
         assert_eq!(stats.usage[0].total, 512 * MIB);
         assert!(!stats.volume_condition.unwrap().abnormal);
+        // thinbd restarts in the middle of a write: the kernel holds the I/O, the node plugin
+        // reconnects the device, fio finishes and reads back every block it wrote.
+        let mut fio = Command::new("fio")
+            .args(["--name=restart", "--direct=1", "--ioengine=libaio", "--rw=write", "--bs=64k", "--iodepth=4"])
+            .args(["--size=96M", "--rate=6m", "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0"])
+            .arg(format!("--filename={}", target.display()))
+            .arg("--output=/dev/null")
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        std::fs::write(dir.join("restart-now"), b"").unwrap();
+        let t0 = std::time::Instant::now();
+        while !dir.join("restarted").exists() {
+            assert!(t0.elapsed().as_secs() < 60, "the host did not restart thinbd");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let status = fio.wait().unwrap();
+        assert!(status.success(), "fio across the restart failed: {status}");
+        println!("fio across a thinbd restart: ok ({} s)", t0.elapsed().as_secs());
         n.node_unpublish_volume(unpublish("block", "block-target")).await.expect("unpublish block");
         n.node_unpublish_volume(unpublish("block", "block-target")).await.expect("unpublish again");
         n.node_unstage_volume(unstage("block")).await.expect("unstage block");

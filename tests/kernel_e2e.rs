@@ -3,7 +3,8 @@
 //! `thinbd-e2e-guest` (tests/guest_driver.rs) drives the node plugin over its unix socket:
 //! raw block with fio verification, ext4 and xfs formatted once and intact across
 //! unstage/stage, online expansion of a mounted filesystem, single-workload refusal, unpublish
-//! of a busy volume, volume stats, and the device going away at unstage.
+//! of a busy volume, volume stats, the device going away at unstage, and thinbd restarted in
+//! the middle of a fio run: the node reconnects the device and verification passes.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -80,9 +81,32 @@ fn node_plugin_attaches_formats_and_mounts_through_the_kernel() {
         std::fs::write(shared.path().join("api"), format!("http://10.0.2.2:{}", server.api_port)).unwrap();
     });
     let cmd = format!("{} {}", guest_driver_bin().display(), shared.path().display());
-    let (rc, out) = in_guest(&cmd, &[shared.path()]);
+    // The guest asks for a server restart in the middle of a fio run (restart-now); the host
+    // restarts thinbd on the same ports and data dir and says so (restarted).
+    let dir = shared.path().to_path_buf();
+    let guest = std::thread::spawn(move || in_guest(&cmd, &[&dir]));
+    let mut server = server;
+    let mut restarted = false;
+    while !guest.is_finished() {
+        if !restarted && shared.path().join("restart-now").exists() {
+            assert!(server.stop().success(), "thinbd did not stop cleanly");
+            server.spawn();
+            std::fs::write(shared.path().join("restarted"), b"").unwrap();
+            restarted = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (rc, out) = guest.join().unwrap();
+    assert!(restarted, "the guest never asked for the restart:\n{out}");
     assert_eq!(rc, 0, "guest side failed:\n{out}\nserver log:\n{}", server.log_text());
     assert!(out.contains("guest side: all steps passed"), "{out}");
+    // The device came back through new sessions opened after the restart.
+    let log = server.log_text();
+    let after = log.rsplit_once("thinbd serving").map(|(_, rest)| rest).unwrap_or_default();
+    assert!(
+        after.contains("NBD session started") && after.contains("pvc-block#"),
+        "no reconnect after restart:\n{log}"
+    );
     // The kernel wrote through thinbd: the block volume holds fio's data.
     let v = server.volume_json("pvc-block");
     assert!(v["allocated_bytes"].as_u64().unwrap() >= 32 << 20, "{v}");

@@ -149,3 +149,101 @@ pub async fn detach(index: u32) -> Result<(), AttachError> {
 pub fn index_of(dev: &Path) -> Option<u32> {
     dev.file_name()?.to_str()?.strip_prefix("nbd")?.parse().ok()
 }
+
+/// Where the node remembers how to reach each attached volume (server address and export
+/// name), so it can reconnect a device after the server restarts, also after its own restart.
+/// Files are 0600: the export name is the grant's secret.
+pub struct StateDir(pub PathBuf);
+
+impl StateDir {
+    fn file(&self, volume_id: &str) -> PathBuf {
+        let name: String = volume_id.bytes().map(|b| format!("{b:02x}")).collect();
+        self.0.join(name)
+    }
+
+    pub fn save(&self, volume_id: &str, addr: &str, export: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::create_dir_all(&self.0)?;
+        let tmp = self.file(volume_id).with_extension("tmp");
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        writeln!(f, "{addr}\n{export}")?;
+        f.sync_all()?;
+        std::fs::rename(tmp, self.file(volume_id))
+    }
+
+    pub fn load(&self, volume_id: &str) -> Option<(String, String)> {
+        let text = std::fs::read_to_string(self.file(volume_id)).ok()?;
+        let mut lines = text.lines();
+        Some((lines.next()?.to_string(), lines.next()?.to_string()))
+    }
+
+    pub fn remove(&self, volume_id: &str) {
+        let _ = std::fs::remove_file(self.file(volume_id));
+    }
+}
+
+/// The volume a device serves, from its backend identifier.
+fn volume_of(index: u32) -> Option<String> {
+    sys(index, "backend")?.strip_prefix("thinbd:").map(str::to_string)
+}
+
+/// Keeps attached devices connected: when the kernel announces that a device's connections
+/// died (server restart, network failure), negotiate fresh ones and hand them over, retrying
+/// every second for as long as the kernel holds the I/O (the dead-connection timeout).
+pub fn spawn_supervisor(state: std::sync::Arc<StateDir>) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+    let listener = match Nbd::open().and_then(|n| n.link_dead_listener()) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch NBD connections; devices will not reconnect by themselves");
+            return;
+        }
+    };
+    std::thread::Builder::new()
+        .name("nbd-link-watch".into())
+        .spawn(move || {
+            while let Ok(index) = listener.next() {
+                if tx.send(index).is_err() {
+                    return;
+                }
+            }
+        })
+        .ok();
+    tokio::spawn(async move {
+        let busy = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        while let Some(index) = rx.recv().await {
+            if !busy.lock().is_ok_and(|mut b| b.insert(index)) {
+                continue;
+            }
+            let (state, busy) = (state.clone(), busy.clone());
+            tokio::spawn(async move {
+                keep_connected(index, &state).await;
+                if let Ok(mut b) = busy.lock() {
+                    b.remove(&index);
+                }
+            });
+        }
+    });
+}
+
+async fn keep_connected(index: u32, state: &StateDir) {
+    let Some(volume_id) = volume_of(index) else { return };
+    let Some((addr, export)) = state.load(&volume_id) else {
+        tracing::warn!(device = index, volume = %volume_id, "connection died and no reconnect information is stored");
+        return;
+    };
+    tracing::warn!(device = index, volume = %volume_id, "NBD connection died; reconnecting");
+    let deadline = Instant::now() + Duration::from_secs(DEAD_CONN_TIMEOUT);
+    while Instant::now() < deadline && volume_of(index).as_deref() == Some(volume_id.as_str()) {
+        match reconnect(index, &volume_id, &addr, &export).await {
+            Ok(()) => {
+                tracing::info!(device = index, volume = %volume_id, "reconnected");
+                return;
+            }
+            Err(e) => tracing::debug!(device = index, error = %e, "reconnect failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tracing::error!(device = index, volume = %volume_id, "could not reconnect within the dead-connection timeout");
+}

@@ -36,6 +36,10 @@ struct Cli {
     /// {node}:10810, when every node runs its own.
     #[arg(long, default_value = "127.0.0.1:10810")]
     thinbd_api: String,
+    /// Where the node service keeps reconnect information for attached volumes (default: a
+    /// `volumes` directory next to the socket).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// Most volumes the node service attaches (kernel NBD devices).
     #[arg(long, default_value_t = 64)]
     max_volumes_per_node: i64,
@@ -83,7 +87,8 @@ async fn main() -> anyhow::Result<()> {
     };
     if node {
         let node_id = cli.node_id.clone().context("--node-id (or NODE_ID) is required for the node service")?;
-        router = router.add_service(NodeServer::new(NodeService::new(node_id, cli.max_volumes_per_node)));
+        let state_dir = cli.state_dir.clone().unwrap_or_else(|| path.parent().unwrap_or(&path).join("volumes"));
+        router = router.add_service(NodeServer::new(NodeService::new(node_id, cli.max_volumes_per_node, state_dir)));
     }
     info!(endpoint = %cli.endpoint, controller, node, api = %cli.thinbd_api, "thinbd-csi serving");
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);

@@ -22,10 +22,14 @@ const GENL_ID_CTRL: u16 = 0x10;
 const CTRL_CMD_GETFAMILY: u8 = 3;
 const CTRL_ATTR_FAMILY_ID: u16 = 1;
 const CTRL_ATTR_FAMILY_NAME: u16 = 2;
+const CTRL_ATTR_MCAST_GROUPS: u16 = 7;
+const CTRL_ATTR_MCAST_GRP_NAME: u16 = 1;
+const CTRL_ATTR_MCAST_GRP_ID: u16 = 2;
 
 const NBD_CMD_CONNECT: u8 = 1;
 const NBD_CMD_DISCONNECT: u8 = 2;
 const NBD_CMD_RECONFIGURE: u8 = 3;
+const NBD_CMD_LINK_DEAD: u8 = 4;
 
 const NBD_ATTR_INDEX: u16 = 1;
 const NBD_ATTR_SIZE_BYTES: u16 = 2;
@@ -156,6 +160,8 @@ pub struct DeviceConfig {
 pub struct Nbd {
     sock: OwnedFd,
     family: u16,
+    /// The "nbd_mc_group" multicast group, on which the kernel announces dead connections.
+    mcast_group: Option<u32>,
     seq: std::sync::atomic::AtomicU32,
 }
 
@@ -163,7 +169,7 @@ impl Nbd {
     pub fn open() -> Result<Nbd, NetlinkError> {
         let sock = socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkGeneric)?;
         bind(sock.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
-        let mut nbd = Nbd { sock, family: GENL_ID_CTRL, seq: 1.into() };
+        let mut nbd = Nbd { sock, family: GENL_ID_CTRL, mcast_group: None, seq: 1.into() };
         let mut a = Attrs::default();
         a.string(CTRL_ATTR_FAMILY_NAME, "nbd");
         let replies = nbd.request(CTRL_CMD_GETFAMILY, &a, "resolve the nbd family").map_err(|e| match e {
@@ -177,7 +183,32 @@ impl Nbd {
             .and_then(|(_, p)| p.get(0..2).map(|b| u16::from_ne_bytes([b[0], b[1]])))
             .ok_or(NetlinkError::NoFamily)?;
         nbd.family = id;
+        nbd.mcast_group = replies
+            .iter()
+            .flat_map(|r| parse_attrs(r).unwrap_or_default())
+            .filter(|(t, _)| *t == CTRL_ATTR_MCAST_GROUPS)
+            .flat_map(|(_, groups)| parse_attrs(groups).unwrap_or_default())
+            .find_map(|(_, group)| {
+                let attrs = parse_attrs(group).ok()?;
+                let name = attrs.iter().find(|(t, _)| *t == CTRL_ATTR_MCAST_GRP_NAME)?.1;
+                let id = attrs.iter().find(|(t, _)| *t == CTRL_ATTR_MCAST_GRP_ID)?.1;
+                (name.strip_suffix(&[0]).unwrap_or(name) == b"nbd_mc_group")
+                    .then(|| id.get(0..4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])))
+                    .flatten()
+            });
         Ok(nbd)
+    }
+
+    /// A socket that receives the kernel's dead-connection announcements. Joins the group by
+    /// binding to its bit, which covers group ids up to 32 (the kernel hands out small ids).
+    pub fn link_dead_listener(&self) -> Result<LinkDeadListener, NetlinkError> {
+        let group = self
+            .mcast_group
+            .filter(|g| (1..=32).contains(g))
+            .ok_or(NetlinkError::Malformed("no usable nbd multicast group"))?;
+        let sock = socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkGeneric)?;
+        bind(sock.as_raw_fd(), &NetlinkAddr::new(0, 1 << (group - 1)))?;
+        Ok(LinkDeadListener { sock, family: self.family })
     }
 
     fn request(&self, cmd: u8, attrs: &Attrs, op: &'static str) -> Result<Vec<Vec<u8>>, NetlinkError> {
@@ -253,6 +284,39 @@ impl Nbd {
     }
 }
 
+pub struct LinkDeadListener {
+    sock: OwnedFd,
+    family: u16,
+}
+
+impl LinkDeadListener {
+    /// Blocks until the kernel reports a device whose connections died; returns its index.
+    pub fn next(&self) -> Result<u32, NetlinkError> {
+        let mut buf = vec![0u8; 8192];
+        loop {
+            let n = recv(self.sock.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+            if let Some(index) = parse_link_dead(&buf[..n], self.family) {
+                return Ok(index);
+            }
+        }
+    }
+}
+
+/// The device index of a LINK_DEAD announcement of `family`, if `b` is one.
+fn parse_link_dead(b: &[u8], family: u16) -> Option<u32> {
+    let len = u32::from_ne_bytes(b.get(0..4)?.try_into().ok()?) as usize;
+    let ty = u16::from_ne_bytes(b.get(4..6)?.try_into().ok()?);
+    let body = b.get(16..len)?;
+    if ty != family || *body.first()? != NBD_CMD_LINK_DEAD {
+        return None;
+    }
+    parse_attrs(body.get(4..)?)
+        .ok()?
+        .into_iter()
+        .find(|(t, _)| *t == NBD_ATTR_INDEX)
+        .and_then(|(_, p)| p.get(0..4).map(|x| u32::from_ne_bytes([x[0], x[1], x[2], x[3]])))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,6 +337,18 @@ mod tests {
         let m = message(0x20, NBD_CMD_CONNECT, 9, &a);
         assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()) as usize, m.len());
         assert_eq!(m[16], NBD_CMD_CONNECT);
+    }
+
+    #[test]
+    fn link_dead_announcements() {
+        let mut a = Attrs::default();
+        a.u32(NBD_ATTR_INDEX, 3);
+        let mut m = message(0x21, NBD_CMD_LINK_DEAD, 0, &a);
+        assert_eq!(parse_link_dead(&m, 0x21), Some(3));
+        assert_eq!(parse_link_dead(&m, 0x22), None, "other family");
+        m[16] = NBD_CMD_CONNECT;
+        assert_eq!(parse_link_dead(&m, 0x21), None, "other command");
+        assert_eq!(parse_link_dead(&m[..10], 0x21), None);
     }
 
     #[test]

@@ -19,13 +19,18 @@ use crate::{CTX_EXPORT, CTX_MKFS_OPTIONS, CTX_NBD, TOPOLOGY_KEY, attach};
 pub struct NodeService {
     pub node_id: String,
     pub max_volumes: i64,
+    state: std::sync::Arc<attach::StateDir>,
     /// Target paths each volume is published at (single-workload modes allow one).
     published: Mutex<HashMap<String, HashSet<PathBuf>>>,
 }
 
 impl NodeService {
-    pub fn new(node_id: String, max_volumes: i64) -> NodeService {
-        NodeService { node_id, max_volumes, published: Mutex::default() }
+    /// `state_dir` keeps reconnect information for attached volumes; a supervisor reconnects
+    /// devices whose connections die.
+    pub fn new(node_id: String, max_volumes: i64, state_dir: PathBuf) -> NodeService {
+        let state = std::sync::Arc::new(attach::StateDir(state_dir));
+        attach::spawn_supervisor(state.clone());
+        NodeService { node_id, max_volumes, state, published: Mutex::default() }
     }
 }
 
@@ -65,6 +70,7 @@ impl Node for NodeService {
                 "publish_context has no thinbd export: was ControllerPublishVolume called?",
             ));
         };
+        self.state.save(&volume_id, addr, export).map_err(|e| Status::internal(format!("saving attach state: {e}")))?;
         let index = attach::attach(&volume_id, addr, export).await.map_err(|e| match e {
             attach::AttachError::Handshake { .. } => Status::unavailable(e.to_string()),
             _ => Status::internal(e.to_string()),
@@ -123,6 +129,7 @@ impl Node for NodeService {
             attach::detach(index).await.map_err(|e| Status::internal(e.to_string()))?;
             tracing::info!(volume = %volume_id, device = index, "detached");
         }
+        self.state.remove(&volume_id);
         Ok(Response::new(NodeUnstageVolumeResponse {}))
     }
 
