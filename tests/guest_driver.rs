@@ -60,7 +60,7 @@ fn main() {
     };
     let dir = PathBuf::from(dir);
     let plan = read_plan(&dir);
-    let node = CsiPlugin::start("node", "unused:1", "guest");
+    let mut node = CsiPlugin::start("node", "unused:1", "guest");
     let work = PathBuf::from("/run/thinbd-e2e");
     std::fs::create_dir_all(&work).unwrap();
     runtime().block_on(async {
@@ -95,6 +95,19 @@ fn main() {
         let m = Mode::SingleNodeSingleWriter;
         n.node_stage_volume(stage("block", None, m)).await.expect("stage block");
         n.node_stage_volume(stage("block", None, m)).await.expect("stage block again");
+        // The plugin restarts: the attached device is found again by its backend identifier.
+        drop(node);
+        node = CsiPlugin::start("node", "unused:1", "guest");
+        let mut n = node_client(&node).await;
+        n.node_stage_volume(stage("block", None, m)).await.expect("stage after a plugin restart");
+        assert_eq!(
+            std::fs::read_dir("/sys/block").unwrap().filter(|e| {
+                let p = e.as_ref().unwrap().path().join("backend");
+                std::fs::read_to_string(p).is_ok_and(|b| b.trim() == format!("thinbd:{}", plan["block"].0))
+            }).count(),
+            1,
+            "one device per volume, also after a restart"
+        );
         n.node_publish_volume(publish("block", None, m, "block-target")).await.expect("publish block");
         let err = n.node_publish_volume(publish("block", None, m, "block-other")).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "second workload on a single-writer volume");
@@ -147,6 +160,52 @@ fn main() {
             let file = work.join(format!("{fs}-pod/hello"));
             std::fs::write(&file, b"still here").unwrap();
             sh("sync");
+            // Snapshot the live filesystem, restore it into a new volume, attach and read it.
+            let api = std::fs::read_to_string(dir.join("api")).unwrap();
+            let mut mgmt = thinbd_protocol::pb::management_client::ManagementClient::connect(api.clone()).await.unwrap();
+            let (storage_node, name) = plan[fs].0.rsplit_once('/').unwrap();
+            let (storage_node, name) = (storage_node.to_string(), name.to_string());
+            let restored = format!("{name}-restored");
+            mgmt.create_snapshot(thinbd_protocol::pb::CreateSnapshotRequest { volume: name.clone(), name: "s1".into() })
+                .await
+                .unwrap();
+            mgmt.clone_volume(thinbd_protocol::pb::CloneVolumeRequest {
+                source: format!("{name}@s1"),
+                name: restored.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let grant = mgmt
+                .publish_volume(thinbd_protocol::pb::PublishVolumeRequest {
+                    volume: restored.clone(),
+                    node: "guest".into(),
+                    read_only: false,
+                    single_writer: true,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let rid = format!("{storage_node}/{restored}");
+            let mut ctx = plan[fs].1.clone();
+            ctx.insert("thinbd.csi.io/export".into(), grant.export_name);
+            let rstage = work.join(format!("staging-{fs}-restored")).display().to_string();
+            let rcap = Some(cap(m, Some(fs)));
+            n.node_stage_volume(NodeStageVolumeRequest {
+                volume_id: rid.clone(),
+                publish_context: ctx,
+                staging_target_path: rstage.clone(),
+                volume_capability: rcap.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("stage restored {fs}: {e}"));
+            assert_eq!(
+                std::fs::read(Path::new(&rstage).join("hello")).unwrap(),
+                b"still here",
+                "restored {fs} lacks the file"
+            );
+            n.node_unstage_volume(NodeUnstageVolumeRequest { volume_id: rid, staging_target_path: rstage }).await.unwrap();
             let st = n
                 .node_get_volume_stats(NodeGetVolumeStatsRequest {
                     volume_id: plan[fs].0.clone(),

@@ -1,8 +1,9 @@
 //! Real-kernel end-to-end: thinbd and the CSI controller run on the host, the CSI node plugin
 //! runs inside a qemu guest whose kernel has nbd.ko (tests/vm/guest.sh), where
 //! `thinbd-e2e-guest` (tests/guest_driver.rs) drives the node plugin over its unix socket:
-//! raw block with fio verification, ext4 and xfs formatted once and intact across
-//! unstage/stage, online expansion of a mounted filesystem, single-workload refusal, unpublish
+//! raw block with fio verification, a plugin restart that finds its device again, ext4 and xfs
+//! formatted once and intact across unstage/stage, a snapshot of each restored into a new
+//! volume that holds the files, online expansion of a mounted filesystem, single-workload refusal, unpublish
 //! of a busy volume, volume stats, the device going away at unstage, and thinbd restarted in
 //! the middle of a fio run: the node reconnects the device and verification passes.
 

@@ -126,6 +126,11 @@ pub fn mount_fs(dev: &Path, target: &Path, fs: &str, flags: &[String], read_only
     if read_only {
         ms |= MsFlags::MS_RDONLY;
     }
+    // Snapshots and clones carry their source's filesystem UUID, and xfs refuses to mount a
+    // second filesystem with a UUID already mounted.
+    if fs == "xfs" && !data.iter().any(|d| d == "nouuid") {
+        data.push("nouuid".into());
+    }
     let data = data.join(",");
     mount(Some(dev), target, Some(fs), ms, (!data.is_empty()).then_some(data.as_str()))
         .map_err(|source| MountError::Sys { what: format!("mount {} on {}", dev.display(), target.display()), source })
