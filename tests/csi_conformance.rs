@@ -578,3 +578,106 @@ fn snapshots_restores_clones_and_expansion() {
         assert_eq!(fsck_ok["size_bytes"], 8 * MIB);
     });
 }
+
+/// Node RPCs that fail before touching the kernel: argument checks and spec error codes.
+#[test]
+fn node_rpcs_check_arguments() {
+    runtime().block_on(async {
+        let mut e = env().await;
+        let tmp = tempfile::tempdir().unwrap();
+        let staging = tmp.path().join("staging").display().to_string();
+        let target = tmp.path().join("target").display().to_string();
+        let block = Some(cap(Mode::SingleNodeWriter, true));
+        let stage = |id: &str, path: &str, c: Option<VolumeCapability>| NodeStageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: path.into(),
+            volume_capability: c,
+            ..Default::default()
+        };
+        assert_eq!(code(e.node.node_stage_volume(stage("", &staging, block.clone())).await), Code::InvalidArgument);
+        assert_eq!(code(e.node.node_stage_volume(stage("n/v", "", block.clone())).await), Code::InvalidArgument);
+        assert_eq!(code(e.node.node_stage_volume(stage("n/v", &staging, None)).await), Code::InvalidArgument);
+        assert_eq!(
+            code(e.node.node_stage_volume(stage("n/v", &staging, Some(cap(Mode::MultiNodeMultiWriter, false)))).await),
+            Code::InvalidArgument
+        );
+        // Without ControllerPublishVolume there is no export to attach.
+        assert_eq!(
+            code(e.node.node_stage_volume(stage("n/v", &staging, block.clone())).await),
+            Code::FailedPrecondition
+        );
+
+        let publish = |id: &str, t: &str| NodePublishVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.clone(),
+            target_path: t.into(),
+            volume_capability: block.clone(),
+            ..Default::default()
+        };
+        assert_eq!(code(e.node.node_publish_volume(publish("", &target)).await), Code::InvalidArgument);
+        assert_eq!(code(e.node.node_publish_volume(publish("n/v", "")).await), Code::InvalidArgument);
+        assert_eq!(
+            code(e.node.node_publish_volume(publish("n/v", &target)).await),
+            Code::FailedPrecondition,
+            "not staged"
+        );
+
+        // Unpublish and unstage of things never published are fine (idempotent).
+        e.node
+            .node_unpublish_volume(NodeUnpublishVolumeRequest { volume_id: "n/v".into(), target_path: target.clone() })
+            .await
+            .expect("unpublish of nothing");
+        e.node
+            .node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: "n/v".into(),
+                staging_target_path: staging.clone(),
+            })
+            .await
+            .expect("unstage of nothing");
+        assert_eq!(
+            code(
+                e.node
+                    .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                        volume_id: "".into(),
+                        target_path: target.clone()
+                    })
+                    .await
+            ),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(
+                e.node
+                    .node_unstage_volume(NodeUnstageVolumeRequest {
+                        volume_id: "n/v".into(),
+                        staging_target_path: "".into()
+                    })
+                    .await
+            ),
+            Code::InvalidArgument
+        );
+
+        // Stats of a path that does not exist: NOT_FOUND; expansion of a volume not attached here.
+        let stats = |p: &str| NodeGetVolumeStatsRequest {
+            volume_id: "n/v".into(),
+            volume_path: p.into(),
+            ..Default::default()
+        };
+        assert_eq!(code(e.node.node_get_volume_stats(stats(&target)).await), Code::NotFound);
+        assert_eq!(code(e.node.node_get_volume_stats(stats("")).await), Code::InvalidArgument);
+        let st = e.node.node_get_volume_stats(stats(&tmp.path().display().to_string())).await.unwrap().into_inner();
+        assert!(st.volume_condition.unwrap().abnormal, "a volume with no device is abnormal");
+        assert_eq!(
+            code(
+                e.node
+                    .node_expand_volume(NodeExpandVolumeRequest {
+                        volume_id: "n/v".into(),
+                        volume_path: target.clone(),
+                        ..Default::default()
+                    })
+                    .await
+            ),
+            Code::NotFound
+        );
+    });
+}
