@@ -60,7 +60,9 @@ fn main() {
     };
     let dir = PathBuf::from(dir);
     let plan = read_plan(&dir);
-    let mut node = CsiPlugin::start("node", "unused:1", "guest");
+    let api = std::fs::read_to_string(dir.join("api")).unwrap();
+    let api_addr = api.trim_start_matches("http://").to_string();
+    let mut node = CsiPlugin::start("node", &api_addr, "guest");
     let work = PathBuf::from("/run/thinbd-e2e");
     std::fs::create_dir_all(&work).unwrap();
     runtime().block_on(async {
@@ -97,7 +99,7 @@ fn main() {
         n.node_stage_volume(stage("block", None, m)).await.expect("stage block again");
         // The plugin restarts: the attached device is found again by its backend identifier.
         drop(node);
-        node = CsiPlugin::start("node", "unused:1", "guest");
+        node = CsiPlugin::start("node", &api_addr, "guest");
         let mut n = node_client(&node).await;
         n.node_stage_volume(stage("block", None, m)).await.expect("stage after a plugin restart");
         assert_eq!(
@@ -265,6 +267,30 @@ fn main() {
             n.node_unpublish_volume(unpublish(fs, &format!("{fs}-pod2"))).await.unwrap();
             n.node_unstage_volume(unstage(fs)).await.unwrap();
         }
+        // A CSI inline ephemeral volume: NodePublish alone creates, attaches, formats and
+        // mounts it; NodeUnpublish deletes it.
+        let mut mgmt = thinbd_protocol::pb::management_client::ManagementClient::connect(api.clone()).await.unwrap();
+        let eph = NodePublishVolumeRequest {
+            volume_id: "csi-eph-1".into(),
+            target_path: work.join("eph-pod").display().to_string(),
+            volume_capability: Some(cap(Mode::SingleNodeWriter, Some("ext4"))),
+            volume_context: HashMap::from([
+                ("csi.storage.k8s.io/ephemeral".to_string(), "true".to_string()),
+                ("size".to_string(), "256Mi".to_string()),
+            ]),
+            ..Default::default()
+        };
+        n.node_publish_volume(eph.clone()).await.expect("publish inline ephemeral");
+        n.node_publish_volume(eph.clone()).await.expect("publish inline ephemeral again");
+        std::fs::write(work.join("eph-pod/scratch"), b"tmp").unwrap();
+        let v = mgmt.get_volume(thinbd_protocol::pb::GetVolumeRequest { name: "eph-csi-eph-1".into() }).await.unwrap().into_inner();
+        assert_eq!(v.size_bytes, 256 << 20);
+        n.node_unpublish_volume(NodeUnpublishVolumeRequest { volume_id: "csi-eph-1".into(), target_path: eph.target_path.clone() })
+            .await
+            .expect("unpublish inline ephemeral");
+        let gone = mgmt.get_volume(thinbd_protocol::pb::GetVolumeRequest { name: "eph-csi-eph-1".into() }).await.unwrap_err();
+        assert_eq!(gone.code(), tonic::Code::NotFound, "the ephemeral volume outlived its pod");
+
         // A volume formatted as ext4 is never reformatted as xfs.
         let wrong = n.node_stage_volume(stage("ext4", Some("xfs"), Mode::SingleNodeWriter)).await.unwrap_err();
         assert!(wrong.message().contains("not reformatted"), "{wrong:?}");

@@ -181,6 +181,25 @@ impl StateDir {
     pub fn remove(&self, volume_id: &str) {
         let _ = std::fs::remove_file(self.file(volume_id));
     }
+
+    fn ephemeral_file(&self, target: &Path) -> PathBuf {
+        let name: String = target.as_os_str().as_encoded_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        self.0.join(format!("eph-{name}"))
+    }
+
+    /// Remembers that `target` holds the inline ephemeral volume `volume_id`.
+    pub fn mark_ephemeral(&self, target: &Path, volume_id: &str) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.0)?;
+        std::fs::write(self.ephemeral_file(target), volume_id)
+    }
+
+    pub fn ephemeral(&self, target: &Path) -> Option<String> {
+        std::fs::read_to_string(self.ephemeral_file(target)).ok()
+    }
+
+    pub fn unmark_ephemeral(&self, target: &Path) {
+        let _ = std::fs::remove_file(self.ephemeral_file(target));
+    }
 }
 
 /// The volume a device serves, from its backend identifier.

@@ -88,7 +88,12 @@ async fn main() -> anyhow::Result<()> {
     if node {
         let node_id = cli.node_id.clone().context("--node-id (or NODE_ID) is required for the node service")?;
         let state_dir = cli.state_dir.clone().unwrap_or_else(|| path.parent().unwrap_or(&path).join("volumes"));
-        router = router.add_service(NodeServer::new(NodeService::new(node_id, cli.max_volumes_per_node, state_dir)));
+        router = router.add_service(NodeServer::new(NodeService::new(
+            node_id,
+            cli.max_volumes_per_node,
+            state_dir,
+            backends.clone(),
+        )));
     }
     info!(endpoint = %cli.endpoint, controller, node, api = %cli.thinbd_api, "thinbd-csi serving");
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);

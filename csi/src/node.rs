@@ -20,6 +20,8 @@ pub struct NodeService {
     pub node_id: String,
     pub max_volumes: i64,
     state: std::sync::Arc<attach::StateDir>,
+    /// The storage servers, for CSI inline ephemeral volumes (the node creates those itself).
+    backends: std::sync::Arc<crate::backend::Backends>,
     /// Target paths each volume is published at (single-workload modes allow one).
     published: Mutex<HashMap<String, HashSet<PathBuf>>>,
 }
@@ -27,11 +29,125 @@ pub struct NodeService {
 impl NodeService {
     /// `state_dir` keeps reconnect information for attached volumes; a supervisor reconnects
     /// devices whose connections die.
-    pub fn new(node_id: String, max_volumes: i64, state_dir: PathBuf) -> NodeService {
+    pub fn new(
+        node_id: String,
+        max_volumes: i64,
+        state_dir: PathBuf,
+        backends: std::sync::Arc<crate::backend::Backends>,
+    ) -> NodeService {
         let state = std::sync::Arc::new(attach::StateDir(state_dir));
         attach::spawn_supervisor(state.clone());
-        NodeService { node_id, max_volumes, state, published: Mutex::default() }
+        NodeService { node_id, max_volumes, state, backends, published: Mutex::default() }
     }
+
+    /// The storage server inline ephemeral volumes go to: this node's own (template API) or
+    /// the single one.
+    async fn local_api(&self) -> Result<(String, crate::backend::Api), Status> {
+        let node = if self.backends.is_template() { self.node_id.clone() } else { self.backends.single_node().await? };
+        let api = self.backends.api(&node).await?;
+        Ok((node, api))
+    }
+
+    /// NodePublishVolume of a CSI inline ephemeral volume: create it on the local storage
+    /// server, grant this node, attach, format and mount it on the target. Idempotent.
+    async fn publish_ephemeral(&self, r: &NodePublishVolumeRequest, usage: &Usage) -> Result<(), Status> {
+        use thinbd_protocol::pb;
+        let target = PathBuf::from(&r.target_path);
+        if mounts::mounted_at(&target).is_some() {
+            return Ok(());
+        }
+        let size = match r.volume_context.get("size") {
+            Some(q) => parse_quantity(q).ok_or_else(|| invalid(format!("size {q:?} is not a quantity like 1Gi")))?,
+            None => crate::controller::DEFAULT_SIZE,
+        };
+        let (storage_node, mut api) = self.local_api().await?;
+        let name = crate::ids::server_name(&format!("eph-{}", r.volume_id));
+        let exists = api.get_volume(pb::GetVolumeRequest { name: name.clone() }).await.is_ok();
+        if !exists {
+            let labels = HashMap::from([("csi.ephemeral".to_string(), r.volume_id.clone())]);
+            api.create_volume(pb::CreateVolumeRequest { name: name.clone(), size_bytes: size, labels })
+                .await
+                .map_err(crate::backend::unavailable)?;
+        }
+        let grant = api
+            .publish_volume(pb::PublishVolumeRequest {
+                volume: name.clone(),
+                node: self.node_id.clone(),
+                read_only: false,
+                single_writer: true,
+            })
+            .await
+            .map_err(crate::backend::unavailable)?
+            .into_inner();
+        let addr =
+            api.get_pool(pb::GetPoolRequest {}).await.map_err(crate::backend::unavailable)?.into_inner().nbd_address;
+        let volume_id = format!("{storage_node}/{name}");
+        self.state.save(&volume_id, &addr, &grant.export_name).map_err(|e| Status::internal(e.to_string()))?;
+        self.state.mark_ephemeral(&target, &volume_id).map_err(|e| Status::internal(e.to_string()))?;
+        let index = attach::attach(&volume_id, &addr, &grant.export_name)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let dev = attach::device_path(index);
+        let fs = usage.fs_type.clone().unwrap_or_else(|| capability::DEFAULT_FS.to_string());
+        let flags = usage.mount_flags.clone();
+        blocking(move || {
+            std::fs::create_dir_all(&target)?;
+            if mounts::signature(&dev)?.is_none() {
+                mounts::mkfs(&dev, &fs, None)?;
+            }
+            mounts::mount_fs(&dev, &target, &fs, &flags, false)
+        })
+        .await?;
+        tracing::info!(volume = %volume_id, target = %r.target_path, "inline ephemeral volume published");
+        Ok(())
+    }
+
+    /// NodeUnpublishVolume of an inline ephemeral volume (after its unmount): detach it and
+    /// delete it from the server.
+    async fn remove_ephemeral(&self, target: &Path) -> Result<(), Status> {
+        use thinbd_protocol::pb;
+        let Some(volume_id) = self.state.ephemeral(target) else { return Ok(()) };
+        if let Some(index) = attach::find(&volume_id) {
+            attach::detach(index).await.map_err(|e| Status::internal(e.to_string()))?;
+        }
+        if let Some(id) = crate::ids::VolumeId::parse(&volume_id) {
+            let mut api = self.backends.api(&id.node).await?;
+            api.unpublish_volume(pb::UnpublishVolumeRequest { volume: id.volume.clone(), node: self.node_id.clone() })
+                .await
+                .map_err(crate::backend::unavailable)?;
+            match api.delete_volume(pb::DeleteVolumeRequest { name: id.volume.clone() }).await {
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::NotFound => {}
+                Err(s) => return Err(crate::backend::unavailable(s)),
+            }
+        }
+        self.state.remove(&volume_id);
+        self.state.unmark_ephemeral(target);
+        tracing::info!(volume = %volume_id, "inline ephemeral volume deleted");
+        Ok(())
+    }
+}
+
+/// A Kubernetes quantity of bytes: `1Gi`, `512Mi`, `10G`, `4096`.
+fn parse_quantity(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split = q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len());
+    let (n, unit) = q.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let mult: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" => 1000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        _ => return None,
+    };
+    let bytes = n.checked_mul(mult)?;
+    Some(bytes.div_ceil(crate::controller::SIZE_ALIGN) * crate::controller::SIZE_ALIGN).filter(|b| *b > 0)
 }
 
 fn invalid(m: impl Into<String>) -> Status {
@@ -140,8 +256,13 @@ impl Node for NodeService {
         let r = req.into_inner();
         let volume_id = required(&r.volume_id, "volume_id")?.to_string();
         let target = PathBuf::from(required(&r.target_path, "target_path")?);
-        let staging = PathBuf::from(required(&r.staging_target_path, "staging_target_path")?);
+        let staging = PathBuf::from(&r.staging_target_path);
         let usage = usage_of(r.volume_capability.as_ref())?;
+        if r.volume_context.get("csi.storage.k8s.io/ephemeral").is_some_and(|v| v == "true") {
+            self.publish_ephemeral(&r, &usage).await?;
+            return Ok(Response::new(NodePublishVolumeResponse {}));
+        }
+        required(&r.staging_target_path, "staging_target_path")?;
         let read_only = r.readonly || usage.read_only();
         if usage.single_workload() {
             let published = self.published.lock().map_err(|_| Status::internal("lock"))?;
@@ -208,6 +329,7 @@ impl Node for NodeService {
         {
             set.remove(&target);
         }
+        self.remove_ephemeral(&target).await?;
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
