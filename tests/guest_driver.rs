@@ -9,19 +9,10 @@ use std::process::Command;
 
 use thinbd_protocol::csi::node_client::NodeClient;
 use thinbd_protocol::csi::volume_capability::access_mode::Mode;
-use thinbd_protocol::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use thinbd_protocol::csi::*;
-use thinbd_tests::{CsiPlugin, runtime};
+use thinbd_tests::{CsiPlugin, csi_cap as cap, runtime};
 
 const MIB: i64 = 1 << 20;
-
-fn cap(mode: Mode, fs: Option<&str>) -> VolumeCapability {
-    let access = match fs {
-        None => AccessType::Block(BlockVolume {}),
-        Some(f) => AccessType::Mount(MountVolume { fs_type: f.into(), ..Default::default() }),
-    };
-    VolumeCapability { access_type: Some(access), access_mode: Some(AccessMode { mode: mode as i32 }) }
-}
 
 fn read_plan(dir: &Path) -> HashMap<String, (String, HashMap<String, String>)> {
     std::fs::read_to_string(dir.join("plan.tsv"))
@@ -162,52 +153,20 @@ fn main() {
             let file = work.join(format!("{fs}-pod/hello"));
             std::fs::write(&file, b"still here").unwrap();
             sh("sync");
-            // Snapshot the live filesystem, restore it into a new volume, attach and read it.
+            // Restore a snapshot of the live filesystem, and clone the live volume: each new
+            // volume is attached, mounted and holds the file.
             let api = std::fs::read_to_string(dir.join("api")).unwrap();
             let mut mgmt = thinbd_protocol::pb::management_client::ManagementClient::connect(api.clone()).await.unwrap();
-            let (storage_node, name) = plan[fs].0.rsplit_once('/').unwrap();
-            let (storage_node, name) = (storage_node.to_string(), name.to_string());
-            let restored = format!("{name}-restored");
+            let name = plan[fs].0.rsplit_once('/').unwrap().1.to_string();
             mgmt.create_snapshot(thinbd_protocol::pb::CreateSnapshotRequest { volume: name.clone(), name: "s1".into() })
                 .await
                 .unwrap();
-            mgmt.clone_volume(thinbd_protocol::pb::CloneVolumeRequest {
-                source: format!("{name}@s1"),
-                name: restored.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-            let grant = mgmt
-                .publish_volume(thinbd_protocol::pb::PublishVolumeRequest {
-                    volume: restored.clone(),
-                    node: "guest".into(),
-                    read_only: false,
-                    single_writer: true,
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            let rid = format!("{storage_node}/{restored}");
-            let mut ctx = plan[fs].1.clone();
-            ctx.insert("thinbd.csi.io/export".into(), grant.export_name);
-            let rstage = work.join(format!("staging-{fs}-restored")).display().to_string();
-            let rcap = Some(cap(m, Some(fs)));
-            n.node_stage_volume(NodeStageVolumeRequest {
-                volume_id: rid.clone(),
-                publish_context: ctx,
-                staging_target_path: rstage.clone(),
-                volume_capability: rcap.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("stage restored {fs}: {e}"));
-            assert_eq!(
-                std::fs::read(Path::new(&rstage).join("hello")).unwrap(),
-                b"still here",
-                "restored {fs} lacks the file"
-            );
-            n.node_unstage_volume(NodeUnstageVolumeRequest { volume_id: rid, staging_target_path: rstage }).await.unwrap();
+            for (source, copy) in [(format!("{name}@s1"), format!("{name}-restored")), (name.clone(), format!("{name}-clone"))] {
+                mgmt.clone_volume(thinbd_protocol::pb::CloneVolumeRequest { source, name: copy.clone(), ..Default::default() })
+                    .await
+                    .unwrap();
+                attach_and_read(&mut n, &mut mgmt, &plan[fs], &copy, fs, &work).await;
+            }
             let st = n
                 .node_get_volume_stats(NodeGetVolumeStatsRequest {
                     volume_id: plan[fs].0.clone(),
@@ -302,4 +261,42 @@ fn main() {
 /// The attached device for a volume id, looked up the way the plugin does.
 fn thinbd_csi_device(volume_id: &str) -> Option<u32> {
     thinbd_csi::attach::find(volume_id)
+}
+
+/// Grants the guest `volume` (a restore or clone of `like`'s volume), stages it with `fs` and
+/// checks the file the source held.
+async fn attach_and_read(
+    n: &mut NodeClient<tonic::transport::Channel>,
+    mgmt: &mut thinbd_protocol::pb::management_client::ManagementClient<tonic::transport::Channel>,
+    like: &(String, HashMap<String, String>),
+    volume: &str,
+    fs: &str,
+    work: &Path,
+) {
+    let grant = mgmt
+        .publish_volume(thinbd_protocol::pb::PublishVolumeRequest {
+            volume: volume.into(),
+            node: "guest".into(),
+            read_only: false,
+            single_writer: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let storage_node = like.0.rsplit_once('/').unwrap().0;
+    let id = format!("{storage_node}/{volume}");
+    let mut ctx = like.1.clone();
+    ctx.insert("thinbd.csi.io/export".into(), grant.export_name);
+    let staging = work.join(format!("staging-{volume}")).display().to_string();
+    n.node_stage_volume(NodeStageVolumeRequest {
+        volume_id: id.clone(),
+        publish_context: ctx,
+        staging_target_path: staging.clone(),
+        volume_capability: Some(cap(Mode::SingleNodeWriter, Some(fs))),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("stage {volume}: {e}"));
+    assert_eq!(std::fs::read(Path::new(&staging).join("hello")).unwrap(), b"still here", "{volume} lacks the file");
+    n.node_unstage_volume(NodeUnstageVolumeRequest { volume_id: id, staging_target_path: staging }).await.unwrap();
 }

@@ -241,6 +241,22 @@ pub fn in_guest(cmd: &str, rw: &[&Path]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// A CSI volume capability: raw block (`fs` None) or a filesystem.
+pub fn csi_cap(
+    mode: thinbd_protocol::csi::volume_capability::access_mode::Mode,
+    fs: Option<&str>,
+) -> thinbd_protocol::csi::VolumeCapability {
+    use thinbd_protocol::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+    let access = match fs {
+        None => AccessType::Block(BlockVolume {}),
+        Some(f) => AccessType::Mount(MountVolume { fs_type: f.into(), ..Default::default() }),
+    };
+    thinbd_protocol::csi::VolumeCapability {
+        access_type: Some(access),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
 /// A running `thinbd-csi` on a unix socket in a temporary directory.
 pub struct CsiPlugin {
     pub child: Child,

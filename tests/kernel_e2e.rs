@@ -2,8 +2,8 @@
 //! runs inside a qemu guest whose kernel has nbd.ko (tests/vm/guest.sh), where
 //! `thinbd-e2e-guest` (tests/guest_driver.rs) drives the node plugin over its unix socket:
 //! raw block with fio verification, a plugin restart that finds its device again, ext4 and xfs
-//! formatted once and intact across unstage/stage, a snapshot of each restored into a new
-//! volume that holds the files, online expansion of a mounted filesystem, single-workload refusal, unpublish
+//! formatted once and intact across unstage/stage, a snapshot of each restored and the live
+//! volume cloned into new volumes that hold the files, online expansion of a mounted filesystem, single-workload refusal, unpublish
 //! of a busy volume, volume stats, the device going away at unstage, and thinbd restarted in
 //! the middle of a fio run: the node reconnects the device and verification passes.
 
@@ -12,19 +12,10 @@ use std::path::Path;
 
 use thinbd_protocol::csi::controller_client::ControllerClient;
 use thinbd_protocol::csi::volume_capability::access_mode::Mode;
-use thinbd_protocol::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use thinbd_protocol::csi::*;
-use thinbd_tests::{CsiPlugin, Server, guest_available, guest_driver_bin, in_guest, runtime};
+use thinbd_tests::{CsiPlugin, Server, csi_cap as cap, guest_available, guest_driver_bin, in_guest, runtime};
 
 const MIB: i64 = 1 << 20;
-
-fn cap(mode: Mode, fs: Option<&str>) -> VolumeCapability {
-    let access = match fs {
-        None => AccessType::Block(BlockVolume {}),
-        Some(f) => AccessType::Mount(MountVolume { fs_type: f.into(), ..Default::default() }),
-    };
-    VolumeCapability { access_type: Some(access), access_mode: Some(AccessMode { mode: mode as i32 }) }
-}
 
 /// What the host prepared for the guest: per volume, its id and publish context.
 fn write_plan(dir: &Path, plan: &[(&str, String, HashMap<String, String>)]) {
