@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use thinbd_tests::{csi_bin, thinbd_bin};
+use thinbd_tests::{csi_bin, require, thinbd_bin};
 use yaml_rust2::{Yaml, YamlLoader};
 
 fn deploy_dir() -> PathBuf {
@@ -124,4 +124,28 @@ fn manifests_parse_and_our_flags_exist() {
     ] {
         assert!(kinds.iter().any(|k| k == want), "no {want} in deploy/");
     }
+}
+
+/// Every object validates against the Kubernetes schemas (kubernetes-validate, strict: unknown
+/// fields are errors). CRD kinds (VolumeSnapshot*, ReferenceGrant) have no bundled schema and
+/// are only parsed.
+#[test]
+fn manifests_validate_against_kubernetes_schemas() {
+    if !require("kubernetes-validate") {
+        return;
+    }
+    let files: Vec<PathBuf> =
+        yaml_files(&deploy_dir()).into_iter().filter(|f| !f.ends_with("kustomization.yaml")).collect();
+    let out = Command::new("kubernetes-validate")
+        .arg("--strict")
+        .arg("--quiet")
+        .args(&files)
+        .output()
+        .expect("run kubernetes-validate");
+    assert!(
+        out.status.success(),
+        "kubernetes-validate:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
