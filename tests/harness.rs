@@ -268,12 +268,18 @@ pub struct CsiPlugin {
 impl CsiPlugin {
     /// Starts the plugin in `mode` (controller, node or all) against `api` (HOST:PORT).
     pub fn start(mode: &str, api: &str, node_id: &str) -> CsiPlugin {
+        Self::start_with(mode, api, node_id, &[])
+    }
+
+    /// The same, with extra command-line arguments.
+    pub fn start_with(mode: &str, api: &str, node_id: &str, extra: &[&str]) -> CsiPlugin {
         let tmp = tempfile::tempdir().expect("tempdir");
         let socket = tmp.path().join("csi.sock");
         let log = tmp.path().join("csi.log");
         let child = Command::new(csi_bin())
             .args(["--endpoint", &format!("unix://{}", socket.display())])
             .args(["--mode", mode, "--thinbd-api", api, "--node-id", node_id])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))

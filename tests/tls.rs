@@ -91,3 +91,51 @@ fn nbdinfo_and_qemu_over_tls() {
     let plain = Command::new("nbdinfo").arg(s.uri("secure")).output().unwrap();
     assert!(!plain.status.success());
 }
+
+/// The management API with mutual TLS: the CLI and the CSI controller get in with a client
+/// certificate from the CA; without one, or over plain http, they do not.
+#[test]
+fn management_api_requires_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let p = |f: &str| dir.path().join(f).display().to_string();
+    let s = Server::start_with(&[
+        "--api-tls-cert",
+        &p("server-cert.pem"),
+        "--api-tls-key",
+        &p("server-key.pem"),
+        "--api-tls-client-ca",
+        &p("ca-cert.pem"),
+    ]);
+    let tls_args =
+        ["--api-ca", &p("ca-cert.pem"), "--api-cert", &p("client-cert.pem"), "--api-key", &p("client-key.pem")];
+    let mut args = vec!["volume", "create", "v", "--size", "1MiB"];
+    args.extend_from_slice(&tls_args);
+    let out = s.cli_output(&args);
+    assert!(out.status.success(), "with a client certificate: {}", String::from_utf8_lossy(&out.stderr));
+    let plain = s.cli_output(&["volume", "list"]);
+    assert!(!plain.status.success(), "plain http got in");
+
+    let api = format!("127.0.0.1:{}", s.api_port);
+    let ctl = thinbd_tests::CsiPlugin::start_with(
+        "controller",
+        &api,
+        "n",
+        &[
+            "--thinbd-api-ca",
+            &p("ca-cert.pem"),
+            "--thinbd-api-cert",
+            &p("client-cert.pem"),
+            "--thinbd-api-key",
+            &p("client-key.pem"),
+        ],
+    );
+    let bare = thinbd_tests::CsiPlugin::start("controller", &api, "n");
+    runtime().block_on(async {
+        use thinbd_protocol::csi::identity_client::IdentityClient;
+        let mut ok = IdentityClient::new(ctl.channel().await);
+        assert_eq!(ok.probe(thinbd_protocol::csi::ProbeRequest {}).await.unwrap().into_inner().ready, Some(true));
+        let mut no = IdentityClient::new(bare.channel().await);
+        assert!(no.probe(thinbd_protocol::csi::ProbeRequest {}).await.is_err(), "controller without TLS got in");
+    });
+}

@@ -17,14 +17,15 @@ pub type Api = ManagementClient<Channel>;
 
 pub struct Backends {
     api: String,
+    tls: Option<thinbd_protocol::tls::ApiClientTls>,
     clients: Mutex<HashMap<String, Api>>,
     /// The single server's node name, once asked.
     single_node: tokio::sync::OnceCell<String>,
 }
 
 impl Backends {
-    pub fn new(api: &str) -> Backends {
-        Backends { api: api.to_string(), clients: Mutex::default(), single_node: Default::default() }
+    pub fn new(api: &str, tls: Option<thinbd_protocol::tls::ApiClientTls>) -> Backends {
+        Backends { api: api.to_string(), tls, clients: Mutex::default(), single_node: Default::default() }
     }
 
     pub fn is_template(&self) -> bool {
@@ -32,8 +33,7 @@ impl Backends {
     }
 
     fn address(&self, node: &str) -> String {
-        let a = self.api.replace("{node}", node);
-        if a.starts_with("http://") || a.starts_with("https://") { a } else { format!("http://{a}") }
+        self.api.replace("{node}", node)
     }
 
     fn channel(&self, address: &str) -> Result<Api, Status> {
@@ -41,8 +41,8 @@ impl Backends {
         if let Some(c) = clients.get(address) {
             return Ok(c.clone());
         }
-        let endpoint = Channel::from_shared(address.to_string())
-            .map_err(|e| Status::invalid_argument(format!("bad thinbd API address {address:?}: {e}")))?
+        let endpoint = thinbd_protocol::tls::api_endpoint(address, self.tls.as_ref())
+            .map_err(|e| Status::invalid_argument(format!("thinbd API {address:?}: {e}")))?
             .connect_timeout(std::time::Duration::from_secs(5));
         let c = ManagementClient::new(endpoint.connect_lazy());
         clients.insert(address.to_string(), c.clone());

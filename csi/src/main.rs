@@ -40,6 +40,14 @@ struct Cli {
     /// `volumes` directory next to the socket).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// CA of the storage servers' API certificates: talk mutual TLS to them, presenting
+    /// --thinbd-api-cert and --thinbd-api-key.
+    #[arg(long, requires_all = ["thinbd_api_cert", "thinbd_api_key"])]
+    thinbd_api_ca: Option<PathBuf>,
+    #[arg(long)]
+    thinbd_api_cert: Option<PathBuf>,
+    #[arg(long)]
+    thinbd_api_key: Option<PathBuf>,
     /// Most volumes the node service attaches (kernel NBD devices).
     #[arg(long, default_value_t = 64)]
     max_volumes_per_node: i64,
@@ -77,7 +85,13 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
     let controller = matches!(cli.mode, Mode::Controller | Mode::All);
     let node = matches!(cli.mode, Mode::Node | Mode::All);
-    let backends = Arc::new(Backends::new(&cli.thinbd_api));
+    let tls = match (&cli.thinbd_api_ca, &cli.thinbd_api_cert, &cli.thinbd_api_key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            Some(thinbd_protocol::tls::ApiClientTls { ca: ca.clone(), cert: cert.clone(), key: key.clone() })
+        }
+        _ => None,
+    };
+    let backends = Arc::new(Backends::new(&cli.thinbd_api, tls));
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService { backends: controller.then(|| backends.clone()) }));
     let mut router = if controller {

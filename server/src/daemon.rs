@@ -61,6 +61,14 @@ pub struct ServeOptions {
     /// HOST:PORT at which other machines reach the NBD listener (default: --nbd-listen).
     #[arg(long)]
     pub advertise_nbd: Option<String>,
+    /// PEM certificate for the management API: it then speaks TLS and requires client
+    /// certificates signed by --api-tls-client-ca.
+    #[arg(long, requires_all = ["api_tls_key", "api_tls_client_ca"])]
+    pub api_tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "api_tls_cert")]
+    pub api_tls_key: Option<PathBuf>,
+    #[arg(long, requires = "api_tls_cert")]
+    pub api_tls_client_ca: Option<PathBuf>,
 }
 
 /// Holds the data dir's lock for the life of the daemon.
@@ -141,8 +149,13 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let nbd_task = tokio::spawn(serve_nbd(nbd, catalog, config, shutdown.clone()));
 
     let api_shutdown = shutdown.clone();
+    let mut api_builder = tonic::transport::Server::builder();
+    if let (Some(c), Some(k), Some(ca)) = (&opts.api_tls_cert, &opts.api_tls_key, &opts.api_tls_client_ca) {
+        let tls = thinbd_protocol::tls::api_server_tls(c, k, ca)?;
+        api_builder = api_builder.tls_config(tls).context("management API TLS")?;
+    }
     let api_task = tokio::spawn(
-        tonic::transport::Server::builder()
+        api_builder
             .add_service(ManagementServer::new(Api { engine: engine.clone(), node_name, nbd_address }))
             .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(api), async move {
                 api_shutdown.cancelled().await

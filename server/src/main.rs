@@ -33,6 +33,24 @@ struct ClientArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// CA that signed the API server's certificate: talk TLS, presenting --api-cert/--api-key.
+    #[arg(long, global = true, env = "THINBD_API_CA", requires_all = ["api_cert", "api_key"])]
+    api_ca: Option<PathBuf>,
+    #[arg(long, global = true, env = "THINBD_API_CERT")]
+    api_cert: Option<PathBuf>,
+    #[arg(long, global = true, env = "THINBD_API_KEY")]
+    api_key: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    fn tls(&self) -> Option<thinbd_protocol::tls::ApiClientTls> {
+        match (&self.api_ca, &self.api_cert, &self.api_key) {
+            (Some(ca), Some(cert), Some(key)) => {
+                Some(thinbd_protocol::tls::ApiClientTls { ca: ca.clone(), cert: cert.clone(), key: key.clone() })
+            }
+            _ => None,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -154,7 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Snapshot { client, command } => snapshot_command(client, command).await,
         Command::Fsck { data_dir, output } => fsck(&data_dir, output),
         Command::Pool { client } => {
-            let mut c = connect(&client.api).await?;
+            let mut c = connect(&client).await?;
             let p = c.get_pool(pb::GetPoolRequest {}).await.map_err(rpc_error)?.into_inner();
             match client.output {
                 Output::Json => println!(
@@ -179,11 +197,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn connect(api: &str) -> anyhow::Result<ManagementClient<Channel>> {
-    let url = if api.contains("://") { api.to_string() } else { format!("http://{api}") };
-    ManagementClient::connect(url.clone())
+async fn connect(client: &ClientArgs) -> anyhow::Result<ManagementClient<Channel>> {
+    let ep = thinbd_protocol::tls::api_endpoint(&client.api, client.tls().as_ref())?;
+    let url = ep.uri().to_string();
+    let channel = ep
+        .connect()
         .await
-        .with_context(|| format!("cannot reach thinbd at {url} (is `thinbd serve` running? --api sets the address)"))
+        .with_context(|| format!("cannot reach thinbd at {url} (is `thinbd serve` running? --api sets the address)"))?;
+    Ok(ManagementClient::new(channel))
 }
 
 fn rpc_error(s: tonic::Status) -> anyhow::Error {
@@ -235,7 +256,7 @@ fn print_volumes(out: Output, vols: &[pb::Volume], single: bool, nbd: &str) {
 }
 
 async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::Result<()> {
-    let mut c = connect(&client.api).await?;
+    let mut c = connect(&client).await?;
     let nbd = match &command {
         VolumeCommand::List
         | VolumeCommand::Delete { .. }
@@ -319,7 +340,7 @@ async fn snapshot_command(client: ClientArgs, command: SnapshotCommand) -> anyho
     {
         anyhow::bail!("name the snapshot as VOLUME@SNAPSHOT");
     }
-    let mut c = connect(&client.api).await?;
+    let mut c = connect(&client).await?;
     let snaps = match command {
         SnapshotCommand::Create { volume, name } => {
             let s = c.create_snapshot(pb::CreateSnapshotRequest { volume, name }).await.map_err(rpc_error)?;
