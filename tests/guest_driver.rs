@@ -50,6 +50,10 @@ fn main() {
         std::process::exit(2);
     };
     let dir = PathBuf::from(dir);
+    if let Ok(args) = std::fs::read_to_string(dir.join("tls-args")) {
+        tls_block(&dir, args.split_whitespace().collect());
+        return;
+    }
     let plan = read_plan(&dir);
     let api = std::fs::read_to_string(dir.join("api")).unwrap();
     let api_addr = api.trim_start_matches("http://").to_string();
@@ -299,4 +303,51 @@ async fn attach_and_read(
     .unwrap_or_else(|e| panic!("stage {volume}: {e}"));
     assert_eq!(std::fs::read(Path::new(&staging).join("hello")).unwrap(), b"still here", "{volume} lacks the file");
     n.node_unstage_volume(NodeUnstageVolumeRequest { volume_id: id, staging_target_path: staging }).await.unwrap();
+}
+
+/// The TLS run: the node plugin attaches a raw block volume over STARTTLS handed to kernel
+/// TLS; fio writes and verifies through it.
+fn tls_block(dir: &Path, node_args: Vec<&str>) {
+    let plan = read_plan(dir);
+    let node = CsiPlugin::start_with("node", "unused:1", "guest", &node_args);
+    let work = PathBuf::from("/run/thinbd-e2e-tls");
+    std::fs::create_dir_all(&work).unwrap();
+    runtime().block_on(async {
+        let mut n = node_client(&node).await;
+        let (id, ctx) = plan["block"].clone();
+        let m = Mode::SingleNodeWriter;
+        let staging = work.join("staging").display().to_string();
+        n.node_stage_volume(NodeStageVolumeRequest {
+            volume_id: id.clone(),
+            publish_context: ctx,
+            staging_target_path: staging.clone(),
+            volume_capability: Some(cap(m, None)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("stage over TLS: {e}\n{}", node.log_text()));
+        let target = work.join("dev");
+        n.node_publish_volume(NodePublishVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.clone(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(cap(m, None)),
+            ..Default::default()
+        })
+        .await
+        .expect("publish over TLS");
+        sh(&format!(
+            "fio --name=tls --filename={} --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=8 --size=16M \
+             --verify=crc32c --verify_fatal=1 --verify_state_save=0 --output=/dev/null",
+            target.display()
+        ));
+        n.node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target.display().to_string(),
+        })
+        .await
+        .unwrap();
+        n.node_unstage_volume(NodeUnstageVolumeRequest { volume_id: id, staging_target_path: staging }).await.unwrap();
+    });
+    println!("guest side: all steps passed");
 }

@@ -63,15 +63,47 @@ pub fn size(index: u32) -> Option<u64> {
     sys(index, "size").and_then(|s| s.parse::<u64>().ok()).map(|sectors| sectors * 512)
 }
 
+/// TLS for the node's NBD connections: STARTTLS in user space, then kernel TLS.
+pub struct NbdTls {
+    pub connector: tokio_rustls::TlsConnector,
+    /// The name the server's certificate must carry (default: the host of the address).
+    pub server_name: Option<String>,
+}
+
+static NBD_TLS: std::sync::OnceLock<NbdTls> = std::sync::OnceLock::new();
+
+/// Makes every later attach and reconnect use TLS (set once at startup).
+pub fn use_tls(tls: NbdTls) {
+    let _ = NBD_TLS.set(tls);
+}
+
+async fn connection(addr: &str, export: &str) -> Result<thinbd_protocol::client::KernelHandoff, AttachError> {
+    let fail = |message: String| AttachError::Handshake { addr: addr.into(), message };
+    let Some(tls) = NBD_TLS.get() else {
+        return handshake_for_kernel(addr, export).await.map_err(|e| fail(e.to_string()));
+    };
+    let host = match &tls.server_name {
+        Some(n) => n.clone(),
+        None => addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_matches(['[', ']']).to_string(),
+    };
+    let name = rustls::pki_types::ServerName::try_from(host.clone())
+        .map_err(|e| fail(format!("server name {host:?}: {e}")))?;
+    let mut h = thinbd_protocol::client::handshake_for_kernel_tls(addr, export, &tls.connector, name)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    if let Some((version, secrets)) = h.tls.take() {
+        crate::ktls::install(&h.socket, version, secrets).map_err(|e| fail(e.to_string()))?;
+    }
+    Ok(h)
+}
+
 async fn sockets(addr: &str, export: &str) -> Result<(Vec<std::net::TcpStream>, u64, u16), AttachError> {
-    let err =
-        |e: thinbd_protocol::client::ClientError| AttachError::Handshake { addr: addr.into(), message: e.to_string() };
-    let first = handshake_for_kernel(addr, export).await.map_err(err)?;
+    let first = connection(addr, export).await?;
     let (size, flags) = (first.size, first.flags);
     let mut socks = vec![first.socket];
     if flags & FLAG_CAN_MULTI_CONN != 0 {
         for _ in 1..CONNECTIONS {
-            socks.push(handshake_for_kernel(addr, export).await.map_err(err)?.socket);
+            socks.push(connection(addr, export).await?.socket);
         }
     }
     Ok((socks, size, flags))

@@ -8,6 +8,7 @@ pub mod capability;
 pub mod controller;
 pub mod identity;
 pub mod ids;
+pub mod ktls;
 pub mod mounts;
 pub mod nbd_netlink;
 pub mod node;

@@ -48,6 +48,17 @@ struct Cli {
     thinbd_api_cert: Option<PathBuf>,
     #[arg(long)]
     thinbd_api_key: Option<PathBuf>,
+    /// CA of the storage servers' NBD certificates: the node attaches over TLS (STARTTLS, then
+    /// kernel TLS), presenting --nbd-tls-cert/--nbd-tls-key when the server asks for one.
+    #[arg(long)]
+    nbd_tls_ca: Option<PathBuf>,
+    #[arg(long, requires_all = ["nbd_tls_ca", "nbd_tls_key"])]
+    nbd_tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "nbd_tls_cert")]
+    nbd_tls_key: Option<PathBuf>,
+    /// Name the storage servers' NBD certificates carry (default: the host of their address).
+    #[arg(long, requires = "nbd_tls_ca")]
+    nbd_tls_server_name: Option<String>,
     /// Most volumes the node service attaches (kernel NBD devices).
     #[arg(long, default_value_t = 64)]
     max_volumes_per_node: i64,
@@ -92,6 +103,14 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     let backends = Arc::new(Backends::new(&cli.thinbd_api, tls));
+    if let Some(ca) = &cli.nbd_tls_ca {
+        let client = cli.nbd_tls_cert.as_deref().zip(cli.nbd_tls_key.as_deref());
+        let connector = thinbd_protocol::tls::kernel_client_connector(ca, client).context("NBD TLS")?;
+        thinbd_csi::attach::use_tls(thinbd_csi::attach::NbdTls {
+            connector,
+            server_name: cli.nbd_tls_server_name.clone(),
+        });
+    }
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService { backends: controller.then(|| backends.clone()) }));
     let mut router = if controller {

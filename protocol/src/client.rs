@@ -203,13 +203,15 @@ async fn go<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// What the kernel's NBD client needs from a negotiated connection.
-#[derive(Debug)]
 pub struct KernelHandoff {
     /// Blocking-mode socket, ready for transmission (simple replies only: the kernel client
     /// does not speak structured replies).
     pub socket: std::net::TcpStream,
     pub size: u64,
     pub flags: u16,
+    /// After STARTTLS: the negotiated version and the session keys with their sequence
+    /// numbers, for kernel TLS on `socket`.
+    pub tls: Option<(rustls::ProtocolVersion, rustls::ExtractedSecrets)>,
 }
 
 /// Connects and negotiates `export` on plain TCP for the kernel to take over.
@@ -220,7 +222,30 @@ pub async fn handshake_for_kernel<A: ToSocketAddrs>(addr: A, export: &str) -> Re
     let (size, flags, _) = go(&mut tcp, export).await?;
     let socket = tcp.into_std()?;
     socket.set_nonblocking(false)?;
-    Ok(KernelHandoff { socket, size, flags })
+    Ok(KernelHandoff { socket, size, flags, tls: None })
+}
+
+/// Connects, upgrades with STARTTLS (`connector` from `tls::kernel_client_connector`),
+/// negotiates `export`, and extracts the TLS session so the kernel can carry it on.
+pub async fn handshake_for_kernel_tls<A: ToSocketAddrs>(
+    addr: A,
+    export: &str,
+    connector: &TlsConnector,
+    server_name: ServerName<'static>,
+) -> Result<KernelHandoff, ClientError> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    read_greeting(&mut tcp).await?;
+    send_option(&mut tcp, OPT_STARTTLS, &[]).await?;
+    option_reply(&mut tcp, OPT_STARTTLS).await?;
+    let mut tls = connector.connect(server_name, tcp).await.map_err(|e| ClientError::Tls(e.to_string()))?;
+    let (size, flags, _) = go(&mut tls, export).await?;
+    let (tcp, conn) = tls.into_inner();
+    let version = conn.protocol_version().ok_or_else(|| ClientError::Tls("no protocol version".into()))?;
+    let secrets = conn.dangerous_extract_secrets().map_err(|e| ClientError::Tls(e.to_string()))?;
+    let socket = tcp.into_std()?;
+    socket.set_nonblocking(false)?;
+    Ok(KernelHandoff { socket, size, flags, tls: Some((version, secrets)) })
 }
 
 fn string_field(s: &str) -> Vec<u8> {

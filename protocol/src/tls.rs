@@ -71,6 +71,16 @@ pub fn server_acceptor(cert: &Path, key_path: &Path, client_ca: Option<&Path>) -
 
 /// Client TLS trusting `ca`, optionally presenting a client certificate.
 pub fn client_connector(ca: &Path, client: Option<(&Path, &Path)>) -> Result<TlsConnector, TlsError> {
+    client_config(ca, client, false)
+}
+
+/// The same, for connections handed to the kernel: the session keys can be extracted after
+/// the handshake and installed as kernel TLS on the socket.
+pub fn kernel_client_connector(ca: &Path, client: Option<(&Path, &Path)>) -> Result<TlsConnector, TlsError> {
+    client_config(ca, client, true)
+}
+
+fn client_config(ca: &Path, client: Option<(&Path, &Path)>, extract: bool) -> Result<TlsConnector, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -81,6 +91,8 @@ pub fn client_connector(ca: &Path, client: Option<(&Path, &Path)>) -> Result<Tls
         }
         None => builder.with_no_client_auth(),
     };
+    let mut config = config;
+    config.enable_secret_extraction = extract;
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
