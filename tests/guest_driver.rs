@@ -114,17 +114,9 @@ fn main() {
              --verify=crc32c --verify_fatal=1 --verify_state_save=0 --output=/dev/null",
             target.display()
         ));
-        let stats = n
-            .node_get_volume_stats(NodeGetVolumeStatsRequest {
-                volume_id: plan["block"].0.clone(),
-                volume_path: target.display().to_string(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(stats.usage[0].total, 512 * MIB);
-        assert!(!stats.volume_condition.unwrap().abnormal);
+        let st = stats(&mut n, &plan["block"].0, &target).await;
+        assert_eq!(st.usage[0].total, 512 * MIB);
+        assert!(!st.volume_condition.unwrap().abnormal);
         // thinbd restarts in the middle of a write: the kernel holds the I/O, the node plugin
         // reconnects the device, fio finishes and reads back every block it wrote.
         let mut fio = Command::new("fio")
@@ -171,21 +163,10 @@ fn main() {
                     .unwrap();
                 attach_and_read(&mut n, &mut mgmt, &plan[fs], &copy, fs, &work).await;
             }
-            let st = n
-                .node_get_volume_stats(NodeGetVolumeStatsRequest {
-                    volume_id: plan[fs].0.clone(),
-                    volume_path: work.join(format!("{fs}-pod")).display().to_string(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let st = stats(&mut n, &plan[fs].0, &work.join(format!("{fs}-pod"))).await;
             assert_eq!(st.usage.len(), 2, "bytes and inodes");
             assert!(st.usage[0].total > 400 * MIB && st.usage[0].total < 512 * MIB && st.usage[1].total > 0);
             // Online expansion: the server grows the volume, the node grows device and filesystem.
-            let api = std::fs::read_to_string(dir.join("api")).unwrap();
-            let mut mgmt = thinbd_protocol::pb::management_client::ManagementClient::connect(api).await.unwrap();
-            let name = plan[fs].0.rsplit_once('/').unwrap().1.to_string();
             mgmt.resize_volume(thinbd_protocol::pb::ResizeVolumeRequest { name, size_bytes: (1024 * MIB) as u64 }).await.unwrap();
             let grown = n
                 .node_expand_volume(NodeExpandVolumeRequest {
@@ -201,15 +182,7 @@ fn main() {
                 })
                 .into_inner();
             assert_eq!(grown.capacity_bytes, 1024 * MIB);
-            let st = n
-                .node_get_volume_stats(NodeGetVolumeStatsRequest {
-                    volume_id: plan[fs].0.clone(),
-                    volume_path: work.join(format!("{fs}-pod")).display().to_string(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let st = stats(&mut n, &plan[fs].0, &work.join(format!("{fs}-pod"))).await;
             assert!(st.usage[0].total > 900 * MIB, "{fs} did not grow: {}", st.usage[0].total);
             // Busy: a process holds a file open on the mount: retryable error, data kept.
             let mut holder =
@@ -350,4 +323,19 @@ fn tls_block(dir: &Path, node_args: Vec<&str>) {
         n.node_unstage_volume(NodeUnstageVolumeRequest { volume_id: id, staging_target_path: staging }).await.unwrap();
     });
     println!("guest side: all steps passed");
+}
+
+async fn stats(
+    n: &mut NodeClient<tonic::transport::Channel>,
+    volume_id: &str,
+    path: &Path,
+) -> NodeGetVolumeStatsResponse {
+    n.node_get_volume_stats(NodeGetVolumeStatsRequest {
+        volume_id: volume_id.into(),
+        volume_path: path.display().to_string(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
 }

@@ -45,31 +45,9 @@ fn node_plugin_attaches_formats_and_mounts_through_the_kernel() {
             ("ext4", Some("ext4"), Mode::SingleNodeWriter),
             ("xfs", Some("xfs"), Mode::SingleNodeWriter),
         ] {
-            let v = ctl
-                .create_volume(CreateVolumeRequest {
-                    name: format!("pvc-{role}"),
-                    capacity_range: Some(CapacityRange { required_bytes: 512 * MIB, limit_bytes: 0 }),
-                    volume_capabilities: vec![cap(mode, fs)],
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .volume
-                .unwrap();
-            let ctx = ctl
-                .controller_publish_volume(ControllerPublishVolumeRequest {
-                    volume_id: v.volume_id.clone(),
-                    node_id: "guest".into(),
-                    volume_capability: Some(cap(mode, fs)),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .publish_context;
+            let (volume_id, ctx) = provision(&mut ctl, &format!("pvc-{role}"), 512 * MIB, mode, fs).await;
             assert_eq!(ctx["thinbd.csi.io/nbd"], format!("10.0.2.2:{}", server.nbd_port));
-            plan.push((role, v.volume_id, ctx));
+            plan.push((role, volume_id, ctx));
         }
         write_plan(shared.path(), &plan);
         std::fs::write(shared.path().join("api"), format!("http://10.0.2.2:{}", server.api_port)).unwrap();
@@ -135,31 +113,8 @@ fn node_attaches_over_kernel_tls() {
     let plugin = CsiPlugin::start("controller", &format!("127.0.0.1:{}", server.api_port), "host");
     runtime().block_on(async {
         let mut ctl = ControllerClient::new(plugin.channel().await);
-        let m = Mode::SingleNodeWriter;
-        let v = ctl
-            .create_volume(CreateVolumeRequest {
-                name: "pvc-tls".into(),
-                capacity_range: Some(CapacityRange { required_bytes: 64 * MIB, limit_bytes: 0 }),
-                volume_capabilities: vec![cap(m, None)],
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
-        let ctx = ctl
-            .controller_publish_volume(ControllerPublishVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                node_id: "guest".into(),
-                volume_capability: Some(cap(m, None)),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .publish_context;
-        write_plan(shared.path(), &[("block", v.volume_id, ctx)]);
+        let (volume_id, ctx) = provision(&mut ctl, "pvc-tls", 64 * MIB, Mode::SingleNodeWriter, None).await;
+        write_plan(shared.path(), &[("block", volume_id, ctx)]);
     });
     let args = format!(
         "--nbd-tls-ca {} --nbd-tls-cert {} --nbd-tls-key {} --nbd-tls-server-name localhost",
@@ -175,4 +130,38 @@ fn node_attaches_over_kernel_tls() {
     let log = server.log_text();
     assert!(log.contains("tls=true"), "sessions were not TLS:\n{log}");
     assert!(server.volume_json("pvc-tls")["allocated_bytes"].as_u64().unwrap() > 0);
+}
+
+/// CreateVolume and ControllerPublishVolume to node "guest": the volume id and publish context.
+async fn provision(
+    ctl: &mut ControllerClient<tonic::transport::Channel>,
+    name: &str,
+    size: i64,
+    mode: Mode,
+    fs: Option<&str>,
+) -> (String, HashMap<String, String>) {
+    let v = ctl
+        .create_volume(CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: Some(CapacityRange { required_bytes: size, limit_bytes: 0 }),
+            volume_capabilities: vec![cap(mode, fs)],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let ctx = ctl
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            node_id: "guest".into(),
+            volume_capability: Some(cap(mode, fs)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    (v.volume_id, ctx)
 }
