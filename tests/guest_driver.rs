@@ -92,7 +92,9 @@ fn main() {
         let m = Mode::SingleNodeSingleWriter;
         n.node_stage_volume(stage("block", None, m)).await.expect("stage block");
         n.node_stage_volume(stage("block", None, m)).await.expect("stage block again");
-        // The plugin restarts: the attached device is found again by its backend identifier.
+        n.node_publish_volume(publish("block", None, m, "block-target")).await.expect("publish block");
+        // The plugin restarts: the attached device is found again by its backend identifier,
+        // and the existing publish is seen in the mount table.
         drop(node);
         node = CsiPlugin::start("node", &api_addr, "guest");
         let mut n = node_client(&node).await;
@@ -105,7 +107,7 @@ fn main() {
             1,
             "one device per volume, also after a restart"
         );
-        n.node_publish_volume(publish("block", None, m, "block-target")).await.expect("publish block");
+        n.node_publish_volume(publish("block", None, m, "block-target")).await.expect("publish again after a restart");
         let err = n.node_publish_volume(publish("block", None, m, "block-other")).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "second workload on a single-writer volume");
         let target = work.join("block-target");

@@ -2,7 +2,7 @@
 //! unmount and growing a filesystem. mkfs, blkid and the grow tools run as programs (with
 //! arguments, never through a shell); mounts are syscalls.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -28,6 +28,23 @@ pub fn mounted_at(target: &Path) -> Option<String> {
         let dash = f.iter().position(|x| *x == "-")?;
         (Path::new(&mp) == target).then(|| f.get(dash + 2).map(|s| unescape(s))).flatten()
     })
+}
+
+/// Every mount point showing `dev`: mounts of its filesystem (source is the device) and bind
+/// mounts of the device node itself (a devtmpfs mount whose root is `/nbdN`).
+pub fn mountpoints_of(dev: &Path) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    let dev_s = dev.to_string_lossy();
+    let node_root = format!("/{}", dev.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    info.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let dash = f.iter().position(|x| *x == "-")?;
+            let (root, mp, fstype, source) =
+                (unescape(f.get(3)?), unescape(f.get(4)?), *f.get(dash + 1)?, unescape(f.get(dash + 2)?));
+            (source == dev_s || (fstype == "devtmpfs" && root == node_root)).then(|| PathBuf::from(mp))
+        })
+        .collect()
 }
 
 /// The filesystem type mounted at `target`.

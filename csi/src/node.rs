@@ -264,18 +264,30 @@ impl Node for NodeService {
         }
         required(&r.staging_target_path, "staging_target_path")?;
         let read_only = r.readonly || usage.read_only();
+        let index = attach::find(&volume_id)
+            .ok_or_else(|| Status::failed_precondition(format!("volume {volume_id} is not staged on this node")))?;
+        let dev = attach::device_path(index);
         if usage.single_workload() {
-            let published = self.published.lock().map_err(|_| Status::internal("lock"))?;
-            if let Some(other) = published.get(&volume_id).and_then(|t| t.iter().find(|p| **p != target)) {
+            // Publishes this process made, and mounts of the device found on the system (they
+            // survive a plugin restart): any other than the staging path and this target.
+            let known: Vec<PathBuf> = self
+                .published
+                .lock()
+                .map_err(|_| Status::internal("lock"))?
+                .get(&volume_id)
+                .map(|t| t.iter().cloned().collect())
+                .unwrap_or_default();
+            let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+            let (t, st) = (canon(&target), canon(&staging));
+            if let Some(other) =
+                known.into_iter().chain(mounts::mountpoints_of(&dev)).find(|p| canon(p) != t && canon(p) != st)
+            {
                 return Err(Status::failed_precondition(format!(
                     "volume is single-writer and already published at {}",
                     other.display()
                 )));
             }
         }
-        let index = attach::find(&volume_id)
-            .ok_or_else(|| Status::failed_precondition(format!("volume {volume_id} is not staged on this node")))?;
-        let dev = attach::device_path(index);
         let block = usage.fs_type.is_none();
         let t = target.clone();
         blocking(move || {
