@@ -55,7 +55,7 @@ pub fn find(volume_id: &str) -> Option<u32> {
 
 /// Whether device `index` is connected (it has a size and a handling task).
 pub fn connected(index: u32) -> bool {
-    sys(index, "size").and_then(|s| s.parse::<u64>().ok()).is_some_and(|s| s > 0)
+    size(index).is_some_and(|s| s > 0)
 }
 
 /// Size in bytes of device `index` as the kernel sees it.

@@ -334,13 +334,7 @@ impl Controller for ControllerService {
         if r.volume_capabilities.is_empty() {
             return Err(invalid("volume_capabilities is required"));
         }
-        let (id, mut api) = self.volume_api(&r.volume_id).await.map_err(|s| {
-            if s.code() == tonic::Code::NotFound {
-                Status::not_found(format!("volume {:?} does not exist", r.volume_id))
-            } else {
-                s
-            }
-        })?;
+        let (id, mut api) = self.volume_api(&r.volume_id).await?;
         if Self::find(&mut api, &id.volume).await?.is_none() {
             return Err(Status::not_found(format!("volume {:?} does not exist", r.volume_id)));
         }

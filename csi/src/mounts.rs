@@ -17,45 +17,58 @@ pub enum MountError {
     Io(#[from] std::io::Error),
 }
 
+/// One line of /proc/self/mountinfo, unescaped.
+struct Mount {
+    root: String,
+    mountpoint: PathBuf,
+    fstype: String,
+    source: String,
+}
+
+/// The mount table, in mount order. Fields: id parent major:minor root mountpoint options ...
+/// - fstype source superopts.
+fn mount_table() -> Vec<Mount> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    info.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let dash = f.iter().position(|x| *x == "-")?;
+            Some(Mount {
+                root: unescape(f.get(3)?),
+                mountpoint: PathBuf::from(unescape(f.get(4)?)),
+                fstype: f.get(dash + 1)?.to_string(),
+                source: unescape(f.get(dash + 2)?),
+            })
+        })
+        .collect()
+}
+
+/// The topmost mount at `target`, if it is a mount point.
+fn mount_at(target: &Path) -> Option<Mount> {
+    let target = target.canonicalize().ok()?;
+    mount_table().into_iter().rev().find(|m| m.mountpoint == target)
+}
+
 /// The source device (or bind source root) mounted at `target`, if `target` is a mount point.
 pub fn mounted_at(target: &Path) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let target = target.canonicalize().ok()?;
-    // Fields: id parent major:minor root mountpoint options ... - fstype source superopts
-    info.lines().rev().find_map(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        let mp = unescape(f.get(4)?);
-        let dash = f.iter().position(|x| *x == "-")?;
-        (Path::new(&mp) == target).then(|| f.get(dash + 2).map(|s| unescape(s))).flatten()
-    })
+    mount_at(target).map(|m| m.source)
+}
+
+/// The filesystem type mounted at `target`.
+pub fn fstype_at(target: &Path) -> Option<String> {
+    mount_at(target).map(|m| m.fstype)
 }
 
 /// Every mount point showing `dev`: mounts of its filesystem (source is the device) and bind
 /// mounts of the device node itself (a devtmpfs mount whose root is `/nbdN`).
 pub fn mountpoints_of(dev: &Path) -> Vec<PathBuf> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
     let dev_s = dev.to_string_lossy();
     let node_root = format!("/{}", dev.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-    info.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let dash = f.iter().position(|x| *x == "-")?;
-            let (root, mp, fstype, source) =
-                (unescape(f.get(3)?), unescape(f.get(4)?), *f.get(dash + 1)?, unescape(f.get(dash + 2)?));
-            (source == dev_s || (fstype == "devtmpfs" && root == node_root)).then(|| PathBuf::from(mp))
-        })
+    mount_table()
+        .into_iter()
+        .filter(|m| m.source == dev_s || (m.fstype == "devtmpfs" && m.root == node_root))
+        .map(|m| m.mountpoint)
         .collect()
-}
-
-/// The filesystem type mounted at `target`.
-pub fn fstype_at(target: &Path) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let target = target.canonicalize().ok()?;
-    info.lines().rev().find_map(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        let dash = f.iter().position(|x| *x == "-")?;
-        (Path::new(&unescape(f.get(4)?)) == target).then(|| f.get(dash + 1).map(|s| s.to_string())).flatten()
-    })
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.

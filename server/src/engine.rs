@@ -826,14 +826,7 @@ impl Engine {
             .cloned()
             .collect();
         let snaps = self.snapshots.read().map_err(|_| poisoned())?.values().filter(|s| s.layer.id == id).count();
-        let children = self
-            .layers
-            .read()
-            .map_err(|_| poisoned())?
-            .values()
-            .filter(|l| l.parent().ok().flatten().is_some_and(|p| p.id == id))
-            .cloned()
-            .collect();
+        let children = children_in(&*self.layers.read().map_err(|_| poisoned())?, id);
         Ok(References { volumes: vols, snapshots: snaps, children })
     }
 
@@ -909,7 +902,10 @@ impl Engine {
                 // write (`reclaim_overridden`).
                 layer.hidden.store(true, Relaxed);
                 let _reclaim = self.reclaim.lock().await;
-                let dead = dead_entries(&layer, &children, layer.read()?.map.iter().map(|(v, _)| v))?;
+                // Collected first: dead_entries takes the layer's read lock itself, and a second
+                // read lock held by the same thread can deadlock behind a waiting writer.
+                let all: Vec<u64> = layer.read()?.map.iter().map(|(v, _)| v).collect();
+                let dead = dead_entries(&layer, &children, all.into_iter())?;
                 if !dead.is_empty() {
                     self.free_dead(&layer, &dead, true).await?;
                 }
@@ -933,17 +929,13 @@ impl Engine {
         }
         let _reclaim = self.reclaim.lock().await;
         // Under the lock: the layer may have been merged away or already freed these.
-        if !self.layers.read().map_err(|_| poisoned())?.contains_key(&parent.id) {
-            return Ok(());
-        }
-        let children: Vec<Arc<Layer>> = self
-            .layers
-            .read()
-            .map_err(|_| poisoned())?
-            .values()
-            .filter(|l| l.parent().ok().flatten().is_some_and(|p| p.id == parent.id))
-            .cloned()
-            .collect();
+        let children = {
+            let layers = self.layers.read().map_err(|_| poisoned())?;
+            if !layers.contains_key(&parent.id) {
+                return Ok(());
+            }
+            children_in(&layers, parent.id)
+        };
         let dead = dead_entries(&parent, &children, vclusters.iter().copied())?;
         if !dead.is_empty() {
             self.free_dead(&parent, &dead, false).await?;
@@ -1056,6 +1048,11 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// The layers whose parent is `id`.
+fn children_in(layers: &BTreeMap<u64, Arc<Layer>>, id: u64) -> Vec<Arc<Layer>> {
+    layers.values().filter(|l| l.parent().ok().flatten().is_some_and(|p| p.id == id)).cloned().collect()
 }
 
 /// The entries of `layer` among `vclusters` that every child overrides (maps as data or zero),

@@ -263,16 +263,22 @@ async fn snapshots_taken_during_writes_are_consistent_points_in_time() {
     assert_fsck(&e);
 }
 
-#[tokio::test]
-async fn deleting_a_snapshot_with_two_clones_frees_what_both_override() {
-    let dir = tempfile::tempdir().unwrap();
-    let e = engine(dir.path());
+/// Volume `v` (3 clusters of 1s) snapshotted as `v@s` and deleted; clones `a` and `b` of it.
+async fn two_clones_of_a_deleted_volume(dir: &std::path::Path) -> Arc<Engine> {
+    let e = engine(dir);
     e.create_volume("v", 4 << 20).await.unwrap();
     write(&e.open_export("v").unwrap(), 0, 1, 3 * CS as usize).await;
     e.create_snapshot("v", "s").await.unwrap();
     e.delete_volume("v").await.unwrap();
     e.clone_volume("v@s", "a").await.unwrap();
     e.clone_volume("v@s", "b").await.unwrap();
+    e
+}
+
+#[tokio::test]
+async fn deleting_a_snapshot_with_two_clones_frees_what_both_override() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = two_clones_of_a_deleted_volume(dir.path()).await;
     write(&e.open_export("a").unwrap(), 0, 2, 2 * CS as usize).await;
     write(&e.open_export("b").unwrap(), 0, 3, CS as usize).await;
     assert_eq!(used(&e), 6);
@@ -298,13 +304,7 @@ async fn deleting_a_snapshot_with_two_clones_frees_what_both_override() {
 #[tokio::test]
 async fn clusters_every_clone_overrides_later_are_freed_as_it_happens() {
     let dir = tempfile::tempdir().unwrap();
-    let e = engine(dir.path());
-    e.create_volume("v", 4 << 20).await.unwrap();
-    write(&e.open_export("v").unwrap(), 0, 1, 3 * CS as usize).await;
-    e.create_snapshot("v", "s").await.unwrap();
-    e.delete_volume("v").await.unwrap();
-    e.clone_volume("v@s", "a").await.unwrap();
-    e.clone_volume("v@s", "b").await.unwrap();
+    let e = two_clones_of_a_deleted_volume(dir.path()).await;
     e.delete_snapshot("v@s").await.unwrap();
     assert_eq!(used(&e), 3);
     write(&e.open_export("a").unwrap(), CS, 2, 100).await;
