@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 
 use crate::handshake::{ServerConfig, negotiate};
 use crate::mem_device::{MemCatalog, MemDevice};
-use crate::session::{SessionLimits, serve};
+use crate::budget::SessionShared;
+use crate::session::{SessionLimits, Stop, serve};
 
 /// Runs one server connection whose client sends exactly `data` and then closes. Must never
 /// panic or hang, whatever `data` holds.
@@ -21,7 +21,7 @@ pub fn server_input(data: &[u8]) {
     rt.block_on(async {
         let catalog = MemCatalog { exports: vec![("disk".into(), Arc::new(MemDevice::new(1 << 20, false)))] };
         let config = ServerConfig { tls: None, max_payload: 1 << 20 };
-        let limits = SessionLimits { max_payload: 1 << 20, max_in_flight: 4 };
+        let limits = SessionLimits { max_payload: 1 << 20, max_in_flight: 4, ..SessionLimits::default() };
         let (server, mut client) = tokio::io::duplex(1 << 16);
         let input = data.to_vec();
         // The client side writes its bytes and drains whatever the server answers.
@@ -39,7 +39,7 @@ pub fn server_input(data: &[u8]) {
         });
         let run = async {
             if let Ok(Some(neg)) = negotiate(Box::new(server), &catalog, &config, None).await {
-                let _ = serve(neg, limits, CancellationToken::new()).await;
+                let _ = serve(neg, limits, SessionShared::new(8 << 20), Stop::default()).await;
             }
         };
         let finished = tokio::time::timeout(Duration::from_secs(10), run).await;

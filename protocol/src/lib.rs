@@ -2,6 +2,7 @@
 //! [`BlockDevice`], an async [`client::Client`], and the gRPC definitions of the management API.
 
 pub mod aligned;
+pub mod budget;
 pub mod client;
 pub mod consts;
 pub mod device;
@@ -15,7 +16,8 @@ pub mod wire;
 
 pub use device::{BlockDevice, DeviceError, DeviceInfo, DeviceResult, Extent, ReadChunk};
 pub use handshake::{Export, ExportCatalog, ExportListing, Negotiated, OpenError, ServerConfig, negotiate};
-pub use session::{SessionLimits, serve};
+pub use budget::{ByteBudget, SessionShared};
+pub use session::{SessionLimits, Stop, serve};
 
 /// Why a connection ended abnormally. Every variant closes the connection; none panics.
 #[derive(Debug, thiserror::Error)]

@@ -3,9 +3,10 @@
 //! one writer task.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -14,7 +15,8 @@ use crate::ProtocolError;
 use crate::consts::*;
 use crate::device::{BlockDevice, DeviceError, Extent, ReadChunk};
 use crate::handshake::Negotiated;
-use crate::io::BoxIo;
+use crate::budget::{ByteBudget, SessionShared};
+use crate::io::StallTimeout;
 use crate::wire::{REQUEST_HEADER_LEN, Request, simple_reply_header, structured_header};
 
 #[derive(Debug, Clone, Copy)]
@@ -23,12 +25,33 @@ pub struct SessionLimits {
     pub max_payload: u32,
     /// Requests being served at once; the reader stops reading beyond this (back-pressure).
     pub max_in_flight: usize,
+    /// Bytes of request data this session may hold in memory at once (write payloads, read
+    /// replies not yet sent); beyond it the reader stops reading. A request larger than the
+    /// whole budget still runs, alone.
+    pub max_session_bytes: u64,
+    /// A client that takes no reply data for this long is disconnected.
+    pub write_timeout: Duration,
 }
 
 impl Default for SessionLimits {
     fn default() -> Self {
-        SessionLimits { max_payload: 32 * 1024 * 1024, max_in_flight: 128 }
+        SessionLimits {
+            max_payload: 32 * 1024 * 1024,
+            max_in_flight: 128,
+            max_session_bytes: 64 * 1024 * 1024,
+            write_timeout: Duration::from_secs(30),
+        }
     }
+}
+
+/// How a session is ended from outside. `shutdown` drains: requests already started finish and
+/// their replies are sent. `fence` cuts (a revoked grant): nothing more is read from the client
+/// or sent to it, requests not yet started never start, and [`serve`] returns only after every
+/// started request has finished, so once it returns nothing of this session touches the device.
+#[derive(Clone, Default)]
+pub struct Stop {
+    pub shutdown: CancellationToken,
+    pub fence: CancellationToken,
 }
 
 enum Reply {
@@ -39,32 +62,56 @@ enum Reply {
     BlockStatus { cookie: u64, context: u32, extents: Vec<Extent> },
 }
 
+/// Budget a request holds until its reply is on the socket (reads) or its data is written.
+struct Charge {
+    _session: Option<OwnedSemaphorePermit>,
+    _server: Option<OwnedSemaphorePermit>,
+}
+
 const KNOWN_FLAGS: u16 = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
 static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
 
-/// Serves requests until the client disconnects, sends DISC, or `shutdown` fires; in every case
-/// requests already started are finished and their replies sent before returning.
+/// Bytes of data a request brings (write) or asks for (read) while it is in memory.
+fn data_bytes(req: &Request, limits: &SessionLimits) -> u64 {
+    match req.command {
+        CMD_READ | CMD_WRITE if req.length <= limits.max_payload => req.length as u64,
+        _ => 0,
+    }
+}
+
+/// Serves requests until the client disconnects, sends DISC, or `stop` fires (see [`Stop`]).
 pub async fn serve<D: BlockDevice>(
     neg: Negotiated<D>,
     limits: SessionLimits,
-    shutdown: CancellationToken,
+    shared: Arc<SessionShared>,
+    stop: Stop,
 ) -> Result<(), ProtocolError> {
+    let Stop { shutdown, fence } = stop;
     let structured = neg.structured;
     let context = neg.base_allocation;
     let dev = neg.export.device.clone();
     let info = dev.info();
     let (rd, wr) = tokio::io::split(neg.io);
     let mut rd = BufReader::with_capacity(256 * 1024, rd);
-    let (tx, rx) = mpsc::channel::<Reply>(limits.max_in_flight.max(1) * 2);
+    let (tx, rx) = mpsc::channel::<(Reply, Option<Charge>)>(limits.max_in_flight.max(1) * 2);
     let writer_stop = CancellationToken::new();
-    let writer = tokio::spawn(write_replies(wr, rx, writer_stop.clone()));
+    let writer = tokio::spawn(write_replies(
+        StallTimeout::new(wr, limits.write_timeout),
+        rx,
+        writer_stop.clone(),
+        fence.clone(),
+        shared.clone(),
+    ));
     let permits = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
+    let session_budget = ByteBudget::new(limits.max_session_bytes.max(1));
     let mut tasks = JoinSet::new();
 
     let result: Result<(), ProtocolError> = loop {
         while tasks.try_join_next().is_some() {}
         let mut hdr = [0u8; REQUEST_HEADER_LEN];
         let read = tokio::select! {
+            biased;
+            _ = fence.cancelled() => break Ok(()),
             _ = shutdown.cancelled() => break Ok(()),
             _ = writer_stop.cancelled() => break Ok(()),
             r = rd.read_exact(&mut hdr) => r,
@@ -81,46 +128,106 @@ pub async fn serve<D: BlockDevice>(
             debug!("client sent DISC");
             break Ok(());
         }
+        // Budget first: a write's payload is only read, and a read only started, once the
+        // memory it needs is granted, by this session's budget and then the server's.
+        let bytes = data_bytes(&req, &limits);
+        let mut charge = None;
+        if bytes > 0 {
+            let take = async {
+                let session = match session_budget.try_take(bytes) {
+                    Some(p) => p,
+                    None => {
+                        shared.count_wait();
+                        session_budget.take(bytes).await?
+                    }
+                };
+                let server = match shared.budget.try_take(bytes) {
+                    Some(p) => p,
+                    None => {
+                        shared.count_wait();
+                        shared.budget.take(bytes).await?
+                    }
+                };
+                Some(Charge { _session: Some(session), _server: Some(server) })
+            };
+            charge = tokio::select! {
+                biased;
+                _ = fence.cancelled() => break Ok(()),
+                _ = shutdown.cancelled() => break Ok(()),
+                _ = writer_stop.cancelled() => break Ok(()),
+                c = take => c,
+            };
+        }
         // A write's payload follows its header whatever we think of the request.
         let mut payload = None;
         if req.command == CMD_WRITE {
-            if req.length > limits.max_payload {
-                if let Err(e) = discard(&mut rd, req.length).await {
-                    break Err(e.into());
+            let body = async {
+                if req.length > limits.max_payload {
+                    discard(&mut rd, req.length).await.map(|()| None)
+                } else {
+                    let mut buf = crate::aligned::AlignedBuf::zeroed(req.length as usize);
+                    rd.read_exact(buf.as_mut_slice()).await.map(|_| Some(buf.freeze()))
                 }
-            } else {
-                let mut buf = crate::aligned::AlignedBuf::zeroed(req.length as usize);
-                if let Err(e) = rd.read_exact(buf.as_mut_slice()).await {
-                    break Err(e.into());
-                }
-                payload = Some(buf.freeze());
+            };
+            let r = tokio::select! {
+                biased;
+                _ = fence.cancelled() => break Ok(()),
+                r = body => r,
+            };
+            match r {
+                Ok(p) => payload = p,
+                Err(e) => break Err(e.into()),
             }
         }
         // The size is read per request: a device may grow while the session is open.
         if let Err(errno) = check(&req, dev.info().size, info.read_only, structured, context.is_some(), limits) {
             let reply = error_reply(&req, structured, errno, "request rejected".into());
-            if tx.send(reply).await.is_err() {
+            if tx.send((reply, None)).await.is_err() {
                 break Ok(());
             }
             continue;
         }
-        let Ok(permit) = permits.clone().acquire_owned().await else { break Ok(()) };
+        let permit = tokio::select! {
+            biased;
+            _ = fence.cancelled() => break Ok(()),
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break Ok(()),
+            },
+        };
+        if fence.is_cancelled() {
+            break Ok(());
+        }
         let dev = dev.clone();
         let tx = tx.clone();
+        let fence = fence.clone();
         tasks.spawn(async move {
+            // Spawned before a fence but not yet running: it must not start after it.
+            if fence.is_cancelled() {
+                return;
+            }
+            let is_read = req.command == CMD_READ;
             let reply = execute(&*dev, req, payload, structured, context).await;
-            let _ = tx.send(reply).await;
             drop(permit);
+            // A read keeps its budget until the reply is written; a write is done with it.
+            let charge = if is_read { charge } else { None };
+            let _ = tx.send((reply, charge)).await;
         });
     };
+    if fence.is_cancelled() {
+        // Cut: no reply goes out, no buffered request starts; wait for the started ones.
+        writer.abort();
+    }
     // Finish what was started, then let the writer drain and close.
     while tasks.join_next().await.is_some() {}
     drop(tx);
     match writer.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => debug!(error = %e, "reply writer"),
+        Err(e) if e.is_cancelled() => {}
         Err(e) => debug!(error = %e, "reply writer task"),
     }
+    drop(rd);
     result
 }
 
@@ -230,26 +337,36 @@ fn materialize(chunks: &[ReadChunk]) -> Vec<u8> {
     out
 }
 
-async fn write_replies(
-    wr: tokio::io::WriteHalf<BoxIo>,
-    mut rx: mpsc::Receiver<Reply>,
+async fn write_replies<W: AsyncWriteExt + Unpin>(
+    wr: W,
+    mut rx: mpsc::Receiver<(Reply, Option<Charge>)>,
     stop: CancellationToken,
+    fence: CancellationToken,
+    shared: Arc<SessionShared>,
 ) -> Result<(), ProtocolError> {
     let mut w = BufWriter::with_capacity(256 * 1024, wr);
     let r = async {
-        while let Some(reply) = rx.recv().await {
+        while let Some((reply, charge)) = rx.recv().await {
             encode(&mut w, reply).await?;
             // Batch replies that are already waiting into one write.
             if rx.is_empty() {
                 w.flush().await?;
             }
+            drop(charge);
         }
         w.flush().await?;
         w.shutdown().await
-    }
-    .await;
-    if r.is_err() {
-        // The client is gone: stop the reader too.
+    };
+    let r = tokio::select! {
+        biased;
+        _ = fence.cancelled() => return Ok(()),
+        r = r => r,
+    };
+    if let Err(e) = &r {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            shared.write_timeouts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        // The client is gone or stuck: stop the reader too.
         stop.cancel();
     }
     Ok(r?)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use thinbd_protocol::client::{Client, ClientOptions, ReadPiece, list_exports};
 use thinbd_protocol::consts::*;
 use thinbd_protocol::mem_device::{MemCatalog, MemDevice};
-use thinbd_protocol::{Extent, ServerConfig, SessionLimits, negotiate, serve};
+use thinbd_protocol::{Extent, ServerConfig, SessionLimits, SessionShared, Stop, negotiate, serve};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -28,7 +28,8 @@ async fn start() -> (String, CancellationToken) {
             let s = s.clone();
             tokio::spawn(async move {
                 if let Ok(Some(n)) = negotiate(Box::new(sock), &*catalog, &ServerConfig::default(), Some(peer)).await {
-                    let _ = serve(n, SessionLimits::default(), s).await;
+                    let stop = Stop { shutdown: s, ..Stop::default() };
+                    let _ = serve(n, SessionLimits::default(), SessionShared::new(1 << 30), stop).await;
                 }
             });
         }

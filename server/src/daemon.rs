@@ -17,7 +17,8 @@ use tracing::{info, warn};
 
 use crate::api::Api;
 use crate::engine::{Engine, EngineConfig};
-use crate::nbd_export::{Catalog, serve_nbd};
+use crate::nbd_export::{Catalog, ListenerStats, NbdLimits, serve_nbd};
+use thinbd_protocol::SessionLimits;
 
 #[derive(clap::Args)]
 pub struct ServeOptions {
@@ -69,6 +70,55 @@ pub struct ServeOptions {
     pub api_tls_key: Option<PathBuf>,
     #[arg(long, requires = "api_tls_cert")]
     pub api_tls_client_ca: Option<PathBuf>,
+    /// Open NBD connections at most (lowered to fit the open-file limit).
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Connections still negotiating (not yet attached to an export) at most.
+    #[arg(long, default_value_t = 128)]
+    pub max_handshakes: usize,
+    /// Connections still negotiating from one address at most.
+    #[arg(long, default_value_t = 16)]
+    pub max_handshakes_per_source: usize,
+    /// Seconds a client has to finish the NBD handshake.
+    #[arg(long, default_value_t = 10)]
+    pub handshake_timeout: u64,
+    /// Request data one NBD session may hold in memory (write payloads, unsent read replies);
+    /// beyond it the server stops reading that session's requests.
+    #[arg(long, default_value = "64MiB", value_parser = crate::size::parse_size)]
+    pub session_memory: u64,
+    /// Request data all NBD sessions together may hold in memory.
+    #[arg(long, default_value = "1GiB", value_parser = crate::size::parse_size)]
+    pub server_memory: u64,
+    /// Seconds a client may take no reply data before it is disconnected.
+    #[arg(long, default_value_t = 30)]
+    pub client_write_timeout: u64,
+}
+
+impl ServeOptions {
+    /// The NBD listener's limits; connections are capped below the open-file limit so that
+    /// the API, the metadata store and the pool always have descriptors left.
+    fn nbd_limits(&self) -> NbdLimits {
+        const RESERVED_FDS: usize = 256;
+        let fds = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft as usize)
+            .unwrap_or(1024);
+        let fit = fds.saturating_sub(RESERVED_FDS).max(16);
+        if self.max_connections > fit {
+            warn!(max_connections = self.max_connections, open_file_limit = fds, "--max-connections lowered to {fit}");
+        }
+        NbdLimits {
+            max_connections: self.max_connections.min(fit),
+            max_handshakes: self.max_handshakes.max(1),
+            max_handshakes_per_source: self.max_handshakes_per_source.max(1),
+            handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
+            session: SessionLimits {
+                max_session_bytes: self.session_memory,
+                write_timeout: Duration::from_secs(self.client_write_timeout.max(1)),
+                ..SessionLimits::default()
+            },
+            server_bytes: self.server_memory,
+        }
+    }
 }
 
 /// Holds the data dir's lock for the life of the daemon.
@@ -146,7 +196,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     };
     let nbd_address = opts.advertise_nbd.clone().unwrap_or_else(|| opts.nbd_listen.to_string());
     let config = ServerConfig { tls, ..ServerConfig::default() };
-    let nbd_task = tokio::spawn(serve_nbd(nbd, catalog, config, shutdown.clone()));
+    let limits = opts.nbd_limits();
+    let stats = ListenerStats::new(&limits);
+    let nbd_task = tokio::spawn(serve_nbd(nbd, catalog, config, limits, stats.clone(), shutdown.clone()));
 
     let api_shutdown = shutdown.clone();
     let mut api_builder = tonic::transport::Server::builder();
@@ -167,7 +219,11 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         "/metrics",
         axum::routing::get(move || {
             let e = metrics_engine.clone();
-            async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], e.render_metrics()) }
+            let stats = stats.clone();
+            async move {
+                let body = e.render_metrics() + &stats.render();
+                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+            }
         }),
     );
     let metrics_shutdown = shutdown.clone();

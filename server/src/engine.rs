@@ -222,6 +222,10 @@ pub struct Engine {
     layers: RwLock<BTreeMap<u64, Arc<Layer>>>,
     /// Attachment grants by `grant_key`.
     pub(crate) grants: RwLock<BTreeMap<String, Arc<crate::grants::Grant>>>,
+    /// Revoked grants whose sessions are still being fenced, by `grant_key`.
+    pub(crate) revoking: Mutex<BTreeMap<String, Arc<crate::grants::Grant>>>,
+    /// Freed clusters are reused only after the reads that may have resolved to them.
+    pub(crate) grace: crate::grace::Grace,
     next_id: AtomicU64,
     /// Set by non-durable metadata commits, cleared by durable ones.
     meta_dirty: Arc<std::sync::atomic::AtomicBool>,
@@ -398,6 +402,8 @@ impl Engine {
             admin: Default::default(),
             reclaim: Default::default(),
             grants: RwLock::new(grants),
+            revoking: Default::default(),
+            grace: Default::default(),
             data_dir,
         }))
     }
@@ -429,7 +435,7 @@ impl Engine {
             return rx.await.map_err(|_| EngineError::Internal("commit thread dropped a commit".into()))?;
         }
         let me = self.clone();
-        tokio::task::spawn_blocking(move || {
+        let released = tokio::task::spawn_blocking(move || {
             let mut released = Vec::new();
             let r = me.store.commit(&ops, durable, || {
                 // Under redb's writer lock: every non-durable commit so far is in this one.
@@ -439,16 +445,24 @@ impl Engine {
             });
             if r.is_err() {
                 me.meta_dirty.store(true, Relaxed);
+                me.alloc()?.free_later(released);
+                return r.map(|()| Vec::new());
             }
-            let mut alloc = me.alloc()?;
-            match r {
-                Ok(()) => alloc.release(released),
-                Err(_) => alloc.free_later(released),
-            }
-            r
+            Ok(released)
         })
         .await
-        .map_err(|e| EngineError::Internal(format!("commit task: {e}")))?
+        .map_err(|e| EngineError::Internal(format!("commit task: {e}")))??;
+        self.release(released).await
+    }
+
+    /// Gives freed clusters back to the allocator once no read can still be using them.
+    pub(crate) async fn release(&self, clusters: Vec<u64>) -> Result<(), EngineError> {
+        if clusters.is_empty() {
+            return Ok(());
+        }
+        self.grace.wait().await;
+        self.alloc()?.release(clusters);
+        Ok(())
     }
 
     /// Makes every completed write durable (NBD FLUSH; covers all connections).
@@ -779,12 +793,6 @@ impl Engine {
         let _admin = self.admin.lock().await;
         let vol = self.volume(name)?;
         let _gate = vol.gate.write().await;
-        let n = vol.sessions();
-        if n > 0 {
-            return Err(EngineError::Precondition(format!(
-                "volume {name:?} has {n} open NBD session(s); disconnect them first"
-            )));
-        }
         let nodes = self.published_nodes(name);
         if !nodes.is_empty() {
             return Err(EngineError::Precondition(format!(
@@ -792,8 +800,22 @@ impl Engine {
                 nodes.join(", ")
             )));
         }
-        self.commit(vec![MetaOp::DeleteVolume(name.to_string())], true).await?;
-        self.volumes.write().map_err(|_| poisoned())?.remove(name);
+        // Sessions are counted under the same lock by `open_export`: once the volume is out of
+        // the catalog here with none open, no session can open it any more.
+        {
+            let mut vols = self.volumes.write().map_err(|_| poisoned())?;
+            let n = vol.sessions();
+            if n > 0 {
+                return Err(EngineError::Precondition(format!(
+                    "volume {name:?} has {n} open NBD session(s); disconnect them first"
+                )));
+            }
+            vols.remove(name);
+        }
+        if let Err(e) = self.commit(vec![MetaOp::DeleteVolume(name.to_string())], true).await {
+            self.volumes.write().map_err(|_| poisoned())?.insert(name.to_string(), vol.clone());
+            return Err(e);
+        }
         self.release_layer(vol.top()?.id).await?;
         tracing::info!(volume = name, "volume deleted");
         Ok(())
@@ -801,15 +823,22 @@ impl Engine {
 
     pub async fn delete_snapshot(self: &Arc<Self>, key: &str) -> Result<(), EngineError> {
         let _admin = self.admin.lock().await;
-        let snap = self.snapshot(key)?;
-        let n = snap.sessions.load(Relaxed);
-        if n > 0 {
-            return Err(EngineError::Precondition(format!(
-                "snapshot {key:?} has {n} open NBD session(s); disconnect them first"
-            )));
+        let snap = {
+            let mut snaps = self.snapshots.write().map_err(|_| poisoned())?;
+            let snap = snaps.get(key).cloned().ok_or_else(|| EngineError::NotFound(format!("snapshot {key:?}")))?;
+            let n = snap.sessions.load(Relaxed);
+            if n > 0 {
+                return Err(EngineError::Precondition(format!(
+                    "snapshot {key:?} has {n} open NBD session(s); disconnect them first"
+                )));
+            }
+            snaps.remove(key);
+            snap
+        };
+        if let Err(e) = self.commit(vec![MetaOp::DeleteSnapshot(key.to_string())], true).await {
+            self.snapshots.write().map_err(|_| poisoned())?.insert(key.to_string(), snap.clone());
+            return Err(e);
         }
-        self.commit(vec![MetaOp::DeleteSnapshot(key.to_string())], true).await?;
-        self.snapshots.write().map_err(|_| poisoned())?.remove(key);
         self.release_layer(snap.layer.id).await?;
         tracing::info!(snapshot = key, "snapshot deleted");
         Ok(())
@@ -847,7 +876,7 @@ impl Engine {
                 ops.push(MetaOp::DeleteLayer(id));
                 self.commit(ops, true).await?;
                 self.forget_layers(&[id]);
-                self.alloc()?.release(freed);
+                self.release(freed).await?;
                 match parent {
                     Some(p) => id = p.id,
                     None => return Ok(()),
@@ -894,7 +923,7 @@ impl Engine {
                     cs.parent = parent;
                 }
                 self.forget_layers(&[id]);
-                self.alloc()?.release(freed);
+                self.release(freed).await?;
                 return Ok(());
             } else if vols.is_empty() && snaps == 0 {
                 // Several children: from now on only they read this layer. What they all
@@ -959,14 +988,15 @@ impl Engine {
             }
         }
         self.commit(ops, durable).await?;
-        let mut st = layer.state.write().map_err(|_| poisoned())?;
-        for (v, _) in dead {
-            st.map.remove(*v);
+        {
+            let mut st = layer.state.write().map_err(|_| poisoned())?;
+            for (v, _) in dead {
+                st.map.remove(*v);
+            }
         }
-        drop(st);
         let freed = dead.iter().map(|(_, p)| *p).filter(|p| *p != ZERO_MARK);
         if durable {
-            self.alloc()?.release(freed);
+            self.release(freed.collect()).await?;
         } else {
             self.alloc()?.free_later(freed);
         }
@@ -976,11 +1006,15 @@ impl Engine {
     /// Opens `NAME` (read-write volume) or `VOLUME@SNAPSHOT` (read-only) for I/O; the handle
     /// counts as a session until dropped.
     pub fn open_export(self: &Arc<Self>, name: &str) -> Result<VolumeHandle, EngineError> {
+        // The session is counted under the catalog's lock, where deletes check for sessions.
         if name.contains('@') {
-            let snap = self.snapshot(name)?;
-            Ok(VolumeHandle::snapshot(self.clone(), snap))
+            let snaps = self.snapshots.read().map_err(|_| poisoned())?;
+            let snap = snaps.get(name).ok_or_else(|| EngineError::NotFound(format!("snapshot {name:?}")))?;
+            Ok(VolumeHandle::snapshot(self.clone(), snap.clone()))
         } else {
-            Ok(VolumeHandle::volume(self.clone(), self.volume(name)?))
+            let vols = self.volumes.read().map_err(|_| poisoned())?;
+            let vol = vols.get(name).ok_or_else(|| EngineError::NotFound(format!("volume {name:?}")))?;
+            Ok(VolumeHandle::volume(self.clone(), vol.clone()))
         }
     }
 

@@ -18,6 +18,9 @@ pub enum EngineError {
     Invalid(String),
     #[error("{0}")]
     Precondition(String),
+    /// Try again later (a fence still waiting for requests to finish).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("pool is full")]
     NoSpace,
     #[error("internal: {0}")]

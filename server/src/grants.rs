@@ -4,7 +4,9 @@
 //! ends the sessions opened through it. Single-writer grants keep every other node read-only.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Engine, now_unix};
@@ -14,17 +16,60 @@ use crate::metadata::{GrantRecord, MetaOp, grant_key};
 
 pub struct Grant {
     pub record: GrantRecord,
-    /// Cancelled when the grant is revoked: sessions opened through it end.
+    /// Cancelled when the grant is revoked: sessions opened through it are fenced.
     pub revoked: CancellationToken,
+    /// Open handles (sessions) through this grant. Checked and counted under the channel's
+    /// lock, so an open racing a revocation either is counted before it or refused.
+    handles: watch::Sender<usize>,
 }
+
+/// One open handle through a grant; dropped with the handle, when no request of its session
+/// can touch the volume any more.
+pub struct GrantSession {
+    grant: Arc<Grant>,
+}
+
+impl Drop for GrantSession {
+    fn drop(&mut self) {
+        self.grant.handles.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// How long a revocation waits for the fenced sessions' started requests.
+const FENCE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Grant {
     pub fn new(record: GrantRecord) -> Grant {
-        Grant { record, revoked: CancellationToken::new() }
+        Grant { record, revoked: CancellationToken::new(), handles: watch::Sender::new(0) }
     }
 
     pub fn export_name(&self) -> String {
         format!("{}#{}", self.record.volume, self.record.token)
+    }
+
+    /// Counts a new handle, unless the grant is revoked.
+    pub fn enter(self: &Arc<Self>) -> Option<GrantSession> {
+        let admitted = self.handles.send_if_modified(|n| {
+            if self.revoked.is_cancelled() {
+                return false;
+            }
+            *n += 1;
+            true
+        });
+        admitted.then(|| GrantSession { grant: self.clone() })
+    }
+
+    /// Revokes and waits until every handle opened through the grant is gone.
+    async fn fence(&self) -> Result<(), EngineError> {
+        self.handles.send_modify(|_| self.revoked.cancel());
+        let mut rx = self.handles.subscribe();
+        match tokio::time::timeout(FENCE_TIMEOUT, rx.wait_for(|n| *n == 0)).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(EngineError::Unavailable(format!(
+                "sessions of node {:?} on volume {:?} are still finishing requests; retry",
+                self.record.node, self.record.volume
+            ))),
+        }
     }
 }
 
@@ -93,15 +138,28 @@ impl Engine {
         Ok(grant)
     }
 
-    /// Revokes `node`'s grant on `volume` and ends its sessions. Unknown grants are not an error
-    /// (the CSI call is idempotent).
+    /// Revokes `node`'s grant on `volume` and fences its sessions: when this returns, nothing
+    /// they sent can still reach the volume (payloads half-read are dropped, requests not yet
+    /// started never start, started ones have finished). Unknown grants are not an error (the
+    /// CSI call is idempotent); a revocation whose fence timed out is waited for again.
     pub async fn unpublish(self: &Arc<Self>, volume: &str, node: &str) -> Result<(), EngineError> {
         let _admin = self.admin.lock().await;
         let key = grant_key(volume, node);
-        let Some(grant) = self.grants.read().map_err(|_| poisoned())?.get(&key).cloned() else { return Ok(()) };
-        self.commit(vec![MetaOp::DeleteGrant(key.clone())], true).await?;
-        self.grants.write().map_err(|_| poisoned())?.remove(&key);
-        grant.revoked.cancel();
+        let live = self.grants.read().map_err(|_| poisoned())?.get(&key).cloned();
+        let grant = match live {
+            Some(grant) => {
+                self.commit(vec![MetaOp::DeleteGrant(key.clone())], true).await?;
+                self.grants.write().map_err(|_| poisoned())?.remove(&key);
+                self.revoking.lock().map_err(|_| poisoned())?.insert(key.clone(), grant.clone());
+                grant
+            }
+            None => match self.revoking.lock().map_err(|_| poisoned())?.get(&key).cloned() {
+                Some(grant) => grant,
+                None => return Ok(()),
+            },
+        };
+        grant.fence().await?;
+        self.revoking.lock().map_err(|_| poisoned())?.remove(&key);
         tracing::info!(volume, node, "volume unpublished");
         Ok(())
     }

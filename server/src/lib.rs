@@ -8,6 +8,7 @@ pub mod error;
 pub mod extent_map;
 pub mod fault_disk;
 pub mod fsck;
+pub mod grace;
 pub mod grants;
 pub mod layer;
 pub mod metadata;

@@ -1,14 +1,16 @@
 //! Volumes as NBD exports: the `BlockDevice` impl (with metrics), the export catalog and the
 //! TCP listener.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use thinbd_protocol::{
     BlockDevice, DeviceError, DeviceInfo, DeviceResult, Export, ExportCatalog, ExportListing, Extent, OpenError,
-    ReadChunk, ServerConfig, SessionLimits,
+    ReadChunk, ServerConfig, SessionLimits, SessionShared, Stop,
 };
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -100,8 +102,10 @@ impl ExportCatalog for Catalog {
         };
         if name.contains('#') {
             let grant = self.engine.grant_for_export(name).ok_or(OpenError::Unknown)?;
+            // Counted before the volume is opened: a revocation from here on waits for us.
+            let session = grant.enter().ok_or(OpenError::Unknown)?;
             let r = &grant.record;
-            let mut h = self.engine.open_export(&r.volume).map_err(engine_err)?;
+            let mut h = self.engine.open_export(&r.volume).map_err(engine_err)?.through_grant(session);
             if r.read_only {
                 h = h.into_read_only();
             }
@@ -115,7 +119,11 @@ impl ExportCatalog for Catalog {
             });
         }
         if !self.trusted(peer) {
-            return Err(OpenError::Policy("this server requires an attachment grant's export name".into()));
+            return Err(OpenError::Policy(
+                "an attachment grant is required: open the export name that `thinbd volume publish` printed \
+                 (VOLUME#TOKEN; in an NBD URI write the # as %23)"
+                    .into(),
+            ));
         }
         let h = self.engine.open_export(name).map_err(engine_err)?;
         Ok(Export { name: name.to_string(), description: describe(&h, name), device: Arc::new(h), revoked: None })
@@ -133,16 +141,196 @@ impl ExportCatalog for Catalog {
     }
 }
 
+/// Connection admission: how many connections and handshakes may be open at once. Every
+/// connection costs a file descriptor; unauthenticated ones (still negotiating) are bounded
+/// overall and per source address, so a flood of idle connections cannot take the descriptors
+/// that sessions, the management API and the metadata store need.
+#[derive(Debug, Clone, Copy)]
+pub struct NbdLimits {
+    pub max_connections: usize,
+    pub max_handshakes: usize,
+    pub max_handshakes_per_source: usize,
+    pub handshake_timeout: Duration,
+    pub session: SessionLimits,
+    /// Bytes of request data all sessions together may hold in memory.
+    pub server_bytes: u64,
+}
+
+/// Counters for the metrics endpoint.
+pub struct ListenerStats {
+    pub connections: AtomicUsize,
+    pub handshakes: AtomicUsize,
+    pub rejected_connections: AtomicU64,
+    pub evicted_handshakes: AtomicU64,
+    pub rejected_per_source: AtomicU64,
+    pub handshake_timeouts: AtomicU64,
+    pub shared: Arc<SessionShared>,
+    pending: Mutex<Pending>,
+}
+
+impl ListenerStats {
+    pub fn new(limits: &NbdLimits) -> Arc<Self> {
+        Arc::new(ListenerStats {
+            connections: AtomicUsize::new(0),
+            handshakes: AtomicUsize::new(0),
+            rejected_connections: AtomicU64::new(0),
+            evicted_handshakes: AtomicU64::new(0),
+            rejected_per_source: AtomicU64::new(0),
+            handshake_timeouts: AtomicU64::new(0),
+            shared: SessionShared::new(limits.server_bytes),
+            pending: Mutex::new(Pending::default()),
+        })
+    }
+
+    /// Prometheus text for the listener's gauges and counters.
+    pub fn render(&self) -> String {
+        let sh = &self.shared;
+        let lines = [
+            ("thinbd_nbd_connections", "gauge", "Open NBD connections.", self.connections.load(Relaxed) as u64),
+            ("thinbd_nbd_handshakes", "gauge", "Connections still negotiating.", self.handshakes.load(Relaxed) as u64),
+            (
+                "thinbd_nbd_rejected_connections_total",
+                "counter",
+                "Connections closed at accept: --max-connections reached.",
+                self.rejected_connections.load(Relaxed),
+            ),
+            (
+                "thinbd_nbd_evicted_handshakes_total",
+                "counter",
+                "Oldest unfinished handshakes closed to admit new connections (--max-handshakes).",
+                self.evicted_handshakes.load(Relaxed),
+            ),
+            (
+                "thinbd_nbd_rejected_per_source_total",
+                "counter",
+                "Connections closed at accept: --max-handshakes-per-source reached.",
+                self.rejected_per_source.load(Relaxed),
+            ),
+            (
+                "thinbd_nbd_handshake_timeouts_total",
+                "counter",
+                "Connections closed for not finishing the handshake in time.",
+                self.handshake_timeouts.load(Relaxed),
+            ),
+            (
+                "thinbd_nbd_write_timeouts_total",
+                "counter",
+                "Sessions closed because the client took no reply data for --client-write-timeout.",
+                sh.write_timeouts.load(Relaxed),
+            ),
+            (
+                "thinbd_nbd_throttled_requests_total",
+                "counter",
+                "Requests that waited for memory budget before being read (back-pressure).",
+                sh.budget_waits.load(Relaxed),
+            ),
+            (
+                "thinbd_nbd_buffered_bytes",
+                "gauge",
+                "Request data held in memory (payloads and unsent replies).",
+                sh.budget.in_use(),
+            ),
+            ("thinbd_nbd_buffered_bytes_limit", "gauge", "--server-memory.", sh.budget.total()),
+        ];
+        let mut out = String::new();
+        for (name, kind, help, v) in lines {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+        }
+        out
+    }
+}
+
+/// A connection slot, and a handshake slot while negotiating; released on drop.
+struct Admitted {
+    stats: Arc<ListenerStats>,
+    handshake: Option<(IpAddr, u64)>,
+    /// Cancelled when a newer connection needs the handshake slot.
+    evicted: CancellationToken,
+}
+
+impl Admitted {
+    /// Admits a connection, or says which limit refused it. When every handshake slot is taken
+    /// the oldest handshake is evicted: an honest client finishes its handshake in
+    /// milliseconds, so idle connections, however many addresses they come from, cannot keep
+    /// it out.
+    fn admit(stats: &Arc<ListenerStats>, limits: &NbdLimits, ip: IpAddr) -> Result<Admitted, &'static str> {
+        if stats.connections.fetch_add(1, Relaxed) >= limits.max_connections {
+            stats.connections.fetch_sub(1, Relaxed);
+            stats.rejected_connections.fetch_add(1, Relaxed);
+            return Err("--max-connections");
+        }
+        let mut a = Admitted { stats: stats.clone(), handshake: None, evicted: CancellationToken::new() };
+        let mut hs = stats.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let n = hs.per_source.get(&ip).copied().unwrap_or(0);
+        if n >= limits.max_handshakes_per_source {
+            stats.rejected_per_source.fetch_add(1, Relaxed);
+            return Err("--max-handshakes-per-source");
+        }
+        if hs.by_age.len() >= limits.max_handshakes
+            && let Some((_, oldest)) = hs.by_age.pop_first()
+        {
+            oldest.cancel();
+            stats.evicted_handshakes.fetch_add(1, Relaxed);
+        }
+        hs.next += 1;
+        let seq = hs.next;
+        hs.by_age.insert(seq, a.evicted.clone());
+        *hs.per_source.entry(ip).or_insert(0) += 1;
+        stats.handshakes.store(hs.by_age.len(), Relaxed);
+        a.handshake = Some((ip, seq));
+        Ok(a)
+    }
+
+    /// The handshake is over (either way): its slot goes back.
+    fn negotiated(&mut self) {
+        if let Some((ip, seq)) = self.handshake.take() {
+            let mut hs = self.stats.pending.lock().unwrap_or_else(|p| p.into_inner());
+            hs.by_age.remove(&seq);
+            if let Some(n) = hs.per_source.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    hs.per_source.remove(&ip);
+                }
+            }
+            self.stats.handshakes.store(hs.by_age.len(), Relaxed);
+        }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.negotiated();
+        self.stats.connections.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Connections still negotiating.
+#[derive(Default)]
+struct Pending {
+    next: u64,
+    /// Oldest first; the token evicts.
+    by_age: BTreeMap<u64, CancellationToken>,
+    per_source: HashMap<IpAddr, usize>,
+}
+
+/// What a session logs for its export: the volume, never a grant's token.
+fn loggable(export: &str) -> &str {
+    export.split_once('#').map_or(export, |(volume, _)| volume)
+}
+
 /// Accepts NBD connections until `shutdown`, then waits for sessions to finish their requests.
 pub async fn serve_nbd(
     listener: TcpListener,
     catalog: Arc<Catalog>,
     config: ServerConfig,
+    limits: NbdLimits,
+    stats: Arc<ListenerStats>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut sessions = JoinSet::new();
-    let limits = SessionLimits { max_payload: config.max_payload, ..SessionLimits::default() };
+    let session_limits = SessionLimits { max_payload: config.max_payload, ..limits.session };
     let config = Arc::new(config);
+    let mut warned = Instant::now() - Duration::from_secs(60);
     loop {
         while sessions.try_join_next().is_some() {}
         let (sock, peer) = tokio::select! {
@@ -157,34 +345,39 @@ pub async fn serve_nbd(
                 }
             },
         };
+        let mut admitted = match Admitted::admit(&stats, &limits, peer.ip()) {
+            Ok(a) => a,
+            Err(limit) => {
+                drop(sock);
+                if warned.elapsed() > Duration::from_secs(10) {
+                    warned = Instant::now();
+                    warn!(%peer, limit, "refusing NBD connections: limit reached (see thinbd_nbd_rejected_* metrics)");
+                }
+                continue;
+            }
+        };
         let _ = sock.set_nodelay(true);
         let catalog = catalog.clone();
         let config = config.clone();
         let shutdown = shutdown.clone();
+        let stats = stats.clone();
         sessions.spawn(async move {
-            // A client that never finishes the handshake must not hold a slot forever.
+            // A client that never finishes the handshake must not hold a slot for long.
+            let evicted = admitted.evicted.clone();
             let neg = tokio::select! {
-                r = tokio::time::timeout(Duration::from_secs(60), thinbd_protocol::negotiate(Box::new(sock), &*catalog, &config, Some(peer))) => r,
+                r = tokio::time::timeout(limits.handshake_timeout, thinbd_protocol::negotiate(Box::new(sock), &*catalog, &config, Some(peer))) => r,
                 _ = shutdown.cancelled() => return,
+                _ = evicted.cancelled() => return,
             };
+            admitted.negotiated();
             match neg {
                 Ok(Ok(Some(neg))) => {
-                    let export = neg.export.name.clone();
+                    let export = loggable(&neg.export.name).to_string();
                     info!(%peer, export, tls = neg.tls, structured = neg.structured, "NBD session started");
-                    // A revoked grant ends the session like a shutdown does.
-                    let stop = shutdown.child_token();
-                    if let Some(revoked) = neg.export.revoked.clone() {
-                        let stop = stop.clone();
-                        tokio::spawn(async move {
-                            tokio::select! {
-                                _ = revoked.cancelled() => stop.cancel(),
-                                _ = stop.cancelled() => {}
-                            }
-                        });
-                    }
-                    let ended = stop.clone().drop_guard();
-                    let r = thinbd_protocol::serve(neg, limits, stop).await;
-                    drop(ended);
+                    // A revoked grant fences the session; a shutdown drains it.
+                    let fence = neg.export.revoked.clone().unwrap_or_default();
+                    let stop = Stop { shutdown, fence };
+                    let r = thinbd_protocol::serve(neg, session_limits, stats.shared.clone(), stop).await;
                     match r {
                         Ok(()) => info!(%peer, export, "NBD session ended"),
                         Err(e) => info!(%peer, export, error = %e, "NBD session closed"),
@@ -192,8 +385,12 @@ pub async fn serve_nbd(
                 }
                 Ok(Ok(None)) => debug!(%peer, "client ended the handshake"),
                 Ok(Err(e)) => debug!(%peer, error = %e, "handshake failed"),
-                Err(_) => debug!(%peer, "handshake timed out"),
+                Err(_) => {
+                    stats.handshake_timeouts.fetch_add(1, Relaxed);
+                    debug!(%peer, "handshake timed out")
+                }
             }
+            drop(admitted);
         });
     }
     while sessions.join_next().await.is_some() {}

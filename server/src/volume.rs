@@ -43,6 +43,8 @@ pub struct VolumeHandle {
     engine: Arc<Engine>,
     target: Target,
     read_only: bool,
+    /// The grant the handle was opened through; its revocation waits for this handle to go.
+    _grant: Option<crate::grants::GrantSession>,
 }
 
 impl Drop for VolumeHandle {
@@ -65,12 +67,12 @@ fn clip(run: &Run, cs: u64, offset: u64, end: u64) -> (u64, u64, u64) {
 impl VolumeHandle {
     pub(crate) fn volume(engine: Arc<Engine>, vol: Arc<Volume>) -> Self {
         vol.sessions.fetch_add(1, Relaxed);
-        VolumeHandle { engine, target: Target::Volume(vol), read_only: false }
+        VolumeHandle { engine, target: Target::Volume(vol), read_only: false, _grant: None }
     }
 
     pub(crate) fn snapshot(engine: Arc<Engine>, snap: Arc<Snapshot>) -> Self {
         snap.sessions.fetch_add(1, Relaxed);
-        VolumeHandle { engine, target: Target::Snapshot(snap), read_only: true }
+        VolumeHandle { engine, target: Target::Snapshot(snap), read_only: true, _grant: None }
     }
 
     /// The current size: a volume grown while a session is open accepts requests up to its new
@@ -85,6 +87,12 @@ impl VolumeHandle {
 
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// The same handle, counted as a session of `grant`.
+    pub fn through_grant(mut self, grant: crate::grants::GrantSession) -> Self {
+        self._grant = Some(grant);
+        self
     }
 
     /// The same export without write access (read-only attachments).
@@ -125,6 +133,7 @@ impl VolumeHandle {
             Target::Volume(v) => (Some(v.gate.read().await), v.top()?),
             Target::Snapshot(s) => (None, s.layer.clone()),
         };
+        let _reading = self.engine.grace.enter();
         let mut out = Vec::new();
         let mut first = offset / cs;
         let last = end.div_ceil(cs);
@@ -306,6 +315,7 @@ impl VolumeHandle {
                 if offset <= cstart && end >= cend {
                     continue;
                 }
+                let _reading = self.engine.grace.enter();
                 if let Some(old) = self.inherited(top, v)? {
                     let bytes = self.engine.pool.read_at(old * cs, cs as usize).await?;
                     let at = (cstart - vstart) as usize;

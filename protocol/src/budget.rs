@@ -1,0 +1,70 @@
+//! Byte budgets for request data held in memory: write payloads being read or written and
+//! read replies waiting to be sent. A session takes from its own budget and from the server's
+//! before it reads a request's payload or starts a read, and gives back when the write is done
+//! or the reply is on the socket; when either is spent the reader stops reading
+//! (back-pressure), so a client that pipelines large reads and never takes the replies holds at
+//! most its session budget, and all clients together at most the server budget.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// A pool of bytes that requests borrow while their data is in memory.
+#[derive(Clone)]
+pub struct ByteBudget {
+    sem: Arc<Semaphore>,
+    total: u64,
+}
+
+impl ByteBudget {
+    pub fn new(bytes: u64) -> Self {
+        let total = bytes.clamp(1, Semaphore::MAX_PERMITS as u64);
+        ByteBudget { sem: Arc::new(Semaphore::new(total as usize)), total }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    pub fn in_use(&self) -> u64 {
+        self.total - self.sem.available_permits() as u64
+    }
+
+    /// Takes `bytes` (capped at the whole budget, so one large request still fits), waiting
+    /// while they are out. `None` only if the budget was closed.
+    pub async fn take(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
+        let n = bytes.min(self.total).min(u32::MAX as u64) as u32;
+        self.sem.clone().acquire_many_owned(n).await.ok()
+    }
+
+    /// Takes `bytes` only if they are free now.
+    pub fn try_take(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
+        let n = bytes.min(self.total).min(u32::MAX as u64) as u32;
+        self.sem.clone().try_acquire_many_owned(n).ok()
+    }
+}
+
+/// What the sessions of one server share: the server-wide byte budget and counters for the
+/// metrics endpoint.
+pub struct SessionShared {
+    pub budget: ByteBudget,
+    /// Requests that had to wait for budget before being read.
+    pub budget_waits: AtomicU64,
+    /// Sessions ended because the client took no reply data for the write timeout.
+    pub write_timeouts: AtomicU64,
+}
+
+impl SessionShared {
+    pub fn new(budget_bytes: u64) -> Arc<Self> {
+        Arc::new(SessionShared {
+            budget: ByteBudget::new(budget_bytes),
+            budget_waits: AtomicU64::new(0),
+            write_timeouts: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn count_wait(&self) {
+        self.budget_waits.fetch_add(1, Relaxed);
+    }
+}
