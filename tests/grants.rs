@@ -4,7 +4,7 @@
 //! published volume cannot be deleted.
 
 use thinbd_protocol::client::{Client, ClientOptions};
-use thinbd_tests::{Server, runtime};
+use thinbd_tests::{Server, assert_no_secrets, runtime};
 
 fn publish(s: &Server, vol: &str, node: &str, extra: &[&str]) -> Result<String, String> {
     let mut args = vec!["volume", "publish", vol, "--node", node];
@@ -19,7 +19,7 @@ fn publish(s: &Server, vol: &str, node: &str, extra: &[&str]) -> Result<String, 
 
 #[test]
 fn grants_gate_exports_and_revocation_ends_sessions() {
-    let mut s = Server::start_with(&["--require-grants"]);
+    let mut s = Server::start_logged(&["--require-grants"], "trace");
     s.create_volume("vol", "16MiB");
     let rt = runtime();
     rt.block_on(async {
@@ -80,6 +80,19 @@ fn grants_gate_exports_and_revocation_ends_sessions() {
     s.cli(&["volume", "unpublish", "vol", "--node", "node-b"]);
     s.cli(&["volume", "unpublish", "vol", "--node", "node-b"]);
     s.cli(&["volume", "delete", "vol"]);
+    // Every line the daemon logged, at every level, is free of the grant secrets.
+    let token = |name: &str| name.split_once('#').map(|(_, t)| t.to_string()).unwrap();
+    assert_no_secrets("thinbd", &s.log_text(), &[&token(&rw), &token(&ro)]);
+    assert!(s.log_text().contains("NBD session started"), "the log was not written at all");
+}
+
+#[test]
+fn a_plain_name_is_refused_with_the_reason() {
+    let s = Server::start_with(&["--require-grants"]);
+    s.create_volume("vol", "1MiB");
+    let err = runtime().block_on(Client::connect(s.addr(), ClientOptions::new("vol"))).err().expect("refused");
+    let msg = err.to_string();
+    assert!(msg.contains("grant is required") && msg.contains("%23"), "{msg}");
 }
 
 #[test]

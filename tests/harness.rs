@@ -73,6 +73,8 @@ pub struct Server {
     pub metrics_port: u16,
     pub log: PathBuf,
     extra: Vec<String>,
+    /// RUST_LOG for the daemon.
+    pub rust_log: String,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -82,6 +84,11 @@ impl Server {
     }
 
     pub fn start_with(extra: &[&str]) -> Server {
+        Self::start_logged(extra, "info")
+    }
+
+    /// Starts with `rust_log` as the daemon's RUST_LOG (tests that read every log line).
+    pub fn start_logged(extra: &[&str], rust_log: &str) -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data_dir = tmp.path().join("data");
         let mut s = Server {
@@ -92,10 +99,16 @@ impl Server {
             api_port: free_port(),
             metrics_port: free_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            rust_log: rust_log.to_string(),
             _tmp: Some(tmp),
         };
         s.spawn();
         s
+    }
+
+    /// Replaces the extra `serve` arguments for the next [`Server::spawn`].
+    pub fn set_extra(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
     }
 
     /// Starts (again) on the same data dir and ports.
@@ -110,7 +123,7 @@ impl Server {
             .args(["--metrics-listen", &format!("127.0.0.1:{}", self.metrics_port)])
             // `{nbd_port}` in extra arguments stands for the NBD port chosen here.
             .args(self.extra.iter().map(|a| a.replace("{nbd_port}", &self.nbd_port.to_string())))
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", &self.rust_log)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -321,6 +334,13 @@ impl Drop for CsiPlugin {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Panics if any of `secrets` appears in `log` (grant tokens, private keys).
+pub fn assert_no_secrets(what: &str, log: &str, secrets: &[&str]) {
+    for s in secrets {
+        assert!(!s.is_empty() && !log.contains(s), "{what} log contains a secret ({} bytes of it)", s.len());
     }
 }
 

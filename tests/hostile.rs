@@ -49,14 +49,8 @@ fn pid(s: &Server) -> u32 {
 
 #[test]
 fn replies_a_client_never_reads_cost_bounded_memory_and_end_the_session() {
-    let s = Server::start_with(&[
-        "--session-memory",
-        "64MiB",
-        "--server-memory",
-        "160MiB",
-        "--client-write-timeout",
-        "3",
-    ]);
+    let s =
+        Server::start_with(&["--session-memory", "64MiB", "--server-memory", "160MiB", "--client-write-timeout", "3"]);
     s.create_volume("big", "64MiB");
     let rt = runtime();
     rt.block_on(async {
@@ -165,7 +159,8 @@ fn no_pipelined_write_lands_after_unpublish_returns() {
         let at_return = read_through_grant(&s, "checker", 0, (WRITES * 4096) as u32);
         std::thread::sleep(Duration::from_millis(300));
         let later = read_through_grant(&s, "checker", 0, (WRITES * 4096) as u32);
-        let changed = (0..WRITES as usize).filter(|i| at_return[i * 4096..][..4096] != later[i * 4096..][..4096]).count();
+        let changed =
+            (0..WRITES as usize).filter(|i| at_return[i * 4096..][..4096] != later[i * 4096..][..4096]).count();
         assert_eq!(changed, 0, "trial {trial}: {changed} writes landed after unpublish returned");
         drop(sock);
         let _ = send.join();

@@ -5,20 +5,16 @@ use std::process::Command;
 
 use thinbd_protocol::client::{Client, ClientOptions};
 use thinbd_protocol::tls::client_connector;
-use thinbd_tests::{Server, make_certs, require, run, runtime};
+use thinbd_tests::{Server, assert_no_secrets, make_certs, require, run, runtime};
 use tokio_rustls::rustls::pki_types::ServerName;
 
 fn tls_server(dir: &std::path::Path) -> Server {
     make_certs(dir);
     let p = |f: &str| dir.join(f).display().to_string();
-    let s = Server::start_with(&[
-        "--tls-cert",
-        &p("server-cert.pem"),
-        "--tls-key",
-        &p("server-key.pem"),
-        "--tls-client-ca",
-        &p("ca-cert.pem"),
-    ]);
+    let s = Server::start_logged(
+        &["--tls-cert", &p("server-cert.pem"), "--tls-key", &p("server-key.pem"), "--tls-client-ca", &p("ca-cert.pem")],
+        "trace",
+    );
     s.create_volume("secure", "16MiB");
     s
 }
@@ -57,6 +53,17 @@ fn own_client_over_tls_and_refusals() {
         assert!(r.is_err(), "a client without a certificate must not get data");
     });
     assert!(s.log_text().contains("tls=true"));
+    let keys = key_material(d);
+    assert_no_secrets("thinbd", &s.log_text(), &keys.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+/// The base64 lines of the test's private keys.
+fn key_material(dir: &std::path::Path) -> Vec<String> {
+    ["server-key.pem", "client-key.pem"]
+        .iter()
+        .flat_map(|f| std::fs::read_to_string(dir.join(f)).unwrap().lines().map(str::to_string).collect::<Vec<_>>())
+        .filter(|l| !l.starts_with("-----"))
+        .collect()
 }
 
 #[test]
@@ -99,14 +106,17 @@ fn management_api_requires_client_certificates() {
     let dir = tempfile::tempdir().unwrap();
     make_certs(dir.path());
     let p = |f: &str| dir.path().join(f).display().to_string();
-    let s = Server::start_with(&[
-        "--api-tls-cert",
-        &p("server-cert.pem"),
-        "--api-tls-key",
-        &p("server-key.pem"),
-        "--api-tls-client-ca",
-        &p("ca-cert.pem"),
-    ]);
+    let s = Server::start_logged(
+        &[
+            "--api-tls-cert",
+            &p("server-cert.pem"),
+            "--api-tls-key",
+            &p("server-key.pem"),
+            "--api-tls-client-ca",
+            &p("ca-cert.pem"),
+        ],
+        "trace",
+    );
     let tls_args =
         ["--api-ca", &p("ca-cert.pem"), "--api-cert", &p("client-cert.pem"), "--api-key", &p("client-key.pem")];
     let mut args = vec!["volume", "create", "v", "--size", "1MiB"];
@@ -138,4 +148,8 @@ fn management_api_requires_client_certificates() {
         let mut no = IdentityClient::new(bare.channel().await);
         assert!(no.probe(thinbd_protocol::csi::ProbeRequest {}).await.is_err(), "controller without TLS got in");
     });
+    let keys = key_material(dir.path());
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    assert_no_secrets("thinbd", &s.log_text(), &keys);
+    assert_no_secrets("thinbd-csi", &ctl.log_text(), &keys);
 }

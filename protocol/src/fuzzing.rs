@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::budget::SessionShared;
 use crate::handshake::{ServerConfig, negotiate};
 use crate::mem_device::{MemCatalog, MemDevice};
-use crate::budget::SessionShared;
 use crate::session::{SessionLimits, Stop, serve};
 
 /// Runs one server connection whose client sends exactly `data` and then closes. Must never

@@ -14,9 +14,9 @@ pub mod session;
 pub mod tls;
 pub mod wire;
 
+pub use budget::{ByteBudget, SessionShared};
 pub use device::{BlockDevice, DeviceError, DeviceInfo, DeviceResult, Extent, ReadChunk};
 pub use handshake::{Export, ExportCatalog, ExportListing, Negotiated, OpenError, ServerConfig, negotiate};
-pub use budget::{ByteBudget, SessionShared};
 pub use session::{SessionLimits, Stop, serve};
 
 /// Why a connection ended abnormally. Every variant closes the connection; none panics.

@@ -12,10 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::ProtocolError;
+use crate::budget::{ByteBudget, SessionShared};
 use crate::consts::*;
 use crate::device::{BlockDevice, DeviceError, Extent, ReadChunk};
 use crate::handshake::Negotiated;
-use crate::budget::{ByteBudget, SessionShared};
 use crate::io::StallTimeout;
 use crate::wire::{REQUEST_HEADER_LEN, Request, simple_reply_header, structured_header};
 
