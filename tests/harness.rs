@@ -89,9 +89,16 @@ impl Server {
 
     /// Starts with `rust_log` as the daemon's RUST_LOG (tests that read every log line).
     pub fn start_logged(extra: &[&str], rust_log: &str) -> Server {
+        let mut s = Self::unstarted(extra, rust_log);
+        s.spawn();
+        s
+    }
+
+    /// Ports, data dir and log chosen, daemon not started (see [`Server::try_spawn`]).
+    pub fn unstarted(extra: &[&str], rust_log: &str) -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data_dir = tmp.path().join("data");
-        let mut s = Server {
+        let s = Server {
             child: None,
             log: tmp.path().join("thinbd.log"),
             data_dir,
@@ -102,7 +109,6 @@ impl Server {
             rust_log: rust_log.to_string(),
             _tmp: Some(tmp),
         };
-        s.spawn();
         s
     }
 
@@ -113,6 +119,13 @@ impl Server {
 
     /// Starts (again) on the same data dir and ports.
     pub fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn() {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts and waits until it listens; `Err` with the exit status and log if it exited.
+    pub fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
         let child = Command::new(thinbd_bin())
             .arg("serve")
@@ -129,19 +142,20 @@ impl Server {
             .spawn()
             .expect("spawn thinbd");
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if std::net::TcpStream::connect(("127.0.0.1", self.api_port)).is_ok()
                 && std::net::TcpStream::connect(("127.0.0.1", self.nbd_port)).is_ok()
             {
-                return;
+                return Ok(());
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("thinbd exited with {status} during start:\n{}", self.log_text());
+                self.child = None;
+                return Err(format!("thinbd exited with {status} during start:\n{}", self.log_text()));
             }
             assert!(Instant::now() < deadline, "thinbd did not start:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(20));

@@ -45,6 +45,7 @@ fn snapshot_and_clone(c: &mut Criterion) {
         cluster_size: None,
         io_engine: Default::default(),
         buffered_io: false,
+        force: false,
     })
     .expect("engine");
     rt.block_on(async {

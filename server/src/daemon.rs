@@ -70,6 +70,9 @@ pub struct ServeOptions {
     pub api_tls_key: Option<PathBuf>,
     #[arg(long, requires = "api_tls_cert")]
     pub api_tls_client_ca: Option<PathBuf>,
+    /// Serve even if the consistency check at start finds problems (see `thinbd fsck`).
+    #[arg(long)]
+    pub force: bool,
     /// Open NBD connections at most (lowered to fit the open-file limit).
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,
@@ -161,6 +164,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         cluster_size: opts.cluster_size,
         io_engine: opts.io_engine,
         buffered_io: opts.buffered_io,
+        force: opts.force,
     })
     .with_context(|| format!("opening pool in {}", opts.data_dir.display()))?;
     let tls = match (&opts.tls_cert, &opts.tls_key) {

@@ -31,6 +31,8 @@ pub struct EngineConfig {
     pub io_engine: crate::pool::IoEngine,
     /// Pool I/O through the page cache instead of O_DIRECT.
     pub buffered_io: bool,
+    /// Open even if the consistency check at start finds problems.
+    pub force: bool,
 }
 
 pub struct Volume {
@@ -256,6 +258,33 @@ pub(crate) fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// Refuses a data dir with one of its two files missing: a new pool is made only where
+/// neither exists, so a lost pool file is never re-created empty (serving zeros for data) and a
+/// lost metadata file never turns an existing pool into an empty one.
+fn check_data_dir(meta: &std::path::Path, pool: &std::path::Path) -> Result<(), EngineError> {
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).ok();
+    match (size(meta), size(pool)) {
+        (None, None) => Ok(()),
+        (Some(m), Some(_)) if m > 0 => Ok(()),
+        (Some(m), None) if m > 0 => Err(EngineError::Metadata(format!(
+            "the metadata file {} exists but the pool file {} is missing: refusing to start \
+             (the volumes' data would read as zeros); restore the pool file",
+            meta.display(),
+            pool.display()
+        ))),
+        (_, Some(_)) => Err(EngineError::Metadata(format!(
+            "the pool file {} exists but the metadata file {} is missing or empty: refusing to start \
+             (every volume would be gone); restore the metadata file",
+            pool.display(),
+            meta.display()
+        ))),
+        (Some(_), None) => Err(EngineError::Metadata(format!(
+            "the metadata file {} is empty and there is no pool file: remove the data dir to start afresh",
+            meta.display()
+        ))),
+    }
+}
+
 /// Builds layers parents-first; refuses dangling parents and cycles.
 fn build_layers(records: Vec<LayerRecord>) -> Result<BTreeMap<u64, Arc<Layer>>, EngineError> {
     let mut pending: BTreeMap<u64, LayerRecord> = records.into_iter().map(|r| (r.id, r)).collect();
@@ -289,9 +318,11 @@ fn build_layers(records: Vec<LayerRecord>) -> Result<BTreeMap<u64, Arc<Layer>>, 
 
 impl Engine {
     pub fn open(cfg: &EngineConfig) -> Result<Arc<Engine>, EngineError> {
-        let db = redb::Database::create(cfg.data_dir.join("meta.redb"))?;
+        let meta = cfg.data_dir.join("meta.redb");
         let pool_path = cfg.data_dir.join("pool.img");
-        Self::open_parts(cfg, db, |bytes| Pool::open_file(&pool_path, bytes, cfg.io_engine, !cfg.buffered_io))
+        check_data_dir(&meta, &pool_path)?;
+        let db = crate::metadata::guarded("opening the metadata", || Ok(redb::Database::create(&meta)?))?;
+        Self::open_parts(cfg, db, |geo| Pool::open_file(&pool_path, geo, cfg.io_engine, !cfg.buffered_io))
     }
 
     /// Opens an engine on a given redb database and pool store (tests: fault-injecting disks).
@@ -300,20 +331,31 @@ impl Engine {
         db: redb::Database,
         store: Arc<dyn crate::pool::BlockStore>,
     ) -> Result<Arc<Engine>, EngineError> {
-        Self::open_parts(cfg, db, |_| Ok(Pool::on(store)))
+        Self::open_parts(cfg, db, |geo| Pool::on(store, geo))
     }
 
     fn open_parts(
         cfg: &EngineConfig,
         db: redb::Database,
-        pool: impl FnOnce(u64) -> Result<Pool, EngineError>,
+        pool: impl FnOnce(&crate::pool::Geometry) -> Result<Pool, EngineError>,
     ) -> Result<Arc<Engine>, EngineError> {
         let cs = cfg.cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE);
         if !(4096..=1 << 20).contains(&cs) || !cs.is_power_of_two() {
             return Err(EngineError::Invalid(format!("cluster size {cs} must be a power of two from 4 KiB to 1 MiB")));
         }
         let capacity = cfg.capacity.unwrap_or(DEFAULT_CAPACITY);
-        let (store, loaded) = Store::on(db, PoolConfig { cluster_size: cs, capacity_clusters: capacity / cs })?;
+        let (store, loaded) = crate::metadata::guarded("reading the metadata", || {
+            Store::on(db, PoolConfig { cluster_size: cs, capacity_clusters: capacity / cs })
+        })?;
+        if !cfg.force {
+            // The cheap part of fsck: maps, allocator and layers agree (no pool data is read).
+            let report = crate::fsck::check(&loaded);
+            if !report.ok() {
+                return Err(EngineError::Metadata(format!(
+                    "the consistency check failed; run `thinbd fsck`, or start with --force to serve anyway:\n{report}"
+                )));
+            }
+        }
         let pc = loaded.config;
         if let Some(want) = cfg.cluster_size
             && want != pc.cluster_size
@@ -338,7 +380,11 @@ impl Engine {
                 capacity_clusters = want;
             }
         }
-        let pool = pool(capacity_clusters * cs)?;
+        let geometry = crate::pool::Geometry { capacity_clusters, ..loaded.geometry() };
+        if geometry.superblock.is_none() {
+            tracing::warn!("the pool has no superblock (created by an older thinbd): swapped files go unnoticed");
+        }
+        let pool = pool(&geometry)?;
         Self::assemble(store, pool, loaded, capacity_clusters, cfg.data_dir.clone())
     }
 

@@ -16,5 +16,6 @@ pub mod metrics;
 pub mod nbd_export;
 pub mod pool;
 pub mod size;
+pub mod superblock;
 pub mod uring;
 pub mod volume;

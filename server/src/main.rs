@@ -389,7 +389,10 @@ fn fsck(data_dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
     let _lock = thinbd::daemon::lock_data_dir(data_dir)?;
     let (_store, loaded) = thinbd::metadata::Store::open_existing(&data_dir.join("meta.redb"))
         .with_context(|| format!("reading metadata in {}", data_dir.display()))?;
-    let report = thinbd::fsck::check(&loaded);
+    let mut report = thinbd::fsck::check(&loaded);
+    if let Err(e) = loaded.geometry().verify_file(&data_dir.join("pool.img")) {
+        report.problems.push(e.to_string());
+    }
     match output {
         Output::Json => println!(
             "{}",

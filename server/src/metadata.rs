@@ -23,7 +23,10 @@ const FREE: TableDefinition<u64, ()> = TableDefinition::new("free_clusters");
 /// `VOLUME\nNODE` → attachment grant record.
 const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("grants");
 
-const FORMAT_VERSION: u64 = 1;
+/// Format 2 pools start with a superblock and keep data from `superblock::DATA_OFFSET`;
+/// format 1 pools (no superblock, data from offset 0) are still opened.
+const FORMAT_VERSION: u64 = 2;
+const OLDEST_FORMAT: u64 = 1;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeRecord {
@@ -123,6 +126,68 @@ pub enum MetaOp {
     DeleteGrant(String),
 }
 
+/// A sum over every row of every table (config's `digest` row aside) of a 64-bit hash of the
+/// row. Commits keep it current row by row; a full load recomputes it. redb does not checksum
+/// its pages, so this is what catches a flipped bit that still parses: a changed key or value,
+/// a lost or an extra row.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+struct Digest(u64);
+
+const DIGEST_KEY: &str = "digest";
+
+impl Digest {
+    /// FNV-1a over the table name and the length-prefixed key and value, then a final mix
+    /// (splitmix64) so that sums of hashes of similar rows do not cancel.
+    fn row(table: &str, key: &[u8], value: &[u8]) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+                h = (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        eat(table.as_bytes());
+        eat(key);
+        eat(value);
+        let mut z = h.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn add(&mut self, table: &str, key: &[u8], value: &[u8]) {
+        self.0 = self.0.wrapping_add(Self::row(table, key, value));
+    }
+
+    fn sub(&mut self, table: &str, key: &[u8], value: &[u8]) {
+        self.0 = self.0.wrapping_sub(Self::row(table, key, value));
+    }
+
+    /// A row replaced (`old`) or added.
+    fn swap(&mut self, table: &str, key: &[u8], old: Option<&[u8]>, new: &[u8]) {
+        if let Some(old) = old {
+            self.sub(table, key, old);
+        }
+        self.add(table, key, new);
+    }
+}
+
+fn damaged() -> EngineError {
+    EngineError::Metadata(
+        "the metadata file is damaged: its rows do not match their checksum (a changed, lost or extra row)".into(),
+    )
+}
+
+fn le(v: u64) -> [u8; 8] {
+    v.to_le_bytes()
+}
+
+fn pair(a: u64, b: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&a.to_le_bytes());
+    k[8..].copy_from_slice(&b.to_le_bytes());
+    k
+}
+
 fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, EngineError> {
     serde_json::to_vec(v).map_err(|e| EngineError::Internal(e.to_string()))
 }
@@ -134,6 +199,11 @@ fn from_json<T: serde::de::DeserializeOwned>(what: &str, b: &[u8]) -> Result<T, 
 /// Everything the engine keeps in memory, read once at start.
 pub struct Loaded {
     pub config: PoolConfig,
+    pub format: u64,
+    /// Recorded in the pool's superblock too (format 2).
+    pub pool_uuid: Option<u128>,
+    /// The store was created by this open.
+    pub created: bool,
     pub high_water: u64,
     pub free: Vec<u64>,
     pub next_id: u64,
@@ -145,23 +215,76 @@ pub struct Loaded {
     pub grants: Vec<GrantRecord>,
 }
 
+impl Loaded {
+    /// What the pool file must look like for this metadata.
+    pub fn geometry(&self) -> crate::pool::Geometry {
+        let superblock = match (self.format, self.pool_uuid) {
+            (2.., Some(pool_uuid)) => {
+                Some(crate::superblock::Superblock { format: 2, cluster_size: self.config.cluster_size, pool_uuid })
+            }
+            _ => None,
+        };
+        crate::pool::Geometry {
+            cluster_size: self.config.cluster_size,
+            capacity_clusters: self.config.capacity_clusters,
+            high_water: self.high_water,
+            superblock,
+        }
+    }
+}
+
 pub struct Store {
     db: Database,
+}
+
+/// Runs `f`, turning a panic inside redb (it panics on some damaged pages instead of returning
+/// an error) into an error: damaged metadata must stop a start, not crash it.
+pub fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
+    thread_local!(static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    static QUIET_HOOK: std::sync::Once = std::sync::Once::new();
+    // The panic becomes an error here: keep the default hook from printing it as a crash.
+    QUIET_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !GUARDED.with(|g| g.get()) {
+                previous(info);
+            }
+        }));
+    });
+    GUARDED.with(|g| g.set(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(false));
+    match r {
+        Ok(r) => r,
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(EngineError::Metadata(format!("{what}: the metadata file is damaged (redb failed: {msg})")))
+        }
+    }
 }
 
 impl Store {
     /// Opens the store, creating it with `create` geometry if it is new.
     pub fn open(path: &Path, create: PoolConfig) -> Result<(Store, Loaded), EngineError> {
-        Self::on(Database::create(path)?, create)
+        guarded("opening the metadata", || Self::on(Database::create(path)?, create))
     }
 
     /// Opens the store on any redb database (tests use fault-injecting backends).
     pub fn on(db: Database, create: PoolConfig) -> Result<(Store, Loaded), EngineError> {
         let store = Store { db };
         let txn = store.db.begin_write()?;
+        let mut created = false;
         {
             let mut cfg = txn.open_table(CONFIG)?;
             if cfg.get("format_version")?.is_none() {
+                created = true;
+                let uuid = crate::superblock::new_uuid();
+                cfg.insert("pool_uuid_hi", (uuid >> 64) as u64)?;
+                cfg.insert("pool_uuid_lo", uuid as u64)?;
                 cfg.insert("format_version", FORMAT_VERSION)?;
                 cfg.insert("cluster_size", create.cluster_size)?;
                 cfg.insert("capacity_clusters", create.capacity_clusters)?;
@@ -169,7 +292,7 @@ impl Store {
                 cfg.insert("next_id", 1)?;
             }
             let version = cfg.get("format_version")?.map(|v| v.value()).unwrap_or(0);
-            if version != FORMAT_VERSION {
+            if !(OLDEST_FORMAT..=FORMAT_VERSION).contains(&version) {
                 return Err(EngineError::Metadata(format!(
                     "metadata format {version} is not supported (this build reads {FORMAT_VERSION})"
                 )));
@@ -182,7 +305,18 @@ impl Store {
             txn.open_table(GRANTS)?;
         }
         txn.commit()?;
-        let loaded = store.load()?;
+        let (mut loaded, stored, computed) = store.load_unverified()?;
+        match stored {
+            Some(d) if d != computed => return Err(damaged()),
+            Some(_) => {}
+            // New, or written before digests existed: start keeping one.
+            None => {
+                let txn = store.db.begin_write()?;
+                txn.open_table(CONFIG)?.insert(DIGEST_KEY, computed)?;
+                txn.commit()?;
+            }
+        }
+        loaded.created = created;
         Ok((store, loaded))
     }
 
@@ -191,29 +325,64 @@ impl Store {
         if !path.exists() {
             return Err(EngineError::NotFound(format!("metadata file {}", path.display())));
         }
-        let store = Store { db: Database::open(path)? };
-        let loaded = store.load()?;
-        Ok((store, loaded))
+        guarded("reading the metadata", || {
+            let store = Store { db: Database::open(path)? };
+            let loaded = store.load()?;
+            Ok((store, loaded))
+        })
     }
 
+    /// Reads everything and checks it against the stored digest.
     pub fn load(&self) -> Result<Loaded, EngineError> {
+        let (loaded, stored, computed) = self.load_unverified()?;
+        match stored {
+            Some(d) if d != computed => Err(damaged()),
+            _ => Ok(loaded),
+        }
+    }
+
+    /// Everything, the stored digest (if any) and the digest of what was read.
+    fn load_unverified(&self) -> Result<(Loaded, Option<u64>, u64), EngineError> {
+        let mut digest = Digest::default();
         let txn = self.db.begin_read()?;
         let cfg = txn.open_table(CONFIG)?;
+        let mut stored = None;
+        for row in cfg.iter()? {
+            let (k, v) = row?;
+            if k.value() == DIGEST_KEY {
+                stored = Some(v.value());
+            } else {
+                digest.add("config", k.value().as_bytes(), &le(v.value()));
+            }
+        }
         let get = |k: &str| -> Result<u64, EngineError> {
             cfg.get(k)?.map(|v| v.value()).ok_or_else(|| EngineError::Metadata(format!("config key {k} missing")))
         };
         let config = PoolConfig { cluster_size: get("cluster_size")?, capacity_clusters: get("capacity_clusters")? };
         let high_water = get("high_water")?;
         let next_id = get("next_id")?;
-        let free = txn.open_table(FREE)?.iter()?.map(|r| r.map(|(k, _)| k.value())).collect::<Result<Vec<_>, _>>()?;
+        let format = get("format_version")?;
+        let pool_uuid = match (cfg.get("pool_uuid_hi")?, cfg.get("pool_uuid_lo")?) {
+            (Some(hi), Some(lo)) => Some(((hi.value() as u128) << 64) | lo.value() as u128),
+            _ if format >= 2 => return Err(EngineError::Metadata("config key pool_uuid missing".into())),
+            _ => None,
+        };
+        let mut free = Vec::new();
+        for row in txn.open_table(FREE)?.iter()? {
+            let p = row?.0.value();
+            digest.add("free", &le(p), &[]);
+            free.push(p);
+        }
         let mut volumes = Vec::new();
         for row in txn.open_table(VOLUMES)?.iter()? {
-            let (_, v) = row?;
+            let (k, v) = row?;
+            digest.add("volumes", k.value().as_bytes(), v.value());
             volumes.push(from_json::<VolumeRecord>("volume", v.value())?);
         }
         let mut snapshots = Vec::new();
         for row in txn.open_table(SNAPSHOTS)?.iter()? {
-            let (_, v) = row?;
+            let (k, v) = row?;
+            digest.add("snapshots", k.value().as_bytes(), v.value());
             snapshots.push(from_json::<SnapshotRecord>("snapshot", v.value())?);
         }
         let mut grants = Vec::new();
@@ -221,7 +390,8 @@ impl Store {
         match txn.open_table(GRANTS) {
             Ok(t) => {
                 for row in t.iter()? {
-                    let (_, v) = row?;
+                    let (k, v) = row?;
+                    digest.add("grants", k.value().as_bytes(), v.value());
                     grants.push(from_json::<GrantRecord>("grant", v.value())?);
                 }
             }
@@ -232,18 +402,34 @@ impl Store {
         for row in txn.open_table(EXTENTS)?.iter()? {
             let (k, v) = row?;
             let (layer, vc) = k.value();
+            digest.add("extents", &pair(layer, vc), &le(v.value()));
             by_layer.entry(layer).or_default().push((vc, v.value()));
         }
         let mut layers = Vec::new();
         for row in txn.open_table(LAYERS)?.iter()? {
             let (k, v) = row?;
             let id = k.value();
+            digest.add("layers", &le(id), &le(v.value()));
             let parent = Some(v.value()).filter(|p| *p != 0);
             let extents = by_layer.remove(&id).unwrap_or_default();
             layers.push(LayerRecord { id, parent, extents });
         }
         let orphan_extents = by_layer.values().map(|v| v.len() as u64).sum();
-        Ok(Loaded { config, high_water, free, next_id, volumes, snapshots, layers, orphan_extents, grants })
+        let loaded = Loaded {
+            config,
+            format,
+            pool_uuid,
+            created: false,
+            high_water,
+            free,
+            next_id,
+            volumes,
+            snapshots,
+            layers,
+            orphan_extents,
+            grants,
+        };
+        Ok((loaded, stored, digest.0))
     }
 
     /// Applies `ops` in one transaction. `before_durable_commit` runs inside the transaction,
@@ -266,57 +452,88 @@ impl Store {
             let mut extents = txn.open_table(EXTENTS)?;
             let mut free = txn.open_table(FREE)?;
             let mut grants = txn.open_table(GRANTS)?;
+            let mut d = Digest(cfg.get(DIGEST_KEY)?.map(|v| v.value()).unwrap_or(0));
+            let set_cfg = |cfg: &mut redb::Table<&str, u64>, d: &mut Digest, key: &str, value: u64| {
+                let old = cfg.insert(key, value)?.map(|v| le(v.value()));
+                d.swap("config", key.as_bytes(), old.as_ref().map(|o| &o[..]), &le(value));
+                Ok::<(), EngineError>(())
+            };
             for op in ops {
                 match op {
                     MetaOp::Map { layer, vcluster, pcluster } => {
-                        extents.insert((*layer, *vcluster), *pcluster)?;
+                        let old = extents.insert((*layer, *vcluster), *pcluster)?.map(|v| le(v.value()));
+                        d.swap("extents", &pair(*layer, *vcluster), old.as_ref().map(|o| &o[..]), &le(*pcluster));
                     }
                     MetaOp::Unmap { layer, vcluster } => {
-                        extents.remove((*layer, *vcluster))?;
+                        if let Some(old) = extents.remove((*layer, *vcluster))?.map(|v| v.value()) {
+                            d.sub("extents", &pair(*layer, *vcluster), &le(old));
+                        }
                     }
                     MetaOp::Claim(p) => {
-                        free.remove(*p)?;
+                        if free.remove(*p)?.is_some() {
+                            d.sub("free", &le(*p), &[]);
+                        }
                         let hw = cfg.get("high_water")?.map(|v| v.value()).unwrap_or(0);
                         if *p >= hw {
-                            cfg.insert("high_water", *p + 1)?;
+                            set_cfg(&mut cfg, &mut d, "high_water", *p + 1)?;
                         }
                     }
                     MetaOp::Free(p) => {
-                        free.insert(*p, ())?;
+                        if free.insert(*p, ())?.is_none() {
+                            d.add("free", &le(*p), &[]);
+                        }
                     }
                     MetaOp::PutVolume(rec) => {
-                        vols.insert(rec.name.as_str(), to_json(rec)?.as_slice())?;
+                        let new = to_json(rec)?;
+                        let old = vols.insert(rec.name.as_str(), new.as_slice())?.map(|v| v.value().to_vec());
+                        d.swap("volumes", rec.name.as_bytes(), old.as_deref(), &new);
                     }
                     MetaOp::DeleteVolume(name) => {
-                        vols.remove(name.as_str())?;
+                        if let Some(old) = vols.remove(name.as_str())?.map(|v| v.value().to_vec()) {
+                            d.sub("volumes", name.as_bytes(), &old);
+                        }
                     }
                     MetaOp::PutSnapshot(rec) => {
-                        snaps.insert(rec.key().as_str(), to_json(rec)?.as_slice())?;
+                        let (key, new) = (rec.key(), to_json(rec)?);
+                        let old = snaps.insert(key.as_str(), new.as_slice())?.map(|v| v.value().to_vec());
+                        d.swap("snapshots", key.as_bytes(), old.as_deref(), &new);
                     }
                     MetaOp::DeleteSnapshot(key) => {
-                        snaps.remove(key.as_str())?;
+                        if let Some(old) = snaps.remove(key.as_str())?.map(|v| v.value().to_vec()) {
+                            d.sub("snapshots", key.as_bytes(), &old);
+                        }
                     }
                     MetaOp::PutLayer { id, parent } => {
-                        layers.insert(*id, parent.unwrap_or(0))?;
+                        let new = parent.unwrap_or(0);
+                        let old = layers.insert(*id, new)?.map(|v| le(v.value()));
+                        d.swap("layers", &le(*id), old.as_ref().map(|o| &o[..]), &le(new));
                     }
                     MetaOp::DeleteLayer(id) => {
-                        layers.remove(*id)?;
+                        if let Some(old) = layers.remove(*id)?.map(|v| v.value()) {
+                            d.sub("layers", &le(*id), &le(old));
+                        }
+                        for row in extents.range((*id, 0)..=(*id, u64::MAX))? {
+                            let (k, v) = row?;
+                            let (l, vc) = k.value();
+                            d.sub("extents", &pair(l, vc), &le(v.value()));
+                        }
                         extents.retain_in((*id, 0)..=(*id, u64::MAX), |_, _| false)?;
                     }
-                    MetaOp::SetCapacity(c) => {
-                        cfg.insert("capacity_clusters", *c)?;
-                    }
-                    MetaOp::SetNextId(n) => {
-                        cfg.insert("next_id", *n)?;
-                    }
+                    MetaOp::SetCapacity(c) => set_cfg(&mut cfg, &mut d, "capacity_clusters", *c)?,
+                    MetaOp::SetNextId(n) => set_cfg(&mut cfg, &mut d, "next_id", *n)?,
                     MetaOp::PutGrant(rec) => {
-                        grants.insert(rec.key().as_str(), to_json(rec)?.as_slice())?;
+                        let (key, new) = (rec.key(), to_json(rec)?);
+                        let old = grants.insert(key.as_str(), new.as_slice())?.map(|v| v.value().to_vec());
+                        d.swap("grants", key.as_bytes(), old.as_deref(), &new);
                     }
                     MetaOp::DeleteGrant(key) => {
-                        grants.remove(key.as_str())?;
+                        if let Some(old) = grants.remove(key.as_str())?.map(|v| v.value().to_vec()) {
+                            d.sub("grants", key.as_bytes(), &old);
+                        }
                     }
                 }
             }
+            cfg.insert(DIGEST_KEY, d.0)?;
         }
         if durable {
             before_durable_commit()?;

@@ -19,6 +19,7 @@ use thinbd_protocol::aligned::{AlignedBuf, DIRECT_ALIGN, is_aligned};
 use tokio::sync::RwLock;
 
 use crate::error::EngineError;
+use crate::superblock::{BLOCK, DATA_OFFSET, Found, Superblock};
 
 /// Where pool bytes live: a file here, a fault-injecting memory disk in tests.
 pub trait BlockStore: Send + Sync + 'static {
@@ -66,8 +67,67 @@ pub enum IoEngine {
 const STRIPES: usize = 64;
 const REGION_SHIFT: u32 = 20;
 
+/// What the metadata says about the pool file; checked when the file is opened.
+pub struct Geometry {
+    pub cluster_size: u64,
+    pub capacity_clusters: u64,
+    /// Clusters below this are or were mapped: the file must reach that far.
+    pub high_water: u64,
+    /// The superblock the file must hold; `None` for format 1 pools, which have none.
+    pub superblock: Option<Superblock>,
+}
+
+impl Geometry {
+    /// Where cluster 0 starts in the file.
+    pub fn base(&self) -> u64 {
+        if self.superblock.is_some() { DATA_OFFSET } else { 0 }
+    }
+
+    fn check_length(&self, path: &Path, len: u64) -> Result<(), EngineError> {
+        let mapped = self.base() + self.high_water * self.cluster_size;
+        if self.high_water > 0 && len < mapped {
+            return Err(EngineError::Metadata(format!(
+                "the pool file {} is {len} bytes, shorter than the {mapped} bytes its metadata maps: \
+                 truncated or replaced; refusing to serve the missing data as zeros",
+                path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether the first block is acceptable; `Ok(true)`: blank, to be written now.
+    fn judge(&self, found: Found) -> Result<bool, EngineError> {
+        let Some(want) = self.superblock else { return Ok(false) };
+        match found {
+            Found::Valid(sb) => sb.matches(&want).map(|()| false),
+            Found::Blank if self.high_water == 0 => Ok(true),
+            Found::Blank => Err(EngineError::Metadata(format!(
+                "the pool file has no superblock but its metadata maps {} clusters: the pool file was \
+                 replaced or zeroed",
+                self.high_water
+            ))),
+            Found::Invalid(why) => Err(EngineError::Metadata(why)),
+        }
+    }
+
+    /// Checks a pool file without changing it (`thinbd fsck`).
+    pub fn verify_file(&self, path: &Path) -> Result<(), EngineError> {
+        let file = std::fs::File::open(path).map_err(|e| EngineError::io("open pool", 0, e))?;
+        let len = file.metadata().map_err(|e| EngineError::io("stat pool", 0, e))?.len();
+        self.check_length(path, len)?;
+        if self.superblock.is_some() {
+            let mut block = vec![0u8; BLOCK.min(len as usize)];
+            file.read_exact_at(&mut block, 0).map_err(|e| EngineError::io("read superblock", 0, e))?;
+            self.judge(Superblock::decode(&block))?;
+        }
+        Ok(())
+    }
+}
+
 pub struct Pool {
     store: Arc<dyn BlockStore>,
+    /// File offset of cluster 0 (after the superblock).
+    base: u64,
     uring: Option<Arc<crate::uring::UringStore>>,
     align: u64,
     stripes: Box<[RwLock<()>]>,
@@ -76,7 +136,7 @@ pub struct Pool {
 impl Pool {
     /// Opens or creates the pool file and makes it at least `bytes` long (sparse). With `direct`
     /// the file is opened O_DIRECT, or buffered with a warning where the filesystem refuses it.
-    pub fn open_file(path: &Path, bytes: u64, engine: IoEngine, direct: bool) -> Result<Pool, EngineError> {
+    pub fn open_file(path: &Path, geo: &Geometry, engine: IoEngine, direct: bool) -> Result<Pool, EngineError> {
         let open = |flags: i32| {
             OpenOptions::new().read(true).write(true).create(true).truncate(false).custom_flags(flags).open(path)
         };
@@ -92,6 +152,8 @@ impl Pool {
             false => (open(0).map_err(|e| EngineError::io("open pool", 0, e))?, 1),
         };
         let len = file.metadata().map_err(|e| EngineError::io("stat pool", 0, e))?.len();
+        geo.check_length(path, len)?;
+        let bytes = geo.base() + geo.capacity_clusters * geo.cluster_size;
         if len < bytes {
             file.set_len(bytes).map_err(|e| EngineError::io("grow pool", bytes, e))?;
         }
@@ -108,16 +170,42 @@ impl Pool {
             }
             IoEngine::Threads => None,
         };
-        Ok(Pool::build(Arc::new(FileStore { file, align }), uring))
+        Pool::build(Arc::new(FileStore { file, align }), uring, geo)
     }
 
-    pub fn on(store: Arc<dyn BlockStore>) -> Pool {
-        Pool::build(store, None)
+    /// A pool on any store (tests: fault-injecting disks).
+    pub fn on(store: Arc<dyn BlockStore>, geo: &Geometry) -> Result<Pool, EngineError> {
+        Pool::build(store, None, geo)
     }
 
-    fn build(store: Arc<dyn BlockStore>, uring: Option<Arc<crate::uring::UringStore>>) -> Pool {
+    fn build(
+        store: Arc<dyn BlockStore>,
+        uring: Option<Arc<crate::uring::UringStore>>,
+        geo: &Geometry,
+    ) -> Result<Pool, EngineError> {
         let align = store.alignment().max(1);
-        Pool { store, uring, align, stripes: (0..STRIPES).map(|_| RwLock::new(())).collect() }
+        let pool =
+            Pool { store, uring, base: geo.base(), align, stripes: (0..STRIPES).map(|_| RwLock::new(())).collect() };
+        pool.check_superblock(geo)?;
+        Ok(pool)
+    }
+
+    /// Refuses a file that is not the pool the metadata describes. A blank first block is
+    /// written only while nothing was ever allocated (a creation cut short by a crash).
+    fn check_superblock(&self, geo: &Geometry) -> Result<(), EngineError> {
+        let Some(want) = geo.superblock else { return Ok(()) };
+        let mut block = AlignedBuf::zeroed(BLOCK);
+        let found = match self.store.read_at(block.as_mut_slice(), 0) {
+            Ok(()) => Superblock::decode(block.as_mut_slice()),
+            Err(_) if geo.high_water == 0 => Found::Blank,
+            Err(e) => return Err(EngineError::io("read superblock", 0, e)),
+        };
+        if geo.judge(found)? {
+            block.as_mut_slice().copy_from_slice(&want.encode());
+            self.store.write_at(block.as_mut_slice(), 0).map_err(|e| EngineError::io("write superblock", 0, e))?;
+            self.store.sync().map_err(|e| EngineError::io("fdatasync", 0, e))?;
+        }
+        Ok(())
     }
 
     pub fn engine(&self) -> IoEngine {
@@ -192,6 +280,7 @@ impl Pool {
     }
 
     async fn raw_read(&self, offset: u64, len: usize) -> Result<Bytes, EngineError> {
+        let offset = offset + self.base;
         if let Some(u) = &self.uring {
             return u.read_at(offset, len).await.map_err(|e| EngineError::io("read", offset, e));
         }
@@ -205,6 +294,7 @@ impl Pool {
     }
 
     async fn raw_write(&self, offset: u64, data: Bytes) -> Result<(), EngineError> {
+        let offset = offset + self.base;
         if let Some(u) = &self.uring {
             return u.write_at(offset, data).await.map_err(|e| EngineError::io("write", offset, e));
         }
@@ -239,11 +329,17 @@ async fn blocking<T: Send + 'static>(
 mod tests {
     use super::*;
 
+    /// A fresh format-2 pool of 128 clusters of 64 KiB.
+    fn geometry() -> Geometry {
+        let sb = Superblock { format: 2, cluster_size: 65536, pool_uuid: crate::superblock::new_uuid() };
+        Geometry { cluster_size: 65536, capacity_clusters: 128, high_water: 0, superblock: Some(sb) }
+    }
+
     fn pools(dir: &Path) -> Vec<(String, Arc<Pool>)> {
         let mut out = Vec::new();
         for engine in [IoEngine::Uring, IoEngine::Threads] {
             let path = dir.join(format!("{engine:?}.img"));
-            let pool = Pool::open_file(&path, 8 << 20, engine, true).expect("open pool");
+            let pool = Pool::open_file(&path, &geometry(), engine, true).expect("open pool");
             if !pool.direct() {
                 eprintln!("NOTE: {} refuses O_DIRECT; testing buffered I/O instead", dir.display());
             }
@@ -312,7 +408,7 @@ mod tests {
     fn an_aligned_store_only_ever_sees_aligned_io() {
         let disk = crate::fault_disk::FaultDisk::new();
         disk.require_alignment(4096);
-        let pool = Pool::on(Arc::new(disk.clone()));
+        let pool = Pool::on(Arc::new(disk.clone()), &geometry()).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             pool.write_at(4095, Bytes::from_static(b"ab")).await.unwrap();

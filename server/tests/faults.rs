@@ -19,6 +19,7 @@ fn open(capacity_clusters: u64) -> (Arc<Engine>, FaultDisk) {
         cluster_size: Some(CS),
         io_engine: Default::default(),
         buffered_io: false,
+        force: false,
     };
     let db = redb::Builder::new().create_with_backend(meta.redb_backend()).unwrap();
     (Engine::open_on(&cfg, db, Arc::new(pool.clone())).unwrap(), pool)

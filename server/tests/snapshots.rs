@@ -17,6 +17,7 @@ fn engine(dir: &std::path::Path) -> Arc<Engine> {
         cluster_size: None,
         io_engine: Default::default(),
         buffered_io: false,
+        force: false,
     })
     .expect("open engine")
 }

@@ -82,6 +82,7 @@ fn config() -> EngineConfig {
         cluster_size: Some(CS),
         io_engine: Default::default(),
         buffered_io: false,
+        force: false,
     }
 }
 
