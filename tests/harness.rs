@@ -98,7 +98,7 @@ impl Server {
     pub fn unstarted(extra: &[&str], rust_log: &str) -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data_dir = tmp.path().join("data");
-        let s = Server {
+        Server {
             child: None,
             log: tmp.path().join("thinbd.log"),
             data_dir,
@@ -108,8 +108,7 @@ impl Server {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             rust_log: rust_log.to_string(),
             _tmp: Some(tmp),
-        };
-        s
+        }
     }
 
     /// Replaces the extra `serve` arguments for the next [`Server::spawn`].

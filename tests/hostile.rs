@@ -253,7 +253,7 @@ fn idle_connection_floods_cannot_exhaust_descriptors() {
         c.disconnect().await.unwrap();
     });
     assert!(s.cli(&["volume", "list"]).contains("vol"));
-    assert!(metric(&s, "thinbd_nbd_rejected_per_source_total") > 0);
+    assert!(metric(&s, "thinbd_nbd_evicted_per_source_total") > 0);
     assert!(metric(&s, "thinbd_nbd_evicted_handshakes_total") > 0);
     assert!(metric(&s, "thinbd_nbd_handshakes") <= 64);
     drop(idle);

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -48,6 +48,8 @@ pub struct Volume {
     /// both allocate the same one; the lock is write-held by the filler until its mapping is in.
     pub(crate) filling: Mutex<std::collections::HashMap<u64, Arc<tokio::sync::RwLock<()>>>>,
     pub(crate) sessions: AtomicU32,
+    /// Set (under the catalog lock) while a delete commits: no session may open it.
+    pub(crate) deleting: AtomicBool,
     pub metrics: VolumeMetrics,
     pub labels: BTreeMap<String, String>,
 }
@@ -71,6 +73,7 @@ impl Volume {
             gate: Default::default(),
             filling: Default::default(),
             sessions: AtomicU32::new(0),
+            deleting: AtomicBool::new(false),
             metrics: VolumeMetrics::default(),
         }
     }
@@ -87,7 +90,7 @@ impl Volume {
         self.sessions.load(Relaxed)
     }
 
-    fn record(&self) -> Result<VolumeRecord, EngineError> {
+    pub(crate) fn record(&self) -> Result<VolumeRecord, EngineError> {
         Ok(VolumeRecord {
             id: self.id,
             name: self.name.clone(),
@@ -107,6 +110,8 @@ pub struct Snapshot {
     pub size: u64,
     pub created_unix: u64,
     pub(crate) sessions: AtomicU32,
+    /// Set (under the catalog lock) while a delete commits: no session may open it.
+    pub(crate) deleting: AtomicBool,
     pub metrics: VolumeMetrics,
 }
 
@@ -219,18 +224,20 @@ pub struct Engine {
     pub(crate) pool: Pool,
     pub(crate) cs: u64,
     alloc: Mutex<Allocator>,
-    volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
-    snapshots: RwLock<BTreeMap<String, Arc<Snapshot>>>,
-    layers: RwLock<BTreeMap<u64, Arc<Layer>>>,
+    pub(crate) volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
+    pub(crate) snapshots: RwLock<BTreeMap<String, Arc<Snapshot>>>,
+    pub(crate) layers: RwLock<BTreeMap<u64, Arc<Layer>>>,
     /// Attachment grants by `grant_key`.
     pub(crate) grants: RwLock<BTreeMap<String, Arc<crate::grants::Grant>>>,
     /// Revoked grants whose sessions are still being fenced, by `grant_key`.
     pub(crate) revoking: Mutex<BTreeMap<String, Arc<crate::grants::Grant>>>,
     /// Freed clusters are reused only after the reads that may have resolved to them.
     pub(crate) grace: crate::grace::Grace,
-    next_id: AtomicU64,
+    /// One metadata store recovery at a time, and when the last one was tried.
+    pub(crate) recovery: tokio::sync::Mutex<Option<std::time::Instant>>,
+    pub(crate) next_id: AtomicU64,
     /// Set by non-durable metadata commits, cleared by durable ones.
-    meta_dirty: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) meta_dirty: Arc<std::sync::atomic::AtomicBool>,
     /// Serializes admin operations so their checks and commits do not interleave.
     pub(crate) admin: tokio::sync::Mutex<()>,
     /// Serializes freeing clusters of hidden layers (see [`Engine::reclaim_overridden`]).
@@ -322,7 +329,8 @@ impl Engine {
         let pool_path = cfg.data_dir.join("pool.img");
         check_data_dir(&meta, &pool_path)?;
         let db = crate::metadata::guarded("opening the metadata", || Ok(redb::Database::create(&meta)?))?;
-        Self::open_parts(cfg, db, |geo| Pool::open_file(&pool_path, geo, cfg.io_engine, !cfg.buffered_io))
+        let reopen: crate::metadata::Reopen = Box::new(move || Ok(redb::Database::create(&meta)?));
+        Self::open_parts(cfg, db, Some(reopen), |geo| Pool::open_file(&pool_path, geo, cfg.io_engine, !cfg.buffered_io))
     }
 
     /// Opens an engine on a given redb database and pool store (tests: fault-injecting disks).
@@ -331,12 +339,13 @@ impl Engine {
         db: redb::Database,
         store: Arc<dyn crate::pool::BlockStore>,
     ) -> Result<Arc<Engine>, EngineError> {
-        Self::open_parts(cfg, db, |geo| Pool::on(store, geo))
+        Self::open_parts(cfg, db, None, |geo| Pool::on(store, geo))
     }
 
     fn open_parts(
         cfg: &EngineConfig,
         db: redb::Database,
+        reopen: Option<crate::metadata::Reopen>,
         pool: impl FnOnce(&crate::pool::Geometry) -> Result<Pool, EngineError>,
     ) -> Result<Arc<Engine>, EngineError> {
         let cs = cfg.cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE);
@@ -345,7 +354,7 @@ impl Engine {
         }
         let capacity = cfg.capacity.unwrap_or(DEFAULT_CAPACITY);
         let (store, loaded) = crate::metadata::guarded("reading the metadata", || {
-            Store::on(db, PoolConfig { cluster_size: cs, capacity_clusters: capacity / cs })
+            Store::on(db, reopen, PoolConfig { cluster_size: cs, capacity_clusters: capacity / cs })
         })?;
         if !cfg.force {
             // The cheap part of fsck: maps, allocator and layers agree (no pool data is read).
@@ -421,6 +430,7 @@ impl Engine {
                 size: rec.size,
                 created_unix: rec.created_unix,
                 sessions: AtomicU32::new(0),
+                deleting: AtomicBool::new(false),
                 metrics: VolumeMetrics::default(),
             };
             snapshots.insert(rec.key(), Arc::new(snap));
@@ -450,6 +460,7 @@ impl Engine {
             grants: RwLock::new(grants),
             revoking: Default::default(),
             grace: Default::default(),
+            recovery: Default::default(),
             data_dir,
         }))
     }
@@ -469,6 +480,9 @@ impl Engine {
     /// Commits `ops` on a blocking thread. A durable commit first syncs the pool (inside the
     /// transaction) and afterwards releases clusters whose frees it made durable.
     pub(crate) async fn commit(self: &Arc<Self>, ops: Vec<MetaOp>, durable: bool) -> Result<(), EngineError> {
+        if self.store.failed() {
+            self.recover().await?;
+        }
         if !durable {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let sent = match self.committer.tx.lock().map_err(|_| poisoned())?.as_ref() {
@@ -750,6 +764,7 @@ impl Engine {
             size: vol.size(),
             created_unix: now_unix(),
             sessions: AtomicU32::new(0),
+            deleting: AtomicBool::new(false),
             metrics: VolumeMetrics::default(),
         });
         let mut rec = vol.record()?;
@@ -846,22 +861,23 @@ impl Engine {
                 nodes.join(", ")
             )));
         }
-        // Sessions are counted under the same lock by `open_export`: once the volume is out of
-        // the catalog here with none open, no session can open it any more.
+        // Sessions are counted under the same lock by `open_export`: once the volume is marked
+        // here with none open, no session can open it any more.
         {
-            let mut vols = self.volumes.write().map_err(|_| poisoned())?;
+            let _vols = self.volumes.write().map_err(|_| poisoned())?;
             let n = vol.sessions();
             if n > 0 {
                 return Err(EngineError::Precondition(format!(
                     "volume {name:?} has {n} open NBD session(s); disconnect them first"
                 )));
             }
-            vols.remove(name);
+            vol.deleting.store(true, Relaxed);
         }
         if let Err(e) = self.commit(vec![MetaOp::DeleteVolume(name.to_string())], true).await {
-            self.volumes.write().map_err(|_| poisoned())?.insert(name.to_string(), vol.clone());
+            vol.deleting.store(false, Relaxed);
             return Err(e);
         }
+        self.volumes.write().map_err(|_| poisoned())?.remove(name);
         self.release_layer(vol.top()?.id).await?;
         tracing::info!(volume = name, "volume deleted");
         Ok(())
@@ -870,7 +886,7 @@ impl Engine {
     pub async fn delete_snapshot(self: &Arc<Self>, key: &str) -> Result<(), EngineError> {
         let _admin = self.admin.lock().await;
         let snap = {
-            let mut snaps = self.snapshots.write().map_err(|_| poisoned())?;
+            let snaps = self.snapshots.write().map_err(|_| poisoned())?;
             let snap = snaps.get(key).cloned().ok_or_else(|| EngineError::NotFound(format!("snapshot {key:?}")))?;
             let n = snap.sessions.load(Relaxed);
             if n > 0 {
@@ -878,13 +894,14 @@ impl Engine {
                     "snapshot {key:?} has {n} open NBD session(s); disconnect them first"
                 )));
             }
-            snaps.remove(key);
+            snap.deleting.store(true, Relaxed);
             snap
         };
         if let Err(e) = self.commit(vec![MetaOp::DeleteSnapshot(key.to_string())], true).await {
-            self.snapshots.write().map_err(|_| poisoned())?.insert(key.to_string(), snap.clone());
+            snap.deleting.store(false, Relaxed);
             return Err(e);
         }
+        self.snapshots.write().map_err(|_| poisoned())?.remove(key);
         self.release_layer(snap.layer.id).await?;
         tracing::info!(snapshot = key, "snapshot deleted");
         Ok(())
@@ -1055,11 +1072,17 @@ impl Engine {
         // The session is counted under the catalog's lock, where deletes check for sessions.
         if name.contains('@') {
             let snaps = self.snapshots.read().map_err(|_| poisoned())?;
-            let snap = snaps.get(name).ok_or_else(|| EngineError::NotFound(format!("snapshot {name:?}")))?;
+            let snap = snaps
+                .get(name)
+                .filter(|s| !s.deleting.load(Relaxed))
+                .ok_or_else(|| EngineError::NotFound(format!("snapshot {name:?}")))?;
             Ok(VolumeHandle::snapshot(self.clone(), snap.clone()))
         } else {
             let vols = self.volumes.read().map_err(|_| poisoned())?;
-            let vol = vols.get(name).ok_or_else(|| EngineError::NotFound(format!("volume {name:?}")))?;
+            let vol = vols
+                .get(name)
+                .filter(|v| !v.deleting.load(Relaxed))
+                .ok_or_else(|| EngineError::NotFound(format!("volume {name:?}")))?;
             Ok(VolumeHandle::volume(self.clone(), vol.clone()))
         }
     }

@@ -15,6 +15,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod nbd_export;
 pub mod pool;
+pub mod recovery;
 pub mod size;
 pub mod superblock;
 pub mod uring;

@@ -56,7 +56,7 @@ impl ClientArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Run the storage daemon.
-    Serve(ServeOptions),
+    Serve(Box<ServeOptions>),
     /// Manage volumes.
     Volume {
         #[command(flatten)]
@@ -166,7 +166,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
-            serve(opts).await
+            serve(*opts).await
         }
         Command::Volume { client, command } => volume_command(client, command).await,
         Command::Snapshot { client, command } => snapshot_command(client, command).await,

@@ -121,6 +121,8 @@ pub enum MetaOp {
     SetCapacity(u64),
     /// Volume and layer ids come from one counter.
     SetNextId(u64),
+    /// Only when the engine writes its whole view back (recovery); `Claim` raises it otherwise.
+    SetHighWater(u64),
     PutGrant(GrantRecord),
     /// By `grant_key`.
     DeleteGrant(String),
@@ -233,8 +235,17 @@ impl Loaded {
     }
 }
 
+/// Opens the database file again after an I/O error (redb must be closed and reopened).
+pub type Reopen = Box<dyn Fn() -> Result<Database, EngineError> + Send + Sync>;
+
 pub struct Store {
-    db: Database,
+    /// `None` only between closing a failed database and opening it again.
+    db: std::sync::RwLock<Option<Database>>,
+    reopen: Option<Reopen>,
+    /// Set by an I/O error in a commit; redb refuses everything after one until reopened.
+    failed: std::sync::atomic::AtomicBool,
+    /// What the I/O error was (ENOSPC, EIO…): later commits report the same cause.
+    cause: std::sync::Mutex<Option<std::io::ErrorKind>>,
 }
 
 /// Runs `f`, turning a panic inside redb (it panics on some damaged pages instead of returning
@@ -268,16 +279,127 @@ pub fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, EngineError>) -> Res
 }
 
 impl Store {
-    /// Opens the store, creating it with `create` geometry if it is new.
-    pub fn open(path: &Path, create: PoolConfig) -> Result<(Store, Loaded), EngineError> {
-        guarded("opening the metadata", || Self::on(Database::create(path)?, create))
+    fn new(db: Database, reopen: Option<Reopen>) -> Store {
+        Store { db: std::sync::RwLock::new(Some(db)), reopen, failed: Default::default(), cause: Default::default() }
     }
 
-    /// Opens the store on any redb database (tests use fault-injecting backends).
-    pub fn on(db: Database, create: PoolConfig) -> Result<(Store, Loaded), EngineError> {
-        let store = Store { db };
-        let txn = store.db.begin_write()?;
-        let mut created = false;
+    /// Runs `f` on the open database.
+    fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T, EngineError>) -> Result<T, EngineError> {
+        let db = self.db.read().map_err(|_| EngineError::Internal("metadata store lock poisoned".into()))?;
+        match db.as_ref() {
+            Some(db) => f(db),
+            None => Err(self.failure()),
+        }
+    }
+
+    /// Whether an I/O error left the store unusable until [`Store::reopen`].
+    pub fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The error every commit gets while the store is failed.
+    pub fn failure(&self) -> EngineError {
+        let kind = self.cause.lock().ok().and_then(|c| *c).unwrap_or(std::io::ErrorKind::Other);
+        EngineError::MetadataIo(std::io::Error::new(kind, "the metadata store hit an I/O error and is being reopened"))
+    }
+
+    /// Closes the failed database and opens it again, returning what is on disk now (the last
+    /// commit that made it there). The caller writes its view back and then calls
+    /// [`Store::recovered`].
+    pub fn reopen(&self) -> Result<Loaded, EngineError> {
+        let reopen = self.reopen.as_ref().ok_or_else(|| self.failure())?;
+        let mut db = self.db.write().map_err(|_| EngineError::Internal("metadata store lock poisoned".into()))?;
+        if let Some(old) = db.take() {
+            // redb may panic closing a database that failed mid-commit; it is gone either way.
+            let _ = guarded("closing the failed metadata store", || {
+                drop(old);
+                Ok(())
+            });
+        }
+        *db = Some(guarded("reopening the metadata", reopen)?);
+        drop(db);
+        let (loaded, _, _) = self.load_unverified()?;
+        Ok(loaded)
+    }
+
+    /// Commits the caller's view after [`Store::reopen`], durably; the store is usable again
+    /// once it succeeds.
+    pub fn rewrite(
+        &self,
+        ops: &[MetaOp],
+        before_durable_commit: impl FnOnce() -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        self.with_db(|db| apply(db, ops, true, before_durable_commit)).map_err(|e| self.note(e))?;
+        self.failed.store(false, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Notes an I/O error from redb: the store is unusable until reopened.
+    fn note(&self, e: EngineError) -> EngineError {
+        match e {
+            EngineError::MetadataIo(io) => {
+                if let Ok(mut c) = self.cause.lock()
+                    && (io.kind() != std::io::ErrorKind::Other || c.is_none())
+                {
+                    *c = Some(io.kind());
+                }
+                if !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    tracing::error!(error = %io, "metadata store I/O error: commits fail until it is reopened");
+                }
+                self.failure()
+            }
+            e => e,
+        }
+    }
+
+    /// Opens the store, creating it with `create` geometry if it is new.
+    pub fn open(path: &Path, create: PoolConfig) -> Result<(Store, Loaded), EngineError> {
+        let path = path.to_path_buf();
+        guarded("opening the metadata", || {
+            let db = Database::create(&path)?;
+            Self::on(db, Some(Box::new(move || Ok(Database::create(&path)?))), create)
+        })
+    }
+
+    /// Opens the store on any redb database (tests use fault-injecting backends); `reopen`
+    /// opens it again after an I/O error.
+    pub fn on(db: Database, reopen: Option<Reopen>, create: PoolConfig) -> Result<(Store, Loaded), EngineError> {
+        let store = Store::new(db, reopen);
+        let created = store.with_db(|db| init_tables(db, create))?;
+        let (mut loaded, stored, computed) = store.load_unverified()?;
+        match stored {
+            Some(d) if d != computed => return Err(damaged()),
+            Some(_) => {}
+            // New, or written before digests existed: start keeping one.
+            None => store.with_db(|db| {
+                let txn = db.begin_write()?;
+                txn.open_table(CONFIG)?.insert(DIGEST_KEY, computed)?;
+                txn.commit()?;
+                Ok(())
+            })?,
+        }
+        loaded.created = created;
+        Ok((store, loaded))
+    }
+
+    /// Opens an existing store without creating anything (fsck).
+    pub fn open_existing(path: &Path) -> Result<(Store, Loaded), EngineError> {
+        if !path.exists() {
+            return Err(EngineError::NotFound(format!("metadata file {}", path.display())));
+        }
+        guarded("reading the metadata", || {
+            let store = Store::new(Database::open(path)?, None);
+            let loaded = store.load()?;
+            Ok((store, loaded))
+        })
+    }
+}
+
+/// Creates the tables (and the config of a new pool); true if the pool is new.
+fn init_tables(db: &Database, create: PoolConfig) -> Result<bool, EngineError> {
+    let txn = db.begin_write()?;
+    let mut created = false;
+    {
         {
             let mut cfg = txn.open_table(CONFIG)?;
             if cfg.get("format_version")?.is_none() {
@@ -304,34 +426,12 @@ impl Store {
             txn.open_table(FREE)?;
             txn.open_table(GRANTS)?;
         }
-        txn.commit()?;
-        let (mut loaded, stored, computed) = store.load_unverified()?;
-        match stored {
-            Some(d) if d != computed => return Err(damaged()),
-            Some(_) => {}
-            // New, or written before digests existed: start keeping one.
-            None => {
-                let txn = store.db.begin_write()?;
-                txn.open_table(CONFIG)?.insert(DIGEST_KEY, computed)?;
-                txn.commit()?;
-            }
-        }
-        loaded.created = created;
-        Ok((store, loaded))
     }
+    txn.commit()?;
+    Ok(created)
+}
 
-    /// Opens an existing store without creating anything (fsck).
-    pub fn open_existing(path: &Path) -> Result<(Store, Loaded), EngineError> {
-        if !path.exists() {
-            return Err(EngineError::NotFound(format!("metadata file {}", path.display())));
-        }
-        guarded("reading the metadata", || {
-            let store = Store { db: Database::open(path)? };
-            let loaded = store.load()?;
-            Ok((store, loaded))
-        })
-    }
-
+impl Store {
     /// Reads everything and checks it against the stored digest.
     pub fn load(&self) -> Result<Loaded, EngineError> {
         let (loaded, stored, computed) = self.load_unverified()?;
@@ -343,8 +443,14 @@ impl Store {
 
     /// Everything, the stored digest (if any) and the digest of what was read.
     fn load_unverified(&self) -> Result<(Loaded, Option<u64>, u64), EngineError> {
+        self.with_db(load_from)
+    }
+}
+
+fn load_from(db: &Database) -> Result<(Loaded, Option<u64>, u64), EngineError> {
+    {
         let mut digest = Digest::default();
-        let txn = self.db.begin_read()?;
+        let txn = db.begin_read()?;
         let cfg = txn.open_table(CONFIG)?;
         let mut stored = None;
         for row in cfg.iter()? {
@@ -431,7 +537,9 @@ impl Store {
         };
         Ok((loaded, stored, digest.0))
     }
+}
 
+impl Store {
     /// Applies `ops` in one transaction. `before_durable_commit` runs inside the transaction,
     /// holding redb's writer lock, only for durable commits: the engine syncs the pool there, so
     /// every mapping a durable commit makes permanent points at data that is already on disk.
@@ -441,7 +549,22 @@ impl Store {
         durable: bool,
         before_durable_commit: impl FnOnce() -> Result<(), EngineError>,
     ) -> Result<(), EngineError> {
-        let mut txn = self.db.begin_write()?;
+        if self.failed() {
+            return Err(self.failure());
+        }
+        self.with_db(|db| apply(db, ops, durable, before_durable_commit)).map_err(|e| self.note(e))
+    }
+}
+
+/// Applies `ops` in one transaction (see [`Store::commit`]).
+fn apply(
+    db: &Database,
+    ops: &[MetaOp],
+    durable: bool,
+    before_durable_commit: impl FnOnce() -> Result<(), EngineError>,
+) -> Result<(), EngineError> {
+    {
+        let mut txn = db.begin_write()?;
         txn.set_durability(if durable { Durability::Immediate } else { Durability::None })
             .map_err(|e| EngineError::Metadata(e.to_string()))?;
         {
@@ -521,6 +644,7 @@ impl Store {
                     }
                     MetaOp::SetCapacity(c) => set_cfg(&mut cfg, &mut d, "capacity_clusters", *c)?,
                     MetaOp::SetNextId(n) => set_cfg(&mut cfg, &mut d, "next_id", *n)?,
+                    MetaOp::SetHighWater(n) => set_cfg(&mut cfg, &mut d, "high_water", *n)?,
                     MetaOp::PutGrant(rec) => {
                         let (key, new) = (rec.key(), to_json(rec)?);
                         let old = grants.insert(key.as_str(), new.as_slice())?.map(|v| v.value().to_vec());

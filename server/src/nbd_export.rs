@@ -162,7 +162,7 @@ pub struct ListenerStats {
     pub handshakes: AtomicUsize,
     pub rejected_connections: AtomicU64,
     pub evicted_handshakes: AtomicU64,
-    pub rejected_per_source: AtomicU64,
+    pub evicted_per_source: AtomicU64,
     pub handshake_timeouts: AtomicU64,
     pub shared: Arc<SessionShared>,
     pending: Mutex<Pending>,
@@ -175,7 +175,7 @@ impl ListenerStats {
             handshakes: AtomicUsize::new(0),
             rejected_connections: AtomicU64::new(0),
             evicted_handshakes: AtomicU64::new(0),
-            rejected_per_source: AtomicU64::new(0),
+            evicted_per_source: AtomicU64::new(0),
             handshake_timeouts: AtomicU64::new(0),
             shared: SessionShared::new(limits.server_bytes),
             pending: Mutex::new(Pending::default()),
@@ -201,10 +201,10 @@ impl ListenerStats {
                 self.evicted_handshakes.load(Relaxed),
             ),
             (
-                "thinbd_nbd_rejected_per_source_total",
+                "thinbd_nbd_evicted_per_source_total",
                 "counter",
-                "Connections closed at accept: --max-handshakes-per-source reached.",
-                self.rejected_per_source.load(Relaxed),
+                "Oldest unfinished handshakes of a source closed to admit its new ones (--max-handshakes-per-source).",
+                self.evicted_per_source.load(Relaxed),
             ),
             (
                 "thinbd_nbd_handshake_timeouts_total",
@@ -243,16 +243,17 @@ impl ListenerStats {
 /// A connection slot, and a handshake slot while negotiating; released on drop.
 struct Admitted {
     stats: Arc<ListenerStats>,
-    handshake: Option<(IpAddr, u64)>,
+    handshake: Option<u64>,
     /// Cancelled when a newer connection needs the handshake slot.
     evicted: CancellationToken,
 }
 
 impl Admitted {
-    /// Admits a connection, or says which limit refused it. When every handshake slot is taken
-    /// the oldest handshake is evicted: an honest client finishes its handshake in
-    /// milliseconds, so idle connections, however many addresses they come from, cannot keep
-    /// it out.
+    /// Admits a connection, or says which limit refused it. Handshakes are never refused:
+    /// when a source, or the server, has as many unfinished ones as allowed, the oldest of them
+    /// is closed to make room. An honest client finishes its handshake in milliseconds, so idle
+    /// connections, however many and from however many addresses, cannot keep it out, nor
+    /// hold more than `max_handshakes` descriptors.
     fn admit(stats: &Arc<ListenerStats>, limits: &NbdLimits, ip: IpAddr) -> Result<Admitted, &'static str> {
         if stats.connections.fetch_add(1, Relaxed) >= limits.max_connections {
             stats.connections.fetch_sub(1, Relaxed);
@@ -261,37 +262,32 @@ impl Admitted {
         }
         let mut a = Admitted { stats: stats.clone(), handshake: None, evicted: CancellationToken::new() };
         let mut hs = stats.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let n = hs.per_source.get(&ip).copied().unwrap_or(0);
-        if n >= limits.max_handshakes_per_source {
-            stats.rejected_per_source.fetch_add(1, Relaxed);
-            return Err("--max-handshakes-per-source");
-        }
-        if hs.by_age.len() >= limits.max_handshakes
-            && let Some((_, oldest)) = hs.by_age.pop_first()
+        let from_source = hs.per_source.get(&ip).map_or(0, Vec::len);
+        if from_source >= limits.max_handshakes_per_source {
+            if let Some(&oldest) = hs.per_source.get(&ip).and_then(|v| v.first()) {
+                hs.evict(oldest);
+                stats.evicted_per_source.fetch_add(1, Relaxed);
+            }
+        } else if hs.by_age.len() >= limits.max_handshakes
+            && let Some(&oldest) = hs.by_age.keys().next()
         {
-            oldest.cancel();
+            hs.evict(oldest);
             stats.evicted_handshakes.fetch_add(1, Relaxed);
         }
         hs.next += 1;
         let seq = hs.next;
-        hs.by_age.insert(seq, a.evicted.clone());
-        *hs.per_source.entry(ip).or_insert(0) += 1;
+        hs.by_age.insert(seq, (ip, a.evicted.clone()));
+        hs.per_source.entry(ip).or_default().push(seq);
         stats.handshakes.store(hs.by_age.len(), Relaxed);
-        a.handshake = Some((ip, seq));
+        a.handshake = Some(seq);
         Ok(a)
     }
 
     /// The handshake is over (either way): its slot goes back.
     fn negotiated(&mut self) {
-        if let Some((ip, seq)) = self.handshake.take() {
+        if let Some(seq) = self.handshake.take() {
             let mut hs = self.stats.pending.lock().unwrap_or_else(|p| p.into_inner());
-            hs.by_age.remove(&seq);
-            if let Some(n) = hs.per_source.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    hs.per_source.remove(&ip);
-                }
-            }
+            hs.forget(seq);
             self.stats.handshakes.store(hs.by_age.len(), Relaxed);
         }
     }
@@ -304,13 +300,33 @@ impl Drop for Admitted {
     }
 }
 
-/// Connections still negotiating.
+/// Connections still negotiating, by admission order.
 #[derive(Default)]
 struct Pending {
     next: u64,
-    /// Oldest first; the token evicts.
-    by_age: BTreeMap<u64, CancellationToken>,
-    per_source: HashMap<IpAddr, usize>,
+    /// Oldest first; the token closes the connection.
+    by_age: BTreeMap<u64, (IpAddr, CancellationToken)>,
+    /// Oldest first.
+    per_source: HashMap<IpAddr, Vec<u64>>,
+}
+
+impl Pending {
+    fn forget(&mut self, seq: u64) -> Option<CancellationToken> {
+        let (ip, token) = self.by_age.remove(&seq)?;
+        if let Some(v) = self.per_source.get_mut(&ip) {
+            v.retain(|s| *s != seq);
+            if v.is_empty() {
+                self.per_source.remove(&ip);
+            }
+        }
+        Some(token)
+    }
+
+    fn evict(&mut self, seq: u64) {
+        if let Some(token) = self.forget(seq) {
+            token.cancel();
+        }
+    }
 }
 
 /// What a session logs for its export: the volume, never a grant's token.
