@@ -149,3 +149,103 @@ fn manifests_validate_against_kubernetes_schemas() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The args of the container named `name` in the workload of `file`.
+fn container_args(file: &str, name: &str) -> Vec<String> {
+    let d = docs(&deploy_dir().join(file)).remove(0);
+    let containers = d["spec"]["template"]["spec"]["containers"].as_vec().expect("containers").clone();
+    let c = containers.iter().find(|c| c["name"].as_str() == Some(name)).expect("container");
+    c["args"].as_vec().expect("args").iter().filter_map(|a| a.as_str().map(str::to_string)).collect()
+}
+
+fn has(args: &[String], flag: &str) -> bool {
+    args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+}
+
+#[test]
+fn deployments_use_mutual_tls_and_the_node_address() {
+    let storage = container_args("storage-daemonset.yaml", "thinbd");
+    for flag in [
+        "--require-grants",
+        "--tls-cert",
+        "--tls-key",
+        "--tls-client-ca",
+        "--api-tls-cert",
+        "--api-tls-key",
+        "--api-tls-client-ca",
+    ] {
+        assert!(has(&storage, flag), "storage daemon without {flag}");
+    }
+    for listen in ["--api-listen=", "--nbd-listen="] {
+        let a = storage.iter().find(|a| a.starts_with(listen)).expect(listen);
+        assert!(a.contains("$(NODE_IP)"), "{a}: the API and NBD must listen on the node's address only");
+    }
+    let api_client = ["--thinbd-api-ca", "--thinbd-api-cert", "--thinbd-api-key", "--thinbd-api-server-name"];
+    let controller = container_args("controller.yaml", "thinbd-csi");
+    let node = container_args("node-daemonset.yaml", "thinbd-csi");
+    for flag in api_client {
+        assert!(has(&controller, flag) && has(&node, flag), "CSI plugin without {flag}");
+    }
+    for flag in ["--nbd-tls-ca", "--nbd-tls-cert", "--nbd-tls-key", "--nbd-tls-server-name"] {
+        assert!(has(&node, flag), "node plugin without {flag}");
+    }
+}
+
+/// The certificates `deploy/tls/make-certs.sh` makes work for what the manifests do with them:
+/// the daemon serves NBD and the API with them, clients present the client certificate and
+/// check the shared server name.
+#[test]
+fn make_certs_script_certificates_work() {
+    if !require("openssl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let out = Command::new("bash").arg(deploy_dir().join("tls/make-certs.sh")).arg(&certs).output().unwrap();
+    assert!(out.status.success(), "make-certs.sh: {}", String::from_utf8_lossy(&out.stderr));
+    let top: Vec<String> = std::fs::read_dir(&certs)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!top.iter().any(|f| f.contains("ca.key")), "the CA key would go into the Secret: {top:?}");
+    let p = |f: &str| certs.join(f).display().to_string();
+    let s = thinbd_tests::Server::start_with(&[
+        "--tls-cert",
+        &p("server.crt"),
+        "--tls-key",
+        &p("server.key"),
+        "--tls-client-ca",
+        &p("ca.crt"),
+        "--api-tls-cert",
+        &p("server.crt"),
+        "--api-tls-key",
+        &p("server.key"),
+        "--api-tls-client-ca",
+        &p("ca.crt"),
+    ]);
+    let client = ["--api-ca", &p("ca.crt"), "--api-cert", &p("client.crt"), "--api-key", &p("client.key")];
+    let mut args = vec!["volume", "create", "v", "--size", "1MiB", "--api-server-name", "thinbd-storage"];
+    args.extend_from_slice(&client);
+    let out = s.cli_output(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Without the shared name the address (127.0.0.1) is checked, and the certificate does not carry it.
+    let mut args = vec!["volume", "list"];
+    args.extend_from_slice(&client);
+    assert!(!s.cli_output(&args).status.success(), "a certificate for thinbd-storage passed as 127.0.0.1");
+    thinbd_tests::runtime().block_on(async {
+        use thinbd_protocol::client::{Client, ClientOptions};
+        let connector = thinbd_protocol::tls::client_connector(
+            &certs.join("ca.crt"),
+            Some((&certs.join("client.crt"), &certs.join("client.key"))),
+        )
+        .unwrap();
+        let mut opts = ClientOptions::new("v");
+        opts.tls = Some((connector, tokio_rustls::rustls::pki_types::ServerName::try_from("thinbd-storage").unwrap()));
+        let c = Client::connect(s.addr(), opts).await.expect("NBD over TLS with the script's certificates");
+        c.write(0, b"tls", 0).await.unwrap();
+        assert_eq!(c.read(0, 3).await.unwrap(), b"tls");
+        c.disconnect().await.unwrap();
+    });
+}

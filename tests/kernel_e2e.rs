@@ -76,7 +76,7 @@ fn node_plugin_attaches_formats_and_mounts_through_the_kernel() {
     let log = server.log_text();
     let after = log.rsplit_once("thinbd serving").map(|(_, rest)| rest).unwrap_or_default();
     assert!(
-        after.contains("NBD session started") && after.contains("pvc-block#"),
+        after.contains("NBD session started") && after.contains("export=\"pvc-block\""),
         "no reconnect after restart:\n{log}"
     );
     // The kernel wrote through thinbd: the block volume holds fio's data.

@@ -48,6 +48,9 @@ struct Cli {
     thinbd_api_cert: Option<PathBuf>,
     #[arg(long)]
     thinbd_api_key: Option<PathBuf>,
+    /// Name the storage servers' API certificates carry (default: the host of their address).
+    #[arg(long, requires = "thinbd_api_ca")]
+    thinbd_api_server_name: Option<String>,
     /// CA of the storage servers' NBD certificates: the node attaches over TLS (STARTTLS, then
     /// kernel TLS), presenting --nbd-tls-cert/--nbd-tls-key when the server asks for one.
     #[arg(long)]
@@ -97,9 +100,12 @@ async fn main() -> anyhow::Result<()> {
     let controller = matches!(cli.mode, Mode::Controller | Mode::All);
     let node = matches!(cli.mode, Mode::Node | Mode::All);
     let tls = match (&cli.thinbd_api_ca, &cli.thinbd_api_cert, &cli.thinbd_api_key) {
-        (Some(ca), Some(cert), Some(key)) => {
-            Some(thinbd_protocol::tls::ApiClientTls { ca: ca.clone(), cert: cert.clone(), key: key.clone() })
-        }
+        (Some(ca), Some(cert), Some(key)) => Some(thinbd_protocol::tls::ApiClientTls {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+            server_name: cli.thinbd_api_server_name.clone(),
+        }),
         _ => None,
     };
     let backends = Arc::new(Backends::new(&cli.thinbd_api, tls));

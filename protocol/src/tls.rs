@@ -107,6 +107,9 @@ pub struct ApiClientTls {
     pub ca: std::path::PathBuf,
     pub cert: std::path::PathBuf,
     pub key: std::path::PathBuf,
+    /// The name the server's certificate must carry, when it is not the host dialled (one
+    /// certificate shared by every storage node).
+    pub server_name: Option<String>,
 }
 
 /// An endpoint for the management API at `addr` (`HOST:PORT` or a URL): https with `tls`,
@@ -117,9 +120,12 @@ pub fn api_endpoint(addr: &str, tls: Option<&ApiClientTls>) -> Result<tonic::tra
     let url = if tls.is_some() { format!("https://{host}") } else { format!("http://{host}") };
     let ep = Endpoint::from_shared(url.clone()).map_err(|e| TlsError::Config(format!("{url}: {e}")))?;
     let Some(t) = tls else { return Ok(ep) };
-    let cfg = ClientTlsConfig::new()
+    let mut cfg = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(&t.ca)?))
         .identity(Identity::from_pem(read(&t.cert)?, read(&t.key)?));
+    if let Some(name) = &t.server_name {
+        cfg = cfg.domain_name(name.clone());
+    }
     ep.tls_config(cfg).map_err(|e| TlsError::Config(e.to_string()))
 }
 

@@ -19,6 +19,8 @@ struct State {
     pending: Vec<(u64, Vec<u8>)>,
     fail_writes: Option<std::io::ErrorKind>,
     fail_reads: bool,
+    /// Reads take this long (on the calling thread), so tests can hold a read in flight.
+    read_delay: Option<std::time::Duration>,
     /// As O_DIRECT: pool I/O whose offset, length or buffer address is not a multiple of this
     /// fails with EINVAL (0: any alignment).
     align: usize,
@@ -68,6 +70,11 @@ impl FaultDisk {
 
     pub fn fail_reads(&self, on: bool) {
         self.lock().fail_reads = on;
+    }
+
+    /// Every read waits `delay` before it copies the data (`None`: no wait).
+    pub fn delay_reads(&self, delay: Option<std::time::Duration>) {
+        self.lock().read_delay = delay;
     }
 
     /// Makes pool I/O demand O_DIRECT alignment, to prove the pool never issues anything else.
@@ -124,6 +131,10 @@ impl FaultDisk {
     }
 
     fn read(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let delay = self.lock().read_delay;
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
         let st = self.lock();
         if st.fail_reads {
             return Err(io_err(std::io::ErrorKind::Other));

@@ -40,14 +40,20 @@ struct ClientArgs {
     api_cert: Option<PathBuf>,
     #[arg(long, global = true, env = "THINBD_API_KEY")]
     api_key: Option<PathBuf>,
+    /// Name the API server's certificate carries, if not the host of --api.
+    #[arg(long, global = true, env = "THINBD_API_SERVER_NAME")]
+    api_server_name: Option<String>,
 }
 
 impl ClientArgs {
     fn tls(&self) -> Option<thinbd_protocol::tls::ApiClientTls> {
         match (&self.api_ca, &self.api_cert, &self.api_key) {
-            (Some(ca), Some(cert), Some(key)) => {
-                Some(thinbd_protocol::tls::ApiClientTls { ca: ca.clone(), cert: cert.clone(), key: key.clone() })
-            }
+            (Some(ca), Some(cert), Some(key)) => Some(thinbd_protocol::tls::ApiClientTls {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                server_name: self.api_server_name.clone(),
+            }),
             _ => None,
         }
     }

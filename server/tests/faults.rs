@@ -136,3 +136,66 @@ async fn concurrent_first_writes_into_the_same_clusters_all_land() {
     drop(h);
     assert!(e.fsck().unwrap().ok());
 }
+
+/// A read that resolved a cluster of a hidden layer (a deleted snapshot with two clones) and is
+/// still reading it while both clones override the cluster, the reclaim frees it, a FLUSH makes
+/// the free durable and another volume takes the cluster and writes it, returns what it
+/// resolved, never the other volume's bytes (invariant 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_in_flight_never_sees_its_cluster_reused() {
+    let (e, pool) = open(64);
+    e.create_volume("base", 8 * CS).await.unwrap();
+    e.open_export("base").unwrap().write(0, fill(0xAA, 8 * CS), false).await.unwrap();
+    e.create_snapshot("base", "s").await.unwrap();
+    e.clone_volume("base@s", "c1").await.unwrap();
+    e.clone_volume("base@s", "c2").await.unwrap();
+    e.delete_snapshot("base@s").await.unwrap();
+    e.delete_volume("base").await.unwrap();
+    e.flush().await.unwrap();
+
+    pool.delay_reads(Some(std::time::Duration::from_millis(400)));
+    let c1 = Arc::new(e.open_export("c1").unwrap());
+    let reader = tokio::spawn({
+        let c1 = c1.clone();
+        async move { c1.read_bytes(0, CS as u32).await.unwrap() }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Both clones override cluster 0: the hidden layer's cluster is freed, and made reusable.
+    c1.write(0, fill(0xC1, CS), false).await.unwrap();
+    e.open_export("c2").unwrap().write(0, fill(0xC2, CS), false).await.unwrap();
+    e.flush().await.unwrap();
+    // Another volume takes every free cluster and writes it.
+    e.create_volume("other", 64 * CS).await.unwrap();
+    let other = e.open_export("other").unwrap();
+    for i in 0..64 {
+        if other.write(i * CS, fill(0xEE, CS), false).await.is_err() {
+            break;
+        }
+    }
+    let got = reader.await.unwrap();
+    pool.delay_reads(None);
+    assert!(
+        got.iter().all(|b| *b == 0xAA) || got.iter().all(|b| *b == 0xC1),
+        "a read returned another volume's bytes (first byte {:#x})",
+        got[0]
+    );
+}
+
+/// A volume deleted while sessions try to open it: whenever the delete succeeds, no open
+/// succeeded (the open either failed or made the delete refuse).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delete_and_open_never_both_win() {
+    let (e, _) = open(64);
+    for i in 0..300 {
+        let name = format!("v{i}");
+        e.create_volume(&name, CS).await.unwrap();
+        let opener = std::thread::spawn({
+            let e = e.clone();
+            let name = name.clone();
+            move || e.open_export(&name).ok()
+        });
+        let deleted = e.delete_volume(&name).await.is_ok();
+        let handle = opener.join().unwrap();
+        assert!(!(deleted && handle.is_some()), "iteration {i}: deleted a volume with an open session");
+    }
+}
