@@ -251,7 +251,8 @@ async fn opt_export_name<C: ExportCatalog>(
     if name.len() > MAX_STRING_LEN as usize {
         return Err(ProtocolError::Malformed("export name too long".into()));
     }
-    let export = catalog.open(&name, peer).map_err(|e| ProtocolError::Refused(format!("export {name:?}: {e}")))?;
+    // The name may hold a secret (a grant token): it stays out of the error, which gets logged.
+    let export = catalog.open(&name, peer).map_err(|e| ProtocolError::Refused(format!("EXPORT_NAME refused: {e}")))?;
     let info = export.device.info();
     let flags = transmission_flags(&info, st.structured);
     let mut buf = Vec::with_capacity(134);
