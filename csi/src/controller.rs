@@ -180,6 +180,8 @@ impl Controller for ControllerService {
         let csi_name = required(&r.name, "name")?;
         capability::check_all(&r.volume_capabilities).map_err(invalid)?;
         let p = params::parse(&r.parameters).map_err(invalid)?;
+        let mut qos = p.qos;
+        params::apply_mutable(&mut qos, &r.mutable_parameters).map_err(invalid)?;
         let size = size_for(r.capacity_range.as_ref())?;
         let source = source_label(r.volume_content_source.as_ref())?;
         let node = self.backends.place(r.accessibility_requirements.as_ref()).await?;
@@ -229,10 +231,24 @@ impl Controller for ControllerService {
             }
         };
         let created = match from {
-            None => api.create_volume(pb::CreateVolumeRequest { name: name.clone(), size_bytes: size, labels }).await,
+            None => {
+                api.create_volume(pb::CreateVolumeRequest {
+                    name: name.clone(),
+                    size_bytes: size,
+                    labels,
+                    qos: Some(qos),
+                })
+                .await
+            }
             Some(source_name) => {
-                let cloned =
-                    api.clone_volume(pb::CloneVolumeRequest { source: source_name, name: name.clone(), labels }).await;
+                let cloned = api
+                    .clone_volume(pb::CloneVolumeRequest {
+                        source: source_name,
+                        name: name.clone(),
+                        labels,
+                        qos: Some(qos),
+                    })
+                    .await;
                 match cloned {
                     Ok(v) if v.get_ref().size_bytes > size => {
                         // Too small a request for its source: undo, the CO may retry bigger.
@@ -445,6 +461,7 @@ impl Controller for ControllerService {
             Rpc::VolumeCondition,
             Rpc::GetVolume,
             Rpc::SingleNodeMultiWriter,
+            Rpc::ModifyVolume,
         ]
         .into_iter()
         .map(|t| ControllerServiceCapability {
@@ -570,6 +587,30 @@ impl Controller for ControllerService {
         };
         // The node refreshes the device size and grows the filesystem.
         Ok(Response::new(ControllerExpandVolumeResponse { capacity_bytes: size as i64, node_expansion_required: true }))
+    }
+
+    /// VolumeAttributesClass changes: the QoS keys given replace the volume's; the others stay.
+    /// Connected clients get the new limits with their next request.
+    async fn controller_modify_volume(
+        &self,
+        req: Request<ControllerModifyVolumeRequest>,
+    ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
+        let r = req.into_inner();
+        required(&r.volume_id, "volume_id")?;
+        if r.mutable_parameters.is_empty() {
+            return Err(invalid("mutable_parameters is required".to_string()));
+        }
+        let (id, mut api) = self.volume_api(&r.volume_id).await?;
+        let v = Self::find(&mut api, &id.volume)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("volume {:?} does not exist", r.volume_id)))?;
+        let mut qos = v.qos.unwrap_or_default();
+        params::apply_mutable(&mut qos, &r.mutable_parameters).map_err(invalid)?;
+        api.set_volume_qos(pb::SetVolumeQosRequest { name: id.volume.clone(), qos: Some(qos) })
+            .await
+            .map_err(unavailable)?;
+        tracing::info!(volume = %r.volume_id, "volume modified");
+        Ok(Response::new(ControllerModifyVolumeResponse {}))
     }
 }
 

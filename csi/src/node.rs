@@ -65,7 +65,7 @@ impl NodeService {
         let exists = api.get_volume(pb::GetVolumeRequest { name: name.clone() }).await.is_ok();
         if !exists {
             let labels = HashMap::from([("csi.ephemeral".to_string(), r.volume_id.clone())]);
-            api.create_volume(pb::CreateVolumeRequest { name: name.clone(), size_bytes: size, labels })
+            api.create_volume(pb::CreateVolumeRequest { name: name.clone(), size_bytes: size, labels, qos: None })
                 .await
                 .map_err(crate::backend::unavailable)?;
         }

@@ -6,9 +6,36 @@ use thinbd_protocol::pb;
 use thinbd_protocol::pb::management_server::Management;
 use tonic::{Request, Response, Status};
 
-use crate::engine::{Engine, Snapshot, Volume};
+use crate::engine::{Engine, Snapshot, Volume, VolumeOptions};
 use crate::error::EngineError;
 use crate::grants::Access;
+use crate::io::QosLimits;
+
+/// The API's QoS message as limits (absent: unlimited).
+pub fn qos_from_pb(q: Option<pb::Qos>) -> QosLimits {
+    let q = q.unwrap_or_default();
+    QosLimits {
+        iops: q.iops,
+        read_iops: q.read_iops,
+        write_iops: q.write_iops,
+        bandwidth: q.bandwidth,
+        read_bandwidth: q.read_bandwidth,
+        write_bandwidth: q.write_bandwidth,
+        burst_ms: q.burst_ms,
+    }
+}
+
+pub fn qos_to_pb(q: QosLimits) -> pb::Qos {
+    pb::Qos {
+        iops: q.iops,
+        read_iops: q.read_iops,
+        write_iops: q.write_iops,
+        bandwidth: q.bandwidth,
+        read_bandwidth: q.read_bandwidth,
+        write_bandwidth: q.write_bandwidth,
+        burst_ms: q.burst_ms,
+    }
+}
 
 pub struct Api {
     pub engine: Arc<Engine>,
@@ -42,6 +69,8 @@ impl Api {
             sessions: i.sessions,
             labels: v.labels.clone().into_iter().collect(),
             published_nodes: self.engine.published_nodes(&v.name),
+            qos: Some(qos_to_pb(v.qos.limits())),
+            throttled_seconds: v.qos.throttled_ns.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9,
         }
     }
 
@@ -64,8 +93,8 @@ impl Api {
 impl Management for Api {
     async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        let labels = r.labels.into_iter().collect();
-        let v = self.engine.create_volume_labeled(&r.name, r.size_bytes, labels).await.map_err(status)?;
+        let opts = VolumeOptions { labels: r.labels.into_iter().collect(), qos: qos_from_pb(r.qos) };
+        let v = self.engine.create_volume_with(&r.name, r.size_bytes, opts).await.map_err(status)?;
         Ok(Response::new(self.volume(&v)))
     }
 
@@ -98,8 +127,14 @@ impl Management for Api {
 
     async fn clone_volume(&self, req: Request<pb::CloneVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        let labels = r.labels.into_iter().collect();
-        let v = self.engine.clone_volume_labeled(&r.source, &r.name, labels).await.map_err(status)?;
+        let opts = VolumeOptions { labels: r.labels.into_iter().collect(), qos: qos_from_pb(r.qos) };
+        let v = self.engine.clone_volume_with(&r.source, &r.name, opts).await.map_err(status)?;
+        Ok(Response::new(self.volume(&v)))
+    }
+
+    async fn set_volume_qos(&self, req: Request<pb::SetVolumeQosRequest>) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        let v = self.engine.set_qos(&r.name, qos_from_pb(r.qos)).await.map_err(status)?;
         Ok(Response::new(self.volume(&v)))
     }
 

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::api::Api;
 use crate::engine::{Engine, EngineConfig};
-use crate::nbd_export::{Catalog, ListenerStats, NbdLimits, serve_nbd};
+use crate::nbd::{Catalog, ListenerStats, NbdLimits, serve_nbd};
 use thinbd_protocol::SessionLimits;
 
 #[derive(clap::Args)]

@@ -17,7 +17,7 @@ use crate::metadata::{LayerRecord, MetaOp, PoolConfig, SnapshotRecord, Store, Vo
 use crate::metrics::{PoolSample, VolumeMetrics, VolumeSample};
 use crate::pool::Pool;
 
-pub use crate::volume::VolumeHandle;
+pub use crate::io::LocalVolume;
 
 pub const DEFAULT_CLUSTER_SIZE: u64 = 64 * 1024;
 pub const DEFAULT_CAPACITY: u64 = 10 << 30;
@@ -50,21 +50,25 @@ pub struct Volume {
     pub(crate) sessions: AtomicU32,
     /// Set (under the catalog lock) while a delete commits: no session may open it.
     pub(crate) deleting: AtomicBool,
-    pub metrics: VolumeMetrics,
+    pub metrics: Arc<VolumeMetrics>,
+    /// Limits shared by all sessions of the volume.
+    pub qos: Arc<crate::io::Qos>,
     pub labels: BTreeMap<String, String>,
 }
 
+/// What a new volume is created with besides its name and size.
+#[derive(Debug, Clone, Default)]
+pub struct VolumeOptions {
+    /// Free-form labels (the CSI plugin keeps a volume's origin there).
+    pub labels: BTreeMap<String, String>,
+    pub qos: crate::io::QosLimits,
+}
+
 impl Volume {
-    fn new(
-        id: u64,
-        name: &str,
-        size: u64,
-        created_unix: u64,
-        top: Arc<Layer>,
-        labels: BTreeMap<String, String>,
-    ) -> Volume {
+    fn new(id: u64, name: &str, size: u64, created_unix: u64, top: Arc<Layer>, opts: VolumeOptions) -> Volume {
         Volume {
-            labels,
+            labels: opts.labels,
+            qos: Arc::new(crate::io::Qos::new(opts.qos)),
             id,
             name: name.to_string(),
             size: AtomicU64::new(size),
@@ -74,7 +78,7 @@ impl Volume {
             filling: Default::default(),
             sessions: AtomicU32::new(0),
             deleting: AtomicBool::new(false),
-            metrics: VolumeMetrics::default(),
+            metrics: Default::default(),
         }
     }
 
@@ -98,6 +102,7 @@ impl Volume {
             created_unix: self.created_unix,
             layer: self.top()?.id,
             labels: self.labels.clone(),
+            qos: self.qos.limits(),
         })
     }
 }
@@ -112,7 +117,7 @@ pub struct Snapshot {
     pub(crate) sessions: AtomicU32,
     /// Set (under the catalog lock) while a delete commits: no session may open it.
     pub(crate) deleting: AtomicBool,
-    pub metrics: VolumeMetrics,
+    pub metrics: Arc<VolumeMetrics>,
 }
 
 impl Snapshot {
@@ -418,7 +423,14 @@ impl Engine {
             let top = layer(rec.layer, &format!("volume {}", rec.name))?;
             volumes.insert(
                 rec.name.clone(),
-                Arc::new(Volume::new(rec.id, &rec.name, rec.size, rec.created_unix, top, rec.labels.clone())),
+                Arc::new(Volume::new(
+                    rec.id,
+                    &rec.name,
+                    rec.size,
+                    rec.created_unix,
+                    top,
+                    VolumeOptions { labels: rec.labels.clone(), qos: rec.qos },
+                )),
             );
         }
         let mut snapshots = BTreeMap::new();
@@ -431,7 +443,7 @@ impl Engine {
                 created_unix: rec.created_unix,
                 sessions: AtomicU32::new(0),
                 deleting: AtomicBool::new(false),
-                metrics: VolumeMetrics::default(),
+                metrics: Default::default(),
             };
             snapshots.insert(rec.key(), Arc::new(snap));
         }
@@ -636,6 +648,7 @@ impl Engine {
                 shared: usage.shared,
                 sessions: v.sessions(),
                 metrics: &v.metrics,
+                qos: Some(&v.qos),
             });
         }
         for (s, key) in snaps.iter().zip(&keys) {
@@ -648,6 +661,7 @@ impl Engine {
                 shared: usage.shared,
                 sessions: s.sessions.load(Relaxed),
                 metrics: &s.metrics,
+                qos: None,
             });
         }
         crate::metrics::render(
@@ -696,20 +710,20 @@ impl Engine {
     }
 
     pub async fn create_volume(self: &Arc<Self>, name: &str, size: u64) -> Result<Arc<Volume>, EngineError> {
-        self.create_volume_labeled(name, size, BTreeMap::new()).await
+        self.create_volume_with(name, size, VolumeOptions::default()).await
     }
 
-    pub async fn create_volume_labeled(
+    pub async fn create_volume_with(
         self: &Arc<Self>,
         name: &str,
         size: u64,
-        labels: BTreeMap<String, String>,
+        opts: VolumeOptions,
     ) -> Result<Arc<Volume>, EngineError> {
         Self::check_size(size)?;
         let _admin = self.admin.lock().await;
         self.check_new_volume_name(name)?;
         let top = self.new_layer(None)?;
-        let vol = Arc::new(Volume::new(self.take_id(), name, size, now_unix(), top.clone(), labels));
+        let vol = Arc::new(Volume::new(self.take_id(), name, size, now_unix(), top.clone(), opts));
         let ops =
             vec![MetaOp::PutLayer { id: top.id, parent: None }, MetaOp::PutVolume(vol.record()?), self.next_id_op()];
         if let Err(e) = self.commit(ops, true).await {
@@ -765,7 +779,7 @@ impl Engine {
             created_unix: now_unix(),
             sessions: AtomicU32::new(0),
             deleting: AtomicBool::new(false),
-            metrics: VolumeMetrics::default(),
+            metrics: Default::default(),
         });
         let mut rec = vol.record()?;
         rec.layer = top.id;
@@ -794,14 +808,14 @@ impl Engine {
     /// A writable volume from `VOLUME@SNAPSHOT`, or from a volume's current state (which
     /// freezes it into a hidden layer that both then share).
     pub async fn clone_volume(self: &Arc<Self>, source: &str, name: &str) -> Result<Arc<Volume>, EngineError> {
-        self.clone_volume_labeled(source, name, BTreeMap::new()).await
+        self.clone_volume_with(source, name, VolumeOptions::default()).await
     }
 
-    pub async fn clone_volume_labeled(
+    pub async fn clone_volume_with(
         self: &Arc<Self>,
         source: &str,
         name: &str,
-        labels: BTreeMap<String, String>,
+        opts: VolumeOptions,
     ) -> Result<Arc<Volume>, EngineError> {
         let _admin = self.admin.lock().await;
         self.check_new_volume_name(name)?;
@@ -833,7 +847,7 @@ impl Engine {
         };
         let top = self.new_layer(Some(base.clone()))?;
         new_layers.push(top.id);
-        let vol = Arc::new(Volume::new(self.take_id(), name, size, now_unix(), top.clone(), labels));
+        let vol = Arc::new(Volume::new(self.take_id(), name, size, now_unix(), top.clone(), opts));
         ops.push(MetaOp::PutLayer { id: top.id, parent: Some(base.id) });
         ops.push(MetaOp::PutVolume(vol.record()?));
         ops.push(self.next_id_op());
@@ -847,6 +861,22 @@ impl Engine {
         }
         self.volumes.write().map_err(|_| poisoned())?.insert(name.to_string(), vol.clone());
         tracing::info!(source, volume = name, "clone created");
+        Ok(vol)
+    }
+
+    /// Changes a volume's QoS limits; open sessions get them with their next request.
+    pub async fn set_qos(
+        self: &Arc<Self>,
+        name: &str,
+        limits: crate::io::QosLimits,
+    ) -> Result<Arc<Volume>, EngineError> {
+        let _admin = self.admin.lock().await;
+        let vol = self.volume(name)?;
+        let mut rec = vol.record()?;
+        rec.qos = limits;
+        self.commit(vec![MetaOp::PutVolume(rec)], true).await?;
+        vol.qos.set(limits);
+        tracing::info!(volume = name, ?limits, "QoS limits set");
         Ok(vol)
     }
 
@@ -1067,24 +1097,34 @@ impl Engine {
     }
 
     /// Opens `NAME` (read-write volume) or `VOLUME@SNAPSHOT` (read-only) for I/O; the handle
-    /// counts as a session until dropped.
-    pub fn open_export(self: &Arc<Self>, name: &str) -> Result<VolumeHandle, EngineError> {
-        // The session is counted under the catalog's lock, where deletes check for sessions.
-        if name.contains('@') {
-            let snaps = self.snapshots.read().map_err(|_| poisoned())?;
-            let snap = snaps
-                .get(name)
-                .filter(|s| !s.deleting.load(Relaxed))
-                .ok_or_else(|| EngineError::NotFound(format!("snapshot {name:?}")))?;
-            Ok(VolumeHandle::snapshot(self.clone(), snap.clone()))
-        } else {
-            let vols = self.volumes.read().map_err(|_| poisoned())?;
-            let vol = vols
-                .get(name)
-                .filter(|v| !v.deleting.load(Relaxed))
-                .ok_or_else(|| EngineError::NotFound(format!("volume {name:?}")))?;
-            Ok(VolumeHandle::volume(self.clone(), vol.clone()))
+    /// counts as a session until dropped. (The NBD edge parses export names itself.)
+    pub fn open_export(self: &Arc<Self>, name: &str) -> Result<LocalVolume, EngineError> {
+        match name.split_once('@') {
+            Some((volume, snapshot)) => self.open_snapshot(volume, snapshot),
+            None => self.open_volume(name),
         }
+    }
+
+    /// Opens a volume read-write. The session is counted under the catalog's lock, where
+    /// deletes check for sessions.
+    pub fn open_volume(self: &Arc<Self>, name: &str) -> Result<LocalVolume, EngineError> {
+        let vols = self.volumes.read().map_err(|_| poisoned())?;
+        let vol = vols
+            .get(name)
+            .filter(|v| !v.deleting.load(Relaxed))
+            .ok_or_else(|| EngineError::NotFound(format!("volume {name:?}")))?;
+        Ok(LocalVolume::volume(self.clone(), vol.clone()))
+    }
+
+    /// Opens a snapshot read-only (counted like [`Engine::open_volume`]).
+    pub fn open_snapshot(self: &Arc<Self>, volume: &str, snapshot: &str) -> Result<LocalVolume, EngineError> {
+        let key = format!("{volume}@{snapshot}");
+        let snaps = self.snapshots.read().map_err(|_| poisoned())?;
+        let snap = snaps
+            .get(&key)
+            .filter(|s| !s.deleting.load(Relaxed))
+            .ok_or_else(|| EngineError::NotFound(format!("snapshot {key:?}")))?;
+        Ok(LocalVolume::snapshot(self.clone(), snap.clone()))
     }
 
     /// Checks the committed metadata (fsck) and that the in-memory maps agree with it. Call it

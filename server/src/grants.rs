@@ -175,9 +175,8 @@ impl Engine {
         self.grants_of(volume).iter().map(|g| g.record.node.clone()).collect()
     }
 
-    /// The grant an export name `VOLUME#TOKEN` stands for.
-    pub fn grant_for_export(&self, name: &str) -> Option<Arc<Grant>> {
-        let (volume, token) = name.split_once('#')?;
+    /// The grant of `volume` whose secret is `token` (export name `VOLUME#TOKEN`).
+    pub fn grant_for(&self, volume: &str, token: &str) -> Option<Arc<Grant>> {
         let g = self.grants.read().ok()?;
         g.values()
             .find(|g| g.record.volume == volume && constant_time_eq(g.record.token.as_bytes(), token.as_bytes()))

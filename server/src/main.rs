@@ -101,6 +101,43 @@ enum SnapshotCommand {
     Delete { snapshot: String },
 }
 
+/// QoS limits of a volume (none given: unlimited). Shared by all its connections.
+#[derive(clap::Args, Default)]
+struct QosArgs {
+    /// Read plus write operations per second.
+    #[arg(long)]
+    max_iops: Option<u64>,
+    #[arg(long)]
+    max_read_iops: Option<u64>,
+    #[arg(long)]
+    max_write_iops: Option<u64>,
+    /// Read plus write bytes per second, e.g. 100MiB.
+    #[arg(long, value_parser = parse_size)]
+    max_bandwidth: Option<u64>,
+    #[arg(long, value_parser = parse_size)]
+    max_read_bandwidth: Option<u64>,
+    #[arg(long, value_parser = parse_size)]
+    max_write_bandwidth: Option<u64>,
+    /// Milliseconds of full speed a volume may save up while idle (default 100).
+    #[arg(long)]
+    qos_burst_ms: Option<u64>,
+}
+
+impl QosArgs {
+    fn to_pb(&self) -> pb::Qos {
+        let v = |o: Option<u64>| o.unwrap_or(0);
+        pb::Qos {
+            iops: v(self.max_iops),
+            read_iops: v(self.max_read_iops),
+            write_iops: v(self.max_write_iops),
+            bandwidth: v(self.max_bandwidth),
+            read_bandwidth: v(self.max_read_bandwidth),
+            write_bandwidth: v(self.max_write_bandwidth),
+            burst_ms: v(self.qos_burst_ms),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum VolumeCommand {
     /// Create a thin volume.
@@ -108,6 +145,14 @@ enum VolumeCommand {
         name: String,
         #[arg(long, value_parser = parse_size)]
         size: u64,
+        #[command(flatten)]
+        qos: QosArgs,
+    },
+    /// Set or clear (no limit given) a volume's QoS limits; connected clients get them at once.
+    SetQos {
+        name: String,
+        #[command(flatten)]
+        qos: QosArgs,
     },
     /// List volumes.
     List,
@@ -218,12 +263,43 @@ fn rpc_error(s: tonic::Status) -> anyhow::Error {
 }
 
 fn volume_json(v: &pb::Volume) -> serde_json::Value {
+    let q = v.qos.unwrap_or_default();
     serde_json::json!({
         "name": v.name, "id": v.id, "size_bytes": v.size_bytes, "allocated_bytes": v.allocated_bytes,
         "exclusive_bytes": v.exclusive_bytes, "shared_bytes": v.shared_bytes,
         "sessions": v.sessions, "created_unix_seconds": v.created_unix_seconds,
         "labels": v.labels, "published_nodes": v.published_nodes,
+        "qos": {
+            "iops": q.iops, "read_iops": q.read_iops, "write_iops": q.write_iops,
+            "bandwidth": q.bandwidth, "read_bandwidth": q.read_bandwidth, "write_bandwidth": q.write_bandwidth,
+            "burst_ms": q.burst_ms,
+        },
+        "throttled_seconds": v.throttled_seconds,
     })
+}
+
+/// The limits that are set, as `iops 2000, write bandwidth 100 MiB/s`; `None` when unlimited.
+fn qos_text(q: &pb::Qos) -> Option<String> {
+    let mut parts = Vec::new();
+    for (what, n) in [("iops", q.iops), ("read iops", q.read_iops), ("write iops", q.write_iops)] {
+        if n > 0 {
+            parts.push(format!("{what} {n}"));
+        }
+    }
+    for (what, n) in
+        [("bandwidth", q.bandwidth), ("read bandwidth", q.read_bandwidth), ("write bandwidth", q.write_bandwidth)]
+    {
+        if n > 0 {
+            parts.push(format!("{what} {}/s", format_size(n)));
+        }
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    if q.burst_ms > 0 {
+        parts.push(format!("burst {} ms", q.burst_ms));
+    }
+    Some(parts.join(", "))
 }
 
 /// `nbd` is the server's advertised NBD address, for the single-volume view.
@@ -241,6 +317,9 @@ fn print_volumes(out: Output, vols: &[pb::Volume], single: bool, nbd: &str) {
                 println!("sessions:  {}", v.sessions);
                 if !v.published_nodes.is_empty() {
                     println!("published: {}", v.published_nodes.join(", "));
+                }
+                if let Some(q) = v.qos.as_ref().and_then(qos_text) {
+                    println!("qos:       {q} (throttled {:.1} s so far)", v.throttled_seconds);
                 }
                 println!("export:    nbd://{nbd}/{}", v.name);
             }
@@ -271,11 +350,14 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
         _ => c.get_pool(pb::GetPoolRequest {}).await.map_err(rpc_error)?.into_inner().nbd_address,
     };
     match command {
-        VolumeCommand::Create { name, size } => {
-            let v = c
-                .create_volume(pb::CreateVolumeRequest { name, size_bytes: size, ..Default::default() })
-                .await
-                .map_err(rpc_error)?;
+        VolumeCommand::Create { name, size, qos } => {
+            let req = pb::CreateVolumeRequest { name, size_bytes: size, qos: Some(qos.to_pb()), ..Default::default() };
+            let v = c.create_volume(req).await.map_err(rpc_error)?;
+            print_volumes(client.output, &[v.into_inner()], true, &nbd);
+        }
+        VolumeCommand::SetQos { name, qos } => {
+            let req = pb::SetVolumeQosRequest { name, qos: Some(qos.to_pb()) };
+            let v = c.set_volume_qos(req).await.map_err(rpc_error)?;
             print_volumes(client.output, &[v.into_inner()], true, &nbd);
         }
         VolumeCommand::List => {

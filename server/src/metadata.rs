@@ -39,6 +39,9 @@ pub struct VolumeRecord {
     /// Free-form labels set at creation (the CSI plugin keeps a volume's origin there).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// IOPS and bandwidth limits (none when absent).
+    #[serde(default, skip_serializing_if = "crate::io::QosLimits::is_unlimited")]
+    pub qos: crate::io::QosLimits,
 }
 
 /// Permission for one node to attach one volume (see design.md, Security).

@@ -92,6 +92,8 @@ pub struct VolumeSample<'a> {
     pub shared: u64,
     pub sessions: u32,
     pub metrics: &'a VolumeMetrics,
+    /// Volumes have QoS limits, snapshots not.
+    pub qos: Option<&'a crate::io::Qos>,
 }
 
 pub struct PoolSample {
@@ -132,6 +134,9 @@ pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
         ("thinbd_volume_read_bytes_total", "counter", "Bytes read."),
         ("thinbd_volume_written_bytes_total", "counter", "Bytes written."),
         ("thinbd_volume_request_duration_seconds", "histogram", "Request latency inside the server."),
+        ("thinbd_volume_throttled_seconds_total", "counter", "Time requests waited for QoS, summed."),
+        ("thinbd_volume_throttled_requests_total", "counter", "Requests that waited for QoS."),
+        ("thinbd_volume_qos_limit", "gauge", "QoS limits in force (per second), by limit; absent: unlimited."),
     ];
     for (name, kind, help) in headers {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -150,6 +155,33 @@ pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
             };
             if let Some(value) = simple {
                 let _ = writeln!(o, "{name}{{{l}}} {value}");
+                continue;
+            }
+            match (name, v.qos) {
+                (_, None) if name.starts_with("thinbd_volume_throttled") || name == "thinbd_volume_qos_limit" => {}
+                ("thinbd_volume_throttled_seconds_total", Some(q)) => {
+                    let _ = writeln!(o, "{name}{{{l}}} {}", q.throttled_ns.load(Relaxed) as f64 / 1e9);
+                }
+                ("thinbd_volume_throttled_requests_total", Some(q)) => {
+                    let _ = writeln!(o, "{name}{{{l}}} {}", q.throttled_requests.load(Relaxed));
+                }
+                ("thinbd_volume_qos_limit", Some(q)) => {
+                    let q = q.limits();
+                    let limits = [
+                        ("iops", q.iops),
+                        ("read_iops", q.read_iops),
+                        ("write_iops", q.write_iops),
+                        ("bandwidth_bytes", q.bandwidth),
+                        ("read_bandwidth_bytes", q.read_bandwidth),
+                        ("write_bandwidth_bytes", q.write_bandwidth),
+                    ];
+                    for (limit, value) in limits.into_iter().filter(|(_, v)| *v > 0) {
+                        let _ = writeln!(o, "{name}{{{l},limit=\"{limit}\"}} {value}");
+                    }
+                }
+                _ => {}
+            }
+            if name.starts_with("thinbd_volume_throttled") || name == "thinbd_volume_qos_limit" {
                 continue;
             }
             match name {
@@ -190,6 +222,7 @@ mod tests {
                 shared: 0,
                 sessions: 2,
                 metrics: &m,
+                qos: None,
             }],
         );
         assert!(text.contains("thinbd_pool_capacity_bytes 1073741824\n"));

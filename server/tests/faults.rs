@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use thinbd::engine::{Engine, EngineConfig, VolumeHandle};
+use thinbd::engine::{Engine, EngineConfig, LocalVolume};
 use thinbd::error::EngineError;
 use thinbd::fault_disk::FaultDisk;
 
@@ -25,7 +25,7 @@ fn open(capacity_clusters: u64) -> (Arc<Engine>, FaultDisk) {
     (Engine::open_on(&cfg, db, Arc::new(pool.clone())).unwrap(), pool)
 }
 
-async fn read(h: &VolumeHandle, off: u64, len: u32) -> Vec<u8> {
+async fn read(h: &LocalVolume, off: u64, len: u32) -> Vec<u8> {
     h.read_bytes(off, len).await.expect("read")
 }
 

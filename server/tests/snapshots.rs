@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use thinbd::engine::{Engine, EngineConfig, VolumeHandle};
+use thinbd::engine::{Engine, EngineConfig, LocalVolume};
 use thinbd::error::EngineError;
 
 const CS: u64 = 64 * 1024;
@@ -22,11 +22,11 @@ fn engine(dir: &std::path::Path) -> Arc<Engine> {
     .expect("open engine")
 }
 
-async fn read(h: &VolumeHandle, off: u64, len: u32) -> Vec<u8> {
+async fn read(h: &LocalVolume, off: u64, len: u32) -> Vec<u8> {
     h.read_bytes(off, len).await.expect("read")
 }
 
-async fn write(h: &VolumeHandle, off: u64, byte: u8, len: usize) {
+async fn write(h: &LocalVolume, off: u64, byte: u8, len: usize) {
     h.write(off, Bytes::from(vec![byte; len]), false).await.expect("write");
 }
 

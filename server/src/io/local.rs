@@ -1,5 +1,6 @@
-//! I/O on an open volume or snapshot: reads resolve through the layer chain; writes go to the
-//! volume's top layer, allocating (and filling from the layer below) on first write.
+//! The bottom of the I/O stack: I/O on an open volume or snapshot. Reads resolve through the
+//! layer chain; writes go to the volume's top layer, allocating (and filling from the layer
+//! below) on first write.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -39,7 +40,7 @@ impl Drop for Claims<'_> {
 }
 
 /// An open export: the NBD session's block device.
-pub struct VolumeHandle {
+pub struct LocalVolume {
     engine: Arc<Engine>,
     target: Target,
     read_only: bool,
@@ -47,7 +48,7 @@ pub struct VolumeHandle {
     _grant: Option<crate::grants::GrantSession>,
 }
 
-impl Drop for VolumeHandle {
+impl Drop for LocalVolume {
     fn drop(&mut self) {
         match &self.target {
             Target::Volume(v) => v.sessions.fetch_sub(1, Relaxed),
@@ -64,15 +65,15 @@ fn clip(run: &Run, cs: u64, offset: u64, end: u64) -> (u64, u64, u64) {
     (rs, re - rs, rs - run.vstart * cs)
 }
 
-impl VolumeHandle {
+impl LocalVolume {
     pub(crate) fn volume(engine: Arc<Engine>, vol: Arc<Volume>) -> Self {
         vol.sessions.fetch_add(1, Relaxed);
-        VolumeHandle { engine, target: Target::Volume(vol), read_only: false, _grant: None }
+        LocalVolume { engine, target: Target::Volume(vol), read_only: false, _grant: None }
     }
 
     pub(crate) fn snapshot(engine: Arc<Engine>, snap: Arc<Snapshot>) -> Self {
         snap.sessions.fetch_add(1, Relaxed);
-        VolumeHandle { engine, target: Target::Snapshot(snap), read_only: true, _grant: None }
+        LocalVolume { engine, target: Target::Snapshot(snap), read_only: true, _grant: None }
     }
 
     /// The current size: a volume grown while a session is open accepts requests up to its new
@@ -108,10 +109,19 @@ impl VolumeHandle {
         }
     }
 
-    pub fn metrics(&self) -> &VolumeMetrics {
+    /// The volume's QoS limits, shared by all its sessions (snapshots are not limited).
+    pub fn qos(&self) -> Arc<crate::io::Qos> {
         match &self.target {
-            Target::Volume(v) => &v.metrics,
-            Target::Snapshot(s) => &s.metrics,
+            Target::Volume(v) => v.qos.clone(),
+            Target::Snapshot(_) => Arc::new(crate::io::Qos::new(Default::default())),
+        }
+    }
+
+    /// The volume's (or snapshot's) request metrics, shared by all its sessions.
+    pub fn metrics(&self) -> Arc<VolumeMetrics> {
+        match &self.target {
+            Target::Volume(v) => v.metrics.clone(),
+            Target::Snapshot(s) => s.metrics.clone(),
         }
     }
 
@@ -151,7 +161,6 @@ impl VolumeHandle {
             }
             first = stop;
         }
-        self.metrics().bytes_read.fetch_add(len as u64, Relaxed);
         Ok(out)
     }
 
@@ -171,8 +180,7 @@ impl VolumeHandle {
         let vol = self.writable()?;
         if !data.is_empty() {
             let _g = vol.gate.read().await;
-            self.write_locked(vol, offset, data.clone()).await?;
-            vol.metrics.bytes_written.fetch_add(data.len() as u64, Relaxed);
+            self.write_locked(vol, offset, data).await?;
         }
         if fua {
             self.engine.flush().await?;

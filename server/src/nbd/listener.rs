@@ -1,145 +1,20 @@
-//! Volumes as NBD exports: the `BlockDevice` impl (with metrics), the export catalog and the
-//! TCP listener.
+//! The NBD listener: admits connections within the descriptor and handshake limits, runs the
+//! negotiation, then a session per export, fenced when its grant is revoked.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use thinbd_protocol::{
-    BlockDevice, DeviceError, DeviceInfo, DeviceResult, Export, ExportCatalog, ExportListing, Extent, OpenError,
-    ReadChunk, ServerConfig, SessionLimits, SessionShared, Stop,
-};
+use thinbd_protocol::{ServerConfig, SessionLimits, SessionShared, Stop};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::engine::{Engine, VolumeHandle};
-use crate::error::EngineError;
-use crate::metrics::Op;
-
-async fn measured<T>(h: &VolumeHandle, op: Op, f: impl Future<Output = Result<T, EngineError>>) -> DeviceResult<T> {
-    let started = Instant::now();
-    let r = f.await;
-    h.metrics().record(op, started, r.is_ok());
-    r.map_err(|e| {
-        if !matches!(e, EngineError::NoSpace) {
-            warn!(volume = %h.name(), ?op, error = %e, "request failed");
-        }
-        DeviceError::from(e)
-    })
-}
-
-impl BlockDevice for VolumeHandle {
-    fn info(&self) -> DeviceInfo {
-        DeviceInfo {
-            size: self.size(),
-            read_only: self.read_only(),
-            can_trim: true,
-            can_zero: true,
-            can_cache: true,
-            can_multi_conn: true,
-            preferred_block: 4096,
-        }
-    }
-
-    async fn read(&self, offset: u64, len: u32) -> DeviceResult<Vec<ReadChunk>> {
-        measured(self, Op::Read, VolumeHandle::read(self, offset, len)).await
-    }
-
-    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> DeviceResult<()> {
-        measured(self, Op::Write, VolumeHandle::write(self, offset, data, fua)).await
-    }
-
-    async fn flush(&self) -> DeviceResult<()> {
-        measured(self, Op::Flush, VolumeHandle::flush(self)).await
-    }
-
-    async fn trim(&self, offset: u64, len: u32, fua: bool) -> DeviceResult<()> {
-        measured(self, Op::Trim, self.zero(offset, len, true, fua)).await
-    }
-
-    async fn write_zeroes(&self, offset: u64, len: u32, may_unmap: bool, fast: bool, fua: bool) -> DeviceResult<()> {
-        if fast && !may_unmap {
-            // Zeroing without unmapping means writing zeros: not fast.
-            return Err(DeviceError::NotSupported);
-        }
-        measured(self, Op::WriteZeroes, self.zero(offset, len, may_unmap, fua)).await
-    }
-
-    async fn block_status(&self, offset: u64, len: u32) -> DeviceResult<Vec<Extent>> {
-        measured(self, Op::BlockStatus, VolumeHandle::block_status(self, offset, len)).await
-    }
-}
-
-/// The engine's volumes as exports. Loopback clients may open volumes by name unless grants are
-/// required; everyone else needs a grant's export name (`VOLUME#TOKEN`).
-pub struct Catalog {
-    pub engine: Arc<Engine>,
-    pub require_grants: bool,
-}
-
-impl Catalog {
-    fn trusted(&self, peer: Option<SocketAddr>) -> bool {
-        !self.require_grants && peer.is_some_and(|p| p.ip().is_loopback())
-    }
-}
-
-fn describe(h: &VolumeHandle, name: &str) -> String {
-    if h.read_only() { format!("thinbd {name} (read-only)") } else { format!("thinbd volume {name}") }
-}
-
-impl ExportCatalog for Catalog {
-    type Device = VolumeHandle;
-
-    fn open(&self, name: &str, peer: Option<SocketAddr>) -> Result<Export<VolumeHandle>, OpenError> {
-        let engine_err = |e: EngineError| match e {
-            EngineError::NotFound(_) => OpenError::Unknown,
-            e => OpenError::Platform(e.to_string()),
-        };
-        if name.contains('#') {
-            let grant = self.engine.grant_for_export(name).ok_or(OpenError::Unknown)?;
-            // Counted before the volume is opened: a revocation from here on waits for us.
-            let session = grant.enter().ok_or(OpenError::Unknown)?;
-            let r = &grant.record;
-            let mut h = self.engine.open_export(&r.volume).map_err(engine_err)?.through_grant(session);
-            if r.read_only {
-                h = h.into_read_only();
-            }
-            debug!(volume = %r.volume, node = %r.node, ?peer, read_only = r.read_only, "export opened through grant");
-            let description = describe(&h, &r.volume);
-            return Ok(Export {
-                name: name.to_string(),
-                description,
-                device: Arc::new(h),
-                revoked: Some(grant.revoked.clone()),
-            });
-        }
-        if !self.trusted(peer) {
-            return Err(OpenError::Policy(
-                "an attachment grant is required: open the export name that `thinbd volume publish` printed \
-                 (VOLUME#TOKEN; in an NBD URI write the # as %23)"
-                    .into(),
-            ));
-        }
-        let h = self.engine.open_export(name).map_err(engine_err)?;
-        Ok(Export { name: name.to_string(), description: describe(&h, name), device: Arc::new(h), revoked: None })
-    }
-
-    fn list(&self, peer: Option<SocketAddr>) -> Vec<ExportListing> {
-        if !self.trusted(peer) {
-            return Vec::new();
-        }
-        self.engine
-            .list()
-            .iter()
-            .map(|v| ExportListing { name: v.name.clone(), description: format!("thinbd volume {}", v.name) })
-            .collect()
-    }
-}
+use super::catalog::Catalog;
+use super::export_name::ExportName;
 
 /// Connection admission: how many connections and handshakes may be open at once. Every
 /// connection costs a file descriptor; unauthenticated ones (still negotiating) are bounded
@@ -329,11 +204,6 @@ impl Pending {
     }
 }
 
-/// What a session logs for its export: the volume, never a grant's token.
-fn loggable(export: &str) -> &str {
-    export.split_once('#').map_or(export, |(volume, _)| volume)
-}
-
 /// Accepts NBD connections until `shutdown`, then waits for sessions to finish their requests.
 pub async fn serve_nbd(
     listener: TcpListener,
@@ -388,7 +258,7 @@ pub async fn serve_nbd(
             admitted.negotiated();
             match neg {
                 Ok(Ok(Some(neg))) => {
-                    let export = loggable(&neg.export.name).to_string();
+                    let export = ExportName::parse(&neg.export.name).map(|n| n.loggable()).unwrap_or_default();
                     info!(%peer, export, tls = neg.tls, structured = neg.structured, "NBD session started");
                     // A revoked grant fences the session; a shutdown drains it.
                     let fence = neg.export.revoked.clone().unwrap_or_default();

@@ -1,0 +1,77 @@
+//! The I/O stack of a volume: what an NBD session calls for each request. One small trait,
+//! [`VolumeIo`], is implemented by the volume itself ([`LocalVolume`]) and by wrappers that each
+//! add one concern around the next layer down — [`Metered`] (metrics), [`Throttled`] (QoS) —
+//! so a new concern (replication, fencing) is one more wrapper, not an edit of the write path.
+//! The NBD edge (`crate::nbd`) adapts the composed stack to the protocol's `BlockDevice`.
+
+pub mod local;
+pub mod metered;
+pub mod rate_limiter;
+pub mod throttled;
+
+use std::future::Future;
+
+use bytes::Bytes;
+use thinbd_protocol::{Extent, ReadChunk};
+
+use crate::error::EngineError;
+pub use local::LocalVolume;
+pub use metered::Metered;
+pub use throttled::{Qos, QosLimits, Throttled};
+
+/// Block I/O on one open volume or snapshot. Offsets and lengths are already checked against
+/// [`VolumeIo::size`] by the caller.
+pub trait VolumeIo: Send + Sync + 'static {
+    /// `VOLUME` or `VOLUME@SNAPSHOT`, for logs and descriptions.
+    fn name(&self) -> String;
+    /// The current size (a volume may grow while open).
+    fn size(&self) -> u64;
+    fn read_only(&self) -> bool;
+    fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<Vec<ReadChunk>, EngineError>> + Send;
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = Result<(), EngineError>> + Send;
+    /// The range reads as zeros from now on and its whole clusters stop being mapped.
+    fn trim(&self, offset: u64, len: u32, fua: bool) -> impl Future<Output = Result<(), EngineError>> + Send;
+    /// The range reads as zeros; `unmap` lets whole clusters stop being mapped (NBD's NO_HOLE
+    /// clears it).
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        unmap: bool,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), EngineError>> + Send;
+    /// Makes every completed write durable, on all connections.
+    fn flush(&self) -> impl Future<Output = Result<(), EngineError>> + Send;
+    /// `base:allocation` extents from `offset`.
+    fn block_status(&self, offset: u64, len: u32) -> impl Future<Output = Result<Vec<Extent>, EngineError>> + Send;
+}
+
+impl VolumeIo for LocalVolume {
+    fn name(&self) -> String {
+        LocalVolume::name(self)
+    }
+    fn size(&self) -> u64 {
+        LocalVolume::size(self)
+    }
+    fn read_only(&self) -> bool {
+        LocalVolume::read_only(self)
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, EngineError> {
+        LocalVolume::read(self, offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        LocalVolume::write(self, offset, data, fua).await
+    }
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), EngineError> {
+        LocalVolume::zero(self, offset, len, true, fua).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u32, unmap: bool, fua: bool) -> Result<(), EngineError> {
+        LocalVolume::zero(self, offset, len, unmap, fua).await
+    }
+    async fn flush(&self) -> Result<(), EngineError> {
+        LocalVolume::flush(self).await
+    }
+    async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, EngineError> {
+        LocalVolume::block_status(self, offset, len).await
+    }
+}

@@ -1,0 +1,143 @@
+//! Volumes as NBD exports: the catalog that turns an export name into a volume's I/O stack,
+//! and the adapter from that stack to the protocol's `BlockDevice`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use thinbd_protocol::{
+    BlockDevice, DeviceError, DeviceInfo, DeviceResult, Export, ExportCatalog, ExportListing, Extent, OpenError,
+    ReadChunk,
+};
+use tracing::debug;
+
+use super::export_name::ExportName;
+use crate::engine::Engine;
+use crate::error::EngineError;
+use crate::io::{LocalVolume, Metered, Throttled, VolumeIo};
+
+/// The I/O stack every export gets: metrics around QoS around the volume.
+pub type VolumeStack = Metered<Throttled<LocalVolume>>;
+
+/// Composes the stack over an opened volume.
+pub fn stack(local: LocalVolume) -> VolumeStack {
+    let (qos, metrics) = (local.qos(), local.metrics());
+    Metered::new(Throttled::new(local, qos), metrics)
+}
+
+/// The NBD face of a volume's I/O stack.
+pub struct NbdVolume<V>(pub V);
+
+impl<V: VolumeIo> BlockDevice for NbdVolume<V> {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            size: self.0.size(),
+            read_only: self.0.read_only(),
+            can_trim: true,
+            can_zero: true,
+            can_cache: true,
+            can_multi_conn: true,
+            preferred_block: 4096,
+        }
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> DeviceResult<Vec<ReadChunk>> {
+        Ok(self.0.read(offset, len).await?)
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> DeviceResult<()> {
+        Ok(self.0.write(offset, data, fua).await?)
+    }
+
+    async fn flush(&self) -> DeviceResult<()> {
+        Ok(self.0.flush().await?)
+    }
+
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> DeviceResult<()> {
+        Ok(self.0.trim(offset, len, fua).await?)
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u32, may_unmap: bool, fast: bool, fua: bool) -> DeviceResult<()> {
+        if fast && !may_unmap {
+            // Zeroing without unmapping means writing zeros: not fast.
+            return Err(DeviceError::NotSupported);
+        }
+        Ok(self.0.write_zeroes(offset, len, may_unmap, fua).await?)
+    }
+
+    async fn block_status(&self, offset: u64, len: u32) -> DeviceResult<Vec<Extent>> {
+        Ok(self.0.block_status(offset, len).await?)
+    }
+}
+
+/// The engine's volumes as exports. Loopback clients may open volumes by name unless grants are
+/// required; everyone else needs a grant's export name (`VOLUME#TOKEN`).
+pub struct Catalog {
+    pub engine: Arc<Engine>,
+    pub require_grants: bool,
+}
+
+impl Catalog {
+    fn trusted(&self, peer: Option<SocketAddr>) -> bool {
+        !self.require_grants && peer.is_some_and(|p| p.ip().is_loopback())
+    }
+}
+
+fn describe(h: &LocalVolume, name: &str) -> String {
+    if h.read_only() { format!("thinbd {name} (read-only)") } else { format!("thinbd volume {name}") }
+}
+
+impl ExportCatalog for Catalog {
+    type Device = NbdVolume<VolumeStack>;
+
+    fn open(&self, name: &str, peer: Option<SocketAddr>) -> Result<Export<Self::Device>, OpenError> {
+        let engine_err = |e: EngineError| match e {
+            EngineError::NotFound(_) => OpenError::Unknown,
+            e => OpenError::Platform(e.to_string()),
+        };
+        let parsed = ExportName::parse(name).ok_or(OpenError::Unknown)?;
+        if let ExportName::Grant { volume, token } = &parsed {
+            let grant = self.engine.grant_for(volume, token).ok_or(OpenError::Unknown)?;
+            // Counted before the volume is opened: a revocation from here on waits for us.
+            let session = grant.enter().ok_or(OpenError::Unknown)?;
+            let r = &grant.record;
+            let mut h = self.engine.open_volume(&r.volume).map_err(engine_err)?.through_grant(session);
+            if r.read_only {
+                h = h.into_read_only();
+            }
+            debug!(volume = %r.volume, node = %r.node, ?peer, read_only = r.read_only, "export opened through grant");
+            let description = describe(&h, &r.volume);
+            return Ok(Export {
+                name: name.to_string(),
+                description,
+                device: Arc::new(NbdVolume(stack(h))),
+                revoked: Some(grant.revoked.clone()),
+            });
+        }
+        if !self.trusted(peer) {
+            return Err(OpenError::Policy(
+                "an attachment grant is required: open the export name that `thinbd volume publish` printed \
+                 (VOLUME#TOKEN; in an NBD URI write the # as %23)"
+                    .into(),
+            ));
+        }
+        let h = match &parsed {
+            ExportName::Snapshot { volume, snapshot } => self.engine.open_snapshot(volume, snapshot),
+            _ => self.engine.open_volume(name),
+        }
+        .map_err(engine_err)?;
+        let description = describe(&h, name);
+        Ok(Export { name: name.to_string(), description, device: Arc::new(NbdVolume(stack(h))), revoked: None })
+    }
+
+    fn list(&self, peer: Option<SocketAddr>) -> Vec<ExportListing> {
+        if !self.trusted(peer) {
+            return Vec::new();
+        }
+        self.engine
+            .list()
+            .iter()
+            .map(|v| ExportListing { name: v.name.clone(), description: format!("thinbd volume {}", v.name) })
+            .collect()
+    }
+}
