@@ -110,7 +110,7 @@ fn identity_and_node_info() {
             assert!(rpcs.contains(&(want as i32)), "{want:?}");
         }
         let cc = e.ctl.controller_get_capabilities(ControllerGetCapabilitiesRequest {}).await.unwrap().into_inner();
-        assert_eq!(cc.capabilities.len(), 13);
+        assert_eq!(cc.capabilities.len(), 14);
 
         // Probe reports a dead storage server as an error, not as ready.
         drop(e.server);
@@ -679,5 +679,55 @@ fn node_rpcs_check_arguments() {
             ),
             Code::NotFound
         );
+    });
+}
+
+#[test]
+fn qos_parameters_and_modify_volume() {
+    runtime().block_on(async {
+        let mut e = env().await;
+        let caps = e.ctl.controller_get_capabilities(ControllerGetCapabilitiesRequest {}).await.unwrap().into_inner();
+        let modify = controller_service_capability::rpc::Type::ModifyVolume as i32;
+        assert!(
+            caps.capabilities.iter().any(|c| matches!(&c.r#type,
+                Some(controller_service_capability::Type::Rpc(r)) if r.r#type == modify)),
+            "MODIFY_VOLUME not advertised"
+        );
+        // StorageClass parameters set limits; mutable parameters (VolumeAttributesClass) win.
+        let mut r = create_req("pvc-qos", 16 * MIB);
+        r.parameters = HashMap::from([("maxIops".into(), "2000".into()), ("maxWriteBandwidth".into(), "100Mi".into())]);
+        r.mutable_parameters = HashMap::from([("maxIops".into(), "1500".into())]);
+        let v = e.ctl.create_volume(r).await.unwrap().into_inner().volume.unwrap();
+        let id = v.volume_id.clone();
+        let shown = e.server.volume_json("pvc-qos");
+        assert_eq!(
+            (shown["qos"]["iops"].as_u64(), shown["qos"]["write_bandwidth"].as_u64()),
+            (Some(1500), Some(100 << 20))
+        );
+
+        // ControllerModifyVolume changes the given keys and keeps the others.
+        let modify = |params: &[(&str, &str)]| ControllerModifyVolumeRequest {
+            volume_id: id.clone(),
+            mutable_parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        };
+        e.ctl.controller_modify_volume(modify(&[("maxIops", "500")])).await.unwrap();
+        let shown = e.server.volume_json("pvc-qos");
+        assert_eq!(
+            (shown["qos"]["iops"].as_u64(), shown["qos"]["write_bandwidth"].as_u64()),
+            (Some(500), Some(100 << 20))
+        );
+        // Errors: unknown keys and bad values are InvalidArgument, nothing to change too, and a
+        // volume that does not exist is NotFound.
+        assert_eq!(code(e.ctl.controller_modify_volume(modify(&[("colour", "blue")])).await), Code::InvalidArgument);
+        assert_eq!(code(e.ctl.controller_modify_volume(modify(&[("maxIops", "fast")])).await), Code::InvalidArgument);
+        assert_eq!(code(e.ctl.controller_modify_volume(modify(&[])).await), Code::InvalidArgument);
+        let mut missing = modify(&[("maxIops", "1")]);
+        missing.volume_id = format!("{NODE}/missing");
+        assert_eq!(code(e.ctl.controller_modify_volume(missing).await), Code::NotFound);
+        let mut bad = create_req("pvc-qos-bad", 16 * MIB);
+        bad.mutable_parameters = HashMap::from([("mkfsOptions".into(), "-q".into())]);
+        assert_eq!(code(e.ctl.create_volume(bad).await), Code::InvalidArgument);
+        assert_eq!(e.server.volume_json("pvc-qos")["qos"]["iops"].as_u64(), Some(500), "a refused change changed");
     });
 }

@@ -7,6 +7,7 @@ Prints IOPS, MB/s and p99 latency per job and target, and ratios to qemu-nbd qco
 raw limit, as a Markdown table.
 
 Usage: benches/fio/harness.py [--runtime 5] [--size 1G] [--dir DIR] [--only thinbd,raw]
+       benches/fio/harness.py --qos    (per-volume QoS limits measured by fio)
 Needs: fio, qemu-utils, nbdkit, nbd-server (scripts/setup installs them), a release build.
 """
 import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
@@ -192,6 +193,50 @@ def footprint(root_dir, size):
             t.stop_all()
 
 
+def qos(root_dir, size, runtime):
+    """Per-volume QoS measured by fio: a volume limited to 2,000 IOPS, then to 500 with
+    `volume set-qos` on the same server, and an unlimited volume beside it."""
+    with tempfile.TemporaryDirectory(dir=root_dir) as d:
+        t = Targets(d, size, set())
+        try:
+            free = t.thinbd()
+            proc = t.procs[-1]
+            bin_ = os.path.join(ROOT, "target", "release", "thinbd")
+            api = [a for a in proc.args if a.startswith("127.0.0.1:")][1]
+            sh(bin_, "volume", "create", "limited", "--size", size, "--max-iops", "2000", "--api", api)
+            limited = dict(engine="nbd", uri=free["uri"].rsplit("/", 1)[0] + "/limited")
+            prefill(free, size)
+            prefill(limited, size)
+            job = dict(rw="randread", bs="4k", iodepth=32, numjobs=1)
+            rows = []
+            alone = fio(free, job, runtime, size)["read"]["iops"]
+            rows.append(("unlimited volume alone", "–", alone))
+            r = fio(limited, job, runtime, size)["read"]["iops"]
+            rows.append(("volume limited to 2,000 IOPS", "2000", r))
+            sh(bin_, "volume", "set-qos", "limited", "--max-iops", "500", "--api", api)
+            r = fio(limited, job, runtime, size)["read"]["iops"]
+            rows.append(("same volume after `set-qos --max-iops 500`", "500", r))
+            # Both at once: two fio processes.
+            args = lambda target: ["fio", "--name=q", "--output-format=json", f"--size={size}", "--time_based",
+                                   f"--runtime={runtime}", "--ramp_time=1", "--ioengine=nbd", f"--uri={target['uri']}",
+                                   "--rw=randread", "--bs=4k", "--iodepth=32", "--norandommap", "--randrepeat=0"]
+            pl = subprocess.Popen(args(limited), stdout=subprocess.PIPE, text=True)
+            pf = subprocess.Popen(args(free), stdout=subprocess.PIPE, text=True)
+            out_l, out_f = pl.communicate()[0], pf.communicate()[0]
+            side = json.loads(out_f[out_f.index("{"):])["jobs"][0]["read"]["iops"]
+            lim = json.loads(out_l[out_l.index("{"):])["jobs"][0]["read"]["iops"]
+            rows.append(("limited (500) while the unlimited one runs", "500", lim))
+            rows.append(("unlimited volume beside the limited one", "–", side))
+            print(f"\nQoS, fio 4k randread QD32 through the nbd engine, {runtime} s per run, {time.strftime('%Y-%m-%d')}\n")
+            print("| run | limit | IOPS | vs limit |")
+            print("|---|---|---|---|")
+            for what, limit, iops in rows:
+                vs = f"{100 * (iops / int(limit) - 1):+.1f}%" if limit != "–" else "–"
+                print(f"| {what} | {limit} | {iops:.0f} | {vs} |")
+        finally:
+            t.stop_all()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runtime", type=int, default=5)
@@ -201,6 +246,7 @@ def main():
                     "nbd-server,qemu-raw,qemu-qcow2,overlay (thinbd-buffered runs only when named)")
     ap.add_argument("--jobs", default="", help="run only jobs whose name contains this")
     ap.add_argument("--footprint-only", action="store_true")
+    ap.add_argument("--qos", action="store_true", help="measure per-volume QoS limits instead")
     args = ap.parse_args()
     for tool in ["fio", "qemu-img", "qemu-nbd", "nbdkit", "nbd-server"]:
         if not shutil.which(tool):
@@ -210,6 +256,9 @@ def main():
     os.makedirs(args.dir, exist_ok=True)
     if args.footprint_only:
         footprint(args.dir, args.size)
+        return
+    if args.qos:
+        qos(args.dir, args.size, args.runtime)
         return
     only = set(filter(None, args.only.split(",")))
     names = ["raw file (io_uring, direct)", "thinbd", "thinbd --buffered-io", "nbdkit file", "nbd-server", "qemu-nbd raw", "qemu-nbd qcow2", "qcow2 overlay (COW)"]
