@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use thinbd::engine::{Engine, EngineConfig};
-use thinbd::extent_map::ExtentMap;
-use thinbd::layer::Layer;
+use thinbd::layers::extent_map::ExtentMap;
+use thinbd::layers::layer::Layer;
 
 fn extent_map(c: &mut Criterion) {
     let map = ExtentMap::from_pairs((0..100_000u64).map(|v| (v * 3, v)));

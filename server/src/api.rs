@@ -6,9 +6,9 @@ use thinbd_protocol::pb;
 use thinbd_protocol::pb::management_server::Management;
 use tonic::{Request, Response, Status};
 
+use crate::engine::grants::Access;
 use crate::engine::{Engine, Snapshot, Volume, VolumeOptions};
 use crate::error::EngineError;
-use crate::grants::Access;
 use crate::io::QosLimits;
 
 /// The API's QoS message as limits (absent: unlimited).

@@ -475,9 +475,9 @@ fn fsck(data_dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
         anyhow::bail!("{} holds no thinbd pool (no meta.redb); --data-dir names it", data_dir.display());
     }
     let _lock = thinbd::daemon::lock_data_dir(data_dir)?;
-    let (_store, loaded) = thinbd::metadata::Store::open_existing(&data_dir.join("meta.redb"))
+    let (_store, loaded) = thinbd::meta::store::Store::open_existing(&data_dir.join("meta.redb"))
         .with_context(|| format!("reading metadata in {}", data_dir.display()))?;
-    let mut report = thinbd::fsck::check(&loaded);
+    let mut report = thinbd::meta::fsck::check(&loaded);
     if let Err(e) = loaded.geometry().verify_file(&data_dir.join("pool.img")) {
         report.problems.push(e.to_string());
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use thinbd::engine::{Engine, EngineConfig, LocalVolume};
 use thinbd::error::EngineError;
-use thinbd::fault_disk::FaultDisk;
+use thinbd::space::fault_disk::FaultDisk;
 
 const CS: u64 = 4096;
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use thinbd::engine::{Engine, EngineConfig};
 use thinbd::error::EngineError;
-use thinbd::fault_disk::{FaultDisk, XorShift};
+use thinbd::space::fault_disk::{FaultDisk, XorShift};
 
 const CS: u64 = 4096;
 const SECTOR: u64 = 512;

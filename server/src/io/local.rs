@@ -11,9 +11,9 @@ use thinbd_protocol::{Extent, ReadChunk};
 
 use crate::engine::{Engine, Snapshot, Volume};
 use crate::error::EngineError;
-use crate::extent_map::{Mapping, Run, ZERO_MARK};
-use crate::layer::{Layer, RESOLVE_MAX, poisoned};
-use crate::metadata::MetaOp;
+use crate::layers::extent_map::{Mapping, Run, ZERO_MARK};
+use crate::layers::layer::{Layer, RESOLVE_MAX, poisoned};
+use crate::meta::store::MetaOp;
 use crate::metrics::VolumeMetrics;
 
 enum Target {
@@ -45,7 +45,7 @@ pub struct LocalVolume {
     target: Target,
     read_only: bool,
     /// The grant the handle was opened through; its revocation waits for this handle to go.
-    _grant: Option<crate::grants::GrantSession>,
+    _grant: Option<crate::engine::grants::GrantSession>,
 }
 
 impl Drop for LocalVolume {
@@ -91,7 +91,7 @@ impl LocalVolume {
     }
 
     /// The same handle, counted as a session of `grant`.
-    pub fn through_grant(mut self, grant: crate::grants::GrantSession) -> Self {
+    pub fn through_grant(mut self, grant: crate::engine::grants::GrantSession) -> Self {
         self._grant = Some(grant);
         self
     }

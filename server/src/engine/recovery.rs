@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::extent_map::ZERO_MARK;
-use crate::layer::poisoned;
-use crate::metadata::{Loaded, MetaOp, SnapshotRecord};
+use crate::layers::extent_map::ZERO_MARK;
+use crate::layers::layer::poisoned;
+use crate::meta::store::{Loaded, MetaOp, SnapshotRecord};
 
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
@@ -56,9 +56,9 @@ impl Engine {
 
     /// The layers volumes and snapshots read through. A layer made for an admin operation whose
     /// commit has not happened yet is in the engine's table but not reachable: it is left out.
-    fn reachable_layers(&self) -> Result<BTreeMap<u64, Arc<crate::layer::Layer>>, EngineError> {
+    fn reachable_layers(&self) -> Result<BTreeMap<u64, Arc<crate::layers::layer::Layer>>, EngineError> {
         let mut out = BTreeMap::new();
-        let mut todo: Vec<Arc<crate::layer::Layer>> = Vec::new();
+        let mut todo: Vec<Arc<crate::layers::layer::Layer>> = Vec::new();
         for v in self.volumes.read().map_err(|_| poisoned())?.values() {
             todo.push(v.top()?);
         }

@@ -222,14 +222,16 @@ pub struct Loaded {
 
 impl Loaded {
     /// What the pool file must look like for this metadata.
-    pub fn geometry(&self) -> crate::pool::Geometry {
+    pub fn geometry(&self) -> crate::space::pool::Geometry {
         let superblock = match (self.format, self.pool_uuid) {
-            (2.., Some(pool_uuid)) => {
-                Some(crate::superblock::Superblock { format: 2, cluster_size: self.config.cluster_size, pool_uuid })
-            }
+            (2.., Some(pool_uuid)) => Some(crate::space::superblock::Superblock {
+                format: 2,
+                cluster_size: self.config.cluster_size,
+                pool_uuid,
+            }),
             _ => None,
         };
-        crate::pool::Geometry {
+        crate::space::pool::Geometry {
             cluster_size: self.config.cluster_size,
             capacity_clusters: self.config.capacity_clusters,
             high_water: self.high_water,
@@ -407,7 +409,7 @@ fn init_tables(db: &Database, create: PoolConfig) -> Result<bool, EngineError> {
             let mut cfg = txn.open_table(CONFIG)?;
             if cfg.get("format_version")?.is_none() {
                 created = true;
-                let uuid = crate::superblock::new_uuid();
+                let uuid = crate::space::superblock::new_uuid();
                 cfg.insert("pool_uuid_hi", (uuid >> 64) as u64)?;
                 cfg.insert("pool_uuid_lo", uuid as u64)?;
                 cfg.insert("format_version", FORMAT_VERSION)?;

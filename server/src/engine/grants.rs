@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Engine, now_unix};
 use crate::error::EngineError;
-use crate::layer::poisoned;
-use crate::metadata::{GrantRecord, MetaOp, grant_key};
+use crate::layers::layer::poisoned;
+use crate::meta::store::{GrantRecord, MetaOp, grant_key};
 
 pub struct Grant {
     pub record: GrantRecord,

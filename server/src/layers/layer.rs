@@ -5,7 +5,7 @@
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use crate::error::EngineError;
-use crate::extent_map::{ExtentMap, Mapping, Run, push_run};
+use crate::layers::extent_map::{ExtentMap, Mapping, Run, push_run};
 
 /// Map and parent under one lock, so a reader never sees a map from before a merge with a parent
 /// from after it.
@@ -67,7 +67,7 @@ impl Layer {
         let mut out = Vec::new();
         for (i, s) in slots.into_iter().enumerate() {
             let mapping = match s {
-                Some(p) if p != crate::extent_map::ZERO_MARK => Mapping::Data(p),
+                Some(p) if p != crate::layers::extent_map::ZERO_MARK => Mapping::Data(p),
                 _ => Mapping::Zero,
             };
             push_run(&mut out, Run { vstart: start + i as u64, count: 1, mapping });
@@ -104,7 +104,7 @@ impl Layer {
         while let Some(l) = layer {
             let st = l.read()?;
             for (v, p) in st.map.iter() {
-                if seen.insert(v) && p != crate::extent_map::ZERO_MARK {
+                if seen.insert(v) && p != crate::layers::extent_map::ZERO_MARK {
                     total += 1;
                 }
             }

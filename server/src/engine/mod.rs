@@ -9,13 +9,16 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::allocator::Allocator;
+pub mod grants;
+pub mod recovery;
+
 use crate::error::EngineError;
-use crate::extent_map::{ExtentMap, ZERO_MARK};
-use crate::layer::{Layer, poisoned};
-use crate::metadata::{LayerRecord, MetaOp, PoolConfig, SnapshotRecord, Store, VolumeRecord};
+use crate::layers::extent_map::{ExtentMap, ZERO_MARK};
+use crate::layers::layer::{Layer, poisoned};
+use crate::meta::store::{LayerRecord, MetaOp, PoolConfig, SnapshotRecord, Store, VolumeRecord};
 use crate::metrics::{PoolSample, VolumeMetrics, VolumeSample};
-use crate::pool::Pool;
+use crate::space::allocator::Allocator;
+use crate::space::pool::Pool;
 
 pub use crate::io::LocalVolume;
 
@@ -28,7 +31,7 @@ pub struct EngineConfig {
     pub capacity: Option<u64>,
     /// Cluster size for a new pool; an existing pool must match if given.
     pub cluster_size: Option<u64>,
-    pub io_engine: crate::pool::IoEngine,
+    pub io_engine: crate::space::pool::IoEngine,
     /// Pool I/O through the page cache instead of O_DIRECT.
     pub buffered_io: bool,
     /// Open even if the consistency check at start finds problems.
@@ -233,11 +236,11 @@ pub struct Engine {
     pub(crate) snapshots: RwLock<BTreeMap<String, Arc<Snapshot>>>,
     pub(crate) layers: RwLock<BTreeMap<u64, Arc<Layer>>>,
     /// Attachment grants by `grant_key`.
-    pub(crate) grants: RwLock<BTreeMap<String, Arc<crate::grants::Grant>>>,
+    pub(crate) grants: RwLock<BTreeMap<String, Arc<crate::engine::grants::Grant>>>,
     /// Revoked grants whose sessions are still being fenced, by `grant_key`.
-    pub(crate) revoking: Mutex<BTreeMap<String, Arc<crate::grants::Grant>>>,
+    pub(crate) revoking: Mutex<BTreeMap<String, Arc<crate::engine::grants::Grant>>>,
     /// Freed clusters are reused only after the reads that may have resolved to them.
-    pub(crate) grace: crate::grace::Grace,
+    pub(crate) grace: crate::space::grace::Grace,
     /// One metadata store recovery at a time, and when the last one was tried.
     pub(crate) recovery: tokio::sync::Mutex<Option<std::time::Instant>>,
     pub(crate) next_id: AtomicU64,
@@ -333,8 +336,8 @@ impl Engine {
         let meta = cfg.data_dir.join("meta.redb");
         let pool_path = cfg.data_dir.join("pool.img");
         check_data_dir(&meta, &pool_path)?;
-        let db = crate::metadata::guarded("opening the metadata", || Ok(redb::Database::create(&meta)?))?;
-        let reopen: crate::metadata::Reopen = Box::new(move || Ok(redb::Database::create(&meta)?));
+        let db = crate::meta::store::guarded("opening the metadata", || Ok(redb::Database::create(&meta)?))?;
+        let reopen: crate::meta::store::Reopen = Box::new(move || Ok(redb::Database::create(&meta)?));
         Self::open_parts(cfg, db, Some(reopen), |geo| Pool::open_file(&pool_path, geo, cfg.io_engine, !cfg.buffered_io))
     }
 
@@ -342,7 +345,7 @@ impl Engine {
     pub fn open_on(
         cfg: &EngineConfig,
         db: redb::Database,
-        store: Arc<dyn crate::pool::BlockStore>,
+        store: Arc<dyn crate::space::pool::BlockStore>,
     ) -> Result<Arc<Engine>, EngineError> {
         Self::open_parts(cfg, db, None, |geo| Pool::on(store, geo))
     }
@@ -350,20 +353,20 @@ impl Engine {
     fn open_parts(
         cfg: &EngineConfig,
         db: redb::Database,
-        reopen: Option<crate::metadata::Reopen>,
-        pool: impl FnOnce(&crate::pool::Geometry) -> Result<Pool, EngineError>,
+        reopen: Option<crate::meta::store::Reopen>,
+        pool: impl FnOnce(&crate::space::pool::Geometry) -> Result<Pool, EngineError>,
     ) -> Result<Arc<Engine>, EngineError> {
         let cs = cfg.cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE);
         if !(4096..=1 << 20).contains(&cs) || !cs.is_power_of_two() {
             return Err(EngineError::Invalid(format!("cluster size {cs} must be a power of two from 4 KiB to 1 MiB")));
         }
         let capacity = cfg.capacity.unwrap_or(DEFAULT_CAPACITY);
-        let (store, loaded) = crate::metadata::guarded("reading the metadata", || {
+        let (store, loaded) = crate::meta::store::guarded("reading the metadata", || {
             Store::on(db, reopen, PoolConfig { cluster_size: cs, capacity_clusters: capacity / cs })
         })?;
         if !cfg.force {
             // The cheap part of fsck: maps, allocator and layers agree (no pool data is read).
-            let report = crate::fsck::check(&loaded);
+            let report = crate::meta::fsck::check(&loaded);
             if !report.ok() {
                 return Err(EngineError::Metadata(format!(
                     "the consistency check failed; run `thinbd fsck`, or start with --force to serve anyway:\n{report}"
@@ -394,7 +397,7 @@ impl Engine {
                 capacity_clusters = want;
             }
         }
-        let geometry = crate::pool::Geometry { capacity_clusters, ..loaded.geometry() };
+        let geometry = crate::space::pool::Geometry { capacity_clusters, ..loaded.geometry() };
         if geometry.superblock.is_none() {
             tracing::warn!("the pool has no superblock (created by an older thinbd): swapped files go unnoticed");
         }
@@ -406,7 +409,7 @@ impl Engine {
     fn assemble(
         store: Store,
         pool: Pool,
-        loaded: crate::metadata::Loaded,
+        loaded: crate::meta::store::Loaded,
         capacity_clusters: u64,
         data_dir: PathBuf,
     ) -> Result<Arc<Engine>, EngineError> {
@@ -452,7 +455,8 @@ impl Engine {
                 || snapshots.values().any(|s: &Arc<Snapshot>| s.layer.id == l.id);
             l.hidden.store(!named, Relaxed);
         }
-        let grants = loaded.grants.into_iter().map(|g| (g.key(), Arc::new(crate::grants::Grant::new(g)))).collect();
+        let grants =
+            loaded.grants.into_iter().map(|g| (g.key(), Arc::new(crate::engine::grants::Grant::new(g)))).collect();
         let store = Arc::new(store);
         let meta_dirty: Arc<std::sync::atomic::AtomicBool> = Default::default();
         let committer = spawn_committer(store.clone(), meta_dirty.clone())?;
@@ -477,7 +481,7 @@ impl Engine {
         }))
     }
 
-    pub fn io_engine(&self) -> crate::pool::IoEngine {
+    pub fn io_engine(&self) -> crate::space::pool::IoEngine {
         self.pool.engine()
     }
 
@@ -995,7 +999,7 @@ impl Engine {
                     let mut freed = Vec::new();
                     let mut ops = Vec::new();
                     for (v, p) in ls.map.iter() {
-                        if cs.map.get(v) != crate::extent_map::Mapping::Hole {
+                        if cs.map.get(v) != crate::layers::extent_map::Mapping::Hole {
                             if p != ZERO_MARK {
                                 freed.push(p);
                                 ops.push(MetaOp::Free(p));
@@ -1129,9 +1133,9 @@ impl Engine {
 
     /// Checks the committed metadata (fsck) and that the in-memory maps agree with it. Call it
     /// with no requests in flight.
-    pub fn fsck(&self) -> Result<crate::fsck::Report, EngineError> {
+    pub fn fsck(&self) -> Result<crate::meta::fsck::Report, EngineError> {
         let loaded = self.store.load()?;
-        let mut report = crate::fsck::check(&loaded);
+        let mut report = crate::meta::fsck::check(&loaded);
         let layers = self.layers.read().map_err(|_| poisoned())?;
         if layers.len() != loaded.layers.len() {
             report.problems.push(format!("{} layers in memory, {} committed", layers.len(), loaded.layers.len()));
@@ -1210,12 +1214,12 @@ fn dead_entries(
     let guards = children.iter().map(|c| c.read()).collect::<Result<Vec<_>, _>>()?;
     Ok(vclusters
         .filter_map(|v| match ls.map.get(v) {
-            crate::extent_map::Mapping::Data(p) => Some((v, p)),
-            crate::extent_map::Mapping::Zero => Some((v, ZERO_MARK)),
-            crate::extent_map::Mapping::Hole => None,
+            crate::layers::extent_map::Mapping::Data(p) => Some((v, p)),
+            crate::layers::extent_map::Mapping::Zero => Some((v, ZERO_MARK)),
+            crate::layers::extent_map::Mapping::Hole => None,
         })
         .filter(|(v, _)| {
-            !children.is_empty() && guards.iter().all(|c| c.map.get(*v) != crate::extent_map::Mapping::Hole)
+            !children.is_empty() && guards.iter().all(|c| c.map.get(*v) != crate::layers::extent_map::Mapping::Hole)
         })
         .collect())
 }

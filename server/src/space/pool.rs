@@ -19,7 +19,7 @@ use thinbd_protocol::aligned::{AlignedBuf, DIRECT_ALIGN, is_aligned};
 use tokio::sync::RwLock;
 
 use crate::error::EngineError;
-use crate::superblock::{BLOCK, DATA_OFFSET, Found, Superblock};
+use crate::space::superblock::{BLOCK, DATA_OFFSET, Found, Superblock};
 
 /// Where pool bytes live: a file here, a fault-injecting memory disk in tests.
 pub trait BlockStore: Send + Sync + 'static {
@@ -128,7 +128,7 @@ pub struct Pool {
     store: Arc<dyn BlockStore>,
     /// File offset of cluster 0 (after the superblock).
     base: u64,
-    uring: Option<Arc<crate::uring::UringStore>>,
+    uring: Option<Arc<crate::space::uring::UringStore>>,
     align: u64,
     stripes: Box<[RwLock<()>]>,
 }
@@ -160,7 +160,7 @@ impl Pool {
         let uring = match engine {
             IoEngine::Uring => {
                 let dup = file.try_clone().map_err(|e| EngineError::io("dup pool fd", 0, e))?;
-                match crate::uring::UringStore::new(dup) {
+                match crate::space::uring::UringStore::new(dup) {
                     Ok(u) => Some(Arc::new(u)),
                     Err(e) => {
                         tracing::warn!(error = %e, "io_uring is not available; using blocking threads for pool I/O");
@@ -180,7 +180,7 @@ impl Pool {
 
     fn build(
         store: Arc<dyn BlockStore>,
-        uring: Option<Arc<crate::uring::UringStore>>,
+        uring: Option<Arc<crate::space::uring::UringStore>>,
         geo: &Geometry,
     ) -> Result<Pool, EngineError> {
         let align = store.alignment().max(1);
@@ -331,7 +331,7 @@ mod tests {
 
     /// A fresh format-2 pool of 128 clusters of 64 KiB.
     fn geometry() -> Geometry {
-        let sb = Superblock { format: 2, cluster_size: 65536, pool_uuid: crate::superblock::new_uuid() };
+        let sb = Superblock { format: 2, cluster_size: 65536, pool_uuid: crate::space::superblock::new_uuid() };
         Geometry { cluster_size: 65536, capacity_clusters: 128, high_water: 0, superblock: Some(sb) }
     }
 
@@ -380,7 +380,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for (name, pool) in pools(dir.path()) {
             let mut model = vec![0u8; 1 << 20];
-            let mut rng = crate::fault_disk::XorShift(0x5eed);
+            let mut rng = crate::space::fault_disk::XorShift(0x5eed);
             for round in 0..400u64 {
                 let off = rng.below(model.len() as u64 - 70_000) as usize;
                 let len = match rng.below(3) {
@@ -406,7 +406,7 @@ mod tests {
 
     #[test]
     fn an_aligned_store_only_ever_sees_aligned_io() {
-        let disk = crate::fault_disk::FaultDisk::new();
+        let disk = crate::space::fault_disk::FaultDisk::new();
         disk.require_alignment(4096);
         let pool = Pool::on(Arc::new(disk.clone()), &geometry()).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use crate::extent_map::ZERO_MARK;
-use crate::metadata::Loaded;
+use crate::layers::extent_map::ZERO_MARK;
+use crate::meta::store::Loaded;
 
 #[derive(Debug, Default)]
 pub struct Report {

@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::pool::BlockStore;
+use crate::space::pool::BlockStore;
 
 const SECTOR: usize = 512;
 
