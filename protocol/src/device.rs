@@ -105,4 +105,18 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn cache(&self, _offset: u64, _len: u32) -> impl Future<Output = DeviceResult<()>> + Send {
         async { Ok(()) }
     }
+    /// Meta contexts besides `base:allocation` that match `query`: a full context name, or a
+    /// namespace prefix ending in `:` (NBD_OPT_LIST_META_CONTEXT).
+    fn meta_contexts(&self, _query: &str) -> Vec<String> {
+        Vec::new()
+    }
+    /// Extents of one of [`BlockDevice::meta_contexts`], like [`BlockDevice::block_status`].
+    fn context_status(
+        &self,
+        _context: &str,
+        _offset: u64,
+        _len: u32,
+    ) -> impl Future<Output = DeviceResult<Vec<Extent>>> + Send {
+        async { Err(DeviceError::NotSupported) }
+    }
 }

@@ -83,17 +83,29 @@ pub struct Negotiated<D> {
     pub export: Export<D>,
     pub structured: bool,
     /// Context id of `base:allocation` if the client selected it for this export.
-    pub base_allocation: Option<u32>,
+    /// Meta contexts selected for this export with NBD_OPT_SET_META_CONTEXT: id and name
+    /// (`base:allocation` has id [`BASE_ALLOCATION_ID`]).
+    pub meta_contexts: Vec<(u32, String)>,
     pub tls: bool,
     pub transmission_flags: u16,
+}
+
+impl State {
+    /// The contexts selected for `export` (none if SET_META_CONTEXT named another export).
+    fn contexts_for(&self, export: &str) -> Vec<(u32, String)> {
+        match &self.meta {
+            Some((name, contexts)) if name == export => contexts.clone(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 struct State {
     no_zeroes: bool,
     structured: bool,
     tls: bool,
-    /// Export name the client selected `base:allocation` for.
-    meta_export: Option<String>,
+    /// The export the last SET_META_CONTEXT named, and the contexts it selected.
+    meta: Option<(String, Vec<(u32, String)>)>,
 }
 
 /// Runs the handshake. Returns `Ok(None)` when the client ended it cleanly (ABORT).
@@ -113,8 +125,7 @@ pub async fn negotiate<C: ExportCatalog>(
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         return Err(ProtocolError::Malformed(format!("unknown client flags {client_flags:#x}")));
     }
-    let mut st =
-        State { no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0, structured: false, tls: false, meta_export: None };
+    let mut st = State { no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0, structured: false, tls: false, meta: None };
     loop {
         let magic = io.read_u64().await?;
         if magic != IHAVEOPT {
@@ -148,14 +159,13 @@ pub async fn negotiate<C: ExportCatalog>(
             OPT_STARTTLS => io = opt_starttls(io, config, &mut st, &data).await?,
             OPT_INFO | OPT_GO => {
                 if let Some(export) = opt_info_go(&mut io, catalog, config, peer, &st, opt, &data).await? {
-                    let base_allocation =
-                        (st.meta_export.as_deref() == Some(export.name.as_str())).then_some(BASE_ALLOCATION_ID);
+                    let meta_contexts = st.contexts_for(&export.name);
                     let transmission_flags = transmission_flags(&export.device.info(), st.structured);
                     return Ok(Some(Negotiated {
                         io,
                         export,
                         structured: st.structured,
-                        base_allocation,
+                        meta_contexts,
                         tls: st.tls,
                         transmission_flags,
                     }));
@@ -263,8 +273,8 @@ async fn opt_export_name<C: ExportCatalog>(
     }
     io.write_all(&buf).await?;
     io.flush().await?;
-    let base_allocation = (st.meta_export.as_deref() == Some(name.as_str())).then_some(BASE_ALLOCATION_ID);
-    Ok(Negotiated { io, export, structured: st.structured, base_allocation, tls: st.tls, transmission_flags: flags })
+    let meta_contexts = st.contexts_for(&name);
+    Ok(Negotiated { io, export, structured: st.structured, meta_contexts, tls: st.tls, transmission_flags: flags })
 }
 
 async fn opt_list<C: ExportCatalog>(
@@ -309,7 +319,7 @@ async fn opt_starttls(
     // Anything negotiated in the clear is forgotten (spec: STARTTLS resets state).
     st.tls = true;
     st.structured = false;
-    st.meta_export = None;
+    st.meta = None;
     Ok(Box::new(tls))
 }
 
@@ -402,21 +412,51 @@ async fn opt_meta_context<C: ExportCatalog>(
     let Some((name, queries)) = parsed else {
         return reply(io, opt, REP_ERR_INVALID, b"malformed meta context request").await;
     };
-    if let Err(e) = catalog.open(&name, peer) {
-        return reply(io, opt, e.rep(), e.to_string().as_bytes()).await;
-    }
-    let selected = if opt == OPT_LIST_META_CONTEXT {
+    let export = match catalog.open(&name, peer) {
+        Ok(e) => e,
+        Err(e) => return reply(io, opt, e.rep(), e.to_string().as_bytes()).await,
+    };
+    let list = opt == OPT_LIST_META_CONTEXT;
+    let mut names: Vec<String> = Vec::new();
+    let base = if list {
         queries.is_empty() || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION)
     } else {
         queries.iter().any(|q| q == BASE_ALLOCATION)
     };
-    if opt == OPT_SET_META_CONTEXT {
-        st.meta_export = selected.then(|| name.clone());
+    if base {
+        names.push(BASE_ALLOCATION.to_string());
     }
-    if selected {
-        let mut d = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
-        d.extend_from_slice(BASE_ALLOCATION.as_bytes());
+    let others: Vec<String> = if list && queries.is_empty() {
+        export.device.meta_contexts("")
+    } else {
+        // SET takes only full names; LIST also namespace prefixes.
+        queries.iter().filter(|q| list || !q.ends_with(':')).flat_map(|q| export.device.meta_contexts(q)).collect()
+    };
+    for n in others {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    // Ids: base:allocation keeps its own; the others follow it in order.
+    let selected: Vec<(u32, String)> = names
+        .into_iter()
+        .scan(BASE_ALLOCATION_ID, |next, n| {
+            let id = if n == BASE_ALLOCATION {
+                BASE_ALLOCATION_ID
+            } else {
+                *next += 1;
+                *next
+            };
+            Some((id, n))
+        })
+        .collect();
+    for (id, n) in &selected {
+        let mut d = id.to_be_bytes().to_vec();
+        d.extend_from_slice(n.as_bytes());
         reply(io, opt, REP_META_CONTEXT, &d).await?;
+    }
+    if !list {
+        st.meta = (!selected.is_empty()).then(|| (name.clone(), selected));
     }
     reply(io, opt, REP_ACK, &[]).await
 }

@@ -55,11 +55,29 @@ pub struct Stop {
 }
 
 enum Reply {
-    Simple { cookie: u64, error: u32 },
-    SimpleRead { cookie: u64, chunks: Vec<ReadChunk> },
-    Read { cookie: u64, offset: u64, chunks: Vec<ReadChunk> },
-    Error { cookie: u64, errno: u32, message: String },
-    BlockStatus { cookie: u64, context: u32, extents: Vec<Extent> },
+    Simple {
+        cookie: u64,
+        error: u32,
+    },
+    SimpleRead {
+        cookie: u64,
+        chunks: Vec<ReadChunk>,
+    },
+    Read {
+        cookie: u64,
+        offset: u64,
+        chunks: Vec<ReadChunk>,
+    },
+    Error {
+        cookie: u64,
+        errno: u32,
+        message: String,
+    },
+    /// One chunk per selected meta context.
+    BlockStatus {
+        cookie: u64,
+        contexts: Vec<(u32, Vec<Extent>)>,
+    },
 }
 
 /// Budget a request holds until its reply is on the socket (reads) or its data is written.
@@ -88,7 +106,7 @@ pub async fn serve<D: BlockDevice>(
 ) -> Result<(), ProtocolError> {
     let Stop { shutdown, fence } = stop;
     let structured = neg.structured;
-    let context = neg.base_allocation;
+    let contexts = Arc::new(neg.meta_contexts.clone());
     let dev = neg.export.device.clone();
     let info = dev.info();
     let (rd, wr) = tokio::io::split(neg.io);
@@ -180,7 +198,7 @@ pub async fn serve<D: BlockDevice>(
             }
         }
         // The size is read per request: a device may grow while the session is open.
-        if let Err(errno) = check(&req, dev.info().size, info.read_only, structured, context.is_some(), limits) {
+        if let Err(errno) = check(&req, dev.info().size, info.read_only, structured, !contexts.is_empty(), limits) {
             let reply = error_reply(&req, structured, errno, "request rejected".into());
             if tx.send((reply, None)).await.is_err() {
                 break Ok(());
@@ -201,13 +219,14 @@ pub async fn serve<D: BlockDevice>(
         let dev = dev.clone();
         let tx = tx.clone();
         let fence = fence.clone();
+        let contexts = contexts.clone();
         tasks.spawn(async move {
             // Spawned before a fence but not yet running: it must not start after it.
             if fence.is_cancelled() {
                 return;
             }
             let is_read = req.command == CMD_READ;
-            let reply = execute(&*dev, req, payload, structured, context).await;
+            let reply = execute(&*dev, req, payload, structured, &contexts).await;
             drop(permit);
             // A read keeps its budget until the reply is written; a write is done with it.
             let charge = if is_read { charge } else { None };
@@ -286,7 +305,7 @@ async fn execute<D: BlockDevice>(
     req: Request,
     payload: Option<bytes::Bytes>,
     structured: bool,
-    context: Option<u32>,
+    contexts: &[(u32, String)],
 ) -> Reply {
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let done = |r: Result<(), DeviceError>| match r {
@@ -313,15 +332,26 @@ async fn execute<D: BlockDevice>(
             let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
             done(dev.write_zeroes(req.offset, req.length, may_unmap, fast, fua).await)
         }
-        CMD_BLOCK_STATUS => match dev.block_status(req.offset, req.length).await {
-            Ok(mut extents) => {
-                if req.flags & CMD_FLAG_REQ_ONE != 0 {
-                    extents.truncate(1);
+        CMD_BLOCK_STATUS => {
+            let mut out = Vec::with_capacity(contexts.len());
+            for (id, name) in contexts {
+                let r = if name == BASE_ALLOCATION {
+                    dev.block_status(req.offset, req.length).await
+                } else {
+                    dev.context_status(name, req.offset, req.length).await
+                };
+                match r {
+                    Ok(mut extents) => {
+                        if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                            extents.truncate(1);
+                        }
+                        out.push((*id, extents));
+                    }
+                    Err(e) => return error_reply(&req, structured, e.errno(), e.to_string()),
                 }
-                Reply::BlockStatus { cookie: req.cookie, context: context.unwrap_or(0), extents }
             }
-            Err(e) => error_reply(&req, structured, e.errno(), e.to_string()),
-        },
+            Reply::BlockStatus { cookie: req.cookie, contexts: out }
+        }
         _ => error_reply(&req, structured, EINVAL, "unknown command".into()),
     }
 }
@@ -425,16 +455,21 @@ async fn encode<W: AsyncWriteExt + Unpin>(w: &mut W, reply: Reply) -> std::io::R
             w.write_all(&(msg.len() as u16).to_be_bytes()).await?;
             w.write_all(msg).await
         }
-        Reply::BlockStatus { cookie, context, extents } => {
-            let len = 4 + 8 * extents.len() as u32;
-            w.write_all(&structured_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, len)).await?;
-            let mut b = Vec::with_capacity(len as usize);
-            b.extend_from_slice(&context.to_be_bytes());
-            for e in extents {
-                b.extend_from_slice(&e.length.to_be_bytes());
-                b.extend_from_slice(&e.flags.to_be_bytes());
+        Reply::BlockStatus { cookie, contexts } => {
+            let last = contexts.len().saturating_sub(1);
+            for (i, (context, extents)) in contexts.into_iter().enumerate() {
+                let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+                let len = 4 + 8 * extents.len() as u32;
+                w.write_all(&structured_header(cookie, flags, REPLY_TYPE_BLOCK_STATUS, len)).await?;
+                let mut b = Vec::with_capacity(len as usize);
+                b.extend_from_slice(&context.to_be_bytes());
+                for e in extents {
+                    b.extend_from_slice(&e.length.to_be_bytes());
+                    b.extend_from_slice(&e.flags.to_be_bytes());
+                }
+                w.write_all(&b).await?;
             }
-            w.write_all(&b).await
+            Ok(())
         }
     }
 }

@@ -89,8 +89,48 @@ impl Api {
     }
 }
 
+/// Ranges per streamed chunk: well under gRPC's 4 MiB message limit.
+const RANGES_PER_CHUNK: usize = 16 * 1024;
+
 #[tonic::async_trait]
 impl Management for Api {
+    type ChangedRangesStream = tokio_stream::wrappers::ReceiverStream<Result<pb::ChangedRangesChunk, Status>>;
+
+    async fn changed_ranges(
+        &self,
+        req: Request<pb::ChangedRangesRequest>,
+    ) -> Result<Response<Self::ChangedRangesStream>, Status> {
+        let r = req.into_inner();
+        let base = Some(r.base.as_str()).filter(|b| !b.is_empty());
+        let found = self.engine.changed_ranges(base, &r.target).map_err(status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut chunks = found.ranges.chunks(RANGES_PER_CHUNK).peekable();
+            if chunks.peek().is_none() {
+                let empty = pb::ChangedRangesChunk {
+                    ranges: Vec::new(),
+                    size_bytes: found.size,
+                    cluster_size: found.cluster_size,
+                };
+                let _ = tx.send(Ok(empty)).await;
+            }
+            for c in chunks {
+                let chunk = pb::ChangedRangesChunk {
+                    ranges: c
+                        .iter()
+                        .map(|(offset, length)| pb::ByteRange { offset: *offset, length: *length })
+                        .collect(),
+                    size_bytes: found.size,
+                    cluster_size: found.cluster_size,
+                };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
     async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
         let opts = VolumeOptions { labels: r.labels.into_iter().collect(), qos: qos_from_pb(r.qos) };

@@ -490,6 +490,66 @@ impl LocalVolume {
         Ok(out)
     }
 
+    /// The layer this export reads from, and the volume it belongs to.
+    fn layer_and_volume(&self) -> Result<(Arc<Layer>, String), EngineError> {
+        Ok(match &self.target {
+            Target::Volume(v) => (v.top()?, v.name.clone()),
+            Target::Snapshot(s) => (s.layer.clone(), s.volume.clone()),
+        })
+    }
+
+    /// Snapshots of the same volume whose frozen layer is below this export's layer.
+    pub fn earlier_snapshots(&self) -> Vec<String> {
+        let Ok((layer, volume)) = self.layer_and_volume() else { return Vec::new() };
+        let mut below = std::collections::HashSet::new();
+        let mut l = layer.parent().ok().flatten();
+        while let Some(p) = l {
+            below.insert(p.id);
+            l = p.parent().ok().flatten();
+        }
+        self.engine
+            .list_snapshots(Some(&volume))
+            .into_iter()
+            .filter(|s| below.contains(&s.layer.id))
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
+    /// Extents flagged 1 where clusters changed since `snapshot` (of the same volume), 0
+    /// elsewhere; covers at most [`RESOLVE_MAX`] clusters per call.
+    pub fn changed_since(&self, snapshot: &str, offset: u64, len: u32) -> Result<Vec<Extent>, EngineError> {
+        let (layer, volume) = self.layer_and_volume()?;
+        let base = self.engine.snapshot(&format!("{volume}@{snapshot}"))?.layer.id;
+        let cs = self.engine.cs;
+        let first = offset / cs;
+        let last = (offset + len as u64).div_ceil(cs).min(first + RESOLVE_MAX);
+        let end = (offset + len as u64).min(last * cs);
+        let mut changed = std::collections::BTreeSet::new();
+        let mut l = Some(layer);
+        loop {
+            let Some(cur) = l else {
+                return Err(EngineError::Invalid(format!("{volume}@{snapshot} is not an earlier snapshot")));
+            };
+            if cur.id == base {
+                break;
+            }
+            let st = cur.read()?;
+            changed.extend(st.map.range(first, last).map(|(v, _)| v));
+            l = st.parent.clone();
+        }
+        let mut out: Vec<Extent> = Vec::new();
+        for v in first..last {
+            let run = Run { vstart: v, count: 1, mapping: Mapping::Hole };
+            let (_, n, _) = clip(&run, cs, offset, end);
+            let flags = u32::from(changed.contains(&v));
+            match out.last_mut() {
+                Some(e) if e.flags == flags => e.length += n as u32,
+                _ => out.push(Extent { length: n as u32, flags }),
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn flush(&self) -> Result<(), EngineError> {
         self.engine.flush().await
     }

@@ -44,6 +44,16 @@ pub trait VolumeIo: Send + Sync + 'static {
     fn flush(&self) -> impl Future<Output = Result<(), EngineError>> + Send;
     /// `base:allocation` extents from `offset`.
     fn block_status(&self, offset: u64, len: u32) -> impl Future<Output = Result<Vec<Extent>, EngineError>> + Send;
+    /// Snapshots (by name) of the same volume that this export's data descends from: those
+    /// [`VolumeIo::changed_since`] can compare with.
+    fn earlier_snapshots(&self) -> Vec<String>;
+    /// Extents from `offset` flagged 1 where clusters changed since `snapshot` (0 elsewhere).
+    fn changed_since(
+        &self,
+        snapshot: &str,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<Vec<Extent>, EngineError>> + Send;
 }
 
 impl VolumeIo for LocalVolume {
@@ -73,5 +83,11 @@ impl VolumeIo for LocalVolume {
     }
     async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, EngineError> {
         LocalVolume::block_status(self, offset, len).await
+    }
+    fn earlier_snapshots(&self) -> Vec<String> {
+        LocalVolume::earlier_snapshots(self)
+    }
+    async fn changed_since(&self, snapshot: &str, offset: u64, len: u32) -> Result<Vec<Extent>, EngineError> {
+        LocalVolume::changed_since(self, snapshot, offset, len)
     }
 }

@@ -183,4 +183,10 @@ impl<V: VolumeIo> VolumeIo for Throttled<V> {
     async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, EngineError> {
         self.inner.block_status(offset, len).await
     }
+    fn earlier_snapshots(&self) -> Vec<String> {
+        self.inner.earlier_snapshots()
+    }
+    async fn changed_since(&self, snapshot: &str, offset: u64, len: u32) -> Result<Vec<Extent>, EngineError> {
+        self.inner.changed_since(snapshot, offset, len).await
+    }
 }

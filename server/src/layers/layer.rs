@@ -96,20 +96,11 @@ impl Layer {
         if self.parent()?.is_none() {
             return Ok((own, own));
         }
-        // Walk the chain once, nearest first; a virtual cluster counts for the first layer that
-        // has an entry for it.
-        let mut seen = std::collections::HashSet::new();
-        let mut total = 0u64;
-        let mut layer = Some(self.clone());
-        while let Some(l) = layer {
-            let st = l.read()?;
-            for (v, p) in st.map.iter() {
-                if seen.insert(v) && p != crate::layers::extent_map::ZERO_MARK {
-                    total += 1;
-                }
-            }
-            layer = st.parent.clone();
-        }
+        // A virtual cluster counts for the nearest layer that has an entry for it.
+        let total = crate::layers::changes::nearest_entries(self)?
+            .values()
+            .filter(|p| **p != crate::layers::extent_map::ZERO_MARK)
+            .count() as u64;
         Ok((total, own))
     }
 }

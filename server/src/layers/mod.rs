@@ -2,5 +2,6 @@
 //! volume reads through its own top layer and then the frozen layers of the snapshots it came
 //! from.
 
+pub mod changes;
 pub mod extent_map;
 pub mod layer;

@@ -68,7 +68,26 @@ impl<V: VolumeIo> BlockDevice for NbdVolume<V> {
     async fn block_status(&self, offset: u64, len: u32) -> DeviceResult<Vec<Extent>> {
         Ok(self.0.block_status(offset, len).await?)
     }
+
+    /// `thinbd:changed:SNAPSHOT` for each earlier snapshot of the volume: flag 1 marks
+    /// clusters written or trimmed since that snapshot (incremental backup).
+    fn meta_contexts(&self, query: &str) -> Vec<String> {
+        let all = || self.0.earlier_snapshots().into_iter().map(|s| format!("{CHANGED_PREFIX}{s}"));
+        match query {
+            "" | "thinbd:" | CHANGED_PREFIX => all().collect(),
+            q if q.starts_with(CHANGED_PREFIX) => all().filter(|c| c == q).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    async fn context_status(&self, context: &str, offset: u64, len: u32) -> DeviceResult<Vec<Extent>> {
+        let snapshot = context.strip_prefix(CHANGED_PREFIX).ok_or(DeviceError::NotSupported)?;
+        Ok(self.0.changed_since(snapshot, offset, len).await?)
+    }
 }
+
+/// Meta context namespace of changed-block tracking.
+pub const CHANGED_PREFIX: &str = "thinbd:changed:";
 
 /// The engine's volumes as exports. Loopback clients may open volumes by name unless grants are
 /// required; everyone else needs a grant's export name (`VOLUME#TOKEN`).
