@@ -731,3 +731,98 @@ fn qos_parameters_and_modify_volume() {
         assert_eq!(e.server.volume_json("pvc-qos")["qos"]["iops"].as_u64(), Some(500), "a refused change changed");
     });
 }
+
+#[test]
+fn snapshot_metadata_service_reports_allocated_and_changed_ranges() {
+    use thinbd_protocol::csi::snapshot_metadata_client::SnapshotMetadataClient;
+    const CS: i64 = 64 * 1024;
+    runtime().block_on(async {
+        let mut e = env().await;
+        let caps = e.ident.get_plugin_capabilities(GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
+        let want = plugin_capability::service::Type::SnapshotMetadataService as i32;
+        assert!(
+            caps.capabilities.iter().any(|c| matches!(&c.r#type,
+                Some(plugin_capability::Type::Service(s)) if s.r#type == want)),
+            "SNAPSHOT_METADATA_SERVICE not advertised"
+        );
+        let v = create(&mut e, "pvc-cbt", 4 * MIB).await;
+        let grant = e.server.cli(&["volume", "publish", "pvc-cbt", "--node", "writer"]);
+        let c = Client::connect(e.server.addr(), ClientOptions::new(grant.trim())).await.unwrap();
+        c.write(0, &[1u8; 2 * CS as usize], 0).await.unwrap();
+        let snap = |name: &str| CreateSnapshotRequest {
+            name: name.into(),
+            source_volume_id: v.volume_id.clone(),
+            ..Default::default()
+        };
+        let s1 = e.ctl.create_snapshot(snap("cbt-1")).await.unwrap().into_inner().snapshot.unwrap().snapshot_id;
+        c.write(5 * CS as u64, &[2u8; 100], 0).await.unwrap();
+        c.write(9 * CS as u64, &[3u8; 4096], 0).await.unwrap();
+        let s2 = e.ctl.create_snapshot(snap("cbt-2")).await.unwrap().into_inner().snapshot.unwrap().snapshot_id;
+        c.disconnect().await.unwrap();
+
+        let mut m = SnapshotMetadataClient::new(e._plugin.channel().await);
+        let collect = |msgs: Vec<GetMetadataDeltaResponse>| -> Vec<(i64, i64)> {
+            msgs.iter().flat_map(|r| r.block_metadata.iter().map(|b| (b.byte_offset, b.size_bytes))).collect()
+        };
+        let mut s = m
+            .get_metadata_allocated(GetMetadataAllocatedRequest { snapshot_id: s1.clone(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = s.message().await.unwrap().unwrap();
+        assert_eq!(first.volume_capacity_bytes, 4 * MIB);
+        assert_eq!(first.block_metadata_type, BlockMetadataType::VariableLength as i32);
+        assert_eq!(
+            first.block_metadata.iter().map(|b| (b.byte_offset, b.size_bytes)).collect::<Vec<_>>(),
+            [(0, 2 * CS)]
+        );
+
+        let delta = |start: i64, max: i32| GetMetadataDeltaRequest {
+            base_snapshot_id: s1.clone(),
+            target_snapshot_id: s2.clone(),
+            starting_offset: start,
+            max_results: max,
+            ..Default::default()
+        };
+        let mut all = Vec::new();
+        let mut st = m.get_metadata_delta(delta(0, 1)).await.unwrap().into_inner();
+        while let Some(r) = st.message().await.unwrap() {
+            assert!(r.block_metadata.len() <= 1, "max_results 1 not respected");
+            all.push(r);
+        }
+        assert_eq!(collect(all), [(5 * CS, CS), (9 * CS, CS)]);
+        // Resuming after the first range skips it.
+        let mut resumed = Vec::new();
+        let mut st = m.get_metadata_delta(delta(6 * CS, 0)).await.unwrap().into_inner();
+        while let Some(r) = st.message().await.unwrap() {
+            resumed.push(r);
+        }
+        assert_eq!(collect(resumed), [(9 * CS, CS)]);
+        // Errors.
+        assert_eq!(code(m.get_metadata_delta(delta(-1, 0)).await), Code::InvalidArgument);
+        assert_eq!(code(m.get_metadata_delta(delta(4 * MIB, 0)).await), Code::OutOfRange);
+        let mut swapped = delta(0, 0);
+        std::mem::swap(&mut swapped.base_snapshot_id, &mut swapped.target_snapshot_id);
+        assert_eq!(code(m.get_metadata_delta(swapped).await), Code::InvalidArgument);
+        let mut missing = delta(0, 0);
+        missing.base_snapshot_id = format!("{NODE}/pvc-cbt@nope");
+        assert_eq!(code(m.get_metadata_delta(missing).await), Code::NotFound);
+        let other = create(&mut e, "pvc-cbt-other", MIB).await;
+        let s3 = e
+            .ctl
+            .create_snapshot(CreateSnapshotRequest {
+                name: "cbt-3".into(),
+                source_volume_id: other.volume_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap()
+            .snapshot_id;
+        let mut cross = delta(0, 0);
+        cross.target_snapshot_id = s3;
+        assert_eq!(code(m.get_metadata_delta(cross).await), Code::InvalidArgument);
+    });
+}

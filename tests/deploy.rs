@@ -210,6 +210,40 @@ fn make_certs_script_certificates_work() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert!(!top.iter().any(|f| f.contains("ca.key")), "the CA key would go into the Secret: {top:?}");
+    for f in [
+        "ca.crt",
+        "server.crt",
+        "server.key",
+        "client.crt",
+        "client.key",
+        "snapshot-metadata.crt",
+        "snapshot-metadata.key",
+    ] {
+        assert!(top.iter().any(|t| t == f), "{f} missing from the Secret's files: {top:?}");
+    }
+    // The SnapshotMetadataService resource carries this CA, for the sidecar's certificate.
+    let sms = docs(&certs.join("manifests/snapshotmetadataservice.yaml")).remove(0);
+    assert_eq!(sms["kind"].as_str(), Some("SnapshotMetadataService"));
+    let ca_b64 = sms["spec"]["caCert"].as_str().unwrap().to_string();
+    let decoded = Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(ca_b64.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert_eq!(decoded.stdout, std::fs::read(certs.join("ca.crt")).unwrap());
+    let verify = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(certs.join("ca.crt"))
+        .arg(certs.join("snapshot-metadata.crt"))
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
     let p = |f: &str| certs.join(f).display().to_string();
     let s = thinbd_tests::Server::start_with(&[
         "--tls-cert",

@@ -40,6 +40,7 @@ impl Identity for IdentityService {
         let capabilities = vec![
             service(service::Type::ControllerService),
             service(service::Type::VolumeAccessibilityConstraints),
+            service(service::Type::SnapshotMetadataService),
             PluginCapability {
                 r#type: Some(plugin_capability::Type::VolumeExpansion(VolumeExpansion {
                     r#type: volume_expansion::Type::Online as i32,

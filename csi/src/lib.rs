@@ -13,6 +13,7 @@ pub mod mounts;
 pub mod nbd_netlink;
 pub mod node;
 pub mod params;
+pub mod snapshot_metadata;
 
 /// The CSI driver name (`CSIDriver` object, StorageClass `provisioner`).
 pub const DRIVER_NAME: &str = "thinbd.csi.io";
