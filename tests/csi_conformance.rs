@@ -826,3 +826,61 @@ fn snapshot_metadata_service_reports_allocated_and_changed_ranges() {
         assert_eq!(code(m.get_metadata_delta(cross).await), Code::InvalidArgument);
     });
 }
+
+#[test]
+fn group_snapshots_through_the_group_controller() {
+    use thinbd_protocol::csi::group_controller_client::GroupControllerClient;
+    runtime().block_on(async {
+        let mut e = env().await;
+        let caps = e.ident.get_plugin_capabilities(GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
+        let want = plugin_capability::service::Type::GroupControllerService as i32;
+        assert!(caps.capabilities.iter().any(|c| matches!(&c.r#type,
+            Some(plugin_capability::Type::Service(s)) if s.r#type == want)));
+        let mut g = GroupControllerClient::new(e._plugin.channel().await);
+        let gc =
+            g.group_controller_get_capabilities(GroupControllerGetCapabilitiesRequest {}).await.unwrap().into_inner();
+        assert_eq!(gc.capabilities.len(), 1);
+
+        let v1 = create(&mut e, "pvc-g1", MIB).await.volume_id;
+        let v2 = create(&mut e, "pvc-g2", MIB).await.volume_id;
+        let v3 = create(&mut e, "pvc-g3", MIB).await.volume_id;
+        let req = |name: &str, ids: &[&String]| CreateVolumeGroupSnapshotRequest {
+            name: name.into(),
+            source_volume_ids: ids.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let made = g.create_volume_group_snapshot(req("group-1", &[&v1, &v2])).await.unwrap().into_inner();
+        let gs = made.group_snapshot.unwrap();
+        assert!(gs.ready_to_use && gs.creation_time.is_some());
+        assert_eq!(gs.snapshots.len(), 2);
+        assert!(gs.snapshots.iter().all(|s| s.group_snapshot_id == gs.group_snapshot_id && s.ready_to_use));
+        let mut sources: Vec<&str> = gs.snapshots.iter().map(|s| s.source_volume_id.as_str()).collect();
+        sources.sort();
+        assert_eq!(sources, [v1.as_str(), v2.as_str()]);
+        // Idempotent; the same name over other volumes is ALREADY_EXISTS.
+        let again = g.create_volume_group_snapshot(req("group-1", &[&v2, &v1])).await.unwrap().into_inner();
+        assert_eq!(again.group_snapshot.unwrap().group_snapshot_id, gs.group_snapshot_id);
+        assert_eq!(code(g.create_volume_group_snapshot(req("group-1", &[&v1, &v3])).await), Code::AlreadyExists);
+        assert_eq!(code(g.create_volume_group_snapshot(req("", &[&v1])).await), Code::InvalidArgument);
+        assert_eq!(code(g.create_volume_group_snapshot(req("group-2", &[])).await), Code::InvalidArgument);
+        let missing = format!("{NODE}/pvc-missing");
+        assert_eq!(code(g.create_volume_group_snapshot(req("group-3", &[&v1, &missing])).await), Code::NotFound);
+        // Members restore like any snapshot.
+        let mut restore = create_req("pvc-g1-restored", MIB);
+        restore.volume_content_source = Some(VolumeContentSource {
+            r#type: Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+                snapshot_id: gs.snapshots[0].snapshot_id.clone(),
+            })),
+        });
+        e.ctl.create_volume(restore).await.unwrap();
+        // Get, Delete (idempotent), then NOT_FOUND.
+        let get = |id: &str| GetVolumeGroupSnapshotRequest { group_snapshot_id: id.into(), ..Default::default() };
+        let got = g.get_volume_group_snapshot(get(&gs.group_snapshot_id)).await.unwrap().into_inner();
+        assert_eq!(got.group_snapshot.unwrap().snapshots.len(), 2);
+        let del = |id: &str| DeleteVolumeGroupSnapshotRequest { group_snapshot_id: id.into(), ..Default::default() };
+        g.delete_volume_group_snapshot(del(&gs.group_snapshot_id)).await.unwrap();
+        g.delete_volume_group_snapshot(del(&gs.group_snapshot_id)).await.unwrap();
+        assert_eq!(code(g.get_volume_group_snapshot(get(&gs.group_snapshot_id)).await), Code::NotFound);
+        assert_eq!(code(g.get_volume_group_snapshot(get("")).await), Code::InvalidArgument);
+    });
+}

@@ -134,7 +134,7 @@ impl ControllerService {
             .snapshots)
     }
 
-    fn csi_snapshot(node: &str, s: &pb::Snapshot) -> Snapshot {
+    pub fn csi_snapshot(node: &str, s: &pb::Snapshot) -> Snapshot {
         Snapshot {
             size_bytes: s.size_bytes as i64,
             snapshot_id: SnapshotId { node: node.into(), volume: s.volume.clone(), snapshot: s.name.clone() }.id(),

@@ -41,6 +41,7 @@ impl Identity for IdentityService {
             service(service::Type::ControllerService),
             service(service::Type::VolumeAccessibilityConstraints),
             service(service::Type::SnapshotMetadataService),
+            service(service::Type::GroupControllerService),
             PluginCapability {
                 r#type: Some(plugin_capability::Type::VolumeExpansion(VolumeExpansion {
                     r#type: volume_expansion::Type::Online as i32,

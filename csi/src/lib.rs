@@ -6,6 +6,7 @@ pub mod attach;
 pub mod backend;
 pub mod capability;
 pub mod controller;
+pub mod group_controller;
 pub mod identity;
 pub mod ids;
 pub mod ktls;

@@ -120,11 +120,14 @@ async fn main() -> anyhow::Result<()> {
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService { backends: controller.then(|| backends.clone()) }));
     let mut router = if controller {
-        router.add_service(ControllerServer::new(ControllerService { backends: backends.clone() })).add_service(
-            thinbd_protocol::csi::snapshot_metadata_server::SnapshotMetadataServer::new(
+        router
+            .add_service(ControllerServer::new(ControllerService { backends: backends.clone() }))
+            .add_service(thinbd_protocol::csi::group_controller_server::GroupControllerServer::new(
+                thinbd_csi::group_controller::GroupControllerService { backends: backends.clone() },
+            ))
+            .add_service(thinbd_protocol::csi::snapshot_metadata_server::SnapshotMetadataServer::new(
                 thinbd_csi::snapshot_metadata::SnapshotMetadataService { backends: backends.clone() },
-            ),
-        )
+            ))
     } else {
         router.add_optional_service(None::<ControllerServer<ControllerService>>)
     };

@@ -85,6 +85,7 @@ impl Api {
             shared_bytes: i.usage.shared,
             created_unix_seconds: i.created_unix,
             sessions: i.sessions,
+            group: s.group.clone().unwrap_or_default(),
         }
     }
 }
@@ -170,6 +171,18 @@ impl Management for Api {
         let opts = VolumeOptions { labels: r.labels.into_iter().collect(), qos: qos_from_pb(r.qos) };
         let v = self.engine.clone_volume_with(&r.source, &r.name, opts).await.map_err(status)?;
         Ok(Response::new(self.volume(&v)))
+    }
+
+    async fn create_snapshot_group(
+        &self,
+        req: Request<pb::CreateSnapshotGroupRequest>,
+    ) -> Result<Response<pb::SnapshotGroup>, Status> {
+        let r = req.into_inner();
+        let snaps = self.engine.create_snapshot_group(&r.name, &r.volumes).await.map_err(status)?;
+        Ok(Response::new(pb::SnapshotGroup {
+            name: r.name,
+            snapshots: snaps.iter().map(|s| self.snapshot(s)).collect(),
+        }))
     }
 
     async fn set_volume_qos(&self, req: Request<pb::SetVolumeQosRequest>) -> Result<Response<pb::Volume>, Status> {

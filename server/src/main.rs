@@ -99,6 +99,13 @@ enum SnapshotCommand {
     List { volume: Option<String> },
     /// Delete VOLUME@SNAPSHOT, freeing the clusters nobody else references.
     Delete { snapshot: String },
+    /// Snapshot NAME of every VOLUME at one instant (a group snapshot: a write acknowledged on
+    /// one member before another's is never missing from the first while in the second).
+    CreateGroup {
+        name: String,
+        #[arg(required = true)]
+        volumes: Vec<String>,
+    },
     /// Byte ranges changed from snapshot BASE (VOLUME@SNAPSHOT) to TARGET (a later snapshot of
     /// the same volume, or the volume), exact at cluster granularity.
     Diff { base: String, target: String },
@@ -453,6 +460,7 @@ fn snapshot_json(s: &pb::Snapshot) -> serde_json::Value {
         "volume": s.volume, "name": s.name, "snapshot": format!("{}@{}", s.volume, s.name),
         "size_bytes": s.size_bytes, "allocated_bytes": s.allocated_bytes, "exclusive_bytes": s.exclusive_bytes,
         "shared_bytes": s.shared_bytes, "sessions": s.sessions, "created_unix_seconds": s.created_unix_seconds,
+        "group": s.group,
     })
 }
 
@@ -467,6 +475,11 @@ async fn snapshot_command(client: ClientArgs, command: SnapshotCommand) -> anyho
         SnapshotCommand::Diff { base, target } => return print_ranges(&mut c, client.output, base, target).await,
         SnapshotCommand::Allocated { target } => {
             return print_ranges(&mut c, client.output, String::new(), target).await;
+        }
+        SnapshotCommand::CreateGroup { name, volumes } => {
+            let g =
+                c.create_snapshot_group(pb::CreateSnapshotGroupRequest { name, volumes }).await.map_err(rpc_error)?;
+            g.into_inner().snapshots
         }
         SnapshotCommand::Create { volume, name } => {
             let s = c.create_snapshot(pb::CreateSnapshotRequest { volume, name }).await.map_err(rpc_error)?;

@@ -118,6 +118,8 @@ pub struct Snapshot {
     pub layer: Arc<Layer>,
     pub size: u64,
     pub created_unix: u64,
+    /// The group snapshot it was taken with, if any.
+    pub group: Option<String>,
     pub(crate) sessions: AtomicU32,
     /// Set (under the catalog lock) while a delete commits: no session may open it.
     pub(crate) deleting: AtomicBool,
@@ -125,6 +127,17 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    pub(crate) fn record(&self) -> SnapshotRecord {
+        SnapshotRecord {
+            volume: self.volume.clone(),
+            name: self.name.clone(),
+            layer: self.layer.id,
+            size: self.size,
+            created_unix: self.created_unix,
+            group: self.group.clone(),
+        }
+    }
+
     pub fn key(&self) -> String {
         format!("{}@{}", self.volume, self.name)
     }
@@ -445,6 +458,7 @@ impl Engine {
                 name: rec.name.clone(),
                 size: rec.size,
                 created_unix: rec.created_unix,
+                group: rec.group.clone(),
                 sessions: AtomicU32::new(0),
                 deleting: AtomicBool::new(false),
                 metrics: Default::default(),
@@ -765,49 +779,96 @@ impl Engine {
     /// Freezes the volume's top layer as the snapshot and gives the volume a new, empty top.
     /// Costs the same for an empty volume and a full one.
     pub async fn create_snapshot(self: &Arc<Self>, volume: &str, name: &str) -> Result<Arc<Snapshot>, EngineError> {
+        let mut snaps = self.snapshot_volumes(&[volume.to_string()], name, None).await?;
+        snaps.pop().ok_or_else(|| EngineError::Internal("no snapshot made".into()))
+    }
+
+    /// A group snapshot: snapshot `name` of every volume in `volumes`, all of one instant.
+    /// Every member's requests in flight finish first and new ones wait, so no write lands in
+    /// one member's snapshot while an earlier acknowledged write is missing from another's;
+    /// all layers commit in one transaction.
+    pub async fn create_snapshot_group(
+        self: &Arc<Self>,
+        name: &str,
+        volumes: &[String],
+    ) -> Result<Vec<Arc<Snapshot>>, EngineError> {
+        if volumes.is_empty() {
+            return Err(EngineError::Invalid("a group snapshot needs at least one volume".into()));
+        }
+        self.snapshot_volumes(volumes, name, Some(name)).await
+    }
+
+    /// The members of group snapshot `group`.
+    pub fn snapshot_group(&self, group: &str) -> Vec<Arc<Snapshot>> {
+        self.list_snapshots(None).into_iter().filter(|s| s.group.as_deref() == Some(group)).collect()
+    }
+
+    async fn snapshot_volumes(
+        self: &Arc<Self>,
+        volumes: &[String],
+        name: &str,
+        group: Option<&str>,
+    ) -> Result<Vec<Arc<Snapshot>>, EngineError> {
         validate_name("snapshot", name)?;
         let _admin = self.admin.lock().await;
-        let vol = self.volume(volume)?;
-        let key = format!("{volume}@{name}");
-        if self.snapshot(&key).is_ok() {
-            return Err(EngineError::AlreadyExists(format!("snapshot {key:?}")));
+        let mut sorted: Vec<&String> = volumes.iter().collect();
+        sorted.sort();
+        sorted.dedup();
+        if sorted.len() != volumes.len() {
+            return Err(EngineError::Invalid("a volume is named twice".into()));
         }
-        // Wait for requests in flight; new ones wait for the new top.
-        let _gate = vol.gate.write().await;
-        let frozen = vol.top()?;
-        let top = self.new_layer(Some(frozen.clone()))?;
-        let snap = Arc::new(Snapshot {
-            volume: volume.to_string(),
-            name: name.to_string(),
-            layer: frozen.clone(),
-            size: vol.size(),
-            created_unix: now_unix(),
-            sessions: AtomicU32::new(0),
-            deleting: AtomicBool::new(false),
-            metrics: Default::default(),
-        });
-        let mut rec = vol.record()?;
-        rec.layer = top.id;
-        let ops = vec![
-            MetaOp::PutLayer { id: top.id, parent: Some(frozen.id) },
-            MetaOp::PutVolume(rec),
-            MetaOp::PutSnapshot(SnapshotRecord {
-                volume: snap.volume.clone(),
-                name: snap.name.clone(),
-                layer: frozen.id,
-                size: snap.size,
-                created_unix: snap.created_unix,
-            }),
-            self.next_id_op(),
-        ];
+        let mut vols = Vec::with_capacity(sorted.len());
+        for v in &sorted {
+            let key = format!("{v}@{name}");
+            if self.snapshot(&key).is_ok() {
+                return Err(EngineError::AlreadyExists(format!("snapshot {key:?}")));
+            }
+            vols.push(self.volume(v)?);
+        }
+        // Wait for requests in flight on every member (in name order, so two group snapshots
+        // never wait for each other); new ones wait for the new tops.
+        let mut gates = Vec::with_capacity(vols.len());
+        for v in &vols {
+            gates.push(v.gate.write().await);
+        }
+        let created_unix = now_unix();
+        let mut ops = Vec::new();
+        let mut made = Vec::with_capacity(vols.len());
+        for vol in &vols {
+            let frozen = vol.top()?;
+            let top = self.new_layer(Some(frozen.clone()))?;
+            let snap = Arc::new(Snapshot {
+                volume: vol.name.clone(),
+                name: name.to_string(),
+                layer: frozen.clone(),
+                size: vol.size(),
+                created_unix,
+                group: group.map(str::to_string),
+                sessions: AtomicU32::new(0),
+                deleting: AtomicBool::new(false),
+                metrics: Default::default(),
+            });
+            let mut rec = vol.record()?;
+            rec.layer = top.id;
+            ops.push(MetaOp::PutLayer { id: top.id, parent: Some(frozen.id) });
+            ops.push(MetaOp::PutVolume(rec));
+            ops.push(MetaOp::PutSnapshot(snap.record()));
+            made.push((vol.clone(), top, snap));
+        }
+        ops.push(self.next_id_op());
         if let Err(e) = self.commit(ops, true).await {
-            self.forget_layers(&[top.id]);
+            self.forget_layers(&made.iter().map(|(_, top, _)| top.id).collect::<Vec<_>>());
             return Err(e);
         }
-        *vol.top.write().map_err(|_| poisoned())? = top;
-        self.snapshots.write().map_err(|_| poisoned())?.insert(key.clone(), snap.clone());
-        tracing::info!(snapshot = %key, "snapshot created");
-        Ok(snap)
+        let mut out = Vec::with_capacity(made.len());
+        for (vol, top, snap) in made {
+            *vol.top.write().map_err(|_| poisoned())? = top;
+            self.snapshots.write().map_err(|_| poisoned())?.insert(snap.key(), snap.clone());
+            tracing::info!(snapshot = %snap.key(), group, "snapshot created");
+            out.push(snap);
+        }
+        drop(gates);
+        Ok(out)
     }
 
     /// A writable volume from `VOLUME@SNAPSHOT`, or from a volume's current state (which

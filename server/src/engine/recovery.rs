@@ -15,7 +15,7 @@ use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::layers::extent_map::ZERO_MARK;
 use crate::layers::layer::poisoned;
-use crate::meta::store::{Loaded, MetaOp, SnapshotRecord};
+use crate::meta::store::{Loaded, MetaOp};
 
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
@@ -123,13 +123,7 @@ impl Engine {
 
         let snapshots = self.snapshots.read().map_err(|_| poisoned())?;
         for s in snapshots.values() {
-            let rec = SnapshotRecord {
-                volume: s.volume.clone(),
-                name: s.name.clone(),
-                layer: s.layer.id,
-                size: s.size,
-                created_unix: s.created_unix,
-            };
+            let rec = s.record();
             if !disk.snapshots.contains(&rec) {
                 ops.push(MetaOp::PutSnapshot(rec));
             }

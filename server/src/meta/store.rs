@@ -75,6 +75,9 @@ pub struct SnapshotRecord {
     pub layer: u64,
     pub size: u64,
     pub created_unix: u64,
+    /// The group snapshot it belongs to (taken together with its other members).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 impl SnapshotRecord {
