@@ -48,7 +48,7 @@ fn status(e: EngineError) -> Status {
         EngineError::NotFound(_) => Status::not_found(e.to_string()),
         EngineError::AlreadyExists(_) => Status::already_exists(e.to_string()),
         EngineError::Invalid(_) => Status::invalid_argument(e.to_string()),
-        EngineError::Precondition(_) | EngineError::ReadOnly(_) => Status::failed_precondition(e.to_string()),
+        _ if e.is_precondition() => Status::failed_precondition(e.to_string()),
         EngineError::NoSpace => Status::resource_exhausted(e.to_string()),
         EngineError::Unavailable(_) => Status::unavailable(e.to_string()),
         _ => Status::internal(e.to_string()),

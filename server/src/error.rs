@@ -19,8 +19,21 @@ pub enum EngineError {
     ReadOnly(String),
     #[error("{0}")]
     Invalid(String),
-    #[error("{0}")]
-    Precondition(String),
+    /// Refused while NBD sessions have it open (`what`: `volume "v"`, `snapshot "v@s"`).
+    #[error("{what} has {sessions} open NBD session(s); disconnect them first")]
+    InUse { what: String, sessions: u32 },
+    /// Refused while nodes hold attachment grants on it.
+    #[error("volume {volume:?} is published to {}; unpublish it first", nodes.join(", "))]
+    Published { volume: String, nodes: Vec<String> },
+    /// A single-writer attachment elsewhere keeps other writers out.
+    #[error("volume {volume:?} is already published read-write to node {node:?} for a single writer")]
+    SingleWriter { volume: String, node: String },
+    /// Shrinking would discard data.
+    #[error("volume {volume:?} is {size} bytes; shrinking to {requested} is not supported (it would discard data)")]
+    Shrink { volume: String, size: u64, requested: u64 },
+    /// The metadata store refused an operation (not an I/O error), with redb's error as cause.
+    #[error("metadata store: {0}")]
+    Store(#[source] Box<redb::Error>),
     /// Try again later (a fence still waiting for requests to finish).
     #[error("{0}")]
     Unavailable(String),
@@ -34,6 +47,18 @@ impl EngineError {
     pub fn io(op: &'static str, offset: u64, source: std::io::Error) -> Self {
         EngineError::Io { op, offset, source }
     }
+
+    /// A refusal because of the state of things (gRPC FAILED_PRECONDITION).
+    pub fn is_precondition(&self) -> bool {
+        matches!(
+            self,
+            EngineError::ReadOnly(_)
+                | EngineError::InUse { .. }
+                | EngineError::Published { .. }
+                | EngineError::SingleWriter { .. }
+                | EngineError::Shrink { .. }
+        )
+    }
 }
 
 impl<E: Into<redb::Error>> From<E> for EngineError {
@@ -41,7 +66,7 @@ impl<E: Into<redb::Error>> From<E> for EngineError {
         match e.into() {
             redb::Error::Io(io) => EngineError::MetadataIo(io),
             redb::Error::PreviousIo => EngineError::MetadataIo(std::io::Error::other("a previous I/O error")),
-            e => EngineError::Metadata(e.to_string()),
+            e => EngineError::Store(Box::new(e)),
         }
     }
 }

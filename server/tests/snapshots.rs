@@ -201,7 +201,7 @@ async fn snapshot_with_open_session_and_volume_name_reuse_are_refused() {
     e.create_volume("v", 1 << 20).await.unwrap();
     e.create_snapshot("v", "s").await.unwrap();
     let h = e.open_export("v@s").unwrap();
-    assert!(matches!(e.delete_snapshot("v@s").await, Err(EngineError::Precondition(_))));
+    assert!(matches!(e.delete_snapshot("v@s").await, Err(EngineError::InUse { sessions: 1, .. })));
     drop(h);
     e.delete_volume("v").await.unwrap();
     // v@s outlives v; a new v would make `v@s` ambiguous.

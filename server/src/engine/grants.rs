@@ -117,10 +117,7 @@ impl Engine {
         if !access.read_only {
             let writers: Vec<&Arc<Grant>> = grants.iter().filter(|g| !g.record.read_only).collect();
             if let Some(w) = writers.iter().find(|w| access.single_writer || w.record.single_writer) {
-                return Err(EngineError::Precondition(format!(
-                    "volume {volume:?} is already published read-write to node {:?} for a single writer",
-                    w.record.node
-                )));
+                return Err(EngineError::SingleWriter { volume: volume.to_string(), node: w.record.node.clone() });
             }
         }
         let record = GrantRecord {

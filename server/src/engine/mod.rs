@@ -762,9 +762,7 @@ impl Engine {
         let vol = self.volume(name)?;
         let old = vol.size();
         if size < old {
-            return Err(EngineError::Precondition(format!(
-                "volume {name:?} is {old} bytes; shrinking to {size} is not supported (it would discard data)"
-            )));
+            return Err(EngineError::Shrink { volume: name.to_string(), size: old, requested: size });
         }
         if size != old {
             let mut rec = vol.record()?;
@@ -952,10 +950,7 @@ impl Engine {
         let _gate = vol.gate.write().await;
         let nodes = self.published_nodes(name);
         if !nodes.is_empty() {
-            return Err(EngineError::Precondition(format!(
-                "volume {name:?} is published to {}; unpublish it first",
-                nodes.join(", ")
-            )));
+            return Err(EngineError::Published { volume: name.to_string(), nodes });
         }
         // Sessions are counted under the same lock by `open_export`: once the volume is marked
         // here with none open, no session can open it any more.
@@ -963,9 +958,7 @@ impl Engine {
             let _vols = self.volumes.write().map_err(|_| poisoned())?;
             let n = vol.sessions();
             if n > 0 {
-                return Err(EngineError::Precondition(format!(
-                    "volume {name:?} has {n} open NBD session(s); disconnect them first"
-                )));
+                return Err(EngineError::InUse { what: format!("volume {name:?}"), sessions: n });
             }
             vol.deleting.store(true, Relaxed);
         }
@@ -986,9 +979,7 @@ impl Engine {
             let snap = snaps.get(key).cloned().ok_or_else(|| EngineError::NotFound(format!("snapshot {key:?}")))?;
             let n = snap.sessions.load(Relaxed);
             if n > 0 {
-                return Err(EngineError::Precondition(format!(
-                    "snapshot {key:?} has {n} open NBD session(s); disconnect them first"
-                )));
+                return Err(EngineError::InUse { what: format!("snapshot {key:?}"), sessions: n });
             }
             snap.deleting.store(true, Relaxed);
             snap
