@@ -6,9 +6,11 @@ pub mod budget;
 pub mod client;
 pub mod consts;
 pub mod device;
+#[cfg(feature = "testing")]
 pub mod fuzzing;
 pub mod handshake;
 pub mod io;
+#[cfg(feature = "testing")]
 pub mod mem_device;
 pub mod session;
 pub mod tls;

@@ -1226,7 +1226,7 @@ impl Engine {
     /// Maps `clusters` virtual clusters of `volume` (every `stride`-th one) to fresh physical
     /// clusters in one commit, without writing data. Only for benchmarks that need a big map
     /// quickly; the clusters read as whatever the pool file holds there.
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub async fn populate_for_bench(
         self: &Arc<Self>,
         volume: &str,
