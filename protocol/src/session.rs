@@ -82,8 +82,8 @@ enum Reply {
 
 /// Budget a request holds until its reply is on the socket (reads) or its data is written.
 struct Charge {
-    _session: Option<OwnedSemaphorePermit>,
-    _server: Option<OwnedSemaphorePermit>,
+    _session: OwnedSemaphorePermit,
+    _server: OwnedSemaphorePermit,
 }
 
 const KNOWN_FLAGS: u16 = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
@@ -166,7 +166,7 @@ pub async fn serve<D: BlockDevice>(
                         shared.budget.take(bytes).await?
                     }
                 };
-                Some(Charge { _session: Some(session), _server: Some(server) })
+                Some(Charge { _session: session, _server: server })
             };
             charge = tokio::select! {
                 biased;
