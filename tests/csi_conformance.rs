@@ -6,12 +6,12 @@
 use std::collections::HashMap;
 
 use thinbd_protocol::client::{Client, ClientOptions};
-use thinbd_protocol::csi::controller_client::ControllerClient;
-use thinbd_protocol::csi::identity_client::IdentityClient;
-use thinbd_protocol::csi::node_client::NodeClient;
-use thinbd_protocol::csi::volume_capability::access_mode::Mode;
-use thinbd_protocol::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
-use thinbd_protocol::csi::*;
+use thinbd_api::csi::controller_client::ControllerClient;
+use thinbd_api::csi::identity_client::IdentityClient;
+use thinbd_api::csi::node_client::NodeClient;
+use thinbd_api::csi::volume_capability::access_mode::Mode;
+use thinbd_api::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use thinbd_api::csi::*;
 use thinbd_tests::{CsiPlugin, Server, runtime};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -734,7 +734,7 @@ fn qos_parameters_and_modify_volume() {
 
 #[test]
 fn snapshot_metadata_service_reports_allocated_and_changed_ranges() {
-    use thinbd_protocol::csi::snapshot_metadata_client::SnapshotMetadataClient;
+    use thinbd_api::csi::snapshot_metadata_client::SnapshotMetadataClient;
     const CS: i64 = 64 * 1024;
     runtime().block_on(async {
         let mut e = env().await;
@@ -829,7 +829,7 @@ fn snapshot_metadata_service_reports_allocated_and_changed_ranges() {
 
 #[test]
 fn group_snapshots_through_the_group_controller() {
-    use thinbd_protocol::csi::group_controller_client::GroupControllerClient;
+    use thinbd_api::csi::group_controller_client::GroupControllerClient;
     runtime().block_on(async {
         let mut e = env().await;
         let caps = e.ident.get_plugin_capabilities(GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();

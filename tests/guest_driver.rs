@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use thinbd_protocol::csi::node_client::NodeClient;
-use thinbd_protocol::csi::volume_capability::access_mode::Mode;
-use thinbd_protocol::csi::*;
+use thinbd_api::csi::node_client::NodeClient;
+use thinbd_api::csi::volume_capability::access_mode::Mode;
+use thinbd_api::csi::*;
 use thinbd_tests::{CsiPlugin, csi_cap as cap, runtime};
 
 const MIB: i64 = 1 << 20;
@@ -154,13 +154,13 @@ fn main() {
             // Restore a snapshot of the live filesystem, and clone the live volume: each new
             // volume is attached, mounted and holds the file.
             let api = std::fs::read_to_string(dir.join("api")).unwrap();
-            let mut mgmt = thinbd_protocol::pb::management_client::ManagementClient::connect(api.clone()).await.unwrap();
+            let mut mgmt = thinbd_api::pb::management_client::ManagementClient::connect(api.clone()).await.unwrap();
             let name = plan[fs].0.rsplit_once('/').unwrap().1.to_string();
-            mgmt.create_snapshot(thinbd_protocol::pb::CreateSnapshotRequest { volume: name.clone(), name: "s1".into() })
+            mgmt.create_snapshot(thinbd_api::pb::CreateSnapshotRequest { volume: name.clone(), name: "s1".into() })
                 .await
                 .unwrap();
             for (source, copy) in [(format!("{name}@s1"), format!("{name}-restored")), (name.clone(), format!("{name}-clone"))] {
-                mgmt.clone_volume(thinbd_protocol::pb::CloneVolumeRequest { source, name: copy.clone(), ..Default::default() })
+                mgmt.clone_volume(thinbd_api::pb::CloneVolumeRequest { source, name: copy.clone(), ..Default::default() })
                     .await
                     .unwrap();
                 attach_and_read(&mut n, &mut mgmt, &plan[fs], &copy, fs, &work).await;
@@ -169,7 +169,7 @@ fn main() {
             assert_eq!(st.usage.len(), 2, "bytes and inodes");
             assert!(st.usage[0].total > 400 * MIB && st.usage[0].total < 512 * MIB && st.usage[1].total > 0);
             // Online expansion: the server grows the volume, the node grows device and filesystem.
-            mgmt.resize_volume(thinbd_protocol::pb::ResizeVolumeRequest { name, size_bytes: (1024 * MIB) as u64 }).await.unwrap();
+            mgmt.resize_volume(thinbd_api::pb::ResizeVolumeRequest { name, size_bytes: (1024 * MIB) as u64 }).await.unwrap();
             let grown = n
                 .node_expand_volume(NodeExpandVolumeRequest {
                     volume_id: plan[fs].0.clone(),
@@ -207,7 +207,7 @@ fn main() {
         }
         // A CSI inline ephemeral volume: NodePublish alone creates, attaches, formats and
         // mounts it; NodeUnpublish deletes it.
-        let mut mgmt = thinbd_protocol::pb::management_client::ManagementClient::connect(api.clone()).await.unwrap();
+        let mut mgmt = thinbd_api::pb::management_client::ManagementClient::connect(api.clone()).await.unwrap();
         let eph = NodePublishVolumeRequest {
             volume_id: "csi-eph-1".into(),
             target_path: work.join("eph-pod").display().to_string(),
@@ -221,12 +221,12 @@ fn main() {
         n.node_publish_volume(eph.clone()).await.expect("publish inline ephemeral");
         n.node_publish_volume(eph.clone()).await.expect("publish inline ephemeral again");
         std::fs::write(work.join("eph-pod/scratch"), b"tmp").unwrap();
-        let v = mgmt.get_volume(thinbd_protocol::pb::GetVolumeRequest { name: "eph-csi-eph-1".into() }).await.unwrap().into_inner();
+        let v = mgmt.get_volume(thinbd_api::pb::GetVolumeRequest { name: "eph-csi-eph-1".into() }).await.unwrap().into_inner();
         assert_eq!(v.size_bytes, 256 << 20);
         n.node_unpublish_volume(NodeUnpublishVolumeRequest { volume_id: "csi-eph-1".into(), target_path: eph.target_path.clone() })
             .await
             .expect("unpublish inline ephemeral");
-        let gone = mgmt.get_volume(thinbd_protocol::pb::GetVolumeRequest { name: "eph-csi-eph-1".into() }).await.unwrap_err();
+        let gone = mgmt.get_volume(thinbd_api::pb::GetVolumeRequest { name: "eph-csi-eph-1".into() }).await.unwrap_err();
         assert_eq!(gone.code(), tonic::Code::NotFound, "the ephemeral volume outlived its pod");
 
         // A volume formatted as ext4 is never reformatted as xfs.
@@ -246,14 +246,14 @@ fn thinbd_csi_device(volume_id: &str) -> Option<u32> {
 /// checks the file the source held.
 async fn attach_and_read(
     n: &mut NodeClient<tonic::transport::Channel>,
-    mgmt: &mut thinbd_protocol::pb::management_client::ManagementClient<tonic::transport::Channel>,
+    mgmt: &mut thinbd_api::pb::management_client::ManagementClient<tonic::transport::Channel>,
     like: &(String, HashMap<String, String>),
     volume: &str,
     fs: &str,
     work: &Path,
 ) {
     let grant = mgmt
-        .publish_volume(thinbd_protocol::pb::PublishVolumeRequest {
+        .publish_volume(thinbd_api::pb::PublishVolumeRequest {
             volume: volume.into(),
             node: "guest".into(),
             read_only: false,

@@ -269,15 +269,15 @@ pub fn in_guest(cmd: &str, rw: &[&Path]) -> (i32, String) {
 
 /// A CSI volume capability: raw block (`fs` None) or a filesystem.
 pub fn csi_cap(
-    mode: thinbd_protocol::csi::volume_capability::access_mode::Mode,
+    mode: thinbd_api::csi::volume_capability::access_mode::Mode,
     fs: Option<&str>,
-) -> thinbd_protocol::csi::VolumeCapability {
-    use thinbd_protocol::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+) -> thinbd_api::csi::VolumeCapability {
+    use thinbd_api::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
     let access = match fs {
         None => AccessType::Block(BlockVolume {}),
         Some(f) => AccessType::Mount(MountVolume { fs_type: f.into(), ..Default::default() }),
     };
-    thinbd_protocol::csi::VolumeCapability {
+    thinbd_api::csi::VolumeCapability {
         access_type: Some(access),
         access_mode: Some(AccessMode { mode: mode as i32 }),
     }

@@ -10,9 +10,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use thinbd_protocol::csi::controller_client::ControllerClient;
-use thinbd_protocol::csi::volume_capability::access_mode::Mode;
-use thinbd_protocol::csi::*;
+use thinbd_api::csi::controller_client::ControllerClient;
+use thinbd_api::csi::volume_capability::access_mode::Mode;
+use thinbd_api::csi::*;
 use thinbd_tests::{
     CsiPlugin, Server, csi_cap as cap, guest_available, guest_driver_bin, in_guest, make_certs, runtime,
 };

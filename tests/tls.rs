@@ -142,11 +142,11 @@ fn management_api_requires_client_certificates() {
     );
     let bare = thinbd_tests::CsiPlugin::start("controller", &api, "n");
     runtime().block_on(async {
-        use thinbd_protocol::csi::identity_client::IdentityClient;
+        use thinbd_api::csi::identity_client::IdentityClient;
         let mut ok = IdentityClient::new(ctl.channel().await);
-        assert_eq!(ok.probe(thinbd_protocol::csi::ProbeRequest {}).await.unwrap().into_inner().ready, Some(true));
+        assert_eq!(ok.probe(thinbd_api::csi::ProbeRequest {}).await.unwrap().into_inner().ready, Some(true));
         let mut no = IdentityClient::new(bare.channel().await);
-        assert!(no.probe(thinbd_protocol::csi::ProbeRequest {}).await.is_err(), "controller without TLS got in");
+        assert!(no.probe(thinbd_api::csi::ProbeRequest {}).await.is_err(), "controller without TLS got in");
     });
     let keys = key_material(dir.path());
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();

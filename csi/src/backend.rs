@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use thinbd_protocol::csi::TopologyRequirement;
-use thinbd_protocol::pb;
-use thinbd_protocol::pb::management_client::ManagementClient;
+use thinbd_api::csi::TopologyRequirement;
+use thinbd_api::pb;
+use thinbd_api::pb::management_client::ManagementClient;
 use tonic::Status;
 use tonic::transport::Channel;
 
@@ -17,14 +17,14 @@ pub type Api = ManagementClient<Channel>;
 
 pub struct Backends {
     api: String,
-    tls: Option<thinbd_protocol::tls::ApiClientTls>,
+    tls: Option<thinbd_api::tls::ApiClientTls>,
     clients: Mutex<HashMap<String, Api>>,
     /// The single server's node name, once asked.
     single_node: tokio::sync::OnceCell<String>,
 }
 
 impl Backends {
-    pub fn new(api: &str, tls: Option<thinbd_protocol::tls::ApiClientTls>) -> Backends {
+    pub fn new(api: &str, tls: Option<thinbd_api::tls::ApiClientTls>) -> Backends {
         Backends { api: api.to_string(), tls, clients: Mutex::default(), single_node: Default::default() }
     }
 
@@ -41,7 +41,7 @@ impl Backends {
         if let Some(c) = clients.get(address) {
             return Ok(c.clone());
         }
-        let endpoint = thinbd_protocol::tls::api_endpoint(address, self.tls.as_ref())
+        let endpoint = thinbd_api::tls::api_endpoint(address, self.tls.as_ref())
             .map_err(|e| Status::invalid_argument(format!("thinbd API {address:?}: {e}")))?
             .connect_timeout(std::time::Duration::from_secs(5));
         let c = ManagementClient::new(endpoint.connect_lazy());
@@ -78,7 +78,7 @@ impl Backends {
     /// Where to put a new volume: the server's node for a single server (which must satisfy
     /// the requirement), else the first preferred, then the first requisite node.
     pub async fn place(&self, req: Option<&TopologyRequirement>) -> Result<String, Status> {
-        let nodes = |list: &[thinbd_protocol::csi::Topology]| -> Vec<String> {
+        let nodes = |list: &[thinbd_api::csi::Topology]| -> Vec<String> {
             list.iter().filter_map(|t| t.segments.get(TOPOLOGY_KEY).cloned()).collect()
         };
         let preferred = req.map(|r| nodes(&r.preferred)).unwrap_or_default();

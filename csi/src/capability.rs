@@ -3,9 +3,9 @@
 //! Every access mode works with raw block; with a filesystem, modes that let two nodes write at
 //! once are refused, since ext4 and xfs are not cluster filesystems.
 
-use thinbd_protocol::csi::VolumeCapability;
-use thinbd_protocol::csi::volume_capability::access_mode::Mode;
-use thinbd_protocol::csi::volume_capability::{AccessMode, AccessType};
+use thinbd_api::csi::VolumeCapability;
+use thinbd_api::csi::volume_capability::access_mode::Mode;
+use thinbd_api::csi::volume_capability::{AccessMode, AccessType};
 
 pub const FS_TYPES: &[&str] = &["ext4", "xfs"];
 pub const DEFAULT_FS: &str = "ext4";
@@ -80,7 +80,7 @@ pub fn check_all(caps: &[VolumeCapability]) -> Result<Vec<Usage>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use thinbd_protocol::csi::volume_capability::{BlockVolume, MountVolume};
+    use thinbd_api::csi::volume_capability::{BlockVolume, MountVolume};
 
     fn cap(mode: Mode, access: Option<AccessType>) -> VolumeCapability {
         VolumeCapability { access_type: access, access_mode: Some(AccessMode { mode: mode as i32 }) }

@@ -6,10 +6,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use thinbd_protocol::csi::controller_server::Controller;
-use thinbd_protocol::csi::controller_service_capability::rpc::Type as Rpc;
-use thinbd_protocol::csi::*;
-use thinbd_protocol::pb;
+use thinbd_api::csi::controller_server::Controller;
+use thinbd_api::csi::controller_service_capability::rpc::Type as Rpc;
+use thinbd_api::csi::*;
+use thinbd_api::pb;
 use tonic::{Request, Response, Status};
 
 use crate::backend::{Api, Backends, unavailable};

@@ -6,10 +6,10 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use thinbd_protocol::csi::group_controller_server::GroupController;
-use thinbd_protocol::csi::group_controller_service_capability::rpc::Type as GroupRpc;
-use thinbd_protocol::csi::*;
-use thinbd_protocol::pb;
+use thinbd_api::csi::group_controller_server::GroupController;
+use thinbd_api::csi::group_controller_service_capability::rpc::Type as GroupRpc;
+use thinbd_api::csi::*;
+use thinbd_api::pb;
 use tonic::{Request, Response, Status};
 
 use crate::backend::{Api, Backends, unavailable};

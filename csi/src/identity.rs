@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use thinbd_protocol::csi::identity_server::Identity;
-use thinbd_protocol::csi::plugin_capability::{Service, VolumeExpansion, service, volume_expansion};
-use thinbd_protocol::csi::{
+use thinbd_api::csi::identity_server::Identity;
+use thinbd_api::csi::plugin_capability::{Service, VolumeExpansion, service, volume_expansion};
+use thinbd_api::csi::{
     GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest, GetPluginInfoResponse,
     PluginCapability, ProbeRequest, ProbeResponse, plugin_capability,
 };
@@ -57,7 +57,7 @@ impl Identity for IdentityService {
         {
             let node = b.single_node().await?;
             let mut api = b.api(&node).await?;
-            api.get_pool(thinbd_protocol::pb::GetPoolRequest {}).await.map_err(crate::backend::unavailable)?;
+            api.get_pool(thinbd_api::pb::GetPoolRequest {}).await.map_err(crate::backend::unavailable)?;
         }
         Ok(Response::new(ProbeResponse { ready: Some(true) }))
     }

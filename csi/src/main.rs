@@ -9,9 +9,9 @@ use thinbd_csi::backend::Backends;
 use thinbd_csi::controller::ControllerService;
 use thinbd_csi::identity::IdentityService;
 use thinbd_csi::node::NodeService;
-use thinbd_protocol::csi::controller_server::ControllerServer;
-use thinbd_protocol::csi::identity_server::IdentityServer;
-use thinbd_protocol::csi::node_server::NodeServer;
+use thinbd_api::csi::controller_server::ControllerServer;
+use thinbd_api::csi::identity_server::IdentityServer;
+use thinbd_api::csi::node_server::NodeServer;
 use tracing::info;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -100,7 +100,7 @@ async fn main() -> anyhow::Result<()> {
     let controller = matches!(cli.mode, Mode::Controller | Mode::All);
     let node = matches!(cli.mode, Mode::Node | Mode::All);
     let tls = match (&cli.thinbd_api_ca, &cli.thinbd_api_cert, &cli.thinbd_api_key) {
-        (Some(ca), Some(cert), Some(key)) => Some(thinbd_protocol::tls::ApiClientTls {
+        (Some(ca), Some(cert), Some(key)) => Some(thinbd_api::tls::ApiClientTls {
             ca: ca.clone(),
             cert: cert.clone(),
             key: key.clone(),
@@ -122,10 +122,10 @@ async fn main() -> anyhow::Result<()> {
     let mut router = if controller {
         router
             .add_service(ControllerServer::new(ControllerService { backends: backends.clone() }))
-            .add_service(thinbd_protocol::csi::group_controller_server::GroupControllerServer::new(
+            .add_service(thinbd_api::csi::group_controller_server::GroupControllerServer::new(
                 thinbd_csi::group_controller::GroupControllerService { backends: backends.clone() },
             ))
-            .add_service(thinbd_protocol::csi::snapshot_metadata_server::SnapshotMetadataServer::new(
+            .add_service(thinbd_api::csi::snapshot_metadata_server::SnapshotMetadataServer::new(
                 thinbd_csi::snapshot_metadata::SnapshotMetadataService { backends: backends.clone() },
             ))
     } else {

@@ -6,9 +6,9 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use thinbd_protocol::csi::node_server::Node;
-use thinbd_protocol::csi::node_service_capability::rpc::Type as Rpc;
-use thinbd_protocol::csi::*;
+use thinbd_api::csi::node_server::Node;
+use thinbd_api::csi::node_service_capability::rpc::Type as Rpc;
+use thinbd_api::csi::*;
 use tonic::{Request, Response, Status};
 
 use crate::capability::{self, Usage};
@@ -51,7 +51,7 @@ impl NodeService {
     /// NodePublishVolume of a CSI inline ephemeral volume: create it on the local storage
     /// server, grant this node, attach, format and mount it on the target. Idempotent.
     async fn publish_ephemeral(&self, r: &NodePublishVolumeRequest, usage: &Usage) -> Result<(), Status> {
-        use thinbd_protocol::pb;
+        use thinbd_api::pb;
         let target = PathBuf::from(&r.target_path);
         if mounts::mounted_at(&target).is_some() {
             return Ok(());
@@ -105,7 +105,7 @@ impl NodeService {
     /// NodeUnpublishVolume of an inline ephemeral volume (after its unmount): detach it and
     /// delete it from the server.
     async fn remove_ephemeral(&self, target: &Path) -> Result<(), Status> {
-        use thinbd_protocol::pb;
+        use thinbd_api::pb;
         let Some(volume_id) = self.state.ephemeral(target) else { return Ok(()) };
         if let Some(index) = attach::find(&volume_id) {
             attach::detach(index).await.map_err(|e| Status::internal(e.to_string()))?;

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use thinbd_protocol::pb;
+use thinbd_api::pb;
 
 /// Parameters thinbd understands.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

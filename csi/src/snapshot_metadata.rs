@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 
-use thinbd_protocol::csi::snapshot_metadata_server::SnapshotMetadata;
-use thinbd_protocol::csi::*;
-use thinbd_protocol::pb;
+use thinbd_api::csi::snapshot_metadata_server::SnapshotMetadata;
+use thinbd_api::csi::*;
+use thinbd_api::pb;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 

@@ -1,5 +1,5 @@
 //! The NBD protocol for thinbd: handshake, transmission, a server session driver generic over
-//! [`BlockDevice`], an async [`client::Client`], and the gRPC definitions of the management API.
+//! [`BlockDevice`], and an async [`client::Client`]. (The gRPC definitions are in `thinbd-api`.)
 
 pub mod aligned;
 pub mod budget;
@@ -34,16 +34,4 @@ pub enum ProtocolError {
     Refused(String),
     #[error("TLS: {0}")]
     Tls(String),
-}
-
-/// Generated gRPC code for `thinbd.v1`.
-pub mod pb {
-    #![allow(clippy::all, clippy::pedantic)]
-    tonic::include_proto!("thinbd.v1");
-}
-
-/// Generated gRPC code for the Container Storage Interface (`csi.v1`).
-pub mod csi {
-    #![allow(clippy::all, clippy::pedantic)]
-    tonic::include_proto!("csi.v1");
 }

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use thinbd_protocol::pb;
-use thinbd_protocol::pb::management_server::Management;
+use thinbd_api::pb;
+use thinbd_api::pb::management_server::Management;
 use tonic::{Request, Response, Status};
 
 use crate::engine::grants::Access;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use nix::fcntl::{Flock, FlockArg};
 use thinbd_protocol::ServerConfig;
-use thinbd_protocol::pb::management_server::ManagementServer;
+use thinbd_api::pb::management_server::ManagementServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -207,7 +207,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let api_shutdown = shutdown.clone();
     let mut api_builder = tonic::transport::Server::builder();
     if let (Some(c), Some(k), Some(ca)) = (&opts.api_tls_cert, &opts.api_tls_key, &opts.api_tls_client_ca) {
-        let tls = thinbd_protocol::tls::api_server_tls(c, k, ca)?;
+        let tls = thinbd_api::tls::api_server_tls(c, k, ca)?;
         api_builder = api_builder.tls_config(tls).context("management API TLS")?;
     }
     let api_task = tokio::spawn(

@@ -7,8 +7,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use thinbd::daemon::{ServeOptions, serve};
 use thinbd::size::{format_size, parse_size};
-use thinbd_protocol::pb;
-use thinbd_protocol::pb::management_client::ManagementClient;
+use thinbd_api::pb;
+use thinbd_api::pb::management_client::ManagementClient;
 use tonic::transport::Channel;
 
 #[derive(Parser)]
@@ -46,9 +46,9 @@ struct ClientArgs {
 }
 
 impl ClientArgs {
-    fn tls(&self) -> Option<thinbd_protocol::tls::ApiClientTls> {
+    fn tls(&self) -> Option<thinbd_api::tls::ApiClientTls> {
         match (&self.api_ca, &self.api_cert, &self.api_key) {
-            (Some(ca), Some(cert), Some(key)) => Some(thinbd_protocol::tls::ApiClientTls {
+            (Some(ca), Some(cert), Some(key)) => Some(thinbd_api::tls::ApiClientTls {
                 ca: ca.clone(),
                 cert: cert.clone(),
                 key: key.clone(),
@@ -290,7 +290,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn connect(client: &ClientArgs) -> anyhow::Result<ManagementClient<Channel>> {
-    let ep = thinbd_protocol::tls::api_endpoint(&client.api, client.tls().as_ref())?;
+    let ep = thinbd_api::tls::api_endpoint(&client.api, client.tls().as_ref())?;
     let url = ep.uri().to_string();
     let channel = ep
         .connect()

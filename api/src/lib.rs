@@ -1,0 +1,17 @@
+//! thinbd's gRPC surface: the management API (`thinbd.v1`, what the CLI and the CSI controller
+//! call) and the Container Storage Interface (`csi.v1`), compiled from `proto/`, plus the
+//! management API's mutual-TLS configuration. The NBD protocol lives in `thinbd-protocol`.
+
+pub mod tls;
+
+/// Generated gRPC code for `thinbd.v1`.
+pub mod pb {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("thinbd.v1");
+}
+
+/// Generated gRPC code for the Container Storage Interface (`csi.v1`).
+pub mod csi {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("csi.v1");
+}
