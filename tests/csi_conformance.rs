@@ -5,13 +5,13 @@
 
 use std::collections::HashMap;
 
-use thinbd_protocol::client::{Client, ClientOptions};
 use thinbd_api::csi::controller_client::ControllerClient;
 use thinbd_api::csi::identity_client::IdentityClient;
 use thinbd_api::csi::node_client::NodeClient;
 use thinbd_api::csi::volume_capability::access_mode::Mode;
 use thinbd_api::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use thinbd_api::csi::*;
+use thinbd_protocol::client::{Client, ClientOptions};
 use thinbd_tests::{CsiPlugin, Server, runtime};
 use tonic::Code;
 use tonic::transport::Channel;

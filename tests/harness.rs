@@ -277,10 +277,7 @@ pub fn csi_cap(
         None => AccessType::Block(BlockVolume {}),
         Some(f) => AccessType::Mount(MountVolume { fs_type: f.into(), ..Default::default() }),
     };
-    thinbd_api::csi::VolumeCapability {
-        access_type: Some(access),
-        access_mode: Some(AccessMode { mode: mode as i32 }),
-    }
+    thinbd_api::csi::VolumeCapability { access_type: Some(access), access_mode: Some(AccessMode { mode: mode as i32 }) }
 }
 
 /// A running `thinbd-csi` on a unix socket in a temporary directory.

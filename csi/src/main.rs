@@ -5,13 +5,13 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
+use thinbd_api::csi::controller_server::ControllerServer;
+use thinbd_api::csi::identity_server::IdentityServer;
+use thinbd_api::csi::node_server::NodeServer;
 use thinbd_csi::backend::Backends;
 use thinbd_csi::controller::ControllerService;
 use thinbd_csi::identity::IdentityService;
 use thinbd_csi::node::NodeService;
-use thinbd_api::csi::controller_server::ControllerServer;
-use thinbd_api::csi::identity_server::IdentityServer;
-use thinbd_api::csi::node_server::NodeServer;
 use tracing::info;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -95,7 +95,3 @@ fn client_config(ca: &Path, client: Option<(&Path, &Path)>, extract: bool) -> Re
     config.enable_secret_extraction = extract;
     Ok(TlsConnector::from(Arc::new(config)))
 }
-
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read { path: path.display().to_string(), source })
-}
