@@ -125,6 +125,23 @@ impl Server {
 
     /// Starts and waits until it listens; `Err` with the exit status and log if it exited.
     pub fn try_spawn(&mut self) -> Result<(), String> {
+        // A port `free_port` found free may be taken by another test before the daemon binds
+        // it: then start again on fresh ports.
+        for _ in 0..5 {
+            let before = self.log_text().len();
+            match self.spawn_once() {
+                Err(_) if self.log_text()[before..].contains("Address already in use") => {
+                    self.nbd_port = free_port();
+                    self.api_port = free_port();
+                    self.metrics_port = free_port();
+                }
+                r => return r,
+            }
+        }
+        self.spawn_once()
+    }
+
+    fn spawn_once(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
         let child = Command::new(thinbd_bin())
             .arg("serve")
