@@ -14,6 +14,7 @@ pub mod grants;
 pub mod recovery;
 
 use crate::error::EngineError;
+use crate::layers::edit::LayerEdit;
 use crate::layers::extent_map::{ExtentMap, ZERO_MARK};
 use crate::layers::layer::{Layer, poisoned};
 use crate::meta::store::{LayerRecord, MetaOp, PoolConfig, SnapshotRecord, Store, VolumeRecord};
@@ -546,6 +547,20 @@ impl Engine {
         self.release(released).await
     }
 
+    /// Commits `edits` (with `extra` ops: allocator changes, records) and then applies them to
+    /// memory: the one path by which extent maps change.
+    pub(crate) async fn commit_edits(
+        self: &Arc<Self>,
+        edits: Vec<LayerEdit>,
+        extra: Vec<MetaOp>,
+        durable: bool,
+    ) -> Result<(), EngineError> {
+        let mut ops: Vec<MetaOp> = edits.iter().map(LayerEdit::meta_op).collect();
+        ops.extend(extra);
+        self.commit(ops, durable).await?;
+        crate::layers::edit::apply(edits)
+    }
+
     /// Gives freed clusters back to the allocator once no read can still be using them.
     pub(crate) async fn release(&self, clusters: Vec<u64>) -> Result<(), EngineError> {
         if clusters.is_empty() {
@@ -1045,33 +1060,26 @@ impl Engine {
                     Some(v) => Some(v.gate.write().await),
                     None => None,
                 };
-                let (merged, freed, mut ops, parent) = {
+                let (edits, freed) = {
                     let ls = layer.read()?;
                     let cs = child.read()?;
-                    let mut merged = cs.map.clone();
                     let mut freed = Vec::new();
-                    let mut ops = Vec::new();
+                    let mut edits = Vec::new();
                     for (v, p) in ls.map.iter() {
                         if cs.map.get(v) != crate::layers::extent_map::Mapping::Hole {
                             if p != ZERO_MARK {
                                 freed.push(p);
-                                ops.push(MetaOp::Free(p));
                             }
                         } else {
-                            merged.insert(v, p);
-                            ops.push(MetaOp::Map { layer: child.id, vcluster: v, pcluster: p });
+                            edits.push(LayerEdit::Map { layer: child.clone(), vcluster: v, pcluster: p });
                         }
                     }
-                    (merged, freed, ops, ls.parent.clone())
+                    edits.push(LayerEdit::Reparent { layer: child.clone(), parent: ls.parent.clone() });
+                    (edits, freed)
                 };
-                ops.push(MetaOp::PutLayer { id: child.id, parent: parent.as_ref().map(|p| p.id) });
-                ops.push(MetaOp::DeleteLayer(id));
-                self.commit(ops, true).await?;
-                {
-                    let mut cs = child.state.write().map_err(|_| poisoned())?;
-                    cs.map = merged;
-                    cs.parent = parent;
-                }
+                let mut extra: Vec<MetaOp> = freed.iter().map(|p| MetaOp::Free(*p)).collect();
+                extra.push(MetaOp::DeleteLayer(id));
+                self.commit_edits(edits, extra, true).await?;
                 self.forget_layers(&[id]);
                 self.release(freed).await?;
                 return Ok(());
@@ -1130,20 +1138,9 @@ impl Engine {
         dead: &[(u64, u64)],
         durable: bool,
     ) -> Result<(), EngineError> {
-        let mut ops = Vec::with_capacity(dead.len() * 2);
-        for (v, p) in dead {
-            ops.push(MetaOp::Unmap { layer: layer.id, vcluster: *v });
-            if *p != ZERO_MARK {
-                ops.push(MetaOp::Free(*p));
-            }
-        }
-        self.commit(ops, durable).await?;
-        {
-            let mut st = layer.state.write().map_err(|_| poisoned())?;
-            for (v, _) in dead {
-                st.map.remove(*v);
-            }
-        }
+        let edits = dead.iter().map(|(v, _)| LayerEdit::Unmap { layer: layer.clone(), vcluster: *v }).collect();
+        let frees = dead.iter().filter(|(_, p)| *p != ZERO_MARK).map(|(_, p)| MetaOp::Free(*p)).collect();
+        self.commit_edits(edits, frees, durable).await?;
         let freed = dead.iter().map(|(_, p)| *p).filter(|p| *p != ZERO_MARK);
         if durable {
             self.release(freed.collect()).await?;
@@ -1236,16 +1233,12 @@ impl Engine {
         let vol = self.volume(volume)?;
         let top = vol.top()?;
         let pcs = self.alloc()?.allocate(clusters as usize).ok_or(EngineError::NoSpace)?;
-        let mut ops = Vec::with_capacity(pcs.len() * 2);
-        for (i, p) in pcs.iter().enumerate() {
-            ops.push(MetaOp::Claim(*p));
-            ops.push(MetaOp::Map { layer: top.id, vcluster: i as u64 * stride, pcluster: *p });
-        }
-        self.commit(ops, true).await?;
-        let mut st = top.state.write().map_err(|_| poisoned())?;
-        for (i, p) in pcs.iter().enumerate() {
-            st.map.insert(i as u64 * stride, *p);
-        }
+        let edits = pcs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| LayerEdit::Map { layer: top.clone(), vcluster: i as u64 * stride, pcluster: *p })
+            .collect();
+        self.commit_edits(edits, pcs.iter().map(|p| MetaOp::Claim(*p)).collect(), true).await?;
         Ok(())
     }
 }

@@ -11,6 +11,7 @@ use thinbd_protocol::{Extent, ReadChunk};
 
 use crate::engine::{Engine, Snapshot, Volume};
 use crate::error::EngineError;
+use crate::layers::edit::LayerEdit;
 use crate::layers::extent_map::{Mapping, Run, ZERO_MARK};
 use crate::layers::layer::{Layer, RESOLVE_MAX, poisoned};
 use crate::meta::store::MetaOp;
@@ -265,24 +266,18 @@ impl LocalVolume {
         };
         let r = match self.fill_new_clusters(top, need, &pcs, offset, data).await {
             Ok(()) => {
-                let mut ops = Vec::with_capacity(need.len() * 2);
-                for (v, p) in need.iter().zip(&pcs) {
-                    ops.push(MetaOp::Claim(*p));
-                    ops.push(MetaOp::Map { layer: top.id, vcluster: *v, pcluster: *p });
-                }
-                self.engine.commit(ops, false).await
+                let edits = need
+                    .iter()
+                    .zip(&pcs)
+                    .map(|(v, p)| LayerEdit::Map { layer: top.clone(), vcluster: *v, pcluster: *p })
+                    .collect();
+                self.engine.commit_edits(edits, pcs.iter().map(|p| MetaOp::Claim(*p)).collect(), false).await
             }
             Err(e) => Err(e),
         };
         if let Err(e) = r {
             self.engine.alloc()?.unallocate(pcs);
             return Err(e);
-        }
-        {
-            let mut st = top.state.write().map_err(|_| poisoned())?;
-            for (v, p) in need.iter().zip(&pcs) {
-                st.map.insert(*v, *p);
-            }
         }
         self.engine.reclaim_overridden(top, need).await
     }
@@ -404,64 +399,39 @@ impl LocalVolume {
     async fn unmap_clusters(&self, vol: &Volume, first: u64, end: u64) -> Result<(), EngineError> {
         let top = vol.top()?;
         let parent = top.parent()?;
-        let mut ops = Vec::new();
+        let mut edits = Vec::new();
         let mut freed = Vec::new();
-        let mut changes: Vec<(u64, Option<u64>)> = Vec::new();
-        {
-            let st = top.read()?;
-            match &parent {
-                None => {
-                    for (v, p) in st.map.range(first, end) {
-                        ops.push(MetaOp::Unmap { layer: top.id, vcluster: v });
-                        changes.push((v, None));
-                        if p != ZERO_MARK {
-                            freed.push(p);
-                        }
-                    }
-                }
-                Some(parent) => {
-                    // Where a layer below has data, the top needs a zero mark to hide it.
-                    let mut chunk = first;
-                    while chunk < end {
-                        let stop = end.min(chunk + RESOLVE_MAX);
-                        for (v, p) in st.map.range(chunk, stop) {
-                            if p != ZERO_MARK {
-                                freed.push(p);
-                            }
-                            ops.push(MetaOp::Unmap { layer: top.id, vcluster: v });
-                            changes.push((v, None));
-                        }
-                        for run in parent.resolve(chunk, stop)? {
-                            if run.physical().is_some() {
-                                for v in run.vstart..run.vstart + run.count {
-                                    ops.push(MetaOp::Map { layer: top.id, vcluster: v, pcluster: ZERO_MARK });
-                                    changes.push((v, Some(ZERO_MARK)));
-                                }
-                            }
-                        }
-                        chunk = stop;
-                    }
-                }
-            }
-        }
-        if ops.is_empty() {
-            return Ok(());
-        }
-        ops.extend(freed.iter().map(|p| MetaOp::Free(*p)));
-        self.engine.commit(ops, false).await?;
         let mut marked = Vec::new();
         {
-            let mut st = top.state.write().map_err(|_| poisoned())?;
-            for (v, p) in changes {
-                match p {
-                    None => st.map.remove(v),
-                    Some(p) => {
-                        marked.push(v);
-                        st.map.insert(v, p)
+            let st = top.read()?;
+            let mut chunk = first;
+            while chunk < end {
+                let stop = end.min(chunk + RESOLVE_MAX);
+                for (v, p) in st.map.range(chunk, stop) {
+                    if p != ZERO_MARK {
+                        freed.push(p);
                     }
-                };
+                    edits.push(LayerEdit::Unmap { layer: top.clone(), vcluster: v });
+                }
+                // Where a layer below has data, the top needs a zero mark to hide it.
+                if let Some(parent) = &parent {
+                    for run in parent.resolve(chunk, stop)? {
+                        if run.physical().is_some() {
+                            for v in run.vstart..run.vstart + run.count {
+                                edits.push(LayerEdit::Map { layer: top.clone(), vcluster: v, pcluster: ZERO_MARK });
+                                marked.push(v);
+                            }
+                        }
+                    }
+                }
+                chunk = stop;
             }
         }
+        if edits.is_empty() {
+            return Ok(());
+        }
+        let frees = freed.iter().map(|p| MetaOp::Free(*p)).collect();
+        self.engine.commit_edits(edits, frees, false).await?;
         self.engine.alloc()?.free_later(freed);
         self.engine.reclaim_overridden(&top, &marked).await
     }

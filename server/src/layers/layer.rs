@@ -16,7 +16,8 @@ pub struct LayerState {
 
 pub struct Layer {
     pub id: u64,
-    pub state: RwLock<LayerState>,
+    /// Changed only through `layers::edit` (after the metadata commit); read with [`Layer::read`].
+    pub(super) state: RwLock<LayerState>,
     /// Frozen and named by no snapshot: only its child layers read it, so a cluster every
     /// child overrides is garbage. Never goes back to false.
     pub hidden: std::sync::atomic::AtomicBool,

@@ -3,5 +3,6 @@
 //! from.
 
 pub mod changes;
+pub mod edit;
 pub mod extent_map;
 pub mod layer;
