@@ -3,16 +3,16 @@
 //! grant's export name `VOLUME#TOKEN`, which only holders of the grant know. Revoking a grant
 //! ends the sessions opened through it. Single-writer grants keep every other node read-only.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Engine, now_unix};
 use crate::error::EngineError;
 use crate::layers::layer::poisoned;
-use crate::meta::store::{GrantRecord, MetaOp, grant_key};
+use crate::meta::store::GrantRecord;
 
 pub struct Grant {
     pub record: GrantRecord,
@@ -87,97 +87,102 @@ fn new_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-impl Engine {
-    /// Grants `node` access to `volume`. Idempotent: the same request returns the same grant; a
-    /// different access mode for the same node, or a writer that would join a single-writer
-    /// attachment on another node, is refused.
-    pub async fn publish(
-        self: &Arc<Self>,
-        volume: &str,
-        node: &str,
-        access: Access,
-    ) -> Result<Arc<Grant>, EngineError> {
-        if node.is_empty() || node.len() > 256 || node.chars().any(char::is_control) {
-            return Err(EngineError::Invalid(format!("invalid node id {node:?}")));
+/// The grants of one engine: live ones by `grant_key`, and revoked ones whose sessions are
+/// still being fenced (a retried revocation waits for them again).
+#[derive(Default)]
+pub struct Grants {
+    live: RwLock<BTreeMap<String, Arc<Grant>>>,
+    revoking: Mutex<BTreeMap<String, Arc<Grant>>>,
+}
+
+impl Grants {
+    pub fn load(records: Vec<GrantRecord>) -> Grants {
+        let live = records.into_iter().map(|g| (g.key(), Arc::new(Grant::new(g)))).collect();
+        Grants { live: RwLock::new(live), revoking: Default::default() }
+    }
+
+    /// The live grants of `volume`.
+    pub fn of(&self, volume: &str) -> Vec<Arc<Grant>> {
+        match self.live.read() {
+            Ok(g) => g.values().filter(|g| g.record.volume == volume).cloned().collect(),
+            Err(_) => Vec::new(),
         }
-        let _admin = self.admin.lock().await;
-        self.volume(volume)?;
-        let key = grant_key(volume, node);
-        let grants: Vec<Arc<Grant>> = self.grants_of(volume);
+    }
+
+    pub fn records(&self) -> Vec<GrantRecord> {
+        self.live.read().map(|g| g.values().map(|g| g.record.clone()).collect()).unwrap_or_default()
+    }
+
+    /// The grant of `volume` whose secret is `token` (export name `VOLUME#TOKEN`).
+    pub fn find(&self, volume: &str, token: &str) -> Option<Arc<Grant>> {
+        let g = self.live.read().ok()?;
+        g.values()
+            .find(|g| g.record.volume == volume && constant_time_eq(g.record.token.as_bytes(), token.as_bytes()))
+            .cloned()
+    }
+
+    /// Whether `node` may get `access` to `volume`: `Ok(Some(grant))` when it already has that
+    /// grant (publish is idempotent), `Ok(None)` when a new one may be made; a different access
+    /// mode for the same node, or a writer next to a single-writer attachment, is refused.
+    pub fn check(&self, volume: &str, node: &str, access: Access) -> Result<Option<Arc<Grant>>, EngineError> {
+        let grants = self.of(volume);
         if let Some(g) = grants.iter().find(|g| g.record.node == node) {
             let r = &g.record;
             if r.read_only == access.read_only && (access.read_only || r.single_writer == access.single_writer) {
-                return Ok(g.clone());
+                return Ok(Some(g.clone()));
             }
             return Err(EngineError::AlreadyExists(format!(
                 "volume {volume:?} is already published to node {node:?} with other access ({})",
                 if r.read_only { "read-only" } else { "read-write" }
             )));
         }
-        if !access.read_only {
-            let writers: Vec<&Arc<Grant>> = grants.iter().filter(|g| !g.record.read_only).collect();
-            if let Some(w) = writers.iter().find(|w| access.single_writer || w.record.single_writer) {
-                return Err(EngineError::SingleWriter { volume: volume.to_string(), node: w.record.node.clone() });
-            }
+        if !access.read_only
+            && let Some(w) =
+                grants.iter().find(|w| !w.record.read_only && (access.single_writer || w.record.single_writer))
+        {
+            return Err(EngineError::SingleWriter { volume: volume.to_string(), node: w.record.node.clone() });
         }
-        let record = GrantRecord {
+        Ok(None)
+    }
+
+    /// A new grant's record (its token fresh from the system's random source).
+    pub fn record(volume: &str, node: &str, access: Access, created_unix: u64) -> GrantRecord {
+        GrantRecord {
             volume: volume.to_string(),
             node: node.to_string(),
             token: new_token(),
             read_only: access.read_only,
             single_writer: access.single_writer && !access.read_only,
-            created_unix: now_unix(),
-        };
-        self.commit(vec![MetaOp::PutGrant(record.clone())], true).await?;
-        let grant = Arc::new(Grant::new(record));
-        self.grants.write().map_err(|_| poisoned())?.insert(key, grant.clone());
-        tracing::info!(volume, node, read_only = access.read_only, "volume published");
-        Ok(grant)
-    }
-
-    /// Revokes `node`'s grant on `volume` and fences its sessions: when this returns, nothing
-    /// they sent can still reach the volume (payloads half-read are dropped, requests not yet
-    /// started never start, started ones have finished). Unknown grants are not an error (the
-    /// CSI call is idempotent); a revocation whose fence timed out is waited for again.
-    pub async fn unpublish(self: &Arc<Self>, volume: &str, node: &str) -> Result<(), EngineError> {
-        let _admin = self.admin.lock().await;
-        let key = grant_key(volume, node);
-        let live = self.grants.read().map_err(|_| poisoned())?.get(&key).cloned();
-        let grant = match live {
-            Some(grant) => {
-                self.commit(vec![MetaOp::DeleteGrant(key.clone())], true).await?;
-                self.grants.write().map_err(|_| poisoned())?.remove(&key);
-                self.revoking.lock().map_err(|_| poisoned())?.insert(key.clone(), grant.clone());
-                grant
-            }
-            None => match self.revoking.lock().map_err(|_| poisoned())?.get(&key).cloned() {
-                Some(grant) => grant,
-                None => return Ok(()),
-            },
-        };
-        grant.fence().await?;
-        self.revoking.lock().map_err(|_| poisoned())?.remove(&key);
-        tracing::info!(volume, node, "volume unpublished");
-        Ok(())
-    }
-
-    pub fn grants_of(&self, volume: &str) -> Vec<Arc<Grant>> {
-        match self.grants.read() {
-            Ok(g) => g.values().filter(|g| g.record.volume == volume).cloned().collect(),
-            Err(_) => Vec::new(),
+            created_unix,
         }
     }
 
-    pub fn published_nodes(&self, volume: &str) -> Vec<String> {
-        self.grants_of(volume).iter().map(|g| g.record.node.clone()).collect()
+    pub fn insert(&self, grant: Arc<Grant>) -> Result<(), EngineError> {
+        self.live.write().map_err(|_| poisoned())?.insert(grant.record.key(), grant);
+        Ok(())
     }
 
-    /// The grant of `volume` whose secret is `token` (export name `VOLUME#TOKEN`).
-    pub fn grant_for(&self, volume: &str, token: &str) -> Option<Arc<Grant>> {
-        let g = self.grants.read().ok()?;
-        g.values()
-            .find(|g| g.record.volume == volume && constant_time_eq(g.record.token.as_bytes(), token.as_bytes()))
-            .cloned()
+    pub fn live(&self, key: &str) -> Option<Arc<Grant>> {
+        self.live.read().ok()?.get(key).cloned()
+    }
+
+    /// The live grant leaves the table for the fencing one (its deletion is committed).
+    pub fn start_revoking(&self, key: &str) -> Result<(), EngineError> {
+        if let Some(g) = self.live.write().map_err(|_| poisoned())?.remove(key) {
+            self.revoking.lock().map_err(|_| poisoned())?.insert(key.to_string(), g);
+        }
+        Ok(())
+    }
+
+    pub fn revoking(&self, key: &str) -> Option<Arc<Grant>> {
+        self.revoking.lock().ok()?.get(key).cloned()
+    }
+
+    /// Revokes `grant` and waits until its sessions are fenced; then it is forgotten.
+    pub async fn fence(&self, key: &str, grant: &Grant) -> Result<(), EngineError> {
+        grant.fence().await?;
+        self.revoking.lock().map_err(|_| poisoned())?.remove(key);
+        Ok(())
     }
 }
 

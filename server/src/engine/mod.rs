@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub mod changes;
 pub mod grants;
+pub mod publish;
 pub mod recovery;
 
 use crate::error::EngineError;
@@ -251,9 +252,7 @@ pub struct Engine {
     pub(crate) snapshots: RwLock<BTreeMap<String, Arc<Snapshot>>>,
     pub(crate) layers: RwLock<BTreeMap<u64, Arc<Layer>>>,
     /// Attachment grants by `grant_key`.
-    pub(crate) grants: RwLock<BTreeMap<String, Arc<crate::engine::grants::Grant>>>,
-    /// Revoked grants whose sessions are still being fenced, by `grant_key`.
-    pub(crate) revoking: Mutex<BTreeMap<String, Arc<crate::engine::grants::Grant>>>,
+    pub(crate) grants: grants::Grants,
     /// Freed clusters are reused only after the reads that may have resolved to them.
     pub(crate) grace: crate::space::grace::Grace,
     /// One metadata store recovery at a time, and when the last one was tried.
@@ -471,8 +470,7 @@ impl Engine {
                 || snapshots.values().any(|s: &Arc<Snapshot>| s.layer.id == l.id);
             l.hidden.store(!named, Relaxed);
         }
-        let grants =
-            loaded.grants.into_iter().map(|g| (g.key(), Arc::new(crate::engine::grants::Grant::new(g)))).collect();
+        let grants = grants::Grants::load(loaded.grants);
         let store = Arc::new(store);
         let meta_dirty: Arc<std::sync::atomic::AtomicBool> = Default::default();
         let committer = spawn_committer(store.clone(), meta_dirty.clone())?;
@@ -489,8 +487,7 @@ impl Engine {
             meta_dirty,
             admin: Default::default(),
             reclaim: Default::default(),
-            grants: RwLock::new(grants),
-            revoking: Default::default(),
+            grants,
             grace: Default::default(),
             recovery: Default::default(),
             data_dir,

@@ -136,14 +136,14 @@ impl Engine {
         );
         drop(snapshots);
 
-        let grants = self.grants.read().map_err(|_| poisoned())?;
-        for g in grants.values() {
-            if !disk.grants.contains(&g.record) {
-                ops.push(MetaOp::PutGrant(g.record.clone()));
+        let grants = self.grants.records();
+        for g in &grants {
+            if !disk.grants.contains(g) {
+                ops.push(MetaOp::PutGrant(g.clone()));
             }
         }
-        ops.extend(disk.grants.iter().filter(|d| !grants.contains_key(&d.key())).map(|d| MetaOp::DeleteGrant(d.key())));
-        drop(grants);
+        let live: std::collections::BTreeSet<String> = grants.iter().map(|g| g.key()).collect();
+        ops.extend(disk.grants.iter().filter(|d| !live.contains(&d.key())).map(|d| MetaOp::DeleteGrant(d.key())));
 
         // Free is everything below the high-water mark that no layer maps: clusters handed to a
         // request that has not committed yet count as free until its commit claims them.

@@ -1,0 +1,71 @@
+//! Publishing: attachment grants given and revoked through the engine (commit, then the table).
+
+use std::sync::Arc;
+
+use crate::engine::grants::{Access, Grant, Grants};
+use crate::engine::{Engine, now_unix};
+use crate::error::EngineError;
+use crate::meta::store::{MetaOp, grant_key};
+
+impl Engine {
+    /// Grants `node` access to `volume`. Idempotent: the same request returns the same grant; a
+    /// different access mode for the same node, or a writer that would join a single-writer
+    /// attachment on another node, is refused.
+    pub async fn publish(
+        self: &Arc<Self>,
+        volume: &str,
+        node: &str,
+        access: Access,
+    ) -> Result<Arc<Grant>, EngineError> {
+        if node.is_empty() || node.len() > 256 || node.chars().any(char::is_control) {
+            return Err(EngineError::Invalid(format!("invalid node id {node:?}")));
+        }
+        let _admin = self.admin.lock().await;
+        self.volume(volume)?;
+        if let Some(existing) = self.grants.check(volume, node, access)? {
+            return Ok(existing);
+        }
+        let record = Grants::record(volume, node, access, now_unix());
+        self.commit(vec![MetaOp::PutGrant(record.clone())], true).await?;
+        let grant = Arc::new(Grant::new(record));
+        self.grants.insert(grant.clone())?;
+        tracing::info!(volume, node, read_only = access.read_only, "volume published");
+        Ok(grant)
+    }
+
+    /// Revokes `node`'s grant on `volume` and fences its sessions: when this returns, nothing
+    /// they sent can still reach the volume (payloads half-read are dropped, requests not yet
+    /// started never start, started ones have finished). Unknown grants are not an error (the
+    /// CSI call is idempotent); a revocation whose fence timed out is waited for again.
+    pub async fn unpublish(self: &Arc<Self>, volume: &str, node: &str) -> Result<(), EngineError> {
+        let _admin = self.admin.lock().await;
+        let key = grant_key(volume, node);
+        let grant = match self.grants.live(&key) {
+            Some(grant) => {
+                self.commit(vec![MetaOp::DeleteGrant(key.clone())], true).await?;
+                self.grants.start_revoking(&key)?;
+                grant
+            }
+            None => match self.grants.revoking(&key) {
+                Some(grant) => grant,
+                None => return Ok(()),
+            },
+        };
+        self.grants.fence(&key, &grant).await?;
+        tracing::info!(volume, node, "volume unpublished");
+        Ok(())
+    }
+
+    pub fn grants_of(&self, volume: &str) -> Vec<Arc<Grant>> {
+        self.grants.of(volume)
+    }
+
+    pub fn published_nodes(&self, volume: &str) -> Vec<String> {
+        self.grants.of(volume).iter().map(|g| g.record.node.clone()).collect()
+    }
+
+    /// The grant of `volume` whose secret is `token` (export name `VOLUME#TOKEN`).
+    pub fn grant_for(&self, volume: &str, token: &str) -> Option<Arc<Grant>> {
+        self.grants.find(volume, token)
+    }
+}
