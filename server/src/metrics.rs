@@ -92,8 +92,16 @@ pub struct VolumeSample<'a> {
     pub shared: u64,
     pub sessions: u32,
     pub metrics: &'a VolumeMetrics,
-    /// Volumes have QoS limits, snapshots not.
-    pub qos: Option<&'a crate::io::Qos>,
+    /// Volumes have QoS, snapshots not.
+    pub qos: Option<QosSample>,
+}
+
+/// A volume's QoS at render time: its limits and how long requests waited for them.
+#[derive(Clone, Copy)]
+pub struct QosSample {
+    pub limits: crate::meta::qos::QosLimits,
+    pub throttled_ns: u64,
+    pub throttled_requests: u64,
 }
 
 pub struct PoolSample {
@@ -160,13 +168,13 @@ pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
             match (name, v.qos) {
                 (_, None) if name.starts_with("thinbd_volume_throttled") || name == "thinbd_volume_qos_limit" => {}
                 ("thinbd_volume_throttled_seconds_total", Some(q)) => {
-                    let _ = writeln!(o, "{name}{{{l}}} {}", q.throttled_ns.load(Relaxed) as f64 / 1e9);
+                    let _ = writeln!(o, "{name}{{{l}}} {}", q.throttled_ns as f64 / 1e9);
                 }
                 ("thinbd_volume_throttled_requests_total", Some(q)) => {
-                    let _ = writeln!(o, "{name}{{{l}}} {}", q.throttled_requests.load(Relaxed));
+                    let _ = writeln!(o, "{name}{{{l}}} {}", q.throttled_requests);
                 }
                 ("thinbd_volume_qos_limit", Some(q)) => {
-                    let q = q.limits();
+                    let q = q.limits;
                     let limits = [
                         ("iops", q.iops),
                         ("read_iops", q.read_iops),

@@ -679,7 +679,11 @@ impl Engine {
                 shared: usage.shared,
                 sessions: v.sessions(),
                 metrics: &v.metrics,
-                qos: Some(&v.qos),
+                qos: Some(crate::metrics::QosSample {
+                    limits: v.qos.limits(),
+                    throttled_ns: v.qos.throttled_ns.load(Relaxed),
+                    throttled_requests: v.qos.throttled_requests.load(Relaxed),
+                }),
             });
         }
         for (s, key) in snaps.iter().zip(&keys) {

@@ -2,7 +2,7 @@
 //! [`VolumeIo`], is implemented by the volume itself ([`LocalVolume`]) and by wrappers that each
 //! add one concern around the next layer down — [`Metered`] (metrics), [`Throttled`] (QoS) —
 //! so a new concern (replication, fencing) is one more wrapper, not an edit of the write path.
-//! The NBD edge (`crate::nbd`) adapts the composed stack to the protocol's `BlockDevice`.
+//! The NBD edge (the `nbd` module) adapts the composed stack to the protocol's `BlockDevice`.
 
 pub mod local;
 pub mod metered;

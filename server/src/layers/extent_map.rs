@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-pub const ZERO_MARK: u64 = u64::MAX;
+pub use crate::meta::store::ZERO_MARK;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mapping {

@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use crate::layers::extent_map::ZERO_MARK;
 use crate::meta::store::Loaded;
+use crate::meta::store::ZERO_MARK;
 
 #[derive(Debug, Default)]
 pub struct Report {

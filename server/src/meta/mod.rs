@@ -2,4 +2,5 @@
 //! (with a digest over all rows), and fsck, which proves it consistent.
 
 pub mod fsck;
+pub mod qos;
 pub mod store;

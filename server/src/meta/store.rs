@@ -20,6 +20,10 @@ const LAYERS: TableDefinition<u64, u64> = TableDefinition::new("layers");
 const EXTENTS: TableDefinition<(u64, u64), u64> = TableDefinition::new("extents");
 /// Physical clusters below the high-water mark that nobody maps.
 const FREE: TableDefinition<u64, ()> = TableDefinition::new("free_clusters");
+/// The physical cluster an extent row holds for a zero mark: the cluster reads as zeros and
+/// hides its parent's data.
+pub const ZERO_MARK: u64 = u64::MAX;
+
 /// `VOLUME\nNODE` → attachment grant record.
 const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("grants");
 
@@ -40,8 +44,8 @@ pub struct VolumeRecord {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     /// IOPS and bandwidth limits (none when absent).
-    #[serde(default, skip_serializing_if = "crate::io::QosLimits::is_unlimited")]
-    pub qos: crate::io::QosLimits,
+    #[serde(default, skip_serializing_if = "crate::meta::qos::QosLimits::is_unlimited")]
+    pub qos: crate::meta::qos::QosLimits,
 }
 
 /// Permission for one node to attach one volume (see design.md, Security).
