@@ -132,6 +132,8 @@ class Targets:
                     "--nbd-listen", f"127.0.0.1:{nbd}", "--api-listen", f"127.0.0.1:{api}",
                     "--metrics-listen", f"127.0.0.1:{met}", *extra], nbd, "thinbd", env=dict(os.environ, RUST_LOG="warn"))
         cli = lambda *a: sh(bin_, *a, "--api", f"127.0.0.1:{api}")
+        # The CLI of the daemon started last, for callers that manage more volumes.
+        self.cli = cli
         cli("volume", "create", "bench", "--size", str(self.size_bytes()))
         t = dict(engine="nbd", uri=f"nbd://127.0.0.1:{nbd}/bench")
         if cow:
@@ -176,10 +178,8 @@ def footprint(root_dir, size):
         try:
             target = t.thinbd()
             proc = t.procs[-1]
-            bin_ = os.path.join(ROOT, "target", "release", "thinbd")
-            api = [a for a in proc.args if a.startswith("127.0.0.1:")][1]
             for i in range(100):
-                sh(bin_, "volume", "create", f"v{i}", "--size", "100GiB", "--api", api)
+                t.cli("volume", "create", f"v{i}", "--size", "100GiB")
             prefill(target, size)
             subprocess.run(["fio", "--name=f", "--ioengine=nbd", f"--uri={target['uri']}", "--rw=randwrite", "--bs=4k",
                             f"--size={size}", "--io_size=64M", "--end_fsync=1", "--output-format=json"], check=True,
@@ -200,10 +200,7 @@ def qos(root_dir, size, runtime):
         t = Targets(d, size, set())
         try:
             free = t.thinbd()
-            proc = t.procs[-1]
-            bin_ = os.path.join(ROOT, "target", "release", "thinbd")
-            api = [a for a in proc.args if a.startswith("127.0.0.1:")][1]
-            sh(bin_, "volume", "create", "limited", "--size", size, "--max-iops", "2000", "--api", api)
+            t.cli("volume", "create", "limited", "--size", size, "--max-iops", "2000")
             limited = dict(engine="nbd", uri=free["uri"].rsplit("/", 1)[0] + "/limited")
             prefill(free, size)
             prefill(limited, size)
@@ -213,7 +210,7 @@ def qos(root_dir, size, runtime):
             rows.append(("unlimited volume alone", "–", alone))
             r = fio(limited, job, runtime, size)["read"]["iops"]
             rows.append(("volume limited to 2,000 IOPS", "2000", r))
-            sh(bin_, "volume", "set-qos", "limited", "--max-iops", "500", "--api", api)
+            t.cli("volume", "set-qos", "limited", "--max-iops", "500")
             r = fio(limited, job, runtime, size)["read"]["iops"]
             rows.append(("same volume after `set-qos --max-iops 500`", "500", r))
             # Both at once: two fio processes.
