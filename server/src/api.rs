@@ -71,6 +71,7 @@ impl Api {
             published_nodes: self.engine.published_nodes(&v.name),
             qos: Some(qos_to_pb(v.qos.limits())),
             throttled_seconds: v.qos.throttled_ns.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9,
+            uuid: v.uuid.clone(),
         }
     }
 
@@ -86,6 +87,7 @@ impl Api {
             created_unix_seconds: i.created_unix,
             sessions: i.sessions,
             group: s.group.clone().unwrap_or_default(),
+            uuid: s.uuid.clone(),
         }
     }
 }
@@ -148,7 +150,7 @@ impl Management for Api {
     }
 
     async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
-        let v = self.engine.volume(&req.into_inner().name).map_err(status)?;
+        let v = self.engine.find_volume(&req.into_inner().name).map_err(status)?;
         Ok(Response::new(self.volume(&v)))
     }
 

@@ -306,7 +306,7 @@ fn rpc_error(s: tonic::Status) -> anyhow::Error {
 fn volume_json(v: &pb::Volume) -> serde_json::Value {
     let q = v.qos.unwrap_or_default();
     serde_json::json!({
-        "name": v.name, "id": v.id, "size_bytes": v.size_bytes, "allocated_bytes": v.allocated_bytes,
+        "name": v.name, "id": v.id, "uuid": v.uuid, "size_bytes": v.size_bytes, "allocated_bytes": v.allocated_bytes,
         "exclusive_bytes": v.exclusive_bytes, "shared_bytes": v.shared_bytes,
         "sessions": v.sessions, "created_unix_seconds": v.created_unix_seconds,
         "labels": v.labels, "published_nodes": v.published_nodes,
@@ -351,6 +351,7 @@ fn print_volumes(out: Output, vols: &[pb::Volume], single: bool, nbd: &str) {
         Output::Table if single => {
             for v in vols {
                 println!("name:      {}", v.name);
+                println!("uuid:      {}", v.uuid);
                 println!("size:      {} ({} bytes)", format_size(v.size_bytes), v.size_bytes);
                 println!("allocated: {} ({} bytes)", format_size(v.allocated_bytes), v.allocated_bytes);
                 println!("exclusive: {} ({} bytes)", format_size(v.exclusive_bytes), v.exclusive_bytes);
@@ -460,7 +461,7 @@ fn snapshot_json(s: &pb::Snapshot) -> serde_json::Value {
         "volume": s.volume, "name": s.name, "snapshot": format!("{}@{}", s.volume, s.name),
         "size_bytes": s.size_bytes, "allocated_bytes": s.allocated_bytes, "exclusive_bytes": s.exclusive_bytes,
         "shared_bytes": s.shared_bytes, "sessions": s.sessions, "created_unix_seconds": s.created_unix_seconds,
-        "group": s.group,
+        "group": s.group, "uuid": s.uuid,
     })
 }
 

@@ -22,6 +22,12 @@ use crate::meta::store::{LayerRecord, MetaOp, PoolConfig, SnapshotRecord, Store,
 use crate::metrics::{PoolSample, VolumeMetrics, VolumeSample};
 use crate::space::allocator::Allocator;
 use crate::space::pool::Pool;
+use crate::space::superblock::uuid_text;
+
+/// A fresh random UUID in text form.
+fn new_uuid() -> String {
+    uuid_text(crate::space::superblock::new_uuid())
+}
 
 pub use crate::io::LocalVolume;
 
@@ -43,6 +49,8 @@ pub struct EngineConfig {
 
 pub struct Volume {
     pub id: u64,
+    /// Unique across pools; the name is a label.
+    pub uuid: String,
     pub name: String,
     pub(crate) size: AtomicU64,
     pub created_unix: u64,
@@ -71,8 +79,17 @@ pub struct VolumeOptions {
 }
 
 impl Volume {
-    fn new(id: u64, name: &str, size: u64, created_unix: u64, top: Arc<Layer>, opts: VolumeOptions) -> Volume {
+    fn new(
+        id: u64,
+        uuid: String,
+        name: &str,
+        size: u64,
+        created_unix: u64,
+        top: Arc<Layer>,
+        opts: VolumeOptions,
+    ) -> Volume {
         Volume {
+            uuid,
             labels: opts.labels,
             qos: Arc::new(crate::io::Qos::new(opts.qos)),
             id,
@@ -109,12 +126,15 @@ impl Volume {
             layer: self.top()?.id,
             labels: self.labels.clone(),
             qos: self.qos.limits(),
+            uuid: self.uuid.clone(),
         })
     }
 }
 
 /// A snapshot: a frozen layer, readable as `VOLUME@SNAPSHOT`.
 pub struct Snapshot {
+    /// Unique across pools.
+    pub uuid: String,
     pub volume: String,
     pub name: String,
     pub layer: Arc<Layer>,
@@ -137,6 +157,7 @@ impl Snapshot {
             size: self.size,
             created_unix: self.created_unix,
             group: self.group.clone(),
+            uuid: self.uuid.clone(),
         }
     }
 
@@ -435,24 +456,30 @@ impl Engine {
                 .cloned()
                 .ok_or_else(|| EngineError::Metadata(format!("{what} refers to missing layer {id}")))
         };
+        // Records from before UUIDs get one now, written back below.
+        let mut upgraded = Vec::new();
         let mut volumes = BTreeMap::new();
         for rec in loaded.volumes {
             let top = layer(rec.layer, &format!("volume {}", rec.name))?;
-            volumes.insert(
-                rec.name.clone(),
-                Arc::new(Volume::new(
-                    rec.id,
-                    &rec.name,
-                    rec.size,
-                    rec.created_unix,
-                    top,
-                    VolumeOptions { labels: rec.labels.clone(), qos: rec.qos },
-                )),
-            );
+            let uuid = if rec.uuid.is_empty() { new_uuid() } else { rec.uuid.clone() };
+            let vol = Arc::new(Volume::new(
+                rec.id,
+                uuid,
+                &rec.name,
+                rec.size,
+                rec.created_unix,
+                top,
+                VolumeOptions { labels: rec.labels.clone(), qos: rec.qos },
+            ));
+            if rec.uuid.is_empty() {
+                upgraded.push(MetaOp::PutVolume(vol.record()?));
+            }
+            volumes.insert(rec.name.clone(), vol);
         }
         let mut snapshots = BTreeMap::new();
         for rec in loaded.snapshots {
             let snap = Snapshot {
+                uuid: if rec.uuid.is_empty() { new_uuid() } else { rec.uuid.clone() },
                 layer: layer(rec.layer, &format!("snapshot {}", rec.key()))?,
                 volume: rec.volume.clone(),
                 name: rec.name.clone(),
@@ -463,7 +490,13 @@ impl Engine {
                 deleting: AtomicBool::new(false),
                 metrics: Default::default(),
             };
+            if rec.uuid.is_empty() {
+                upgraded.push(MetaOp::PutSnapshot(snap.record()));
+            }
             snapshots.insert(rec.key(), Arc::new(snap));
+        }
+        if !upgraded.is_empty() {
+            store.commit(&upgraded, true, || Ok(()))?;
         }
         for l in layers.values() {
             let named = volumes.values().any(|v: &Arc<Volume>| v.top().is_ok_and(|t| t.id == l.id))
@@ -597,6 +630,14 @@ impl Engine {
             .get(name)
             .cloned()
             .ok_or_else(|| EngineError::NotFound(format!("volume {name:?}")))
+    }
+
+    /// A volume by name, or else by UUID (for lookups; operations take names).
+    pub fn find_volume(&self, name_or_uuid: &str) -> Result<Arc<Volume>, EngineError> {
+        self.volume(name_or_uuid).or_else(|e| {
+            let vols = self.volumes.read().map_err(|_| poisoned())?;
+            vols.values().find(|v| v.uuid == name_or_uuid).cloned().ok_or(e)
+        })
     }
 
     pub fn snapshot(&self, key: &str) -> Result<Arc<Snapshot>, EngineError> {
@@ -758,7 +799,7 @@ impl Engine {
         let _admin = self.admin.lock().await;
         self.check_new_volume_name(name)?;
         let top = self.new_layer(None)?;
-        let vol = Arc::new(Volume::new(self.take_id(), name, size, now_unix(), top.clone(), opts));
+        let vol = Arc::new(Volume::new(self.take_id(), new_uuid(), name, size, now_unix(), top.clone(), opts));
         let ops =
             vec![MetaOp::PutLayer { id: top.id, parent: None }, MetaOp::PutVolume(vol.record()?), self.next_id_op()];
         if let Err(e) = self.commit(ops, true).await {
@@ -852,6 +893,7 @@ impl Engine {
             let frozen = vol.top()?;
             let top = self.new_layer(Some(frozen.clone()))?;
             let snap = Arc::new(Snapshot {
+                uuid: new_uuid(),
                 volume: vol.name.clone(),
                 name: name.to_string(),
                 layer: frozen.clone(),
@@ -927,7 +969,7 @@ impl Engine {
         };
         let top = self.new_layer(Some(base.clone()))?;
         new_layers.push(top.id);
-        let vol = Arc::new(Volume::new(self.take_id(), name, size, now_unix(), top.clone(), opts));
+        let vol = Arc::new(Volume::new(self.take_id(), new_uuid(), name, size, now_unix(), top.clone(), opts));
         ops.push(MetaOp::PutLayer { id: top.id, parent: Some(base.id) });
         ops.push(MetaOp::PutVolume(vol.record()?));
         ops.push(self.next_id_op());

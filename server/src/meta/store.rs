@@ -46,6 +46,10 @@ pub struct VolumeRecord {
     /// IOPS and bandwidth limits (none when absent).
     #[serde(default, skip_serializing_if = "crate::meta::qos::QosLimits::is_unlimited")]
     pub qos: crate::meta::qos::QosLimits,
+    /// Unique across pools (and, later, the cluster); names are labels. Empty only in records
+    /// written before UUIDs existed, which get one when loaded.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uuid: String,
 }
 
 /// Permission for one node to attach one volume (see design.md, Security).
@@ -82,6 +86,9 @@ pub struct SnapshotRecord {
     /// The group snapshot it belongs to (taken together with its other members).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// As `VolumeRecord::uuid`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uuid: String,
 }
 
 impl SnapshotRecord {
