@@ -166,7 +166,12 @@ pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
                 continue;
             }
             match (name, v.qos) {
-                (_, None) if name.starts_with("thinbd_volume_throttled") || name == "thinbd_volume_qos_limit" => {}
+                ("thinbd_volume_ops_total" | "thinbd_volume_errors_total", _) => {
+                    let arr = if name == "thinbd_volume_ops_total" { &m.ops } else { &m.errors };
+                    for op in Op::ALL {
+                        let _ = writeln!(o, "{name}{{{l},op=\"{}\"}} {}", op.name(), arr[op as usize].load(Relaxed));
+                    }
+                }
                 ("thinbd_volume_throttled_seconds_total", Some(q)) => {
                     let _ = writeln!(o, "{name}{{{l}}} {}", q.throttled_ns as f64 / 1e9);
                 }
@@ -187,23 +192,13 @@ pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
                         let _ = writeln!(o, "{name}{{{l},limit=\"{limit}\"}} {value}");
                     }
                 }
-                _ => {}
-            }
-            if name.starts_with("thinbd_volume_throttled") || name == "thinbd_volume_qos_limit" {
-                continue;
-            }
-            match name {
-                "thinbd_volume_ops_total" | "thinbd_volume_errors_total" => {
-                    let arr = if name == "thinbd_volume_ops_total" { &m.ops } else { &m.errors };
-                    for op in Op::ALL {
-                        let _ = writeln!(o, "{name}{{{l},op=\"{}\"}} {}", op.name(), arr[op as usize].load(Relaxed));
-                    }
-                }
-                _ => {
+                ("thinbd_volume_request_duration_seconds", _) => {
                     for op in Op::ALL {
                         m.latency[op as usize].render(&mut o, name, &format!("{l},op=\"{}\"", op.name()));
                     }
                 }
+                // Snapshots have no QoS.
+                _ => {}
             }
         }
     }
