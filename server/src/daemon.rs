@@ -47,8 +47,8 @@ pub struct ServeOptions {
     #[arg(long, requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
     /// How pool I/O is done.
-    #[arg(long, value_enum, default_value_t = crate::space::pool::IoEngine::Uring)]
-    pub io_engine: crate::space::pool::IoEngine,
+    #[arg(long, value_enum, default_value_t = crate::space::backend::IoEngine::Uring)]
+    pub io_engine: crate::space::backend::IoEngine,
     /// Pool I/O through the page cache instead of O_DIRECT (for filesystems without O_DIRECT
     /// support, or to compare).
     #[arg(long)]

@@ -40,7 +40,7 @@ pub struct EngineConfig {
     pub capacity: Option<u64>,
     /// Cluster size for a new pool; an existing pool must match if given.
     pub cluster_size: Option<u64>,
-    pub io_engine: crate::space::pool::IoEngine,
+    pub io_engine: crate::space::backend::IoEngine,
     /// Pool I/O through the page cache instead of O_DIRECT.
     pub buffered_io: bool,
     /// Open even if the consistency check at start finds problems.
@@ -380,7 +380,7 @@ impl Engine {
     pub fn open_on(
         cfg: &EngineConfig,
         db: redb::Database,
-        store: Arc<dyn crate::space::pool::BlockStore>,
+        store: Arc<dyn crate::space::backend::BlockStore>,
     ) -> Result<Arc<Engine>, EngineError> {
         Self::open_parts(cfg, db, None, |geo| Pool::on(store, geo))
     }
@@ -527,7 +527,7 @@ impl Engine {
         }))
     }
 
-    pub fn io_engine(&self) -> crate::space::pool::IoEngine {
+    pub fn io_engine(&self) -> crate::space::backend::IoEngine {
         self.pool.engine()
     }
 

@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::space::pool::BlockStore;
+use crate::space::backend::BlockStore;
 
 const SECTOR: usize = 512;
 

@@ -4,6 +4,7 @@
 //! being reused under a read still using it; the superblock ties the file to its metadata.
 
 pub mod allocator;
+pub mod backend;
 #[cfg(any(test, feature = "testing"))]
 pub mod fault_disk;
 pub mod grace;

@@ -1,6 +1,6 @@
 //! The pool: a file (or block device) cut into fixed-size clusters. The extent maps decide which
-//! cluster holds what; the pool only moves bytes. Backends are small and synchronous; the pool
-//! runs them off the async runtime.
+//! cluster holds what; the pool only moves bytes, through one [`BlockStore`] backend (file on
+//! threads, io_uring, or a fault-injecting disk in tests) that it never needs to tell apart.
 //!
 //! The pool file is opened with O_DIRECT: pool data is not cached twice (the client has its own
 //! cache) and io_uring writes go straight to the device instead of queueing behind the inode's
@@ -9,59 +9,18 @@
 //! aligned blocks around it. Those are locked against other writes in the same region, so two
 //! concurrent writes to different bytes of one block both land.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use thinbd_protocol::aligned::{AlignedBuf, DIRECT_ALIGN, is_aligned};
+use thinbd_protocol::aligned::{AlignedBuf, is_aligned};
 use tokio::sync::RwLock;
 
 use crate::error::EngineError;
+use crate::space::backend::FileStore;
+use crate::space::backend::{BlockStore, IoEngine};
 use crate::space::superblock::{BLOCK, DATA_OFFSET, Found, Superblock};
-
-/// Where pool bytes live: a file here, a fault-injecting memory disk in tests.
-pub trait BlockStore: Send + Sync + 'static {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()>;
-    /// Makes every completed write durable.
-    fn sync(&self) -> std::io::Result<()>;
-    /// Granularity of offsets, lengths and buffer addresses the store accepts.
-    fn alignment(&self) -> u64 {
-        1
-    }
-}
-
-pub struct FileStore {
-    file: File,
-    align: u64,
-}
-
-impl BlockStore for FileStore {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.file.read_exact_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.file.write_all_at(buf, offset)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        self.file.sync_data()
-    }
-    fn alignment(&self) -> u64 {
-        self.align
-    }
-}
-
-/// How the pool file is driven.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum IoEngine {
-    /// io_uring on a dedicated ring thread (falls back to `threads` where io_uring is refused).
-    #[default]
-    Uring,
-    /// pread/pwrite on tokio's blocking threads.
-    Threads,
-}
 
 /// Read-modify-write locks: one per 1 MiB region of the pool, folded onto a few stripes.
 const STRIPES: usize = 64;
@@ -128,64 +87,29 @@ pub struct Pool {
     store: Arc<dyn BlockStore>,
     /// File offset of cluster 0 (after the superblock).
     base: u64,
-    uring: Option<Arc<crate::space::uring::UringStore>>,
     align: u64,
     stripes: Box<[RwLock<()>]>,
 }
 
 impl Pool {
-    /// Opens or creates the pool file and makes it at least `bytes` long (sparse). With `direct`
-    /// the file is opened O_DIRECT, or buffered with a warning where the filesystem refuses it.
+    /// Opens or creates the pool file and makes it at least as long as the geometry says
+    /// (sparse). With `direct` the file is opened O_DIRECT, or buffered with a warning where the
+    /// filesystem refuses it.
     pub fn open_file(path: &Path, geo: &Geometry, engine: IoEngine, direct: bool) -> Result<Pool, EngineError> {
-        let open = |flags: i32| {
-            OpenOptions::new().read(true).write(true).create(true).truncate(false).custom_flags(flags).open(path)
-        };
-        let (file, align) = match direct {
-            true => match open(nix::libc::O_DIRECT) {
-                Ok(f) => (f, DIRECT_ALIGN as u64),
-                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
-                    tracing::warn!(path = %path.display(), "the filesystem refuses O_DIRECT; pool I/O goes through the page cache");
-                    (open(0).map_err(|e| EngineError::io("open pool", 0, e))?, 1)
-                }
-                Err(e) => return Err(EngineError::io("open pool", 0, e)),
-            },
-            false => (open(0).map_err(|e| EngineError::io("open pool", 0, e))?, 1),
-        };
-        let len = file.metadata().map_err(|e| EngineError::io("stat pool", 0, e))?.len();
+        let file = FileStore::open(path, direct)?;
+        let len = file.file_len()?;
         geo.check_length(path, len)?;
         let bytes = geo.base() + geo.capacity_clusters * geo.cluster_size;
         if len < bytes {
-            file.set_len(bytes).map_err(|e| EngineError::io("grow pool", bytes, e))?;
+            file.set_len(bytes)?;
         }
-        let uring = match engine {
-            IoEngine::Uring => {
-                let dup = file.try_clone().map_err(|e| EngineError::io("dup pool fd", 0, e))?;
-                match crate::space::uring::UringStore::new(dup) {
-                    Ok(u) => Some(Arc::new(u)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "io_uring is not available; using blocking threads for pool I/O");
-                        None
-                    }
-                }
-            }
-            IoEngine::Threads => None,
-        };
-        Pool::build(Arc::new(FileStore { file, align }), uring, geo)
+        Pool::on(file.with_engine(engine)?, geo)
     }
 
-    /// A pool on any store (tests: fault-injecting disks).
+    /// A pool on any backend (tests: fault-injecting disks).
     pub fn on(store: Arc<dyn BlockStore>, geo: &Geometry) -> Result<Pool, EngineError> {
-        Pool::build(store, None, geo)
-    }
-
-    fn build(
-        store: Arc<dyn BlockStore>,
-        uring: Option<Arc<crate::space::uring::UringStore>>,
-        geo: &Geometry,
-    ) -> Result<Pool, EngineError> {
         let align = store.alignment().max(1);
-        let pool =
-            Pool { store, uring, base: geo.base(), align, stripes: (0..STRIPES).map(|_| RwLock::new(())).collect() };
+        let pool = Pool { store, base: geo.base(), align, stripes: (0..STRIPES).map(|_| RwLock::new(())).collect() };
         pool.check_superblock(geo)?;
         Ok(pool)
     }
@@ -209,7 +133,7 @@ impl Pool {
     }
 
     pub fn engine(&self) -> IoEngine {
-        if self.uring.is_some() { IoEngine::Uring } else { IoEngine::Threads }
+        self.store.engine()
     }
 
     /// Whether pool I/O bypasses the page cache.
@@ -281,25 +205,12 @@ impl Pool {
 
     async fn raw_read(&self, offset: u64, len: usize) -> Result<Bytes, EngineError> {
         let offset = offset + self.base;
-        if let Some(u) = &self.uring {
-            return u.read_at(offset, len).await.map_err(|e| EngineError::io("read", offset, e));
-        }
-        let store = self.store.clone();
-        blocking(move || {
-            let mut buf = AlignedBuf::zeroed(len);
-            store.read_at(buf.as_mut_slice(), offset).map_err(|e| EngineError::io("read", offset, e))?;
-            Ok(buf.freeze())
-        })
-        .await
+        self.store.clone().read(offset, len).await.map_err(|e| EngineError::io("read", offset, e))
     }
 
     async fn raw_write(&self, offset: u64, data: Bytes) -> Result<(), EngineError> {
         let offset = offset + self.base;
-        if let Some(u) = &self.uring {
-            return u.write_at(offset, data).await.map_err(|e| EngineError::io("write", offset, e));
-        }
-        let store = self.store.clone();
-        blocking(move || store.write_at(&data, offset).map_err(|e| EngineError::io("write", offset, e))).await
+        self.store.clone().write(offset, data).await.map_err(|e| EngineError::io("write", offset, e))
     }
 
     pub fn sync_blocking(&self) -> Result<(), EngineError> {
@@ -317,12 +228,6 @@ fn copy_aligned(data: &[u8]) -> Bytes {
     let mut buf = AlignedBuf::zeroed(data.len());
     buf.as_mut_slice().copy_from_slice(data);
     buf.freeze()
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
-) -> Result<T, EngineError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| EngineError::Internal(format!("I/O task: {e}")))?
 }
 
 #[cfg(test)]

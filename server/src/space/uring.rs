@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::mpsc;
 
@@ -14,6 +15,8 @@ use io_uring::{IoUring, opcode, types};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use thinbd_protocol::aligned::AlignedBuf;
 use tokio::sync::oneshot;
+
+use crate::space::backend::{BlockStore, IoEngine, IoFuture};
 
 const RING_ENTRIES: u32 = 256;
 const WAKE: u64 = u64::MAX;
@@ -33,19 +36,21 @@ pub struct UringStore {
     tx: Option<mpsc::Sender<Op>>,
     wake: Arc<EventFd>,
     file: Arc<File>,
+    align: u64,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl UringStore {
     /// Starts the ring thread; fails where io_uring is not available (old kernel, seccomp).
-    pub fn new(file: File) -> io::Result<UringStore> {
+    /// `align`: what the file's open mode (O_DIRECT or not) requires of requests.
+    pub fn new(file: File, align: u64) -> io::Result<UringStore> {
         let ring = IoUring::new(RING_ENTRIES)?;
         let wake = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).map_err(io::Error::from)?);
         let file = Arc::new(file);
         let (tx, rx) = mpsc::channel();
         let (f, w) = (file.clone(), wake.clone());
         let thread = std::thread::Builder::new().name("thinbd-uring".into()).spawn(move || run(ring, rx, &f, &w))?;
-        Ok(UringStore { tx: Some(tx), wake, file, thread: Some(thread) })
+        Ok(UringStore { tx: Some(tx), wake, file, align, thread: Some(thread) })
     }
 
     fn send(&self, op: Op) -> io::Result<()> {
@@ -55,21 +60,43 @@ impl UringStore {
         Ok(())
     }
 
-    pub async fn read_at(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+    async fn submit_read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
         let (done, rx) = oneshot::channel();
         self.send(Op::Read { offset, len, done })?;
         rx.await.map_err(|_| io::Error::other("ring thread dropped a read"))?
     }
 
-    pub async fn write_at(&self, offset: u64, data: Bytes) -> io::Result<()> {
+    async fn submit_write(&self, offset: u64, data: Bytes) -> io::Result<()> {
         let (done, rx) = oneshot::channel();
         self.send(Op::Write { offset, data, done })?;
         rx.await.map_err(|_| io::Error::other("ring thread dropped a write"))?
     }
+}
 
+/// Data requests go through the ring; the synchronous calls (the superblock at start) use the
+/// file directly.
+impl BlockStore for UringStore {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
     /// Every write acknowledged so far has completed in the kernel, so fdatasync covers it.
-    pub fn sync(&self) -> io::Result<()> {
+    fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+    fn alignment(&self) -> u64 {
+        self.align
+    }
+    fn engine(&self) -> IoEngine {
+        IoEngine::Uring
+    }
+    fn read(self: Arc<Self>, offset: u64, len: usize) -> IoFuture<Bytes> {
+        Box::pin(async move { self.submit_read(offset, len).await })
+    }
+    fn write(self: Arc<Self>, offset: u64, data: Bytes) -> IoFuture<()> {
+        Box::pin(async move { self.submit_write(offset, data).await })
     }
 }
 
@@ -230,7 +257,7 @@ mod tests {
     async fn many_concurrent_reads_and_writes_complete_correctly() {
         let f = tempfile::tempfile().unwrap();
         f.set_len(4 << 20).unwrap();
-        let ring = match UringStore::new(f) {
+        let ring = match UringStore::new(f, 1) {
             Ok(r) => Arc::new(r),
             Err(e) => {
                 eprintln!("SKIPPED: io_uring unavailable here: {e}");
@@ -244,8 +271,8 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let off = i * 4000 + 7;
                 let data = Bytes::from(vec![(i % 251) as u8; 3001]);
-                ring.write_at(off, data.clone()).await.unwrap();
-                assert_eq!(ring.read_at(off, 3001).await.unwrap(), data);
+                ring.clone().write(off, data.clone()).await.unwrap();
+                assert_eq!(ring.clone().read(off, 3001).await.unwrap(), data);
             }));
         }
         for t in tasks {
@@ -253,7 +280,7 @@ mod tests {
         }
         ring.sync().unwrap();
         // Past the end of the file reads as zeros, as with pread.
-        let tail = ring.read_at((4 << 20) - 10, 100).await.unwrap();
+        let tail = ring.clone().read((4 << 20) - 10, 100).await.unwrap();
         assert_eq!(tail.len(), 100);
         assert!(tail[10..].iter().all(|b| *b == 0));
         drop(ring);

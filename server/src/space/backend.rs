@@ -1,0 +1,130 @@
+//! Where pool bytes live. Every backend — the pool file on blocking threads, the same file
+//! through io_uring, a fault-injecting memory disk in tests — implements [`BlockStore`], so the
+//! pool above never asks which one it has.
+
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use thinbd_protocol::aligned::{AlignedBuf, DIRECT_ALIGN};
+
+use crate::error::EngineError;
+
+/// A read or write in flight on a backend.
+pub type IoFuture<T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send>>;
+
+/// A pool backend. The synchronous calls are the backend's own; the asynchronous ones default
+/// to running them on tokio's blocking threads, and a backend with an asynchronous engine of its
+/// own (io_uring) overrides them.
+pub trait BlockStore: Send + Sync + 'static {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn sync(&self) -> io::Result<()>;
+    /// Granularity of offsets, lengths and buffer addresses the store accepts.
+    fn alignment(&self) -> u64 {
+        1
+    }
+    /// How requests reach the device.
+    fn engine(&self) -> IoEngine {
+        IoEngine::Threads
+    }
+
+    /// Reads `len` bytes at `offset` into a buffer aligned for direct I/O.
+    fn read(self: Arc<Self>, offset: u64, len: usize) -> IoFuture<Bytes> {
+        Box::pin(async move {
+            let task = tokio::task::spawn_blocking(move || {
+                let mut buf = AlignedBuf::zeroed(len);
+                self.read_at(buf.as_mut_slice(), offset).map(|()| buf.freeze())
+            });
+            task.await.map_err(io::Error::other)?
+        })
+    }
+
+    /// Writes `data` at `offset`; takes the buffer by value so it moves to the I/O thread
+    /// without a copy.
+    fn write(self: Arc<Self>, offset: u64, data: Bytes) -> IoFuture<()> {
+        Box::pin(async move {
+            let task = tokio::task::spawn_blocking(move || self.write_at(&data, offset));
+            task.await.map_err(io::Error::other)?
+        })
+    }
+}
+
+/// How the pool file is driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum IoEngine {
+    /// io_uring on a dedicated ring thread (falls back to `threads` where io_uring is refused).
+    #[default]
+    Uring,
+    /// pread/pwrite on tokio's blocking threads.
+    Threads,
+}
+
+/// The pool file, read and written with pread/pwrite.
+pub struct FileStore {
+    file: File,
+    align: u64,
+}
+
+impl FileStore {
+    /// Opens or creates the pool file; with `direct` O_DIRECT, or buffered with a warning where
+    /// the filesystem refuses it.
+    pub fn open(path: &Path, direct: bool) -> Result<FileStore, EngineError> {
+        let open = |flags: i32| {
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).custom_flags(flags).open(path)
+        };
+        let (file, align) = match direct {
+            true => match open(nix::libc::O_DIRECT) {
+                Ok(f) => (f, DIRECT_ALIGN as u64),
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                    tracing::warn!(path = %path.display(), "the filesystem refuses O_DIRECT; pool I/O goes through the page cache");
+                    (open(0).map_err(|e| EngineError::io("open pool", 0, e))?, 1)
+                }
+                Err(e) => return Err(EngineError::io("open pool", 0, e)),
+            },
+            false => (open(0).map_err(|e| EngineError::io("open pool", 0, e))?, 1),
+        };
+        Ok(FileStore { file, align })
+    }
+
+    pub fn file_len(&self) -> Result<u64, EngineError> {
+        Ok(self.file.metadata().map_err(|e| EngineError::io("stat pool", 0, e))?.len())
+    }
+
+    pub fn set_len(&self, bytes: u64) -> Result<(), EngineError> {
+        self.file.set_len(bytes).map_err(|e| EngineError::io("grow pool", bytes, e))
+    }
+
+    /// The same file driven by `engine`: io_uring where the kernel allows it, else threads.
+    pub fn with_engine(self, engine: IoEngine) -> Result<Arc<dyn BlockStore>, EngineError> {
+        if engine == IoEngine::Uring {
+            let dup = self.file.try_clone().map_err(|e| EngineError::io("dup pool fd", 0, e))?;
+            match crate::space::uring::UringStore::new(dup, self.align) {
+                Ok(u) => return Ok(Arc::new(u)),
+                Err(e) => tracing::warn!(error = %e, "io_uring is not available; using blocking threads for pool I/O"),
+            }
+        }
+        Ok(Arc::new(self))
+    }
+}
+
+impl BlockStore for FileStore {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn alignment(&self) -> u64 {
+        self.align
+    }
+}
