@@ -6,10 +6,10 @@ use thinbd_api::pb;
 use thinbd_api::pb::management_server::Management;
 use tonic::{Request, Response, Status};
 
-use crate::engine::grants::Access;
 use crate::engine::{Engine, Snapshot, Volume, VolumeOptions};
 use crate::error::EngineError;
-use crate::io::QosLimits;
+use crate::grants::Access;
+use crate::meta::qos::QosLimits;
 
 /// The API's QoS message as limits (absent: unlimited).
 pub fn qos_from_pb(q: Option<pb::Qos>) -> QosLimits {

@@ -101,3 +101,8 @@ impl From<EngineError> for DeviceError {
         }
     }
 }
+
+/// A lock whose holder panicked: the state it guards cannot be trusted.
+pub(crate) fn poisoned() -> EngineError {
+    EngineError::Internal("lock poisoned".into())
+}

@@ -10,14 +10,14 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub mod changes;
-pub mod grants;
 pub mod publish;
 pub mod recovery;
 
 use crate::error::EngineError;
+use crate::error::poisoned;
 use crate::layers::edit::LayerEdit;
 use crate::layers::extent_map::{ExtentMap, ZERO_MARK};
-use crate::layers::layer::{Layer, poisoned};
+use crate::layers::layer::Layer;
 use crate::meta::store::{LayerRecord, MetaOp, PoolConfig, SnapshotRecord, Store, VolumeRecord};
 use crate::metrics::{PoolSample, VolumeMetrics, VolumeSample};
 use crate::space::allocator::Allocator;
@@ -66,7 +66,7 @@ pub struct Volume {
     pub(crate) deleting: AtomicBool,
     pub metrics: Arc<VolumeMetrics>,
     /// Limits shared by all sessions of the volume.
-    pub qos: Arc<crate::io::Qos>,
+    pub qos: Arc<crate::qos::Qos>,
     pub labels: BTreeMap<String, String>,
 }
 
@@ -75,7 +75,7 @@ pub struct Volume {
 pub struct VolumeOptions {
     /// Free-form labels (the CSI plugin keeps a volume's origin there).
     pub labels: BTreeMap<String, String>,
-    pub qos: crate::io::QosLimits,
+    pub qos: crate::meta::qos::QosLimits,
 }
 
 impl Volume {
@@ -91,7 +91,7 @@ impl Volume {
         Volume {
             uuid,
             labels: opts.labels,
-            qos: Arc::new(crate::io::Qos::new(opts.qos)),
+            qos: Arc::new(crate::qos::Qos::new(opts.qos)),
             id,
             name: name.to_string(),
             size: AtomicU64::new(size),
@@ -273,7 +273,7 @@ pub struct Engine {
     pub(crate) snapshots: RwLock<BTreeMap<String, Arc<Snapshot>>>,
     pub(crate) layers: RwLock<BTreeMap<u64, Arc<Layer>>>,
     /// Attachment grants by `grant_key`.
-    pub(crate) grants: grants::Grants,
+    pub(crate) grants: crate::grants::Grants,
     /// Freed clusters are reused only after the reads that may have resolved to them.
     pub(crate) grace: crate::space::grace::Grace,
     /// One metadata store recovery at a time, and when the last one was tried.
@@ -503,7 +503,7 @@ impl Engine {
                 || snapshots.values().any(|s: &Arc<Snapshot>| s.layer.id == l.id);
             l.hidden.store(!named, Relaxed);
         }
-        let grants = grants::Grants::load(loaded.grants);
+        let grants = crate::grants::Grants::load(loaded.grants);
         let store = Arc::new(store);
         let meta_dirty: Arc<std::sync::atomic::AtomicBool> = Default::default();
         let committer = spawn_committer(store.clone(), meta_dirty.clone())?;
@@ -990,7 +990,7 @@ impl Engine {
     pub async fn set_qos(
         self: &Arc<Self>,
         name: &str,
-        limits: crate::io::QosLimits,
+        limits: crate::meta::qos::QosLimits,
     ) -> Result<Arc<Volume>, EngineError> {
         let _admin = self.admin.lock().await;
         let vol = self.volume(name)?;

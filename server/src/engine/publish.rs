@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use crate::engine::grants::{Access, Grant, Grants};
 use crate::engine::{Engine, now_unix};
 use crate::error::EngineError;
+use crate::grants::{Access, Grant, Grants};
 use crate::meta::store::{MetaOp, grant_key};
 
 impl Engine {

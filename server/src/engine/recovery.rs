@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use crate::engine::Engine;
 use crate::error::EngineError;
+use crate::error::poisoned;
 use crate::layers::extent_map::ZERO_MARK;
-use crate::layers::layer::poisoned;
 use crate::meta::store::{Loaded, MetaOp};
 
 const RETRY_EVERY: Duration = Duration::from_secs(1);

@@ -11,9 +11,10 @@ use thinbd_protocol::{Extent, ReadChunk};
 
 use crate::engine::{Engine, Snapshot, Volume};
 use crate::error::EngineError;
+use crate::error::poisoned;
 use crate::layers::edit::LayerEdit;
 use crate::layers::extent_map::{Mapping, Run, ZERO_MARK};
-use crate::layers::layer::{Layer, RESOLVE_MAX, poisoned};
+use crate::layers::layer::{Layer, RESOLVE_MAX};
 use crate::meta::store::MetaOp;
 use crate::metrics::VolumeMetrics;
 
@@ -46,7 +47,7 @@ pub struct LocalVolume {
     target: Target,
     read_only: bool,
     /// The grant the handle was opened through; its revocation waits for this handle to go.
-    _grant: Option<crate::engine::grants::GrantSession>,
+    _grant: Option<crate::grants::GrantSession>,
 }
 
 impl Drop for LocalVolume {
@@ -92,7 +93,7 @@ impl LocalVolume {
     }
 
     /// The same handle, counted as a session of `grant`.
-    pub fn through_grant(mut self, grant: crate::engine::grants::GrantSession) -> Self {
+    pub fn through_grant(mut self, grant: crate::grants::GrantSession) -> Self {
         self._grant = Some(grant);
         self
     }
@@ -111,10 +112,10 @@ impl LocalVolume {
     }
 
     /// The volume's QoS limits, shared by all its sessions (snapshots are not limited).
-    pub fn qos(&self) -> Arc<crate::io::Qos> {
+    pub fn qos(&self) -> Arc<crate::qos::Qos> {
         match &self.target {
             Target::Volume(v) => v.qos.clone(),
-            Target::Snapshot(_) => Arc::new(crate::io::Qos::new(Default::default())),
+            Target::Snapshot(_) => Arc::new(crate::qos::Qos::new(Default::default())),
         }
     }
 

@@ -6,7 +6,6 @@
 
 pub mod local;
 pub mod metered;
-pub mod rate_limiter;
 pub mod throttled;
 
 use std::future::Future;
@@ -17,7 +16,7 @@ use thinbd_protocol::{Extent, ReadChunk};
 use crate::error::EngineError;
 pub use local::LocalVolume;
 pub use metered::Metered;
-pub use throttled::{Qos, QosLimits, Throttled};
+pub use throttled::Throttled;
 
 /// Block I/O on one open volume or snapshot. Offsets and lengths are already checked against
 /// [`VolumeIo::size`] by the caller.

@@ -5,8 +5,9 @@
 
 use std::sync::Arc;
 
-use super::layer::{Layer, poisoned};
+use super::layer::Layer;
 use crate::error::EngineError;
+use crate::error::poisoned;
 use crate::meta::store::MetaOp;
 
 pub enum LayerEdit {

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-use crate::error::EngineError;
+use crate::error::{EngineError, poisoned};
 use crate::layers::extent_map::{ExtentMap, Mapping, Run, push_run};
 
 /// Map and parent under one lock, so a reader never sees a map from before a merge with a parent
@@ -25,10 +25,6 @@ pub struct Layer {
 
 /// Most clusters one resolve may cover; larger ranges are walked in pieces by the caller.
 pub const RESOLVE_MAX: u64 = 1 << 16;
-
-pub(crate) fn poisoned() -> EngineError {
-    EngineError::Internal("lock poisoned".into())
-}
 
 impl Layer {
     pub fn new(id: u64, map: ExtentMap, parent: Option<Arc<Layer>>) -> Arc<Layer> {

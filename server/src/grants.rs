@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::EngineError;
-use crate::layers::layer::poisoned;
+use crate::error::poisoned;
 use crate::meta::store::GrantRecord;
 
 pub struct Grant {
