@@ -530,7 +530,7 @@ fn fsck(data_dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
     let (_store, loaded) = thinbd::meta::store::Store::open_existing(&data_dir.join("meta.redb"))
         .with_context(|| format!("reading metadata in {}", data_dir.display()))?;
     let mut report = thinbd::meta::fsck::check(&loaded);
-    if let Err(e) = loaded.geometry().verify_file(&data_dir.join("pool.img")) {
+    if let Err(e) = thinbd::space::pool::Geometry::of(&loaded).verify_file(&data_dir.join("pool.img")) {
         report.problems.push(e.to_string());
     }
     match output {

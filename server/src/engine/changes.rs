@@ -35,7 +35,7 @@ impl Engine {
                     .map_err(|_| EngineError::Invalid(format!("{b} is not an earlier snapshot of {target}")))?
             }
         };
-        let cs = self.cs;
+        let cs = self.space.cs;
         let ranges = runs
             .into_iter()
             .map(|(v, n)| (v * cs, ((v + n) * cs).min(size)))

@@ -26,7 +26,7 @@ impl Engine {
             return Ok(existing);
         }
         let record = Grants::record(volume, node, access, now_unix());
-        self.commit(vec![MetaOp::PutGrant(record.clone())], true).await?;
+        self.space.commit(vec![MetaOp::PutGrant(record.clone())], true).await?;
         let grant = Arc::new(Grant::new(record));
         self.grants.insert(grant.clone())?;
         tracing::info!(volume, node, read_only = access.read_only, "volume published");
@@ -42,7 +42,7 @@ impl Engine {
         let key = grant_key(volume, node);
         let grant = match self.grants.live(&key) {
             Some(grant) => {
-                self.commit(vec![MetaOp::DeleteGrant(key.clone())], true).await?;
+                self.space.commit(vec![MetaOp::DeleteGrant(key.clone())], true).await?;
                 self.grants.start_revoking(&key)?;
                 grant
             }

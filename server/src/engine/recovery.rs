@@ -1,85 +1,20 @@
-//! Recovery of the metadata store after an I/O error (a full or failing disk under the data
-//! dir). redb refuses every transaction after one until it is closed and opened again; what
-//! it then holds may lack the commits since the last durable one. The engine's memory holds
-//! every commit that succeeded (it changes only after a commit did), so the engine writes its
-//! view back over what reopened, in one durable transaction, and carries on: no restart, and
-//! nothing acknowledged is lost. While the disk stays full this is tried at most once a second
-//! and every commit fails with the store's error (ENOSPC to clients).
+//! What the metadata store must hold after `Space` reopened it following an I/O error: the
+//! engine's view (layers, volumes, snapshots, grants, allocator, id counter), written back as
+//! the differences from what reopened (see `Space::recover`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
 
 use crate::engine::Engine;
-use crate::error::EngineError;
-use crate::error::poisoned;
-use crate::layers::extent_map::ZERO_MARK;
-use crate::meta::store::{Loaded, MetaOp};
+use crate::error::{EngineError, poisoned};
+use crate::meta::store::{Loaded, MetaOp, ZERO_MARK};
+use crate::space::{Resync, Space};
 
-const RETRY_EVERY: Duration = Duration::from_secs(1);
-
-impl Engine {
-    /// Reopens the failed store and writes the engine's view back.
-    pub(crate) async fn recover(self: &Arc<Self>) -> Result<(), EngineError> {
-        let mut last = self.recovery.lock().await;
-        if !self.store.failed() {
-            return Ok(());
-        }
-        if last.is_some_and(|t| t.elapsed() < RETRY_EVERY) {
-            return Err(self.store.failure());
-        }
-        *last = Some(Instant::now());
-        let me = self.clone();
-        let released = tokio::task::spawn_blocking(move || {
-            let disk = me.store.reopen()?;
-            let ops = me.resync_ops(&disk)?;
-            let mut released = Vec::new();
-            me.store.rewrite(&ops, || {
-                me.meta_dirty.store(false, Relaxed);
-                released = me.alloc()?.take_pending();
-                me.pool.sync_blocking()
-            })?;
-            tracing::info!(changes = ops.len(), "metadata store recovered: reopened and brought up to date");
-            Ok::<_, EngineError>(released)
-        })
-        .await
-        .map_err(|e| EngineError::Internal(format!("recovery task: {e}")))?;
-        match released {
-            Ok(released) => self.release(released).await,
-            Err(e) => {
-                tracing::warn!(error = %e, "metadata store still unusable; retrying on the next commit");
-                Err(e)
-            }
-        }
-    }
-
-    /// The layers volumes and snapshots read through. A layer made for an admin operation whose
-    /// commit has not happened yet is in the engine's table but not reachable: it is left out.
-    fn reachable_layers(&self) -> Result<BTreeMap<u64, Arc<crate::layers::layer::Layer>>, EngineError> {
-        let mut out = BTreeMap::new();
-        let mut todo: Vec<Arc<crate::layers::layer::Layer>> = Vec::new();
-        for v in self.volumes.read().map_err(|_| poisoned())?.values() {
-            todo.push(v.top()?);
-        }
-        todo.extend(self.snapshots.read().map_err(|_| poisoned())?.values().map(|s| s.layer.clone()));
-        while let Some(l) = todo.pop() {
-            if out.contains_key(&l.id) {
-                continue;
-            }
-            if let Some(p) = l.parent()? {
-                todo.push(p);
-            }
-            out.insert(l.id, l);
-        }
-        Ok(out)
-    }
-
+impl Resync for Engine {
     /// The changes that turn `disk` into the engine's view.
-    fn resync_ops(&self, disk: &Loaded) -> Result<Vec<MetaOp>, EngineError> {
+    fn resync_ops(&self, disk: &Loaded, space: &Space) -> Result<Vec<MetaOp>, EngineError> {
         let mut ops = Vec::new();
         let mut mapped = BTreeSet::new();
-        let layers = self.reachable_layers()?;
+        let layers = self.graph.reachable_layers()?;
         let on_disk: BTreeMap<u64, _> = disk.layers.iter().map(|l| (l.id, l)).collect();
         for (&id, layer) in layers.iter() {
             let st = layer.read()?;
@@ -106,7 +41,7 @@ impl Engine {
         ops.extend(disk.layers.iter().filter(|l| !layers.contains_key(&l.id)).map(|l| MetaOp::DeleteLayer(l.id)));
         drop(layers);
 
-        let volumes = self.volumes.read().map_err(|_| poisoned())?;
+        let volumes = self.graph.volumes.read().map_err(|_| poisoned())?;
         for v in volumes.values() {
             let rec = v.record()?;
             if !disk.volumes.contains(&rec) {
@@ -121,7 +56,7 @@ impl Engine {
         );
         drop(volumes);
 
-        let snapshots = self.snapshots.read().map_err(|_| poisoned())?;
+        let snapshots = self.graph.snapshots.read().map_err(|_| poisoned())?;
         for s in snapshots.values() {
             let rec = s.record();
             if !disk.snapshots.contains(&rec) {
@@ -147,7 +82,7 @@ impl Engine {
 
         // Free is everything below the high-water mark that no layer maps: clusters handed to a
         // request that has not committed yet count as free until its commit claims them.
-        let alloc = self.alloc()?;
+        let alloc = space.alloc()?;
         let high_water = alloc.high_water();
         let disk_free: BTreeSet<u64> = disk.free.iter().copied().collect();
         for p in 0..high_water {
@@ -159,7 +94,7 @@ impl Engine {
         }
         ops.push(MetaOp::SetHighWater(high_water));
         ops.push(MetaOp::SetCapacity(alloc.capacity()));
-        ops.push(MetaOp::SetNextId(self.next_id.load(Relaxed)));
+        ops.push(self.graph.next_id_op());
         Ok(ops)
     }
 }

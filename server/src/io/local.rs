@@ -9,11 +9,12 @@ use bytes::Bytes;
 use thinbd_protocol::aligned::AlignedBuf;
 use thinbd_protocol::{Extent, ReadChunk};
 
-use crate::engine::{Engine, Snapshot, Volume};
 use crate::error::EngineError;
 use crate::error::poisoned;
 use crate::layers::edit::LayerEdit;
 use crate::layers::extent_map::{Mapping, Run, ZERO_MARK};
+use crate::layers::graph::LayerGraph;
+use crate::layers::heads::{Snapshot, Volume};
 use crate::layers::layer::{Layer, RESOLVE_MAX};
 use crate::meta::store::MetaOp;
 use crate::metrics::VolumeMetrics;
@@ -43,7 +44,7 @@ impl Drop for Claims<'_> {
 
 /// An open export: the NBD session's block device.
 pub struct LocalVolume {
-    engine: Arc<Engine>,
+    graph: Arc<LayerGraph>,
     target: Target,
     read_only: bool,
     /// The grant the handle was opened through; its revocation waits for this handle to go.
@@ -68,14 +69,14 @@ fn clip(run: &Run, cs: u64, offset: u64, end: u64) -> (u64, u64, u64) {
 }
 
 impl LocalVolume {
-    pub(crate) fn volume(engine: Arc<Engine>, vol: Arc<Volume>) -> Self {
+    pub(crate) fn volume(graph: Arc<LayerGraph>, vol: Arc<Volume>) -> Self {
         vol.sessions.fetch_add(1, Relaxed);
-        LocalVolume { engine, target: Target::Volume(vol), read_only: false, _grant: None }
+        LocalVolume { graph, target: Target::Volume(vol), read_only: false, _grant: None }
     }
 
-    pub(crate) fn snapshot(engine: Arc<Engine>, snap: Arc<Snapshot>) -> Self {
+    pub(crate) fn snapshot(graph: Arc<LayerGraph>, snap: Arc<Snapshot>) -> Self {
         snap.sessions.fetch_add(1, Relaxed);
-        LocalVolume { engine, target: Target::Snapshot(snap), read_only: true, _grant: None }
+        LocalVolume { graph, target: Target::Snapshot(snap), read_only: true, _grant: None }
     }
 
     /// The current size: a volume grown while a session is open accepts requests up to its new
@@ -139,13 +140,13 @@ impl LocalVolume {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let cs = self.engine.cs;
+        let cs = self.graph.space.cs;
         let end = offset + len as u64;
         let (_g, layer) = match &self.target {
             Target::Volume(v) => (Some(v.gate.read().await), v.top()?),
             Target::Snapshot(s) => (None, s.layer.clone()),
         };
-        let _reading = self.engine.grace.enter();
+        let _reading = self.graph.space.grace.enter();
         let mut out = Vec::new();
         let mut first = offset / cs;
         let last = end.div_ceil(cs);
@@ -155,7 +156,7 @@ impl LocalVolume {
                 let (_, n, within) = clip(&run, cs, offset, end);
                 match run.mapping {
                     Mapping::Data(p) => {
-                        let data = self.engine.pool.read_at(p * cs + within, n as usize).await?;
+                        let data = self.graph.space.pool.read_at(p * cs + within, n as usize).await?;
                         out.push(ReadChunk::Data(data));
                     }
                     _ => out.push(ReadChunk::Hole(n as u32)),
@@ -185,13 +186,13 @@ impl LocalVolume {
             self.write_locked(vol, offset, data).await?;
         }
         if fua {
-            self.engine.flush().await?;
+            self.graph.space.flush().await?;
         }
         Ok(())
     }
 
     async fn write_runs(&self, runs: &[Run], offset: u64, data: &Bytes) -> Result<Vec<u64>, EngineError> {
-        let cs = self.engine.cs;
+        let cs = self.graph.space.cs;
         let end = offset + data.len() as u64;
         let mut need = Vec::new();
         for run in runs {
@@ -199,7 +200,7 @@ impl LocalVolume {
             match run.mapping {
                 Mapping::Data(p) => {
                     let slice = data.slice((start - offset) as usize..(start - offset + n) as usize);
-                    self.engine.pool.write_at(p * cs + within, slice).await?;
+                    self.graph.space.pool.write_at(p * cs + within, slice).await?;
                 }
                 _ => need.extend(run.vstart..run.vstart + run.count),
             }
@@ -209,7 +210,7 @@ impl LocalVolume {
 
     /// Writes with the gate held (shared or exclusive) by the caller.
     async fn write_locked(&self, vol: &Volume, offset: u64, data: Bytes) -> Result<(), EngineError> {
-        let cs = self.engine.cs;
+        let cs = self.graph.space.cs;
         let end = offset + data.len() as u64;
         let top = vol.top()?;
         let runs = top.read()?.map.runs(offset / cs, end.div_ceil(cs));
@@ -254,14 +255,14 @@ impl LocalVolume {
 
     /// Allocates clusters for `need`, writes them whole and commits their mappings.
     async fn fill_and_map(&self, top: &Arc<Layer>, need: &[u64], offset: u64, data: &Bytes) -> Result<(), EngineError> {
-        let first_try = self.engine.alloc()?.allocate(need.len());
+        let first_try = self.graph.space.alloc()?.allocate(need.len());
         let pcs = match first_try {
             Some(pcs) => pcs,
             // Clusters freed since the last durable commit become usable after one: a full
             // pool recovers by itself once something was trimmed or deleted.
-            None if self.engine.alloc()?.has_pending() => {
-                self.engine.flush().await?;
-                self.engine.alloc()?.allocate(need.len()).ok_or(EngineError::NoSpace)?
+            None if self.graph.space.alloc()?.has_pending() => {
+                self.graph.space.flush().await?;
+                self.graph.space.alloc()?.allocate(need.len()).ok_or(EngineError::NoSpace)?
             }
             None => return Err(EngineError::NoSpace),
         };
@@ -272,15 +273,15 @@ impl LocalVolume {
                     .zip(&pcs)
                     .map(|(v, p)| LayerEdit::Map { layer: top.clone(), vcluster: *v, pcluster: *p })
                     .collect();
-                self.engine.commit_edits(edits, pcs.iter().map(|p| MetaOp::Claim(*p)).collect(), false).await
+                self.graph.commit_edits(edits, pcs.iter().map(|p| MetaOp::Claim(*p)).collect(), false).await
             }
             Err(e) => Err(e),
         };
         if let Err(e) = r {
-            self.engine.alloc()?.unallocate(pcs);
+            self.graph.space.alloc()?.unallocate(pcs);
             return Err(e);
         }
-        self.engine.reclaim_overridden(top, need).await
+        self.graph.reclaim_overridden(top, need).await
     }
 
     /// Writes whole new clusters: the request's bytes where it covers them, and elsewhere what
@@ -295,7 +296,7 @@ impl LocalVolume {
         offset: u64,
         data: &Bytes,
     ) -> Result<(), EngineError> {
-        let cs = self.engine.cs;
+        let cs = self.graph.space.cs;
         let end = offset + data.len() as u64;
         let mut i = 0;
         while i < vcs.len() {
@@ -308,7 +309,7 @@ impl LocalVolume {
             if offset <= vstart && end >= vend {
                 // The request covers these clusters whole: its payload is the cluster content.
                 let slice = data.slice((vstart - offset) as usize..(vend - offset) as usize);
-                self.engine.pool.write_at(pcs[i] * cs, slice).await?;
+                self.graph.space.pool.write_at(pcs[i] * cs, slice).await?;
                 i = j;
                 continue;
             }
@@ -319,9 +320,9 @@ impl LocalVolume {
                 if offset <= cstart && end >= cend {
                     continue;
                 }
-                let _reading = self.engine.grace.enter();
+                let _reading = self.graph.space.grace.enter();
                 if let Some(old) = self.inherited(top, v)? {
-                    let bytes = self.engine.pool.read_at(old * cs, cs as usize).await?;
+                    let bytes = self.graph.space.pool.read_at(old * cs, cs as usize).await?;
                     let at = (cstart - vstart) as usize;
                     buf.as_mut_slice()[at..at + cs as usize].copy_from_slice(&bytes);
                 }
@@ -331,7 +332,7 @@ impl LocalVolume {
                 buf.as_mut_slice()[(s - vstart) as usize..(e - vstart) as usize]
                     .copy_from_slice(&data[(s - offset) as usize..(e - offset) as usize]);
             }
-            self.engine.pool.write_at(pcs[i] * cs, buf.freeze()).await?;
+            self.graph.space.pool.write_at(pcs[i] * cs, buf.freeze()).await?;
             i = j;
         }
         Ok(())
@@ -354,7 +355,7 @@ impl LocalVolume {
     /// (NO_HOLE) zeros are written.
     pub async fn zero(&self, offset: u64, len: u32, unmap: bool, fua: bool) -> Result<(), EngineError> {
         let vol = self.writable()?;
-        let cs = self.engine.cs;
+        let cs = self.graph.space.cs;
         let end = offset + len as u64;
         {
             let _g = vol.gate.write().await;
@@ -378,7 +379,7 @@ impl LocalVolume {
             }
         }
         if fua {
-            self.engine.flush().await?;
+            self.graph.space.flush().await?;
         }
         Ok(())
     }
@@ -388,7 +389,7 @@ impl LocalVolume {
         if start >= end {
             return Ok(());
         }
-        let cs = self.engine.cs;
+        let cs = self.graph.space.cs;
         let top = vol.top()?;
         let has_data = top.resolve(start / cs, end.div_ceil(cs))?.iter().any(|r| r.physical().is_some());
         if has_data {
@@ -432,16 +433,16 @@ impl LocalVolume {
             return Ok(());
         }
         let frees = freed.iter().map(|p| MetaOp::Free(*p)).collect();
-        self.engine.commit_edits(edits, frees, false).await?;
-        self.engine.alloc()?.free_later(freed);
-        self.engine.reclaim_overridden(&top, &marked).await
+        self.graph.commit_edits(edits, frees, false).await?;
+        self.graph.space.alloc()?.free_later(freed);
+        self.graph.reclaim_overridden(&top, &marked).await
     }
 
     /// `base:allocation` extents; covers at most [`RESOLVE_MAX`] clusters per call (the spec
     /// lets a reply stop short of the requested length).
     pub async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, EngineError> {
         use thinbd_protocol::consts::{STATE_HOLE, STATE_ZERO};
-        let cs = self.engine.cs;
+        let cs = self.graph.space.cs;
         let first = offset / cs;
         let last = (offset + len as u64).div_ceil(cs).min(first + RESOLVE_MAX);
         let end = (offset + len as u64).min(last * cs);
@@ -478,7 +479,7 @@ impl LocalVolume {
             below.insert(p.id);
             l = p.parent().ok().flatten();
         }
-        self.engine
+        self.graph
             .list_snapshots(Some(&volume))
             .into_iter()
             .filter(|s| below.contains(&s.layer.id))
@@ -490,8 +491,8 @@ impl LocalVolume {
     /// elsewhere; covers at most [`RESOLVE_MAX`] clusters per call.
     pub fn changed_since(&self, snapshot: &str, offset: u64, len: u32) -> Result<Vec<Extent>, EngineError> {
         let (layer, volume) = self.layer_and_volume()?;
-        let base = self.engine.snapshot(&format!("{volume}@{snapshot}"))?.layer.id;
-        let cs = self.engine.cs;
+        let base = self.graph.snapshot(&format!("{volume}@{snapshot}"))?.layer.id;
+        let cs = self.graph.space.cs;
         let first = offset / cs;
         let last = (offset + len as u64).div_ceil(cs).min(first + RESOLVE_MAX);
         let end = (offset + len as u64).min(last * cs);
@@ -522,6 +523,6 @@ impl LocalVolume {
     }
 
     pub async fn flush(&self) -> Result<(), EngineError> {
-        self.engine.flush().await
+        self.graph.space.flush().await
     }
 }

@@ -4,30 +4,15 @@
 //! what a snapshot holds is what its chain maps to data. Both are exact at cluster granularity
 //! and read only metadata.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::extent_map::ZERO_MARK;
 use super::layer::Layer;
 use crate::error::EngineError;
 
-/// Each virtual cluster's nearest entry in the chain from `top` down (data or zero mark).
-pub fn nearest_entries(top: &Arc<Layer>) -> Result<BTreeMap<u64, u64>, EngineError> {
-    let mut out = BTreeMap::new();
-    let mut layer = Some(top.clone());
-    while let Some(l) = layer {
-        let st = l.read()?;
-        for (v, p) in st.map.iter() {
-            out.entry(v).or_insert(p);
-        }
-        layer = st.parent.clone();
-    }
-    Ok(out)
-}
-
 /// Runs `(first cluster, count)` of the clusters that read as data from `top`.
 pub fn allocated(top: &Arc<Layer>) -> Result<Vec<(u64, u64)>, EngineError> {
-    Ok(runs(nearest_entries(top)?.into_iter().filter(|(_, p)| *p != ZERO_MARK).map(|(v, _)| v)))
+    Ok(runs(top.nearest_entries()?.into_iter().filter(|(_, p)| *p != ZERO_MARK).map(|(v, _)| v)))
 }
 
 /// Runs of the clusters written or trimmed in the layers from `top` down to `base` (not

@@ -94,10 +94,22 @@ impl Layer {
             return Ok((own, own));
         }
         // A virtual cluster counts for the nearest layer that has an entry for it.
-        let total = crate::layers::changes::nearest_entries(self)?
-            .values()
-            .filter(|p| **p != crate::layers::extent_map::ZERO_MARK)
-            .count() as u64;
+        let total =
+            self.nearest_entries()?.values().filter(|p| **p != crate::layers::extent_map::ZERO_MARK).count() as u64;
         Ok((total, own))
+    }
+
+    /// Each virtual cluster's nearest entry in the chain from here down (data or zero mark).
+    pub fn nearest_entries(self: &Arc<Self>) -> Result<std::collections::BTreeMap<u64, u64>, EngineError> {
+        let mut out = std::collections::BTreeMap::new();
+        let mut layer = Some(self.clone());
+        while let Some(l) = layer {
+            let st = l.read()?;
+            for (v, p) in st.map.iter() {
+                out.entry(v).or_insert(p);
+            }
+            layer = st.parent.clone();
+        }
+        Ok(out)
     }
 }

@@ -5,4 +5,6 @@
 pub mod changes;
 pub mod edit;
 pub mod extent_map;
+pub mod graph;
+pub mod heads;
 pub mod layer;

@@ -4,3 +4,4 @@
 pub mod fsck;
 pub mod qos;
 pub mod store;
+pub mod uuid;

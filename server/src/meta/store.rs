@@ -234,26 +234,6 @@ pub struct Loaded {
     pub grants: Vec<GrantRecord>,
 }
 
-impl Loaded {
-    /// What the pool file must look like for this metadata.
-    pub fn geometry(&self) -> crate::space::pool::Geometry {
-        let superblock = match (self.format, self.pool_uuid) {
-            (2.., Some(pool_uuid)) => Some(crate::space::superblock::Superblock {
-                format: 2,
-                cluster_size: self.config.cluster_size,
-                pool_uuid,
-            }),
-            _ => None,
-        };
-        crate::space::pool::Geometry {
-            cluster_size: self.config.cluster_size,
-            capacity_clusters: self.config.capacity_clusters,
-            high_water: self.high_water,
-            superblock,
-        }
-    }
-}
-
 /// Opens the database file again after an I/O error (redb must be closed and reopened).
 pub type Reopen = Box<dyn Fn() -> Result<Database, EngineError> + Send + Sync>;
 
@@ -423,7 +403,7 @@ fn init_tables(db: &Database, create: PoolConfig) -> Result<bool, EngineError> {
             let mut cfg = txn.open_table(CONFIG)?;
             if cfg.get("format_version")?.is_none() {
                 created = true;
-                let uuid = crate::space::superblock::new_uuid();
+                let uuid = crate::meta::uuid::new_uuid();
                 cfg.insert("pool_uuid_hi", (uuid >> 64) as u64)?;
                 cfg.insert("pool_uuid_lo", uuid as u64)?;
                 cfg.insert("format_version", FORMAT_VERSION)?;

@@ -68,8 +68,8 @@ pub enum IoEngine {
 
 /// The pool file, read and written with pread/pwrite.
 pub struct FileStore {
-    file: File,
-    align: u64,
+    pub(crate) file: File,
+    pub(crate) align: u64,
 }
 
 impl FileStore {
@@ -99,18 +99,6 @@ impl FileStore {
 
     pub fn set_len(&self, bytes: u64) -> Result<(), EngineError> {
         self.file.set_len(bytes).map_err(|e| EngineError::io("grow pool", bytes, e))
-    }
-
-    /// The same file driven by `engine`: io_uring where the kernel allows it, else threads.
-    pub fn with_engine(self, engine: IoEngine) -> Result<Arc<dyn BlockStore>, EngineError> {
-        if engine == IoEngine::Uring {
-            let dup = self.file.try_clone().map_err(|e| EngineError::io("dup pool fd", 0, e))?;
-            match crate::space::uring::UringStore::new(dup, self.align) {
-                Ok(u) => return Ok(Arc::new(u)),
-                Err(e) => tracing::warn!(error = %e, "io_uring is not available; using blocking threads for pool I/O"),
-            }
-        }
-        Ok(Arc::new(self))
     }
 }
 

@@ -18,6 +18,7 @@ use thinbd_protocol::aligned::{AlignedBuf, is_aligned};
 use tokio::sync::RwLock;
 
 use crate::error::EngineError;
+use crate::meta::store::Loaded;
 use crate::space::backend::FileStore;
 use crate::space::backend::{BlockStore, IoEngine};
 use crate::space::superblock::{BLOCK, DATA_OFFSET, Found, Superblock};
@@ -37,6 +38,22 @@ pub struct Geometry {
 }
 
 impl Geometry {
+    /// What the pool file must look like for this metadata.
+    pub fn of(loaded: &Loaded) -> Geometry {
+        let superblock = match (loaded.format, loaded.pool_uuid) {
+            (2.., Some(pool_uuid)) => {
+                Some(Superblock { format: 2, cluster_size: loaded.config.cluster_size, pool_uuid })
+            }
+            _ => None,
+        };
+        Geometry {
+            cluster_size: loaded.config.cluster_size,
+            capacity_clusters: loaded.config.capacity_clusters,
+            high_water: loaded.high_water,
+            superblock,
+        }
+    }
+
     /// Where cluster 0 starts in the file.
     pub fn base(&self) -> u64 {
         if self.superblock.is_some() { DATA_OFFSET } else { 0 }
@@ -103,7 +120,7 @@ impl Pool {
         if len < bytes {
             file.set_len(bytes)?;
         }
-        Pool::on(file.with_engine(engine)?, geo)
+        Pool::on(with_engine(file, engine)?, geo)
     }
 
     /// A pool on any backend (tests: fault-injecting disks).
@@ -218,6 +235,18 @@ impl Pool {
     }
 }
 
+/// The pool file driven by `engine`: io_uring where the kernel allows it, else threads.
+fn with_engine(file: FileStore, engine: IoEngine) -> Result<Arc<dyn BlockStore>, EngineError> {
+    if engine == IoEngine::Uring {
+        let dup = file.file.try_clone().map_err(|e| EngineError::io("dup pool fd", 0, e))?;
+        match crate::space::uring::UringStore::new(dup, file.align) {
+            Ok(u) => return Ok(Arc::new(u)),
+            Err(e) => tracing::warn!(error = %e, "io_uring is not available; using blocking threads for pool I/O"),
+        }
+    }
+    Ok(Arc::new(file))
+}
+
 /// Held for the duration of one write.
 struct RegionLocks<'a> {
     _shared: Vec<tokio::sync::RwLockReadGuard<'a, ()>>,
@@ -236,7 +265,7 @@ mod tests {
 
     /// A fresh format-2 pool of 128 clusters of 64 KiB.
     fn geometry() -> Geometry {
-        let sb = Superblock { format: 2, cluster_size: 65536, pool_uuid: crate::space::superblock::new_uuid() };
+        let sb = Superblock { format: 2, cluster_size: 65536, pool_uuid: crate::meta::uuid::new_uuid() };
         Geometry { cluster_size: 65536, capacity_clusters: 128, high_water: 0, superblock: Some(sb) }
     }
 

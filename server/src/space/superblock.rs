@@ -4,6 +4,7 @@
 //! [`DATA_OFFSET`], so the block never shares a cluster with data.
 
 use crate::error::EngineError;
+use crate::meta::uuid::uuid_text;
 
 /// Where cluster 0 starts in a pool of format 2: 1 MiB, aligned for every cluster size.
 pub const DATA_OFFSET: u64 = 1 << 20;
@@ -82,21 +83,10 @@ impl Superblock {
     }
 }
 
-/// A UUID in its usual text form.
-pub fn uuid_text(u: u128) -> String {
-    let h = format!("{u:032x}");
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
-}
-
-/// A random (version 4) UUID.
-pub fn new_uuid() -> u128 {
-    let r: u128 = rand::random();
-    (r & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::meta::uuid::new_uuid;
 
     #[test]
     fn round_trip_and_damage() {
