@@ -18,7 +18,7 @@ fn modules(root: &Path) -> BTreeMap<String, String> {
                 continue;
             }
             let rel = path.strip_prefix(root).unwrap().to_string_lossy().trim_end_matches(".rs").to_string();
-            if rel == "main" || rel == "lib" || !path.extension().is_some_and(|e| e == "rs") {
+            if rel == "main" || rel == "lib" || path.extension().is_none_or(|e| e != "rs") {
                 continue;
             }
             let module = rel.trim_end_matches("/mod").replace('/', "::");
