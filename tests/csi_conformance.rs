@@ -147,7 +147,9 @@ fn create_delete_are_idempotent_with_spec_errors() {
         // Create, again (same answer), then incompatibly.
         let v = create(&mut e, "pvc-1", 10 * MIB).await;
         assert_eq!(v.capacity_bytes, 10 * MIB);
-        assert_eq!(v.volume_id, format!("{NODE}/pvc-1"));
+        // The id is the volume's UUID: it names no node.
+        let uuid = e.server.volume_json("pvc-1")["uuid"].as_str().expect("uuid").to_string();
+        assert_eq!(v.volume_id, uuid);
         assert_eq!(v.accessible_topology[0].segments["topology.thinbd.csi.io/node"], NODE);
         let again = create(&mut e, "pvc-1", 10 * MIB).await;
         assert_eq!(again.volume_id, v.volume_id);
@@ -370,6 +372,8 @@ fn validate_list_get_and_capacity() {
             token = r.next_token;
         }
         seen.sort();
+        let mut ids = ids.clone();
+        ids.sort();
         assert_eq!(seen, ids);
         assert_eq!(
             code(e.ctl.list_volumes(ListVolumesRequest { max_entries: 0, starting_token: "bogus".into() }).await),
@@ -856,7 +860,9 @@ fn group_snapshots_through_the_group_controller() {
         assert!(gs.snapshots.iter().all(|s| s.group_snapshot_id == gs.group_snapshot_id && s.ready_to_use));
         let mut sources: Vec<&str> = gs.snapshots.iter().map(|s| s.source_volume_id.as_str()).collect();
         sources.sort();
-        assert_eq!(sources, [v1.as_str(), v2.as_str()]);
+        let mut want = [v1.as_str(), v2.as_str()];
+        want.sort();
+        assert_eq!(sources, want);
         // Idempotent; the same name over other volumes is ALREADY_EXISTS.
         let again = g.create_volume_group_snapshot(req("group-1", &[&v2, &v1])).await.unwrap().into_inner();
         assert_eq!(again.group_snapshot.unwrap().group_snapshot_id, gs.group_snapshot_id);
@@ -882,5 +888,102 @@ fn group_snapshots_through_the_group_controller() {
         g.delete_volume_group_snapshot(del(&gs.group_snapshot_id)).await.unwrap();
         assert_eq!(code(g.get_volume_group_snapshot(get(&gs.group_snapshot_id)).await), Code::NotFound);
         assert_eq!(code(g.get_volume_group_snapshot(get("")).await), Code::InvalidArgument);
+    });
+}
+
+/// Ids are UUIDs now; ids of the older `NODE/VOLUME` and `NODE/VOLUME@SNAPSHOT` form (volumes
+/// provisioned before) keep working in every RPC, and the management API takes UUIDs wherever
+/// it takes names.
+#[test]
+fn uuid_ids_and_the_older_node_naming_ids() {
+    runtime().block_on(async {
+        let mut e = env().await;
+        let v = create(&mut e, "pvc-old", 2 * MIB).await;
+        let uuid = e.server.volume_json("pvc-old")["uuid"].as_str().expect("uuid").to_string();
+        assert_eq!(v.volume_id, uuid);
+        assert!(!v.volume_id.contains(NODE));
+        let old = format!("{NODE}/pvc-old");
+
+        // Get and publish through the old id; the answer carries the UUID id.
+        let got = e.ctl.controller_get_volume(ControllerGetVolumeRequest { volume_id: old.clone() }).await.unwrap();
+        assert_eq!(got.into_inner().volume.unwrap().volume_id, uuid);
+        let publish = |id: &str| ControllerPublishVolumeRequest {
+            volume_id: id.into(),
+            node_id: "node-x".into(),
+            volume_capability: Some(cap(Mode::SingleNodeWriter, true)),
+            ..Default::default()
+        };
+        let by_old = e.ctl.controller_publish_volume(publish(&old)).await.unwrap().into_inner();
+        let by_uuid = e.ctl.controller_publish_volume(publish(&uuid)).await.unwrap().into_inner();
+        assert_eq!(by_old.publish_context, by_uuid.publish_context, "one grant, whichever id");
+        let export = &by_uuid.publish_context["thinbd.csi.io/export"];
+        assert!(export.starts_with("pvc-old#"), "{export}");
+        let c = Client::connect(e.server.addr(), ClientOptions::new(export)).await.unwrap();
+        c.write(0, b"by uuid", 0).await.unwrap();
+        c.disconnect().await.unwrap();
+        let unpublish = |id: &str| ControllerUnpublishVolumeRequest {
+            volume_id: id.into(),
+            node_id: "node-x".into(),
+            ..Default::default()
+        };
+        e.ctl.controller_unpublish_volume(unpublish(&old)).await.unwrap();
+        assert!(e.server.volume_json("pvc-old")["published_nodes"].as_array().is_none_or(|n| n.is_empty()));
+
+        // Snapshots: made from the old id, found by old and new ids of snapshot and source.
+        let snap = e
+            .ctl
+            .create_snapshot(CreateSnapshotRequest {
+                name: "snap-old".into(),
+                source_volume_id: old.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+        assert_eq!(snap.source_volume_id, uuid);
+        assert!(!snap.snapshot_id.contains('@') && snap.snapshot_id.len() == 36, "{}", snap.snapshot_id);
+        let old_snap = format!("{NODE}/pvc-old@snap-old");
+        let list = |id: &str, src: &str| ListSnapshotsRequest {
+            snapshot_id: id.into(),
+            source_volume_id: src.into(),
+            ..Default::default()
+        };
+        for (id, src) in
+            [(snap.snapshot_id.as_str(), ""), (old_snap.as_str(), ""), ("", uuid.as_str()), ("", old.as_str())]
+        {
+            let found = e.ctl.list_snapshots(list(id, src)).await.unwrap().into_inner().entries;
+            assert_eq!(found.len(), 1, "by {id:?} / {src:?}");
+            assert_eq!(found[0].snapshot.as_ref().unwrap().snapshot_id, snap.snapshot_id);
+        }
+        // Restore from the old snapshot id.
+        let mut restore = create_req("pvc-old-restored", 2 * MIB);
+        restore.volume_content_source = Some(VolumeContentSource {
+            r#type: Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+                snapshot_id: old_snap.clone(),
+            })),
+        });
+        e.ctl.create_volume(restore).await.unwrap();
+
+        // The source goes; its snapshot is still listed under the source's UUID.
+        e.ctl.delete_volume(DeleteVolumeRequest { volume_id: old.clone(), ..Default::default() }).await.unwrap();
+        assert!(!e.server.cli_output(&["volume", "show", "pvc-old"]).status.success(), "deleted by its old id");
+        let orphan = e.ctl.list_snapshots(list("", &uuid)).await.unwrap().into_inner().entries;
+        assert_eq!(orphan.len(), 1);
+        assert_eq!(orphan[0].snapshot.as_ref().unwrap().source_volume_id, uuid);
+        e.ctl
+            .delete_snapshot(DeleteSnapshotRequest { snapshot_id: old_snap.clone(), ..Default::default() })
+            .await
+            .unwrap();
+        assert!(e.ctl.list_snapshots(list(&snap.snapshot_id, "")).await.unwrap().into_inner().entries.is_empty());
+
+        // The management API (here through the CLI) takes a UUID where it takes a name.
+        let restored = e.server.volume_json("pvc-old-restored");
+        let ruuid = restored["uuid"].as_str().unwrap();
+        e.server.cli(&["volume", "resize", ruuid, "--size", "4MiB"]);
+        assert_eq!(e.server.volume_json("pvc-old-restored")["size_bytes"], 4 * MIB);
+        e.server.cli(&["volume", "delete", ruuid]);
+        assert!(!e.server.cli_output(&["volume", "show", "pvc-old-restored"]).status.success());
     });
 }

@@ -62,6 +62,28 @@ impl Backends {
         self.channel(&self.address(node))
     }
 
+    /// The storage node an id names, or for ids that name none (UUIDs) the single server's;
+    /// with its API.
+    pub async fn locate(&self, node: Option<&str>) -> Result<(String, Api), Status> {
+        let node = match node {
+            Some(n) => n.to_string(),
+            None if !self.is_template() => self.single_node().await?,
+            None => {
+                return Err(Status::not_found(
+                    "a UUID id cannot be located through a {node} address template (ids are NODE/NAME there)",
+                ));
+            }
+        };
+        let api = self.api(&node).await?;
+        Ok((node, api))
+    }
+
+    /// The node to name in ids made for a volume on `node`: none when one API answers for all
+    /// (ids are UUIDs), the node when the controller routes by node name.
+    pub fn route<'a>(&self, node: &'a str) -> Option<&'a str> {
+        self.is_template().then_some(node)
+    }
+
     /// The node name of the single server (`--thinbd-api` without `{node}`).
     pub async fn single_node(&self) -> Result<String, Status> {
         let name = self

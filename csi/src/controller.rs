@@ -97,7 +97,7 @@ impl ControllerService {
         }
         Volume {
             capacity_bytes: v.size_bytes as i64,
-            volume_id: VolumeId { node: node.into(), volume: v.name.clone() }.id(),
+            volume_id: VolumeId::of(self.backends.route(node), &v.name, &v.uuid),
             volume_context: ctx,
             content_source: v.labels.get(LABEL_SOURCE).and_then(|l| source_from_label(l)),
             accessible_topology: vec![topology(node)],
@@ -117,12 +117,13 @@ impl ControllerService {
         }
     }
 
-    async fn volume_api(&self, volume_id: &str) -> Result<(VolumeId, Api), Status> {
+    /// The id, the storage node it is on and that node's API.
+    async fn volume_api(&self, volume_id: &str) -> Result<(VolumeId, String, Api), Status> {
         let id = VolumeId::parse(required(volume_id, "volume_id")?).ok_or_else(|| {
             Status::not_found(format!("volume {volume_id:?} does not exist (not a thinbd volume id)"))
         })?;
-        let api = self.backends.api(&id.node).await?;
-        Ok((id, api))
+        let (node, api) = self.backends.locate(id.node.as_deref()).await?;
+        Ok((id, node, api))
     }
 
     async fn snapshots(api: &mut Api, volume: &str) -> Result<Vec<pb::Snapshot>, Status> {
@@ -134,11 +135,12 @@ impl ControllerService {
             .snapshots)
     }
 
-    pub fn csi_snapshot(node: &str, s: &pb::Snapshot) -> Snapshot {
+    /// A snapshot as CSI sees it; `route` as in [`Backends::route`].
+    pub fn csi_snapshot(route: Option<&str>, s: &pb::Snapshot) -> Snapshot {
         Snapshot {
             size_bytes: s.size_bytes as i64,
-            snapshot_id: SnapshotId { node: node.into(), volume: s.volume.clone(), snapshot: s.name.clone() }.id(),
-            source_volume_id: VolumeId { node: node.into(), volume: s.volume.clone() }.id(),
+            snapshot_id: SnapshotId::of(route, &s.volume, &s.name, &s.uuid),
+            source_volume_id: VolumeId::of(route, &s.volume, &s.volume_uuid),
             creation_time: Some(prost_types::Timestamp { seconds: s.created_unix_seconds as i64, nanos: 0 }),
             ready_to_use: true,
             group_snapshot_id: String::new(),
@@ -210,21 +212,21 @@ impl Controller for ControllerService {
             Some(Type::Snapshot(s)) => {
                 let id = SnapshotId::parse(&s.snapshot_id)
                     .ok_or_else(|| Status::not_found(format!("snapshot {:?} does not exist", s.snapshot_id)))?;
-                if id.node != node {
+                if let Some(on) = id.node.as_ref().filter(|on| **on != node) {
                     return Err(invalid(format!(
-                        "snapshot {:?} lives on storage node {:?}, not {node:?}",
-                        s.snapshot_id, id.node
+                        "snapshot {:?} lives on storage node {on:?}, not {node:?}",
+                        s.snapshot_id
                     )));
                 }
-                Some(id.key())
+                Some(id.key)
             }
             Some(Type::Volume(v)) => {
                 let id = VolumeId::parse(&v.volume_id)
                     .ok_or_else(|| Status::not_found(format!("volume {:?} does not exist", v.volume_id)))?;
-                if id.node != node {
+                if let Some(on) = id.node.as_ref().filter(|on| **on != node) {
                     return Err(invalid(format!(
-                        "volume {:?} lives on storage node {:?}, not {node:?}",
-                        v.volume_id, id.node
+                        "volume {:?} lives on storage node {on:?}, not {node:?}",
+                        v.volume_id
                     )));
                 }
                 Some(id.volume)
@@ -279,7 +281,7 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         required(&r.volume_id, "volume_id")?;
         let Some(id) = VolumeId::parse(&r.volume_id) else { return Ok(Response::new(DeleteVolumeResponse {})) };
-        let mut api = self.backends.api(&id.node).await?;
+        let (_, mut api) = self.backends.locate(id.node.as_deref()).await?;
         match api.delete_volume(pb::DeleteVolumeRequest { name: id.volume.clone() }).await {
             Ok(_) => tracing::info!(volume = %r.volume_id, "volume deleted"),
             Err(s) if s.code() == tonic::Code::NotFound => {}
@@ -297,7 +299,7 @@ impl Controller for ControllerService {
         let node = required(&r.node_id, "node_id")?.to_string();
         let cap = r.volume_capability.as_ref().ok_or_else(|| invalid("volume_capability is required"))?;
         let usage = capability::check(cap).map_err(invalid)?;
-        let (id, mut api) = self.volume_api(&r.volume_id).await?;
+        let (id, _, mut api) = self.volume_api(&r.volume_id).await?;
         if Self::find(&mut api, &id.volume).await?.is_none() {
             return Err(Status::not_found(format!("volume {:?} does not exist", r.volume_id)));
         }
@@ -327,7 +329,7 @@ impl Controller for ControllerService {
         let Some(id) = VolumeId::parse(&r.volume_id) else {
             return Ok(Response::new(ControllerUnpublishVolumeResponse {}));
         };
-        let mut api = self.backends.api(&id.node).await?;
+        let (_, mut api) = self.backends.locate(id.node.as_deref()).await?;
         let Some(v) = Self::find(&mut api, &id.volume).await? else {
             return Ok(Response::new(ControllerUnpublishVolumeResponse {}));
         };
@@ -350,7 +352,7 @@ impl Controller for ControllerService {
         if r.volume_capabilities.is_empty() {
             return Err(invalid("volume_capabilities is required"));
         }
-        let (id, mut api) = self.volume_api(&r.volume_id).await?;
+        let (id, _, mut api) = self.volume_api(&r.volume_id).await?;
         if Self::find(&mut api, &id.volume).await?.is_none() {
             return Err(Status::not_found(format!("volume {:?} does not exist", r.volume_id)));
         }
@@ -397,13 +399,13 @@ impl Controller for ControllerService {
         req: Request<ControllerGetVolumeRequest>,
     ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
         let r = req.into_inner();
-        let (id, mut api) = self.volume_api(&r.volume_id).await?;
+        let (id, node, mut api) = self.volume_api(&r.volume_id).await?;
         let v = Self::find(&mut api, &id.volume)
             .await?
             .ok_or_else(|| Status::not_found(format!("volume {:?} does not exist", r.volume_id)))?;
         let nbd = Self::nbd_address(&mut api).await?;
         Ok(Response::new(ControllerGetVolumeResponse {
-            volume: Some(self.csi_volume(&id.node, &v, &nbd)),
+            volume: Some(self.csi_volume(&node, &v, &nbd)),
             status: Some(controller_get_volume_response::VolumeStatus {
                 published_node_ids: v.published_nodes.clone(),
                 volume_condition: Some(condition(&v)),
@@ -480,26 +482,27 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         let csi_name = required(&r.name, "name")?;
         required(&r.source_volume_id, "source_volume_id")?;
-        let (id, mut api) = self.volume_api(&r.source_volume_id).await?;
+        let (id, node, mut api) = self.volume_api(&r.source_volume_id).await?;
+        let route = self.backends.route(&node);
         let snap_name = server_name(csi_name);
         // Snapshot names are global in CSI: the same name on another volume is a conflict.
         let all = Self::snapshots(&mut api, "").await?;
         if let Some(s) = all.iter().find(|s| s.name == snap_name) {
-            if s.volume != id.volume {
+            if s.volume != id.volume && s.volume_uuid != id.volume {
                 return Err(Status::already_exists(format!("snapshot {csi_name:?} already exists for another volume")));
             }
-            return Ok(Response::new(CreateSnapshotResponse { snapshot: Some(Self::csi_snapshot(&id.node, s)) }));
+            return Ok(Response::new(CreateSnapshotResponse { snapshot: Some(Self::csi_snapshot(route, s)) }));
         }
-        if Self::find(&mut api, &id.volume).await?.is_none() {
+        let Some(source) = Self::find(&mut api, &id.volume).await? else {
             return Err(Status::not_found(format!("source volume {:?} does not exist", r.source_volume_id)));
-        }
+        };
         let s = api
-            .create_snapshot(pb::CreateSnapshotRequest { volume: id.volume.clone(), name: snap_name })
+            .create_snapshot(pb::CreateSnapshotRequest { volume: source.name.clone(), name: snap_name })
             .await
             .map_err(unavailable)?
             .into_inner();
-        tracing::info!(name = csi_name, volume = %id.volume, "snapshot created");
-        Ok(Response::new(CreateSnapshotResponse { snapshot: Some(Self::csi_snapshot(&id.node, &s)) }))
+        tracing::info!(name = csi_name, volume = %source.name, "snapshot created");
+        Ok(Response::new(CreateSnapshotResponse { snapshot: Some(Self::csi_snapshot(route, &s)) }))
     }
 
     async fn delete_snapshot(
@@ -509,8 +512,8 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         required(&r.snapshot_id, "snapshot_id")?;
         let Some(id) = SnapshotId::parse(&r.snapshot_id) else { return Ok(Response::new(DeleteSnapshotResponse {})) };
-        let mut api = self.backends.api(&id.node).await?;
-        match api.delete_snapshot(pb::DeleteSnapshotRequest { key: id.key() }).await {
+        let (_, mut api) = self.backends.locate(id.node.as_deref()).await?;
+        match api.delete_snapshot(pb::DeleteSnapshotRequest { key: id.key.clone() }).await {
             Ok(_) => tracing::info!(snapshot = %r.snapshot_id, "snapshot deleted"),
             Err(s) if s.code() == tonic::Code::NotFound => {}
             Err(s) => return Err(unavailable(s)),
@@ -527,27 +530,30 @@ impl Controller for ControllerService {
         if !r.snapshot_id.is_empty() {
             // One snapshot, if it exists.
             if let Some(id) = SnapshotId::parse(&r.snapshot_id)
-                && let Ok(mut api) = self.backends.api(&id.node).await
+                && let Ok((node, mut api)) = self.backends.locate(id.node.as_deref()).await
             {
-                for s in Self::snapshots(&mut api, &id.volume).await.unwrap_or_default() {
-                    if s.name == id.snapshot {
-                        out.push(Self::csi_snapshot(&id.node, &s));
+                for s in Self::snapshots(&mut api, "").await.unwrap_or_default() {
+                    if id.matches(&s.volume, &s.name, &s.uuid) {
+                        out.push(Self::csi_snapshot(self.backends.route(&node), &s));
                     }
                 }
             }
         } else if !r.source_volume_id.is_empty() {
+            // By name or UUID: the volume may be gone while its snapshots remain.
             if let Some(id) = VolumeId::parse(&r.source_volume_id)
-                && let Ok(mut api) = self.backends.api(&id.node).await
+                && let Ok((node, mut api)) = self.backends.locate(id.node.as_deref()).await
             {
-                for s in Self::snapshots(&mut api, &id.volume).await? {
-                    out.push(Self::csi_snapshot(&id.node, &s));
+                for s in Self::snapshots(&mut api, "").await? {
+                    if s.volume == id.volume || s.volume_uuid == id.volume {
+                        out.push(Self::csi_snapshot(self.backends.route(&node), &s));
+                    }
                 }
             }
         } else {
             for node in self.known_nodes().await? {
                 let mut api = self.backends.api(&node).await?;
                 for s in Self::snapshots(&mut api, "").await? {
-                    out.push(Self::csi_snapshot(&node, &s));
+                    out.push(Self::csi_snapshot(self.backends.route(&node), &s));
                 }
             }
         }
@@ -567,7 +573,7 @@ impl Controller for ControllerService {
         if let Some(cap) = &r.volume_capability {
             capability::check(cap).map_err(invalid)?;
         }
-        let (id, mut api) = self.volume_api(&r.volume_id).await?;
+        let (id, _, mut api) = self.volume_api(&r.volume_id).await?;
         let v = Self::find(&mut api, &id.volume)
             .await?
             .ok_or_else(|| Status::not_found(format!("volume {:?} does not exist", r.volume_id)))?;
@@ -600,7 +606,7 @@ impl Controller for ControllerService {
         if r.mutable_parameters.is_empty() {
             return Err(invalid("mutable_parameters is required".to_string()));
         }
-        let (id, mut api) = self.volume_api(&r.volume_id).await?;
+        let (id, _, mut api) = self.volume_api(&r.volume_id).await?;
         let v = Self::find(&mut api, &id.volume)
             .await?
             .ok_or_else(|| Status::not_found(format!("volume {:?} does not exist", r.volume_id)))?;

@@ -1,6 +1,7 @@
 //! The CSI GroupController: group snapshots, a point-in-time cut across several volumes of one
 //! storage node (thinbd drains every member's writes and commits all snapshot layers in one
-//! transaction). A group snapshot's id is `NODE/GROUP`; its members are the snapshots
+//! transaction). A group snapshot's id is `GROUP` (`NODE/GROUP` when nodes are reached through an address
+//! template); its members are the snapshots
 //! `VOLUME@GROUP`, which the server marks as the group's.
 
 use std::collections::BTreeSet;
@@ -20,12 +21,13 @@ pub struct GroupControllerService {
     pub backends: Arc<Backends>,
 }
 
-/// `NODE/GROUP` into its parts.
-fn group_id(id: &str) -> Result<(String, String), Status> {
+/// `GROUP` or `NODE/GROUP` into the node it names (if any) and the group.
+fn group_id(id: &str) -> Result<(Option<String>, String), Status> {
     let id = required(id, "group_snapshot_id")?;
-    let (node, group) =
-        id.rsplit_once('/').ok_or_else(|| Status::not_found(format!("group snapshot {id:?} does not exist")))?;
-    Ok((node.to_string(), group.to_string()))
+    Ok(match id.rsplit_once('/') {
+        Some((node, group)) => (Some(node.to_string()), group.to_string()),
+        None => (None, id.to_string()),
+    })
 }
 
 async fn members(api: &mut Api, group: &str) -> Result<Vec<pb::Snapshot>, Status> {
@@ -40,11 +42,15 @@ async fn members(api: &mut Api, group: &str) -> Result<Vec<pb::Snapshot>, Status
         .collect())
 }
 
-fn group_snapshot(node: &str, group: &str, snaps: &[pb::Snapshot]) -> VolumeGroupSnapshot {
-    let id = format!("{node}/{group}");
+/// The group as CSI sees it; `route` as in `Backends::route` (ids name the node or not).
+fn group_snapshot(route: Option<&str>, group: &str, snaps: &[pb::Snapshot]) -> VolumeGroupSnapshot {
+    let id = match route {
+        Some(node) => format!("{node}/{group}"),
+        None => group.to_string(),
+    };
     let snapshots: Vec<Snapshot> = snaps
         .iter()
-        .map(|s| Snapshot { group_snapshot_id: id.clone(), ..ControllerService::csi_snapshot(node, s) })
+        .map(|s| Snapshot { group_snapshot_id: id.clone(), ..ControllerService::csi_snapshot(route, s) })
         .collect();
     let created = snaps.iter().map(|s| s.created_unix_seconds).min().unwrap_or(0);
     VolumeGroupSnapshot {
@@ -78,18 +84,32 @@ impl GroupController for GroupControllerService {
         if r.source_volume_ids.is_empty() {
             return Err(Status::invalid_argument("source_volume_ids is required"));
         }
-        let mut node = None;
-        let mut volumes = BTreeSet::new();
+        let mut on: Option<(String, Api)> = None;
+        let mut ids = Vec::new();
         for id in &r.source_volume_ids {
             let v = VolumeId::parse(id).ok_or_else(|| Status::not_found(format!("volume {id:?} does not exist")))?;
-            if node.get_or_insert_with(|| v.node.clone()) != &v.node {
+            let (node, api) = self.backends.locate(v.node.as_deref()).await?;
+            if on.get_or_insert((node.clone(), api)).0 != node {
                 return Err(Status::invalid_argument("the volumes of a group snapshot must share a storage node"));
             }
-            volumes.insert(v.volume);
+            ids.push(v.volume);
         }
-        let node = node.unwrap_or_default();
+        let (node, mut api) = on.ok_or_else(|| Status::invalid_argument("source_volume_ids is required"))?;
+        let route = self.backends.route(&node);
+        // By name, whether the ids hold names or UUIDs.
+        let mut volumes = BTreeSet::new();
+        for id in ids {
+            let v = api
+                .get_volume(pb::GetVolumeRequest { name: id.clone() })
+                .await
+                .map_err(|s| match s.code() {
+                    tonic::Code::NotFound => Status::not_found(format!("volume {id:?} does not exist")),
+                    _ => unavailable(s),
+                })?
+                .into_inner();
+            volumes.insert(v.name);
+        }
         let group = server_name(csi_name);
-        let mut api = self.backends.api(&node).await?;
         let existing = members(&mut api, &group).await?;
         if !existing.is_empty() {
             let have: BTreeSet<String> = existing.iter().map(|s| s.volume.clone()).collect();
@@ -97,7 +117,7 @@ impl GroupController for GroupControllerService {
                 return Err(Status::already_exists(format!("group snapshot {csi_name:?} exists with other volumes")));
             }
             return Ok(Response::new(CreateVolumeGroupSnapshotResponse {
-                group_snapshot: Some(group_snapshot(&node, &group, &existing)),
+                group_snapshot: Some(group_snapshot(route, &group, &existing)),
             }));
         }
         let made = api
@@ -113,7 +133,7 @@ impl GroupController for GroupControllerService {
             .into_inner();
         tracing::info!(name = csi_name, members = made.snapshots.len(), "group snapshot created");
         Ok(Response::new(CreateVolumeGroupSnapshotResponse {
-            group_snapshot: Some(group_snapshot(&node, &group, &made.snapshots)),
+            group_snapshot: Some(group_snapshot(route, &group, &made.snapshots)),
         }))
     }
 
@@ -122,7 +142,7 @@ impl GroupController for GroupControllerService {
         req: Request<DeleteVolumeGroupSnapshotRequest>,
     ) -> Result<Response<DeleteVolumeGroupSnapshotResponse>, Status> {
         let (node, group) = group_id(&req.into_inner().group_snapshot_id)?;
-        let mut api = self.backends.api(&node).await?;
+        let (_, mut api) = self.backends.locate(node.as_deref()).await?;
         for s in members(&mut api, &group).await? {
             let key = format!("{}@{}", s.volume, s.name);
             match api.delete_snapshot(pb::DeleteSnapshotRequest { key }).await {
@@ -140,13 +160,13 @@ impl GroupController for GroupControllerService {
     ) -> Result<Response<GetVolumeGroupSnapshotResponse>, Status> {
         let id = req.into_inner().group_snapshot_id;
         let (node, group) = group_id(&id)?;
-        let mut api = self.backends.api(&node).await?;
+        let (node, mut api) = self.backends.locate(node.as_deref()).await?;
         let snaps = members(&mut api, &group).await?;
         if snaps.is_empty() {
             return Err(Status::not_found(format!("group snapshot {id:?} does not exist")));
         }
         Ok(Response::new(GetVolumeGroupSnapshotResponse {
-            group_snapshot: Some(group_snapshot(&node, &group, &snaps)),
+            group_snapshot: Some(group_snapshot(self.backends.route(&node), &group, &snaps)),
         }))
     }
 }

@@ -62,13 +62,16 @@ impl NodeService {
         };
         let (storage_node, mut api) = self.local_api().await?;
         let name = crate::ids::server_name(&format!("eph-{}", r.volume_id));
-        let exists = api.get_volume(pb::GetVolumeRequest { name: name.clone() }).await.is_ok();
-        if !exists {
-            let labels = HashMap::from([("csi.ephemeral".to_string(), r.volume_id.clone())]);
-            api.create_volume(pb::CreateVolumeRequest { name: name.clone(), size_bytes: size, labels, qos: None })
-                .await
-                .map_err(crate::backend::unavailable)?;
-        }
+        let volume = match api.get_volume(pb::GetVolumeRequest { name: name.clone() }).await {
+            Ok(v) => v.into_inner(),
+            Err(_) => {
+                let labels = HashMap::from([("csi.ephemeral".to_string(), r.volume_id.clone())]);
+                api.create_volume(pb::CreateVolumeRequest { name: name.clone(), size_bytes: size, labels, qos: None })
+                    .await
+                    .map_err(crate::backend::unavailable)?
+                    .into_inner()
+            }
+        };
         let grant = api
             .publish_volume(pb::PublishVolumeRequest {
                 volume: name.clone(),
@@ -81,7 +84,7 @@ impl NodeService {
             .into_inner();
         let addr =
             api.get_pool(pb::GetPoolRequest {}).await.map_err(crate::backend::unavailable)?.into_inner().nbd_address;
-        let volume_id = format!("{storage_node}/{name}");
+        let volume_id = crate::ids::VolumeId::of(self.backends.route(&storage_node), &name, &volume.uuid);
         self.state.save(&volume_id, &addr, &grant.export_name).map_err(|e| Status::internal(e.to_string()))?;
         self.state.mark_ephemeral(&target, &volume_id).map_err(|e| Status::internal(e.to_string()))?;
         let index = attach::attach(&volume_id, &addr, &grant.export_name)
@@ -111,7 +114,7 @@ impl NodeService {
             attach::detach(index).await.map_err(|e| Status::internal(e.to_string()))?;
         }
         if let Some(id) = crate::ids::VolumeId::parse(&volume_id) {
-            let mut api = self.backends.api(&id.node).await?;
+            let (_, mut api) = self.backends.locate(id.node.as_deref()).await?;
             api.unpublish_volume(pb::UnpublishVolumeRequest { volume: id.volume.clone(), node: self.node_id.clone() })
                 .await
                 .map_err(crate::backend::unavailable)?;

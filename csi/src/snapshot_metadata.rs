@@ -30,7 +30,7 @@ fn snapshot(id: &str, field: &str) -> Result<SnapshotId, Status> {
 /// `max_results`: `(capacity, messages)`.
 async fn ranges(
     backends: &Backends,
-    node: &str,
+    node: Option<&str>,
     base: String,
     target: String,
     starting_offset: i64,
@@ -39,7 +39,7 @@ async fn ranges(
     if starting_offset < 0 || max_results < 0 {
         return Err(Status::invalid_argument("starting_offset and max_results must not be negative"));
     }
-    let mut api = backends.api(node).await?;
+    let (_, mut api) = backends.locate(node).await?;
     let mut stream = api
         .changed_ranges(pb::ChangedRangesRequest { base, target })
         .await
@@ -96,7 +96,8 @@ impl SnapshotMetadata for SnapshotMetadataService {
         let r = req.into_inner();
         let snap = snapshot(&r.snapshot_id, "snapshot_id")?;
         let (capacity, messages) =
-            ranges(&self.backends, &snap.node, String::new(), snap.key(), r.starting_offset, r.max_results).await?;
+            ranges(&self.backends, snap.node.as_deref(), String::new(), snap.key, r.starting_offset, r.max_results)
+                .await?;
         Ok(Response::new(send_all(messages, move |block_metadata| GetMetadataAllocatedResponse {
             block_metadata_type: BlockMetadataType::VariableLength as i32,
             volume_capacity_bytes: capacity,
@@ -111,11 +112,16 @@ impl SnapshotMetadata for SnapshotMetadataService {
         let r = req.into_inner();
         let base = snapshot(&r.base_snapshot_id, "base_snapshot_id")?;
         let target = snapshot(&r.target_snapshot_id, "target_snapshot_id")?;
-        if base.node != target.node || base.volume != target.volume {
+        // Whether base is an earlier snapshot of the same volume is the storage node's to say
+        // (InvalidArgument otherwise); snapshots on different nodes cannot be.
+        let (base_node, _) = self.backends.locate(base.node.as_deref()).await?;
+        let (target_node, _) = self.backends.locate(target.node.as_deref()).await?;
+        if base_node != target_node {
             return Err(Status::invalid_argument("the base and target snapshots are not of the same volume"));
         }
         let (capacity, messages) =
-            ranges(&self.backends, &target.node, base.key(), target.key(), r.starting_offset, r.max_results).await?;
+            ranges(&self.backends, target.node.as_deref(), base.key, target.key, r.starting_offset, r.max_results)
+                .await?;
         Ok(Response::new(send_all(messages, move |block_metadata| GetMetadataDeltaResponse {
             block_metadata_type: BlockMetadataType::VariableLength as i32,
             volume_capacity_bytes: capacity,

@@ -88,6 +88,7 @@ impl Api {
             sessions: i.sessions,
             group: s.group.clone().unwrap_or_default(),
             uuid: s.uuid.clone(),
+            volume_uuid: s.volume_uuid.clone(),
         }
     }
 }
@@ -105,7 +106,8 @@ impl Management for Api {
     ) -> Result<Response<Self::ChangedRangesStream>, Status> {
         let r = req.into_inner();
         let base = Some(r.base.as_str()).filter(|b| !b.is_empty());
-        let found = self.engine.changed_ranges(base, &r.target).map_err(status)?;
+        let base = base.map(|b| self.engine.resolve(b));
+        let found = self.engine.changed_ranges(base.as_deref(), &self.engine.resolve(&r.target)).map_err(status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             let mut chunks = found.ranges.chunks(RANGES_PER_CHUNK).peekable();
@@ -156,7 +158,7 @@ impl Management for Api {
 
     async fn resize_volume(&self, req: Request<pb::ResizeVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        let v = self.engine.resize_volume(&r.name, r.size_bytes).await.map_err(status)?;
+        let v = self.engine.resize_volume(&self.engine.resolve(&r.name), r.size_bytes).await.map_err(status)?;
         Ok(Response::new(self.volume(&v)))
     }
 
@@ -164,14 +166,14 @@ impl Management for Api {
         &self,
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
-        self.engine.delete_volume(&req.into_inner().name).await.map_err(status)?;
+        self.engine.delete_volume(&self.engine.resolve(&req.into_inner().name)).await.map_err(status)?;
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
     async fn clone_volume(&self, req: Request<pb::CloneVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
         let opts = VolumeOptions { labels: r.labels.into_iter().collect(), qos: qos_from_pb(r.qos) };
-        let v = self.engine.clone_volume_with(&r.source, &r.name, opts).await.map_err(status)?;
+        let v = self.engine.clone_volume_with(&self.engine.resolve(&r.source), &r.name, opts).await.map_err(status)?;
         Ok(Response::new(self.volume(&v)))
     }
 
@@ -180,7 +182,8 @@ impl Management for Api {
         req: Request<pb::CreateSnapshotGroupRequest>,
     ) -> Result<Response<pb::SnapshotGroup>, Status> {
         let r = req.into_inner();
-        let snaps = self.engine.create_snapshot_group(&r.name, &r.volumes).await.map_err(status)?;
+        let volumes: Vec<String> = r.volumes.iter().map(|v| self.engine.resolve(v)).collect();
+        let snaps = self.engine.create_snapshot_group(&r.name, &volumes).await.map_err(status)?;
         Ok(Response::new(pb::SnapshotGroup {
             name: r.name,
             snapshots: snaps.iter().map(|s| self.snapshot(s)).collect(),
@@ -189,13 +192,13 @@ impl Management for Api {
 
     async fn set_volume_qos(&self, req: Request<pb::SetVolumeQosRequest>) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        let v = self.engine.set_qos(&r.name, qos_from_pb(r.qos)).await.map_err(status)?;
+        let v = self.engine.set_qos(&self.engine.resolve(&r.name), qos_from_pb(r.qos)).await.map_err(status)?;
         Ok(Response::new(self.volume(&v)))
     }
 
     async fn create_snapshot(&self, req: Request<pb::CreateSnapshotRequest>) -> Result<Response<pb::Snapshot>, Status> {
         let r = req.into_inner();
-        let s = self.engine.create_snapshot(&r.volume, &r.name).await.map_err(status)?;
+        let s = self.engine.create_snapshot(&self.engine.resolve(&r.volume), &r.name).await.map_err(status)?;
         Ok(Response::new(self.snapshot(&s)))
     }
 
@@ -204,7 +207,8 @@ impl Management for Api {
         req: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
         let r = req.into_inner();
-        let filter = Some(r.volume.as_str()).filter(|v| !v.is_empty());
+        let volume = self.engine.resolve(&r.volume);
+        let filter = Some(volume.as_str()).filter(|v| !v.is_empty());
         let snapshots = self.engine.list_snapshots(filter).iter().map(|s| self.snapshot(s)).collect();
         Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
     }
@@ -213,7 +217,7 @@ impl Management for Api {
         &self,
         req: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
-        self.engine.delete_snapshot(&req.into_inner().key).await.map_err(status)?;
+        self.engine.delete_snapshot(&self.engine.resolve(&req.into_inner().key)).await.map_err(status)?;
         Ok(Response::new(pb::DeleteSnapshotResponse {}))
     }
 
@@ -235,7 +239,7 @@ impl Management for Api {
     async fn publish_volume(&self, req: Request<pb::PublishVolumeRequest>) -> Result<Response<pb::Grant>, Status> {
         let r = req.into_inner();
         let access = Access { read_only: r.read_only, single_writer: r.single_writer };
-        let g = self.engine.publish(&r.volume, &r.node, access).await.map_err(status)?;
+        let g = self.engine.publish(&self.engine.resolve(&r.volume), &r.node, access).await.map_err(status)?;
         let rec = &g.record;
         Ok(Response::new(pb::Grant {
             volume: rec.volume.clone(),
@@ -252,7 +256,7 @@ impl Management for Api {
         req: Request<pb::UnpublishVolumeRequest>,
     ) -> Result<Response<pb::UnpublishVolumeResponse>, Status> {
         let r = req.into_inner();
-        self.engine.unpublish(&r.volume, &r.node).await.map_err(status)?;
+        self.engine.unpublish(&self.engine.resolve(&r.volume), &r.node).await.map_err(status)?;
         Ok(Response::new(pb::UnpublishVolumeResponse {}))
     }
 }

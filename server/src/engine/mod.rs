@@ -259,6 +259,24 @@ impl Engine {
         self.graph.snapshot(key)
     }
 
+    /// The name (`VOLUME` or `VOLUME@SNAPSHOT`) of what `reference` names: itself when it is a
+    /// name, else the volume or snapshot with that UUID; unknown references come back as they
+    /// are, so the operation they go to answers NotFound in its own words. The API takes UUIDs
+    /// wherever it takes names this way.
+    pub fn resolve(&self, reference: &str) -> String {
+        let known = |r: &str| if r.contains('@') { self.snapshot(r).is_ok() } else { self.volume(r).is_ok() };
+        if reference.is_empty() || known(reference) {
+            return reference.to_string();
+        }
+        if let Some(v) = self.list().into_iter().find(|v| v.uuid == reference) {
+            return v.name.clone();
+        }
+        match self.list_snapshots(None).into_iter().find(|s| s.uuid == reference) {
+            Some(s) => s.key(),
+            None => reference.to_string(),
+        }
+    }
+
     pub fn info(&self, v: &Volume) -> VolumeInfo {
         let usage = v.top().map(|t| self.graph.usage(&t)).unwrap_or_default();
         VolumeInfo {
@@ -482,7 +500,7 @@ impl Engine {
             let top = self.graph.new_layer(Some(frozen.clone()))?;
             let snap = Arc::new(Snapshot::new(
                 new_uuid_text(),
-                &vol.name,
+                (&vol.name, &vol.uuid),
                 name,
                 frozen.clone(),
                 vol.size(),

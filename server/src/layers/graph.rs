@@ -116,16 +116,21 @@ impl LayerGraph {
         }
         let mut snapshots = BTreeMap::new();
         for rec in snapshot_records {
+            // Records from before volume UUIDs in snapshots take the live volume's.
+            let volume_uuid = match (rec.volume_uuid.is_empty(), volumes.get(&rec.volume)) {
+                (true, Some(v)) => v.uuid.clone(),
+                _ => rec.volume_uuid.clone(),
+            };
             let snap = Snapshot::new(
                 if rec.uuid.is_empty() { new_uuid_text() } else { rec.uuid.clone() },
-                &rec.volume,
+                (&rec.volume, &volume_uuid),
                 &rec.name,
                 layer(rec.layer, &format!("snapshot {}", rec.key()))?,
                 rec.size,
                 rec.created_unix,
                 rec.group.clone(),
             );
-            if rec.uuid.is_empty() {
+            if rec.uuid.is_empty() || rec.volume_uuid != volume_uuid {
                 upgraded.push(MetaOp::PutSnapshot(snap.record()));
             }
             snapshots.insert(rec.key(), Arc::new(snap));

@@ -106,6 +106,8 @@ pub struct Snapshot {
     /// Unique across pools.
     pub uuid: String,
     pub volume: String,
+    /// The UUID of the volume it was taken of.
+    pub volume_uuid: String,
     pub name: String,
     pub layer: Arc<Layer>,
     pub size: u64,
@@ -121,7 +123,7 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn new(
         uuid: String,
-        volume: &str,
+        volume: (&str, &str),
         name: &str,
         layer: Arc<Layer>,
         size: u64,
@@ -130,7 +132,8 @@ impl Snapshot {
     ) -> Snapshot {
         Snapshot {
             uuid,
-            volume: volume.to_string(),
+            volume: volume.0.to_string(),
+            volume_uuid: volume.1.to_string(),
             name: name.to_string(),
             layer,
             size,
@@ -151,6 +154,7 @@ impl Snapshot {
             created_unix: self.created_unix,
             group: self.group.clone(),
             uuid: self.uuid.clone(),
+            volume_uuid: self.volume_uuid.clone(),
         }
     }
 

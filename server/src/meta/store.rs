@@ -89,6 +89,9 @@ pub struct SnapshotRecord {
     /// As `VolumeRecord::uuid`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub uuid: String,
+    /// The UUID of the volume it was taken of (which may since have been deleted).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub volume_uuid: String,
 }
 
 impl SnapshotRecord {
