@@ -614,7 +614,7 @@ impl Engine {
         if !nodes.is_empty() {
             return Err(EngineError::Published { volume: name.to_string(), nodes });
         }
-        // Sessions are counted under the same lock by `open_export`: once the volume is marked
+        // Sessions are counted under the same lock by `open_volume`: once the volume is marked
         // here with none open, no session can open it any more.
         {
             let _vols = self.graph.volumes.write().map_err(|_| poisoned())?;
@@ -656,8 +656,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Opens `NAME` (read-write volume) or `VOLUME@SNAPSHOT` (read-only) for I/O; the handle
-    /// counts as a session until dropped. (The NBD edge parses export names itself.)
+    /// Tests' shorthand: opens `NAME` (read-write volume) or `VOLUME@SNAPSHOT` (read-only); the
+    /// handle counts as a session until dropped. The product parses export names once, at the
+    /// NBD edge (`nbd::export_name`), and calls [`Engine::open_volume`] / [`Engine::open_snapshot`].
+    #[cfg(any(test, feature = "testing"))]
     pub fn open_export(self: &Arc<Self>, name: &str) -> Result<LocalVolume, EngineError> {
         match name.split_once('@') {
             Some((volume, snapshot)) => self.open_snapshot(volume, snapshot),
