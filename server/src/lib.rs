@@ -2,8 +2,13 @@
 //!
 //! A READ travels: `nbd::listener` (TCP, admission) → `thinbd_protocol::session` (parse,
 //! budget) → `nbd::catalog::NbdVolume` → the volume's `io` stack (`Metered` → `Throttled` →
-//! `LocalVolume`) → `layers` (resolve through the chain) → `space::pool` (io_uring). Metadata
-//! changes go through `engine` to `meta::store` (redb).
+//! `LocalVolume`) → `layers` (resolve through the chain) → `space::pool` → a
+//! `space::backend::BlockStore` (io_uring). A first write allocates from `space` and commits a
+//! `layers::edit::LayerEdit` through `layers::graph::LayerGraph` to `meta::store` (redb).
+//!
+//! Modules depend one way (`tests/layering.rs` checks it): `nbd` → `engine` (the façade: admin
+//! operations, grants, checks) → `io` → `layers` → `space` → `meta`; `qos`, `grants`,
+//! `metrics` and `error` are leaves beside them.
 
 pub mod api;
 pub mod daemon;

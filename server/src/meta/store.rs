@@ -306,8 +306,7 @@ impl Store {
     }
 
     /// Closes the failed database and opens it again, returning what is on disk now (the last
-    /// commit that made it there). The caller writes its view back and then calls
-    /// [`Store::recovered`].
+    /// commit that made it there). The caller then writes its view back with [`Store::rewrite`].
     pub fn reopen(&self) -> Result<Loaded, EngineError> {
         let reopen = self.reopen.as_ref().ok_or_else(|| self.failure())?;
         let mut db = self.db.write().map_err(|_| EngineError::Internal("metadata store lock poisoned".into()))?;
