@@ -155,7 +155,13 @@ fn main() {
             // volume is attached, mounted and holds the file.
             let api = std::fs::read_to_string(dir.join("api")).unwrap();
             let mut mgmt = thinbd_api::pb::management_client::ManagementClient::connect(api.clone()).await.unwrap();
-            let name = plan[fs].0.rsplit_once('/').unwrap().1.to_string();
+            // The volume id is its UUID; the management API answers with its name.
+            let name = mgmt
+                .get_volume(thinbd_api::pb::GetVolumeRequest { name: plan[fs].0.clone() })
+                .await
+                .unwrap()
+                .into_inner()
+                .name;
             mgmt.create_snapshot(thinbd_api::pb::CreateSnapshotRequest { volume: name.clone(), name: "s1".into() })
                 .await
                 .unwrap();
@@ -262,8 +268,8 @@ async fn attach_and_read(
         .await
         .unwrap()
         .into_inner();
-    let storage_node = like.0.rsplit_once('/').unwrap().0;
-    let id = format!("{storage_node}/{volume}");
+    // A CSI volume id is the volume's UUID.
+    let id = mgmt.get_volume(thinbd_api::pb::GetVolumeRequest { name: volume.into() }).await.unwrap().into_inner().uuid;
     let mut ctx = like.1.clone();
     ctx.insert("thinbd.csi.io/export".into(), grant.export_name);
     let staging = work.join(format!("staging-{volume}")).display().to_string();
