@@ -48,6 +48,21 @@ impl EngineError {
         EngineError::Io { op, offset, source }
     }
 
+    /// The same failure for each of several waiters (one group commit, many requests): I/O
+    /// errors keep their kind and OS error, so a full disk still reads as ENOSPC to every client.
+    pub fn for_each_waiter(&self) -> EngineError {
+        let copy = |io: &std::io::Error| match io.raw_os_error() {
+            Some(code) => std::io::Error::from_raw_os_error(code),
+            None => std::io::Error::new(io.kind(), io.to_string()),
+        };
+        match self {
+            EngineError::MetadataIo(io) => EngineError::MetadataIo(copy(io)),
+            EngineError::Io { op, offset, source } => EngineError::Io { op, offset: *offset, source: copy(source) },
+            EngineError::NoSpace => EngineError::NoSpace,
+            other => EngineError::Metadata(other.to_string()),
+        }
+    }
+
     /// A refusal because of the state of things (gRPC FAILED_PRECONDITION).
     pub fn is_precondition(&self) -> bool {
         matches!(
@@ -105,4 +120,22 @@ impl From<EngineError> for DeviceError {
 /// A lock whose holder panicked: the state it guards cannot be trusted.
 pub(crate) fn poisoned() -> EngineError {
     EngineError::Internal("lock poisoned".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_waiter_of_a_failed_group_commit_sees_the_same_kind_of_failure() {
+        let full = EngineError::MetadataIo(std::io::Error::from_raw_os_error(nix::libc::ENOSPC));
+        assert!(full.is_no_space() && full.for_each_waiter().is_no_space());
+        let eio = EngineError::MetadataIo(std::io::Error::from_raw_os_error(nix::libc::EIO));
+        let copy = eio.for_each_waiter();
+        assert!(
+            !copy.is_no_space()
+                && matches!(copy, EngineError::MetadataIo(ref e) if e.raw_os_error() == Some(nix::libc::EIO))
+        );
+        assert!(matches!(EngineError::Internal("x".into()).for_each_waiter(), EngineError::Metadata(_)));
+    }
 }

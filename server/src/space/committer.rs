@@ -37,10 +37,7 @@ impl Committer {
                     let r = store.commit(&ops, false, || Ok(()));
                     dirty.store(true, Relaxed);
                     for reply in replies {
-                        let _ = reply.send(match &r {
-                            Ok(()) => Ok(()),
-                            Err(e) => Err(EngineError::Metadata(e.to_string())),
-                        });
+                        let _ = reply.send(r.as_ref().map(|_| ()).map_err(EngineError::for_each_waiter));
                     }
                 }
             })
