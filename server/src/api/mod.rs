@@ -1,4 +1,8 @@
-//! The management API (gRPC, `thinbd.v1.Management`).
+//! The management API (gRPC, `thinbd.v1.Management`): one handler per RPC, each resolving
+//! names or UUIDs and calling the engine; `convert` turns engine values and errors into
+//! messages and status codes.
+
+pub mod convert;
 
 use std::sync::Arc;
 
@@ -6,91 +10,15 @@ use thinbd_api::pb;
 use thinbd_api::pb::management_server::Management;
 use tonic::{Request, Response, Status};
 
-use crate::engine::{Engine, Snapshot, Volume, VolumeOptions};
-use crate::error::EngineError;
+use crate::engine::{Engine, VolumeOptions};
 use crate::grants::Access;
-use crate::meta::qos::QosLimits;
-
-/// The API's QoS message as limits (absent: unlimited).
-pub fn qos_from_pb(q: Option<pb::Qos>) -> QosLimits {
-    let q = q.unwrap_or_default();
-    QosLimits {
-        iops: q.iops,
-        read_iops: q.read_iops,
-        write_iops: q.write_iops,
-        bandwidth: q.bandwidth,
-        read_bandwidth: q.read_bandwidth,
-        write_bandwidth: q.write_bandwidth,
-        burst_ms: q.burst_ms,
-    }
-}
-
-pub fn qos_to_pb(q: QosLimits) -> pb::Qos {
-    pb::Qos {
-        iops: q.iops,
-        read_iops: q.read_iops,
-        write_iops: q.write_iops,
-        bandwidth: q.bandwidth,
-        read_bandwidth: q.read_bandwidth,
-        write_bandwidth: q.write_bandwidth,
-        burst_ms: q.burst_ms,
-    }
-}
+pub use convert::qos_to_pb;
+use convert::{qos_from_pb, snapshot_to_pb, status, volume_to_pb};
 
 pub struct Api {
     pub engine: Arc<Engine>,
     pub node_name: String,
     pub nbd_address: String,
-}
-
-fn status(e: EngineError) -> Status {
-    match e {
-        EngineError::NotFound(_) => Status::not_found(e.to_string()),
-        EngineError::AlreadyExists(_) => Status::already_exists(e.to_string()),
-        EngineError::Invalid(_) => Status::invalid_argument(e.to_string()),
-        _ if e.is_precondition() => Status::failed_precondition(e.to_string()),
-        EngineError::NoSpace => Status::resource_exhausted(e.to_string()),
-        EngineError::Unavailable(_) => Status::unavailable(e.to_string()),
-        _ => Status::internal(e.to_string()),
-    }
-}
-
-impl Api {
-    fn volume(&self, v: &Volume) -> pb::Volume {
-        let i = self.engine.info(v);
-        pb::Volume {
-            name: i.name,
-            size_bytes: i.size,
-            allocated_bytes: i.usage.allocated,
-            exclusive_bytes: i.usage.exclusive,
-            shared_bytes: i.usage.shared,
-            created_unix_seconds: i.created_unix,
-            id: i.id,
-            sessions: i.sessions,
-            labels: v.labels.clone().into_iter().collect(),
-            published_nodes: self.engine.published_nodes(&v.name),
-            qos: Some(qos_to_pb(v.qos.limits())),
-            throttled_seconds: v.qos.throttled_ns.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9,
-            uuid: v.uuid.clone(),
-        }
-    }
-
-    fn snapshot(&self, s: &Snapshot) -> pb::Snapshot {
-        let i = self.engine.snapshot_info(s);
-        pb::Snapshot {
-            volume: i.volume,
-            name: i.name,
-            size_bytes: i.size,
-            allocated_bytes: i.usage.allocated,
-            exclusive_bytes: i.usage.exclusive,
-            shared_bytes: i.usage.shared,
-            created_unix_seconds: i.created_unix,
-            sessions: i.sessions,
-            group: s.group.clone().unwrap_or_default(),
-            uuid: s.uuid.clone(),
-            volume_uuid: s.volume_uuid.clone(),
-        }
-    }
 }
 
 /// Ranges per streamed chunk: well under gRPC's 4 MiB message limit.
@@ -140,26 +68,26 @@ impl Management for Api {
         let r = req.into_inner();
         let opts = VolumeOptions { labels: r.labels.into_iter().collect(), qos: qos_from_pb(r.qos) };
         let v = self.engine.create_volume_with(&r.name, r.size_bytes, opts).await.map_err(status)?;
-        Ok(Response::new(self.volume(&v)))
+        Ok(Response::new(volume_to_pb(&self.engine, &v)))
     }
 
     async fn list_volumes(
         &self,
         _req: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
-        let volumes = self.engine.list().iter().map(|v| self.volume(v)).collect();
+        let volumes = self.engine.list().iter().map(|v| volume_to_pb(&self.engine, v)).collect();
         Ok(Response::new(pb::ListVolumesResponse { volumes }))
     }
 
     async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
         let v = self.engine.find_volume(&req.into_inner().name).map_err(status)?;
-        Ok(Response::new(self.volume(&v)))
+        Ok(Response::new(volume_to_pb(&self.engine, &v)))
     }
 
     async fn resize_volume(&self, req: Request<pb::ResizeVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
         let v = self.engine.resize_volume(&self.engine.resolve(&r.name), r.size_bytes).await.map_err(status)?;
-        Ok(Response::new(self.volume(&v)))
+        Ok(Response::new(volume_to_pb(&self.engine, &v)))
     }
 
     async fn delete_volume(
@@ -174,7 +102,7 @@ impl Management for Api {
         let r = req.into_inner();
         let opts = VolumeOptions { labels: r.labels.into_iter().collect(), qos: qos_from_pb(r.qos) };
         let v = self.engine.clone_volume_with(&self.engine.resolve(&r.source), &r.name, opts).await.map_err(status)?;
-        Ok(Response::new(self.volume(&v)))
+        Ok(Response::new(volume_to_pb(&self.engine, &v)))
     }
 
     async fn create_snapshot_group(
@@ -186,20 +114,20 @@ impl Management for Api {
         let snaps = self.engine.create_snapshot_group(&r.name, &volumes).await.map_err(status)?;
         Ok(Response::new(pb::SnapshotGroup {
             name: r.name,
-            snapshots: snaps.iter().map(|s| self.snapshot(s)).collect(),
+            snapshots: snaps.iter().map(|s| snapshot_to_pb(&self.engine, s)).collect(),
         }))
     }
 
     async fn set_volume_qos(&self, req: Request<pb::SetVolumeQosRequest>) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
         let v = self.engine.set_qos(&self.engine.resolve(&r.name), qos_from_pb(r.qos)).await.map_err(status)?;
-        Ok(Response::new(self.volume(&v)))
+        Ok(Response::new(volume_to_pb(&self.engine, &v)))
     }
 
     async fn create_snapshot(&self, req: Request<pb::CreateSnapshotRequest>) -> Result<Response<pb::Snapshot>, Status> {
         let r = req.into_inner();
         let s = self.engine.create_snapshot(&self.engine.resolve(&r.volume), &r.name).await.map_err(status)?;
-        Ok(Response::new(self.snapshot(&s)))
+        Ok(Response::new(snapshot_to_pb(&self.engine, &s)))
     }
 
     async fn list_snapshots(
@@ -209,7 +137,7 @@ impl Management for Api {
         let r = req.into_inner();
         let volume = self.engine.resolve(&r.volume);
         let filter = Some(volume.as_str()).filter(|v| !v.is_empty());
-        let snapshots = self.engine.list_snapshots(filter).iter().map(|s| self.snapshot(s)).collect();
+        let snapshots = self.engine.list_snapshots(filter).iter().map(|s| snapshot_to_pb(&self.engine, s)).collect();
         Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
     }
 

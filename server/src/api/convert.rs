@@ -1,0 +1,85 @@
+//! Engine values and errors as API messages and gRPC status codes (the one place errors get
+//! their codes).
+
+use thinbd_api::pb;
+use tonic::Status;
+
+use crate::engine::{Engine, Snapshot, Volume};
+use crate::error::EngineError;
+use crate::meta::qos::QosLimits;
+
+/// The API's QoS message as limits (absent: unlimited).
+pub fn qos_from_pb(q: Option<pb::Qos>) -> QosLimits {
+    let q = q.unwrap_or_default();
+    QosLimits {
+        iops: q.iops,
+        read_iops: q.read_iops,
+        write_iops: q.write_iops,
+        bandwidth: q.bandwidth,
+        read_bandwidth: q.read_bandwidth,
+        write_bandwidth: q.write_bandwidth,
+        burst_ms: q.burst_ms,
+    }
+}
+
+pub fn qos_to_pb(q: QosLimits) -> pb::Qos {
+    pb::Qos {
+        iops: q.iops,
+        read_iops: q.read_iops,
+        write_iops: q.write_iops,
+        bandwidth: q.bandwidth,
+        read_bandwidth: q.read_bandwidth,
+        write_bandwidth: q.write_bandwidth,
+        burst_ms: q.burst_ms,
+    }
+}
+
+pub fn status(e: EngineError) -> Status {
+    match e {
+        EngineError::NotFound(_) => Status::not_found(e.to_string()),
+        EngineError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+        EngineError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        _ if e.is_precondition() => Status::failed_precondition(e.to_string()),
+        EngineError::NoSpace => Status::resource_exhausted(e.to_string()),
+        EngineError::Unavailable(_) => Status::unavailable(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+/// A volume as the API shows it.
+pub fn volume_to_pb(engine: &Engine, v: &Volume) -> pb::Volume {
+    let i = engine.info(v);
+    pb::Volume {
+        name: i.name,
+        size_bytes: i.size,
+        allocated_bytes: i.usage.allocated,
+        exclusive_bytes: i.usage.exclusive,
+        shared_bytes: i.usage.shared,
+        created_unix_seconds: i.created_unix,
+        id: i.id,
+        sessions: i.sessions,
+        labels: v.labels.clone().into_iter().collect(),
+        published_nodes: engine.published_nodes(&v.name),
+        qos: Some(qos_to_pb(v.qos.limits())),
+        throttled_seconds: v.qos.throttled_ns.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9,
+        uuid: v.uuid.clone(),
+    }
+}
+
+/// A snapshot as the API shows it.
+pub fn snapshot_to_pb(engine: &Engine, s: &Snapshot) -> pb::Snapshot {
+    let i = engine.snapshot_info(s);
+    pb::Snapshot {
+        volume: i.volume,
+        name: i.name,
+        size_bytes: i.size,
+        allocated_bytes: i.usage.allocated,
+        exclusive_bytes: i.usage.exclusive,
+        shared_bytes: i.usage.shared,
+        created_unix_seconds: i.created_unix,
+        sessions: i.sessions,
+        group: s.group.clone().unwrap_or_default(),
+        uuid: s.uuid.clone(),
+        volume_uuid: s.volume_uuid.clone(),
+    }
+}
