@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::Api;
+use crate::cluster::nodes::NodeRecord;
+use crate::cluster::{Cluster, EtcdOptions};
 use crate::engine::{Engine, EngineConfig};
 use crate::nbd::{Catalog, ListenerStats, NbdLimits, serve_nbd};
 use thinbd_protocol::SessionLimits;
@@ -95,6 +97,37 @@ pub struct ServeOptions {
     /// Seconds a client may take no reply data before it is disconnected.
     #[arg(long, default_value_t = 30)]
     pub client_write_timeout: u64,
+    /// etcd endpoints (`http://HOST:2379,...`): join the cluster they hold. Without it this is
+    /// a single-node system.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// CA of etcd's server certificate (use https:// endpoints).
+    #[arg(long, requires = "etcd")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate for etcd.
+    #[arg(long, requires_all = ["etcd_ca", "etcd_key"])]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// Seconds without a lease renewal after which the cluster shows this node down.
+    #[arg(long, default_value_t = 10)]
+    pub node_lease_ttl: u64,
+    /// This node's failure domain (a topology segment).
+    #[arg(long, default_value = "")]
+    pub zone: String,
+    /// A topology label `KEY=VALUE` (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// HOST:PORT at which other nodes reach the management API (default: --api-listen).
+    #[arg(long)]
+    pub advertise_api: Option<String>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }
 
 impl ServeOptions {
@@ -199,6 +232,41 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
     };
     let nbd_address = opts.advertise_nbd.clone().unwrap_or_else(|| opts.nbd_listen.to_string());
+    let this_node = {
+        let (engine, name, nbd) = (engine.clone(), node_name.clone(), nbd_address.clone());
+        let api = opts.advertise_api.clone().unwrap_or_else(|| opts.api_listen.to_string());
+        let zone = opts.zone.clone();
+        let labels: std::collections::BTreeMap<String, String> = opts.labels.iter().cloned().collect();
+        move || {
+            let pool = engine.pool_info();
+            NodeRecord {
+                name: name.clone(),
+                nbd_address: nbd.clone(),
+                api_address: api.clone(),
+                capacity_bytes: pool.capacity,
+                available_bytes: pool.capacity.saturating_sub(pool.used),
+                zone: zone.clone(),
+                labels: labels.clone(),
+            }
+        }
+    };
+    let cluster = match opts.etcd.is_empty() {
+        true => None,
+        false => {
+            let etcd = EtcdOptions {
+                endpoints: opts.etcd.clone(),
+                ca: opts.etcd_ca.clone(),
+                cert: opts.etcd_cert.clone(),
+                key: opts.etcd_key.clone(),
+                lease_ttl: Duration::from_secs(opts.node_lease_ttl.max(2)),
+            };
+            let joined = Cluster::join(&etcd, this_node.clone(), shutdown.clone())
+                .await
+                .with_context(|| format!("joining the cluster at {}", opts.etcd.join(",")))?;
+            info!(node = %node_name, etcd = %opts.etcd.join(","), "cluster joined");
+            Some(joined)
+        }
+    };
     let config = ServerConfig { tls, ..ServerConfig::default() };
     let limits = opts.nbd_limits();
     let stats = ListenerStats::new(&limits);
@@ -212,20 +280,31 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     let api_task = tokio::spawn(
         api_builder
-            .add_service(ManagementServer::new(Api { engine: engine.clone(), node_name, nbd_address }))
+            .add_service(ManagementServer::new(Api {
+                engine: engine.clone(),
+                node_name,
+                nbd_address,
+                cluster: cluster.clone(),
+                this_node: Box::new(this_node),
+            }))
             .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(api), async move {
                 api_shutdown.cancelled().await
             }),
     );
 
     let metrics_engine = engine.clone();
+    let metrics_cluster = cluster.clone();
     let router = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
             let e = metrics_engine.clone();
             let stats = stats.clone();
+            let cluster = metrics_cluster.clone();
             async move {
-                let body = e.render_metrics() + &stats.render();
+                let mut body = e.render_metrics() + &stats.render();
+                if let Some(c) = &cluster {
+                    body += &c.render_metrics();
+                }
                 ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
             }
         }),

@@ -11,6 +11,7 @@
 //! `metrics` and `error` are leaves beside them.
 
 pub mod api;
+pub mod cluster;
 pub mod daemon;
 pub mod engine;
 pub mod error;

@@ -77,6 +77,13 @@ enum Command {
         #[command(subcommand)]
         command: SnapshotCommand,
     },
+    /// Cluster nodes (with `serve --etcd`), or this node alone.
+    Node {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
     /// Show the pool.
     Pool {
         #[command(flatten)]
@@ -89,6 +96,12 @@ enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Every node with its addresses, space, zone and whether it is up.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -263,6 +276,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Volume { client, command } => volume_command(client, command).await,
         Command::Snapshot { client, command } => snapshot_command(client, command).await,
         Command::Fsck { data_dir, output } => fsck(&data_dir, output),
+        Command::Node { client, command: NodeCommand::List } => {
+            let mut c = connect(&client).await?;
+            let r = c.list_nodes(pb::ListNodesRequest {}).await.map_err(rpc_error)?.into_inner();
+            match client.output {
+                Output::Json => {
+                    let nodes: Vec<serde_json::Value> = r
+                        .nodes
+                        .iter()
+                        .map(|n| {
+                            serde_json::json!({
+                                "name": n.name, "up": n.up, "nbd_address": n.nbd_address,
+                                "api_address": n.api_address, "capacity_bytes": n.capacity_bytes,
+                                "available_bytes": n.available_bytes, "zone": n.zone, "labels": n.labels,
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::json!({ "clustered": r.clustered, "nodes": nodes }));
+                }
+                Output::Table => {
+                    println!("{:<20} {:<5} {:<22} {:>10} {:>10} ZONE", "NODE", "STATE", "NBD", "CAPACITY", "FREE");
+                    for n in &r.nodes {
+                        println!(
+                            "{:<20} {:<5} {:<22} {:>10} {:>10} {}",
+                            n.name,
+                            if n.up { "up" } else { "down" },
+                            n.nbd_address,
+                            format_size(n.capacity_bytes),
+                            format_size(n.available_bytes),
+                            n.zone
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
         Command::Pool { client } => {
             let mut c = connect(&client).await?;
             let p = c.get_pool(pb::GetPoolRequest {}).await.map_err(rpc_error)?.into_inner();

@@ -83,3 +83,18 @@ pub fn snapshot_to_pb(engine: &Engine, s: &Snapshot) -> pb::Snapshot {
         volume_uuid: s.volume_uuid.clone(),
     }
 }
+
+/// A cluster node as the API shows it.
+pub fn node_to_pb(n: crate::cluster::nodes::NodeView) -> pb::Node {
+    let r = n.record;
+    pb::Node {
+        name: r.name,
+        nbd_address: r.nbd_address,
+        api_address: r.api_address,
+        capacity_bytes: r.capacity_bytes,
+        available_bytes: r.available_bytes,
+        zone: r.zone,
+        labels: r.labels.into_iter().collect(),
+        up: n.up,
+    }
+}

@@ -19,6 +19,10 @@ pub struct Api {
     pub engine: Arc<Engine>,
     pub node_name: String,
     pub nbd_address: String,
+    /// The cluster this node is part of (`serve --etcd`).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// This node's record as it would register it (single node: what ListNodes shows).
+    pub this_node: Box<dyn Fn() -> crate::cluster::nodes::NodeRecord + Send + Sync>,
 }
 
 /// Ranges per streamed chunk: well under gRPC's 4 MiB message limit.
@@ -161,6 +165,17 @@ impl Management for Api {
             node_name: self.node_name.clone(),
             nbd_address: self.nbd_address.clone(),
             available_bytes: p.capacity.saturating_sub(p.used),
+        }))
+    }
+
+    async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let nodes = match &self.cluster {
+            Some(c) => c.directory.list(),
+            None => vec![crate::cluster::nodes::NodeView { record: (self.this_node)(), up: true }],
+        };
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: nodes.into_iter().map(convert::node_to_pb).collect(),
+            clustered: self.cluster.is_some(),
         }))
     }
 

@@ -1,0 +1,25 @@
+//! The cluster's key layout in etcd. Everything lives under one prefix, so one watch sees every
+//! change and a second cluster can share an etcd under another prefix later.
+//!
+//! | key | value | lifetime |
+//! |---|---|---|
+//! | `/thinbd/v1/nodes/NODE` | [`super::nodes::NodeRecord`] (JSON): addresses, capacity, free space, zone, labels | kept; rewritten when it changes |
+//! | `/thinbd/v1/alive/NODE` | the node's start time | under the node's lease: gone when the node stops renewing it |
+
+/// The prefix of every key.
+pub const ROOT: &str = "/thinbd/v1/";
+pub const NODES: &str = "/thinbd/v1/nodes/";
+pub const ALIVE: &str = "/thinbd/v1/alive/";
+
+pub fn node(name: &str) -> String {
+    format!("{NODES}{name}")
+}
+
+pub fn alive(name: &str) -> String {
+    format!("{ALIVE}{name}")
+}
+
+/// The name after `prefix`, if `key` is under it.
+pub fn name_under<'a>(key: &'a [u8], prefix: &str) -> Option<&'a str> {
+    std::str::from_utf8(key).ok()?.strip_prefix(prefix).filter(|n| !n.is_empty() && !n.contains('/'))
+}

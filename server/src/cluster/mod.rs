@@ -1,0 +1,108 @@
+//! The cluster: with `serve --etcd`, nodes share state in etcd (key layout in [`keys`]).
+//! Without it nothing here runs and thinbd is the single-node system.
+
+pub mod keys;
+pub mod nodes;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use tokio_util::sync::CancellationToken;
+
+use nodes::{Directory, NodeRecord};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("cannot decode {key}: {source}")]
+    Record { key: String, source: serde_json::Error },
+    #[error("the node's lease expired")]
+    LeaseExpired,
+    #[error("watch ended: {0}")]
+    WatchCanceled(String),
+    #[error("etcd did not answer in time ({0})")]
+    Timeout(&'static str),
+    #[error("reading {path}: {source}")]
+    Tls { path: PathBuf, source: std::io::Error },
+    #[error("lock poisoned")]
+    Poisoned,
+}
+
+/// How to reach etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    /// CA of etcd's server certificate (TLS).
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key, for an etcd that requires them.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// A node that has not renewed its lease for this long is down.
+    pub lease_ttl: Duration,
+}
+
+/// This node's membership: the etcd client, and the view of all nodes.
+pub struct Cluster {
+    pub client: Client,
+    pub directory: Arc<Directory>,
+    pub node: String,
+}
+
+impl Cluster {
+    /// Connects, registers this node (with `record`, re-read on every renewal so free space
+    /// stays current) and starts following the other nodes; both end with `shutdown`.
+    pub async fn join(
+        opts: &EtcdOptions,
+        record: impl Fn() -> NodeRecord + Send + Sync + 'static,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let client = connect(opts).await?;
+        let node = record().name;
+        let directory = Arc::new(Directory::default());
+        tokio::spawn(directory.clone().follow(client.clone(), shutdown.clone()));
+        tokio::spawn(nodes::keep_registered(client.clone(), record, opts.lease_ttl, shutdown));
+        Ok(Arc::new(Cluster { client, directory, node }))
+    }
+
+    /// `thinbd_cluster_node_up{node}` per known node.
+    pub fn render_metrics(&self) -> String {
+        let mut out = String::from(
+            "# HELP thinbd_cluster_node_up Whether a cluster node's lease is live (1) or it is down (0).\n\
+             # TYPE thinbd_cluster_node_up gauge\n",
+        );
+        for n in self.directory.list() {
+            out.push_str(&format!("thinbd_cluster_node_up{{node=\"{}\"}} {}\n", n.record.name, u8::from(n.up)));
+        }
+        out
+    }
+}
+
+async fn connect(opts: &EtcdOptions) -> Result<Client, ClusterError> {
+    let read = |p: &PathBuf| std::fs::read(p).map_err(|e| ClusterError::Tls { path: p.clone(), source: e });
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+    if let Some(ca) = &opts.ca {
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        if let (Some(cert), Some(key)) = (&opts.cert, &opts.key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        options = options.with_tls(tls);
+    }
+    let connecting = Client::connect(&opts.endpoints, Some(options));
+    let mut client = tokio::time::timeout(Duration::from_secs(10), connecting)
+        .await
+        .map_err(|_| ClusterError::Timeout("connecting"))??;
+    // Fail at start, not later, when etcd is not there.
+    tokio::time::timeout(Duration::from_secs(10), client.status())
+        .await
+        .map_err(|_| ClusterError::Timeout("asking etcd's status"))??;
+    Ok(client)
+}
+
+pub(crate) fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
