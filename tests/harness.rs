@@ -1,6 +1,8 @@
 //! Test harness: runs the real `thinbd` binary on free loopback ports in a temporary data dir,
 //! and finds the external NBD clients the tests drive.
 
+pub mod netns;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
