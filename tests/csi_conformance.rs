@@ -112,6 +112,17 @@ fn identity_and_node_info() {
         let cc = e.ctl.controller_get_capabilities(ControllerGetCapabilitiesRequest {}).await.unwrap().into_inner();
         assert_eq!(cc.capabilities.len(), 14);
 
+        // A node plugin on another node registers that node when kubelet asks for its info;
+        // the registration is in the metadata and survives a restart of the storage server.
+        let worker = CsiPlugin::start("node", &format!("127.0.0.1:{}", e.server.api_port), "worker-1");
+        let mut wn = NodeClient::new(worker.channel().await);
+        assert_eq!(wn.node_get_info(NodeGetInfoRequest {}).await.unwrap().into_inner().node_id, "worker-1");
+        e.server.stop();
+        e.server.spawn();
+        let listed: serde_json::Value = serde_json::from_str(&e.server.cli(&["node", "list", "-o", "json"])).unwrap();
+        let w = listed["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "worker-1").expect("worker-1").clone();
+        assert_eq!((w["storage"].as_bool(), w["up"].as_bool()), (Some(false), Some(true)));
+
         // Probe reports a dead storage server as an error, not as ready.
         drop(e.server);
         assert!(e.ident.probe(ProbeRequest {}).await.is_err());
@@ -209,6 +220,18 @@ fn publish_grants_an_export_and_enforces_writers() {
         let mut r = pubreq("n1", Mode::SingleNodeWriter, false);
         r.volume_id = format!("{NODE}/missing");
         assert_eq!(code(e.ctl.controller_publish_volume(r).await), Code::NotFound);
+        // A node that never registered (its node plugin calls RegisterNode) does not exist.
+        let err = e.ctl.controller_publish_volume(pubreq("n1", Mode::SingleNodeWriter, false)).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+        for n in ["n1", "n2", "n3"] {
+            e.server.cli(&["node", "register", n]);
+        }
+        // The storage node itself always exists; NodeGetInfo registered the plugin's node.
+        let listed: serde_json::Value = serde_json::from_str(&e.server.cli(&["node", "list", "-o", "json"])).unwrap();
+        let names: Vec<&str> =
+            listed["nodes"].as_array().unwrap().iter().map(|n| n["name"].as_str().unwrap()).collect();
+        assert_eq!(names, [NODE, "n1", "n2", "n3"]);
+        assert_eq!(listed["clustered"], false);
 
         let ctx = e
             .ctl
@@ -899,6 +922,7 @@ fn uuid_ids_and_the_older_node_naming_ids() {
     runtime().block_on(async {
         let mut e = env().await;
         let v = create(&mut e, "pvc-old", 2 * MIB).await;
+        e.server.cli(&["node", "register", "node-x"]);
         let uuid = e.server.volume_json("pvc-old")["uuid"].as_str().expect("uuid").to_string();
         assert_eq!(v.volume_id, uuid);
         assert!(!v.volume_id.contains(NODE));

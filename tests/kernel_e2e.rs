@@ -36,6 +36,8 @@ fn node_plugin_attaches_formats_and_mounts_through_the_kernel() {
     let server =
         Server::start_with(&["--require-grants", "--node-name", "host", "--advertise-nbd", "10.0.2.2:{nbd_port}"]);
     let plugin = CsiPlugin::start("controller", &format!("127.0.0.1:{}", server.api_port), "host");
+    // What the guest's node plugin does on NodeGetInfo (which this test does not call).
+    server.cli(&["node", "register", "guest"]);
     let shared = tempfile::tempdir().unwrap();
     runtime().block_on(async {
         let mut ctl = ControllerClient::new(plugin.channel().await);
@@ -111,6 +113,8 @@ fn node_attaches_over_kernel_tls() {
         &p("ca-cert.pem"),
     ]);
     let plugin = CsiPlugin::start("controller", &format!("127.0.0.1:{}", server.api_port), "host");
+    // What the guest's node plugin does on NodeGetInfo (which this test does not call).
+    server.cli(&["node", "register", "guest"]);
     runtime().block_on(async {
         let mut ctl = ControllerClient::new(plugin.channel().await);
         let (volume_id, ctx) = provision(&mut ctl, "pvc-tls", 64 * MIB, Mode::SingleNodeWriter, None).await;

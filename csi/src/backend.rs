@@ -84,6 +84,20 @@ impl Backends {
         self.is_template().then_some(node)
     }
 
+    /// NOT_FOUND unless `node` is known to the storage side: registered with (or a member of the
+    /// cluster behind) the single server, or, through a template, running a server of its own.
+    pub async fn check_node(&self, node: &str) -> Result<(), Status> {
+        let mut api = match self.is_template() {
+            true => self.api(node).await?,
+            false => self.channel(&self.address(""))?,
+        };
+        let nodes = api.list_nodes(pb::ListNodesRequest {}).await.map_err(unavailable)?.into_inner().nodes;
+        if nodes.iter().any(|n| n.name == node) {
+            return Ok(());
+        }
+        Err(Status::not_found(format!("node {node:?} does not exist (its CSI node plugin has not registered it)")))
+    }
+
     /// The node name of the single server (`--thinbd-api` without `{node}`).
     pub async fn single_node(&self) -> Result<String, Status> {
         let name = self

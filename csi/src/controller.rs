@@ -303,6 +303,7 @@ impl Controller for ControllerService {
         if Self::find(&mut api, &id.volume).await?.is_none() {
             return Err(Status::not_found(format!("volume {:?} does not exist", r.volume_id)));
         }
+        self.backends.check_node(&node).await?;
         let grant = api
             .publish_volume(pb::PublishVolumeRequest {
                 volume: id.volume.clone(),

@@ -435,7 +435,13 @@ impl Node for NodeService {
         Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))
     }
 
+    /// Kubelet asks when it registers the plugin: the node registers itself with its storage
+    /// server here, so volumes can be published to it (until then kubelet retries).
     async fn node_get_info(&self, _: Request<NodeGetInfoRequest>) -> Result<Response<NodeGetInfoResponse>, Status> {
+        let (_, mut api) = self.local_api().await?;
+        api.register_node(thinbd_api::pb::RegisterNodeRequest { name: self.node_id.clone() })
+            .await
+            .map_err(crate::backend::unavailable)?;
         Ok(Response::new(NodeGetInfoResponse {
             node_id: self.node_id.clone(),
             max_volumes_per_node: self.max_volumes,

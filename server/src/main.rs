@@ -102,6 +102,9 @@ enum Command {
 enum NodeCommand {
     /// Every node with its addresses, space, zone and whether it is up.
     List,
+    /// Record that node NAME exists, so volumes may be published to it through CSI (the CSI
+    /// node plugin does this itself).
+    Register { name: String },
 }
 
 #[derive(Subcommand)]
@@ -276,6 +279,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Volume { client, command } => volume_command(client, command).await,
         Command::Snapshot { client, command } => snapshot_command(client, command).await,
         Command::Fsck { data_dir, output } => fsck(&data_dir, output),
+        Command::Node { client, command: NodeCommand::Register { name } } => {
+            let mut c = connect(&client).await?;
+            let n = c.register_node(pb::RegisterNodeRequest { name }).await.map_err(rpc_error)?.into_inner();
+            match client.output {
+                Output::Json => println!("{}", serde_json::json!({ "registered": n.name })),
+                Output::Table => println!("node {} registered", n.name),
+            }
+            Ok(())
+        }
         Command::Node { client, command: NodeCommand::List } => {
             let mut c = connect(&client).await?;
             let r = c.list_nodes(pb::ListNodesRequest {}).await.map_err(rpc_error)?.into_inner();
@@ -289,6 +301,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 "name": n.name, "up": n.up, "nbd_address": n.nbd_address,
                                 "api_address": n.api_address, "capacity_bytes": n.capacity_bytes,
                                 "available_bytes": n.available_bytes, "zone": n.zone, "labels": n.labels,
+                                "storage": n.storage,
                             })
                         })
                         .collect();

@@ -96,5 +96,11 @@ pub fn node_to_pb(n: crate::cluster::nodes::NodeView) -> pb::Node {
         zone: r.zone,
         labels: r.labels.into_iter().collect(),
         up: n.up,
+        storage: true,
     }
+}
+
+/// A node only registered (single-node mode) as the API shows it.
+pub fn registered_node_to_pb(name: &str) -> pb::Node {
+    pb::Node { name: name.to_string(), up: true, storage: false, ..Default::default() }
 }

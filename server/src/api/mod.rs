@@ -169,14 +169,35 @@ impl Management for Api {
     }
 
     async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let nodes = match &self.cluster {
-            Some(c) => c.directory.list(),
-            None => vec![crate::cluster::nodes::NodeView { record: (self.this_node)(), up: true }],
+        let nodes: Vec<pb::Node> = match &self.cluster {
+            Some(c) => c.directory.list().into_iter().map(convert::node_to_pb).collect(),
+            None => {
+                let me = (self.this_node)();
+                let others = self.engine.registered_nodes().into_iter().filter(|n| n.name != me.name);
+                let others: Vec<pb::Node> = others.map(|n| convert::registered_node_to_pb(&n.name)).collect();
+                let me = crate::cluster::nodes::NodeView { record: me, up: true };
+                std::iter::once(convert::node_to_pb(me)).chain(others).collect()
+            }
         };
-        Ok(Response::new(pb::ListNodesResponse {
-            nodes: nodes.into_iter().map(convert::node_to_pb).collect(),
-            clustered: self.cluster.is_some(),
-        }))
+        Ok(Response::new(pb::ListNodesResponse { nodes, clustered: self.cluster.is_some() }))
+    }
+
+    async fn register_node(&self, req: Request<pb::RegisterNodeRequest>) -> Result<Response<pb::Node>, Status> {
+        let name = req.into_inner().name;
+        if let Some(c) = &self.cluster {
+            return match c.directory.get(&name) {
+                Some(n) => Ok(Response::new(convert::node_to_pb(n))),
+                None => Err(Status::not_found(format!(
+                    "node {name:?} has not joined the cluster: run `thinbd serve --etcd ... --node-name {name}` there"
+                ))),
+            };
+        }
+        let me = (self.this_node)();
+        if name == me.name {
+            return Ok(Response::new(convert::node_to_pb(crate::cluster::nodes::NodeView { record: me, up: true })));
+        }
+        let n = self.engine.register_node(&name).await.map_err(status)?;
+        Ok(Response::new(convert::registered_node_to_pb(&n.name)))
     }
 
     async fn publish_volume(&self, req: Request<pb::PublishVolumeRequest>) -> Result<Response<pb::Grant>, Status> {

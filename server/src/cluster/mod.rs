@@ -1,6 +1,7 @@
 //! The cluster: with `serve --etcd`, nodes share state in etcd (key layout in [`keys`]).
 //! Without it nothing here runs and thinbd is the single-node system.
 
+pub mod error;
 pub mod keys;
 pub mod nodes;
 
@@ -11,25 +12,8 @@ use std::time::Duration;
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use tokio_util::sync::CancellationToken;
 
+pub use error::ClusterError;
 use nodes::{Directory, NodeRecord};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ClusterError {
-    #[error("etcd: {0}")]
-    Etcd(#[from] etcd_client::Error),
-    #[error("cannot decode {key}: {source}")]
-    Record { key: String, source: serde_json::Error },
-    #[error("the node's lease expired")]
-    LeaseExpired,
-    #[error("watch ended: {0}")]
-    WatchCanceled(String),
-    #[error("etcd did not answer in time ({0})")]
-    Timeout(&'static str),
-    #[error("reading {path}: {source}")]
-    Tls { path: PathBuf, source: std::io::Error },
-    #[error("lock poisoned")]
-    Poisoned,
-}
 
 /// How to reach etcd.
 #[derive(Debug, Clone)]
@@ -101,8 +85,4 @@ async fn connect(opts: &EtcdOptions) -> Result<Client, ClusterError> {
         .await
         .map_err(|_| ClusterError::Timeout("asking etcd's status"))??;
     Ok(client)
-}
-
-pub(crate) fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }

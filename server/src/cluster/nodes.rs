@@ -10,7 +10,8 @@ use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{ClusterError, keys};
+use super::error::ClusterError;
+use super::keys;
 
 /// What a node tells the cluster about itself (`/thinbd/v1/nodes/NODE`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -158,7 +159,11 @@ async fn registration(
     let mut current = record();
     let name = current.name.clone();
     client.put(keys::node(&name), encode(&current)?, None).await?;
-    let started = super::now_unix().to_string();
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        .to_string();
     client.put(keys::alive(&name), started, Some(PutOptions::new().with_lease(lease))).await?;
     tracing::info!(node = %name, lease, ttl = ttl_secs, "registered in the cluster");
     let (mut keeper, mut replies) = client.lease_keep_alive(lease).await?;

@@ -1,13 +1,41 @@
-//! Publishing: attachment grants given and revoked through the engine (commit, then the table).
+//! Publishing: the nodes that may be published to, and attachment grants given and revoked
+//! through the engine (commit, then the table).
 
 use std::sync::Arc;
 
 use crate::engine::{Engine, now_unix};
 use crate::error::EngineError;
 use crate::grants::{Access, Grant, Grants};
-use crate::meta::store::{MetaOp, grant_key};
+use crate::meta::store::{MetaOp, NodeRegistration, grant_key};
+
+/// Node names are CSI node ids and NBD grant holders: printable, at most 256 bytes.
+fn check_node_name(node: &str) -> Result<(), EngineError> {
+    if node.is_empty() || node.len() > 256 || node.chars().any(char::is_control) {
+        return Err(EngineError::Invalid(format!("invalid node id {node:?}")));
+    }
+    Ok(())
+}
 
 impl Engine {
+    /// Records that `node` exists (the CSI node plugin calls it through the API when kubelet
+    /// asks for its node info). Idempotent.
+    pub async fn register_node(self: &Arc<Self>, node: &str) -> Result<NodeRegistration, EngineError> {
+        check_node_name(node)?;
+        let _admin = self.admin.lock().await;
+        if let Some(known) = self.registered_nodes().into_iter().find(|n| n.name == node) {
+            return Ok(known);
+        }
+        let rec = NodeRegistration { name: node.to_string(), registered_unix: now_unix() };
+        self.space.commit(vec![MetaOp::PutNode(rec.clone())], true).await?;
+        self.nodes.write().map_err(|_| crate::error::poisoned())?.insert(node.to_string(), rec.clone());
+        tracing::info!(node, "node registered");
+        Ok(rec)
+    }
+
+    pub fn registered_nodes(&self) -> Vec<NodeRegistration> {
+        self.nodes.read().map(|n| n.values().cloned().collect()).unwrap_or_default()
+    }
+
     /// Grants `node` access to `volume`. Idempotent: the same request returns the same grant; a
     /// different access mode for the same node, or a writer that would join a single-writer
     /// attachment on another node, is refused.
@@ -17,9 +45,7 @@ impl Engine {
         node: &str,
         access: Access,
     ) -> Result<Arc<Grant>, EngineError> {
-        if node.is_empty() || node.len() > 256 || node.chars().any(char::is_control) {
-            return Err(EngineError::Invalid(format!("invalid node id {node:?}")));
-        }
+        check_node_name(node)?;
         let _admin = self.admin.lock().await;
         self.volume(volume)?;
         if let Some(existing) = self.grants.check(volume, node, access)? {

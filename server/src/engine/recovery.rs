@@ -80,6 +80,9 @@ impl Resync for Engine {
         let live: std::collections::BTreeSet<String> = grants.iter().map(|g| g.key()).collect();
         ops.extend(disk.grants.iter().filter(|d| !live.contains(&d.key())).map(|d| MetaOp::DeleteGrant(d.key())));
 
+        // Nodes are only ever added.
+        ops.extend(self.registered_nodes().into_iter().filter(|n| !disk.nodes.contains(n)).map(MetaOp::PutNode));
+
         // Free is everything below the high-water mark that no layer maps: clusters handed to a
         // request that has not committed yet count as free until its commit claims them.
         let alloc = space.alloc()?;

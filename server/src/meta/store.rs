@@ -26,6 +26,7 @@ pub const ZERO_MARK: u64 = u64::MAX;
 
 /// `VOLUME\nNODE` → attachment grant record.
 const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("grants");
+const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 
 /// Format 2 pools start with a superblock and keep data from `superblock::DATA_OFFSET`;
 /// format 1 pools (no superblock, data from offset 0) are still opened.
@@ -69,6 +70,14 @@ impl GrantRecord {
     pub fn key(&self) -> String {
         grant_key(&self.volume, &self.node)
     }
+}
+
+/// A node that may be published to (single-node mode: the CSI node plugin registers its node
+/// through the management API; CSI publishing to a node never registered is NOT_FOUND).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeRegistration {
+    pub name: String,
+    pub registered_unix: u64,
 }
 
 pub fn grant_key(volume: &str, node: &str) -> String {
@@ -146,6 +155,7 @@ pub enum MetaOp {
     PutGrant(GrantRecord),
     /// By `grant_key`.
     DeleteGrant(String),
+    PutNode(NodeRegistration),
 }
 
 /// A sum over every row of every table (config's `digest` row aside) of a 64-bit hash of the
@@ -235,6 +245,7 @@ pub struct Loaded {
     /// Extent rows whose layer does not exist (a leak if nonzero).
     pub orphan_extents: u64,
     pub grants: Vec<GrantRecord>,
+    pub nodes: Vec<NodeRegistration>,
 }
 
 /// Opens the database file again after an I/O error (redb must be closed and reopened).
@@ -426,6 +437,7 @@ fn init_tables(db: &Database, create: PoolConfig) -> Result<bool, EngineError> {
             txn.open_table(EXTENTS)?;
             txn.open_table(FREE)?;
             txn.open_table(GRANTS)?;
+            txn.open_table(NODES)?;
         }
     }
     txn.commit()?;
@@ -505,6 +517,18 @@ fn load_from(db: &Database) -> Result<(Loaded, Option<u64>, u64), EngineError> {
             Err(redb::TableError::TableDoesNotExist(_)) => {}
             Err(e) => return Err(e.into()),
         }
+        let mut nodes = Vec::new();
+        match txn.open_table(NODES) {
+            Ok(t) => {
+                for row in t.iter()? {
+                    let (k, v) = row?;
+                    digest.add("nodes", k.value().as_bytes(), v.value());
+                    nodes.push(from_json::<NodeRegistration>("node", v.value())?);
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
         let mut by_layer: std::collections::BTreeMap<u64, Vec<(u64, u64)>> = Default::default();
         for row in txn.open_table(EXTENTS)?.iter()? {
             let (k, v) = row?;
@@ -535,6 +559,7 @@ fn load_from(db: &Database) -> Result<(Loaded, Option<u64>, u64), EngineError> {
             layers,
             orphan_extents,
             grants,
+            nodes,
         };
         Ok((loaded, stored, digest.0))
     }
@@ -576,6 +601,7 @@ fn apply(
             let mut extents = txn.open_table(EXTENTS)?;
             let mut free = txn.open_table(FREE)?;
             let mut grants = txn.open_table(GRANTS)?;
+            let mut nodes = txn.open_table(NODES)?;
             let mut d = Digest(cfg.get(DIGEST_KEY)?.map(|v| v.value()).unwrap_or(0));
             let set_cfg = |cfg: &mut redb::Table<&str, u64>, d: &mut Digest, key: &str, value: u64| {
                 let old = cfg.insert(key, value)?.map(|v| le(v.value()));
@@ -655,6 +681,11 @@ fn apply(
                         if let Some(old) = grants.remove(key.as_str())?.map(|v| v.value().to_vec()) {
                             d.sub("grants", key.as_bytes(), &old);
                         }
+                    }
+                    MetaOp::PutNode(rec) => {
+                        let new = to_json(rec)?;
+                        let old = nodes.insert(rec.name.as_str(), new.as_slice())?.map(|v| v.value().to_vec());
+                        d.swap("nodes", rec.name.as_bytes(), old.as_deref(), &new);
                     }
                 }
             }
