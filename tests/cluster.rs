@@ -107,3 +107,82 @@ fn serve_refuses_to_start_without_its_etcd() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("joining the cluster at http://10.77.0.1:2379"), "{err}");
 }
+
+/// Placement: volumes created through one node spread over the nodes by the room left on them;
+/// any node answers for any volume (forwarding to the node that holds it); names are unique in
+/// the cluster; a volume whose node is down is still listed, with its node.
+#[test]
+fn volumes_are_placed_by_room_and_reachable_from_any_node() {
+    if !require("etcd") {
+        return;
+    }
+    let Some(fabric) = Fabric::up(4) else { return };
+    let etcd = Etcd::start(&fabric, 4);
+    // node-3 has a bigger pool: it takes more of the volumes.
+    let mut nodes: Vec<NetNode> = (1..=3)
+        .map(|i| {
+            let capacity = if i == 3 { "40GiB" } else { "10GiB" };
+            NetNode::start(&fabric, i, &etcd.endpoint, &["--node-lease-ttl", TTL, "--capacity", capacity])
+        })
+        .collect();
+    let all_up = [("node-1", true), ("node-2", true), ("node-3", true)];
+    wait_for(&fabric, &nodes[0], &all_up, Duration::from_secs(10));
+
+    let mut placed = BTreeMap::new();
+    for i in 0..8 {
+        let out = nodes[0].cli(&fabric, &["volume", "create", &format!("v{i}"), "--size", "5GiB", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        *placed.entry(v["node"].as_str().unwrap().to_string()).or_insert(0) += 1;
+    }
+    // Room: node-3 40 GiB, the others 10 GiB; 5 GiB each: node-3 takes volumes until its room
+    // is down to the others' 10 GiB (6 volumes), then node-1 and node-2 (ties go by name).
+    assert_eq!(placed.get("node-3"), Some(&6), "{placed:?}");
+    assert_eq!((placed.get("node-1"), placed.get("node-2")), (Some(&1), Some(&1)), "{placed:?}");
+
+    // Names are unique across the cluster, whichever node is asked.
+    let dup = fabric
+        .command(2, thinbd_tests::thinbd_bin())
+        .args(["volume", "create", "v0", "--size", "1GiB", "--api", "10.77.0.2:10810"])
+        .output()
+        .unwrap();
+    assert!(!dup.status.success());
+    assert!(
+        String::from_utf8_lossy(&dup.stderr).contains("already exists"),
+        "{}",
+        String::from_utf8_lossy(&dup.stderr)
+    );
+
+    // Every node shows every volume, and where its data is.
+    let show = |n: &NetNode, name: &str| -> serde_json::Value {
+        serde_json::from_str(&n.cli(&fabric, &["volume", "show", name, "-o", "json"])).expect("json")
+    };
+    let list = |n: &NetNode| -> Vec<(String, String)> {
+        let v: serde_json::Value = serde_json::from_str(&n.cli(&fabric, &["volume", "list", "-o", "json"])).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| (v["name"].as_str().unwrap().into(), v["node"].as_str().unwrap().into()))
+            .collect()
+    };
+    let everywhere = list(&nodes[0]);
+    assert_eq!(everywhere.len(), 8);
+    assert_eq!(list(&nodes[1]), everywhere);
+    let (name, holder) = everywhere.iter().find(|(_, n)| n == "node-1").cloned().unwrap();
+    let from_3 = show(&nodes[2], &name);
+    assert_eq!(from_3["node"], holder);
+    // Operations go to the holder, by name or UUID.
+    let uuid = from_3["uuid"].as_str().unwrap().to_string();
+    nodes[2].cli(&fabric, &["volume", "resize", &uuid, "--size", "6GiB"]);
+    assert_eq!(show(&nodes[0], &name)["size_bytes"], 6u64 << 30);
+    nodes[1].cli(&fabric, &["volume", "delete", &name]);
+    assert_eq!(list(&nodes[2]).len(), 7);
+    // The name is free again.
+    nodes[1].cli(&fabric, &["volume", "create", &name, "--size", "1GiB"]);
+
+    // A node down: its volumes are still listed (from the cluster store), with their node.
+    nodes[2].kill9();
+    wait_for(&fabric, &nodes[0], &[("node-1", true), ("node-2", true), ("node-3", false)], Duration::from_secs(10));
+    let listed = list(&nodes[0]);
+    assert_eq!(listed.len(), 8);
+    assert_eq!(listed.iter().filter(|(_, n)| n == "node-3").count(), 6);
+}

@@ -239,6 +239,7 @@ impl Controller for ControllerService {
                     size_bytes: size,
                     labels,
                     qos: Some(qos),
+                    ..Default::default()
                 })
                 .await
             }
@@ -380,7 +381,8 @@ impl Controller for ControllerService {
         for node in self.known_nodes().await? {
             let mut api = self.backends.api(&node).await?;
             let nbd = Self::nbd_address(&mut api).await?;
-            let vols = api.list_volumes(pb::ListVolumesRequest {}).await.map_err(unavailable)?.into_inner().volumes;
+            let vols =
+                api.list_volumes(pb::ListVolumesRequest::default()).await.map_err(unavailable)?.into_inner().volumes;
             for v in vols {
                 entries.push(list_volumes_response::Entry {
                     volume: Some(self.csi_volume(&node, &v, &nbd)),

@@ -66,10 +66,15 @@ impl NodeService {
             Ok(v) => v.into_inner(),
             Err(_) => {
                 let labels = HashMap::from([("csi.ephemeral".to_string(), r.volume_id.clone())]);
-                api.create_volume(pb::CreateVolumeRequest { name: name.clone(), size_bytes: size, labels, qos: None })
-                    .await
-                    .map_err(crate::backend::unavailable)?
-                    .into_inner()
+                api.create_volume(pb::CreateVolumeRequest {
+                    name: name.clone(),
+                    size_bytes: size,
+                    labels,
+                    ..Default::default()
+                })
+                .await
+                .map_err(crate::backend::unavailable)?
+                .into_inner()
             }
         };
         let grant = api

@@ -367,7 +367,8 @@ fn rpc_error(s: tonic::Status) -> anyhow::Error {
 fn volume_json(v: &pb::Volume) -> serde_json::Value {
     let q = v.qos.unwrap_or_default();
     serde_json::json!({
-        "name": v.name, "id": v.id, "uuid": v.uuid, "size_bytes": v.size_bytes, "allocated_bytes": v.allocated_bytes,
+        "name": v.name, "id": v.id, "uuid": v.uuid, "node": v.node, "size_bytes": v.size_bytes,
+        "allocated_bytes": v.allocated_bytes,
         "exclusive_bytes": v.exclusive_bytes, "shared_bytes": v.shared_bytes,
         "sessions": v.sessions, "created_unix_seconds": v.created_unix_seconds,
         "labels": v.labels, "published_nodes": v.published_nodes,
@@ -413,6 +414,7 @@ fn print_volumes(out: Output, vols: &[pb::Volume], single: bool, nbd: &str) {
             for v in vols {
                 println!("name:      {}", v.name);
                 println!("uuid:      {}", v.uuid);
+                println!("data on:   {}", v.node);
                 println!("size:      {} ({} bytes)", format_size(v.size_bytes), v.size_bytes);
                 println!("allocated: {} ({} bytes)", format_size(v.allocated_bytes), v.allocated_bytes);
                 println!("exclusive: {} ({} bytes)", format_size(v.exclusive_bytes), v.exclusive_bytes);
@@ -464,7 +466,7 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
             print_volumes(client.output, &[v.into_inner()], true, &nbd);
         }
         VolumeCommand::List => {
-            let r = c.list_volumes(pb::ListVolumesRequest {}).await.map_err(rpc_error)?.into_inner();
+            let r = c.list_volumes(pb::ListVolumesRequest::default()).await.map_err(rpc_error)?.into_inner();
             print_volumes(client.output, &r.volumes, false, &nbd);
         }
         VolumeCommand::Show { name } => {

@@ -47,7 +47,7 @@ pub fn status(e: EngineError) -> Status {
 }
 
 /// A volume as the API shows it.
-pub fn volume_to_pb(engine: &Engine, v: &Volume) -> pb::Volume {
+pub fn volume_to_pb(engine: &Engine, node: &str, v: &Volume) -> pb::Volume {
     let i = engine.info(v);
     pb::Volume {
         name: i.name,
@@ -63,6 +63,7 @@ pub fn volume_to_pb(engine: &Engine, v: &Volume) -> pb::Volume {
         qos: Some(qos_to_pb(v.qos.limits())),
         throttled_seconds: v.qos.throttled_ns.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9,
         uuid: v.uuid.clone(),
+        node: node.to_string(),
     }
 }
 
@@ -103,4 +104,13 @@ pub fn node_to_pb(n: crate::cluster::nodes::NodeView) -> pb::Node {
 /// A node only registered (single-node mode) as the API shows it.
 pub fn registered_node_to_pb(name: &str) -> pb::Node {
     pb::Node { name: name.to_string(), up: true, storage: false, ..Default::default() }
+}
+
+/// Cluster failures: etcd or a node out of reach is worth retrying.
+pub fn cluster_status(e: crate::cluster::ClusterError) -> Status {
+    use crate::cluster::ClusterError as E;
+    match e {
+        E::Etcd(_) | E::NodeDown(_) | E::Timeout(_) | E::Peer { .. } => Status::unavailable(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
 }

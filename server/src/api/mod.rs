@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::engine::{Engine, VolumeOptions};
 use crate::grants::Access;
 pub use convert::qos_to_pb;
-use convert::{qos_from_pb, snapshot_to_pb, status, volume_to_pb};
+use convert::{cluster_status, qos_from_pb, snapshot_to_pb, status, volume_to_pb};
 
 pub struct Api {
     pub engine: Arc<Engine>,
@@ -23,6 +23,109 @@ pub struct Api {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// This node's record as it would register it (single node: what ListNodes shows).
     pub this_node: Box<dyn Fn() -> crate::cluster::nodes::NodeRecord + Send + Sync>,
+}
+
+/// How the API answers in a cluster: volumes placed on a node, requests about a volume sent to
+/// the node holding it.
+impl Api {
+    /// The API of the node holding `reference` (a volume name or UUID, or `VOLUME@SNAPSHOT`)
+    /// when that is another node; `None` when it is here or unknown (the local path answers).
+    async fn owner(&self, reference: &str) -> Result<Option<crate::cluster::Peer>, Status> {
+        let Some(c) = &self.cluster else { return Ok(None) };
+        let volume = reference.split('@').next().unwrap_or(reference);
+        if self.engine.find_volume(volume).is_ok() || self.engine.snapshot(reference).is_ok() {
+            return Ok(None);
+        }
+        let Some(spec) = c.volume_spec(volume).await.map_err(cluster_status)? else { return Ok(None) };
+        if spec.node == self.node_name {
+            return Ok(None);
+        }
+        c.peer(&spec.node).map(Some).map_err(cluster_status)
+    }
+
+    /// Places a new volume, records it (its name must be free) and creates it on the node
+    /// chosen; a failed creation is forgotten again.
+    async fn place_and_create(
+        &self,
+        c: &crate::cluster::Cluster,
+        mut r: pb::CreateVolumeRequest,
+    ) -> Result<pb::Volume, Status> {
+        crate::engine::validate_name("volume", &r.name).map_err(status)?;
+        let node = c
+            .place(&r.zone, &r.nodes)
+            .await
+            .map_err(cluster_status)?
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        let spec = crate::cluster::volumes::VolumeSpec {
+            uuid: crate::meta::uuid::new_uuid_text(),
+            name: r.name.clone(),
+            size_bytes: r.size_bytes,
+            node: node.name.clone(),
+            created_unix: crate::engine::now_unix(),
+        };
+        if !c.reserve_volume(&spec).await.map_err(cluster_status)? {
+            return Err(Status::already_exists(format!("volume {:?} already exists", r.name)));
+        }
+        (r.here, r.uuid) = (true, spec.uuid.clone());
+        let made = match node.name == self.node_name {
+            true => self.create_volume(Request::new(r)).await,
+            false => match c.peer(&node.name) {
+                Ok(mut peer) => peer.create_volume(r).await,
+                Err(e) => Err(cluster_status(e)),
+            },
+        };
+        match made {
+            Ok(v) => {
+                tracing::info!(volume = %spec.name, uuid = %spec.uuid, node = %spec.node, "volume placed");
+                Ok(v.into_inner())
+            }
+            Err(e) => {
+                if let Err(release) = c.release_volume(&spec).await {
+                    tracing::warn!(volume = %spec.name, error = %release, "cannot forget a volume whose creation failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Every volume of the cluster: from each node that is up, and what the cluster store
+    /// records for those on nodes that are down (name, UUID, size, node).
+    async fn list_cluster_volumes(&self, c: &crate::cluster::Cluster) -> Result<Vec<pb::Volume>, Status> {
+        let mut out = Vec::new();
+        let mut answered = std::collections::BTreeSet::new();
+        for n in c.directory.list().into_iter().filter(|n| n.up) {
+            let here = pb::ListVolumesRequest { here: true };
+            let volumes = match n.record.name == self.node_name {
+                true => self.engine.list().iter().map(|v| volume_to_pb(&self.engine, &self.node_name, v)).collect(),
+                false => {
+                    let mut peer = c.peer(&n.record.name).map_err(cluster_status)?;
+                    match peer.list_volumes(here).await {
+                        Ok(r) => r.into_inner().volumes,
+                        Err(e) => {
+                            tracing::warn!(node = %n.record.name, error = %e, "cannot list a node's volumes");
+                            continue;
+                        }
+                    }
+                }
+            };
+            answered.insert(n.record.name.clone());
+            out.extend(volumes);
+        }
+        for spec in c.volume_specs().await.map_err(cluster_status)? {
+            if !answered.contains(&spec.node) {
+                out.push(pb::Volume {
+                    name: spec.name,
+                    uuid: spec.uuid,
+                    size_bytes: spec.size_bytes,
+                    node: spec.node,
+                    created_unix_seconds: spec.created_unix,
+                    ..Default::default()
+                });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
 }
 
 /// Ranges per streamed chunk: well under gRPC's 4 MiB message limit.
@@ -70,43 +173,69 @@ impl Management for Api {
 
     async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        let opts = VolumeOptions { labels: r.labels.into_iter().collect(), qos: qos_from_pb(r.qos) };
+        if let (Some(c), false) = (&self.cluster, r.here) {
+            return self.place_and_create(c, r).await.map(Response::new);
+        }
+        let uuid = Some(r.uuid).filter(|u| !u.is_empty());
+        let opts = VolumeOptions { labels: r.labels.into_iter().collect(), qos: qos_from_pb(r.qos), uuid };
         let v = self.engine.create_volume_with(&r.name, r.size_bytes, opts).await.map_err(status)?;
-        Ok(Response::new(volume_to_pb(&self.engine, &v)))
+        Ok(Response::new(volume_to_pb(&self.engine, &self.node_name, &v)))
     }
 
     async fn list_volumes(
         &self,
-        _req: Request<pb::ListVolumesRequest>,
+        req: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
-        let volumes = self.engine.list().iter().map(|v| volume_to_pb(&self.engine, v)).collect();
+        if let (Some(c), false) = (&self.cluster, req.get_ref().here) {
+            return self
+                .list_cluster_volumes(c)
+                .await
+                .map(|volumes| Response::new(pb::ListVolumesResponse { volumes }));
+        }
+        let volumes = self.engine.list().iter().map(|v| volume_to_pb(&self.engine, &self.node_name, v)).collect();
         Ok(Response::new(pb::ListVolumesResponse { volumes }))
     }
 
     async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        if let Some(mut peer) = self.owner(&req.get_ref().name).await? {
+            return peer.get_volume(req.into_inner()).await;
+        }
         let v = self.engine.find_volume(&req.into_inner().name).map_err(status)?;
-        Ok(Response::new(volume_to_pb(&self.engine, &v)))
+        Ok(Response::new(volume_to_pb(&self.engine, &self.node_name, &v)))
     }
 
     async fn resize_volume(&self, req: Request<pb::ResizeVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        if let Some(mut peer) = self.owner(&req.get_ref().name).await? {
+            return peer.resize_volume(req.into_inner()).await;
+        }
         let r = req.into_inner();
         let v = self.engine.resize_volume(&self.engine.resolve(&r.name), r.size_bytes).await.map_err(status)?;
-        Ok(Response::new(volume_to_pb(&self.engine, &v)))
+        Ok(Response::new(volume_to_pb(&self.engine, &self.node_name, &v)))
     }
 
     async fn delete_volume(
         &self,
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
-        self.engine.delete_volume(&self.engine.resolve(&req.into_inner().name)).await.map_err(status)?;
+        if let Some(mut peer) = self.owner(&req.get_ref().name).await? {
+            return peer.delete_volume(req.into_inner()).await;
+        }
+        let name = self.engine.resolve(&req.into_inner().name);
+        let uuid = self.engine.volume(&name).map(|v| v.uuid.clone()).ok();
+        self.engine.delete_volume(&name).await.map_err(status)?;
+        if let (Some(c), Some(uuid)) = (&self.cluster, uuid)
+            && let Some(spec) = c.volume_spec(&uuid).await.map_err(cluster_status)?
+        {
+            c.release_volume(&spec).await.map_err(cluster_status)?;
+        }
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
     async fn clone_volume(&self, req: Request<pb::CloneVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        let opts = VolumeOptions { labels: r.labels.into_iter().collect(), qos: qos_from_pb(r.qos) };
+        let opts = VolumeOptions { labels: r.labels.into_iter().collect(), qos: qos_from_pb(r.qos), uuid: None };
         let v = self.engine.clone_volume_with(&self.engine.resolve(&r.source), &r.name, opts).await.map_err(status)?;
-        Ok(Response::new(volume_to_pb(&self.engine, &v)))
+        Ok(Response::new(volume_to_pb(&self.engine, &self.node_name, &v)))
     }
 
     async fn create_snapshot_group(
@@ -123,12 +252,18 @@ impl Management for Api {
     }
 
     async fn set_volume_qos(&self, req: Request<pb::SetVolumeQosRequest>) -> Result<Response<pb::Volume>, Status> {
+        if let Some(mut peer) = self.owner(&req.get_ref().name).await? {
+            return peer.set_volume_qos(req.into_inner()).await;
+        }
         let r = req.into_inner();
         let v = self.engine.set_qos(&self.engine.resolve(&r.name), qos_from_pb(r.qos)).await.map_err(status)?;
-        Ok(Response::new(volume_to_pb(&self.engine, &v)))
+        Ok(Response::new(volume_to_pb(&self.engine, &self.node_name, &v)))
     }
 
     async fn create_snapshot(&self, req: Request<pb::CreateSnapshotRequest>) -> Result<Response<pb::Snapshot>, Status> {
+        if let Some(mut peer) = self.owner(&req.get_ref().volume).await? {
+            return peer.create_snapshot(req.into_inner()).await;
+        }
         let r = req.into_inner();
         let s = self.engine.create_snapshot(&self.engine.resolve(&r.volume), &r.name).await.map_err(status)?;
         Ok(Response::new(snapshot_to_pb(&self.engine, &s)))
@@ -201,6 +336,9 @@ impl Management for Api {
     }
 
     async fn publish_volume(&self, req: Request<pb::PublishVolumeRequest>) -> Result<Response<pb::Grant>, Status> {
+        if let Some(mut peer) = self.owner(&req.get_ref().volume).await? {
+            return peer.publish_volume(req.into_inner()).await;
+        }
         let r = req.into_inner();
         let access = Access { read_only: r.read_only, single_writer: r.single_writer };
         let g = self.engine.publish(&self.engine.resolve(&r.volume), &r.node, access).await.map_err(status)?;
@@ -219,6 +357,9 @@ impl Management for Api {
         &self,
         req: Request<pb::UnpublishVolumeRequest>,
     ) -> Result<Response<pb::UnpublishVolumeResponse>, Status> {
+        if let Some(mut peer) = self.owner(&req.get_ref().volume).await? {
+            return peer.unpublish_volume(req.into_inner()).await;
+        }
         let r = req.into_inner();
         self.engine.unpublish(&self.engine.resolve(&r.volume), &r.node).await.map_err(status)?;
         Ok(Response::new(pb::UnpublishVolumeResponse {}))

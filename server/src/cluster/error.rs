@@ -18,4 +18,8 @@ pub enum ClusterError {
     Tls { path: PathBuf, source: std::io::Error },
     #[error("lock poisoned")]
     Poisoned,
+    #[error("node {0:?} is down")]
+    NodeDown(String),
+    #[error("node {node:?}: {reason}")]
+    Peer { node: String, reason: String },
 }

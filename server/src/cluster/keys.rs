@@ -5,11 +5,23 @@
 //! |---|---|---|
 //! | `/thinbd/v1/nodes/NODE` | [`super::nodes::NodeRecord`] (JSON): addresses, capacity, free space, zone, labels | kept; rewritten when it changes |
 //! | `/thinbd/v1/alive/NODE` | the node's start time | under the node's lease: gone when the node stops renewing it |
+//! | `/thinbd/v1/volumes/UUID` | [`super::volumes::VolumeSpec`] (JSON): name, size, the node holding the data | from creation to deletion |
+//! | `/thinbd/v1/volume-names/NAME` | the volume's UUID (names are unique labels) | written in one transaction with the spec |
 
 /// The prefix of every key.
 pub const ROOT: &str = "/thinbd/v1/";
 pub const NODES: &str = "/thinbd/v1/nodes/";
 pub const ALIVE: &str = "/thinbd/v1/alive/";
+pub const VOLUMES: &str = "/thinbd/v1/volumes/";
+pub const VOLUME_NAMES: &str = "/thinbd/v1/volume-names/";
+
+pub fn volume(uuid: &str) -> String {
+    format!("{VOLUMES}{uuid}")
+}
+
+pub fn volume_name(name: &str) -> String {
+    format!("{VOLUME_NAMES}{name}")
+}
 
 pub fn node(name: &str) -> String {
     format!("{NODES}{name}")

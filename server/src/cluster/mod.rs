@@ -4,6 +4,7 @@
 pub mod error;
 pub mod keys;
 pub mod nodes;
+pub mod volumes;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,7 +34,12 @@ pub struct Cluster {
     pub client: Client,
     pub directory: Arc<Directory>,
     pub node: String,
+    /// Management API clients of other nodes, by address.
+    peers: std::sync::Mutex<std::collections::HashMap<String, Peer>>,
 }
+
+/// Another node's management API.
+pub type Peer = thinbd_api::pb::management_client::ManagementClient<tonic::transport::Channel>;
 
 impl Cluster {
     /// Connects, registers this node (with `record`, re-read on every renewal so free space
@@ -48,7 +54,23 @@ impl Cluster {
         let directory = Arc::new(Directory::default());
         tokio::spawn(directory.clone().follow(client.clone(), shutdown.clone()));
         tokio::spawn(nodes::keep_registered(client.clone(), record, opts.lease_ttl, shutdown));
-        Ok(Arc::new(Cluster { client, directory, node }))
+        Ok(Arc::new(Cluster { client, directory, node, peers: Default::default() }))
+    }
+
+    /// The management API of node `name`, which must be up.
+    pub fn peer(&self, name: &str) -> Result<Peer, ClusterError> {
+        let node = self.directory.get(name).filter(|n| n.up).ok_or_else(|| ClusterError::NodeDown(name.to_string()))?;
+        let address = node.record.api_address;
+        let mut peers = self.peers.lock().map_err(|_| ClusterError::Poisoned)?;
+        if let Some(p) = peers.get(&address) {
+            return Ok(p.clone());
+        }
+        let endpoint = thinbd_api::tls::api_endpoint(&address, None)
+            .map_err(|e| ClusterError::Peer { node: name.to_string(), reason: e.to_string() })?
+            .connect_timeout(Duration::from_secs(5));
+        let p = Peer::new(endpoint.connect_lazy());
+        peers.insert(address, p.clone());
+        Ok(p)
     }
 
     /// `thinbd_cluster_node_up{node}` per known node.

@@ -49,9 +49,15 @@ impl Engine {
         Self::check_size(size)?;
         let _admin = self.admin.lock().await;
         self.check_new_volume_name(name)?;
+        let uuid = match opts.uuid.clone() {
+            Some(u) if self.graph.list().iter().any(|v| v.uuid == u) => {
+                return Err(EngineError::AlreadyExists(format!("a volume with UUID {u}")));
+            }
+            Some(u) => u,
+            None => new_uuid_text(),
+        };
         let top = self.graph.new_layer(None)?;
-        let vol =
-            Arc::new(Volume::new(self.graph.take_id(), new_uuid_text(), name, size, now_unix(), top.clone(), opts));
+        let vol = Arc::new(Volume::new(self.graph.take_id(), uuid, name, size, now_unix(), top.clone(), opts));
         let ops = vec![
             MetaOp::PutLayer { id: top.id, parent: None },
             MetaOp::PutVolume(vol.record()?),

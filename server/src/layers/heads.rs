@@ -40,6 +40,8 @@ pub struct VolumeOptions {
     /// Free-form labels (the CSI plugin keeps a volume's origin there).
     pub labels: BTreeMap<String, String>,
     pub qos: crate::meta::qos::QosLimits,
+    /// The UUID to give it (the cluster chose it when placing the volume); `None`: a new one.
+    pub uuid: Option<String>,
 }
 
 impl Volume {

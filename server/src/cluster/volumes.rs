@@ -1,0 +1,100 @@
+//! Volumes in the cluster: a spec per volume under its UUID, and its name as a unique label
+//! pointing at the UUID, written together in one compare-and-swap transaction. The spec says
+//! which node holds the data; placement picks that node.
+
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+use serde::{Deserialize, Serialize};
+
+use super::error::ClusterError;
+use super::nodes::NodeRecord;
+use super::{Cluster, keys};
+
+/// `/thinbd/v1/volumes/UUID`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    pub uuid: String,
+    pub name: String,
+    pub size_bytes: u64,
+    /// The storage node that holds the data.
+    pub node: String,
+    pub created_unix: u64,
+}
+
+/// Why no node can take a volume.
+#[derive(Debug, thiserror::Error)]
+#[error("no storage node is up{}{}", if zone.is_empty() { String::new() } else { format!(" in zone {zone:?}") }, if nodes.is_empty() { String::new() } else { format!(" among {}", nodes.join(", ")) })]
+pub struct NoNode {
+    pub zone: String,
+    pub nodes: Vec<String>,
+}
+
+impl Cluster {
+    /// Where a new volume of `size` goes: among the nodes that are up (in `zone`, among `nodes`
+    /// when given), the one with the most free space left after what is already provisioned on
+    /// it (volumes are thin, so free space alone would send every new volume to one node).
+    /// Ties go to the first preferred node, then by name.
+    pub async fn place(&self, zone: &str, nodes: &[String]) -> Result<Result<NodeRecord, NoNode>, ClusterError> {
+        let specs = self.volume_specs().await?;
+        let provisioned = |n: &str| specs.iter().filter(|s| s.node == n).map(|s| s.size_bytes as i128).sum::<i128>();
+        let rank = |n: &str| nodes.iter().position(|p| p == n).unwrap_or(usize::MAX);
+        let best = self
+            .directory
+            .list()
+            .into_iter()
+            .filter(|v| v.up && (zone.is_empty() || v.record.zone == zone))
+            .filter(|v| nodes.is_empty() || nodes.contains(&v.record.name))
+            .map(|v| v.record)
+            .max_by(|a, b| {
+                let room = |r: &NodeRecord| r.available_bytes as i128 - provisioned(&r.name);
+                room(a).cmp(&room(b)).then(rank(&b.name).cmp(&rank(&a.name))).then(b.name.cmp(&a.name))
+            });
+        Ok(best.ok_or_else(|| NoNode { zone: zone.to_string(), nodes: nodes.to_vec() }))
+    }
+
+    /// Records a new volume: its name must be free. `Ok(false)`: the name is taken.
+    pub async fn reserve_volume(&self, spec: &VolumeSpec) -> Result<bool, ClusterError> {
+        let name_key = keys::volume_name(&spec.name);
+        let txn = Txn::new().when([Compare::create_revision(name_key.clone(), CompareOp::Equal, 0)]).and_then([
+            TxnOp::put(name_key, spec.uuid.clone(), None),
+            TxnOp::put(keys::volume(&spec.uuid), encode(spec)?, None),
+        ]);
+        Ok(self.client.clone().txn(txn).await?.succeeded())
+    }
+
+    /// Forgets a volume (deleted, or its creation failed), if `spec` is still what is recorded.
+    pub async fn release_volume(&self, spec: &VolumeSpec) -> Result<(), ClusterError> {
+        let name_key = keys::volume_name(&spec.name);
+        let txn = Txn::new()
+            .when([Compare::value(name_key.clone(), CompareOp::Equal, spec.uuid.clone())])
+            .and_then([TxnOp::delete(name_key, None), TxnOp::delete(keys::volume(&spec.uuid), None)]);
+        self.client.clone().txn(txn).await?;
+        Ok(())
+    }
+
+    /// The spec of the volume `reference` (a name or UUID) names.
+    pub async fn volume_spec(&self, reference: &str) -> Result<Option<VolumeSpec>, ClusterError> {
+        let mut client = self.client.clone();
+        let uuid = match client.get(keys::volume_name(reference), None).await?.kvs().first() {
+            Some(kv) => String::from_utf8_lossy(kv.value()).into_owned(),
+            None => reference.to_string(),
+        };
+        match client.get(keys::volume(&uuid), None).await?.kvs().first() {
+            Some(kv) => Ok(Some(decode(kv.key(), kv.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn volume_specs(&self) -> Result<Vec<VolumeSpec>, ClusterError> {
+        let resp = self.client.clone().get(keys::VOLUMES, Some(GetOptions::new().with_prefix())).await?;
+        resp.kvs().iter().map(|kv| decode(kv.key(), kv.value())).collect()
+    }
+}
+
+fn encode(spec: &VolumeSpec) -> Result<Vec<u8>, ClusterError> {
+    serde_json::to_vec(spec).map_err(|e| ClusterError::Record { key: keys::volume(&spec.uuid), source: e })
+}
+
+fn decode(key: &[u8], value: &[u8]) -> Result<VolumeSpec, ClusterError> {
+    serde_json::from_slice(value)
+        .map_err(|e| ClusterError::Record { key: String::from_utf8_lossy(key).into_owned(), source: e })
+}
