@@ -407,6 +407,29 @@ impl Store {
     }
 }
 
+/// The JSON records of a table keyed by name, added to `digest` as `table`; none when the table
+/// does not exist.
+fn read_records<T: serde::de::DeserializeOwned>(
+    txn: &redb::ReadTransaction,
+    def: TableDefinition<&str, &[u8]>,
+    table: &str,
+    what: &str,
+    digest: &mut Digest,
+) -> Result<Vec<T>, EngineError> {
+    let t = match txn.open_table(def) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = Vec::new();
+    for row in t.iter()? {
+        let (k, v) = row?;
+        digest.add(table, k.value().as_bytes(), v.value());
+        out.push(from_json::<T>(what, v.value())?);
+    }
+    Ok(out)
+}
+
 /// Creates the tables (and the config of a new pool); true if the pool is new.
 fn init_tables(db: &Database, create: PoolConfig) -> Result<bool, EngineError> {
     let txn = db.begin_write()?;
@@ -504,31 +527,10 @@ fn load_from(db: &Database) -> Result<(Loaded, Option<u64>, u64), EngineError> {
             digest.add("snapshots", k.value().as_bytes(), v.value());
             snapshots.push(from_json::<SnapshotRecord>("snapshot", v.value())?);
         }
-        let mut grants = Vec::new();
-        // Pools made before grants existed have no table (fsck opens them read-only).
-        match txn.open_table(GRANTS) {
-            Ok(t) => {
-                for row in t.iter()? {
-                    let (k, v) = row?;
-                    digest.add("grants", k.value().as_bytes(), v.value());
-                    grants.push(from_json::<GrantRecord>("grant", v.value())?);
-                }
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let mut nodes = Vec::new();
-        match txn.open_table(NODES) {
-            Ok(t) => {
-                for row in t.iter()? {
-                    let (k, v) = row?;
-                    digest.add("nodes", k.value().as_bytes(), v.value());
-                    nodes.push(from_json::<NodeRegistration>("node", v.value())?);
-                }
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
+        // Pools made before grants (or node registrations) existed have no such table (fsck
+        // opens them read-only).
+        let grants: Vec<GrantRecord> = read_records(&txn, GRANTS, "grants", "grant", &mut digest)?;
+        let nodes: Vec<NodeRegistration> = read_records(&txn, NODES, "nodes", "node", &mut digest)?;
         let mut by_layer: std::collections::BTreeMap<u64, Vec<(u64, u64)>> = Default::default();
         for row in txn.open_table(EXTENTS)?.iter()? {
             let (k, v) = row?;

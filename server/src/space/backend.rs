@@ -68,8 +68,8 @@ pub enum IoEngine {
 
 /// The pool file, read and written with pread/pwrite.
 pub struct FileStore {
-    pub(crate) file: File,
-    pub(crate) align: u64,
+    file: File,
+    align: u64,
 }
 
 impl FileStore {
@@ -95,6 +95,11 @@ impl FileStore {
 
     pub fn file_len(&self) -> Result<u64, EngineError> {
         Ok(self.file.metadata().map_err(|e| EngineError::io("stat pool", 0, e))?.len())
+    }
+
+    /// Another descriptor of the same open file (for the io_uring thread).
+    pub fn try_clone_file(&self) -> io::Result<File> {
+        self.file.try_clone()
     }
 
     pub fn set_len(&self, bytes: u64) -> Result<(), EngineError> {

@@ -237,14 +237,16 @@ impl Pool {
 
 /// The pool file driven by `engine`: io_uring where the kernel allows it, else threads.
 fn with_engine(file: FileStore, engine: IoEngine) -> Result<Arc<dyn BlockStore>, EngineError> {
-    if engine == IoEngine::Uring {
-        let dup = file.file.try_clone().map_err(|e| EngineError::io("dup pool fd", 0, e))?;
-        match crate::space::uring::UringStore::new(dup, file.align) {
-            Ok(u) => return Ok(Arc::new(u)),
-            Err(e) => tracing::warn!(error = %e, "io_uring is not available; using blocking threads for pool I/O"),
+    if engine == IoEngine::Threads {
+        return Ok(Arc::new(file));
+    }
+    match crate::space::uring::UringStore::new(file) {
+        Ok(u) => Ok(Arc::new(u)),
+        Err((file, e)) => {
+            tracing::warn!(error = %e, "io_uring is not available; using blocking threads for pool I/O");
+            Ok(Arc::new(file))
         }
     }
-    Ok(Arc::new(file))
 }
 
 /// Held for the duration of one write.

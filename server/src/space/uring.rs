@@ -6,7 +6,6 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::mpsc;
 
@@ -16,7 +15,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use thinbd_protocol::aligned::AlignedBuf;
 use tokio::sync::oneshot;
 
-use crate::space::backend::{BlockStore, IoEngine, IoFuture};
+use crate::space::backend::{BlockStore, FileStore, IoEngine, IoFuture};
 
 const RING_ENTRIES: u32 = 256;
 const WAKE: u64 = u64::MAX;
@@ -35,22 +34,29 @@ enum InFlight {
 pub struct UringStore {
     tx: Option<mpsc::Sender<Op>>,
     wake: Arc<EventFd>,
-    file: Arc<File>,
-    align: u64,
+    /// The same file for the synchronous calls (the superblock at start, fdatasync).
+    file: FileStore,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl UringStore {
-    /// Starts the ring thread; fails where io_uring is not available (old kernel, seccomp).
-    /// `align`: what the file's open mode (O_DIRECT or not) requires of requests.
-    pub fn new(file: File, align: u64) -> io::Result<UringStore> {
-        let ring = IoUring::new(RING_ENTRIES)?;
-        let wake = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).map_err(io::Error::from)?);
-        let file = Arc::new(file);
-        let (tx, rx) = mpsc::channel();
-        let (f, w) = (file.clone(), wake.clone());
-        let thread = std::thread::Builder::new().name("thinbd-uring".into()).spawn(move || run(ring, rx, &f, &w))?;
-        Ok(UringStore { tx: Some(tx), wake, file, align, thread: Some(thread) })
+    /// Starts the ring thread on `file`; where io_uring is not available (old kernel, seccomp)
+    /// the file comes back with the reason, to be driven by threads instead.
+    pub fn new(file: FileStore) -> Result<UringStore, (FileStore, io::Error)> {
+        let started = (|| {
+            let ring = IoUring::new(RING_ENTRIES)?;
+            let wake = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).map_err(io::Error::from)?);
+            let ring_file = file.try_clone_file()?;
+            let (tx, rx) = mpsc::channel();
+            let w = wake.clone();
+            let thread =
+                std::thread::Builder::new().name("thinbd-uring".into()).spawn(move || run(ring, rx, &ring_file, &w))?;
+            Ok::<_, io::Error>((tx, wake, thread))
+        })();
+        match started {
+            Ok((tx, wake, thread)) => Ok(UringStore { tx: Some(tx), wake, file, thread: Some(thread) }),
+            Err(e) => Err((file, e)),
+        }
     }
 
     fn send(&self, op: Op) -> io::Result<()> {
@@ -77,17 +83,17 @@ impl UringStore {
 /// file directly.
 impl BlockStore for UringStore {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        self.file.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        self.file.write_at(buf, offset)
     }
     /// Every write acknowledged so far has completed in the kernel, so fdatasync covers it.
     fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.file.sync()
     }
     fn alignment(&self) -> u64 {
-        self.align
+        self.file.alignment()
     }
     fn engine(&self) -> IoEngine {
         IoEngine::Uring
@@ -255,11 +261,12 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_concurrent_reads_and_writes_complete_correctly() {
-        let f = tempfile::tempfile().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let f = FileStore::open(&dir.path().join("pool"), false).unwrap();
         f.set_len(4 << 20).unwrap();
-        let ring = match UringStore::new(f, 1) {
+        let ring = match UringStore::new(f) {
             Ok(r) => Arc::new(r),
-            Err(e) => {
+            Err((_, e)) => {
                 eprintln!("SKIPPED: io_uring unavailable here: {e}");
                 return;
             }
