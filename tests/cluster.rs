@@ -186,3 +186,73 @@ fn volumes_are_placed_by_room_and_reachable_from_any_node() {
     assert_eq!(listed.len(), 8);
     assert_eq!(listed.iter().filter(|(_, n)| n == "node-3").count(), 6);
 }
+
+/// Attach from anywhere: a volume whose data is on node-3 is published (through node-1's API)
+/// to node-1, which writes to it over the network; then to node-2, which reads every byte
+/// back. The grant names the holder's NBD address; the old node's grant is gone.
+#[test]
+fn data_written_from_one_node_reads_back_on_another() {
+    if !require("etcd") {
+        return;
+    }
+    let Some(fabric) = Fabric::up(4) else { return };
+    let etcd = Etcd::start(&fabric, 4);
+    let nodes: Vec<NetNode> =
+        (1..=3).map(|i| NetNode::start(&fabric, i, &etcd.endpoint, &["--node-lease-ttl", TTL])).collect();
+    wait_for(&fabric, &nodes[0], &[("node-1", true), ("node-2", true), ("node-3", true)], Duration::from_secs(10));
+    // Created through node-1; whichever node holds it, the writer and the reader are the others.
+    let out = fabric
+        .command(1, thinbd_tests::thinbd_bin())
+        .args(["volume", "create", "shared", "--size", "64MiB", "--api", "10.77.0.1:10810", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let holder =
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["node"].as_str().unwrap().to_string();
+    let writer = if holder == "node-1" { 2 } else { 1 };
+    let reader = 6 - writer - holder.trim_start_matches("node-").parse::<usize>().unwrap();
+
+    let publish = |via: &NetNode, node: usize| -> (String, String) {
+        let g: serde_json::Value = serde_json::from_str(
+            &via.cli(&fabric, &["volume", "publish", "shared", "--node", &format!("node-{node}"), "-o", "json"]),
+        )
+        .unwrap();
+        (g["nbd_address"].as_str().unwrap().to_string(), g["export_name"].as_str().unwrap().to_string())
+    };
+    let data = thinbd_tests::pattern(7, 1 << 20);
+    let (addr, export) = publish(&nodes[0], writer);
+    assert_eq!(addr, format!("{}:10809", fabric.ip(holder.trim_start_matches("node-").parse().unwrap())));
+    let written = data.clone();
+    let (a, e) = (addr.clone(), export.clone());
+    fabric.run_in(writer, move || {
+        thinbd_tests::runtime().block_on(async {
+            let c =
+                thinbd_protocol::client::Client::connect(a.as_str(), thinbd_protocol::client::ClientOptions::new(&e))
+                    .await
+                    .expect("connect to the holder");
+            c.write(3 << 20, &written, 0).await.unwrap();
+            c.flush().await.unwrap();
+            c.disconnect().await.unwrap();
+        })
+    });
+    nodes[1].cli(&fabric, &["volume", "unpublish", "shared", "--node", &format!("node-{writer}")]);
+    let (addr2, export2) = publish(&nodes[1], reader);
+    assert_eq!(addr2, addr);
+    let got = fabric.run_in(reader, move || {
+        thinbd_tests::runtime().block_on(async {
+            // The writer's grant is gone.
+            let old = thinbd_protocol::client::ClientOptions::new(&export);
+            assert!(thinbd_protocol::client::Client::connect(addr.as_str(), old).await.is_err());
+            let c = thinbd_protocol::client::Client::connect(
+                addr.as_str(),
+                thinbd_protocol::client::ClientOptions::new(&export2),
+            )
+            .await
+            .expect("connect to the holder");
+            let got = c.read(3 << 20, 1 << 20).await.unwrap();
+            c.disconnect().await.unwrap();
+            got
+        })
+    });
+    assert!(got == data, "node-{reader} read back other bytes than node-{writer} wrote");
+}

@@ -315,7 +315,11 @@ impl Controller for ControllerService {
             .await
             .map_err(unavailable)?
             .into_inner();
-        let nbd = Self::nbd_address(&mut api).await?;
+        // In a cluster the grant comes from the node holding the data, with its address.
+        let nbd = match grant.nbd_address.is_empty() {
+            true => Self::nbd_address(&mut api).await?,
+            false => grant.nbd_address,
+        };
         let ctx = HashMap::from([(CTX_EXPORT.to_string(), grant.export_name), (CTX_NBD.to_string(), nbd)]);
         tracing::info!(volume = %r.volume_id, node, "volume published");
         Ok(Response::new(ControllerPublishVolumeResponse { publish_context: ctx }))

@@ -501,7 +501,7 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
                 Output::Json => println!(
                     "{}",
                     serde_json::json!({ "volume": g.volume, "node": g.node, "export_name": g.export_name,
-                        "read_only": g.read_only, "single_writer": g.single_writer })
+                        "nbd_address": g.nbd_address, "read_only": g.read_only, "single_writer": g.single_writer })
                 ),
                 Output::Table => println!("{}", g.export_name),
             }

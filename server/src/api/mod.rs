@@ -350,6 +350,7 @@ impl Management for Api {
             read_only: rec.read_only,
             single_writer: rec.single_writer,
             created_unix_seconds: rec.created_unix,
+            nbd_address: self.nbd_address.clone(),
         }))
     }
 
