@@ -256,3 +256,96 @@ fn data_written_from_one_node_reads_back_on_another() {
     });
     assert!(got == data, "node-{reader} read back other bytes than node-{writer} wrote");
 }
+
+/// Targets: a node that opens a grant's export on its own thinbd becomes the volume's target
+/// (a new epoch, taken by compare-and-swap in etcd) and forwards to the node holding the data.
+/// A second node taking over gets the next epoch; the first node's link is fenced by the
+/// holder once its grant is revoked, so its writes no longer land.
+#[test]
+fn the_attaching_node_is_the_target_and_forwards_to_the_holder() {
+    if !require("etcd") {
+        return;
+    }
+    let Some(fabric) = Fabric::up(4) else { return };
+    let etcd = Etcd::start(&fabric, 4);
+    let nodes: Vec<NetNode> =
+        (1..=3).map(|i| NetNode::start(&fabric, i, &etcd.endpoint, &["--node-lease-ttl", TTL])).collect();
+    wait_for(&fabric, &nodes[0], &[("node-1", true), ("node-2", true), ("node-3", true)], Duration::from_secs(10));
+    let created: serde_json::Value =
+        serde_json::from_str(&nodes[0].cli(&fabric, &["volume", "create", "tv", "--size", "64MiB", "-o", "json"]))
+            .unwrap();
+    let holder: usize = created["node"].as_str().unwrap().trim_start_matches("node-").parse().unwrap();
+    let (first, second) = match holder {
+        1 => (2, 3),
+        2 => (1, 3),
+        _ => (1, 2),
+    };
+    let show = |n: &NetNode| -> serde_json::Value {
+        serde_json::from_str(&n.cli(&fabric, &["volume", "show", "tv", "-o", "json"])).unwrap()
+    };
+    let grant = |node: usize| -> String {
+        let g: serde_json::Value = serde_json::from_str(
+            &nodes[0].cli(&fabric, &["volume", "publish", "tv", "--node", &format!("node-{node}"), "-o", "json"]),
+        )
+        .unwrap();
+        g["export_name"].as_str().unwrap().to_string()
+    };
+    use thinbd_protocol::client::{Client, ClientOptions};
+    let data = thinbd_tests::pattern(11, 256 << 10);
+
+    // The first node attaches on its own thinbd, which forwards.
+    let export = grant(first);
+    let local = format!("{}:10809", fabric.ip(first));
+    let (tx_go, rx_go) = std::sync::mpsc::channel::<()>();
+    let (tx_done, rx_done) = std::sync::mpsc::channel::<(bool, bool)>();
+    let written = data.clone();
+    let first_thread = {
+        let path = format!("/var/run/netns/{}", fabric.ns(first));
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(path).unwrap();
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            thinbd_tests::runtime().block_on(async {
+                let c = Client::connect(local.as_str(), ClientOptions::new(&export)).await.expect("attach via target");
+                c.write(1 << 20, &written, 0).await.unwrap();
+                c.flush().await.unwrap();
+                let back = c.read(1 << 20, written.len() as u32).await.unwrap();
+                tx_done.send((back == written, true)).unwrap();
+                // Wait until the attachment moved, then try to write again: it must fail.
+                rx_go.recv().unwrap();
+                let stale = c.write(0, &[0xee; 4096], 0).await;
+                let _ = c.flush().await;
+                tx_done.send((stale.is_err(), false)).unwrap();
+            })
+        })
+    };
+    let (read_back, _) = rx_done.recv_timeout(Duration::from_secs(20)).expect("first node attached");
+    assert!(read_back, "the first node read other bytes than it wrote");
+    let s = show(&nodes[1]);
+    assert_eq!(s["target_node"], format!("node-{first}"));
+    assert_eq!(s["target_epoch"], 1);
+    assert_eq!(s["node"], format!("node-{holder}"));
+
+    // The attachment moves: revoked on the holder (fence), published to the second node.
+    nodes[0].cli(&fabric, &["volume", "unpublish", "tv", "--node", &format!("node-{first}")]);
+    tx_go.send(()).unwrap();
+    let (stale_failed, _) = rx_done.recv_timeout(Duration::from_secs(20)).expect("stale write answered");
+    assert!(stale_failed, "a write through the revoked target was acknowledged");
+    first_thread.join().unwrap();
+    let export = grant(second);
+    let local = format!("{}:10809", fabric.ip(second));
+    let got = fabric.run_in(second, move || {
+        thinbd_tests::runtime().block_on(async {
+            let c = Client::connect(local.as_str(), ClientOptions::new(&export)).await.expect("attach via target");
+            let whole = c.read(0, 2 << 20).await.unwrap();
+            c.disconnect().await.unwrap();
+            whole
+        })
+    });
+    assert!(got[1 << 20..(1 << 20) + data.len()] == data[..], "the second node does not see the first node's data");
+    assert!(got[..4096].iter().all(|b| *b == 0), "the revoked target's write landed");
+    let s = show(&nodes[2]);
+    assert_eq!(
+        (s["target_node"].as_str(), s["target_epoch"].as_u64()),
+        (Some(format!("node-{second}").as_str()), Some(2))
+    );
+}

@@ -224,7 +224,6 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         "thinbd serving"
     );
     let shutdown = CancellationToken::new();
-    let catalog = Arc::new(Catalog { engine: engine.clone(), require_grants: opts.require_grants });
     let node_name = match &opts.node_name {
         Some(n) => n.clone(),
         None => {
@@ -267,6 +266,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             Some(joined)
         }
     };
+    let catalog =
+        Arc::new(Catalog { engine: engine.clone(), require_grants: opts.require_grants, cluster: cluster.clone() });
     let config = ServerConfig { tls, ..ServerConfig::default() };
     let limits = opts.nbd_limits();
     let stats = ListenerStats::new(&limits);

@@ -367,7 +367,8 @@ fn rpc_error(s: tonic::Status) -> anyhow::Error {
 fn volume_json(v: &pb::Volume) -> serde_json::Value {
     let q = v.qos.unwrap_or_default();
     serde_json::json!({
-        "name": v.name, "id": v.id, "uuid": v.uuid, "node": v.node, "size_bytes": v.size_bytes,
+        "name": v.name, "id": v.id, "uuid": v.uuid, "node": v.node, "target_node": v.target_node,
+        "target_epoch": v.target_epoch, "size_bytes": v.size_bytes,
         "allocated_bytes": v.allocated_bytes,
         "exclusive_bytes": v.exclusive_bytes, "shared_bytes": v.shared_bytes,
         "sessions": v.sessions, "created_unix_seconds": v.created_unix_seconds,
@@ -415,6 +416,9 @@ fn print_volumes(out: Output, vols: &[pb::Volume], single: bool, nbd: &str) {
                 println!("name:      {}", v.name);
                 println!("uuid:      {}", v.uuid);
                 println!("data on:   {}", v.node);
+                if !v.target_node.is_empty() {
+                    println!("target:    {} (epoch {})", v.target_node, v.target_epoch);
+                }
                 println!("size:      {} ({} bytes)", format_size(v.size_bytes), v.size_bytes);
                 println!("allocated: {} ({} bytes)", format_size(v.allocated_bytes), v.allocated_bytes);
                 println!("exclusive: {} ({} bytes)", format_size(v.exclusive_bytes), v.exclusive_bytes);

@@ -64,6 +64,7 @@ pub fn volume_to_pb(engine: &Engine, node: &str, v: &Volume) -> pb::Volume {
         throttled_seconds: v.qos.throttled_ns.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9,
         uuid: v.uuid.clone(),
         node: node.to_string(),
+        ..Default::default()
     }
 }
 

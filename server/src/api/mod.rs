@@ -201,7 +201,13 @@ impl Management for Api {
             return peer.get_volume(req.into_inner()).await;
         }
         let v = self.engine.find_volume(&req.into_inner().name).map_err(status)?;
-        Ok(Response::new(volume_to_pb(&self.engine, &self.node_name, &v)))
+        let mut out = volume_to_pb(&self.engine, &self.node_name, &v);
+        if let Some(c) = &self.cluster
+            && let Some(t) = c.target(&v.uuid).await.map_err(cluster_status)?
+        {
+            (out.target_node, out.target_epoch) = (t.node, t.epoch);
+        }
+        Ok(Response::new(out))
     }
 
     async fn resize_volume(&self, req: Request<pb::ResizeVolumeRequest>) -> Result<Response<pb::Volume>, Status> {

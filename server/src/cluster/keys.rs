@@ -7,6 +7,7 @@
 //! | `/thinbd/v1/alive/NODE` | the node's start time | under the node's lease: gone when the node stops renewing it |
 //! | `/thinbd/v1/volumes/UUID` | [`super::volumes::VolumeSpec`] (JSON): name, size, the node holding the data | from creation to deletion |
 //! | `/thinbd/v1/volume-names/NAME` | the volume's UUID (names are unique labels) | written in one transaction with the spec |
+//! | `/thinbd/v1/targets/UUID` | [`super::targets::Target`] (JSON): the node serving the volume and its epoch | taken by compare-and-swap; deleted with the volume |
 
 /// The prefix of every key.
 pub const ROOT: &str = "/thinbd/v1/";
@@ -17,6 +18,12 @@ pub const VOLUME_NAMES: &str = "/thinbd/v1/volume-names/";
 
 pub fn volume(uuid: &str) -> String {
     format!("{VOLUMES}{uuid}")
+}
+
+pub const TARGETS: &str = "/thinbd/v1/targets/";
+
+pub fn target(uuid: &str) -> String {
+    format!("{TARGETS}{uuid}")
 }
 
 pub fn volume_name(name: &str) -> String {

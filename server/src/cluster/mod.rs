@@ -4,6 +4,7 @@
 pub mod error;
 pub mod keys;
 pub mod nodes;
+pub mod targets;
 pub mod volumes;
 
 use std::path::PathBuf;
@@ -36,6 +37,8 @@ pub struct Cluster {
     pub node: String,
     /// Management API clients of other nodes, by address.
     peers: std::sync::Mutex<std::collections::HashMap<String, Peer>>,
+    /// Volumes (by UUID) this process took the target role of, with the epoch it took.
+    targets: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// Another node's management API.
@@ -54,7 +57,7 @@ impl Cluster {
         let directory = Arc::new(Directory::default());
         tokio::spawn(directory.clone().follow(client.clone(), shutdown.clone()));
         tokio::spawn(nodes::keep_registered(client.clone(), record, opts.lease_ttl, shutdown));
-        Ok(Arc::new(Cluster { client, directory, node, peers: Default::default() }))
+        Ok(Arc::new(Cluster { client, directory, node, peers: Default::default(), targets: Default::default() }))
     }
 
     /// The management API of node `name`, which must be up.

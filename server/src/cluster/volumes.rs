@@ -64,9 +64,11 @@ impl Cluster {
     /// Forgets a volume (deleted, or its creation failed), if `spec` is still what is recorded.
     pub async fn release_volume(&self, spec: &VolumeSpec) -> Result<(), ClusterError> {
         let name_key = keys::volume_name(&spec.name);
-        let txn = Txn::new()
-            .when([Compare::value(name_key.clone(), CompareOp::Equal, spec.uuid.clone())])
-            .and_then([TxnOp::delete(name_key, None), TxnOp::delete(keys::volume(&spec.uuid), None)]);
+        let txn = Txn::new().when([Compare::value(name_key.clone(), CompareOp::Equal, spec.uuid.clone())]).and_then([
+            TxnOp::delete(name_key, None),
+            TxnOp::delete(keys::volume(&spec.uuid), None),
+            TxnOp::delete(keys::target(&spec.uuid), None),
+        ]);
         self.client.clone().txn(txn).await?;
         Ok(())
     }

@@ -6,6 +6,7 @@
 
 pub mod local;
 pub mod metered;
+pub mod remote;
 pub mod throttled;
 
 use std::future::Future;
@@ -16,6 +17,7 @@ use thinbd_protocol::{Extent, ReadChunk};
 use crate::error::EngineError;
 pub use local::LocalVolume;
 pub use metered::Metered;
+pub use remote::RemoteVolume;
 pub use throttled::Throttled;
 
 /// Block I/O on one open volume or snapshot. Offsets and lengths are already checked against
@@ -88,5 +90,85 @@ impl VolumeIo for LocalVolume {
     }
     async fn changed_since(&self, snapshot: &str, offset: u64, len: u32) -> Result<Vec<Extent>, EngineError> {
         LocalVolume::changed_since(self, snapshot, offset, len)
+    }
+}
+
+/// The bottom of an export's stack: the volume here, or on the node that holds it.
+pub enum Backing {
+    Local(LocalVolume),
+    Remote(RemoteVolume),
+}
+
+impl VolumeIo for Backing {
+    fn name(&self) -> String {
+        match self {
+            Backing::Local(v) => VolumeIo::name(v),
+            Backing::Remote(v) => v.name(),
+        }
+    }
+    fn size(&self) -> u64 {
+        match self {
+            Backing::Local(v) => VolumeIo::size(v),
+            Backing::Remote(v) => v.size(),
+        }
+    }
+    fn read_only(&self) -> bool {
+        match self {
+            Backing::Local(v) => VolumeIo::read_only(v),
+            Backing::Remote(v) => v.read_only(),
+        }
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, EngineError> {
+        match self {
+            Backing::Local(v) => VolumeIo::read(v, offset, len).await,
+            Backing::Remote(v) => v.read(offset, len).await,
+        }
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        match self {
+            Backing::Local(v) => VolumeIo::write(v, offset, data, fua).await,
+            Backing::Remote(v) => v.write(offset, data, fua).await,
+        }
+    }
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), EngineError> {
+        match self {
+            Backing::Local(v) => VolumeIo::trim(v, offset, len, fua).await,
+            Backing::Remote(v) => v.trim(offset, len, fua).await,
+        }
+    }
+    async fn write_zeroes(&self, offset: u64, len: u32, unmap: bool, fua: bool) -> Result<(), EngineError> {
+        match self {
+            Backing::Local(v) => VolumeIo::write_zeroes(v, offset, len, unmap, fua).await,
+            Backing::Remote(v) => v.write_zeroes(offset, len, unmap, fua).await,
+        }
+    }
+    async fn flush(&self) -> Result<(), EngineError> {
+        match self {
+            Backing::Local(v) => VolumeIo::flush(v).await,
+            Backing::Remote(v) => v.flush().await,
+        }
+    }
+    async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, EngineError> {
+        match self {
+            Backing::Local(v) => VolumeIo::block_status(v, offset, len).await,
+            Backing::Remote(v) => v.block_status(offset, len).await,
+        }
+    }
+    /// Changed-block tracking is answered where the layers are; not forwarded yet.
+    fn earlier_snapshots(&self) -> Vec<String> {
+        match self {
+            Backing::Local(v) => VolumeIo::earlier_snapshots(v),
+            Backing::Remote(_) => Vec::new(),
+        }
+    }
+    async fn changed_since(&self, snapshot: &str, offset: u64, len: u32) -> Result<Vec<Extent>, EngineError> {
+        match self {
+            Backing::Local(v) => VolumeIo::changed_since(v, snapshot, offset, len).await,
+            Backing::Remote(v) => Err(EngineError::Invalid(format!(
+                "changed blocks of {} are answered by the node holding it ({})",
+                v.name(),
+                v.holder()
+            ))),
+        }
     }
 }

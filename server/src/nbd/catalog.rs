@@ -14,15 +14,22 @@ use tracing::debug;
 use super::export_name::ExportName;
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::io::{LocalVolume, Metered, Throttled, VolumeIo};
+use crate::io::{Backing, LocalVolume, Metered, RemoteVolume, Throttled, VolumeIo};
 
-/// The I/O stack every export gets: metrics around QoS around the volume.
-pub type VolumeStack = Metered<Throttled<LocalVolume>>;
+/// The I/O stack every export gets: metrics around QoS around the volume (here, or on the node
+/// holding it).
+pub type VolumeStack = Metered<Throttled<Backing>>;
 
 /// Composes the stack over an opened volume.
 pub fn stack(local: LocalVolume) -> VolumeStack {
     let (qos, metrics) = (local.qos(), local.metrics());
-    Metered::new(Throttled::new(local, qos), metrics)
+    Metered::new(Throttled::new(Backing::Local(local), qos), metrics)
+}
+
+/// The stack of a volume served for the node holding it: that node applies the volume's QoS.
+pub fn remote_stack(remote: RemoteVolume) -> VolumeStack {
+    let unlimited = std::sync::Arc::new(crate::qos::Qos::new(Default::default()));
+    Metered::new(Throttled::new(Backing::Remote(remote), unlimited), Default::default())
 }
 
 /// The NBD face of a volume's I/O stack.
@@ -94,11 +101,48 @@ pub const CHANGED_PREFIX: &str = "thinbd:changed:";
 pub struct Catalog {
     pub engine: Arc<Engine>,
     pub require_grants: bool,
+    /// In a cluster, grants of volumes held elsewhere open a forwarding target.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Catalog {
     fn trusted(&self, peer: Option<SocketAddr>) -> bool {
         !self.require_grants && peer.is_some_and(|p| p.ip().is_loopback())
+    }
+
+    /// A grant's export name for a volume another node holds: this node becomes the volume's
+    /// target (a new epoch in etcd) and forwards to the holder, which checks the grant.
+    fn open_remote(&self, name: &str, volume: &str) -> Result<Export<NbdVolume<VolumeStack>>, OpenError> {
+        let Some(cluster) = self.cluster.clone() else { return Err(OpenError::Unknown) };
+        let platform = |e: &dyn std::fmt::Display| OpenError::Platform(e.to_string());
+        let (export, volume) = (name.to_string(), volume.to_string());
+        let handle = tokio::runtime::Handle::current();
+        // The catalog answers synchronously; etcd and the holder are asked on this worker.
+        let (remote, holder, epoch) = tokio::task::block_in_place(|| {
+            handle.block_on(async {
+                let spec = cluster.volume_spec(&volume).await.map_err(|e| platform(&e))?.ok_or(OpenError::Unknown)?;
+                if spec.node == cluster.node {
+                    return Err(OpenError::Unknown);
+                }
+                let holder = cluster
+                    .directory
+                    .get(&spec.node)
+                    .filter(|n| n.up)
+                    .ok_or_else(|| platform(&format!("node {} holding {volume} is down", spec.node)))?;
+                let epoch = cluster.take_target(&spec.uuid).await.map_err(|e| platform(&e))?;
+                let remote =
+                    RemoteVolume::open(&holder.record.nbd_address, &export, &volume).await.map_err(|e| platform(&e))?;
+                Ok((remote, spec.node, epoch))
+            })
+        })?;
+        tracing::info!(volume, holder, epoch, "target: serving a volume held by another node");
+        let description = format!("thinbd volume {volume} (data on {holder})");
+        Ok(Export {
+            name: name.to_string(),
+            description,
+            device: Arc::new(NbdVolume(remote_stack(remote))),
+            revoked: None,
+        })
     }
 }
 
@@ -116,7 +160,9 @@ impl ExportCatalog for Catalog {
         };
         let parsed = ExportName::parse(name).ok_or(OpenError::Unknown)?;
         if let ExportName::Grant { volume, token } = &parsed {
-            let grant = self.engine.grant_for(volume, token).ok_or(OpenError::Unknown)?;
+            let Some(grant) = self.engine.grant_for(volume, token) else {
+                return self.open_remote(name, volume);
+            };
             // Counted before the volume is opened: a revocation from here on waits for us.
             let session = grant.enter().ok_or(OpenError::Unknown)?;
             let r = &grant.record;

@@ -1,0 +1,63 @@
+//! Targets: the node a volume is attached on serves it (forwarding to the node holding the
+//! data). Taking that role is a compare-and-swap on `/thinbd/v1/targets/UUID` that bumps the
+//! volume's epoch, so two nodes can never both believe they took the same epoch.
+
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use serde::{Deserialize, Serialize};
+
+use super::error::ClusterError;
+use super::{Cluster, keys};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub node: String,
+    /// Bumped by every take-over (a restart of the same target included).
+    pub epoch: u64,
+}
+
+impl Cluster {
+    /// Makes this node the target of volume `uuid` and returns its epoch. The epoch belongs to
+    /// this process's tenure: more connections (multi-conn, a reconnect) while this node still
+    /// holds the role keep it; a restart, or taking the role back from another node, bumps it.
+    pub async fn take_target(&self, uuid: &str) -> Result<u64, ClusterError> {
+        let key = keys::target(uuid);
+        let mut client = self.client.clone();
+        let held = self.targets.lock().map_err(|_| ClusterError::Poisoned)?.get(uuid).copied();
+        loop {
+            let resp = client.get(key.clone(), None).await?;
+            let (current, revision) = match resp.kvs().first() {
+                Some(kv) => (Some(decode(kv.key(), kv.value())?), kv.mod_revision()),
+                None => (None, 0),
+            };
+            if let (Some(epoch), Some(c)) = (held, &current)
+                && c.node == self.node
+                && c.epoch == epoch
+            {
+                return Ok(epoch);
+            }
+            let next = Target { node: self.node.clone(), epoch: current.map_or(0, |t| t.epoch) + 1 };
+            let unchanged = match revision {
+                0 => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                r => Compare::mod_revision(key.clone(), CompareOp::Equal, r),
+            };
+            let value = serde_json::to_vec(&next).map_err(|e| ClusterError::Record { key: key.clone(), source: e })?;
+            let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(key.clone(), value, None)]);
+            if client.txn(txn).await?.succeeded() {
+                self.targets.lock().map_err(|_| ClusterError::Poisoned)?.insert(uuid.to_string(), next.epoch);
+                return Ok(next.epoch);
+            }
+            // Another node took it in between: read again and bump past it.
+        }
+    }
+
+    /// The volume's current target, if it ever had one.
+    pub async fn target(&self, uuid: &str) -> Result<Option<Target>, ClusterError> {
+        let resp = self.client.clone().get(keys::target(uuid), None).await?;
+        resp.kvs().first().map(|kv| decode(kv.key(), kv.value())).transpose()
+    }
+}
+
+fn decode(key: &[u8], value: &[u8]) -> Result<Target, ClusterError> {
+    serde_json::from_slice(value)
+        .map_err(|e| ClusterError::Record { key: String::from_utf8_lossy(key).into_owned(), source: e })
+}
