@@ -332,6 +332,7 @@ fn the_attaching_node_is_the_target_and_forwards_to_the_holder() {
     assert!(stale_failed, "a write through the revoked target was acknowledged");
     first_thread.join().unwrap();
     let export = grant(second);
+    let export2 = export.clone();
     let local = format!("{}:10809", fabric.ip(second));
     let got = fabric.run_in(second, move || {
         thinbd_tests::runtime().block_on(async {
@@ -348,4 +349,23 @@ fn the_attaching_node_is_the_target_and_forwards_to_the_holder() {
         (s["target_node"].as_str(), s["target_epoch"].as_u64()),
         (Some(format!("node-{second}").as_str()), Some(2))
     );
+
+    // The target restarts (kill -9): a client reconnecting to it gets the next epoch and the
+    // same data.
+    let mut nodes = nodes;
+    let t = nodes.iter().position(|n| n.index == second).unwrap();
+    nodes[t].kill9();
+    nodes[t].spawn(&fabric);
+    let local = format!("{}:10809", fabric.ip(second));
+    let again = fabric.run_in(second, move || {
+        thinbd_tests::runtime().block_on(async {
+            let c = Client::connect(local.as_str(), ClientOptions::new(&export2)).await.expect("reattach");
+            let back = c.read(1 << 20, 256 << 10).await.unwrap();
+            c.disconnect().await.unwrap();
+            back
+        })
+    });
+    assert!(again == data, "data changed across the target's restart");
+    let s = show(&nodes[0]);
+    assert_eq!(s["target_epoch"].as_u64(), Some(3), "a restarted target takes a new epoch");
 }
