@@ -169,27 +169,31 @@ async fn registration(
     let (mut keeper, mut replies) = client.lease_keep_alive(lease).await?;
     let mut tick = tokio::time::interval(Duration::from_millis(ttl_secs as u64 * 1000 / 3));
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => {
-                let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
-                return Ok(());
+        let renewal = async {
+            tick.tick().await;
+            keeper.keep_alive().await?;
+            match tokio::time::timeout(Duration::from_secs(ttl_secs as u64), replies.message()).await {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                Ok(Ok(Some(_))) => return Err(ClusterError::LeaseExpired),
+                Ok(Ok(None)) => return Err(ClusterError::WatchCanceled("the lease stream ended".into())),
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Err(ClusterError::Timeout("renewing the lease")),
             }
-            _ = tick.tick() => {}
-        }
-        keeper.keep_alive().await?;
-        match tokio::time::timeout(Duration::from_secs(ttl_secs as u64), replies.message()).await {
-            Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-            Ok(Ok(Some(_))) => return Err(ClusterError::LeaseExpired),
-            Ok(Ok(None)) => return Err(ClusterError::WatchCanceled("the lease stream ended".into())),
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => return Err(ClusterError::Timeout("renewing the lease")),
-        }
-        let now = record();
-        if now != current {
-            client.put(keys::node(&name), encode(&now)?, None).await?;
-            current = now;
+            let now = record();
+            if now != current {
+                client.put(keys::node(&name), encode(&now)?, None).await?;
+                current = now;
+            }
+            Ok::<(), ClusterError>(())
+        };
+        // A stop is seen whatever the renewal is waiting for.
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = renewal => r?,
         }
     }
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.clone().lease_revoke(lease)).await;
+    Ok(())
 }
 
 fn encode(r: &NodeRecord) -> Result<Vec<u8>, ClusterError> {
