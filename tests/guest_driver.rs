@@ -50,8 +50,8 @@ fn main() {
         std::process::exit(2);
     };
     let dir = PathBuf::from(dir);
-    if let Ok(args) = std::fs::read_to_string(dir.join("tls-args")) {
-        tls_block(&dir, args.split_whitespace().collect());
+    if let Ok(args) = std::fs::read_to_string(dir.join("node-args")) {
+        one_block(&dir, args.split_whitespace().collect());
         return;
     }
     let plan = read_plan(&dir);
@@ -286,9 +286,10 @@ async fn attach_and_read(
     n.node_unstage_volume(NodeUnstageVolumeRequest { volume_id: id, staging_target_path: staging }).await.unwrap();
 }
 
-/// The TLS run: the node plugin attaches a raw block volume over STARTTLS handed to kernel
-/// TLS; fio writes and verifies through it.
-fn tls_block(dir: &Path, node_args: Vec<&str>) {
+/// One raw block volume (the plan's "block"), attached by the node plugin started with
+/// `node_args` (the TLS run: STARTTLS handed to kernel TLS; the target run: through a thinbd
+/// that forwards to the one holding the data); fio writes and verifies through it.
+fn one_block(dir: &Path, node_args: Vec<&str>) {
     let plan = read_plan(dir);
     let node = CsiPlugin::start_with("node", "unused:1", "guest", &node_args);
     let work = PathBuf::from("/run/thinbd-e2e-tls");
@@ -306,7 +307,7 @@ fn tls_block(dir: &Path, node_args: Vec<&str>) {
             ..Default::default()
         })
         .await
-        .unwrap_or_else(|e| panic!("stage over TLS: {e}\n{}", node.log_text()));
+        .unwrap_or_else(|e| panic!("stage: {e}\n{}", node.log_text()));
         let target = work.join("dev");
         n.node_publish_volume(NodePublishVolumeRequest {
             volume_id: id.clone(),
@@ -316,9 +317,9 @@ fn tls_block(dir: &Path, node_args: Vec<&str>) {
             ..Default::default()
         })
         .await
-        .expect("publish over TLS");
+        .expect("publish");
         sh(&format!(
-            "fio --name=tls --filename={} --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=8 --size=16M \
+            "fio --name=block --filename={} --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=8 --size=16M \
              --verify=crc32c --verify_fatal=1 --verify_state_save=0 --output=/dev/null",
             target.display()
         ));

@@ -126,7 +126,7 @@ fn node_attaches_over_kernel_tls() {
         p("client-cert.pem"),
         p("client-key.pem")
     );
-    std::fs::write(shared.path().join("tls-args"), args).unwrap();
+    std::fs::write(shared.path().join("node-args"), args).unwrap();
     let cmd = format!("{} {}", guest_driver_bin().display(), shared.path().display());
     let (rc, out) = in_guest(&cmd, &[shared.path()]);
     assert_eq!(rc, 0, "guest side failed:\n{out}\nserver log:\n{}", server.log_text());
@@ -168,4 +168,79 @@ async fn provision(
         .into_inner()
         .publish_context;
     (v.volume_id, ctx)
+}
+
+/// The cluster's data path through a real kernel: the volume's data is on one thinbd
+/// ("holder"), the guest's kernel attaches through another ("target", the thinbd the node would
+/// run), which takes the target role and forwards to the holder; fio writes and verifies.
+#[test]
+fn kernel_attaches_through_a_target_with_the_data_on_another_thinbd() {
+    if !guest_available() || !thinbd_tests::require("etcd") {
+        return;
+    }
+    let etcd = thinbd_tests::netns::Etcd::start_local();
+    let cluster = ["--etcd", etcd.endpoint.as_str(), "--node-lease-ttl", "3", "--require-grants"];
+    let holder = Server::start_with(&[&cluster[..], &["--node-name", "holder"]].concat());
+    let target = Server::start_with(
+        &[&cluster[..], &["--node-name", "target", "--advertise-nbd", "10.0.2.2:{nbd_port}"]].concat(),
+    );
+    let shared = tempfile::tempdir().unwrap();
+    runtime().block_on(async {
+        let mut api = thinbd_api::pb::management_client::ManagementClient::connect(format!(
+            "http://127.0.0.1:{}",
+            target.api_port
+        ))
+        .await
+        .unwrap();
+        // Both nodes up, then a volume placed on the holder, created through the target's API.
+        for _ in 0..100 {
+            let nodes = api.list_nodes(thinbd_api::pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+            if nodes.iter().filter(|n| n.up).count() == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let v = api
+            .create_volume(thinbd_api::pb::CreateVolumeRequest {
+                name: "remote-block".into(),
+                size_bytes: 64 * MIB as u64,
+                nodes: vec!["holder".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(v.node, "holder");
+        let g = api
+            .publish_volume(thinbd_api::pb::PublishVolumeRequest {
+                volume: "remote-block".into(),
+                node: "guest".into(),
+                read_only: false,
+                single_writer: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // The node plugin attaches through its own node's thinbd: the target.
+        let ctx = HashMap::from([
+            ("thinbd.csi.io/export".to_string(), g.export_name),
+            ("thinbd.csi.io/nbd".to_string(), format!("10.0.2.2:{}", target.nbd_port)),
+        ]);
+        write_plan(shared.path(), &[("block", v.uuid, ctx)]);
+    });
+    std::fs::write(shared.path().join("node-args"), "").unwrap();
+    let cmd = format!("{} {}", guest_driver_bin().display(), shared.path().display());
+    let (rc, out) = in_guest(&cmd, &[shared.path()]);
+    assert_eq!(
+        rc,
+        0,
+        "guest side failed:\n{out}\ntarget log:\n{}\nholder log:\n{}",
+        target.log_text(),
+        holder.log_text()
+    );
+    assert!(out.contains("guest side: all steps passed"), "{out}");
+    assert!(target.log_text().contains("target: serving a volume held by another node"), "{}", target.log_text());
+    let on_holder = holder.volume_json("remote-block");
+    assert!(on_holder["allocated_bytes"].as_u64().unwrap() >= 16 * MIB as u64, "{on_holder}");
+    assert_eq!(on_holder["target_node"], "target");
 }

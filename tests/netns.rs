@@ -162,24 +162,39 @@ pub struct Etcd {
 
 impl Etcd {
     pub fn start(fabric: &Fabric, i: usize) -> Etcd {
-        let dir = tempfile::tempdir().expect("tempdir");
         let ip = fabric.ip(i);
+        let (etcd, client) = Self::spawn(fabric.command(i, "etcd"), &ip, 2379, 2380);
+        assert!(fabric.wait_listening(i, &client, Duration::from_secs(20)), "etcd did not start");
+        etcd
+    }
+
+    /// etcd on loopback, on free ports (tests that need no namespaces).
+    pub fn start_local() -> Etcd {
+        let (client_port, peer_port) = (crate::free_port(), crate::free_port());
+        let (etcd, client) = Self::spawn(Command::new("etcd"), "127.0.0.1", client_port, peer_port);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&client).is_err() {
+            assert!(Instant::now() < deadline, "etcd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        etcd
+    }
+
+    fn spawn(mut etcd: Command, ip: &str, client_port: u16, peer_port: u16) -> (Etcd, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
         let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log");
-        let child = fabric
-            .command(i, "etcd")
+        let (client, peer) = (format!("http://{ip}:{client_port}"), format!("http://{ip}:{peer_port}"));
+        let child = etcd
             .args(["--name", "e", "--data-dir"])
             .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &format!("http://{ip}:2379")])
-            .args(["--advertise-client-urls", &format!("http://{ip}:2379")])
-            .args(["--listen-peer-urls", &format!("http://{ip}:2380")])
-            .args(["--initial-advertise-peer-urls", &format!("http://{ip}:2380")])
-            .args(["--initial-cluster", &format!("e=http://{ip}:2380")])
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("e={peer}")])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn etcd");
-        assert!(fabric.wait_listening(i, &format!("{ip}:2379"), Duration::from_secs(20)), "etcd did not start");
-        Etcd { child, endpoint: format!("http://{ip}:2379"), _dir: dir }
+        (Etcd { child, endpoint: client, _dir: dir }, format!("{ip}:{client_port}"))
     }
 }
 
