@@ -291,7 +291,13 @@ async fn attach_and_read(
 /// that forwards to the one holding the data); fio writes and verifies through it.
 fn one_block(dir: &Path, node_args: Vec<&str>) {
     let plan = read_plan(dir);
-    let node = CsiPlugin::start_with("node", "unused:1", "guest", &node_args);
+    // `--thinbd-api ADDR` among the arguments is the plugin's API (else none is needed).
+    let api = node_args.iter().position(|a| *a == "--thinbd-api").and_then(|i| node_args.get(i + 1)).copied();
+    let extra: Vec<&str> = match node_args.iter().position(|a| *a == "--thinbd-api") {
+        Some(i) => node_args.iter().enumerate().filter(|(j, _)| *j != i && *j != i + 1).map(|(_, a)| *a).collect(),
+        None => node_args.clone(),
+    };
+    let node = CsiPlugin::start_with("node", api.unwrap_or("unused:1"), "guest", &extra);
     let work = PathBuf::from("/run/thinbd-e2e-tls");
     std::fs::create_dir_all(&work).unwrap();
     runtime().block_on(async {

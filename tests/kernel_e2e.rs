@@ -221,14 +221,17 @@ fn kernel_attaches_through_a_target_with_the_data_on_another_thinbd() {
             .await
             .unwrap()
             .into_inner();
-        // The node plugin attaches through its own node's thinbd: the target.
+        // The publish context names the holder (as ControllerPublishVolume does); the node
+        // plugin attaches through its own node's thinbd instead: the target.
+        assert_eq!(g.nbd_address, format!("127.0.0.1:{}", holder.nbd_port));
         let ctx = HashMap::from([
             ("thinbd.csi.io/export".to_string(), g.export_name),
-            ("thinbd.csi.io/nbd".to_string(), format!("10.0.2.2:{}", target.nbd_port)),
+            ("thinbd.csi.io/nbd".to_string(), g.nbd_address),
         ]);
         write_plan(shared.path(), &[("block", v.uuid, ctx)]);
     });
-    std::fs::write(shared.path().join("node-args"), "").unwrap();
+    let node_args = format!("--attach-via-local-target --thinbd-api 10.0.2.2:{}", target.api_port);
+    std::fs::write(shared.path().join("node-args"), node_args).unwrap();
     let cmd = format!("{} {}", guest_driver_bin().display(), shared.path().display());
     let (rc, out) = in_guest(&cmd, &[shared.path()]);
     assert_eq!(

@@ -65,6 +65,11 @@ struct Cli {
     /// Most volumes the node service attaches (kernel NBD devices).
     #[arg(long, default_value_t = 64)]
     max_volumes_per_node: i64,
+    /// Attach through this node's own thinbd (--thinbd-api; in a cluster it becomes the volume's
+    /// target and forwards to the node holding the data) instead of the address in the publish
+    /// context.
+    #[arg(long)]
+    attach_via_local_target: bool,
 }
 
 fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
@@ -134,12 +139,9 @@ async fn main() -> anyhow::Result<()> {
     if node {
         let node_id = cli.node_id.clone().context("--node-id (or NODE_ID) is required for the node service")?;
         let state_dir = cli.state_dir.clone().unwrap_or_else(|| path.parent().unwrap_or(&path).join("volumes"));
-        router = router.add_service(NodeServer::new(NodeService::new(
-            node_id,
-            cli.max_volumes_per_node,
-            state_dir,
-            backends.clone(),
-        )));
+        let mut service = NodeService::new(node_id, cli.max_volumes_per_node, state_dir, backends.clone());
+        service.attach_via_local_target = cli.attach_via_local_target;
+        router = router.add_service(NodeServer::new(service));
     }
     info!(endpoint = %cli.endpoint, controller, node, api = %cli.thinbd_api, "thinbd-csi serving");
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);

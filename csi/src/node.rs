@@ -24,6 +24,9 @@ pub struct NodeService {
     backends: std::sync::Arc<crate::backend::Backends>,
     /// Target paths each volume is published at (single-workload modes allow one).
     published: Mutex<HashMap<String, HashSet<PathBuf>>>,
+    /// Attach through the local thinbd (the cluster's target) instead of the publish context's
+    /// address.
+    pub attach_via_local_target: bool,
 }
 
 impl NodeService {
@@ -37,7 +40,14 @@ impl NodeService {
     ) -> NodeService {
         let state = std::sync::Arc::new(attach::StateDir(state_dir));
         attach::spawn_supervisor(state.clone());
-        NodeService { node_id, max_volumes, state, backends, published: Mutex::default() }
+        NodeService {
+            node_id,
+            max_volumes,
+            state,
+            backends,
+            published: Mutex::default(),
+            attach_via_local_target: false,
+        }
     }
 
     /// The storage server inline ephemeral volumes go to: this node's own (template API) or
@@ -194,6 +204,16 @@ impl Node for NodeService {
                 "publish_context has no thinbd export: was ControllerPublishVolume called?",
             ));
         };
+        let addr = match self.attach_via_local_target {
+            true => {
+                let (_, mut api) = self.local_api().await?;
+                let pool =
+                    api.get_pool(thinbd_api::pb::GetPoolRequest {}).await.map_err(crate::backend::unavailable)?;
+                pool.into_inner().nbd_address
+            }
+            false => addr.clone(),
+        };
+        let addr = &addr;
         self.state.save(&volume_id, addr, export).map_err(|e| Status::internal(format!("saving attach state: {e}")))?;
         let index = attach::attach(&volume_id, addr, export).await.map_err(|e| match e {
             attach::AttachError::Handshake { .. } => Status::unavailable(e.to_string()),
