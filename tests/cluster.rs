@@ -195,6 +195,13 @@ fn volumes_are_placed_by_room_and_reachable_from_any_node() {
     let listed = list(&nodes[0]);
     assert_eq!(listed.len(), 8);
     assert_eq!(listed.iter().filter(|(_, n)| n == "node-3").count(), 6);
+    // Shown unavailable (CSI: an abnormal volume condition), and back when the node is.
+    let (on_3, _) = listed.iter().find(|(_, n)| n == "node-3").cloned().unwrap();
+    assert_eq!(show(&nodes[1], &on_3)["available"], false);
+    nodes[2].spawn(&fabric);
+    wait_for(&fabric, &nodes[0], &all_up, Duration::from_secs(10));
+    let back = show(&nodes[1], &on_3);
+    assert_eq!((back["available"].as_bool(), back["node"].as_str()), (Some(true), Some("node-3")));
 }
 
 /// Attach from anywhere: a volume whose data is on node-3 is published (through node-1's API)

@@ -83,6 +83,12 @@ fn topology(node: &str) -> Topology {
 }
 
 fn condition(v: &pb::Volume) -> VolumeCondition {
+    if v.unavailable {
+        return VolumeCondition {
+            abnormal: true,
+            message: format!("the storage node {} holding volume {} is down", v.node, v.name),
+        };
+    }
     // The server answered for it and holds its metadata: healthy. (I/O errors are reported by
     // the node, which sees them.)
     VolumeCondition { abnormal: false, message: format!("volume {} is present on its storage node", v.name) }
@@ -652,5 +658,14 @@ mod tests {
         assert_eq!((p, next.as_str()), (vec![4], ""));
         assert_eq!(page((0..5).collect::<Vec<_>>(), 0, "x").unwrap_err().code(), tonic::Code::Aborted);
         assert_eq!(page((0..5).collect::<Vec<_>>(), -1, "").unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn a_volume_whose_node_is_down_is_abnormal() {
+        let mut v = pb::Volume { name: "v".into(), node: "node-3".into(), ..Default::default() };
+        assert!(!condition(&v).abnormal);
+        v.unavailable = true;
+        let c = condition(&v);
+        assert!(c.abnormal && c.message.contains("node-3"), "{c:?}");
     }
 }

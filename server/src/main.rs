@@ -368,7 +368,7 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
     let q = v.qos.unwrap_or_default();
     serde_json::json!({
         "name": v.name, "id": v.id, "uuid": v.uuid, "node": v.node, "target_node": v.target_node,
-        "target_epoch": v.target_epoch, "size_bytes": v.size_bytes,
+        "target_epoch": v.target_epoch, "available": !v.unavailable, "size_bytes": v.size_bytes,
         "allocated_bytes": v.allocated_bytes,
         "exclusive_bytes": v.exclusive_bytes, "shared_bytes": v.shared_bytes,
         "sessions": v.sessions, "created_unix_seconds": v.created_unix_seconds,
@@ -415,7 +415,7 @@ fn print_volumes(out: Output, vols: &[pb::Volume], single: bool, nbd: &str) {
             for v in vols {
                 println!("name:      {}", v.name);
                 println!("uuid:      {}", v.uuid);
-                println!("data on:   {}", v.node);
+                println!("data on:   {}{}", v.node, if v.unavailable { " (down: unavailable)" } else { "" });
                 if !v.target_node.is_empty() {
                     println!("target:    {} (epoch {})", v.target_node, v.target_epoch);
                 }

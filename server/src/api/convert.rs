@@ -115,3 +115,16 @@ pub fn cluster_status(e: crate::cluster::ClusterError) -> Status {
         _ => Status::internal(e.to_string()),
     }
 }
+
+/// A volume whose node is down, from what the cluster store records.
+pub fn spec_to_pb(spec: crate::cluster::volumes::VolumeSpec) -> pb::Volume {
+    pb::Volume {
+        name: spec.name,
+        uuid: spec.uuid,
+        size_bytes: spec.size_bytes,
+        node: spec.node,
+        created_unix_seconds: spec.created_unix,
+        unavailable: true,
+        ..Default::default()
+    }
+}

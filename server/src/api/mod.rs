@@ -113,14 +113,7 @@ impl Api {
         }
         for spec in c.volume_specs().await.map_err(cluster_status)? {
             if !answered.contains(&spec.node) {
-                out.push(pb::Volume {
-                    name: spec.name,
-                    uuid: spec.uuid,
-                    size_bytes: spec.size_bytes,
-                    node: spec.node,
-                    created_unix_seconds: spec.created_unix,
-                    ..Default::default()
-                });
+                out.push(convert::spec_to_pb(spec));
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -197,8 +190,19 @@ impl Management for Api {
     }
 
     async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
-        if let Some(mut peer) = self.owner(&req.get_ref().name).await? {
-            return peer.get_volume(req.into_inner()).await;
+        match self.owner(&req.get_ref().name).await {
+            Ok(Some(mut peer)) => return peer.get_volume(req.into_inner()).await,
+            Ok(None) => {}
+            // Its node is down: what the cluster store knows, marked unavailable.
+            Err(e) if e.code() == tonic::Code::Unavailable => {
+                if let Some(c) = &self.cluster
+                    && let Some(spec) = c.volume_spec(&req.get_ref().name).await.map_err(cluster_status)?
+                {
+                    return Ok(Response::new(convert::spec_to_pb(spec)));
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
         }
         let v = self.engine.find_volume(&req.into_inner().name).map_err(status)?;
         let mut out = volume_to_pb(&self.engine, &self.node_name, &v);
