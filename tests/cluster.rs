@@ -386,3 +386,98 @@ fn the_attaching_node_is_the_target_and_forwards_to_the_holder() {
     let s = show(&nodes[0]);
     assert_eq!(s["target_epoch"].as_u64(), Some(3), "a restarted target takes a new epoch");
 }
+
+/// The CSI controller on a cluster (two nodes on loopback, zones a and b): volumes are
+/// placed by the cluster and reachable from every node (topology: their zone only); capacity
+/// is per zone; publishing to a node that is not a member is NOT_FOUND, to one that is gives
+/// the holder's address.
+#[test]
+fn the_csi_controller_on_a_cluster() {
+    use std::collections::HashMap;
+    use thinbd_api::csi::controller_client::ControllerClient;
+    use thinbd_api::csi::*;
+    if !require("etcd") {
+        return;
+    }
+    let etcd = Etcd::start_local();
+    let node = |name: &str, zone: &str| {
+        thinbd_tests::Server::start_with(&[
+            "--etcd",
+            &etcd.endpoint,
+            "--node-lease-ttl",
+            TTL,
+            "--node-name",
+            name,
+            "--zone",
+            zone,
+            "--capacity",
+            if zone == "a" { "10GiB" } else { "20GiB" },
+        ])
+    };
+    let (a, b) = (node("node-a", "a"), node("node-b", "b"));
+    let plugin = thinbd_tests::CsiPlugin::start("controller", &format!("127.0.0.1:{}", a.api_port), "node-a");
+    thinbd_tests::runtime().block_on(async {
+        let mut ctl = ControllerClient::new(plugin.channel().await);
+        for _ in 0..100 {
+            let n: serde_json::Value = serde_json::from_str(&a.cli(&["node", "list", "-o", "json"])).unwrap();
+            if n["nodes"].as_array().unwrap().iter().filter(|n| n["up"] == true).count() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let zone = |z: &str| Topology { segments: HashMap::from([("topology.thinbd.csi.io/zone".into(), z.into())]) };
+        let create = |name: &str, req: Option<TopologyRequirement>| CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: Some(CapacityRange { required_bytes: 1 << 30, limit_bytes: 0 }),
+            volume_capabilities: vec![thinbd_tests::csi_cap(
+                volume_capability::access_mode::Mode::SingleNodeWriter,
+                None,
+            )],
+            accessibility_requirements: req,
+            ..Default::default()
+        };
+        // Asked for zone a (through node-a's controller): placed on node-a although node-b
+        // has more room; accessible from zone a.
+        let req = TopologyRequirement { requisite: vec![zone("a")], preferred: vec![] };
+        let v = ctl.create_volume(create("pvc-za", Some(req))).await.unwrap().into_inner().volume.unwrap();
+        assert_eq!(v.accessible_topology, vec![zone("a")]);
+        assert_eq!(a.volume_json("pvc-za")["node"], "node-a");
+        // No requirement: the node with the most room (node-b).
+        let v2 = ctl.create_volume(create("pvc-any", None)).await.unwrap().into_inner().volume.unwrap();
+        assert_eq!(b.volume_json("pvc-any")["node"], "node-b");
+        assert_eq!(v2.accessible_topology, vec![zone("b")]);
+        // Capacity per zone, and of the cluster.
+        let cap = |t: Option<Topology>| GetCapacityRequest { accessible_topology: t, ..Default::default() };
+        let in_a = ctl.get_capacity(cap(Some(zone("a")))).await.unwrap().into_inner().available_capacity;
+        let in_b = ctl.get_capacity(cap(Some(zone("b")))).await.unwrap().into_inner().available_capacity;
+        let all = ctl.get_capacity(cap(None)).await.unwrap().into_inner().available_capacity;
+        assert_eq!((in_a, in_b, all), (10 << 30, 20 << 30, 30 << 30));
+        // Publish: members only; the context names the holder.
+        let publish = |node: &str| ControllerPublishVolumeRequest {
+            volume_id: v2.volume_id.clone(),
+            node_id: node.into(),
+            volume_capability: Some(thinbd_tests::csi_cap(
+                volume_capability::access_mode::Mode::SingleNodeWriter,
+                None,
+            )),
+            ..Default::default()
+        };
+        assert_eq!(ctl.controller_publish_volume(publish("stranger")).await.unwrap_err().code(), tonic::Code::NotFound);
+        let ctx = ctl.controller_publish_volume(publish("node-a")).await.unwrap().into_inner().publish_context;
+        assert_eq!(ctx["thinbd.csi.io/nbd"], format!("127.0.0.1:{}", b.nbd_port));
+        // A node down makes its volumes abnormal.
+        drop(b);
+        let got = loop {
+            let g = ctl
+                .controller_get_volume(ControllerGetVolumeRequest { volume_id: v2.volume_id.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            if g.status.as_ref().unwrap().volume_condition.as_ref().unwrap().abnormal {
+                break g;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(got.status.unwrap().volume_condition.unwrap().message.contains("node-b"));
+    });
+}

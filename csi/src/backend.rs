@@ -21,11 +21,27 @@ pub struct Backends {
     clients: Mutex<HashMap<String, Api>>,
     /// The single server's node name, once asked.
     single_node: tokio::sync::OnceCell<String>,
+    /// Whether the single server is part of a cluster, once asked.
+    clustered: tokio::sync::OnceCell<bool>,
+}
+
+/// Where CreateVolume asks for a new volume: the node whose API is asked, and in a cluster the
+/// zone and nodes the cluster's placement must honour.
+pub struct Placement {
+    pub node: String,
+    pub zone: String,
+    pub nodes: Vec<String>,
 }
 
 impl Backends {
     pub fn new(api: &str, tls: Option<thinbd_api::tls::ApiClientTls>) -> Backends {
-        Backends { api: api.to_string(), tls, clients: Mutex::default(), single_node: Default::default() }
+        Backends {
+            api: api.to_string(),
+            tls,
+            clients: Mutex::default(),
+            single_node: Default::default(),
+            clustered: Default::default(),
+        }
     }
 
     pub fn is_template(&self) -> bool {
@@ -111,14 +127,37 @@ impl Backends {
         Ok(name.clone())
     }
 
-    /// Where to put a new volume: the server's node for a single server (which must satisfy
-    /// the requirement), else the first preferred, then the first requisite node.
-    pub async fn place(&self, req: Option<&TopologyRequirement>) -> Result<String, Status> {
-        let nodes = |list: &[thinbd_api::csi::Topology]| -> Vec<String> {
-            list.iter().filter_map(|t| t.segments.get(TOPOLOGY_KEY).cloned()).collect()
+    /// The cluster's nodes when the single server is part of one (`serve --etcd`).
+    pub async fn cluster(&self) -> Result<Option<Vec<pb::Node>>, Status> {
+        if self.is_template() {
+            return Ok(None);
+        }
+        let mut api = self.channel(&self.address(""))?;
+        let listed = api.list_nodes(pb::ListNodesRequest {}).await.map_err(unavailable)?.into_inner();
+        let _ = self.clustered.set(listed.clustered);
+        Ok(listed.clustered.then_some(listed.nodes))
+    }
+
+    /// Where to put a new volume: in a cluster the single server places it (in the first
+    /// preferred, else requisite, zone; on the named nodes if any); a single server's node (which
+    /// must satisfy the requirement); else the first preferred, then the first requisite node.
+    pub async fn place(&self, req: Option<&TopologyRequirement>) -> Result<Placement, Status> {
+        let segment = |list: &[thinbd_api::csi::Topology], key: &str| -> Vec<String> {
+            list.iter().filter_map(|t| t.segments.get(key).cloned()).collect()
         };
+        let nodes = |list: &[thinbd_api::csi::Topology]| segment(list, TOPOLOGY_KEY);
         let preferred = req.map(|r| nodes(&r.preferred)).unwrap_or_default();
         let requisite = req.map(|r| nodes(&r.requisite)).unwrap_or_default();
+        if self.cluster().await?.is_some() {
+            let zones = |list: &[thinbd_api::csi::Topology]| segment(list, crate::ZONE_KEY);
+            let zone = req
+                .map(|r| zones(&r.preferred).into_iter().chain(zones(&r.requisite)).next().unwrap_or_default())
+                .unwrap_or_default();
+            let mut on: Vec<String> = preferred.into_iter().chain(requisite).collect();
+            on.dedup();
+            return Ok(Placement { node: self.single_node().await?, zone, nodes: on });
+        }
+        let single = |node| Placement { node, zone: String::new(), nodes: Vec::new() };
         if !self.is_template() {
             let single = self.single_node().await?;
             let constrained = req.is_some_and(|r| !r.requisite.is_empty());
@@ -127,9 +166,9 @@ impl Backends {
                     "the storage node {single:?} is not among the requisite topologies"
                 )));
             }
-            return Ok(single);
+            return Ok(Placement { node: single, zone: String::new(), nodes: Vec::new() });
         }
-        preferred.into_iter().chain(requisite).next().ok_or_else(|| {
+        preferred.into_iter().chain(requisite).next().map(single).ok_or_else(|| {
             Status::invalid_argument(format!(
                 "accessibility_requirements must name a node ({TOPOLOGY_KEY}); is the StorageClass WaitForFirstConsumer?"
             ))

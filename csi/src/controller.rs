@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::backend::{Api, Backends, unavailable};
 use crate::ids::{SnapshotId, VolumeId, required, server_name};
-use crate::{CTX_EXPORT, CTX_MKFS_OPTIONS, CTX_NBD, CTX_STORAGE_NODE, TOPOLOGY_KEY, capability, params};
+use crate::{CTX_EXPORT, CTX_MKFS_OPTIONS, CTX_NBD, CTX_STORAGE_NODE, TOPOLOGY_KEY, ZONE_KEY, capability, params};
 
 /// Size of a volume created without a capacity range.
 pub const DEFAULT_SIZE: u64 = 1 << 30;
@@ -95,7 +95,17 @@ fn condition(v: &pb::Volume) -> VolumeCondition {
 }
 
 impl ControllerService {
-    fn csi_volume(&self, node: &str, v: &pb::Volume, nbd: &str) -> Volume {
+    /// A volume as CSI sees it. In a cluster (`cluster`: its nodes) it is reachable from every
+    /// node, so its topology is its node's zone, or none; else its storage node.
+    fn csi_volume_in(&self, node: &str, v: &pb::Volume, nbd: &str, cluster: Option<&[pb::Node]>) -> Volume {
+        let node = if v.node.is_empty() { node } else { v.node.as_str() };
+        let accessible_topology = match cluster {
+            None => vec![topology(node)],
+            Some(nodes) => match nodes.iter().find(|n| n.name == node).map(|n| n.zone.as_str()).unwrap_or("") {
+                "" => Vec::new(),
+                zone => vec![Topology { segments: HashMap::from([(ZONE_KEY.to_string(), zone.to_string())]) }],
+            },
+        };
         let mut ctx =
             HashMap::from([(CTX_STORAGE_NODE.to_string(), node.to_string()), (CTX_NBD.to_string(), nbd.to_string())]);
         if let Some(m) = v.labels.get(LABEL_MKFS) {
@@ -106,7 +116,7 @@ impl ControllerService {
             volume_id: VolumeId::of(self.backends.route(node), &v.name, &v.uuid),
             volume_context: ctx,
             content_source: v.labels.get(LABEL_SOURCE).and_then(|l| source_from_label(l)),
-            accessible_topology: vec![topology(node)],
+            accessible_topology,
         }
     }
 
@@ -192,7 +202,8 @@ impl Controller for ControllerService {
         params::apply_mutable(&mut qos, &r.mutable_parameters).map_err(invalid)?;
         let size = size_for(r.capacity_range.as_ref())?;
         let source = source_label(r.volume_content_source.as_ref())?;
-        let node = self.backends.place(r.accessibility_requirements.as_ref()).await?;
+        let placement = self.backends.place(r.accessibility_requirements.as_ref()).await?;
+        let node = placement.node.clone();
         let mut api = self.backends.api(&node).await?;
         let nbd = Self::nbd_address(&mut api).await?;
         let name = server_name(csi_name);
@@ -203,7 +214,9 @@ impl Controller for ControllerService {
                     "volume {csi_name:?} exists with another size or content source"
                 )));
             }
-            return Ok(Response::new(CreateVolumeResponse { volume: Some(self.csi_volume(&node, &v, &nbd)) }));
+            let cluster = self.backends.cluster().await?;
+            let volume = self.csi_volume_in(&node, &v, &nbd, cluster.as_deref());
+            return Ok(Response::new(CreateVolumeResponse { volume: Some(volume) }));
         }
         let mut labels = HashMap::from([(LABEL_NAME.to_string(), csi_name.to_string())]);
         if !source.is_empty() {
@@ -245,6 +258,8 @@ impl Controller for ControllerService {
                     size_bytes: size,
                     labels,
                     qos: Some(qos),
+                    zone: placement.zone.clone(),
+                    nodes: placement.nodes.clone(),
                     ..Default::default()
                 })
                 .await
@@ -281,7 +296,10 @@ impl Controller for ControllerService {
             })?
             .into_inner();
         tracing::info!(name = csi_name, volume = %v.name, node, size, "volume provisioned");
-        Ok(Response::new(CreateVolumeResponse { volume: Some(self.csi_volume(&node, &v, &nbd)) }))
+        let cluster = self.backends.cluster().await?;
+        Ok(Response::new(CreateVolumeResponse {
+            volume: Some(self.csi_volume_in(&node, &v, &nbd, cluster.as_deref())),
+        }))
     }
 
     async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
@@ -388,6 +406,7 @@ impl Controller for ControllerService {
     async fn list_volumes(&self, req: Request<ListVolumesRequest>) -> Result<Response<ListVolumesResponse>, Status> {
         let r = req.into_inner();
         let mut entries = Vec::new();
+        let cluster = self.backends.cluster().await?;
         for node in self.known_nodes().await? {
             let mut api = self.backends.api(&node).await?;
             let nbd = Self::nbd_address(&mut api).await?;
@@ -395,7 +414,7 @@ impl Controller for ControllerService {
                 api.list_volumes(pb::ListVolumesRequest::default()).await.map_err(unavailable)?.into_inner().volumes;
             for v in vols {
                 entries.push(list_volumes_response::Entry {
-                    volume: Some(self.csi_volume(&node, &v, &nbd)),
+                    volume: Some(self.csi_volume_in(&node, &v, &nbd, cluster.as_deref())),
                     status: Some(list_volumes_response::VolumeStatus {
                         published_node_ids: v.published_nodes.clone(),
                         volume_condition: Some(condition(&v)),
@@ -417,8 +436,9 @@ impl Controller for ControllerService {
             .await?
             .ok_or_else(|| Status::not_found(format!("volume {:?} does not exist", r.volume_id)))?;
         let nbd = Self::nbd_address(&mut api).await?;
+        let cluster = self.backends.cluster().await?;
         Ok(Response::new(ControllerGetVolumeResponse {
-            volume: Some(self.csi_volume(&node, &v, &nbd)),
+            volume: Some(self.csi_volume_in(&node, &v, &nbd, cluster.as_deref())),
             status: Some(controller_get_volume_response::VolumeStatus {
                 published_node_ids: v.published_nodes.clone(),
                 volume_condition: Some(condition(&v)),
@@ -436,6 +456,22 @@ impl Controller for ControllerService {
             return Ok(Response::new(GetCapacityResponse { available_capacity: 0, ..Default::default() }));
         }
         params::parse(&r.parameters).map_err(invalid)?;
+        if let Some(nodes) = self.backends.cluster().await? {
+            // Per segment: the free space of the nodes up in that zone (or that node), or all.
+            let segments = r.accessible_topology.as_ref().map(|t| t.segments.clone()).unwrap_or_default();
+            let available: u64 = nodes
+                .iter()
+                .filter(|n| n.up)
+                .filter(|n| segments.get(ZONE_KEY).is_none_or(|z| *z == n.zone))
+                .filter(|n| segments.get(TOPOLOGY_KEY).is_none_or(|x| *x == n.name))
+                .map(|n| n.available_bytes)
+                .sum();
+            return Ok(Response::new(GetCapacityResponse {
+                available_capacity: available as i64,
+                maximum_volume_size: Some(1 << 60),
+                minimum_volume_size: Some(SIZE_ALIGN as i64),
+            }));
+        }
         let node = match r.accessible_topology.as_ref().and_then(|t| t.segments.get(TOPOLOGY_KEY)) {
             Some(n) => n.clone(),
             None if !self.backends.is_template() => self.backends.single_node().await?,

@@ -20,6 +20,9 @@ pub mod snapshot_metadata;
 pub const DRIVER_NAME: &str = "thinbd.csi.io";
 /// Topology segment key: the storage node a volume lives on.
 pub const TOPOLOGY_KEY: &str = "topology.thinbd.csi.io/node";
+/// In a cluster volumes are reachable from every node; a zone (`serve --zone`) is the only
+/// topology they have.
+pub const ZONE_KEY: &str = "topology.thinbd.csi.io/zone";
 /// `publish_context` / `volume_context` keys.
 pub const CTX_EXPORT: &str = "thinbd.csi.io/export";
 pub const CTX_NBD: &str = "thinbd.csi.io/nbd";

@@ -43,6 +43,16 @@ impl Api {
         c.peer(&spec.node).map(Some).map_err(cluster_status)
     }
 
+    /// A volume whose node is down or out of reach: what the cluster store records, marked
+    /// unavailable (`e` if it records nothing).
+    async fn unreachable_volume(&self, reference: &str, e: Status) -> Result<Response<pb::Volume>, Status> {
+        let Some(c) = &self.cluster else { return Err(e) };
+        match c.volume_spec(reference).await.map_err(cluster_status)? {
+            Some(spec) => Ok(Response::new(convert::spec_to_pb(spec))),
+            None => Err(e),
+        }
+    }
+
     /// Places a new volume, records it (its name must be free) and creates it on the node
     /// chosen; a failed creation is forgotten again.
     async fn place_and_create(
@@ -190,19 +200,16 @@ impl Management for Api {
     }
 
     async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
-        match self.owner(&req.get_ref().name).await {
-            Ok(Some(mut peer)) => return peer.get_volume(req.into_inner()).await,
-            Ok(None) => {}
-            // Its node is down: what the cluster store knows, marked unavailable.
-            Err(e) if e.code() == tonic::Code::Unavailable => {
-                if let Some(c) = &self.cluster
-                    && let Some(spec) = c.volume_spec(&req.get_ref().name).await.map_err(cluster_status)?
-                {
-                    return Ok(Response::new(convert::spec_to_pb(spec)));
-                }
-                return Err(e);
-            }
-            Err(e) => return Err(e),
+        let name = req.get_ref().name.clone();
+        let peer = match self.owner(&name).await {
+            Err(e) if e.code() == tonic::Code::Unavailable => return self.unreachable_volume(&name, e).await,
+            r => r?,
+        };
+        if let Some(mut peer) = peer {
+            return match peer.get_volume(req.into_inner()).await {
+                Err(e) if e.code() == tonic::Code::Unavailable => self.unreachable_volume(&name, e).await,
+                r => r,
+            };
         }
         let v = self.engine.find_volume(&req.into_inner().name).map_err(status)?;
         let mut out = volume_to_pb(&self.engine, &self.node_name, &v);
