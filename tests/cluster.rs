@@ -415,7 +415,7 @@ fn the_csi_controller_on_a_cluster() {
         ])
     };
     let (a, b) = (node("node-a", "a"), node("node-b", "b"));
-    let plugin = thinbd_tests::CsiPlugin::start("controller", &format!("127.0.0.1:{}", a.api_port), "node-a");
+    let plugin = thinbd_tests::CsiPlugin::start("all", &format!("127.0.0.1:{}", a.api_port), "node-a");
     thinbd_tests::runtime().block_on(async {
         let mut ctl = ControllerClient::new(plugin.channel().await);
         for _ in 0..100 {
@@ -426,6 +426,14 @@ fn the_csi_controller_on_a_cluster() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let zone = |z: &str| Topology { segments: HashMap::from([("topology.thinbd.csi.io/zone".into(), z.into())]) };
+        // The node plugin reports its node and its zone.
+        let mut np = thinbd_api::csi::node_client::NodeClient::new(plugin.channel().await);
+        let info = np.node_get_info(NodeGetInfoRequest {}).await.unwrap().into_inner();
+        let segments = info.accessible_topology.unwrap().segments;
+        assert_eq!(
+            (segments["topology.thinbd.csi.io/node"].as_str(), segments["topology.thinbd.csi.io/zone"].as_str()),
+            ("node-a", "a")
+        );
         let create = |name: &str, req: Option<TopologyRequirement>| CreateVolumeRequest {
             name: name.into(),
             capacity_range: Some(CapacityRange { required_bytes: 1 << 30, limit_bytes: 0 }),

@@ -464,15 +464,20 @@ impl Node for NodeService {
     /// server here, so volumes can be published to it (until then kubelet retries).
     async fn node_get_info(&self, _: Request<NodeGetInfoRequest>) -> Result<Response<NodeGetInfoResponse>, Status> {
         let (_, mut api) = self.local_api().await?;
-        api.register_node(thinbd_api::pb::RegisterNodeRequest { name: self.node_id.clone() })
+        let me = api
+            .register_node(thinbd_api::pb::RegisterNodeRequest { name: self.node_id.clone() })
             .await
-            .map_err(crate::backend::unavailable)?;
+            .map_err(crate::backend::unavailable)?
+            .into_inner();
+        let mut segments = HashMap::from([(TOPOLOGY_KEY.to_string(), self.node_id.clone())]);
+        // A cluster node's zone (serve --zone) is the topology volumes are placed by.
+        if !me.zone.is_empty() {
+            segments.insert(crate::ZONE_KEY.to_string(), me.zone);
+        }
         Ok(Response::new(NodeGetInfoResponse {
             node_id: self.node_id.clone(),
             max_volumes_per_node: self.max_volumes,
-            accessible_topology: Some(Topology {
-                segments: HashMap::from([(TOPOLOGY_KEY.to_string(), self.node_id.clone())]),
-            }),
+            accessible_topology: Some(Topology { segments }),
         }))
     }
 }
