@@ -189,6 +189,29 @@ fn volumes_are_placed_by_room_and_reachable_from_any_node() {
     // The name is free again.
     nodes[1].cli(&fabric, &["volume", "create", &name, "--size", "1GiB"]);
 
+    // Clones and restores go where the source's layers are, whichever node is asked.
+    let (src, src_node) = everywhere.iter().find(|(n, h)| h == "node-3" && *n != name).cloned().unwrap();
+    let clone: serde_json::Value =
+        serde_json::from_str(&nodes[0].cli(&fabric, &["volume", "clone", &src, &format!("{src}-clone"), "-o", "json"]))
+            .unwrap();
+    assert_eq!(clone["node"], src_node.as_str());
+    nodes[1].cli(&fabric, &["snapshot", "create", &src, "s1"]);
+    let restored: serde_json::Value = serde_json::from_str(
+        &nodes[1].cli(&fabric, &["volume", "clone", &format!("{src}@s1"), &format!("{src}-restored"), "-o", "json"]),
+    )
+    .unwrap();
+    assert_eq!(restored["node"], src_node.as_str());
+    assert_eq!(show(&nodes[0], &format!("{src}-restored"))["node"], src_node.as_str());
+    let taken = fabric
+        .command(1, thinbd_tests::thinbd_bin())
+        .args(["volume", "clone", &src, &name, "--api", "10.77.0.1:10810"])
+        .output()
+        .unwrap();
+    assert!(!taken.status.success(), "a clone took a name in use");
+    for extra in [format!("{src}-clone"), format!("{src}-restored")] {
+        nodes[0].cli(&fabric, &["volume", "delete", &extra]);
+    }
+
     // A node down: its volumes are still listed (from the cluster store), with their node.
     nodes[2].kill9();
     wait_for(&fabric, &nodes[0], &[("node-1", true), ("node-2", true), ("node-3", false)], Duration::from_secs(10));

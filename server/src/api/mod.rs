@@ -53,6 +53,32 @@ impl Api {
         }
     }
 
+    /// Records volume `name`, a clone of `source` (held here), on this node; its name must be
+    /// free in the cluster.
+    async fn reserve_here(
+        &self,
+        c: &crate::cluster::Cluster,
+        name: &str,
+        source: &str,
+    ) -> Result<crate::cluster::volumes::VolumeSpec, Status> {
+        crate::engine::validate_name("volume", name).map_err(status)?;
+        let size_bytes = match source.contains('@') {
+            true => self.engine.snapshot(source).map_err(status)?.size,
+            false => self.engine.volume(source).map_err(status)?.size(),
+        };
+        let spec = crate::cluster::volumes::VolumeSpec {
+            uuid: crate::meta::uuid::new_uuid_text(),
+            name: name.to_string(),
+            size_bytes,
+            node: self.node_name.clone(),
+            created_unix: crate::engine::now_unix(),
+        };
+        if !c.reserve_volume(&spec).await.map_err(cluster_status)? {
+            return Err(Status::already_exists(format!("volume {name:?} already exists")));
+        }
+        Ok(spec)
+    }
+
     /// Places a new volume, records it (its name must be free) and creates it on the node
     /// chosen; a failed creation is forgotten again.
     async fn place_and_create(
@@ -248,11 +274,34 @@ impl Management for Api {
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
+    /// In a cluster a clone goes where its source's layers are: to the source's node, where it
+    /// is recorded like a created volume.
     async fn clone_volume(&self, req: Request<pb::CloneVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        if let Some(mut peer) = self.owner(&req.get_ref().source).await? {
+            return peer.clone_volume(req.into_inner()).await;
+        }
         let r = req.into_inner();
-        let opts = VolumeOptions { labels: r.labels.into_iter().collect(), qos: qos_from_pb(r.qos), uuid: None };
-        let v = self.engine.clone_volume_with(&self.engine.resolve(&r.source), &r.name, opts).await.map_err(status)?;
-        Ok(Response::new(volume_to_pb(&self.engine, &self.node_name, &v)))
+        let source = self.engine.resolve(&r.source);
+        let spec = match &self.cluster {
+            Some(c) => Some(self.reserve_here(c, &r.name, &source).await?),
+            None => None,
+        };
+        let opts = VolumeOptions {
+            labels: r.labels.into_iter().collect(),
+            qos: qos_from_pb(r.qos),
+            uuid: spec.as_ref().map(|s| s.uuid.clone()),
+        };
+        match self.engine.clone_volume_with(&source, &r.name, opts).await {
+            Ok(v) => Ok(Response::new(volume_to_pb(&self.engine, &self.node_name, &v))),
+            Err(e) => {
+                if let (Some(c), Some(spec)) = (&self.cluster, &spec)
+                    && let Err(release) = c.release_volume(spec).await
+                {
+                    tracing::warn!(volume = %spec.name, error = %release, "cannot forget a clone that failed");
+                }
+                Err(status(e))
+            }
+        }
     }
 
     async fn create_snapshot_group(

@@ -11,6 +11,17 @@ use crate::meta::store::MetaOp;
 use crate::meta::uuid::new_uuid_text;
 
 impl Engine {
+    /// The UUID a new volume gets: the one the cluster chose (which must be free here), or new.
+    fn uuid_for(&self, opts: &VolumeOptions) -> Result<String, EngineError> {
+        match &opts.uuid {
+            Some(u) if self.graph.list().iter().any(|v| v.uuid == *u) => {
+                Err(EngineError::AlreadyExists(format!("a volume with UUID {u}")))
+            }
+            Some(u) => Ok(u.clone()),
+            None => Ok(new_uuid_text()),
+        }
+    }
+
     fn check_size(size: u64) -> Result<(), EngineError> {
         if size == 0 || !size.is_multiple_of(512) {
             return Err(EngineError::Invalid(format!("volume size {size} must be a positive multiple of 512 bytes")));
@@ -49,13 +60,7 @@ impl Engine {
         Self::check_size(size)?;
         let _admin = self.admin.lock().await;
         self.check_new_volume_name(name)?;
-        let uuid = match opts.uuid.clone() {
-            Some(u) if self.graph.list().iter().any(|v| v.uuid == u) => {
-                return Err(EngineError::AlreadyExists(format!("a volume with UUID {u}")));
-            }
-            Some(u) => u,
-            None => new_uuid_text(),
-        };
+        let uuid = self.uuid_for(&opts)?;
         let top = self.graph.new_layer(None)?;
         let vol = Arc::new(Volume::new(self.graph.take_id(), uuid, name, size, now_unix(), top.clone(), opts));
         let ops = vec![
@@ -199,6 +204,7 @@ impl Engine {
     ) -> Result<Arc<Volume>, EngineError> {
         let _admin = self.admin.lock().await;
         self.check_new_volume_name(name)?;
+        let uuid = self.uuid_for(&opts)?;
         let mut ops = Vec::new();
         let source_vol = if source.contains('@') { None } else { Some(self.volume(source)?) };
         let _gate = match &source_vol {
@@ -227,8 +233,7 @@ impl Engine {
         };
         let top = self.graph.new_layer(Some(base.clone()))?;
         new_layers.push(top.id);
-        let vol =
-            Arc::new(Volume::new(self.graph.take_id(), new_uuid_text(), name, size, now_unix(), top.clone(), opts));
+        let vol = Arc::new(Volume::new(self.graph.take_id(), uuid, name, size, now_unix(), top.clone(), opts));
         ops.push(MetaOp::PutLayer { id: top.id, parent: Some(base.id) });
         ops.push(MetaOp::PutVolume(vol.record()?));
         ops.push(self.graph.next_id_op());
