@@ -25,20 +25,35 @@ fn wait_for(fabric: &Fabric, from: &NetNode, want: &[(&str, bool)], within: Dura
     }
 }
 
+const ALL_UP: [(&str, bool); 3] = [("node-1", true), ("node-2", true), ("node-3", true)];
+
+/// Three thinbd nodes (namespaces 1 to 3) and etcd (4), all seen up by node-1; `extra(i)`:
+/// node i's further `serve` arguments. `None` (skipped) where the tools are missing.
+fn three_nodes(extra: impl Fn(usize) -> Vec<String>) -> Option<(Fabric, Etcd, Vec<NetNode>)> {
+    if !require("etcd") || !require("nft") {
+        return None;
+    }
+    let fabric = Fabric::up(4)?;
+    let etcd = Etcd::start(&fabric, 4);
+    let nodes: Vec<NetNode> = (1..=3)
+        .map(|i| {
+            let args: Vec<String> =
+                ["--node-lease-ttl".to_string(), TTL.to_string()].into_iter().chain(extra(i)).collect();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            NetNode::start(&fabric, i, &etcd.endpoint, &args)
+        })
+        .collect();
+    wait_for(&fabric, &nodes[0], &ALL_UP, Duration::from_secs(10));
+    Some((fabric, etcd, nodes))
+}
+
 #[test]
 fn nodes_register_and_their_leases_decide_up_and_down() {
-    if !require("etcd") || !require("nft") {
+    let Some((fabric, _etcd, mut nodes)) = three_nodes(|i| vec!["--zone".into(), format!("zone-{}", i % 2)]) else {
         return;
-    }
-    let Some(fabric) = Fabric::up(4) else { return };
-    let etcd = Etcd::start(&fabric, 4);
-    let args = ["--node-lease-ttl", TTL, "--zone"];
-    let mut nodes: Vec<NetNode> = (1..=3)
-        .map(|i| NetNode::start(&fabric, i, &etcd.endpoint, &[&args[..], &[&format!("zone-{}", i % 2)]].concat()))
-        .collect();
-    let all_up = [("node-1", true), ("node-2", true), ("node-3", true)];
+    };
     for n in &nodes {
-        wait_for(&fabric, n, &all_up, Duration::from_secs(10));
+        wait_for(&fabric, n, &ALL_UP, Duration::from_secs(10));
     }
     // What a node registered: its addresses, zone and space.
     let list: serde_json::Value =
@@ -66,21 +81,21 @@ fn nodes_register_and_their_leases_decide_up_and_down() {
     assert!(metrics.contains("thinbd_cluster_node_up{node=\"node-3\"} 0"), "{metrics}");
     assert!(metrics.contains("thinbd_cluster_node_up{node=\"node-1\"} 1"), "{metrics}");
     nodes[2].spawn(&fabric);
-    wait_for(&fabric, &nodes[0], &all_up, Duration::from_secs(10));
+    wait_for(&fabric, &nodes[0], &ALL_UP, Duration::from_secs(10));
 
     // Paused past its lease (SIGSTOP): down; resumed, it notices the lost lease and registers
     // again.
     send_signal(nodes[1].pid(), "STOP");
     wait_for(&fabric, &nodes[0], &[("node-1", true), ("node-2", false), ("node-3", true)], Duration::from_secs(10));
     send_signal(nodes[1].pid(), "CONT");
-    wait_for(&fabric, &nodes[0], &all_up, Duration::from_secs(10));
+    wait_for(&fabric, &nodes[0], &ALL_UP, Duration::from_secs(10));
     assert!(nodes[1].log_text().contains("registering again"), "{}", nodes[1].log_text());
 
     // Cut off from etcd (a partition): down; healed: up.
     fabric.cut(3, 4);
     wait_for(&fabric, &nodes[0], &third_down, Duration::from_secs(10));
     fabric.heal();
-    wait_for(&fabric, &nodes[0], &all_up, Duration::from_secs(15));
+    wait_for(&fabric, &nodes[0], &ALL_UP, Duration::from_secs(15));
 }
 
 /// A clean stop revokes the lease: the node is down at once, not after its (long) lease.
@@ -123,20 +138,9 @@ fn serve_refuses_to_start_without_its_etcd() {
 /// the cluster; a volume whose node is down is still listed, with its node.
 #[test]
 fn volumes_are_placed_by_room_and_reachable_from_any_node() {
-    if !require("etcd") {
-        return;
-    }
-    let Some(fabric) = Fabric::up(4) else { return };
-    let etcd = Etcd::start(&fabric, 4);
     // node-3 has a bigger pool: it takes more of the volumes.
-    let mut nodes: Vec<NetNode> = (1..=3)
-        .map(|i| {
-            let capacity = if i == 3 { "40GiB" } else { "10GiB" };
-            NetNode::start(&fabric, i, &etcd.endpoint, &["--node-lease-ttl", TTL, "--capacity", capacity])
-        })
-        .collect();
-    let all_up = [("node-1", true), ("node-2", true), ("node-3", true)];
-    wait_for(&fabric, &nodes[0], &all_up, Duration::from_secs(10));
+    let capacity = |i| vec!["--capacity".to_string(), if i == 3 { "40GiB" } else { "10GiB" }.to_string()];
+    let Some((fabric, _etcd, mut nodes)) = three_nodes(capacity) else { return };
 
     let mut placed = BTreeMap::new();
     for i in 0..8 {
@@ -222,7 +226,7 @@ fn volumes_are_placed_by_room_and_reachable_from_any_node() {
     let (on_3, _) = listed.iter().find(|(_, n)| n == "node-3").cloned().unwrap();
     assert_eq!(show(&nodes[1], &on_3)["available"], false);
     nodes[2].spawn(&fabric);
-    wait_for(&fabric, &nodes[0], &all_up, Duration::from_secs(10));
+    wait_for(&fabric, &nodes[0], &ALL_UP, Duration::from_secs(10));
     let back = show(&nodes[1], &on_3);
     assert_eq!((back["available"].as_bool(), back["node"].as_str()), (Some(true), Some("node-3")));
 }
@@ -232,14 +236,7 @@ fn volumes_are_placed_by_room_and_reachable_from_any_node() {
 /// back. The grant names the holder's NBD address; the old node's grant is gone.
 #[test]
 fn data_written_from_one_node_reads_back_on_another() {
-    if !require("etcd") {
-        return;
-    }
-    let Some(fabric) = Fabric::up(4) else { return };
-    let etcd = Etcd::start(&fabric, 4);
-    let nodes: Vec<NetNode> =
-        (1..=3).map(|i| NetNode::start(&fabric, i, &etcd.endpoint, &["--node-lease-ttl", TTL])).collect();
-    wait_for(&fabric, &nodes[0], &[("node-1", true), ("node-2", true), ("node-3", true)], Duration::from_secs(10));
+    let Some((fabric, _etcd, nodes)) = three_nodes(|_| Vec::new()) else { return };
     // Created through node-1; whichever node holds it, the writer and the reader are the others.
     let out = fabric
         .command(1, thinbd_tests::thinbd_bin())
@@ -303,14 +300,7 @@ fn data_written_from_one_node_reads_back_on_another() {
 /// holder once its grant is revoked, so its writes no longer land.
 #[test]
 fn the_attaching_node_is_the_target_and_forwards_to_the_holder() {
-    if !require("etcd") {
-        return;
-    }
-    let Some(fabric) = Fabric::up(4) else { return };
-    let etcd = Etcd::start(&fabric, 4);
-    let nodes: Vec<NetNode> =
-        (1..=3).map(|i| NetNode::start(&fabric, i, &etcd.endpoint, &["--node-lease-ttl", TTL])).collect();
-    wait_for(&fabric, &nodes[0], &[("node-1", true), ("node-2", true), ("node-3", true)], Duration::from_secs(10));
+    let Some((fabric, _etcd, nodes)) = three_nodes(|_| Vec::new()) else { return };
     let created: serde_json::Value =
         serde_json::from_str(&nodes[0].cli(&fabric, &["volume", "create", "tv", "--size", "64MiB", "-o", "json"]))
             .unwrap();
