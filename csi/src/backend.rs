@@ -21,8 +21,6 @@ pub struct Backends {
     clients: Mutex<HashMap<String, Api>>,
     /// The single server's node name, once asked.
     single_node: tokio::sync::OnceCell<String>,
-    /// Whether the single server is part of a cluster, once asked.
-    clustered: tokio::sync::OnceCell<bool>,
 }
 
 /// Where CreateVolume asks for a new volume: the node whose API is asked, and in a cluster the
@@ -31,17 +29,13 @@ pub struct Placement {
     pub node: String,
     pub zone: String,
     pub nodes: Vec<String>,
+    /// The cluster's nodes, when there is a cluster (as asked while placing).
+    pub cluster: Option<Vec<pb::Node>>,
 }
 
 impl Backends {
     pub fn new(api: &str, tls: Option<thinbd_api::tls::ApiClientTls>) -> Backends {
-        Backends {
-            api: api.to_string(),
-            tls,
-            clients: Mutex::default(),
-            single_node: Default::default(),
-            clustered: Default::default(),
-        }
+        Backends { api: api.to_string(), tls, clients: Mutex::default(), single_node: Default::default() }
     }
 
     pub fn is_template(&self) -> bool {
@@ -134,7 +128,6 @@ impl Backends {
         }
         let mut api = self.channel(&self.address(""))?;
         let listed = api.list_nodes(pb::ListNodesRequest {}).await.map_err(unavailable)?.into_inner();
-        let _ = self.clustered.set(listed.clustered);
         Ok(listed.clustered.then_some(listed.nodes))
     }
 
@@ -148,16 +141,17 @@ impl Backends {
         let nodes = |list: &[thinbd_api::csi::Topology]| segment(list, TOPOLOGY_KEY);
         let preferred = req.map(|r| nodes(&r.preferred)).unwrap_or_default();
         let requisite = req.map(|r| nodes(&r.requisite)).unwrap_or_default();
-        if self.cluster().await?.is_some() {
+        let cluster = self.cluster().await?;
+        if cluster.is_some() {
             let zones = |list: &[thinbd_api::csi::Topology]| segment(list, crate::ZONE_KEY);
             let zone = req
                 .map(|r| zones(&r.preferred).into_iter().chain(zones(&r.requisite)).next().unwrap_or_default())
                 .unwrap_or_default();
             let mut on: Vec<String> = preferred.into_iter().chain(requisite).collect();
             on.dedup();
-            return Ok(Placement { node: self.single_node().await?, zone, nodes: on });
+            return Ok(Placement { node: self.single_node().await?, zone, nodes: on, cluster });
         }
-        let single = |node| Placement { node, zone: String::new(), nodes: Vec::new() };
+        let single = |node| Placement { node, zone: String::new(), nodes: Vec::new(), cluster: None };
         if !self.is_template() {
             let single = self.single_node().await?;
             let constrained = req.is_some_and(|r| !r.requisite.is_empty());
@@ -166,7 +160,7 @@ impl Backends {
                     "the storage node {single:?} is not among the requisite topologies"
                 )));
             }
-            return Ok(Placement { node: single, zone: String::new(), nodes: Vec::new() });
+            return Ok(Placement { node: single, zone: String::new(), nodes: Vec::new(), cluster: None });
         }
         preferred.into_iter().chain(requisite).next().map(single).ok_or_else(|| {
             Status::invalid_argument(format!(

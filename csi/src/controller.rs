@@ -214,8 +214,7 @@ impl Controller for ControllerService {
                     "volume {csi_name:?} exists with another size or content source"
                 )));
             }
-            let cluster = self.backends.cluster().await?;
-            let volume = self.csi_volume_in(&node, &v, &nbd, cluster.as_deref());
+            let volume = self.csi_volume_in(&node, &v, &nbd, placement.cluster.as_deref());
             return Ok(Response::new(CreateVolumeResponse { volume: Some(volume) }));
         }
         let mut labels = HashMap::from([(LABEL_NAME.to_string(), csi_name.to_string())]);
@@ -296,10 +295,8 @@ impl Controller for ControllerService {
             })?
             .into_inner();
         tracing::info!(name = csi_name, volume = %v.name, node, size, "volume provisioned");
-        let cluster = self.backends.cluster().await?;
-        Ok(Response::new(CreateVolumeResponse {
-            volume: Some(self.csi_volume_in(&node, &v, &nbd, cluster.as_deref())),
-        }))
+        let volume = self.csi_volume_in(&node, &v, &nbd, placement.cluster.as_deref());
+        Ok(Response::new(CreateVolumeResponse { volume: Some(volume) }))
     }
 
     async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {

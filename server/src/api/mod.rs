@@ -61,22 +61,11 @@ impl Api {
         name: &str,
         source: &str,
     ) -> Result<crate::cluster::volumes::VolumeSpec, Status> {
-        crate::engine::validate_name("volume", name).map_err(status)?;
         let size_bytes = match source.contains('@') {
             true => self.engine.snapshot(source).map_err(status)?.size,
             false => self.engine.volume(source).map_err(status)?.size(),
         };
-        let spec = crate::cluster::volumes::VolumeSpec {
-            uuid: crate::meta::uuid::new_uuid_text(),
-            name: name.to_string(),
-            size_bytes,
-            node: self.node_name.clone(),
-            created_unix: crate::engine::now_unix(),
-        };
-        if !c.reserve_volume(&spec).await.map_err(cluster_status)? {
-            return Err(Status::already_exists(format!("volume {name:?} already exists")));
-        }
-        Ok(spec)
+        reserve(c, name, size_bytes, &self.node_name).await
     }
 
     /// Places a new volume, records it (its name must be free) and creates it on the node
@@ -92,16 +81,7 @@ impl Api {
             .await
             .map_err(cluster_status)?
             .map_err(|e| Status::resource_exhausted(e.to_string()))?;
-        let spec = crate::cluster::volumes::VolumeSpec {
-            uuid: crate::meta::uuid::new_uuid_text(),
-            name: r.name.clone(),
-            size_bytes: r.size_bytes,
-            node: node.name.clone(),
-            created_unix: crate::engine::now_unix(),
-        };
-        if !c.reserve_volume(&spec).await.map_err(cluster_status)? {
-            return Err(Status::already_exists(format!("volume {:?} already exists", r.name)));
-        }
+        let spec = reserve(c, &r.name, r.size_bytes, &node.name).await?;
         (r.here, r.uuid) = (true, spec.uuid.clone());
         let made = match node.name == self.node_name {
             true => self.create_volume(Request::new(r)).await,
@@ -155,6 +135,28 @@ impl Api {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
+}
+
+/// Records a new volume `name` on `node` under a fresh UUID; its name must be free in the
+/// cluster.
+async fn reserve(
+    c: &crate::cluster::Cluster,
+    name: &str,
+    size_bytes: u64,
+    node: &str,
+) -> Result<crate::cluster::volumes::VolumeSpec, Status> {
+    crate::engine::validate_name("volume", name).map_err(status)?;
+    let spec = crate::cluster::volumes::VolumeSpec {
+        uuid: crate::meta::uuid::new_uuid_text(),
+        name: name.to_string(),
+        size_bytes,
+        node: node.to_string(),
+        created_unix: crate::engine::now_unix(),
+    };
+    if !c.reserve_volume(&spec).await.map_err(cluster_status)? {
+        return Err(Status::already_exists(format!("volume {name:?} already exists")));
+    }
+    Ok(spec)
 }
 
 /// Ranges per streamed chunk: well under gRPC's 4 MiB message limit.

@@ -53,7 +53,9 @@ impl Directory {
     }
 
     pub fn get(&self, name: &str) -> Option<NodeView> {
-        self.list().into_iter().find(|n| n.record.name == name)
+        let record = self.records.read().ok()?.get(name)?.clone();
+        let up = self.alive.read().ok()?.contains(name);
+        Some(NodeView { record, up })
     }
 
     /// Follows the cluster's nodes until `shutdown`: reads them all, then applies every change
