@@ -314,9 +314,10 @@ fn the_attaching_node_is_the_target_and_forwards_to_the_holder() {
         serde_json::from_str(&n.cli(&fabric, &["volume", "show", "tv", "-o", "json"])).unwrap()
     };
     let grant = |node: usize| -> String {
-        let g: serde_json::Value = serde_json::from_str(
-            &nodes[0].cli(&fabric, &["volume", "publish", "tv", "--node", &format!("node-{node}"), "-o", "json"]),
-        )
+        let g: serde_json::Value = serde_json::from_str(&nodes[0].cli(
+            &fabric,
+            &["volume", "publish", "tv", "--node", &format!("node-{node}"), "--single-writer", "-o", "json"],
+        ))
         .unwrap();
         g["export_name"].as_str().unwrap().to_string()
     };
@@ -398,6 +399,208 @@ fn the_attaching_node_is_the_target_and_forwards_to_the_holder() {
     assert!(again == data, "data changed across the target's restart");
     let s = show(&nodes[0]);
     assert_eq!(s["target_epoch"].as_u64(), Some(3), "a restarted target takes a new epoch");
+}
+
+/// A volume of three nodes: created through node-1, published for one writer; returns the
+/// holder's index, the two others, and the grant's export name.
+fn single_writer_volume(fabric: &Fabric, nodes: &[NetNode], name: &str) -> (usize, usize, usize, String) {
+    let created: serde_json::Value =
+        serde_json::from_str(&nodes[0].cli(fabric, &["volume", "create", name, "--size", "64MiB", "-o", "json"]))
+            .unwrap();
+    let holder: usize = created["node"].as_str().unwrap().trim_start_matches("node-").parse().unwrap();
+    let others: Vec<usize> = (1..=3).filter(|i| *i != holder).collect();
+    let g: serde_json::Value = serde_json::from_str(
+        &nodes[0].cli(fabric, &["volume", "publish", name, "--node", "app", "--single-writer", "-o", "json"]),
+    )
+    .unwrap();
+    (holder, others[0], others[1], g["export_name"].as_str().unwrap().to_string())
+}
+
+fn target_of(fabric: &Fabric, via: &NetNode, name: &str) -> (String, u64) {
+    let s: serde_json::Value = serde_json::from_str(&via.cli(fabric, &["volume", "show", name, "-o", "json"])).unwrap();
+    (s["target_node"].as_str().unwrap_or_default().to_string(), s["target_epoch"].as_u64().unwrap_or(0))
+}
+
+/// A stale target cannot write: the target is paused (SIGSTOP) with a client's write queued
+/// on it; another node takes over with the same grant (a newer epoch, which the holder
+/// persists and fences older links with); when the paused target resumes, the queued write
+/// fails and its bytes are not on the volume. The holder refuses a link of the older epoch,
+/// after its own restart too.
+#[test]
+fn a_stale_target_cannot_write_after_a_newer_one_took_over() {
+    use thinbd_protocol::client::{Client, ClientOptions};
+    let Some((fabric, _etcd, mut nodes)) = three_nodes(|_| Vec::new()) else { return };
+    let (holder, stale, fresh, export) = single_writer_volume(&fabric, &nodes, "st");
+    let first = thinbd_tests::pattern(21, 64 << 10);
+    let late = vec![0xeeu8; 64 << 10];
+    let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
+    let (tx_go, rx_go) = std::sync::mpsc::channel::<()>();
+    let client = {
+        let path = format!("/var/run/netns/{}", fabric.ns(stale));
+        let (addr, export, first, late) = (format!("{}:10809", fabric.ip(stale)), export.clone(), first.clone(), late);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(path).unwrap();
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            thinbd_tests::runtime().block_on(async {
+                let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach via target");
+                c.write(0, &first, 0).await.unwrap();
+                c.flush().await.unwrap();
+                tx.send("attached").unwrap();
+                rx_go.recv().unwrap();
+                // Sent while the target is paused: it sits in the target's socket.
+                let queued = c.write(0, &late, 0).await;
+                tx.send(if queued.is_err() { "refused" } else { "ACKNOWLEDGED" }).unwrap();
+            })
+        })
+    };
+    assert_eq!(rx.recv_timeout(Duration::from_secs(20)), Ok("attached"));
+    assert_eq!(target_of(&fabric, &nodes[0], "st"), (format!("node-{stale}"), 1));
+    let stale_pid = nodes.iter().find(|n| n.index == stale).unwrap().pid();
+    send_signal(stale_pid, "STOP");
+    tx_go.send(()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Another node takes over with the same grant: epoch 2.
+    let newer = thinbd_tests::pattern(22, 64 << 10);
+    let (addr, e, n) = (format!("{}:10809", fabric.ip(fresh)), export.clone(), newer.clone());
+    let fresh_thread = std::thread::spawn({
+        let path = format!("/var/run/netns/{}", fabric.ns(fresh));
+        move || {
+            let ns = std::fs::File::open(path).unwrap();
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            thinbd_tests::runtime().block_on(async {
+                let c = Client::connect(addr.as_str(), ClientOptions::new(&e)).await.expect("take over");
+                c.write(0, &n, 0).await.unwrap();
+                c.flush().await.unwrap();
+                c.disconnect().await.unwrap();
+            })
+        }
+    });
+    fresh_thread.join().expect("the newer target serves while the stale one is paused");
+    assert_eq!(target_of(&fabric, &nodes[0], "st"), (format!("node-{fresh}"), 2));
+
+    send_signal(stale_pid, "CONT");
+    assert_eq!(rx.recv_timeout(Duration::from_secs(20)), Ok("refused"), "the stale target's write was acknowledged");
+    client.join().unwrap();
+    let (addr, e) = (format!("{}:10809", fabric.ip(fresh)), export.clone());
+    let back = fabric.run_in(fresh, move || {
+        thinbd_tests::runtime().block_on(async {
+            let c = Client::connect(addr.as_str(), ClientOptions::new(&e)).await.expect("reattach");
+            let got = c.read(0, 64 << 10).await.unwrap();
+            c.disconnect().await.unwrap();
+            got
+        })
+    });
+    assert!(back == newer, "the volume does not hold the newer target's write");
+
+    // The holder refuses links of the older epoch, and still does after a restart (the
+    // promise is in its metadata).
+    let stale_link = |fabric: &Fabric| {
+        let addr = format!("{}:10809", fabric.ip(holder));
+        let name = format!("{export};epoch=1");
+        fabric.run_in(stale, move || {
+            thinbd_tests::runtime()
+                .block_on(async { Client::connect(addr.as_str(), ClientOptions::new(&name)).await.err() })
+        })
+    };
+    let refused = stale_link(&fabric).expect("a link of epoch 1 was accepted after epoch 2");
+    assert!(refused.to_string().contains("stale"), "{refused}");
+    let h = nodes.iter().position(|n| n.index == holder).unwrap();
+    nodes[h].kill9();
+    nodes[h].spawn(&fabric);
+    assert!(stale_link(&fabric).is_some(), "after a restart the holder accepted a link of epoch 1");
+}
+
+/// A client keeps writing through its target while the target is killed (kill -9) and
+/// restarted: it reconnects, the target takes a new epoch, and every acknowledged write reads
+/// back from another node.
+#[test]
+fn a_client_writes_on_across_a_target_restart() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use thinbd_protocol::client::{Client, ClientOptions};
+    let Some((fabric, _etcd, mut nodes)) = three_nodes(|_| Vec::new()) else { return };
+    let (_holder, target, reader, export) = single_writer_volume(&fabric, &nodes, "rw");
+    const BLOCK: usize = 64 << 10;
+    const BLOCKS: usize = 120;
+    let acked = std::sync::Arc::new(AtomicUsize::new(0));
+    let reconnects = std::sync::Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let path = format!("/var/run/netns/{}", fabric.ns(target));
+        let (addr, export, acked, reconnects) =
+            (format!("{}:10809", fabric.ip(target)), export.clone(), acked.clone(), reconnects.clone());
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(path).unwrap();
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            thinbd_tests::runtime().block_on(async {
+                let connect = || async {
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    loop {
+                        match Client::connect(addr.as_str(), ClientOptions::new(&export)).await {
+                            Ok(c) => return c,
+                            Err(e) => assert!(Instant::now() < deadline, "cannot reconnect: {e}"),
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                };
+                let mut c = connect().await;
+                let mut i = 0;
+                while i < BLOCKS {
+                    let data = thinbd_tests::pattern(100 + i as u64, BLOCK);
+                    match c.write((i * BLOCK) as u64, &data, 0).await {
+                        Ok(()) => {
+                            acked.store(i + 1, Ordering::SeqCst);
+                            i += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        // Not acknowledged: reconnect and write it again.
+                        Err(_) => {
+                            reconnects.fetch_add(1, Ordering::SeqCst);
+                            c = connect().await;
+                        }
+                    }
+                }
+                c.flush().await.unwrap();
+            })
+        })
+    };
+    let wait_acked = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while acked.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "the writer is stuck at {}", acked.load(Ordering::SeqCst));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_acked(30);
+    let (_, before) = target_of(&fabric, &nodes[0], "rw");
+    let t = nodes.iter().position(|n| n.index == target).unwrap();
+    nodes[t].kill9();
+    nodes[t].spawn(&fabric);
+    writer.join().expect("the writer finished");
+    assert!(reconnects.load(Ordering::SeqCst) >= 1, "the client never saw the target go");
+    let (node, after) = target_of(&fabric, &nodes[0], "rw");
+    assert_eq!(node, format!("node-{target}"));
+    assert!(after > before, "the restarted target kept epoch {before}");
+
+    // Everything acknowledged is on the volume, read through another node's target.
+    let g: serde_json::Value = serde_json::from_str(
+        &nodes[0].cli(&fabric, &["volume", "publish", "rw", "--node", "reader", "--read-only", "-o", "json"]),
+    )
+    .unwrap();
+    let (addr, e) = (format!("{}:10809", fabric.ip(reader)), g["export_name"].as_str().unwrap().to_string());
+    let whole = fabric.run_in(reader, move || {
+        thinbd_tests::runtime().block_on(async {
+            let c = Client::connect(addr.as_str(), ClientOptions::new(&e)).await.expect("read-only attach");
+            let whole = c.read(0, (BLOCKS * BLOCK) as u32).await.unwrap();
+            c.disconnect().await.unwrap();
+            whole
+        })
+    });
+    for i in 0..BLOCKS {
+        assert!(
+            whole[i * BLOCK..(i + 1) * BLOCK] == thinbd_tests::pattern(100 + i as u64, BLOCK)[..],
+            "acknowledged block {i} is not on the volume"
+        );
+    }
 }
 
 /// The CSI controller on a cluster (two nodes on loopback, zones a and b): volumes are

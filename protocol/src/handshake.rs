@@ -50,8 +50,9 @@ pub struct Export<D> {
     pub name: String,
     pub description: String,
     pub device: Arc<D>,
-    /// Ends sessions on this export when cancelled (a revoked grant), besides server shutdown.
-    pub revoked: Option<tokio_util::sync::CancellationToken>,
+    /// Any of these cancelled fences the session (a revoked grant, a newer target epoch);
+    /// server shutdown drains it besides.
+    pub fences: Vec<tokio_util::sync::CancellationToken>,
 }
 
 /// Where the server finds exports. Implemented by the volume engine.

@@ -141,7 +141,7 @@ impl ExportCatalog for MemCatalog {
                 name: n.clone(),
                 description: format!("memory export {n}"),
                 device: d.clone(),
-                revoked: None,
+                fences: Vec::new(),
             })
             .ok_or(OpenError::Unknown)
     }

@@ -28,6 +28,9 @@ pub enum EngineError {
     /// A single-writer attachment elsewhere keeps other writers out.
     #[error("volume {volume:?} is already published read-write to node {node:?} for a single writer")]
     SingleWriter { volume: String, node: String },
+    /// A target whose epoch is older than one this node promised: a newer target took over.
+    #[error("volume {volume:?}: epoch {epoch} is stale, a target with epoch {promised} took over")]
+    StaleEpoch { volume: String, epoch: u64, promised: u64 },
     /// Shrinking would discard data.
     #[error("volume {volume:?} is {size} bytes; shrinking to {requested} is not supported (it would discard data)")]
     Shrink { volume: String, size: u64, requested: u64 },
@@ -71,6 +74,7 @@ impl EngineError {
                 | EngineError::InUse { .. }
                 | EngineError::Published { .. }
                 | EngineError::SingleWriter { .. }
+                | EngineError::StaleEpoch { .. }
                 | EngineError::Shrink { .. }
         )
     }

@@ -8,12 +8,13 @@
 //!
 //! Modules depend one way (`tests/layering.rs` checks it): `nbd` → `engine` (the façade: admin
 //! operations, grants, checks) → `io` → `layers` → `space` → `meta`; `qos`, `grants`,
-//! `metrics` and `error` are leaves beside them.
+//! `epochs`, `metrics` and `error` are leaves beside them.
 
 pub mod api;
 pub mod cluster;
 pub mod daemon;
 pub mod engine;
+pub mod epochs;
 pub mod error;
 pub mod grants;
 pub mod io;

@@ -47,10 +47,16 @@ impl Api {
     /// unavailable (`e` if it records nothing).
     async fn unreachable_volume(&self, reference: &str, e: Status) -> Result<Response<pb::Volume>, Status> {
         let Some(c) = &self.cluster else { return Err(e) };
-        match c.volume_spec(reference).await.map_err(cluster_status)? {
-            Some(spec) => Ok(Response::new(convert::spec_to_pb(spec))),
-            None => Err(e),
+        let Some(spec) = c.volume_spec(reference).await.map_err(cluster_status)? else { return Err(e) };
+        // What the cluster knows of it: attachments and target are in etcd.
+        let grants = c.grants(&spec.uuid).await.map_err(cluster_status)?;
+        let target = c.target(&spec.uuid).await.map_err(cluster_status)?;
+        let mut out = convert::spec_to_pb(spec);
+        out.published_nodes = grants.into_iter().map(|g| g.node).collect();
+        if let Some(t) = target {
+            (out.target_node, out.target_epoch) = (t.node, t.epoch);
         }
+        Ok(Response::new(out))
     }
 
     /// Records volume `name`, a clone of `source` (held here), on this node; its name must be
@@ -208,7 +214,12 @@ impl Management for Api {
             return self.place_and_create(c, r).await.map(Response::new);
         }
         let uuid = Some(r.uuid).filter(|u| !u.is_empty());
-        let opts = VolumeOptions { labels: r.labels.into_iter().collect(), qos: qos_from_pb(r.qos), uuid };
+        let opts = VolumeOptions {
+            labels: r.labels.into_iter().collect(),
+            qos: qos_from_pb(r.qos),
+            uuid,
+            ..Default::default()
+        };
         let v = self.engine.create_volume_with(&r.name, r.size_bytes, opts).await.map_err(status)?;
         Ok(Response::new(volume_to_pb(&self.engine, &self.node_name, &v)))
     }
@@ -292,6 +303,7 @@ impl Management for Api {
             labels: r.labels.into_iter().collect(),
             qos: qos_from_pb(r.qos),
             uuid: spec.as_ref().map(|s| s.uuid.clone()),
+            ..Default::default()
         };
         match self.engine.clone_volume_with(&source, &r.name, opts).await {
             Ok(v) => Ok(Response::new(volume_to_pb(&self.engine, &self.node_name, &v))),
@@ -411,6 +423,19 @@ impl Management for Api {
         let access = Access { read_only: r.read_only, single_writer: r.single_writer };
         let g = self.engine.publish(&self.engine.resolve(&r.volume), &r.node, access).await.map_err(status)?;
         let rec = &g.record;
+        if let Some(c) = &self.cluster {
+            // Publish is idempotent: a retry after a failure here records it again.
+            let uuid = self.engine.volume(&rec.volume).map_err(status)?.uuid.clone();
+            let entry = crate::cluster::grants::GrantEntry {
+                volume: rec.volume.clone(),
+                node: rec.node.clone(),
+                read_only: rec.read_only,
+                single_writer: rec.single_writer,
+                token_sha256: crate::cluster::grants::token_hash(&rec.token),
+                created_unix: rec.created_unix,
+            };
+            c.put_grant(&uuid, &entry).await.map_err(cluster_status)?;
+        }
         Ok(Response::new(pb::Grant {
             volume: rec.volume.clone(),
             node: rec.node.clone(),
@@ -430,7 +455,12 @@ impl Management for Api {
             return peer.unpublish_volume(req.into_inner()).await;
         }
         let r = req.into_inner();
-        self.engine.unpublish(&self.engine.resolve(&r.volume), &r.node).await.map_err(status)?;
+        let volume = self.engine.resolve(&r.volume);
+        if let (Some(c), Ok(v)) = (&self.cluster, self.engine.volume(&volume)) {
+            // First out of etcd, so no target can take the volume's epoch with it any more.
+            c.delete_grant(&v.uuid, &r.node).await.map_err(cluster_status)?;
+        }
+        self.engine.unpublish(&volume, &r.node).await.map_err(status)?;
         Ok(Response::new(pb::UnpublishVolumeResponse {}))
     }
 }

@@ -8,6 +8,7 @@
 //! | `/thinbd/v1/volumes/UUID` | [`super::volumes::VolumeSpec`] (JSON): name, size, the node holding the data | from creation to deletion |
 //! | `/thinbd/v1/volume-names/NAME` | the volume's UUID (names are unique labels) | written in one transaction with the spec |
 //! | `/thinbd/v1/targets/UUID` | [`super::targets::Target`] (JSON): the node serving the volume and its epoch | taken by compare-and-swap; deleted with the volume |
+//! | `/thinbd/v1/grants/UUID/NODE` | [`super::grants::GrantEntry`] (JSON): access and a hash of the token | from publish to unpublish; deleted with the volume |
 
 /// The prefix of every key.
 pub const ROOT: &str = "/thinbd/v1/";
@@ -24,6 +25,17 @@ pub const TARGETS: &str = "/thinbd/v1/targets/";
 
 pub fn target(uuid: &str) -> String {
     format!("{TARGETS}{uuid}")
+}
+
+pub const GRANTS: &str = "/thinbd/v1/grants/";
+
+/// The prefix of volume `uuid`'s grants.
+pub fn grants_of(uuid: &str) -> String {
+    format!("{GRANTS}{uuid}/")
+}
+
+pub fn grant(uuid: &str, node: &str) -> String {
+    format!("{GRANTS}{uuid}/{node}")
 }
 
 pub fn volume_name(name: &str) -> String {

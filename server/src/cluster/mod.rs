@@ -2,8 +2,10 @@
 //! Without it nothing here runs and thinbd is the single-node system.
 
 pub mod error;
+pub mod grants;
 pub mod keys;
 pub mod nodes;
+mod record;
 pub mod targets;
 pub mod volumes;
 

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::ClusterError;
 use super::keys;
+use super::record::decode;
 
 /// What a node tells the cluster about itself (`/thinbd/v1/nodes/NODE`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -122,11 +123,6 @@ impl Directory {
     }
 }
 
-fn decode(key: &[u8], value: &[u8]) -> Result<NodeRecord, ClusterError> {
-    serde_json::from_slice(value)
-        .map_err(|e| ClusterError::Record { key: String::from_utf8_lossy(key).into_owned(), source: e })
-}
-
 /// Keeps this node registered until `shutdown`: its record, and its `alive` key under a lease
 /// renewed every third of `ttl`. A lease that ran out (the process was paused longer than
 /// `ttl`) or a lost connection starts a new registration. On shutdown the lease is revoked,
@@ -199,7 +195,7 @@ async fn registration(
 }
 
 fn encode(r: &NodeRecord) -> Result<Vec<u8>, ClusterError> {
-    serde_json::to_vec(r).map_err(|e| ClusterError::Record { key: keys::node(&r.name), source: e })
+    super::record::encode(&keys::node(&r.name), r)
 }
 
 /// 100 ms doubling to 5 s.

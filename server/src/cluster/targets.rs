@@ -6,6 +6,7 @@ use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 
 use super::error::ClusterError;
+use super::record::{decode, encode};
 use super::{Cluster, keys};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,7 +27,7 @@ impl Cluster {
         loop {
             let resp = client.get(key.clone(), None).await?;
             let (current, revision) = match resp.kvs().first() {
-                Some(kv) => (Some(decode(kv.key(), kv.value())?), kv.mod_revision()),
+                Some(kv) => (Some(decode::<Target>(kv.key(), kv.value())?), kv.mod_revision()),
                 None => (None, 0),
             };
             if let (Some(epoch), Some(c)) = (held, &current)
@@ -40,7 +41,7 @@ impl Cluster {
                 0 => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
                 r => Compare::mod_revision(key.clone(), CompareOp::Equal, r),
             };
-            let value = serde_json::to_vec(&next).map_err(|e| ClusterError::Record { key: key.clone(), source: e })?;
+            let value = encode(&key, &next)?;
             let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(key.clone(), value, None)]);
             if client.txn(txn).await?.succeeded() {
                 self.targets.lock().map_err(|_| ClusterError::Poisoned)?.insert(uuid.to_string(), next.epoch);
@@ -55,9 +56,4 @@ impl Cluster {
         let resp = self.client.clone().get(keys::target(uuid), None).await?;
         resp.kvs().first().map(|kv| decode(kv.key(), kv.value())).transpose()
     }
-}
-
-fn decode(key: &[u8], value: &[u8]) -> Result<Target, ClusterError> {
-    serde_json::from_slice(value)
-        .map_err(|e| ClusterError::Record { key: String::from_utf8_lossy(key).into_owned(), source: e })
 }

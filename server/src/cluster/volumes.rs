@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ClusterError;
 use super::nodes::NodeRecord;
+use super::record::decode;
 use super::{Cluster, keys};
 
 /// `/thinbd/v1/volumes/UUID`.
@@ -68,6 +69,7 @@ impl Cluster {
             TxnOp::delete(name_key, None),
             TxnOp::delete(keys::volume(&spec.uuid), None),
             TxnOp::delete(keys::target(&spec.uuid), None),
+            TxnOp::delete(keys::grants_of(&spec.uuid), Some(etcd_client::DeleteOptions::new().with_prefix())),
         ]);
         self.client.clone().txn(txn).await?;
         Ok(())
@@ -93,10 +95,5 @@ impl Cluster {
 }
 
 fn encode(spec: &VolumeSpec) -> Result<Vec<u8>, ClusterError> {
-    serde_json::to_vec(spec).map_err(|e| ClusterError::Record { key: keys::volume(&spec.uuid), source: e })
-}
-
-fn decode(key: &[u8], value: &[u8]) -> Result<VolumeSpec, ClusterError> {
-    serde_json::from_slice(value)
-        .map_err(|e| ClusterError::Record { key: String::from_utf8_lossy(key).into_owned(), source: e })
+    super::record::encode(&keys::volume(&spec.uuid), spec)
 }

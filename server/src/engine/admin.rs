@@ -288,7 +288,9 @@ impl Engine {
             vol.deleting.store(false, Relaxed);
             return Err(e);
         }
-        self.graph.volumes.write().map_err(|_| poisoned())?.remove(name);
+        if let Some(v) = self.graph.volumes.write().map_err(|_| poisoned())?.remove(name) {
+            self.epochs.forget(&v.uuid);
+        }
         self.graph.release_layer(vol.top()?.id).await?;
         tracing::info!(volume = name, "volume deleted");
         Ok(())

@@ -81,6 +81,8 @@ pub struct Engine {
     pub(crate) graph: Arc<LayerGraph>,
     /// Attachment grants by `grant_key`.
     pub(crate) grants: crate::grants::Grants,
+    /// Target epochs promised for the volumes held here, and their sessions.
+    pub(crate) epochs: crate::epochs::Epochs,
     /// Nodes registered to be published to, by name.
     pub(crate) nodes: std::sync::RwLock<std::collections::BTreeMap<String, crate::meta::store::NodeRegistration>>,
     /// Serializes admin operations so their checks and commits do not interleave.
@@ -229,6 +231,7 @@ impl Engine {
             space,
             graph: Arc::new(graph),
             grants: crate::grants::Grants::load(loaded.grants),
+            epochs: Default::default(),
             nodes: std::sync::RwLock::new(loaded.nodes.into_iter().map(|n| (n.name.clone(), n)).collect()),
             admin: Default::default(),
             data_dir,

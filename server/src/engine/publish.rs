@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::engine::{Engine, now_unix};
+use crate::epochs::EpochSession;
 use crate::error::EngineError;
 use crate::grants::{Access, Grant, Grants};
 use crate::meta::store::{MetaOp, NodeRegistration, grant_key};
@@ -88,6 +89,28 @@ impl Engine {
 
     pub fn published_nodes(&self, volume: &str) -> Vec<String> {
         self.grants.of(volume).iter().map(|g| g.record.node.clone()).collect()
+    }
+
+    /// Admits a target's session at `epoch` (see `crate::epochs`): an epoch newer than the
+    /// promised one is committed first and fences the older sessions; an older one is refused.
+    pub async fn enter_epoch(self: &Arc<Self>, volume: &str, epoch: u64) -> Result<EpochSession, EngineError> {
+        let vol = self.volume(volume)?;
+        if epoch > vol.epoch() {
+            let _admin = self.admin.lock().await;
+            if epoch > vol.epoch() {
+                let mut record = vol.record()?;
+                record.epoch = epoch;
+                self.space.commit(vec![MetaOp::PutVolume(record)], true).await?;
+                vol.set_epoch(epoch);
+                self.epochs.promote(&vol.uuid, epoch)?;
+                tracing::info!(volume, epoch, "new target epoch promised; older targets are fenced");
+            }
+        }
+        let promised = vol.epoch();
+        if epoch < promised {
+            return Err(EngineError::StaleEpoch { volume: volume.to_string(), epoch, promised });
+        }
+        self.epochs.enter(&vol.uuid, volume, epoch).await
     }
 
     /// The grant of `volume` whose secret is `token` (export name `VOLUME#TOKEN`).

@@ -49,6 +49,8 @@ pub struct LocalVolume {
     read_only: bool,
     /// The grant the handle was opened through; its revocation waits for this handle to go.
     _grant: Option<crate::grants::GrantSession>,
+    /// The target epoch it was opened at; a newer target waits for this handle to go.
+    _epoch: Option<crate::epochs::EpochSession>,
 }
 
 impl Drop for LocalVolume {
@@ -71,12 +73,12 @@ fn clip(run: &Run, cs: u64, offset: u64, end: u64) -> (u64, u64, u64) {
 impl LocalVolume {
     pub(crate) fn volume(graph: Arc<LayerGraph>, vol: Arc<Volume>) -> Self {
         vol.sessions.fetch_add(1, Relaxed);
-        LocalVolume { graph, target: Target::Volume(vol), read_only: false, _grant: None }
+        LocalVolume { graph, target: Target::Volume(vol), read_only: false, _grant: None, _epoch: None }
     }
 
     pub(crate) fn snapshot(graph: Arc<LayerGraph>, snap: Arc<Snapshot>) -> Self {
         snap.sessions.fetch_add(1, Relaxed);
-        LocalVolume { graph, target: Target::Snapshot(snap), read_only: true, _grant: None }
+        LocalVolume { graph, target: Target::Snapshot(snap), read_only: true, _grant: None, _epoch: None }
     }
 
     /// The current size: a volume grown while a session is open accepts requests up to its new
@@ -96,6 +98,12 @@ impl LocalVolume {
     /// The same handle, counted as a session of `grant`.
     pub fn through_grant(mut self, grant: crate::grants::GrantSession) -> Self {
         self._grant = Some(grant);
+        self
+    }
+
+    /// The same handle, counted as a session of a target's epoch.
+    pub fn at_epoch(mut self, epoch: crate::epochs::EpochSession) -> Self {
+        self._epoch = Some(epoch);
         self
     }
 

@@ -107,7 +107,7 @@ impl LayerGraph {
                 rec.size,
                 rec.created_unix,
                 top,
-                VolumeOptions { labels: rec.labels.clone(), qos: rec.qos, uuid: None },
+                VolumeOptions { labels: rec.labels.clone(), qos: rec.qos, uuid: None, epoch: rec.epoch },
             ));
             if rec.uuid.is_empty() {
                 upgraded.push(MetaOp::PutVolume(vol.record()?));

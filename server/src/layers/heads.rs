@@ -32,6 +32,8 @@ pub struct Volume {
     /// Limits shared by all sessions of the volume.
     pub qos: Arc<crate::qos::Qos>,
     pub labels: BTreeMap<String, String>,
+    /// The highest target epoch promised (persisted in the record; see `crate::epochs`).
+    epoch: AtomicU64,
 }
 
 /// What a new volume is created with besides its name and size.
@@ -42,6 +44,8 @@ pub struct VolumeOptions {
     pub qos: crate::meta::qos::QosLimits,
     /// The UUID to give it (the cluster chose it when placing the volume); `None`: a new one.
     pub uuid: Option<String>,
+    /// The highest target epoch promised so far (from the record; 0 for a new volume).
+    pub epoch: u64,
 }
 
 impl Volume {
@@ -68,7 +72,17 @@ impl Volume {
             sessions: AtomicU32::new(0),
             deleting: AtomicBool::new(false),
             metrics: Default::default(),
+            epoch: AtomicU64::new(opts.epoch),
         }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Relaxed)
+    }
+
+    /// After the record with the new epoch is committed.
+    pub(crate) fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Relaxed);
     }
 
     pub fn size(&self) -> u64 {
@@ -99,6 +113,7 @@ impl Volume {
             labels: self.labels.clone(),
             qos: self.qos.limits(),
             uuid: self.uuid.clone(),
+            epoch: self.epoch(),
         })
     }
 }

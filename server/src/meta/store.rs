@@ -51,6 +51,14 @@ pub struct VolumeRecord {
     /// written before UUIDs existed, which get one when loaded.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub uuid: String,
+    /// The highest target epoch this node promised for the volume (0: none). A target whose
+    /// epoch is older is refused, so a stale target can never write (see `epochs`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Permission for one node to attach one volume (see design.md, Security).

@@ -105,44 +105,100 @@ pub struct Catalog {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
+/// Runs `f` to completion on this worker: the catalog answers synchronously, and opening may
+/// ask etcd, the node holding the volume, or wait for an older target's sessions.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| handle.block_on(f))
+}
+
 impl Catalog {
     fn trusted(&self, peer: Option<SocketAddr>) -> bool {
         !self.require_grants && peer.is_some_and(|p| p.ip().is_loopback())
     }
 
-    /// A grant's export name for a volume another node holds: this node becomes the volume's
-    /// target (a new epoch in etcd) and forwards to the holder, which checks the grant.
-    fn open_remote(&self, name: &str, volume: &str) -> Result<Export<NbdVolume<VolumeStack>>, OpenError> {
+    /// A grant's export name for a volume another node holds: the grant is checked against
+    /// its record in etcd; a single writer's makes this node the volume's target (a new epoch,
+    /// sent on the link so the holder fences older targets), and requests are forwarded to the
+    /// holder, which checks the grant itself too.
+    fn open_remote(&self, name: &str, volume: &str, token: &str) -> Result<Export<NbdVolume<VolumeStack>>, OpenError> {
         let Some(cluster) = self.cluster.clone() else { return Err(OpenError::Unknown) };
         let platform = |e: &dyn std::fmt::Display| OpenError::Platform(e.to_string());
-        let (export, volume) = (name.to_string(), volume.to_string());
-        let handle = tokio::runtime::Handle::current();
-        // The catalog answers synchronously; etcd and the holder are asked on this worker.
-        let (remote, holder, epoch) = tokio::task::block_in_place(|| {
-            handle.block_on(async {
-                let spec = cluster.volume_spec(&volume).await.map_err(|e| platform(&e))?.ok_or(OpenError::Unknown)?;
-                if spec.node == cluster.node {
-                    return Err(OpenError::Unknown);
-                }
-                let holder = cluster
-                    .directory
-                    .get(&spec.node)
-                    .filter(|n| n.up)
-                    .ok_or_else(|| platform(&format!("node {} holding {volume} is down", spec.node)))?;
+        let (remote, holder, epoch) = block_on(async {
+            let spec = cluster.volume_spec(volume).await.map_err(|e| platform(&e))?.ok_or(OpenError::Unknown)?;
+            if spec.node == cluster.node {
+                return Err(OpenError::Unknown);
+            }
+            let grant = cluster.grant_by_token(&spec.uuid, token).await.map_err(|e| platform(&e))?;
+            let grant = grant.ok_or(OpenError::Unknown)?;
+            let holder = cluster
+                .directory
+                .get(&spec.node)
+                .filter(|n| n.up)
+                .ok_or_else(|| platform(&format!("node {} holding {volume} is down", spec.node)))?;
+            let (link, epoch) = if grant.single_writer && !grant.read_only {
                 let epoch = cluster.take_target(&spec.uuid).await.map_err(|e| platform(&e))?;
-                let remote =
-                    RemoteVolume::open(&holder.record.nbd_address, &export, &volume).await.map_err(|e| platform(&e))?;
-                Ok((remote, spec.node, epoch))
-            })
+                (super::export_name::with_epoch(name, epoch), Some(epoch))
+            } else {
+                (name.to_string(), None)
+            };
+            let remote =
+                RemoteVolume::open(&holder.record.nbd_address, &link, volume).await.map_err(|e| platform(&e))?;
+            Ok((remote, spec.node, epoch))
         })?;
         tracing::info!(volume, holder, epoch, "target: serving a volume held by another node");
         let description = format!("thinbd volume {volume} (data on {holder})");
-        Ok(Export {
-            name: name.to_string(),
-            description,
-            device: Arc::new(NbdVolume(remote_stack(remote))),
-            revoked: None,
-        })
+        // A lost link ends the client's session, so that it reconnects (and relinks).
+        let fences = vec![remote.lost()];
+        Ok(Export { name: name.to_string(), description, device: Arc::new(NbdVolume(remote_stack(remote))), fences })
+    }
+
+    /// A session through a grant of a volume held here. The one writer of a single-writer
+    /// volume is fenced by target epochs: the epoch its target sent, or, in a cluster, the one
+    /// this node takes when the consumer is attached here. Read-only and multi-writer
+    /// attachments are fenced by their grants alone.
+    fn open_granted(
+        &self,
+        name: &str,
+        grant: Arc<crate::grants::Grant>,
+        link_epoch: Option<u64>,
+        peer: Option<SocketAddr>,
+    ) -> Result<Export<NbdVolume<VolumeStack>>, OpenError> {
+        let r = &grant.record;
+        let epoch = match (link_epoch, r.single_writer && !r.read_only, &self.cluster) {
+            (_, false, _) | (None, true, None) => None,
+            (Some(e), true, _) => Some(e),
+            (None, true, Some(cluster)) => {
+                let uuid = self.engine.volume(&r.volume).map_err(engine_err)?.uuid.clone();
+                Some(block_on(cluster.take_target(&uuid)).map_err(|e| OpenError::Platform(e.to_string()))?)
+            }
+        };
+        let at_epoch = match epoch {
+            Some(e) => Some(block_on(self.engine.enter_epoch(&r.volume, e)).map_err(engine_err)?),
+            None => None,
+        };
+        // Counted before the volume is opened: a revocation from here on waits for us.
+        let session = grant.enter().ok_or(OpenError::Unknown)?;
+        let mut h = self.engine.open_volume(&r.volume).map_err(engine_err)?.through_grant(session);
+        if r.read_only {
+            h = h.into_read_only();
+        }
+        let mut fences = vec![grant.revoked.clone()];
+        if let Some(s) = at_epoch {
+            fences.push(s.cut.clone());
+            h = h.at_epoch(s);
+        }
+        debug!(volume = %r.volume, node = %r.node, ?peer, read_only = r.read_only, epoch, "export opened through grant");
+        let description = describe(&h, &r.volume);
+        Ok(Export { name: name.to_string(), description, device: Arc::new(NbdVolume(stack(h))), fences })
+    }
+}
+
+fn engine_err(e: EngineError) -> OpenError {
+    match e {
+        EngineError::NotFound(_) => OpenError::Unknown,
+        e @ EngineError::StaleEpoch { .. } => OpenError::Policy(e.to_string()),
+        e => OpenError::Platform(e.to_string()),
     }
 }
 
@@ -154,30 +210,14 @@ impl ExportCatalog for Catalog {
     type Device = NbdVolume<VolumeStack>;
 
     fn open(&self, name: &str, peer: Option<SocketAddr>) -> Result<Export<Self::Device>, OpenError> {
-        let engine_err = |e: EngineError| match e {
-            EngineError::NotFound(_) => OpenError::Unknown,
-            e => OpenError::Platform(e.to_string()),
-        };
         let parsed = ExportName::parse(name).ok_or(OpenError::Unknown)?;
-        if let ExportName::Grant { volume, token } = &parsed {
-            let Some(grant) = self.engine.grant_for(volume, token) else {
-                return self.open_remote(name, volume);
+        if let ExportName::Grant { volume, token, epoch } = &parsed {
+            return match self.engine.grant_for(volume, token) {
+                Some(grant) => self.open_granted(name, grant, *epoch, peer),
+                // A target's link is never forwarded further.
+                None if epoch.is_some() => Err(OpenError::Unknown),
+                None => self.open_remote(name, volume, token),
             };
-            // Counted before the volume is opened: a revocation from here on waits for us.
-            let session = grant.enter().ok_or(OpenError::Unknown)?;
-            let r = &grant.record;
-            let mut h = self.engine.open_volume(&r.volume).map_err(engine_err)?.through_grant(session);
-            if r.read_only {
-                h = h.into_read_only();
-            }
-            debug!(volume = %r.volume, node = %r.node, ?peer, read_only = r.read_only, "export opened through grant");
-            let description = describe(&h, &r.volume);
-            return Ok(Export {
-                name: name.to_string(),
-                description,
-                device: Arc::new(NbdVolume(stack(h))),
-                revoked: Some(grant.revoked.clone()),
-            });
         }
         if !self.trusted(peer) {
             return Err(OpenError::Policy(
@@ -192,7 +232,7 @@ impl ExportCatalog for Catalog {
         }
         .map_err(engine_err)?;
         let description = describe(&h, name);
-        Ok(Export { name: name.to_string(), description, device: Arc::new(NbdVolume(stack(h))), revoked: None })
+        Ok(Export { name: name.to_string(), description, device: Arc::new(NbdVolume(stack(h))), fences: Vec::new() })
     }
 
     fn list(&self, peer: Option<SocketAddr>) -> Vec<ExportListing> {

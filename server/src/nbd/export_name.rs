@@ -1,5 +1,7 @@
-//! Export names, parsed once at the NBD edge: `VOLUME`, `VOLUME@SNAPSHOT` (read-only) or a
-//! grant's `VOLUME#TOKEN`.
+//! Export names, parsed once at the NBD edge: `VOLUME`, `VOLUME@SNAPSHOT` (read-only), a
+//! grant's `VOLUME#TOKEN`, or, on the link from a volume's target to the node holding it,
+//! `VOLUME#TOKEN;epoch=N`: the target's epoch, which the holder checks against the highest it
+//! promised.
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExportName {
@@ -12,7 +14,16 @@ pub enum ExportName {
     Grant {
         volume: String,
         token: String,
+        /// Set by a target forwarding to the holder.
+        epoch: Option<u64>,
     },
+}
+
+const EPOCH_SUFFIX: &str = ";epoch=";
+
+/// The export name a target opens on the holder: the grant's name and the target's epoch.
+pub fn with_epoch(grant_export: &str, epoch: u64) -> String {
+    format!("{grant_export}{EPOCH_SUFFIX}{epoch}")
 }
 
 impl ExportName {
@@ -23,7 +34,12 @@ impl ExportName {
             if volume.contains('@') {
                 return None;
             }
-            return Some(ExportName::Grant { volume: nonempty(volume)?, token: nonempty(token)? });
+            let (token, epoch) = match token.split_once(EPOCH_SUFFIX) {
+                Some((token, epoch)) if !epoch.starts_with('+') => (token, Some(epoch.parse().ok()?)),
+                Some(_) => return None,
+                None => (token, None),
+            };
+            return Some(ExportName::Grant { volume: nonempty(volume)?, token: nonempty(token)?, epoch });
         }
         match name.split_once('@') {
             Some((volume, snapshot)) => {
@@ -51,9 +67,12 @@ mod tests {
         assert_eq!(ExportName::parse("v"), Some(ExportName::Volume("v".into())));
         assert_eq!(ExportName::parse("v@s"), Some(ExportName::Snapshot { volume: "v".into(), snapshot: "s".into() }));
         let g = ExportName::parse("v#0123abcd").unwrap();
-        assert_eq!(g, ExportName::Grant { volume: "v".into(), token: "0123abcd".into() });
+        assert_eq!(g, ExportName::Grant { volume: "v".into(), token: "0123abcd".into(), epoch: None });
         assert_eq!(g.loggable(), "v");
-        for bad in ["", "@s", "v@", "#t", "v#", "v@s#t"] {
+        let e = ExportName::parse(&with_epoch("v#0123abcd", 7)).unwrap();
+        assert_eq!(e, ExportName::Grant { volume: "v".into(), token: "0123abcd".into(), epoch: Some(7) });
+        assert_eq!(e.loggable(), "v");
+        for bad in ["", "@s", "v@", "#t", "v#", "v@s#t", "v#t;epoch=", "v#t;epoch=x", "v#t;epoch=+1", "v#;epoch=1"] {
             assert_eq!(ExportName::parse(bad), None, "{bad:?}");
         }
     }

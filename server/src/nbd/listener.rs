@@ -260,10 +260,15 @@ pub async fn serve_nbd(
                 Ok(Ok(Some(neg))) => {
                     let export = ExportName::parse(&neg.export.name).map(|n| n.loggable()).unwrap_or_default();
                     info!(%peer, export, tls = neg.tls, structured = neg.structured, "NBD session started");
-                    // A revoked grant fences the session; a shutdown drains it.
-                    let fence = neg.export.revoked.clone().unwrap_or_default();
-                    let stop = Stop { shutdown, fence };
-                    let r = thinbd_protocol::serve(neg, session_limits, stats.shared.clone(), stop).await;
+                    // A revoked grant or a newer target epoch fences the session; a shutdown
+                    // drains it.
+                    let fence = CancellationToken::new();
+                    let fences = neg.export.fences.clone();
+                    let stop = Stop { shutdown, fence: fence.clone() };
+                    let r = tokio::select! {
+                        r = thinbd_protocol::serve(neg, session_limits, stats.shared.clone(), stop) => r,
+                        never = any_cancelled(&fences, &fence) => match never {},
+                    };
                     match r {
                         Ok(()) => info!(%peer, export, "NBD session ended"),
                         Err(e) => info!(%peer, export, error = %e, "NBD session closed"),
@@ -281,4 +286,13 @@ pub async fn serve_nbd(
     }
     while sessions.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Cancels `fence` when any of `fences` is cancelled; never returns (dropped with the session).
+async fn any_cancelled(fences: &[CancellationToken], fence: &CancellationToken) -> std::convert::Infallible {
+    if !fences.is_empty() {
+        futures_util::future::select_all(fences.iter().map(|f| Box::pin(f.cancelled()))).await;
+        fence.cancel();
+    }
+    std::future::pending().await
 }
