@@ -689,7 +689,19 @@ fn the_csi_controller_on_a_cluster() {
         assert_eq!(ctl.controller_publish_volume(publish("stranger")).await.unwrap_err().code(), tonic::Code::NotFound);
         let ctx = ctl.controller_publish_volume(publish("node-a")).await.unwrap().into_inner().publish_context;
         assert_eq!(ctx["thinbd.csi.io/nbd"], format!("127.0.0.1:{}", b.nbd_port));
-        // A node down makes its volumes abnormal.
+        // A node down makes its volumes abnormal, for the controller and the node plugin.
+        let path = tempfile::tempdir().unwrap();
+        let stats = |np: &mut thinbd_api::csi::node_client::NodeClient<_>| {
+            let req = NodeGetVolumeStatsRequest {
+                volume_id: v2.volume_id.clone(),
+                volume_path: path.path().display().to_string(),
+                ..Default::default()
+            };
+            let mut np = np.clone();
+            async move { np.node_get_volume_stats(req).await.unwrap().into_inner().volume_condition.unwrap() }
+        };
+        let before = stats(&mut np).await;
+        assert!(!before.message.contains("down"), "{}", before.message);
         drop(b);
         let got = loop {
             let g = ctl
@@ -703,5 +715,11 @@ fn the_csi_controller_on_a_cluster() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         assert!(got.status.unwrap().volume_condition.unwrap().message.contains("node-b"));
+        let after = stats(&mut np).await;
+        assert!(
+            after.abnormal && after.message.contains("node-b") && after.message.contains("down"),
+            "{}",
+            after.message
+        );
     });
 }

@@ -82,7 +82,7 @@ fn topology(node: &str) -> Topology {
     Topology { segments: HashMap::from([(TOPOLOGY_KEY.to_string(), node.to_string())]) }
 }
 
-fn condition(v: &pb::Volume) -> VolumeCondition {
+pub(crate) fn condition(v: &pb::Volume) -> VolumeCondition {
     if v.unavailable {
         return VolumeCondition {
             abnormal: true,

@@ -120,6 +120,24 @@ impl NodeService {
         Ok(())
     }
 
+    /// What the storage side says of the volume, when that is abnormal: its storage node down,
+    /// the volume gone, or no thinbd to ask.
+    async fn storage_condition(&self, volume_id: &str) -> Option<VolumeCondition> {
+        let abnormal = |message: String| Some(VolumeCondition { abnormal: true, message });
+        let id = crate::ids::VolumeId::parse(volume_id)?;
+        let asked = async {
+            let (_, mut api) = self.backends.locate(id.node.as_deref()).await?;
+            api.get_volume(thinbd_api::pb::GetVolumeRequest { name: id.volume.clone() }).await
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(5), asked).await {
+            Ok(Ok(v)) if v.get_ref().unavailable => Some(crate::controller::condition(v.get_ref())),
+            Ok(Ok(_)) => None,
+            Ok(Err(s)) if s.code() == tonic::Code::NotFound => abnormal(format!("volume {volume_id} does not exist")),
+            Ok(Err(s)) => abnormal(format!("cannot ask the storage side about the volume: {}", s.message())),
+            Err(_) => abnormal("the storage side did not answer about the volume within 5 s".into()),
+        }
+    }
+
     /// NodeUnpublishVolume of an inline ephemeral volume (after its unmount): detach it and
     /// delete it from the server.
     async fn remove_ephemeral(&self, target: &Path) -> Result<(), Status> {
@@ -383,9 +401,14 @@ impl Node for NodeService {
         let meta =
             std::fs::metadata(&path).map_err(|_| Status::not_found(format!("{} does not exist", path.display())))?;
         let index = attach::find(&volume_id);
-        let condition = Some(match index {
-            Some(i) => VolumeCondition { abnormal: false, message: format!("attached as /dev/nbd{i}") },
-            None => VolumeCondition { abnormal: true, message: "no connected NBD device for this volume".into() },
+        // A down storage node is the cause to name first: the device may still look connected
+        // (to this node's target) while nothing behind it answers.
+        let condition = Some(match (self.storage_condition(&volume_id).await, index) {
+            (Some(abnormal), _) => abnormal,
+            (None, Some(i)) => VolumeCondition { abnormal: false, message: format!("attached as /dev/nbd{i}") },
+            (None, None) => {
+                VolumeCondition { abnormal: true, message: "no connected NBD device for this volume".into() }
+            }
         });
         let usage = if meta.is_dir() {
             let st = nix::sys::statvfs::statvfs(&path).map_err(|e| Status::internal(format!("statvfs: {e}")))?;
