@@ -603,6 +603,73 @@ fn a_client_writes_on_across_a_target_restart() {
     }
 }
 
+/// Waits until `server` sees `n` nodes up.
+fn wait_nodes_up(server: &thinbd_tests::Server, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list: serde_json::Value = serde_json::from_str(&server.cli(&["node", "list", "-o", "json"])).unwrap();
+        if list["nodes"].as_array().unwrap().iter().filter(|n| n["up"] == true).count() == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{n} nodes not up: {list}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A pool made on its own joins a cluster: its volumes and snapshots are recorded in etcd and
+/// reachable through any node (a name another volume already holds leaves its volume
+/// reachable by UUID). Snapshots are recorded where they are taken, listed from every node and
+/// deleted by UUID through any node.
+#[test]
+fn a_pool_joining_a_cluster_brings_its_volumes_and_snapshots() {
+    if !require("etcd") {
+        return;
+    }
+    let etcd = Etcd::start_local();
+    let joined =
+        |name: &str| ["--etcd", &etcd.endpoint, "--node-lease-ttl", TTL, "--node-name", name].map(String::from);
+    let args_b = joined("node-b");
+    let b = thinbd_tests::Server::start_with(&args_b.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_nodes_up(&b, 1);
+    b.create_volume("dup", "16MiB");
+    // node-a's pool, made alone.
+    let mut a = thinbd_tests::Server::start_with(&["--node-name", "node-a"]);
+    a.create_volume("old", "16MiB");
+    a.create_volume("dup", "16MiB");
+    a.cli(&["snapshot", "create", "old", "s1"]);
+    let dup_uuid = a.volume_json("dup")["uuid"].as_str().unwrap().to_string();
+    a.stop();
+    let args_a = joined("node-a");
+    a.set_extra(&args_a.iter().map(String::as_str).collect::<Vec<_>>());
+    a.spawn();
+    wait_nodes_up(&b, 2);
+
+    let old = b.volume_json("old");
+    assert_eq!((old["node"].as_str(), old["size_bytes"].as_u64()), (Some("node-a"), Some(16 << 20)));
+    assert_eq!(b.volume_json("dup")["node"], "node-b", "the cluster's own volume keeps its name");
+    assert_eq!(b.volume_json(&dup_uuid)["node"], "node-a", "the joining pool's namesake is reachable by UUID");
+    assert!(a.log_text().contains("reachable by UUID"), "no warning about the taken name");
+
+    // Snapshots: the joined one and one taken through node-b, listed from node-b.
+    b.cli(&["snapshot", "create", "old", "s2"]);
+    let list: serde_json::Value = serde_json::from_str(&b.cli(&["snapshot", "list", "old", "-o", "json"])).unwrap();
+    let list = list.as_array().unwrap();
+    let names: Vec<(&str, &str)> =
+        list.iter().map(|s| (s["name"].as_str().unwrap(), s["node"].as_str().unwrap())).collect();
+    assert_eq!(names, [("s1", "node-a"), ("s2", "node-a")]);
+    // Deleted by UUID through node-b: gone on node-a, and from the cluster's list.
+    let s1 = list[0]["uuid"].as_str().unwrap().to_string();
+    b.cli(&["snapshot", "delete", &s1]);
+    let left: serde_json::Value = serde_json::from_str(&a.cli(&["snapshot", "list", "-o", "json"])).unwrap();
+    assert_eq!(left.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect::<Vec<_>>(), ["s2"]);
+    let left: serde_json::Value = serde_json::from_str(&b.cli(&["snapshot", "list", "-o", "json"])).unwrap();
+    assert_eq!(left.as_array().unwrap().len(), 1);
+    // Resizing through another node updates the size the cluster places by.
+    b.cli(&["volume", "resize", "old", "--size", "32MiB"]);
+    a.stop();
+    assert_eq!(b.volume_json("old")["size_bytes"].as_u64(), Some(32 << 20), "{}", b.volume_json("old"));
+}
+
 /// The CSI controller on a cluster (two nodes on loopback, zones a and b): volumes are
 /// placed by the cluster and reachable from every node (topology: their zone only); capacity
 /// is per zone; publishing to a node that is not a member is NOT_FOUND, to one that is gives
@@ -634,13 +701,7 @@ fn the_csi_controller_on_a_cluster() {
     let plugin = thinbd_tests::CsiPlugin::start("all", &format!("127.0.0.1:{}", a.api_port), "node-a");
     thinbd_tests::runtime().block_on(async {
         let mut ctl = ControllerClient::new(plugin.channel().await);
-        for _ in 0..100 {
-            let n: serde_json::Value = serde_json::from_str(&a.cli(&["node", "list", "-o", "json"])).unwrap();
-            if n["nodes"].as_array().unwrap().iter().filter(|n| n["up"] == true).count() == 2 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_nodes_up(&a, 2);
         let zone = |z: &str| Topology { segments: HashMap::from([("topology.thinbd.csi.io/zone".into(), z.into())]) };
         // The node plugin reports its node and its zone.
         let mut np = thinbd_api::csi::node_client::NodeClient::new(plugin.channel().await);

@@ -15,3 +15,11 @@ pub mod csi {
     #![allow(clippy::all, clippy::pedantic)]
     tonic::include_proto!("csi.v1");
 }
+
+/// Whether `s` is a UUID in text form (`8-4-4-4-12` hex digits): the API takes volumes and
+/// snapshots by UUID wherever it takes their names.
+pub fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
+}

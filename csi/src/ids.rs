@@ -6,12 +6,7 @@
 
 use tonic::Status;
 
-/// Whether `s` is a UUID in text form (`8-4-4-4-12` hex digits).
-pub fn is_uuid(s: &str) -> bool {
-    let groups: Vec<&str> = s.split('-').collect();
-    groups.len() == 5
-        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
-}
+pub use thinbd_api::is_uuid;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeId {

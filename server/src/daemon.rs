@@ -263,6 +263,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("joining the cluster at {}", opts.etcd.join(",")))?;
             info!(node = %node_name, etcd = %opts.etcd.join(","), "cluster joined");
+            adopt_local(&engine, &joined).await.context("recording this node's volumes in the cluster")?;
             Some(joined)
         }
     };
@@ -337,6 +338,41 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     tokio::select! {
         _ = term.recv() => info!("SIGTERM"),
         _ = int.recv() => info!("SIGINT"),
+    }
+    Ok(())
+}
+
+/// Records in etcd the volumes and snapshots of this pool that the cluster does not know:
+/// made before the node joined a cluster, or while it ran alone.
+async fn adopt_local(engine: &Engine, cluster: &Cluster) -> Result<(), crate::cluster::ClusterError> {
+    use crate::cluster::volumes::{Adopted, VolumeSpec};
+    let (mut recorded, mut renamed) = (0, Vec::new());
+    for v in engine.list() {
+        let spec = VolumeSpec {
+            uuid: v.uuid.clone(),
+            name: v.name.clone(),
+            size_bytes: v.size(),
+            node: cluster.node.clone(),
+            created_unix: v.created_unix,
+        };
+        match cluster.adopt_volume(&spec).await? {
+            Adopted::Known => {}
+            Adopted::Recorded => recorded += 1,
+            Adopted::NameTaken => renamed.push(format!("{} ({})", v.name, v.uuid)),
+        }
+    }
+    for s in engine.list_snapshots(None) {
+        if cluster.snapshot_spec(&s.uuid).await?.is_none() {
+            let pb = crate::api::convert::snapshot_to_pb(engine, &cluster.node, &s);
+            cluster.put_snapshot(&crate::api::convert::snapshot_spec(&pb)).await?;
+            recorded += 1;
+        }
+    }
+    if recorded > 0 {
+        info!(recorded, "recorded this pool's volumes and snapshots in the cluster");
+    }
+    if !renamed.is_empty() {
+        warn!(volumes = %renamed.join(", "), "volumes whose names other volumes of the cluster hold: reachable by UUID");
     }
     Ok(())
 }

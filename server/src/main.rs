@@ -113,7 +113,8 @@ enum SnapshotCommand {
     Create { volume: String, name: String },
     /// List snapshots, of one volume or all.
     List { volume: Option<String> },
-    /// Delete VOLUME@SNAPSHOT, freeing the clusters nobody else references.
+    /// Delete VOLUME@SNAPSHOT (or a snapshot's UUID), freeing the clusters nobody else
+    /// references.
     Delete { snapshot: String },
     /// Snapshot NAME of every VOLUME at one instant (a group snapshot: a write acknowledged on
     /// one member before another's is never missing from the first while in the second).
@@ -528,15 +529,16 @@ fn snapshot_json(s: &pb::Snapshot) -> serde_json::Value {
         "volume": s.volume, "name": s.name, "snapshot": format!("{}@{}", s.volume, s.name),
         "size_bytes": s.size_bytes, "allocated_bytes": s.allocated_bytes, "exclusive_bytes": s.exclusive_bytes,
         "shared_bytes": s.shared_bytes, "sessions": s.sessions, "created_unix_seconds": s.created_unix_seconds,
-        "group": s.group, "uuid": s.uuid,
+        "group": s.group, "uuid": s.uuid, "node": s.node,
     })
 }
 
 async fn snapshot_command(client: ClientArgs, command: SnapshotCommand) -> anyhow::Result<()> {
     if let SnapshotCommand::Delete { snapshot } = &command
         && !snapshot.contains('@')
+        && !thinbd_api::is_uuid(snapshot)
     {
-        anyhow::bail!("name the snapshot as VOLUME@SNAPSHOT");
+        anyhow::bail!("name the snapshot as VOLUME@SNAPSHOT or by its UUID");
     }
     let mut c = connect(&client).await?;
     let snaps = match command {

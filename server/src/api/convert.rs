@@ -69,7 +69,7 @@ pub fn volume_to_pb(engine: &Engine, node: &str, v: &Volume) -> pb::Volume {
 }
 
 /// A snapshot as the API shows it.
-pub fn snapshot_to_pb(engine: &Engine, s: &Snapshot) -> pb::Snapshot {
+pub fn snapshot_to_pb(engine: &Engine, node: &str, s: &Snapshot) -> pb::Snapshot {
     let i = engine.snapshot_info(s);
     pb::Snapshot {
         volume: i.volume,
@@ -83,6 +83,36 @@ pub fn snapshot_to_pb(engine: &Engine, s: &Snapshot) -> pb::Snapshot {
         group: s.group.clone().unwrap_or_default(),
         uuid: s.uuid.clone(),
         volume_uuid: s.volume_uuid.clone(),
+        node: node.to_string(),
+    }
+}
+
+/// What the cluster records of a snapshot.
+pub fn snapshot_spec(s: &pb::Snapshot) -> crate::cluster::snapshots::SnapshotSpec {
+    crate::cluster::snapshots::SnapshotSpec {
+        uuid: s.uuid.clone(),
+        name: s.name.clone(),
+        volume: s.volume.clone(),
+        volume_uuid: s.volume_uuid.clone(),
+        size_bytes: s.size_bytes,
+        node: s.node.clone(),
+        created_unix: s.created_unix_seconds,
+        group: s.group.clone(),
+    }
+}
+
+/// A snapshot held by another node, as the cluster records it.
+pub fn snapshot_spec_to_pb(spec: crate::cluster::snapshots::SnapshotSpec) -> pb::Snapshot {
+    pb::Snapshot {
+        volume: spec.volume,
+        name: spec.name,
+        size_bytes: spec.size_bytes,
+        created_unix_seconds: spec.created_unix,
+        group: spec.group,
+        uuid: spec.uuid,
+        volume_uuid: spec.volume_uuid,
+        node: spec.node,
+        ..Default::default()
     }
 }
 

@@ -36,11 +36,28 @@ impl Api {
         if self.engine.find_volume(volume).is_ok() || self.engine.snapshot(reference).is_ok() {
             return Ok(None);
         }
-        let Some(spec) = c.volume_spec(volume).await.map_err(cluster_status)? else { return Ok(None) };
-        if spec.node == self.node_name {
+        let node = match c.volume_spec(volume).await.map_err(cluster_status)? {
+            Some(spec) => spec.node,
+            // A snapshot named by its UUID (it may outlive its volume).
+            None => match c.snapshot_spec(reference).await.map_err(cluster_status)? {
+                Some(spec) => spec.node,
+                None => return Ok(None),
+            },
+        };
+        if node == self.node_name {
             return Ok(None);
         }
-        c.peer(&spec.node).map(Some).map_err(cluster_status)
+        c.peer(&node).map(Some).map_err(cluster_status)
+    }
+
+    /// Records snapshots taken here in the cluster.
+    async fn record_snapshots(&self, snapshots: &[pb::Snapshot]) -> Result<(), Status> {
+        if let Some(c) = &self.cluster {
+            for s in snapshots {
+                c.put_snapshot(&convert::snapshot_spec(s)).await.map_err(cluster_status)?;
+            }
+        }
+        Ok(())
     }
 
     /// A volume whose node is down or out of reach: what the cluster store records, marked
@@ -266,6 +283,9 @@ impl Management for Api {
         }
         let r = req.into_inner();
         let v = self.engine.resize_volume(&self.engine.resolve(&r.name), r.size_bytes).await.map_err(status)?;
+        if let Some(c) = &self.cluster {
+            c.set_volume_size(&v.uuid, v.size()).await.map_err(cluster_status)?;
+        }
         Ok(Response::new(volume_to_pb(&self.engine, &self.node_name, &v)))
     }
 
@@ -324,11 +344,21 @@ impl Management for Api {
     ) -> Result<Response<pb::SnapshotGroup>, Status> {
         let r = req.into_inner();
         let volumes: Vec<String> = r.volumes.iter().map(|v| self.engine.resolve(v)).collect();
+        if self.cluster.is_some()
+            && let Some(elsewhere) = volumes.iter().find(|v| self.engine.volume(v).is_err())
+        {
+            // One point in time across nodes needs an ordered barrier (with replication).
+            return Err(Status::failed_precondition(format!(
+                "volume {elsewhere:?} is not held on this node ({}): a group snapshot takes volumes of one node; \
+                 send it to the node holding them",
+                self.node_name
+            )));
+        }
         let snaps = self.engine.create_snapshot_group(&r.name, &volumes).await.map_err(status)?;
-        Ok(Response::new(pb::SnapshotGroup {
-            name: r.name,
-            snapshots: snaps.iter().map(|s| snapshot_to_pb(&self.engine, s)).collect(),
-        }))
+        let snapshots: Vec<pb::Snapshot> =
+            snaps.iter().map(|s| snapshot_to_pb(&self.engine, &self.node_name, s)).collect();
+        self.record_snapshots(&snapshots).await?;
+        Ok(Response::new(pb::SnapshotGroup { name: r.name, snapshots }))
     }
 
     async fn set_volume_qos(&self, req: Request<pb::SetVolumeQosRequest>) -> Result<Response<pb::Volume>, Status> {
@@ -346,7 +376,9 @@ impl Management for Api {
         }
         let r = req.into_inner();
         let s = self.engine.create_snapshot(&self.engine.resolve(&r.volume), &r.name).await.map_err(status)?;
-        Ok(Response::new(snapshot_to_pb(&self.engine, &s)))
+        let s = snapshot_to_pb(&self.engine, &self.node_name, &s);
+        self.record_snapshots(std::slice::from_ref(&s)).await?;
+        Ok(Response::new(s))
     }
 
     async fn list_snapshots(
@@ -356,7 +388,22 @@ impl Management for Api {
         let r = req.into_inner();
         let volume = self.engine.resolve(&r.volume);
         let filter = Some(volume.as_str()).filter(|v| !v.is_empty());
-        let snapshots = self.engine.list_snapshots(filter).iter().map(|s| snapshot_to_pb(&self.engine, s)).collect();
+        let mut snapshots: Vec<pb::Snapshot> = self
+            .engine
+            .list_snapshots(filter)
+            .iter()
+            .map(|s| snapshot_to_pb(&self.engine, &self.node_name, s))
+            .collect();
+        if let Some(c) = &self.cluster {
+            // The other nodes' snapshots, as the cluster records them.
+            let of_volume = |s: &crate::cluster::snapshots::SnapshotSpec| {
+                r.volume.is_empty() || s.volume == r.volume || s.volume_uuid == r.volume
+            };
+            let elsewhere = c.snapshot_specs().await.map_err(cluster_status)?;
+            let elsewhere = elsewhere.into_iter().filter(|s| s.node != self.node_name && of_volume(s));
+            snapshots.extend(elsewhere.map(convert::snapshot_spec_to_pb));
+            snapshots.sort_by(|a, b| (&a.volume, &a.name).cmp(&(&b.volume, &b.name)));
+        }
         Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
     }
 
@@ -364,7 +411,15 @@ impl Management for Api {
         &self,
         req: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
-        self.engine.delete_snapshot(&self.engine.resolve(&req.into_inner().key)).await.map_err(status)?;
+        if let Some(mut peer) = self.owner(&req.get_ref().key).await? {
+            return peer.delete_snapshot(req.into_inner()).await;
+        }
+        let key = self.engine.resolve(&req.into_inner().key);
+        let uuid = self.engine.snapshot(&key).map(|s| s.uuid.clone());
+        self.engine.delete_snapshot(&key).await.map_err(status)?;
+        if let (Some(c), Ok(uuid)) = (&self.cluster, uuid) {
+            c.delete_snapshot_spec(&uuid).await.map_err(cluster_status)?;
+        }
         Ok(Response::new(pb::DeleteSnapshotResponse {}))
     }
 

@@ -6,6 +6,7 @@ pub mod grants;
 pub mod keys;
 pub mod nodes;
 mod record;
+pub mod snapshots;
 pub mod targets;
 pub mod volumes;
 

@@ -29,6 +29,15 @@ pub struct NoNode {
     pub nodes: Vec<String>,
 }
 
+/// What [`Cluster::adopt_volume`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adopted {
+    Known,
+    Recorded,
+    /// Recorded under its UUID; its name belongs to another volume.
+    NameTaken,
+}
+
 impl Cluster {
     /// Where a new volume of `size` goes: among the nodes that are up (in `zone`, among `nodes`
     /// when given), the one with the most free space left after what is already provisioned on
@@ -73,6 +82,45 @@ impl Cluster {
         ]);
         self.client.clone().txn(txn).await?;
         Ok(())
+    }
+
+    /// Records a volume that was made before this node joined the cluster (or while etcd
+    /// lost it), unless the cluster knows it. A name another volume took leaves it
+    /// reachable by UUID only.
+    pub async fn adopt_volume(&self, spec: &VolumeSpec) -> Result<Adopted, ClusterError> {
+        let mut client = self.client.clone();
+        if client.get(keys::volume(&spec.uuid), None).await?.count() > 0 {
+            return Ok(Adopted::Known);
+        }
+        if self.reserve_volume(spec).await? {
+            return Ok(Adopted::Recorded);
+        }
+        let key = keys::volume(&spec.uuid);
+        let txn = Txn::new().when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(
+            key,
+            encode(spec)?,
+            None,
+        )]);
+        client.txn(txn).await?;
+        Ok(Adopted::NameTaken)
+    }
+
+    /// A resized volume's new size, so that placement counts it.
+    pub async fn set_volume_size(&self, uuid: &str, size_bytes: u64) -> Result<(), ClusterError> {
+        let key = keys::volume(uuid);
+        let mut client = self.client.clone();
+        loop {
+            let resp = client.get(key.clone(), None).await?;
+            let Some(kv) = resp.kvs().first() else { return Ok(()) };
+            let mut spec: VolumeSpec = decode(kv.key(), kv.value())?;
+            spec.size_bytes = size_bytes;
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())])
+                .and_then([TxnOp::put(key.clone(), encode(&spec)?, None)]);
+            if client.txn(txn).await?.succeeded() {
+                return Ok(());
+            }
+        }
     }
 
     /// The spec of the volume `reference` (a name or UUID) names.
