@@ -30,6 +30,14 @@ const ALL_UP: [(&str, bool); 3] = [("node-1", true), ("node-2", true), ("node-3"
 /// Three thinbd nodes (namespaces 1 to 3) and etcd (4), all seen up by node-1; `extra(i)`:
 /// node i's further `serve` arguments. `None` (skipped) where the tools are missing.
 fn three_nodes(extra: impl Fn(usize) -> Vec<String>) -> Option<(Fabric, Etcd, Vec<NetNode>)> {
+    three_nodes_with(extra, &[])
+}
+
+/// [`three_nodes`] whose CLI calls run with `cli_env` (TLS settings).
+fn three_nodes_with(
+    extra: impl Fn(usize) -> Vec<String>,
+    cli_env: &[(String, String)],
+) -> Option<(Fabric, Etcd, Vec<NetNode>)> {
     if !require("etcd") || !require("nft") {
         return None;
     }
@@ -40,7 +48,9 @@ fn three_nodes(extra: impl Fn(usize) -> Vec<String>) -> Option<(Fabric, Etcd, Ve
             let args: Vec<String> =
                 ["--node-lease-ttl".to_string(), TTL.to_string()].into_iter().chain(extra(i)).collect();
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            NetNode::start(&fabric, i, &etcd.endpoint, &args)
+            let mut node = NetNode::start(&fabric, i, &etcd.endpoint, &args);
+            node.cli_env = cli_env.to_vec();
+            node
         })
         .collect();
     wait_for(&fabric, &nodes[0], &ALL_UP, Duration::from_secs(10));
@@ -601,6 +611,83 @@ fn a_client_writes_on_across_a_target_restart() {
             "acknowledged block {i} is not on the volume"
         );
     }
+}
+
+/// Mutual TLS between nodes: NBD and the management API require client certificates on every
+/// node (the deploy script's certificates: one server certificate named thinbd-storage, one
+/// client certificate), so forwarded API calls and a target's link to the holder only work
+/// because nodes present theirs (--peer-tls-*). A client attaches over TLS through a node
+/// without the data.
+#[test]
+fn nodes_call_each_other_over_mutual_tls() {
+    use thinbd_protocol::client::{Client, ClientOptions};
+    let certs = tempfile::tempdir().unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/tls/make-certs.sh");
+    thinbd_tests::run(std::process::Command::new("bash").arg(script).arg(certs.path()));
+    let p = |f: &str| certs.path().join(f).display().to_string();
+    let tls_args = |_| -> Vec<String> {
+        [
+            ("--tls-cert", "server.crt"),
+            ("--tls-key", "server.key"),
+            ("--tls-client-ca", "ca.crt"),
+            ("--api-tls-cert", "server.crt"),
+            ("--api-tls-key", "server.key"),
+            ("--api-tls-client-ca", "ca.crt"),
+            ("--peer-tls-ca", "ca.crt"),
+            ("--peer-tls-cert", "client.crt"),
+            ("--peer-tls-key", "client.key"),
+        ]
+        .into_iter()
+        .flat_map(|(flag, file)| [flag.to_string(), p(file)])
+        .chain(["--peer-tls-server-name".to_string(), "thinbd-storage".to_string()])
+        .collect()
+    };
+    let env: Vec<(String, String)> = [
+        ("THINBD_API_CA", p("ca.crt")),
+        ("THINBD_API_CERT", p("client.crt")),
+        ("THINBD_API_KEY", p("client.key")),
+        ("THINBD_API_SERVER_NAME", "thinbd-storage".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let Some((fabric, _etcd, nodes)) = three_nodes_with(tls_args, &env) else { return };
+    // Created through node-1 on node-2 (a forwarded API call), attached through node-3.
+    let v: serde_json::Value = serde_json::from_str(
+        &nodes[0].cli(&fabric, &["volume", "create", "sec", "--size", "16MiB", "--node", "node-2", "-o", "json"]),
+    )
+    .unwrap();
+    assert_eq!(v["node"], "node-2");
+    let g: serde_json::Value = serde_json::from_str(
+        &nodes[0].cli(&fabric, &["volume", "publish", "sec", "--node", "app", "--single-writer", "-o", "json"]),
+    )
+    .unwrap();
+    let export = g["export_name"].as_str().unwrap().to_string();
+    let data = thinbd_tests::pattern(31, 128 << 10);
+    let tls = |ca: &str, cert: &str, key: &str| {
+        let c = thinbd_protocol::tls::client_connector(ca.as_ref(), Some((cert.as_ref(), key.as_ref()))).unwrap();
+        (c, thinbd_protocol::tls::ServerName::try_from("thinbd-storage").unwrap())
+    };
+    let (ca, cert, key) = (p("ca.crt"), p("client.crt"), p("client.key"));
+    let (addr, e, d) = (format!("{}:10809", fabric.ip(3)), export.clone(), data.clone());
+    let back = fabric.run_in(3, move || {
+        thinbd_tests::runtime().block_on(async {
+            let opts = ClientOptions { tls: Some(tls(&ca, &cert, &key)), ..ClientOptions::new(&e) };
+            let c = Client::connect(addr.as_str(), opts).await.expect("attach over TLS through node-3");
+            c.write(0, &d, 0).await.unwrap();
+            c.flush().await.unwrap();
+            let back = c.read(0, d.len() as u32).await.unwrap();
+            c.disconnect().await.unwrap();
+            // Without a client certificate the node refuses.
+            let plain = ClientOptions { tls: None, ..ClientOptions::new(&e) };
+            assert!(Client::connect(addr.as_str(), plain).await.is_err(), "a plain client was served");
+            back
+        })
+    });
+    assert!(back == data, "read back other bytes through the TLS link");
+    let s: serde_json::Value =
+        serde_json::from_str(&nodes[1].cli(&fabric, &["volume", "show", "sec", "-o", "json"])).unwrap();
+    assert_eq!((s["node"].as_str(), s["target_node"].as_str()), (Some("node-2"), Some("node-3")));
 }
 
 /// Waits until `server` sees `n` nodes up.

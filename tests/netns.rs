@@ -215,6 +215,8 @@ pub struct NetNode {
     pub log: std::path::PathBuf,
     child: Option<Child>,
     args: Vec<String>,
+    /// Environment of [`NetNode::cli`] (the CLI's `THINBD_API_*` TLS settings).
+    pub cli_env: Vec<(String, String)>,
     _tmp: tempfile::TempDir,
 }
 
@@ -243,6 +245,7 @@ impl NetNode {
             log: tmp.path().join("thinbd.log"),
             child: None,
             args,
+            cli_env: Vec::new(),
             _tmp: tmp,
         };
         n.spawn(fabric);
@@ -294,6 +297,7 @@ impl NetNode {
             .command(self.index, crate::thinbd_bin())
             .args(args)
             .args(["--api", &format!("{}:10810", self.ip)])
+            .envs(self.cli_env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("run thinbd");
         assert!(

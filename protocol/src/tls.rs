@@ -6,7 +6,10 @@ use std::sync::Arc;
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsAcceptor;
+/// What a TLS client needs besides a connector: the name the server's certificate carries.
+pub use tokio_rustls::TlsConnector;
+pub use tokio_rustls::rustls::pki_types::ServerName;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::api::Api;
 use crate::cluster::nodes::NodeRecord;
-use crate::cluster::{Cluster, EtcdOptions};
+use crate::cluster::{Cluster, EtcdOptions, PeerTls};
 use crate::engine::{Engine, EngineConfig};
 use crate::nbd::{Catalog, ListenerStats, NbdLimits, serve_nbd};
 use thinbd_protocol::SessionLimits;
@@ -121,6 +121,19 @@ pub struct ServeOptions {
     /// HOST:PORT at which other nodes reach the management API (default: --api-listen).
     #[arg(long)]
     pub advertise_api: Option<String>,
+    /// CA of the other nodes' certificates: calls to them (forwarded API requests, and a
+    /// target's NBD link to the node holding a volume) then use mutual TLS with
+    /// --peer-tls-cert/--peer-tls-key as this node's client certificate.
+    #[arg(long, requires_all = ["etcd", "peer_tls_cert", "peer_tls_key"])]
+    pub peer_tls_ca: Option<PathBuf>,
+    #[arg(long, requires = "peer_tls_ca")]
+    pub peer_tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "peer_tls_ca")]
+    pub peer_tls_key: Option<PathBuf>,
+    /// The name the other nodes' certificates carry (one certificate shared by every storage
+    /// node); default: the address dialled.
+    #[arg(long, requires = "peer_tls_ca")]
+    pub peer_tls_server_name: Option<String>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -259,7 +272,14 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 key: opts.etcd_key.clone(),
                 lease_ttl: Duration::from_secs(opts.node_lease_ttl.max(2)),
             };
-            let joined = Cluster::join(&etcd, this_node.clone(), shutdown.clone())
+            let peer_tls = match (&opts.peer_tls_ca, &opts.peer_tls_cert, &opts.peer_tls_key) {
+                (Some(ca), Some(cert), Some(key)) => Some(
+                    PeerTls::load(ca, cert, key, opts.peer_tls_server_name.clone())
+                        .context("loading the certificates for calls to other nodes")?,
+                ),
+                _ => None,
+            };
+            let joined = Cluster::join(&etcd, peer_tls, this_node.clone(), shutdown.clone())
                 .await
                 .with_context(|| format!("joining the cluster at {}", opts.etcd.join(",")))?;
             info!(node = %node_name, etcd = %opts.etcd.join(","), "cluster joined");

@@ -205,6 +205,13 @@ enum VolumeCommand {
         size: u64,
         #[command(flatten)]
         qos: QosArgs,
+        /// In a cluster: place it on a node of this zone.
+        #[arg(long, default_value = "")]
+        zone: String,
+        /// In a cluster: place it on one of these nodes (repeatable; the first with room wins
+        /// ties).
+        #[arg(long = "node")]
+        nodes: Vec<String>,
     },
     /// Set or clear (no limit given) a volume's QoS limits; connected clients get them at once.
     SetQos {
@@ -460,8 +467,9 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
         _ => c.get_pool(pb::GetPoolRequest {}).await.map_err(rpc_error)?.into_inner().nbd_address,
     };
     match command {
-        VolumeCommand::Create { name, size, qos } => {
-            let req = pb::CreateVolumeRequest { name, size_bytes: size, qos: Some(qos.to_pb()), ..Default::default() };
+        VolumeCommand::Create { name, size, qos, zone, nodes } => {
+            let qos = Some(qos.to_pb());
+            let req = pb::CreateVolumeRequest { name, size_bytes: size, qos, zone, nodes, ..Default::default() };
             let v = c.create_volume(req).await.map_err(rpc_error)?;
             print_volumes(client.output, &[v.into_inner()], true, &nbd);
         }

@@ -20,6 +20,8 @@ pub enum ClusterError {
     Poisoned,
     #[error("node {0:?} is down")]
     NodeDown(String),
+    #[error("TLS towards other nodes: {0}")]
+    PeerTls(String),
     #[error("node {node:?}: {reason}")]
     Peer { node: String, reason: String },
 }

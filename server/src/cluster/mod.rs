@@ -10,7 +10,7 @@ pub mod snapshots;
 pub mod targets;
 pub mod volumes;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +33,42 @@ pub struct EtcdOptions {
     pub lease_ttl: Duration,
 }
 
+/// How this node calls the others when they require mutual TLS: the management API and the
+/// NBD link from a target to the node holding a volume.
+#[derive(Clone)]
+pub struct PeerTls {
+    pub api: thinbd_api::tls::ApiClientTls,
+    pub nbd: thinbd_protocol::tls::TlsConnector,
+    /// The name their certificates carry, when it is not the address dialled.
+    pub server_name: Option<String>,
+}
+
+impl PeerTls {
+    pub fn load(ca: &Path, cert: &Path, key: &Path, server_name: Option<String>) -> Result<PeerTls, ClusterError> {
+        let nbd = thinbd_protocol::tls::client_connector(ca, Some((cert, key)))
+            .map_err(|e| ClusterError::PeerTls(e.to_string()))?;
+        let api = thinbd_api::tls::ApiClientTls {
+            ca: ca.to_path_buf(),
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            server_name: server_name.clone(),
+        };
+        Ok(PeerTls { api, nbd, server_name })
+    }
+
+    /// The TLS a link to the NBD listener at `address` (`HOST:PORT`) uses.
+    pub fn nbd_for(
+        &self,
+        address: &str,
+    ) -> Result<(thinbd_protocol::tls::TlsConnector, thinbd_protocol::tls::ServerName<'static>), ClusterError> {
+        let host = address.rsplit_once(':').map_or(address, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+        let name = self.server_name.as_deref().unwrap_or(host);
+        let name = thinbd_protocol::tls::ServerName::try_from(name.to_string())
+            .map_err(|e| ClusterError::PeerTls(format!("server name {name:?}: {e}")))?;
+        Ok((self.nbd.clone(), name))
+    }
+}
+
 /// This node's membership: the etcd client, and the view of all nodes.
 pub struct Cluster {
     pub client: Client,
@@ -42,6 +78,8 @@ pub struct Cluster {
     peers: std::sync::Mutex<std::collections::HashMap<String, Peer>>,
     /// Volumes (by UUID) this process took the target role of, with the epoch it took.
     targets: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Mutual TLS towards the other nodes, when they require it.
+    pub peer_tls: Option<PeerTls>,
 }
 
 /// Another node's management API.
@@ -52,6 +90,7 @@ impl Cluster {
     /// stays current) and starts following the other nodes; both end with `shutdown`.
     pub async fn join(
         opts: &EtcdOptions,
+        peer_tls: Option<PeerTls>,
         record: impl Fn() -> NodeRecord + Send + Sync + 'static,
         shutdown: CancellationToken,
     ) -> Result<Arc<Cluster>, ClusterError> {
@@ -60,7 +99,14 @@ impl Cluster {
         let directory = Arc::new(Directory::default());
         tokio::spawn(directory.clone().follow(client.clone(), shutdown.clone()));
         tokio::spawn(nodes::keep_registered(client.clone(), record, opts.lease_ttl, shutdown));
-        Ok(Arc::new(Cluster { client, directory, node, peers: Default::default(), targets: Default::default() }))
+        Ok(Arc::new(Cluster {
+            client,
+            directory,
+            node,
+            peers: Default::default(),
+            targets: Default::default(),
+            peer_tls,
+        }))
     }
 
     /// The management API of node `name`, which must be up.
@@ -71,7 +117,7 @@ impl Cluster {
         if let Some(p) = peers.get(&address) {
             return Ok(p.clone());
         }
-        let endpoint = thinbd_api::tls::api_endpoint(&address, None)
+        let endpoint = thinbd_api::tls::api_endpoint(&address, self.peer_tls.as_ref().map(|t| &t.api))
             .map_err(|e| ClusterError::Peer { node: name.to_string(), reason: e.to_string() })?
             .connect_timeout(Duration::from_secs(5));
         let p = Peer::new(endpoint.connect_lazy());

@@ -38,9 +38,16 @@ impl RemoteVolume {
 }
 
 impl RemoteVolume {
-    /// Opens `export` (a grant's `VOLUME#TOKEN`) on the holder's NBD listener `holder`.
-    pub async fn open(holder: &str, export: &str, name: &str) -> Result<RemoteVolume, EngineError> {
-        let client = Client::connect(holder, ClientOptions::new(export))
+    /// Opens `export` (a grant's `VOLUME#TOKEN`, with the target's epoch) on the holder's NBD
+    /// listener `holder`, over TLS when `tls` is given.
+    pub async fn open(
+        holder: &str,
+        export: &str,
+        name: &str,
+        tls: Option<(thinbd_protocol::tls::TlsConnector, thinbd_protocol::tls::ServerName<'static>)>,
+    ) -> Result<RemoteVolume, EngineError> {
+        let options = ClientOptions { tls, ..ClientOptions::new(export) };
+        let client = Client::connect(holder, options)
             .await
             .map_err(|e| EngineError::Unavailable(format!("cannot reach the node holding {name} at {holder}: {e}")))?;
         Ok(RemoteVolume { name: name.to_string(), holder: holder.to_string(), client, lost: CancellationToken::new() })

@@ -142,8 +142,9 @@ impl Catalog {
             } else {
                 (name.to_string(), None)
             };
-            let remote =
-                RemoteVolume::open(&holder.record.nbd_address, &link, volume).await.map_err(|e| platform(&e))?;
+            let address = &holder.record.nbd_address;
+            let tls = cluster.peer_tls.as_ref().map(|t| t.nbd_for(address)).transpose().map_err(|e| platform(&e))?;
+            let remote = RemoteVolume::open(address, &link, volume, tls).await.map_err(|e| platform(&e))?;
             Ok((remote, spec.node, epoch))
         })?;
         tracing::info!(volume, holder, epoch, "target: serving a volume held by another node");
