@@ -517,8 +517,17 @@ fn a_stale_target_cannot_write_after_a_newer_one_took_over() {
     assert!(refused.to_string().contains("stale"), "{refused}");
     let h = nodes.iter().position(|n| n.index == holder).unwrap();
     nodes[h].kill9();
+    // The attachment is in etcd: another node tells it while the holder is down.
+    let other = nodes.iter().find(|n| n.index != holder).unwrap();
+    let s: serde_json::Value =
+        serde_json::from_str(&other.cli(&fabric, &["volume", "show", "st", "-o", "json"])).unwrap();
+    assert_eq!((s["available"].as_bool(), s["published_nodes"].clone()), (Some(false), serde_json::json!(["app"])));
     nodes[h].spawn(&fabric);
     assert!(stale_link(&fabric).is_some(), "after a restart the holder accepted a link of epoch 1");
+    // Single writer across nodes: a second writer, published through another node, is refused.
+    let out = nodes[2].cli_output(&fabric, &["volume", "publish", "st", "--node", "intruder"]);
+    assert!(!out.status.success(), "a second writer was published next to a single writer");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("single writer"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A client keeps writing through its target while the target is killed (kill -9) and
@@ -784,7 +793,7 @@ fn the_csi_controller_on_a_cluster() {
             if zone == "a" { "10GiB" } else { "20GiB" },
         ])
     };
-    let (a, b) = (node("node-a", "a"), node("node-b", "b"));
+    let (a, mut b) = (node("node-a", "a"), node("node-b", "b"));
     let plugin = thinbd_tests::CsiPlugin::start("all", &format!("127.0.0.1:{}", a.api_port), "node-a");
     thinbd_tests::runtime().block_on(async {
         let mut ctl = ControllerClient::new(plugin.channel().await);
@@ -850,24 +859,38 @@ fn the_csi_controller_on_a_cluster() {
         };
         let before = stats(&mut np).await;
         assert!(!before.message.contains("down"), "{}", before.message);
-        drop(b);
-        let got = loop {
-            let g = ctl
-                .controller_get_volume(ControllerGetVolumeRequest { volume_id: v2.volume_id.clone() })
-                .await
-                .unwrap()
-                .into_inner();
-            if g.status.as_ref().unwrap().volume_condition.as_ref().unwrap().abnormal {
-                break g;
+        b.kill9();
+        let condition = |abnormal: bool| {
+            let mut ctl = ctl.clone();
+            let id = v2.volume_id.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                loop {
+                    let g = ctl
+                        .controller_get_volume(ControllerGetVolumeRequest { volume_id: id.clone() })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    let c = g.status.unwrap().volume_condition.unwrap();
+                    if c.abnormal == abnormal {
+                        return c;
+                    }
+                    assert!(Instant::now() < deadline, "condition stays {c:?}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         };
-        assert!(got.status.unwrap().volume_condition.unwrap().message.contains("node-b"));
+        assert!(condition(true).await.message.contains("node-b"));
         let after = stats(&mut np).await;
         assert!(
             after.abnormal && after.message.contains("node-b") && after.message.contains("down"),
             "{}",
             after.message
         );
+        // Back when the node is.
+        b.spawn();
+        condition(false).await;
+        let healed = stats(&mut np).await;
+        assert!(!healed.message.contains("down"), "{}", healed.message);
     });
 }

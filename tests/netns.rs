@@ -291,15 +291,20 @@ impl NetNode {
         }
     }
 
-    /// A CLI command against this node's API, run in its namespace; panics on failure.
-    pub fn cli(&self, fabric: &Fabric, args: &[&str]) -> String {
-        let out = fabric
+    /// A CLI command against this node's API, run in its namespace, as it ended.
+    pub fn cli_output(&self, fabric: &Fabric, args: &[&str]) -> std::process::Output {
+        fabric
             .command(self.index, crate::thinbd_bin())
             .args(args)
             .args(["--api", &format!("{}:10810", self.ip)])
             .envs(self.cli_env.iter().map(|(k, v)| (k, v)))
             .output()
-            .expect("run thinbd");
+            .expect("run thinbd")
+    }
+
+    /// A CLI command against this node's API, run in its namespace; panics on failure.
+    pub fn cli(&self, fabric: &Fabric, args: &[&str]) -> String {
+        let out = self.cli_output(fabric, args);
         assert!(
             out.status.success(),
             "thinbd {args:?} on {} failed: {}",
