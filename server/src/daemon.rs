@@ -346,6 +346,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), metrics_task).await;
+    if let Some(c) = &cluster {
+        c.leave().await;
+    }
     engine.flush().await.context("final flush")?;
     info!("stopped cleanly");
     Ok(())

@@ -80,6 +80,8 @@ pub struct Cluster {
     targets: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Mutual TLS towards the other nodes, when they require it.
     pub peer_tls: Option<PeerTls>,
+    /// The task keeping this node registered; it revokes the lease on shutdown.
+    registration: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Another node's management API.
@@ -98,7 +100,7 @@ impl Cluster {
         let node = record().name;
         let directory = Arc::new(Directory::default());
         tokio::spawn(directory.clone().follow(client.clone(), shutdown.clone()));
-        tokio::spawn(nodes::keep_registered(client.clone(), record, opts.lease_ttl, shutdown));
+        let registration = tokio::spawn(nodes::keep_registered(client.clone(), record, opts.lease_ttl, shutdown));
         Ok(Arc::new(Cluster {
             client,
             directory,
@@ -106,7 +108,17 @@ impl Cluster {
             peers: Default::default(),
             targets: Default::default(),
             peer_tls,
+            registration: std::sync::Mutex::new(Some(registration)),
         }))
+    }
+
+    /// After shutdown was signalled: waits (a few seconds at most) until the lease is revoked,
+    /// so that the others see this node down at once rather than after its lease.
+    pub async fn leave(&self) {
+        let task = self.registration.lock().ok().and_then(|mut r| r.take());
+        if let Some(task) = task {
+            let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+        }
     }
 
     /// The management API of node `name`, which must be up.
