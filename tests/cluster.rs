@@ -699,6 +699,95 @@ fn nodes_call_each_other_over_mutual_tls() {
     assert_eq!((s["node"].as_str(), s["target_node"].as_str()), (Some("node-2"), Some("node-3")));
 }
 
+/// Reads `len` bytes at `offset` of the copy held by node `i`, through a link of the current
+/// target epoch (as the target's own links do: it joins that epoch, it does not take one).
+fn read_copy(fabric: &Fabric, i: usize, export: &str, epoch: u64, offset: u64, len: u32) -> Vec<u8> {
+    use thinbd_protocol::client::{Client, ClientOptions};
+    let (addr, name) = (format!("{}:10809", fabric.ip(i)), format!("{export};epoch={epoch}"));
+    fabric.run_in(i, move || {
+        thinbd_tests::runtime().block_on(async {
+            let c = Client::connect(addr.as_str(), ClientOptions::new(&name)).await.expect("link to a copy");
+            let got = c.read(offset, len).await.unwrap();
+            c.disconnect().await.unwrap();
+            got
+        })
+    })
+}
+
+/// Synchronous replication (protocol C): a volume with a copy on each of three nodes, attached
+/// through one of them (its target, which holds a copy: reads are local). An acknowledged write
+/// is on every copy. A copy's node killed (kill -9): the next write is still acknowledged, after
+/// the lost copy left the in-sync set in etcd; the two left have it; the volume stays writable
+/// while at least `min_insync` (2) copies are in sync, and a second loss stops acknowledgements.
+#[test]
+fn replicated_writes_reach_every_copy_and_a_lost_copy_leaves_the_in_sync_set_first() {
+    use thinbd_protocol::client::{Client, ClientOptions};
+    let Some((fabric, _etcd, mut nodes)) = three_nodes(|_| Vec::new()) else { return };
+    let v: serde_json::Value = serde_json::from_str(
+        &nodes[0].cli(&fabric, &["volume", "create", "r3", "--size", "64MiB", "--replicas", "3", "-o", "json"]),
+    )
+    .unwrap();
+    assert_eq!(v["replicas"].as_array().map(Vec::len), Some(3), "{v}");
+    let g: serde_json::Value = serde_json::from_str(
+        &nodes[1].cli(&fabric, &["volume", "publish", "r3", "--node", "app", "--single-writer", "-o", "json"]),
+    )
+    .unwrap();
+    let export = g["export_name"].as_str().unwrap().to_string();
+    let first = thinbd_tests::pattern(41, 256 << 10);
+    let second = thinbd_tests::pattern(42, 256 << 10);
+    let third = thinbd_tests::pattern(43, 64 << 10);
+    let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
+    let (tx_go, rx_go) = std::sync::mpsc::channel::<()>();
+    let client = {
+        let path = format!("/var/run/netns/{}", fabric.ns(1));
+        let (addr, export, first, second, third) =
+            (format!("{}:10809", fabric.ip(1)), export.clone(), first.clone(), second.clone(), third.clone());
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(path).unwrap();
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            thinbd_tests::runtime().block_on(async {
+                let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach on node-1");
+                c.write(0, &first, 0).await.unwrap();
+                c.flush().await.unwrap();
+                tx.send("first").unwrap();
+                rx_go.recv().unwrap();
+                c.write(1 << 20, &second, 0).await.expect("a write with one copy lost");
+                c.flush().await.expect("a flush with one copy lost");
+                assert!(c.read(1 << 20, second.len() as u32).await.unwrap() == second);
+                tx.send("second").unwrap();
+                rx_go.recv().unwrap();
+                let below = c.write(2 << 20, &third, 0).await;
+                tx.send(if below.is_err() { "refused" } else { "ACKNOWLEDGED" }).unwrap();
+            })
+        })
+    };
+    assert_eq!(rx.recv_timeout(Duration::from_secs(20)), Ok("first"));
+    let show = |via: &NetNode| -> serde_json::Value {
+        serde_json::from_str(&via.cli(&fabric, &["volume", "show", "r3", "-o", "json"])).unwrap()
+    };
+    let s = show(&nodes[1]);
+    let epoch = s["target_epoch"].as_u64().unwrap();
+    assert_eq!(s["target_node"], "node-1");
+    for i in 1..=3 {
+        assert!(
+            read_copy(&fabric, i, &export, epoch, 0, first.len() as u32) == first,
+            "node-{i}'s copy lacks the write"
+        );
+    }
+    // node-3 dies; the next write is acknowledged once node-3 left the in-sync set.
+    nodes[2].kill9();
+    tx_go.send(()).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(30)), Ok("second"));
+    let s = show(&nodes[1]);
+    assert_eq!(s["in_sync"], serde_json::json!(["node-1", "node-2"]), "{s}");
+    assert!(read_copy(&fabric, 2, &export, epoch, 1 << 20, second.len() as u32) == second);
+    // node-2 dies too: one copy left, fewer than min_insync (2): not acknowledged.
+    nodes[1].kill9();
+    tx_go.send(()).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(90)), Ok("refused"), "a write was acknowledged by one copy");
+    client.join().unwrap();
+}
+
 /// Waits until `server` sees `n` nodes up.
 fn wait_nodes_up(server: &thinbd_tests::Server, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -264,6 +264,7 @@ async fn attach_and_read(
             node: "guest".into(),
             read_only: false,
             single_writer: true,
+            ..Default::default()
         })
         .await
         .unwrap()

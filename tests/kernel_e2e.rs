@@ -217,6 +217,7 @@ fn kernel_attaches_through_a_target_with_the_data_on_another_thinbd() {
                 node: "guest".into(),
                 read_only: false,
                 single_writer: true,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -275,7 +275,7 @@ impl Controller for ControllerService {
                 match cloned {
                     Ok(v) if v.get_ref().size_bytes > size => {
                         // Too small a request for its source: undo, the CO may retry bigger.
-                        let _ = api.delete_volume(pb::DeleteVolumeRequest { name: name.clone() }).await;
+                        let _ = api.delete_volume(pb::DeleteVolumeRequest { name: name.clone(), here: false }).await;
                         return Err(Status::out_of_range(format!(
                             "the source is {} bytes, more than the {size} requested",
                             v.get_ref().size_bytes
@@ -304,7 +304,7 @@ impl Controller for ControllerService {
         required(&r.volume_id, "volume_id")?;
         let Some(id) = VolumeId::parse(&r.volume_id) else { return Ok(Response::new(DeleteVolumeResponse {})) };
         let (_, mut api) = self.backends.locate(id.node.as_deref()).await?;
-        match api.delete_volume(pb::DeleteVolumeRequest { name: id.volume.clone() }).await {
+        match api.delete_volume(pb::DeleteVolumeRequest { name: id.volume.clone(), here: false }).await {
             Ok(_) => tracing::info!(volume = %r.volume_id, "volume deleted"),
             Err(s) if s.code() == tonic::Code::NotFound => {}
             Err(s) => return Err(unavailable(s)),
@@ -332,6 +332,7 @@ impl Controller for ControllerService {
                 node: node.clone(),
                 read_only: r.readonly || usage.read_only(),
                 single_writer: usage.single_writer(),
+                ..Default::default()
             })
             .await
             .map_err(unavailable)?
@@ -363,7 +364,7 @@ impl Controller for ControllerService {
         // No node: unpublish from every node.
         let nodes = if r.node_id.is_empty() { v.published_nodes.clone() } else { vec![r.node_id.clone()] };
         for node in nodes {
-            api.unpublish_volume(pb::UnpublishVolumeRequest { volume: id.volume.clone(), node })
+            api.unpublish_volume(pb::UnpublishVolumeRequest { volume: id.volume.clone(), node, here: false })
                 .await
                 .map_err(unavailable)?;
         }

@@ -93,6 +93,7 @@ impl NodeService {
                 node: self.node_id.clone(),
                 read_only: false,
                 single_writer: true,
+                ..Default::default()
             })
             .await
             .map_err(crate::backend::unavailable)?
@@ -148,10 +149,14 @@ impl NodeService {
         }
         if let Some(id) = crate::ids::VolumeId::parse(&volume_id) {
             let (_, mut api) = self.backends.locate(id.node.as_deref()).await?;
-            api.unpublish_volume(pb::UnpublishVolumeRequest { volume: id.volume.clone(), node: self.node_id.clone() })
-                .await
-                .map_err(crate::backend::unavailable)?;
-            match api.delete_volume(pb::DeleteVolumeRequest { name: id.volume.clone() }).await {
+            api.unpublish_volume(pb::UnpublishVolumeRequest {
+                volume: id.volume.clone(),
+                node: self.node_id.clone(),
+                here: false,
+            })
+            .await
+            .map_err(crate::backend::unavailable)?;
+            match api.delete_volume(pb::DeleteVolumeRequest { name: id.volume.clone(), here: false }).await {
                 Ok(_) => {}
                 Err(s) if s.code() == tonic::Code::NotFound => {}
                 Err(s) => return Err(crate::backend::unavailable(s)),

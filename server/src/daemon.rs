@@ -377,6 +377,8 @@ async fn adopt_local(engine: &Engine, cluster: &Cluster) -> Result<(), crate::cl
             size_bytes: v.size(),
             node: cluster.node.clone(),
             created_unix: v.created_unix,
+            replicas: Vec::new(),
+            min_insync: 0,
         };
         match cluster.adopt_volume(&spec).await? {
             Adopted::Known => {}

@@ -212,6 +212,14 @@ enum VolumeCommand {
         /// ties).
         #[arg(long = "node")]
         nodes: Vec<String>,
+        /// In a cluster: keep a copy on this many distinct nodes (zones where they differ);
+        /// writes are acknowledged when every in-sync copy has them.
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+        /// Copies that must stay in sync for writes to be acknowledged (default: replicas - 1,
+        /// at least 1).
+        #[arg(long, default_value_t = 0)]
+        min_insync: u32,
     },
     /// Set or clear (no limit given) a volume's QoS limits; connected clients get them at once.
     SetQos {
@@ -381,6 +389,7 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
         "exclusive_bytes": v.exclusive_bytes, "shared_bytes": v.shared_bytes,
         "sessions": v.sessions, "created_unix_seconds": v.created_unix_seconds,
         "labels": v.labels, "published_nodes": v.published_nodes,
+        "replicas": v.replicas, "in_sync": v.in_sync,
         "qos": {
             "iops": q.iops, "read_iops": q.read_iops, "write_iops": q.write_iops,
             "bandwidth": q.bandwidth, "read_bandwidth": q.read_bandwidth, "write_bandwidth": q.write_bandwidth,
@@ -424,6 +433,9 @@ fn print_volumes(out: Output, vols: &[pb::Volume], single: bool, nbd: &str) {
                 println!("name:      {}", v.name);
                 println!("uuid:      {}", v.uuid);
                 println!("data on:   {}{}", v.node, if v.unavailable { " (down: unavailable)" } else { "" });
+                if !v.replicas.is_empty() {
+                    println!("replicas:  {} (in sync: {})", v.replicas.join(", "), v.in_sync.join(", "));
+                }
                 if !v.target_node.is_empty() {
                     println!("target:    {} (epoch {})", v.target_node, v.target_epoch);
                 }
@@ -467,9 +479,18 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
         _ => c.get_pool(pb::GetPoolRequest {}).await.map_err(rpc_error)?.into_inner().nbd_address,
     };
     match command {
-        VolumeCommand::Create { name, size, qos, zone, nodes } => {
+        VolumeCommand::Create { name, size, qos, zone, nodes, replicas, min_insync } => {
             let qos = Some(qos.to_pb());
-            let req = pb::CreateVolumeRequest { name, size_bytes: size, qos, zone, nodes, ..Default::default() };
+            let req = pb::CreateVolumeRequest {
+                name,
+                size_bytes: size,
+                qos,
+                zone,
+                nodes,
+                replicas,
+                min_insync,
+                ..Default::default()
+            };
             let v = c.create_volume(req).await.map_err(rpc_error)?;
             print_volumes(client.output, &[v.into_inner()], true, &nbd);
         }
@@ -498,7 +519,7 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
             print_volumes(client.output, &[v.into_inner()], true, &nbd);
         }
         VolumeCommand::Delete { name } => {
-            c.delete_volume(pb::DeleteVolumeRequest { name: name.clone() }).await.map_err(rpc_error)?;
+            c.delete_volume(pb::DeleteVolumeRequest { name: name.clone(), here: false }).await.map_err(rpc_error)?;
             match client.output {
                 Output::Json => println!("{}", serde_json::json!({ "deleted": name })),
                 Output::Table => println!("deleted volume {name}"),
@@ -506,7 +527,13 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
         }
         VolumeCommand::Publish { name, node, read_only, single_writer } => {
             let g = c
-                .publish_volume(pb::PublishVolumeRequest { volume: name, node, read_only, single_writer })
+                .publish_volume(pb::PublishVolumeRequest {
+                    volume: name,
+                    node,
+                    read_only,
+                    single_writer,
+                    ..Default::default()
+                })
                 .await
                 .map_err(rpc_error)?
                 .into_inner();
@@ -520,7 +547,7 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
             }
         }
         VolumeCommand::Unpublish { name, node } => {
-            c.unpublish_volume(pb::UnpublishVolumeRequest { volume: name.clone(), node: node.clone() })
+            c.unpublish_volume(pb::UnpublishVolumeRequest { volume: name.clone(), node: node.clone(), here: false })
                 .await
                 .map_err(rpc_error)?;
             match client.output {

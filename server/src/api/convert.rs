@@ -87,6 +87,19 @@ pub fn snapshot_to_pb(engine: &Engine, node: &str, s: &Snapshot) -> pb::Snapshot
     }
 }
 
+pub fn grant_to_pb(g: &crate::grants::Grant, nbd_address: &str) -> pb::Grant {
+    let rec = &g.record;
+    pb::Grant {
+        volume: rec.volume.clone(),
+        node: rec.node.clone(),
+        export_name: g.export_name(),
+        read_only: rec.read_only,
+        single_writer: rec.single_writer,
+        created_unix_seconds: rec.created_unix,
+        nbd_address: nbd_address.to_string(),
+    }
+}
+
 /// What the cluster records of a snapshot.
 pub fn snapshot_spec(s: &pb::Snapshot) -> crate::cluster::snapshots::SnapshotSpec {
     crate::cluster::snapshots::SnapshotSpec {

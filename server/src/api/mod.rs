@@ -73,6 +73,7 @@ impl Api {
         if let Some(t) = target {
             (out.target_node, out.target_epoch) = (t.node, t.epoch);
         }
+        copies(c, &out.uuid.clone(), &mut out).await?;
         Ok(Response::new(out))
     }
 
@@ -88,7 +89,7 @@ impl Api {
             true => self.engine.snapshot(source).map_err(status)?.size,
             false => self.engine.volume(source).map_err(status)?.size(),
         };
-        reserve(c, name, size_bytes, &self.node_name).await
+        reserve(c, name, size_bytes, std::slice::from_ref(&self.node_name), 0).await
     }
 
     /// Places a new volume, records it (its name must be free) and creates it on the node
@@ -99,32 +100,79 @@ impl Api {
         mut r: pb::CreateVolumeRequest,
     ) -> Result<pb::Volume, Status> {
         crate::engine::validate_name("volume", &r.name).map_err(status)?;
-        let node = c
-            .place(&r.zone, &r.nodes)
+        let copies = r.replicas.max(1) as usize;
+        let nodes = c
+            .place_copies(&r.zone, &r.nodes, copies)
             .await
             .map_err(cluster_status)?
             .map_err(|e| Status::resource_exhausted(e.to_string()))?;
-        let spec = reserve(c, &r.name, r.size_bytes, &node.name).await?;
-        (r.here, r.uuid) = (true, spec.uuid.clone());
-        let made = match node.name == self.node_name {
-            true => self.create_volume(Request::new(r)).await,
-            false => match c.peer(&node.name) {
-                Ok(mut peer) => peer.create_volume(r).await,
-                Err(e) => Err(cluster_status(e)),
-            },
+        let names: Vec<String> = nodes.into_iter().map(|n| n.name).collect();
+        let min_insync = match (copies, r.min_insync) {
+            (1, _) => 0,
+            (n, 0) => (n as u32 - 1).max(1),
+            (n, m) => m.min(n as u32),
         };
-        match made {
-            Ok(v) => {
-                tracing::info!(volume = %spec.name, uuid = %spec.uuid, node = %spec.node, "volume placed");
-                Ok(v.into_inner())
+        let spec = reserve(c, &r.name, r.size_bytes, &names, min_insync).await?;
+        (r.here, r.uuid) = (true, spec.uuid.clone());
+        let mut made: Vec<&String> = Vec::new();
+        let mut first = None;
+        let mut failed = None;
+        for node in &names {
+            let res = match node == &self.node_name {
+                true => self.create_volume(Request::new(r.clone())).await,
+                false => match c.peer(node) {
+                    Ok(mut peer) => peer.create_volume(r.clone()).await,
+                    Err(e) => Err(cluster_status(e)),
+                },
+            };
+            match res {
+                Ok(v) => {
+                    first.get_or_insert(v.into_inner());
+                    made.push(node);
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
             }
-            Err(e) => {
+        }
+        match (first, failed) {
+            (Some(mut v), None) => {
+                tracing::info!(volume = %spec.name, uuid = %spec.uuid, nodes = ?names, "volume placed");
+                if spec.replicated() {
+                    (v.replicas, v.in_sync) = (names.clone(), names);
+                }
+                Ok(v)
+            }
+            (_, e) => {
+                for node in made {
+                    let gone = pb::DeleteVolumeRequest { name: spec.uuid.clone(), here: true };
+                    if let Err(e) = async { c.peer(node).map_err(cluster_status)?.delete_volume(gone).await }.await {
+                        tracing::warn!(volume = %spec.name, node, error = %e, "cannot delete a copy of a volume whose creation failed");
+                    }
+                }
                 if let Err(release) = c.release_volume(&spec).await {
                     tracing::warn!(volume = %spec.name, error = %release, "cannot forget a volume whose creation failed");
                 }
-                Err(e)
+                Err(e.unwrap_or_else(|| Status::internal("no copy was made")))
             }
         }
+    }
+
+    /// The other copies of a replicated volume held here (`volume` a name or UUID), with the
+    /// API of each node that is up; down ones are left out (they are out of sync anyway).
+    async fn other_copies(&self, volume: &str) -> Result<Vec<(String, crate::cluster::Peer)>, Status> {
+        let Some(c) = &self.cluster else { return Ok(Vec::new()) };
+        let Ok(v) = self.engine.find_volume(volume) else { return Ok(Vec::new()) };
+        let Some(spec) = c.volume_spec(&v.uuid).await.map_err(cluster_status)? else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for node in spec.copies().into_iter().filter(|n| *n != self.node_name && spec.replicated()) {
+            match c.peer(&node) {
+                Ok(p) => out.push((node, p)),
+                Err(e) => tracing::warn!(volume, node, error = %e, "a copy's node is out of reach"),
+            }
+        }
+        Ok(out)
     }
 
     /// Every volume of the cluster: from each node that is up, and what the cluster store
@@ -160,21 +208,35 @@ impl Api {
     }
 }
 
+/// A replicated volume's copies and those in sync, as the cluster records them.
+async fn copies(c: &crate::cluster::Cluster, uuid: &str, out: &mut pb::Volume) -> Result<(), Status> {
+    if let Some(spec) = c.volume_spec(uuid).await.map_err(cluster_status)?
+        && spec.replicated()
+    {
+        out.replicas = spec.copies();
+        out.in_sync = c.in_sync(uuid).await.map_err(cluster_status)?.map(|s| s.members).unwrap_or_default();
+    }
+    Ok(())
+}
+
 /// Records a new volume `name` on `node` under a fresh UUID; its name must be free in the
 /// cluster.
 async fn reserve(
     c: &crate::cluster::Cluster,
     name: &str,
     size_bytes: u64,
-    node: &str,
+    copies: &[String],
+    min_insync: u32,
 ) -> Result<crate::cluster::volumes::VolumeSpec, Status> {
     crate::engine::validate_name("volume", name).map_err(status)?;
     let spec = crate::cluster::volumes::VolumeSpec {
         uuid: crate::meta::uuid::new_uuid_text(),
         name: name.to_string(),
         size_bytes,
-        node: node.to_string(),
+        node: copies.first().cloned().unwrap_or_default(),
         created_unix: crate::engine::now_unix(),
+        replicas: if copies.len() > 1 { copies.to_vec() } else { Vec::new() },
+        min_insync,
     };
     if !c.reserve_volume(&spec).await.map_err(cluster_status)? {
         return Err(Status::already_exists(format!("volume {name:?} already exists")));
@@ -269,10 +331,11 @@ impl Management for Api {
         }
         let v = self.engine.find_volume(&req.into_inner().name).map_err(status)?;
         let mut out = volume_to_pb(&self.engine, &self.node_name, &v);
-        if let Some(c) = &self.cluster
-            && let Some(t) = c.target(&v.uuid).await.map_err(cluster_status)?
-        {
-            (out.target_node, out.target_epoch) = (t.node, t.epoch);
+        if let Some(c) = &self.cluster {
+            if let Some(t) = c.target(&v.uuid).await.map_err(cluster_status)? {
+                (out.target_node, out.target_epoch) = (t.node, t.epoch);
+            }
+            copies(c, &v.uuid, &mut out).await?;
         }
         Ok(Response::new(out))
     }
@@ -293,13 +356,32 @@ impl Management for Api {
         &self,
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
-        if let Some(mut peer) = self.owner(&req.get_ref().name).await? {
-            return peer.delete_volume(req.into_inner()).await;
+        let r = req.into_inner();
+        if let (Some(c), false) = (&self.cluster, r.here)
+            && let Some(spec) = c.volume_spec(&r.name).await.map_err(cluster_status)?
+            && spec.replicated()
+        {
+            // Every copy, then the record.
+            for node in spec.copies() {
+                let gone = pb::DeleteVolumeRequest { name: spec.uuid.clone(), here: true };
+                match c.peer(&node).map_err(cluster_status)?.delete_volume(gone).await {
+                    Ok(_) => {}
+                    Err(e) if e.code() == tonic::Code::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            c.release_volume(&spec).await.map_err(cluster_status)?;
+            return Ok(Response::new(pb::DeleteVolumeResponse {}));
         }
-        let name = self.engine.resolve(&req.into_inner().name);
+        if !r.here
+            && let Some(mut peer) = self.owner(&r.name).await?
+        {
+            return peer.delete_volume(r).await;
+        }
+        let name = self.engine.resolve(&r.name);
         let uuid = self.engine.volume(&name).map(|v| v.uuid.clone()).ok();
         self.engine.delete_volume(&name).await.map_err(status)?;
-        if let (Some(c), Some(uuid)) = (&self.cluster, uuid)
+        if let (Some(c), Some(uuid), false) = (&self.cluster, uuid, r.here)
             && let Some(spec) = c.volume_spec(&uuid).await.map_err(cluster_status)?
         {
             c.release_volume(&spec).await.map_err(cluster_status)?;
@@ -471,13 +553,27 @@ impl Management for Api {
     }
 
     async fn publish_volume(&self, req: Request<pb::PublishVolumeRequest>) -> Result<Response<pb::Grant>, Status> {
-        if let Some(mut peer) = self.owner(&req.get_ref().volume).await? {
-            return peer.publish_volume(req.into_inner()).await;
-        }
         let r = req.into_inner();
+        if !r.here
+            && let Some(mut peer) = self.owner(&r.volume).await?
+        {
+            return peer.publish_volume(r).await;
+        }
         let access = Access { read_only: r.read_only, single_writer: r.single_writer };
-        let g = self.engine.publish(&self.engine.resolve(&r.volume), &r.node, access).await.map_err(status)?;
+        let token = Some(r.token.clone()).filter(|t| r.here && !t.is_empty());
+        let volume = self.engine.resolve(&r.volume);
+        let g = self.engine.publish(&volume, &r.node, access, token).await.map_err(status)?;
         let rec = &g.record;
+        if r.here {
+            return Ok(Response::new(convert::grant_to_pb(&g, &self.nbd_address)));
+        }
+        // A replicated volume's grant is the same on every copy (the target's links use it).
+        for (node, mut peer) in self.other_copies(&volume).await? {
+            let copy = pb::PublishVolumeRequest { here: true, token: rec.token.clone(), ..r.clone() };
+            peer.publish_volume(copy)
+                .await
+                .map_err(|e| Status::new(e.code(), format!("copy on {node}: {}", e.message())))?;
+        }
         if let Some(c) = &self.cluster {
             // Publish is idempotent: a retry after a failure here records it again.
             let uuid = self.engine.volume(&rec.volume).map_err(status)?.uuid.clone();
@@ -491,29 +587,29 @@ impl Management for Api {
             };
             c.put_grant(&uuid, &entry).await.map_err(cluster_status)?;
         }
-        Ok(Response::new(pb::Grant {
-            volume: rec.volume.clone(),
-            node: rec.node.clone(),
-            export_name: g.export_name(),
-            read_only: rec.read_only,
-            single_writer: rec.single_writer,
-            created_unix_seconds: rec.created_unix,
-            nbd_address: self.nbd_address.clone(),
-        }))
+        Ok(Response::new(convert::grant_to_pb(&g, &self.nbd_address)))
     }
 
     async fn unpublish_volume(
         &self,
         req: Request<pb::UnpublishVolumeRequest>,
     ) -> Result<Response<pb::UnpublishVolumeResponse>, Status> {
-        if let Some(mut peer) = self.owner(&req.get_ref().volume).await? {
-            return peer.unpublish_volume(req.into_inner()).await;
-        }
         let r = req.into_inner();
+        if !r.here
+            && let Some(mut peer) = self.owner(&r.volume).await?
+        {
+            return peer.unpublish_volume(r).await;
+        }
         let volume = self.engine.resolve(&r.volume);
-        if let (Some(c), Ok(v)) = (&self.cluster, self.engine.volume(&volume)) {
+        if let (Some(c), Ok(v), false) = (&self.cluster, self.engine.volume(&volume), r.here) {
             // First out of etcd, so no target can take the volume's epoch with it any more.
             c.delete_grant(&v.uuid, &r.node).await.map_err(cluster_status)?;
+            for (node, mut peer) in self.other_copies(&volume).await? {
+                let copy = pb::UnpublishVolumeRequest { here: true, ..r.clone() };
+                peer.unpublish_volume(copy)
+                    .await
+                    .map_err(|e| Status::new(e.code(), format!("copy on {node}: {}", e.message())))?;
+            }
         }
         self.engine.unpublish(&volume, &r.node).await.map_err(status)?;
         Ok(Response::new(pb::UnpublishVolumeResponse {}))

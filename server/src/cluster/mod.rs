@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod grants;
+pub mod isr;
 pub mod keys;
 pub mod nodes;
 mod record;

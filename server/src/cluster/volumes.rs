@@ -16,17 +16,40 @@ pub struct VolumeSpec {
     pub uuid: String,
     pub name: String,
     pub size_bytes: u64,
-    /// The storage node that holds the data.
+    /// The storage node that holds the data (the first replica).
     pub node: String,
     pub created_unix: u64,
+    /// Nodes holding a copy, `node` first; empty for a volume of one copy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<String>,
+    /// Copies that must stay in sync for writes to be acknowledged.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_insync: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+impl VolumeSpec {
+    /// The nodes holding a copy, `node` first.
+    pub fn copies(&self) -> Vec<String> {
+        if self.replicas.is_empty() { vec![self.node.clone()] } else { self.replicas.clone() }
+    }
+
+    pub fn replicated(&self) -> bool {
+        self.replicas.len() > 1
+    }
 }
 
 /// Why no node can take a volume.
 #[derive(Debug, thiserror::Error)]
-#[error("no storage node is up{}{}", if zone.is_empty() { String::new() } else { format!(" in zone {zone:?}") }, if nodes.is_empty() { String::new() } else { format!(" among {}", nodes.join(", ")) })]
+#[error("{} storage node{} up{}{}", if *copies > 1 { format!("fewer than {copies}") } else { "no".to_string() }, if *copies > 1 { "s are" } else { " is" }, if zone.is_empty() { String::new() } else { format!(" in zone {zone:?}") }, if nodes.is_empty() { String::new() } else { format!(" among {}", nodes.join(", ")) })]
 pub struct NoNode {
     pub zone: String,
     pub nodes: Vec<String>,
+    /// Copies asked for.
+    pub copies: usize,
 }
 
 /// What [`Cluster::adopt_volume`] did.
@@ -39,35 +62,64 @@ pub enum Adopted {
 }
 
 impl Cluster {
-    /// Where a new volume of `size` goes: among the nodes that are up (in `zone`, among `nodes`
-    /// when given), the one with the most free space left after what is already provisioned on
-    /// it (volumes are thin, so free space alone would send every new volume to one node).
-    /// Ties go to the first preferred node, then by name.
+    /// Where a new volume goes: among the nodes that are up (in `zone`, among `nodes` when
+    /// given), the one with the most free space left after what is already provisioned on it
+    /// (volumes are thin, so free space alone would send every new volume to one node). Ties go
+    /// to the first preferred node, then by name.
     pub async fn place(&self, zone: &str, nodes: &[String]) -> Result<Result<NodeRecord, NoNode>, ClusterError> {
+        Ok(self.place_copies(zone, nodes, 1).await?.map(|mut n| n.remove(0)))
+    }
+
+    /// `copies` distinct nodes for a volume's replicas, ranked as [`Self::place`] ranks them;
+    /// after the first, nodes of a zone not used yet come before the others.
+    pub async fn place_copies(
+        &self,
+        zone: &str,
+        nodes: &[String],
+        copies: usize,
+    ) -> Result<Result<Vec<NodeRecord>, NoNode>, ClusterError> {
         let specs = self.volume_specs().await?;
-        let provisioned = |n: &str| specs.iter().filter(|s| s.node == n).map(|s| s.size_bytes as i128).sum::<i128>();
+        let provisioned = |n: &str| {
+            specs.iter().filter(|s| s.copies().iter().any(|c| c == n)).map(|s| s.size_bytes as i128).sum::<i128>()
+        };
         let rank = |n: &str| nodes.iter().position(|p| p == n).unwrap_or(usize::MAX);
-        let best = self
+        let mut candidates: Vec<NodeRecord> = self
             .directory
             .list()
             .into_iter()
             .filter(|v| v.up && (zone.is_empty() || v.record.zone == zone))
             .filter(|v| nodes.is_empty() || nodes.contains(&v.record.name))
             .map(|v| v.record)
-            .max_by(|a, b| {
-                let room = |r: &NodeRecord| r.available_bytes as i128 - provisioned(&r.name);
-                room(a).cmp(&room(b)).then(rank(&b.name).cmp(&rank(&a.name))).then(b.name.cmp(&a.name))
-            });
-        Ok(best.ok_or_else(|| NoNode { zone: zone.to_string(), nodes: nodes.to_vec() }))
+            .collect();
+        let room = |r: &NodeRecord| r.available_bytes as i128 - provisioned(&r.name);
+        candidates
+            .sort_by(|a, b| room(b).cmp(&room(a)).then(rank(&a.name).cmp(&rank(&b.name))).then(a.name.cmp(&b.name)));
+        let no_node = || NoNode { zone: zone.to_string(), nodes: nodes.to_vec(), copies };
+        if candidates.len() < copies.max(1) {
+            return Ok(Err(no_node()));
+        }
+        let mut chosen: Vec<NodeRecord> = Vec::new();
+        while chosen.len() < copies.max(1) {
+            let fresh_zone = candidates.iter().position(|c| chosen.iter().all(|x| x.zone != c.zone));
+            chosen.push(candidates.remove(fresh_zone.unwrap_or(0)));
+        }
+        Ok(Ok(chosen))
     }
 
     /// Records a new volume: its name must be free. `Ok(false)`: the name is taken.
     pub async fn reserve_volume(&self, spec: &VolumeSpec) -> Result<bool, ClusterError> {
         let name_key = keys::volume_name(&spec.name);
-        let txn = Txn::new().when([Compare::create_revision(name_key.clone(), CompareOp::Equal, 0)]).and_then([
-            TxnOp::put(name_key, spec.uuid.clone(), None),
+        let mut ops = vec![
+            TxnOp::put(name_key.clone(), spec.uuid.clone(), None),
             TxnOp::put(keys::volume(&spec.uuid), encode(spec)?, None),
-        ]);
+        ];
+        if spec.replicated() {
+            // Every copy is in sync at creation (all empty).
+            let set = super::isr::InSync { members: spec.copies(), epoch: 0 };
+            let key = keys::isr(&spec.uuid);
+            ops.push(TxnOp::put(key.clone(), super::record::encode(&key, &set)?, None));
+        }
+        let txn = Txn::new().when([Compare::create_revision(name_key, CompareOp::Equal, 0)]).and_then(ops);
         Ok(self.client.clone().txn(txn).await?.succeeded())
     }
 
@@ -78,6 +130,7 @@ impl Cluster {
             TxnOp::delete(name_key, None),
             TxnOp::delete(keys::volume(&spec.uuid), None),
             TxnOp::delete(keys::target(&spec.uuid), None),
+            TxnOp::delete(keys::isr(&spec.uuid), None),
             TxnOp::delete(keys::grants_of(&spec.uuid), Some(etcd_client::DeleteOptions::new().with_prefix())),
         ]);
         self.client.clone().txn(txn).await?;

@@ -40,19 +40,31 @@ impl Engine {
     /// Grants `node` access to `volume`. Idempotent: the same request returns the same grant; a
     /// different access mode for the same node, or a writer that would join a single-writer
     /// attachment on another node, is refused.
+    ///
+    /// `token`: the grant's secret when another node made it (a replicated volume's grant is
+    /// the same on every copy); `None`: a fresh one.
     pub async fn publish(
         self: &Arc<Self>,
         volume: &str,
         node: &str,
         access: Access,
+        token: Option<String>,
     ) -> Result<Arc<Grant>, EngineError> {
         check_node_name(node)?;
         let _admin = self.admin.lock().await;
         self.volume(volume)?;
         if let Some(existing) = self.grants.check(volume, node, access)? {
+            if token.as_ref().is_some_and(|t| *t != existing.record.token) {
+                return Err(EngineError::AlreadyExists(format!(
+                    "volume {volume:?} is already published to node {node:?} by another grant; unpublish it first"
+                )));
+            }
             return Ok(existing);
         }
-        let record = Grants::record(volume, node, access, now_unix());
+        let mut record = Grants::record(volume, node, access, now_unix());
+        if let Some(token) = token {
+            record.token = token;
+        }
         self.space.commit(vec![MetaOp::PutGrant(record.clone())], true).await?;
         let grant = Arc::new(Grant::new(record));
         self.grants.insert(grant.clone())?;

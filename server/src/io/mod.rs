@@ -7,6 +7,7 @@
 pub mod local;
 pub mod metered;
 pub mod remote;
+pub mod replicas;
 pub mod throttled;
 
 use std::future::Future;
@@ -18,6 +19,7 @@ use crate::error::EngineError;
 pub use local::LocalVolume;
 pub use metered::Metered;
 pub use remote::RemoteVolume;
+pub use replicas::{InSyncSet, Member, Replicas};
 pub use throttled::Throttled;
 
 /// Block I/O on one open volume or snapshot. Offsets and lengths are already checked against

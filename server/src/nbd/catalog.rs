@@ -12,24 +12,102 @@ use thinbd_protocol::{
 use tracing::debug;
 
 use super::export_name::ExportName;
+use crate::cluster::Cluster;
+use crate::cluster::volumes::VolumeSpec;
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::io::{Backing, LocalVolume, Metered, RemoteVolume, Throttled, VolumeIo};
+use crate::io::{Backing, LocalVolume, Member, Metered, RemoteVolume, Replicas, Throttled, VolumeIo};
 
-/// The I/O stack every export gets: metrics around QoS around the volume (here, or on the node
-/// holding it).
-pub type VolumeStack = Metered<Throttled<Backing>>;
+/// The I/O stack every export gets: metrics around QoS around the volume's copies (here, on
+/// the node holding it, or every in-sync replica).
+pub type VolumeStack = Metered<Throttled<Replicas>>;
 
 /// Composes the stack over an opened volume.
 pub fn stack(local: LocalVolume) -> VolumeStack {
     let (qos, metrics) = (local.qos(), local.metrics());
-    Metered::new(Throttled::new(Backing::Local(local), qos), metrics)
+    Metered::new(Throttled::new(Replicas::single(Backing::Local(local)), qos), metrics)
 }
 
-/// The stack of a volume served for the node holding it: that node applies the volume's QoS.
-pub fn remote_stack(remote: RemoteVolume) -> VolumeStack {
-    let unlimited = std::sync::Arc::new(crate::qos::Qos::new(Default::default()));
-    Metered::new(Throttled::new(Backing::Remote(remote), unlimited), Default::default())
+/// The stack of a volume served for the nodes holding it: they apply the volume's QoS; with a
+/// local copy among them, its QoS and metrics apply here too.
+pub fn target_stack(
+    replicas: Replicas,
+    local: Option<(Arc<crate::qos::Qos>, Arc<crate::metrics::VolumeMetrics>)>,
+) -> VolumeStack {
+    match local {
+        Some((qos, metrics)) => Metered::new(Throttled::new(replicas, qos), metrics),
+        None => {
+            let unlimited = Arc::new(crate::qos::Qos::new(Default::default()));
+            Metered::new(Throttled::new(replicas, unlimited), Default::default())
+        }
+    }
+}
+
+/// Opens the link from a target to the copy on `node`.
+async fn link(cluster: &Cluster, node: &str, export: &str, volume: &str) -> Result<RemoteVolume, String> {
+    let holder = cluster.directory.get(node).filter(|n| n.up).ok_or_else(|| format!("node {node} is down"))?;
+    let address = &holder.record.nbd_address;
+    let tls = cluster.peer_tls.as_ref().map(|t| t.nbd_for(address)).transpose().map_err(|e| e.to_string())?;
+    RemoteVolume::open(address, export, volume, tls).await.map_err(|e| e.to_string())
+}
+
+/// The copies a target writes to: a volume of one copy here or on its node; a replicated
+/// volume's in-sync members (the local copy first when it is one of them). Members out of
+/// reach leave the in-sync set now. Also the fences of the session: a lost link to a single
+/// copy ends it (the client reconnects); a lost replica only leaves the set.
+async fn copies_for(
+    cluster: &Arc<Cluster>,
+    spec: &VolumeSpec,
+    export: &str,
+    volume: &str,
+    epoch: Option<u64>,
+    local: Option<LocalVolume>,
+) -> Result<(Replicas, Vec<tokio_util::sync::CancellationToken>), OpenError> {
+    let platform = |e: &dyn std::fmt::Display| OpenError::Platform(e.to_string());
+    let export = epoch.map_or_else(|| export.to_string(), |e| super::export_name::with_epoch(export, e));
+    if !spec.replicated() {
+        if let Some(l) = local {
+            return Ok((Replicas::single(Backing::Local(l)), Vec::new()));
+        }
+        let remote = link(cluster, &spec.node, &export, volume).await.map_err(|e| platform(&e))?;
+        let fences = vec![remote.lost()];
+        return Ok((Replicas::single(Backing::Remote(remote)), fences));
+    }
+    let members = match cluster.in_sync(&spec.uuid).await.map_err(|e| platform(&e))? {
+        Some(set) => set.members,
+        None => spec.copies(),
+    };
+    let epoch = match epoch {
+        Some(e) => e,
+        None => cluster.target(&spec.uuid).await.map_err(|e| platform(&e))?.map_or(0, |t| t.epoch),
+    };
+    let in_sync = Arc::new(crate::cluster::isr::TargetInSync {
+        cluster: cluster.clone(),
+        uuid: spec.uuid.clone(),
+        volume: volume.to_string(),
+        epoch,
+    });
+    let mut copies = Vec::new();
+    if let Some(l) = local.filter(|_| members.contains(&cluster.node)) {
+        copies.push(Member { node: cluster.node.clone(), io: Arc::new(Backing::Local(l)) });
+    }
+    for node in members.iter().filter(|n| **n != cluster.node) {
+        match link(cluster, node, &export, volume).await {
+            Ok(remote) => copies.push(Member { node: node.clone(), io: Arc::new(Backing::Remote(remote)) }),
+            Err(e) => {
+                tracing::warn!(volume, node, error = %e, "an in-sync replica is out of reach: it leaves the set");
+                crate::io::InSyncSet::evict(&*in_sync, node).await.map_err(engine_err)?;
+            }
+        }
+    }
+    let min = spec.min_insync.max(1) as usize;
+    if copies.len() < min {
+        return Err(OpenError::Platform(format!(
+            "volume {volume}: {} copies in sync and reachable, {min} required",
+            copies.len()
+        )));
+    }
+    Ok((Replicas::replicated(copies, in_sync, min), Vec::new()))
 }
 
 /// The NBD face of a volume's I/O stack.
@@ -119,44 +197,40 @@ impl Catalog {
 
     /// A grant's export name for a volume another node holds: the grant is checked against
     /// its record in etcd; a single writer's makes this node the volume's target (a new epoch,
-    /// sent on the link so the holder fences older targets), and requests are forwarded to the
-    /// holder, which checks the grant itself too.
+    /// sent on the links so the copies fence older targets), and requests go to the copies,
+    /// which check the grant themselves too.
     fn open_remote(&self, name: &str, volume: &str, token: &str) -> Result<Export<NbdVolume<VolumeStack>>, OpenError> {
         let Some(cluster) = self.cluster.clone() else { return Err(OpenError::Unknown) };
         let platform = |e: &dyn std::fmt::Display| OpenError::Platform(e.to_string());
-        let (remote, holder, epoch) = block_on(async {
+        let (replicas, fences, epoch) = block_on(async {
             let spec = cluster.volume_spec(volume).await.map_err(|e| platform(&e))?.ok_or(OpenError::Unknown)?;
-            if spec.node == cluster.node {
+            if !spec.replicated() && spec.node == cluster.node {
                 return Err(OpenError::Unknown);
             }
             let grant = cluster.grant_by_token(&spec.uuid, token).await.map_err(|e| platform(&e))?;
             let grant = grant.ok_or(OpenError::Unknown)?;
-            let holder = cluster
-                .directory
-                .get(&spec.node)
-                .filter(|n| n.up)
-                .ok_or_else(|| platform(&format!("node {} holding {volume} is down", spec.node)))?;
-            let (link, epoch) = if grant.single_writer && !grant.read_only {
-                let epoch = cluster.take_target(&spec.uuid).await.map_err(|e| platform(&e))?;
-                (super::export_name::with_epoch(name, epoch), Some(epoch))
-            } else {
-                (name.to_string(), None)
+            let epoch = match grant.single_writer && !grant.read_only {
+                true => Some(cluster.take_target(&spec.uuid).await.map_err(|e| platform(&e))?),
+                false => None,
             };
-            let address = &holder.record.nbd_address;
-            let tls = cluster.peer_tls.as_ref().map(|t| t.nbd_for(address)).transpose().map_err(|e| platform(&e))?;
-            let remote = RemoteVolume::open(address, &link, volume, tls).await.map_err(|e| platform(&e))?;
-            Ok((remote, spec.node, epoch))
+            let (replicas, fences) = copies_for(&cluster, &spec, name, volume, epoch, None).await?;
+            Ok((replicas, fences, epoch))
         })?;
-        tracing::info!(volume, holder, epoch, "target: serving a volume held by another node");
-        let description = format!("thinbd volume {volume} (data on {holder})");
-        // A lost link ends the client's session, so that it reconnects (and relinks).
-        let fences = vec![remote.lost()];
-        Ok(Export { name: name.to_string(), description, device: Arc::new(NbdVolume(remote_stack(remote))), fences })
+        let holders = replicas.nodes().join(", ");
+        tracing::info!(volume, holders, epoch, "target: serving a volume held by other nodes");
+        let description = format!("thinbd volume {volume} (data on {holders})");
+        Ok(Export {
+            name: name.to_string(),
+            description,
+            device: Arc::new(NbdVolume(target_stack(replicas, None))),
+            fences,
+        })
     }
 
     /// A session through a grant of a volume held here. The one writer of a single-writer
     /// volume is fenced by target epochs: the epoch its target sent, or, in a cluster, the one
-    /// this node takes when the consumer is attached here. Read-only and multi-writer
+    /// this node takes when the consumer is attached here (then, for a replicated volume, this
+    /// node is the target and writes to every in-sync copy). Read-only and multi-writer
     /// attachments are fenced by their grants alone.
     fn open_granted(
         &self,
@@ -166,11 +240,18 @@ impl Catalog {
         peer: Option<SocketAddr>,
     ) -> Result<Export<NbdVolume<VolumeStack>>, OpenError> {
         let r = &grant.record;
-        let epoch = match (link_epoch, r.single_writer && !r.read_only, &self.cluster) {
+        let uuid = self.engine.volume(&r.volume).map_err(engine_err)?.uuid.clone();
+        // The consumer is attached here (not a target's link): in a cluster this node serves it.
+        let serving = match (&self.cluster, link_epoch) {
+            (Some(c), None) => {
+                Some((c.clone(), block_on(c.volume_spec(&uuid)).map_err(|e| OpenError::Platform(e.to_string()))?))
+            }
+            _ => None,
+        };
+        let epoch = match (link_epoch, r.single_writer && !r.read_only, &serving) {
             (_, false, _) | (None, true, None) => None,
             (Some(e), true, _) => Some(e),
-            (None, true, Some(cluster)) => {
-                let uuid = self.engine.volume(&r.volume).map_err(engine_err)?.uuid.clone();
+            (None, true, Some((cluster, _))) => {
                 Some(block_on(cluster.take_target(&uuid)).map_err(|e| OpenError::Platform(e.to_string()))?)
             }
         };
@@ -191,7 +272,16 @@ impl Catalog {
         }
         debug!(volume = %r.volume, node = %r.node, ?peer, read_only = r.read_only, epoch, "export opened through grant");
         let description = describe(&h, &r.volume);
-        Ok(Export { name: name.to_string(), description, device: Arc::new(NbdVolume(stack(h))), fences })
+        let device = match serving {
+            Some((cluster, Some(spec))) if spec.replicated() => {
+                let local = Some((h.qos(), h.metrics()));
+                let (replicas, more) = block_on(copies_for(&cluster, &spec, name, &r.volume, epoch, Some(h)))?;
+                fences.extend(more);
+                target_stack(replicas, local)
+            }
+            _ => stack(h),
+        };
+        Ok(Export { name: name.to_string(), description, device: Arc::new(NbdVolume(device)), fences })
     }
 }
 

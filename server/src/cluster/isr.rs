@@ -1,0 +1,113 @@
+//! The in-sync set of a replicated volume: the replicas that hold every acknowledged write.
+//! Kept in `/thinbd/v1/isr/UUID` with the epoch of the target that last changed it; a target
+//! removes a member that failed a write by compare-and-swap before acknowledging the write, and
+//! a target of an older epoch cannot change it. A new target uses only its members as sources.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use serde::{Deserialize, Serialize};
+
+use super::error::ClusterError;
+use super::record::{decode, encode};
+use super::{Cluster, keys};
+use crate::error::EngineError;
+use crate::io::InSyncSet;
+
+/// `/thinbd/v1/isr/UUID`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InSync {
+    pub members: Vec<String>,
+    /// The epoch of the target that last changed the set (0: as created).
+    pub epoch: u64,
+}
+
+/// What removing a member came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Shrunk {
+    Done,
+    /// A target of a newer epoch changed the set: this one is stale.
+    Stale {
+        newer: u64,
+    },
+}
+
+impl Cluster {
+    pub async fn in_sync(&self, uuid: &str) -> Result<Option<InSync>, ClusterError> {
+        let resp = self.client.clone().get(keys::isr(uuid), None).await?;
+        resp.kvs().first().map(|kv| decode(kv.key(), kv.value())).transpose()
+    }
+
+    /// Removes `node` from volume `uuid`'s in-sync set, as its target of `epoch`.
+    pub async fn shrink_in_sync(&self, uuid: &str, node: &str, epoch: u64) -> Result<Shrunk, ClusterError> {
+        let key = keys::isr(uuid);
+        let mut client = self.client.clone();
+        loop {
+            let resp = client.get(key.clone(), None).await?;
+            let Some(kv) = resp.kvs().first() else { return Ok(Shrunk::Done) };
+            let mut set: InSync = decode(kv.key(), kv.value())?;
+            if set.epoch > epoch {
+                return Ok(Shrunk::Stale { newer: set.epoch });
+            }
+            if !set.members.iter().any(|m| m == node) {
+                return Ok(Shrunk::Done);
+            }
+            set.members.retain(|m| m != node);
+            set.epoch = epoch;
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())])
+                .and_then([TxnOp::put(key.clone(), encode(&key, &set)?, None)]);
+            if client.txn(txn).await?.succeeded() {
+                tracing::warn!(volume = %uuid, node, epoch, members = ?set.members, "replica left the in-sync set");
+                return Ok(Shrunk::Done);
+            }
+        }
+    }
+}
+
+/// The in-sync set as a target of one epoch changes it.
+pub struct TargetInSync {
+    pub cluster: Arc<Cluster>,
+    pub uuid: String,
+    pub volume: String,
+    pub epoch: u64,
+}
+
+/// How long a write waits for etcd to record an eviction before it fails (unacknowledged).
+const EVICT_PATIENCE: Duration = Duration::from_secs(60);
+
+impl InSyncSet for TargetInSync {
+    /// Waits while etcd cannot be reached: a write is never acknowledged while a member that
+    /// lacks it is still listed.
+    fn evict<'a>(&'a self, node: &'a str) -> Pin<Box<dyn Future<Output = Result<(), EngineError>> + Send + 'a>> {
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + EVICT_PATIENCE;
+            let mut pause = Duration::from_millis(100);
+            loop {
+                match self.cluster.shrink_in_sync(&self.uuid, node, self.epoch).await {
+                    Ok(Shrunk::Done) => return Ok(()),
+                    Ok(Shrunk::Stale { newer }) => {
+                        return Err(EngineError::StaleEpoch {
+                            volume: self.volume.clone(),
+                            epoch: self.epoch,
+                            promised: newer,
+                        });
+                    }
+                    Err(e) if tokio::time::Instant::now() < deadline => {
+                        tracing::warn!(error = %e, node, "cannot record a replica's eviction yet; the write waits");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
+                    Err(e) => {
+                        return Err(EngineError::Unavailable(format!(
+                            "cannot record that {node} left the in-sync set: {e}"
+                        )));
+                    }
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,231 @@
+//! The copies of a volume an export writes to: one (the volume here, or on the node holding
+//! it) or, for a replicated volume, every member of its in-sync set (protocol C). A write, trim
+//! or flush is acknowledged only when every member completed it; a member that failed is
+//! removed from the in-sync set — in the cluster store, before the acknowledgement — and
+//! dropped. Overlapping writes are never in flight together, so every member applies them in
+//! the same order. Reads go to the first member (the local copy when there is one).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use thinbd_protocol::{Extent, ReadChunk};
+use tokio::sync::Notify;
+
+use super::{Backing, VolumeIo};
+use crate::error::{EngineError, poisoned};
+
+/// Where the in-sync set is kept (etcd in a cluster). Removing a member must be durable there
+/// before the write it missed is acknowledged; a target that lost its role cannot remove one.
+pub trait InSyncSet: Send + Sync {
+    fn evict<'a>(&'a self, node: &'a str) -> Pin<Box<dyn Future<Output = Result<(), EngineError>> + Send + 'a>>;
+}
+
+/// One copy: the node holding it and the way to reach it.
+#[derive(Clone)]
+pub struct Member {
+    pub node: String,
+    pub io: Arc<Backing>,
+}
+
+pub struct Replicas {
+    members: RwLock<Vec<Member>>,
+    /// `None`: a single copy with nothing to keep in sync.
+    in_sync: Option<Arc<dyn InSyncSet>>,
+    /// Below this many members nothing more is acknowledged.
+    min_insync: usize,
+    order: WriteOrder,
+}
+
+impl Replicas {
+    /// A volume with one copy.
+    pub fn single(io: Backing) -> Replicas {
+        let member = Member { node: String::new(), io: Arc::new(io) };
+        Replicas { members: RwLock::new(vec![member]), in_sync: None, min_insync: 1, order: WriteOrder::default() }
+    }
+
+    /// A replicated volume's in-sync members (the local copy first, it serves the reads).
+    pub fn replicated(members: Vec<Member>, in_sync: Arc<dyn InSyncSet>, min_insync: usize) -> Replicas {
+        Replicas {
+            members: RwLock::new(members),
+            in_sync: Some(in_sync),
+            min_insync: min_insync.max(1),
+            order: WriteOrder::default(),
+        }
+    }
+
+    /// The nodes of the members still in sync.
+    pub fn nodes(&self) -> Vec<String> {
+        self.members.read().map(|m| m.iter().map(|m| m.node.clone()).collect()).unwrap_or_default()
+    }
+
+    fn members(&self) -> Result<Vec<Member>, EngineError> {
+        Ok(self.members.read().map_err(|_| poisoned())?.clone())
+    }
+
+    fn first(&self) -> Result<Arc<Backing>, EngineError> {
+        let m = self.members.read().map_err(|_| poisoned())?;
+        m.first()
+            .map(|m| m.io.clone())
+            .ok_or_else(|| EngineError::Unavailable("no copy of the volume is in sync".into()))
+    }
+
+    /// Runs a change on every member; members that failed it leave the in-sync set before it
+    /// is acknowledged. Fails when every member failed (none has it) or too few are left.
+    async fn on_every<F, Fut>(&self, range: Option<(u64, u64)>, op: F) -> Result<(), EngineError>
+    where
+        F: Fn(Arc<Backing>) -> Fut,
+        Fut: Future<Output = Result<(), EngineError>>,
+    {
+        let members = self.members()?;
+        let Some(in_sync) = &self.in_sync else {
+            let first = members.first().ok_or_else(|| EngineError::Unavailable("no copy".into()))?;
+            return op(first.io.clone()).await;
+        };
+        let _ordered = match range {
+            Some((start, end)) => Some(self.order.enter(start, end).await?),
+            None => None,
+        };
+        let results = futures_util::future::join_all(members.iter().map(|m| op(m.io.clone()))).await;
+        if results.iter().all(Result::is_err) {
+            let mut results = results;
+            return results.swap_remove(0);
+        }
+        for (m, r) in members.iter().zip(&results) {
+            if let Err(e) = r {
+                tracing::warn!(node = %m.node, error = %e, "a replica failed a write: leaving the in-sync set");
+                in_sync.evict(&m.node).await?;
+                self.members.write().map_err(|_| poisoned())?.retain(|x| x.node != m.node);
+            }
+        }
+        let left = self.members.read().map_err(|_| poisoned())?.len();
+        if left < self.min_insync {
+            return Err(EngineError::Unavailable(format!(
+                "{left} copies in sync, fewer than the {} required: writes are not acknowledged",
+                self.min_insync
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl VolumeIo for Replicas {
+    fn name(&self) -> String {
+        self.first().map(|f| f.name()).unwrap_or_default()
+    }
+    fn size(&self) -> u64 {
+        self.first().map(|f| f.size()).unwrap_or(0)
+    }
+    fn read_only(&self) -> bool {
+        self.first().map(|f| f.read_only()).unwrap_or(true)
+    }
+    /// From the first member; the next ones if it fails.
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, EngineError> {
+        let mut last = None;
+        for m in self.members()? {
+            match m.io.read(offset, len).await {
+                Ok(r) => return Ok(r),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| EngineError::Unavailable("no copy of the volume is in sync".into())))
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        let range = (offset, offset + data.len() as u64);
+        self.on_every(Some(range), |io| {
+            let data = data.clone();
+            async move { io.write(offset, data, fua).await }
+        })
+        .await
+    }
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), EngineError> {
+        self.on_every(Some((offset, offset + len as u64)), |io| async move { io.trim(offset, len, fua).await }).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u32, unmap: bool, fua: bool) -> Result<(), EngineError> {
+        let range = Some((offset, offset + len as u64));
+        self.on_every(range, |io| async move { io.write_zeroes(offset, len, unmap, fua).await }).await
+    }
+    async fn flush(&self) -> Result<(), EngineError> {
+        self.on_every(None, |io| async move { io.flush().await }).await
+    }
+    async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, EngineError> {
+        self.first()?.block_status(offset, len).await
+    }
+    fn earlier_snapshots(&self) -> Vec<String> {
+        self.first().map(|f| f.earlier_snapshots()).unwrap_or_default()
+    }
+    async fn changed_since(&self, snapshot: &str, offset: u64, len: u32) -> Result<Vec<Extent>, EngineError> {
+        self.first()?.changed_since(snapshot, offset, len).await
+    }
+}
+
+/// Keeps overlapping writes from being in flight together (each waits for the earlier ones it
+/// overlaps), so that every member applies them in the same order.
+#[derive(Default)]
+struct WriteOrder {
+    in_flight: Mutex<Vec<(u64, u64, u64)>>,
+    next: AtomicU64,
+    done: Notify,
+}
+
+struct Ordered<'a> {
+    order: &'a WriteOrder,
+    id: u64,
+}
+
+impl Drop for Ordered<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut v) = self.order.in_flight.lock() {
+            v.retain(|(_, _, id)| *id != self.id);
+        }
+        self.order.done.notify_waiters();
+    }
+}
+
+impl WriteOrder {
+    async fn enter(&self, start: u64, end: u64) -> Result<Ordered<'_>, EngineError> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        loop {
+            let done = self.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            {
+                let mut v = self.in_flight.lock().map_err(|_| poisoned())?;
+                if !v.iter().any(|(s, e, _)| *s < end && start < *e) {
+                    v.push((start, end, id));
+                    return Ok(Ordered { order: self, id });
+                }
+            }
+            done.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn overlapping_writes_wait_for_each_other_and_others_do_not() {
+        let order = Arc::new(WriteOrder::default());
+        let first = order.enter(0, 4096).await.unwrap();
+        // Disjoint: admitted at once.
+        let beside = order.enter(4096, 8192).await.unwrap();
+        let waiter = tokio::spawn({
+            let order = order.clone();
+            async move {
+                let _g = order.enter(1024, 2048).await.unwrap();
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!waiter.is_finished(), "an overlapping write went in flight beside another");
+        drop(beside);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!waiter.is_finished());
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(1), waiter).await.unwrap().unwrap();
+    }
+}
