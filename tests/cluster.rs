@@ -916,6 +916,12 @@ fn the_csi_controller_on_a_cluster() {
         let v2 = ctl.create_volume(create("pvc-any", None)).await.unwrap().into_inner().volume.unwrap();
         assert_eq!(b.volume_json("pvc-any")["node"], "node-b");
         assert_eq!(v2.accessible_topology, vec![zone("b")]);
+        // The StorageClass asks for two copies: one on each node.
+        let mut rep = create("pvc-rep", None);
+        rep.parameters = HashMap::from([("replicas".into(), "2".into())]);
+        ctl.create_volume(rep).await.unwrap();
+        let copies = a.volume_json("pvc-rep")["replicas"].clone();
+        assert_eq!(copies, serde_json::json!(["node-b", "node-a"]), "{copies}");
         // Capacity per zone, and of the cluster.
         let cap = |t: Option<Topology>| GetCapacityRequest { accessible_topology: t, ..Default::default() };
         let in_a = ctl.get_capacity(cap(Some(zone("a")))).await.unwrap().into_inner().available_capacity;

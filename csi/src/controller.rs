@@ -259,6 +259,8 @@ impl Controller for ControllerService {
                     qos: Some(qos),
                     zone: placement.zone.clone(),
                     nodes: placement.nodes.clone(),
+                    replicas: p.replicas,
+                    min_insync: p.min_insync,
                     ..Default::default()
                 })
                 .await

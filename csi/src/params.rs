@@ -12,6 +12,10 @@ pub struct Params {
     pub mkfs_options: Option<String>,
     /// QoS limits (0: unlimited).
     pub qos: pb::Qos,
+    /// In a cluster: copies on this many nodes (0: one), and how many must stay in sync for
+    /// writes to be acknowledged (0: replicas - 1).
+    pub replicas: u32,
+    pub min_insync: u32,
 }
 
 /// QoS keys: in StorageClass parameters, and in VolumeAttributesClass parameters (mutable:
@@ -21,6 +25,8 @@ pub const QOS_KEYS: &[&str] =
 
 pub const KNOWN: &[&str] = &[
     "mkfsOptions",
+    "replicas",
+    "minInsync",
     "maxIops",
     "maxReadIops",
     "maxWriteIops",
@@ -92,8 +98,18 @@ pub fn parse(raw: &HashMap<String, String>) -> Result<Params, String> {
                 }
                 p.mkfs_options = Some(v.trim().to_string()).filter(|s| !s.is_empty());
             }
+            "replicas" | "minInsync" => {
+                let n: u32 = v.trim().parse().map_err(|_| format!("{k} {v:?} is not a count"))?;
+                if !(1..=16).contains(&n) {
+                    return Err(format!("{k} {v:?}: from 1 to 16"));
+                }
+                *(if k == "replicas" { &mut p.replicas } else { &mut p.min_insync }) = n;
+            }
             _ => return Err(format!("unknown StorageClass parameter {k:?} (thinbd knows: {})", KNOWN.join(", "))),
         }
+    }
+    if p.min_insync > p.replicas.max(1) {
+        return Err(format!("minInsync {} is more than replicas {}", p.min_insync, p.replicas.max(1)));
     }
     Ok(p)
 }
@@ -113,6 +129,10 @@ mod tests {
         let p = parse(&m(&[("maxIops", "2000"), ("maxWriteBandwidth", "100Mi")])).unwrap();
         assert_eq!((p.qos.iops, p.qos.write_bandwidth), (2000, 100 << 20));
         assert!(parse(&m(&[("maxIops", "lots")])).is_err());
+        let r = parse(&m(&[("replicas", "3"), ("minInsync", "2")])).unwrap();
+        assert_eq!((r.replicas, r.min_insync), (3, 2));
+        assert!(parse(&m(&[("replicas", "2"), ("minInsync", "3")])).is_err());
+        assert!(parse(&m(&[("replicas", "0")])).is_err() && parse(&m(&[("replicas", "three")])).is_err());
         let mut q = p.qos;
         apply_mutable(&mut q, &m(&[("maxIops", "500"), ("maxBandwidth", "1GiB")])).unwrap();
         assert_eq!((q.iops, q.bandwidth, q.write_bandwidth), (500, 1 << 30, 100 << 20));
