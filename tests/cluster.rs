@@ -788,6 +788,75 @@ fn replicated_writes_reach_every_copy_and_a_lost_copy_leaves_the_in_sync_set_fir
     client.join().unwrap();
 }
 
+/// A snapshot of a replicated volume is one point of the write stream on every copy: taken
+/// (through another node) while a client writes through the target without pause, the
+/// snapshot's allocated ranges are the same on all three copies; it is listed once from every
+/// node and deleted on every copy by its UUID.
+#[test]
+fn a_snapshot_of_a_replicated_volume_is_the_same_point_on_every_copy() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use thinbd_protocol::client::{Client, ClientOptions};
+    let Some((fabric, _etcd, nodes)) = three_nodes(|_| Vec::new()) else { return };
+    nodes[0].cli(&fabric, &["volume", "create", "rs", "--size", "64MiB", "--replicas", "3"]);
+    let g: serde_json::Value = serde_json::from_str(
+        &nodes[0].cli(&fabric, &["volume", "publish", "rs", "--node", "app", "--single-writer", "-o", "json"]),
+    )
+    .unwrap();
+    let export = g["export_name"].as_str().unwrap().to_string();
+    let (acked, stop) = (std::sync::Arc::new(AtomicUsize::new(0)), std::sync::Arc::new(AtomicBool::new(false)));
+    let writer = {
+        let path = format!("/var/run/netns/{}", fabric.ns(1));
+        let (addr, export, acked, stop) =
+            (format!("{}:10809", fabric.ip(1)), export.clone(), acked.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(path).unwrap();
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            thinbd_tests::runtime().block_on(async {
+                let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach on node-1");
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) && i < 900 {
+                    c.write(i * (64 << 10), &[i as u8 | 1; 64 << 10], 0).await.unwrap();
+                    i += 1;
+                    acked.store(i as usize, Ordering::SeqCst);
+                }
+                c.flush().await.unwrap();
+            })
+        })
+    };
+    while acked.load(Ordering::SeqCst) < 40 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let snap: serde_json::Value =
+        serde_json::from_str(&nodes[1].cli(&fabric, &["snapshot", "create", "rs", "s1", "-o", "json"])).unwrap();
+    let during = acked.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    let after = acked.load(Ordering::SeqCst);
+    assert!(after > during, "the writes did not go on after the snapshot ({during} then {after})");
+    let uuid = snap[0]["uuid"].as_str().or(snap["uuid"].as_str()).unwrap().to_string();
+    let allocated: Vec<serde_json::Value> = nodes
+        .iter()
+        .map(|n| serde_json::from_str(&n.cli(&fabric, &["snapshot", "allocated", "rs@s1", "-o", "json"])).unwrap())
+        .collect();
+    assert!(!allocated[0].as_array().unwrap().is_empty(), "the snapshot holds nothing");
+    assert!(allocated.iter().all(|a| *a == allocated[0]), "copies differ: {allocated:?}");
+    for n in &nodes {
+        let list: serde_json::Value =
+            serde_json::from_str(&n.cli(&fabric, &["snapshot", "list", "-o", "json"])).unwrap();
+        let uuids: Vec<&str> = list.as_array().unwrap().iter().filter_map(|s| s["uuid"].as_str()).collect();
+        assert_eq!(uuids, [uuid.as_str()], "{} lists {list}", n.name);
+    }
+    nodes[2].cli(&fabric, &["snapshot", "delete", &uuid]);
+    for n in &nodes {
+        let list: serde_json::Value =
+            serde_json::from_str(&n.cli(&fabric, &["snapshot", "list", "-o", "json"])).unwrap();
+        assert_eq!(list.as_array().unwrap().len(), 0, "{} still lists {list}", n.name);
+        let out = n.cli_output(&fabric, &["snapshot", "allocated", "rs@s1"]);
+        assert!(!out.status.success(), "{}'s copy of the snapshot is still there", n.name);
+    }
+}
+
 /// Waits until `server` sees `n` nodes up.
 fn wait_nodes_up(server: &thinbd_tests::Server, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);

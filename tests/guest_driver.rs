@@ -162,7 +162,7 @@ fn main() {
                 .unwrap()
                 .into_inner()
                 .name;
-            mgmt.create_snapshot(thinbd_api::pb::CreateSnapshotRequest { volume: name.clone(), name: "s1".into() })
+            mgmt.create_snapshot(thinbd_api::pb::CreateSnapshotRequest { volume: name.clone(), name: "s1".into(), ..Default::default() })
                 .await
                 .unwrap();
             for (source, copy) in [(format!("{name}@s1"), format!("{name}-restored")), (name.clone(), format!("{name}-clone"))] {

@@ -546,7 +546,11 @@ impl Controller for ControllerService {
             return Err(Status::not_found(format!("source volume {:?} does not exist", r.source_volume_id)));
         };
         let s = api
-            .create_snapshot(pb::CreateSnapshotRequest { volume: source.name.clone(), name: snap_name })
+            .create_snapshot(pb::CreateSnapshotRequest {
+                volume: source.name.clone(),
+                name: snap_name,
+                ..Default::default()
+            })
             .await
             .map_err(unavailable)?
             .into_inner();
@@ -562,7 +566,7 @@ impl Controller for ControllerService {
         required(&r.snapshot_id, "snapshot_id")?;
         let Some(id) = SnapshotId::parse(&r.snapshot_id) else { return Ok(Response::new(DeleteSnapshotResponse {})) };
         let (_, mut api) = self.backends.locate(id.node.as_deref()).await?;
-        match api.delete_snapshot(pb::DeleteSnapshotRequest { key: id.key.clone() }).await {
+        match api.delete_snapshot(pb::DeleteSnapshotRequest { key: id.key.clone(), here: false }).await {
             Ok(_) => tracing::info!(snapshot = %r.snapshot_id, "snapshot deleted"),
             Err(s) if s.code() == tonic::Code::NotFound => {}
             Err(s) => return Err(unavailable(s)),

@@ -145,7 +145,7 @@ impl GroupController for GroupControllerService {
         let (_, mut api) = self.backends.locate(node.as_deref()).await?;
         for s in members(&mut api, &group).await? {
             let key = format!("{}@{}", s.volume, s.name);
-            match api.delete_snapshot(pb::DeleteSnapshotRequest { key }).await {
+            match api.delete_snapshot(pb::DeleteSnapshotRequest { key, here: false }).await {
                 Ok(_) => {}
                 Err(e) if e.code() == tonic::Code::NotFound => {}
                 Err(e) => return Err(unavailable(e)),

@@ -587,7 +587,10 @@ async fn snapshot_command(client: ClientArgs, command: SnapshotCommand) -> anyho
             g.into_inner().snapshots
         }
         SnapshotCommand::Create { volume, name } => {
-            let s = c.create_snapshot(pb::CreateSnapshotRequest { volume, name }).await.map_err(rpc_error)?;
+            let s = c
+                .create_snapshot(pb::CreateSnapshotRequest { volume, name, ..Default::default() })
+                .await
+                .map_err(rpc_error)?;
             vec![s.into_inner()]
         }
         SnapshotCommand::List { volume } => {
@@ -598,7 +601,9 @@ async fn snapshot_command(client: ClientArgs, command: SnapshotCommand) -> anyho
             r.into_inner().snapshots
         }
         SnapshotCommand::Delete { snapshot } => {
-            c.delete_snapshot(pb::DeleteSnapshotRequest { key: snapshot.clone() }).await.map_err(rpc_error)?;
+            c.delete_snapshot(pb::DeleteSnapshotRequest { key: snapshot.clone(), here: false })
+                .await
+                .map_err(rpc_error)?;
             match client.output {
                 Output::Json => println!("{}", serde_json::json!({ "deleted": snapshot })),
                 Output::Table => println!("deleted snapshot {snapshot}"),

@@ -50,6 +50,52 @@ impl Api {
         c.peer(&node).map(Some).map_err(cluster_status)
     }
 
+    /// On a replicated volume's target: holds the volume's writes (those in flight finish)
+    /// while every in-sync copy takes snapshot `r.uuid`; a copy that fails leaves the in-sync
+    /// set (it gets the layer back by rebuild).
+    async fn snapshot_barrier(
+        &self,
+        c: &crate::cluster::Cluster,
+        r: pb::CreateSnapshotRequest,
+    ) -> Result<pb::Snapshot, Status> {
+        let spec = c
+            .volume_spec(&r.volume)
+            .await
+            .map_err(cluster_status)?
+            .ok_or_else(|| Status::not_found(format!("volume {:?}", r.volume)))?;
+        let order = c.write_order(&spec.uuid);
+        let _held = order.barrier().await.map_err(status)?;
+        let members = c.in_sync(&spec.uuid).await.map_err(cluster_status)?.map_or_else(|| spec.copies(), |s| s.members);
+        let epoch = c.target(&spec.uuid).await.map_err(cluster_status)?.map_or(0, |t| t.epoch);
+        let (mut made, mut failed) = (None, Vec::new());
+        for node in members {
+            let copy = pb::CreateSnapshotRequest { here: true, barrier: false, ..r.clone() };
+            let res = match c.peer(&node) {
+                Ok(mut p) => p.create_snapshot(copy).await.map(tonic::Response::into_inner),
+                Err(e) => Err(cluster_status(e)),
+            };
+            match res {
+                Ok(s) => {
+                    made.get_or_insert(s);
+                }
+                Err(e) => failed.push((node, e)),
+            }
+        }
+        let Some(made) = made else {
+            return Err(failed.into_iter().next().map_or_else(|| Status::unavailable("no copy in sync"), |(_, e)| e));
+        };
+        for (node, e) in failed {
+            tracing::warn!(volume = %spec.name, node, error = %e, "a copy failed a snapshot: it leaves the in-sync set");
+            match c.shrink_in_sync(&spec.uuid, &node, epoch).await.map_err(cluster_status)? {
+                crate::cluster::isr::Shrunk::Done => {}
+                crate::cluster::isr::Shrunk::Stale { newer } => {
+                    return Err(Status::failed_precondition(format!("a newer target (epoch {newer}) took the volume")));
+                }
+            }
+        }
+        Ok(made)
+    }
+
     /// Records snapshots taken here in the cluster.
     async fn record_snapshots(&self, snapshots: &[pb::Snapshot]) -> Result<(), Status> {
         if let Some(c) = &self.cluster {
@@ -453,10 +499,42 @@ impl Management for Api {
     }
 
     async fn create_snapshot(&self, req: Request<pb::CreateSnapshotRequest>) -> Result<Response<pb::Snapshot>, Status> {
-        if let Some(mut peer) = self.owner(&req.get_ref().volume).await? {
-            return peer.create_snapshot(req.into_inner()).await;
-        }
         let r = req.into_inner();
+        if r.here {
+            let uuid = Some(r.uuid.clone()).filter(|u| !u.is_empty());
+            let volume = self.engine.resolve(&r.volume);
+            let s = self.engine.create_snapshot_with(&volume, &r.name, uuid).await.map_err(status)?;
+            return Ok(Response::new(snapshot_to_pb(&self.engine, &self.node_name, &s)));
+        }
+        if let (Some(c), true) = (&self.cluster, r.barrier) {
+            return self.snapshot_barrier(c, r).await.map(Response::new);
+        }
+        if let Some(mut peer) = self.owner(&r.volume).await? {
+            return peer.create_snapshot(r).await;
+        }
+        if let Some(c) = &self.cluster
+            && let Ok(v) = self.engine.find_volume(&r.volume)
+            && let Some(spec) = c.volume_spec(&v.uuid).await.map_err(cluster_status)?
+            && spec.replicated()
+        {
+            // One point in the write stream on every copy: the target holds its writes while
+            // each in-sync copy takes the snapshot.
+            let barrier = pb::CreateSnapshotRequest {
+                volume: spec.uuid.clone(),
+                name: r.name.clone(),
+                uuid: crate::meta::uuid::new_uuid_text(),
+                barrier: true,
+                here: false,
+            };
+            let target = c.target(&spec.uuid).await.map_err(cluster_status)?.map(|t| t.node);
+            let mut s = match target.filter(|t| *t != self.node_name && c.directory.get(t).is_some_and(|n| n.up)) {
+                Some(t) => c.peer(&t).map_err(cluster_status)?.create_snapshot(barrier).await?.into_inner(),
+                None => self.snapshot_barrier(c, barrier).await?,
+            };
+            s.node = spec.node.clone();
+            self.record_snapshots(std::slice::from_ref(&s)).await?;
+            return Ok(Response::new(s));
+        }
         let s = self.engine.create_snapshot(&self.engine.resolve(&r.volume), &r.name).await.map_err(status)?;
         let s = snapshot_to_pb(&self.engine, &self.node_name, &s);
         self.record_snapshots(std::slice::from_ref(&s)).await?;
@@ -482,7 +560,8 @@ impl Management for Api {
                 r.volume.is_empty() || s.volume == r.volume || s.volume_uuid == r.volume
             };
             let elsewhere = c.snapshot_specs().await.map_err(cluster_status)?;
-            let elsewhere = elsewhere.into_iter().filter(|s| s.node != self.node_name && of_volume(s));
+            let here: std::collections::HashSet<String> = snapshots.iter().map(|s| s.uuid.clone()).collect();
+            let elsewhere = elsewhere.into_iter().filter(|s| !here.contains(&s.uuid) && of_volume(s));
             snapshots.extend(elsewhere.map(convert::snapshot_spec_to_pb));
             snapshots.sort_by(|a, b| (&a.volume, &a.name).cmp(&(&b.volume, &b.name)));
         }
@@ -493,13 +572,30 @@ impl Management for Api {
         &self,
         req: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
-        if let Some(mut peer) = self.owner(&req.get_ref().key).await? {
-            return peer.delete_snapshot(req.into_inner()).await;
+        let r = req.into_inner();
+        if !r.here
+            && let Some(mut peer) = self.owner(&r.key).await?
+        {
+            return peer.delete_snapshot(r).await;
         }
-        let key = self.engine.resolve(&req.into_inner().key);
-        let uuid = self.engine.snapshot(&key).map(|s| s.uuid.clone());
+        let key = self.engine.resolve(&r.key);
+        let snap = self.engine.snapshot(&key).map(|s| (s.uuid.clone(), s.volume_uuid.clone()));
+        if let (Some(c), Ok((uuid, volume_uuid)), false) = (&self.cluster, &snap, r.here)
+            && let Some(spec) = c.volume_spec(volume_uuid).await.map_err(cluster_status)?
+            && spec.replicated()
+        {
+            // Every copy's.
+            for node in spec.copies().into_iter().filter(|n| *n != self.node_name) {
+                let gone = pb::DeleteSnapshotRequest { key: uuid.clone(), here: true };
+                match c.peer(&node).map_err(cluster_status)?.delete_snapshot(gone).await {
+                    Ok(_) => {}
+                    Err(e) if e.code() == tonic::Code::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
         self.engine.delete_snapshot(&key).await.map_err(status)?;
-        if let (Some(c), Ok(uuid)) = (&self.cluster, uuid) {
+        if let (Some(c), Ok((uuid, _)), false) = (&self.cluster, snap, r.here) {
             c.delete_snapshot_spec(&uuid).await.map_err(cluster_status)?;
         }
         Ok(Response::new(pb::DeleteSnapshotResponse {}))

@@ -81,6 +81,9 @@ pub struct Cluster {
     targets: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Mutual TLS towards the other nodes, when they require it.
     pub peer_tls: Option<PeerTls>,
+    /// The write order of each replicated volume this node serves as target, shared by its
+    /// sessions and by snapshot barriers.
+    orders: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<crate::io::WriteOrder>>>,
     /// The task keeping this node registered; it revokes the lease on shutdown.
     registration: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -109,6 +112,7 @@ impl Cluster {
             peers: Default::default(),
             targets: Default::default(),
             peer_tls,
+            orders: Default::default(),
             registration: std::sync::Mutex::new(Some(registration)),
         }))
     }
@@ -120,6 +124,18 @@ impl Cluster {
         if let Some(task) = task {
             let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
         }
+    }
+
+    /// The write order of volume `uuid`'s sessions on this node (made when first asked).
+    pub fn write_order(&self, uuid: &str) -> Arc<crate::io::WriteOrder> {
+        let Ok(mut orders) = self.orders.lock() else { return Default::default() };
+        orders.retain(|_, o| o.strong_count() > 0);
+        if let Some(o) = orders.get(uuid).and_then(std::sync::Weak::upgrade) {
+            return o;
+        }
+        let o: Arc<crate::io::WriteOrder> = Default::default();
+        orders.insert(uuid.to_string(), Arc::downgrade(&o));
+        o
     }
 
     /// The management API of node `name`, which must be up.

@@ -100,7 +100,18 @@ impl Engine {
     /// Freezes the volume's top layer as the snapshot and gives the volume a new, empty top.
     /// Costs the same for an empty volume and a full one.
     pub async fn create_snapshot(self: &Arc<Self>, volume: &str, name: &str) -> Result<Arc<Snapshot>, EngineError> {
-        let mut snaps = self.snapshot_volumes(&[volume.to_string()], name, None).await?;
+        self.create_snapshot_with(volume, name, None).await
+    }
+
+    /// `uuid`: the snapshot's UUID when another node chose it (the same snapshot of every copy
+    /// of a replicated volume); `None`: a new one.
+    pub async fn create_snapshot_with(
+        self: &Arc<Self>,
+        volume: &str,
+        name: &str,
+        uuid: Option<String>,
+    ) -> Result<Arc<Snapshot>, EngineError> {
+        let mut snaps = self.snapshot_volumes(&[volume.to_string()], name, None, uuid).await?;
         snaps.pop().ok_or_else(|| EngineError::Internal("no snapshot made".into()))
     }
 
@@ -116,7 +127,7 @@ impl Engine {
         if volumes.is_empty() {
             return Err(EngineError::Invalid("a group snapshot needs at least one volume".into()));
         }
-        self.snapshot_volumes(volumes, name, Some(name)).await
+        self.snapshot_volumes(volumes, name, Some(name), None).await
     }
 
     /// The members of group snapshot `group`.
@@ -129,6 +140,7 @@ impl Engine {
         volumes: &[String],
         name: &str,
         group: Option<&str>,
+        uuid: Option<String>,
     ) -> Result<Vec<Arc<Snapshot>>, EngineError> {
         validate_name("snapshot", name)?;
         let _admin = self.admin.lock().await;
@@ -159,7 +171,7 @@ impl Engine {
             let frozen = vol.top()?;
             let top = self.graph.new_layer(Some(frozen.clone()))?;
             let snap = Arc::new(Snapshot::new(
-                new_uuid_text(),
+                uuid.clone().filter(|_| vols.len() == 1).unwrap_or_else(new_uuid_text),
                 (&vol.name, &vol.uuid),
                 name,
                 frozen.clone(),

@@ -19,7 +19,7 @@ use crate::error::EngineError;
 pub use local::LocalVolume;
 pub use metered::Metered;
 pub use remote::RemoteVolume;
-pub use replicas::{InSyncSet, Member, Replicas};
+pub use replicas::{InSyncSet, Member, Replicas, WriteOrder};
 pub use throttled::Throttled;
 
 /// Block I/O on one open volume or snapshot. Offsets and lengths are already checked against

@@ -36,24 +36,26 @@ pub struct Replicas {
     in_sync: Option<Arc<dyn InSyncSet>>,
     /// Below this many members nothing more is acknowledged.
     min_insync: usize,
-    order: WriteOrder,
+    /// Shared by every session of the volume on this node (multi-conn clients too), so that
+    /// overlapping writes from any of them never reach the members in different orders.
+    order: Arc<WriteOrder>,
 }
 
 impl Replicas {
     /// A volume with one copy.
     pub fn single(io: Backing) -> Replicas {
         let member = Member { node: String::new(), io: Arc::new(io) };
-        Replicas { members: RwLock::new(vec![member]), in_sync: None, min_insync: 1, order: WriteOrder::default() }
+        Replicas { members: RwLock::new(vec![member]), in_sync: None, min_insync: 1, order: Default::default() }
     }
 
     /// A replicated volume's in-sync members (the local copy first, it serves the reads).
-    pub fn replicated(members: Vec<Member>, in_sync: Arc<dyn InSyncSet>, min_insync: usize) -> Replicas {
-        Replicas {
-            members: RwLock::new(members),
-            in_sync: Some(in_sync),
-            min_insync: min_insync.max(1),
-            order: WriteOrder::default(),
-        }
+    pub fn replicated(
+        members: Vec<Member>,
+        in_sync: Arc<dyn InSyncSet>,
+        min_insync: usize,
+        order: Arc<WriteOrder>,
+    ) -> Replicas {
+        Replicas { members: RwLock::new(members), in_sync: Some(in_sync), min_insync: min_insync.max(1), order }
     }
 
     /// The nodes of the members still in sync.
@@ -162,15 +164,16 @@ impl VolumeIo for Replicas {
 }
 
 /// Keeps overlapping writes from being in flight together (each waits for the earlier ones it
-/// overlaps), so that every member applies them in the same order.
+/// overlaps), so that every member applies them in the same order; a barrier (a snapshot of
+/// every member) holds them all.
 #[derive(Default)]
-struct WriteOrder {
+pub struct WriteOrder {
     in_flight: Mutex<Vec<(u64, u64, u64)>>,
     next: AtomicU64,
     done: Notify,
 }
 
-struct Ordered<'a> {
+pub struct Ordered<'a> {
     order: &'a WriteOrder,
     id: u64,
 }
@@ -185,6 +188,11 @@ impl Drop for Ordered<'_> {
 }
 
 impl WriteOrder {
+    /// Waits until no write is in flight and holds new ones until the guard is dropped.
+    pub async fn barrier(&self) -> Result<Ordered<'_>, EngineError> {
+        self.enter(0, u64::MAX).await
+    }
+
     async fn enter(&self, start: u64, end: u64) -> Result<Ordered<'_>, EngineError> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         loop {

@@ -107,7 +107,8 @@ async fn copies_for(
             copies.len()
         )));
     }
-    Ok((Replicas::replicated(copies, in_sync, min), Vec::new()))
+    let order = cluster.write_order(&spec.uuid);
+    Ok((Replicas::replicated(copies, in_sync, min, order), Vec::new()))
 }
 
 /// The NBD face of a volume's I/O stack.
