@@ -758,6 +758,12 @@ fn replicated_writes_reach_every_copy_and_a_lost_copy_leaves_the_in_sync_set_fir
                 rx_go.recv().unwrap();
                 let below = c.write(2 << 20, &third, 0).await;
                 tx.send(if below.is_err() { "refused" } else { "ACKNOWLEDGED" }).unwrap();
+                // After a force-promote, attached again: writable with the one copy.
+                rx_go.recv().unwrap();
+                let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach again");
+                c.write(2 << 20, &third, 0).await.expect("a write after force-promote");
+                c.flush().await.unwrap();
+                tx.send("promoted").unwrap();
             })
         })
     };
@@ -785,6 +791,13 @@ fn replicated_writes_reach_every_copy_and_a_lost_copy_leaves_the_in_sync_set_fir
     nodes[1].kill9();
     tx_go.send(()).unwrap();
     assert_eq!(rx.recv_timeout(Duration::from_secs(90)), Ok("refused"), "a write was acknowledged by one copy");
+    // The explicit escape: refused without --accept-data-loss, then node-1's copy alone.
+    let promote = ["volume", "force-promote", "r3", "--node", "node-1"];
+    assert!(!nodes[0].cli_output(&fabric, &promote).status.success(), "force-promote without --accept-data-loss");
+    nodes[0].cli(&fabric, &[&promote[..], &["--accept-data-loss"]].concat());
+    assert!(nodes[0].log_text().contains("FORCE-PROMOTE"), "force-promote was not logged");
+    tx_go.send(()).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(30)), Ok("promoted"));
     client.join().unwrap();
 }
 

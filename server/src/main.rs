@@ -221,6 +221,16 @@ enum VolumeCommand {
         #[arg(long, default_value_t = 0)]
         min_insync: u32,
     },
+    /// Make one copy of a replicated volume the whole in-sync set when too few are left to
+    /// acknowledge writes. Writes only the other copies had are lost: needs --accept-data-loss.
+    ForcePromote {
+        name: String,
+        /// The node whose copy is kept.
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        accept_data_loss: bool,
+    },
     /// Set or clear (no limit given) a volume's QoS limits; connected clients get them at once.
     SetQos {
         name: String,
@@ -492,6 +502,11 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
                 ..Default::default()
             };
             let v = c.create_volume(req).await.map_err(rpc_error)?;
+            print_volumes(client.output, &[v.into_inner()], true, &nbd);
+        }
+        VolumeCommand::ForcePromote { name, node, accept_data_loss } => {
+            let req = pb::ForcePromoteRequest { volume: name, node, accept_data_loss };
+            let v = c.force_promote(req).await.map_err(rpc_error)?;
             print_volumes(client.output, &[v.into_inner()], true, &nbd);
         }
         VolumeCommand::SetQos { name, qos } => {

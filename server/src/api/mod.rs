@@ -393,7 +393,8 @@ impl Management for Api {
         let r = req.into_inner();
         let v = self.engine.resize_volume(&self.engine.resolve(&r.name), r.size_bytes).await.map_err(status)?;
         if let Some(c) = &self.cluster {
-            c.set_volume_size(&v.uuid, v.size()).await.map_err(cluster_status)?;
+            let size = v.size();
+            c.update_spec(&v.uuid, |s| s.size_bytes = size).await.map_err(cluster_status)?;
         }
         Ok(Response::new(volume_to_pb(&self.engine, &self.node_name, &v)))
     }
@@ -614,6 +615,39 @@ impl Management for Api {
             nbd_address: self.nbd_address.clone(),
             available_bytes: p.capacity.saturating_sub(p.used),
         }))
+    }
+
+    async fn force_promote(&self, req: Request<pb::ForcePromoteRequest>) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        let Some(c) = &self.cluster else {
+            return Err(Status::failed_precondition("force-promote is for replicated volumes of a cluster"));
+        };
+        if !r.accept_data_loss {
+            return Err(Status::failed_precondition(
+                "the promoted copy may lack acknowledged writes: pass accept_data_loss (--accept-data-loss) to do it anyway",
+            ));
+        }
+        let spec = c
+            .volume_spec(&r.volume)
+            .await
+            .map_err(cluster_status)?
+            .ok_or_else(|| Status::not_found(format!("volume {:?}", r.volume)))?;
+        if !spec.replicated() || !spec.copies().contains(&r.node) {
+            return Err(Status::invalid_argument(format!(
+                "{} holds no copy of replicated volume {} (copies: {})",
+                r.node,
+                spec.name,
+                spec.copies().join(", ")
+            )));
+        }
+        let before = c.force_in_sync(&spec.uuid, &r.node).await.map_err(cluster_status)?;
+        // One copy must be enough to write again.
+        c.update_spec(&spec.uuid, |s| s.min_insync = 1).await.map_err(cluster_status)?;
+        tracing::warn!(
+            volume = %spec.name, node = %r.node, in_sync_before = ?before, min_insync_before = spec.min_insync,
+            "FORCE-PROMOTE: one copy made the in-sync set (min_insync now 1); writes only other copies had are lost"
+        );
+        self.get_volume(Request::new(pb::GetVolumeRequest { name: spec.uuid })).await
     }
 
     async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {

@@ -68,6 +68,36 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Makes `node` the only in-sync copy of volume `uuid` (force-promote); returns the members
+    /// it replaced. The set's epoch becomes the volume's current target epoch, so no older
+    /// target can change it afterwards.
+    pub async fn force_in_sync(&self, uuid: &str, node: &str) -> Result<Vec<String>, ClusterError> {
+        let key = keys::isr(uuid);
+        let epoch = self.target(uuid).await?.map_or(0, |t| t.epoch);
+        let mut client = self.client.clone();
+        loop {
+            let resp = client.get(key.clone(), None).await?;
+            let (before, revision, old_epoch) = match resp.kvs().first() {
+                Some(kv) => {
+                    let set: InSync = decode(kv.key(), kv.value())?;
+                    (set.members, kv.mod_revision(), set.epoch)
+                }
+                None => (Vec::new(), 0, 0),
+            };
+            let set = InSync { members: vec![node.to_string()], epoch: epoch.max(old_epoch) };
+            let unchanged = match revision {
+                0 => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                r => Compare::mod_revision(key.clone(), CompareOp::Equal, r),
+            };
+            let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(key.clone(), encode(&key, &set)?, None)]);
+            if client.txn(txn).await?.succeeded() {
+                return Ok(before);
+            }
+        }
+    }
+}
+
 /// The in-sync set as a target of one epoch changes it.
 pub struct TargetInSync {
     pub cluster: Arc<Cluster>,

@@ -158,15 +158,15 @@ impl Cluster {
         Ok(Adopted::NameTaken)
     }
 
-    /// A resized volume's new size, so that placement counts it.
-    pub async fn set_volume_size(&self, uuid: &str, size_bytes: u64) -> Result<(), ClusterError> {
+    /// Changes volume `uuid`'s spec by compare-and-swap (a resize, a lowered `min_insync`).
+    pub async fn update_spec(&self, uuid: &str, change: impl Fn(&mut VolumeSpec)) -> Result<(), ClusterError> {
         let key = keys::volume(uuid);
         let mut client = self.client.clone();
         loop {
             let resp = client.get(key.clone(), None).await?;
             let Some(kv) = resp.kvs().first() else { return Ok(()) };
             let mut spec: VolumeSpec = decode(kv.key(), kv.value())?;
-            spec.size_bytes = size_bytes;
+            change(&mut spec);
             let txn = Txn::new()
                 .when([Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())])
                 .and_then([TxnOp::put(key.clone(), encode(&spec)?, None)]);
