@@ -870,6 +870,72 @@ fn a_snapshot_of_a_replicated_volume_is_the_same_point_on_every_copy() {
     }
 }
 
+/// A copy that left the in-sync set (its node killed) and comes back is rebuilt on the target
+/// (`volume rebuild`): it receives what it missed, rejoins the set in etcd, and the session
+/// that was open all along writes to it from then on.
+#[test]
+fn a_copy_that_comes_back_is_rebuilt_and_gets_the_later_writes() {
+    use thinbd_protocol::client::{Client, ClientOptions};
+    let Some((fabric, _etcd, mut nodes)) = three_nodes(|_| Vec::new()) else { return };
+    nodes[0].cli(&fabric, &["volume", "create", "rb", "--size", "16MiB", "--replicas", "3"]);
+    let g: serde_json::Value = serde_json::from_str(
+        &nodes[0].cli(&fabric, &["volume", "publish", "rb", "--node", "app", "--single-writer", "-o", "json"]),
+    )
+    .unwrap();
+    let export = g["export_name"].as_str().unwrap().to_string();
+    let blocks: Vec<Vec<u8>> = (0..3).map(|i| thinbd_tests::pattern(50 + i, 128 << 10)).collect();
+    let (tx, rx) = std::sync::mpsc::channel::<usize>();
+    let (tx_go, rx_go) = std::sync::mpsc::channel::<()>();
+    let client = {
+        let path = format!("/var/run/netns/{}", fabric.ns(1));
+        let (addr, export, blocks) = (format!("{}:10809", fabric.ip(1)), export.clone(), blocks.clone());
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(path).unwrap();
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            thinbd_tests::runtime().block_on(async {
+                let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach on node-1");
+                // Block i at i MiB, one per step; a TRIM of block 0 while node-3 is away.
+                for (i, b) in blocks.iter().enumerate() {
+                    if i > 0 {
+                        rx_go.recv().unwrap();
+                    }
+                    c.write((i as u64) << 20, b, 0).await.unwrap();
+                    if i == 1 {
+                        c.trim(0, 128 << 10).await.unwrap();
+                    }
+                    c.flush().await.unwrap();
+                    tx.send(i).unwrap();
+                }
+            })
+        })
+    };
+    assert_eq!(rx.recv_timeout(Duration::from_secs(20)), Ok(0));
+    nodes[2].kill9();
+    tx_go.send(()).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(30)), Ok(1));
+    let show = |n: &NetNode| -> serde_json::Value {
+        serde_json::from_str(&n.cli(&fabric, &["volume", "show", "rb", "-o", "json"])).unwrap()
+    };
+    assert_eq!(show(&nodes[0])["in_sync"], serde_json::json!(["node-1", "node-2"]));
+    // node-3 is back: rebuilt through node-1's target, then in the set again.
+    nodes[2].spawn(&fabric);
+    wait_for(&fabric, &nodes[0], &ALL_UP, Duration::from_secs(10));
+    let v: serde_json::Value =
+        serde_json::from_str(&nodes[1].cli(&fabric, &["volume", "rebuild", "rb", "-o", "json"])).unwrap();
+    assert_eq!(v["in_sync"], serde_json::json!(["node-1", "node-2", "node-3"]), "{v}");
+    // The session open all along writes to node-3 too.
+    tx_go.send(()).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(30)), Ok(2));
+    client.join().unwrap();
+    let epoch = show(&nodes[0])["target_epoch"].as_u64().unwrap();
+    let copy = read_copy(&fabric, 3, &export, epoch, 0, 3 << 20);
+    assert!(copy[..128 << 10].iter().all(|b| *b == 0), "the TRIM node-3 missed is not on its copy");
+    for (i, b) in blocks.iter().enumerate().skip(1) {
+        assert!(copy[i << 20..(i << 20) + b.len()] == b[..], "block {i} is not on node-3's copy");
+    }
+    assert!(nodes[0].log_text().contains("copy rebuilt and back in sync"), "the target did not log the rebuild");
+}
+
 /// Waits until `server` sees `n` nodes up.
 fn wait_nodes_up(server: &thinbd_tests::Server, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -221,6 +221,9 @@ enum VolumeCommand {
         #[arg(long, default_value_t = 0)]
         min_insync: u32,
     },
+    /// Rebuild the copies of a replicated volume that left the in-sync set (on its target;
+    /// writes wait meanwhile) and bring them back in sync.
+    Rebuild { name: String },
     /// Make one copy of a replicated volume the whole in-sync set when too few are left to
     /// acknowledge writes. Writes only the other copies had are lost: needs --accept-data-loss.
     ForcePromote {
@@ -502,6 +505,13 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
                 ..Default::default()
             };
             let v = c.create_volume(req).await.map_err(rpc_error)?;
+            print_volumes(client.output, &[v.into_inner()], true, &nbd);
+        }
+        VolumeCommand::Rebuild { name } => {
+            let v = c
+                .rebuild_volume(pb::RebuildVolumeRequest { volume: name, at_target: false })
+                .await
+                .map_err(rpc_error)?;
             print_volumes(client.output, &[v.into_inner()], true, &nbd);
         }
         VolumeCommand::ForcePromote { name, node, accept_data_loss } => {

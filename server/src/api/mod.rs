@@ -63,8 +63,8 @@ impl Api {
             .await
             .map_err(cluster_status)?
             .ok_or_else(|| Status::not_found(format!("volume {:?}", r.volume)))?;
-        let order = c.write_order(&spec.uuid);
-        let _held = order.barrier().await.map_err(status)?;
+        let shared = c.shared(&spec.uuid);
+        let _held = shared.order.barrier().await.map_err(status)?;
         let members = c.in_sync(&spec.uuid).await.map_err(cluster_status)?.map_or_else(|| spec.copies(), |s| s.members);
         let epoch = c.target(&spec.uuid).await.map_err(cluster_status)?.map_or(0, |t| t.epoch);
         let (mut made, mut failed) = (None, Vec::new());
@@ -615,6 +615,39 @@ impl Management for Api {
             nbd_address: self.nbd_address.clone(),
             available_bytes: p.capacity.saturating_sub(p.used),
         }))
+    }
+
+    async fn rebuild_volume(&self, req: Request<pb::RebuildVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        let Some(c) = &self.cluster else {
+            return Err(Status::failed_precondition("rebuilds are for replicated volumes of a cluster"));
+        };
+        let spec = c
+            .volume_spec(&r.volume)
+            .await
+            .map_err(cluster_status)?
+            .ok_or_else(|| Status::not_found(format!("volume {:?}", r.volume)))?;
+        let target = c.target(&spec.uuid).await.map_err(cluster_status)?.map(|t| t.node);
+        if !r.at_target
+            && let Some(t) = target.filter(|t| *t != self.node_name)
+        {
+            let forward = pb::RebuildVolumeRequest { volume: spec.uuid.clone(), at_target: true };
+            return c.peer(&t).map_err(cluster_status)?.rebuild_volume(forward).await;
+        }
+        let in_sync = c.in_sync(&spec.uuid).await.map_err(cluster_status)?.map(|s| s.members).unwrap_or_default();
+        for node in spec.copies().into_iter().filter(|n| !in_sync.contains(n)) {
+            if !c.directory.get(&node).is_some_and(|n| n.up) {
+                continue;
+            }
+            let cluster = c.clone();
+            if !crate::cluster::rebuild::rebuild(&cluster, &spec, &node).await.map_err(status)? {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} is not attached here: its copies are rebuilt when it is next attached",
+                    spec.name
+                )));
+            }
+        }
+        self.get_volume(Request::new(pb::GetVolumeRequest { name: spec.uuid })).await
     }
 
     async fn force_promote(&self, req: Request<pb::ForcePromoteRequest>) -> Result<Response<pb::Volume>, Status> {

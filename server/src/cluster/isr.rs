@@ -69,6 +69,32 @@ impl Cluster {
 }
 
 impl Cluster {
+    /// Adds a rebuilt copy to volume `uuid`'s in-sync set, as its target of `epoch`.
+    pub async fn grow_in_sync(&self, uuid: &str, node: &str, epoch: u64) -> Result<Shrunk, ClusterError> {
+        let key = keys::isr(uuid);
+        let mut client = self.client.clone();
+        loop {
+            let resp = client.get(key.clone(), None).await?;
+            let Some(kv) = resp.kvs().first() else { return Ok(Shrunk::Done) };
+            let mut set: InSync = decode(kv.key(), kv.value())?;
+            if set.epoch > epoch {
+                return Ok(Shrunk::Stale { newer: set.epoch });
+            }
+            if set.members.iter().any(|m| m == node) {
+                return Ok(Shrunk::Done);
+            }
+            set.members.push(node.to_string());
+            set.epoch = epoch;
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())])
+                .and_then([TxnOp::put(key.clone(), encode(&key, &set)?, None)]);
+            if client.txn(txn).await?.succeeded() {
+                tracing::info!(volume = %uuid, node, epoch, members = ?set.members, "replica rejoined the in-sync set");
+                return Ok(Shrunk::Done);
+            }
+        }
+    }
+
     /// Makes `node` the only in-sync copy of volume `uuid` (force-promote); returns the members
     /// it replaced. The set's epoch becomes the volume's current target epoch, so no older
     /// target can change it afterwards.

@@ -6,6 +6,7 @@ pub mod grants;
 pub mod isr;
 pub mod keys;
 pub mod nodes;
+pub mod rebuild;
 mod record;
 pub mod snapshots;
 pub mod targets;
@@ -81,9 +82,9 @@ pub struct Cluster {
     targets: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Mutual TLS towards the other nodes, when they require it.
     pub peer_tls: Option<PeerTls>,
-    /// The write order of each replicated volume this node serves as target, shared by its
-    /// sessions and by snapshot barriers.
-    orders: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<crate::io::WriteOrder>>>,
+    /// What the sessions of each replicated volume this node serves as target share (write
+    /// order, barriers, joined copies).
+    shared: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<crate::io::Shared>>>,
     /// The task keeping this node registered; it revokes the lease on shutdown.
     registration: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -112,7 +113,7 @@ impl Cluster {
             peers: Default::default(),
             targets: Default::default(),
             peer_tls,
-            orders: Default::default(),
+            shared: Default::default(),
             registration: std::sync::Mutex::new(Some(registration)),
         }))
     }
@@ -126,16 +127,17 @@ impl Cluster {
         }
     }
 
-    /// The write order of volume `uuid`'s sessions on this node (made when first asked).
-    pub fn write_order(&self, uuid: &str) -> Arc<crate::io::WriteOrder> {
-        let Ok(mut orders) = self.orders.lock() else { return Default::default() };
-        orders.retain(|_, o| o.strong_count() > 0);
-        if let Some(o) = orders.get(uuid).and_then(std::sync::Weak::upgrade) {
-            return o;
+    /// What volume `uuid`'s sessions on this node share (made when first asked; kept while a
+    /// session or a barrier holds it).
+    pub fn shared(&self, uuid: &str) -> Arc<crate::io::Shared> {
+        let Ok(mut all) = self.shared.lock() else { return Default::default() };
+        all.retain(|_, s| s.strong_count() > 0);
+        if let Some(s) = all.get(uuid).and_then(std::sync::Weak::upgrade) {
+            return s;
         }
-        let o: Arc<crate::io::WriteOrder> = Default::default();
-        orders.insert(uuid.to_string(), Arc::downgrade(&o));
-        o
+        let s: Arc<crate::io::Shared> = Default::default();
+        all.insert(uuid.to_string(), Arc::downgrade(&s));
+        s
     }
 
     /// The management API of node `name`, which must be up.

@@ -19,7 +19,7 @@ use crate::error::EngineError;
 pub use local::LocalVolume;
 pub use metered::Metered;
 pub use remote::RemoteVolume;
-pub use replicas::{InSyncSet, Member, Replicas, WriteOrder};
+pub use replicas::{InSyncSet, Linker, Member, Replicas, Shared, WriteOrder};
 pub use throttled::Throttled;
 
 /// Block I/O on one open volume or snapshot. Offsets and lengths are already checked against
@@ -93,6 +93,18 @@ impl VolumeIo for LocalVolume {
     async fn changed_since(&self, snapshot: &str, offset: u64, len: u32) -> Result<Vec<Extent>, EngineError> {
         LocalVolume::changed_since(self, snapshot, offset, len)
     }
+}
+
+/// `len` bytes at `offset`, holes as zeros, in one buffer.
+pub async fn read_all(v: &impl VolumeIo, offset: u64, len: u32) -> Result<Bytes, EngineError> {
+    let mut out = bytes::BytesMut::with_capacity(len as usize);
+    for chunk in v.read(offset, len).await? {
+        match chunk {
+            ReadChunk::Data(d) => out.extend_from_slice(&d),
+            ReadChunk::Hole(n) => out.resize(out.len() + n as usize, 0),
+        }
+    }
+    Ok(out.freeze())
 }
 
 /// The bottom of an export's stack: the volume here, or on the node that holds it.

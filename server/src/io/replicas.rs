@@ -23,6 +23,42 @@ pub trait InSyncSet: Send + Sync {
     fn evict<'a>(&'a self, node: &'a str) -> Pin<Box<dyn Future<Output = Result<(), EngineError>> + Send + 'a>>;
 }
 
+/// Opens a link from this target to the copy on a node (the session's export and epoch).
+pub trait Linker: Send + Sync {
+    fn link<'a>(&'a self, node: &'a str) -> Pin<Box<dyn Future<Output = Result<Backing, EngineError>> + Send + 'a>>;
+}
+
+/// What every session of one replicated volume on its target node shares: the order of
+/// writes (and snapshot or rebuild barriers), the copies that joined the in-sync set since the
+/// sessions opened (each links to them before its next write), and a way to link to a copy.
+#[derive(Default)]
+pub struct Shared {
+    pub order: WriteOrder,
+    joined: Mutex<Vec<String>>,
+    generation: AtomicU64,
+    linker: Mutex<Option<Arc<dyn Linker>>>,
+}
+
+impl Shared {
+    /// A copy joined the in-sync set (rebuilt, under the barrier): sessions write to it too.
+    pub fn joined(&self, node: &str) -> Result<(), EngineError> {
+        self.joined.lock().map_err(|_| poisoned())?.push(node.to_string());
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// How sessions link to copies (the latest session's grant and epoch).
+    pub fn linker(&self) -> Option<Arc<dyn Linker>> {
+        self.linker.lock().ok()?.clone()
+    }
+
+    pub fn set_linker(&self, linker: Arc<dyn Linker>) {
+        if let Ok(mut l) = self.linker.lock() {
+            *l = Some(linker);
+        }
+    }
+}
+
 /// One copy: the node holding it and the way to reach it.
 #[derive(Clone)]
 pub struct Member {
@@ -38,14 +74,24 @@ pub struct Replicas {
     min_insync: usize,
     /// Shared by every session of the volume on this node (multi-conn clients too), so that
     /// overlapping writes from any of them never reach the members in different orders.
-    order: Arc<WriteOrder>,
+    shared: Arc<Shared>,
+    /// The `Shared::generation` this session's members reflect.
+    seen: AtomicU64,
+    linker: Option<Arc<dyn Linker>>,
 }
 
 impl Replicas {
     /// A volume with one copy.
     pub fn single(io: Backing) -> Replicas {
         let member = Member { node: String::new(), io: Arc::new(io) };
-        Replicas { members: RwLock::new(vec![member]), in_sync: None, min_insync: 1, order: Default::default() }
+        Replicas {
+            members: RwLock::new(vec![member]),
+            in_sync: None,
+            min_insync: 1,
+            shared: Default::default(),
+            seen: AtomicU64::new(0),
+            linker: None,
+        }
     }
 
     /// A replicated volume's in-sync members (the local copy first, it serves the reads).
@@ -53,9 +99,38 @@ impl Replicas {
         members: Vec<Member>,
         in_sync: Arc<dyn InSyncSet>,
         min_insync: usize,
-        order: Arc<WriteOrder>,
+        shared: Arc<Shared>,
+        linker: Arc<dyn Linker>,
     ) -> Replicas {
-        Replicas { members: RwLock::new(members), in_sync: Some(in_sync), min_insync: min_insync.max(1), order }
+        let seen = AtomicU64::new(shared.generation.load(Ordering::SeqCst));
+        shared.set_linker(linker.clone());
+        Replicas {
+            members: RwLock::new(members),
+            in_sync: Some(in_sync),
+            min_insync: min_insync.max(1),
+            shared,
+            seen,
+            linker: Some(linker),
+        }
+    }
+
+    /// Links to the copies that joined the in-sync set since this session last looked.
+    async fn follow_joins(&self) -> Result<(), EngineError> {
+        let generation = self.shared.generation.load(Ordering::SeqCst);
+        if generation == self.seen.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let Some(linker) = &self.linker else { return Ok(()) };
+        let joined = self.shared.joined.lock().map_err(|_| poisoned())?.clone();
+        for node in joined {
+            if self.members.read().map_err(|_| poisoned())?.iter().any(|m| m.node == node) {
+                continue;
+            }
+            let io = Arc::new(linker.link(&node).await?);
+            self.members.write().map_err(|_| poisoned())?.push(Member { node, io });
+        }
+        self.seen.store(generation, Ordering::SeqCst);
+        Ok(())
     }
 
     /// The nodes of the members still in sync.
@@ -81,15 +156,16 @@ impl Replicas {
         F: Fn(Arc<Backing>) -> Fut,
         Fut: Future<Output = Result<(), EngineError>>,
     {
-        let members = self.members()?;
         let Some(in_sync) = &self.in_sync else {
-            let first = members.first().ok_or_else(|| EngineError::Unavailable("no copy".into()))?;
-            return op(first.io.clone()).await;
+            return op(self.first()?).await;
         };
         let _ordered = match range {
-            Some((start, end)) => Some(self.order.enter(start, end).await?),
+            Some((start, end)) => Some(self.shared.order.enter(start, end).await?),
             None => None,
         };
+        // In order: a copy that joined under a barrier gets every write after it.
+        self.follow_joins().await?;
+        let members = self.members()?;
         let results = futures_util::future::join_all(members.iter().map(|m| op(m.io.clone()))).await;
         if results.iter().all(Result::is_err) {
             let mut results = results;

@@ -16,7 +16,7 @@ use crate::cluster::Cluster;
 use crate::cluster::volumes::VolumeSpec;
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::io::{Backing, LocalVolume, Member, Metered, RemoteVolume, Replicas, Throttled, VolumeIo};
+use crate::io::{Backing, LocalVolume, Member, Metered, Replicas, Throttled, VolumeIo};
 
 /// The I/O stack every export gets: metrics around QoS around the volume's copies (here, on
 /// the node holding it, or every in-sync replica).
@@ -43,14 +43,6 @@ pub fn target_stack(
     }
 }
 
-/// Opens the link from a target to the copy on `node`.
-async fn link(cluster: &Cluster, node: &str, export: &str, volume: &str) -> Result<RemoteVolume, String> {
-    let holder = cluster.directory.get(node).filter(|n| n.up).ok_or_else(|| format!("node {node} is down"))?;
-    let address = &holder.record.nbd_address;
-    let tls = cluster.peer_tls.as_ref().map(|t| t.nbd_for(address)).transpose().map_err(|e| e.to_string())?;
-    RemoteVolume::open(address, export, volume, tls).await.map_err(|e| e.to_string())
-}
-
 /// The copies a target writes to: a volume of one copy here or on its node; a replicated
 /// volume's in-sync members (the local copy first when it is one of them). Members out of
 /// reach leave the in-sync set now. Also the fences of the session: a lost link to a single
@@ -69,7 +61,7 @@ async fn copies_for(
         if let Some(l) = local {
             return Ok((Replicas::single(Backing::Local(l)), Vec::new()));
         }
-        let remote = link(cluster, &spec.node, &export, volume).await.map_err(|e| platform(&e))?;
+        let remote = cluster.link(&spec.node, &export, volume).await.map_err(|e| platform(&e))?;
         let fences = vec![remote.lost()];
         return Ok((Replicas::single(Backing::Remote(remote)), fences));
     }
@@ -92,7 +84,7 @@ async fn copies_for(
         copies.push(Member { node: cluster.node.clone(), io: Arc::new(Backing::Local(l)) });
     }
     for node in members.iter().filter(|n| **n != cluster.node) {
-        match link(cluster, node, &export, volume).await {
+        match cluster.link(node, &export, volume).await {
             Ok(remote) => copies.push(Member { node: node.clone(), io: Arc::new(Backing::Remote(remote)) }),
             Err(e) => {
                 tracing::warn!(volume, node, error = %e, "an in-sync replica is out of reach: it leaves the set");
@@ -107,8 +99,24 @@ async fn copies_for(
             copies.len()
         )));
     }
-    let order = cluster.write_order(&spec.uuid);
-    Ok((Replicas::replicated(copies, in_sync, min, order), Vec::new()))
+    let shared = cluster.shared(&spec.uuid);
+    let linker = Arc::new(crate::cluster::rebuild::CopyLinker {
+        cluster: cluster.clone(),
+        export: export.clone(),
+        volume: volume.to_string(),
+    });
+    // Copies out of the set but up are rebuilt in the background (this session's grant).
+    let stale: Vec<String> = spec.copies().into_iter().filter(|n| !members.contains(n)).collect();
+    let replicas = Replicas::replicated(copies, in_sync, min, shared, linker);
+    for node in stale.into_iter().filter(|n| cluster.directory.get(n).is_some_and(|v| v.up)) {
+        let (cluster, spec) = (cluster.clone(), spec.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::cluster::rebuild::rebuild(&cluster, &spec, &node).await {
+                tracing::warn!(volume = %spec.name, node, error = %e, "rebuild of a copy failed");
+            }
+        });
+    }
+    Ok((replicas, Vec::new()))
 }
 
 /// The NBD face of a volume's I/O stack.

@@ -1,0 +1,99 @@
+//! Rebuilding a copy of a replicated volume that left the in-sync set, on the volume's target
+//! (where its writes are ordered). Under the volume's write barrier — no write in flight, new
+//! ones wait — the allocated ranges of an in-sync copy are copied to it and the ranges that
+//! copy does not map are unmapped on it; it is flushed and added to the in-sync set by
+//! compare-and-swap, and every session links to it before its next write.
+//!
+//! This first rebuild copies everything allocated and holds writes while it runs; the delta
+//! rebuild from a hidden layer marking where the copy left, streamed beside live writes, with
+//! checkpoints and checksums, replaces it (issue 12).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use thinbd_protocol::consts::STATE_HOLE;
+
+use super::Cluster;
+use super::volumes::VolumeSpec;
+use crate::error::EngineError;
+use crate::io::{Backing, Linker, RemoteVolume};
+
+/// Links to copies with one session's export name (its grant and epoch).
+pub struct CopyLinker {
+    pub cluster: Arc<Cluster>,
+    pub export: String,
+    pub volume: String,
+}
+
+impl Linker for CopyLinker {
+    fn link<'a>(&'a self, node: &'a str) -> Pin<Box<dyn Future<Output = Result<Backing, EngineError>> + Send + 'a>> {
+        Box::pin(async move {
+            let remote = self.cluster.link(node, &self.export, &self.volume).await.map_err(EngineError::Unavailable)?;
+            Ok(Backing::Remote(remote))
+        })
+    }
+}
+
+impl Cluster {
+    /// Opens the link from a target to the copy on `node`.
+    pub async fn link(&self, node: &str, export: &str, volume: &str) -> Result<RemoteVolume, String> {
+        let holder = self.directory.get(node).filter(|n| n.up).ok_or_else(|| format!("node {node} is down"))?;
+        let address = &holder.record.nbd_address;
+        let tls = self.peer_tls.as_ref().map(|t| t.nbd_for(address)).transpose().map_err(|e| e.to_string())?;
+        RemoteVolume::open(address, export, volume, tls).await.map_err(|e| e.to_string())
+    }
+}
+
+/// Bytes copied per request.
+const CHUNK: u32 = 1 << 20;
+
+/// Rebuilds the copy of `spec` on `node` and adds it to the in-sync set. Needs a session of
+/// the volume on this node (its grant opens the links); `Ok(false)` when there is none.
+pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> Result<bool, EngineError> {
+    let shared = cluster.shared(&spec.uuid);
+    let Some(linker) = shared.linker() else { return Ok(false) };
+    let cluster_err = |e: super::ClusterError| EngineError::Unavailable(e.to_string());
+    let _held = shared.order.barrier().await?;
+    let set = cluster.in_sync(&spec.uuid).await.map_err(cluster_err)?;
+    let members = set.map(|s| s.members).unwrap_or_default();
+    if members.iter().any(|m| m == node) {
+        return Ok(true);
+    }
+    let source = members.first().ok_or_else(|| EngineError::Unavailable("no copy is in sync".into()))?;
+    let epoch = cluster.target(&spec.uuid).await.map_err(cluster_err)?.map_or(0, |t| t.epoch);
+    tracing::info!(volume = %spec.name, from = %source, to = node, "rebuilding a copy (writes wait)");
+    let (from, to) = (linker.link(source).await?, linker.link(node).await?);
+    use crate::io::VolumeIo;
+    let size = from.size();
+    let (mut at, mut copied) = (0u64, 0u64);
+    while at < size {
+        let len = (size - at).min(CHUNK as u64) as u32;
+        let extents = from.block_status(at, len).await?;
+        let Some(extent) = extents.first() else {
+            return Err(EngineError::Unavailable(format!("no extent at {at} from the source copy")));
+        };
+        let n = extent.length.min(len);
+        if n == 0 {
+            return Err(EngineError::Unavailable(format!("an empty extent at {at} from the source copy")));
+        }
+        if extent.flags & STATE_HOLE != 0 {
+            to.trim(at, n, false).await?;
+        } else {
+            let data = crate::io::read_all(&from, at, n).await?;
+            to.write(at, data, false).await?;
+            copied += n as u64;
+        }
+        at += n as u64;
+    }
+    to.flush().await?;
+    match cluster.grow_in_sync(&spec.uuid, node, epoch).await.map_err(cluster_err)? {
+        super::isr::Shrunk::Done => {}
+        super::isr::Shrunk::Stale { newer } => {
+            return Err(EngineError::StaleEpoch { volume: spec.name.clone(), epoch, promised: newer });
+        }
+    }
+    shared.joined(node)?;
+    tracing::info!(volume = %spec.name, node, copied, "copy rebuilt and back in sync");
+    Ok(true)
+}
