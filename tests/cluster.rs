@@ -936,6 +936,75 @@ fn a_copy_that_comes_back_is_rebuilt_and_gets_the_later_writes() {
     assert!(nodes[0].log_text().contains("copy rebuilt and back in sync"), "the target did not log the rebuild");
 }
 
+/// Scrub: a copy changed behind the target's back (a write straight to it) is found by
+/// `volume scrub` (the differing 64 KiB piece only) and `--repair` rewrites it from the first
+/// copy; a second scrub finds nothing.
+#[test]
+fn scrub_finds_a_copy_that_differs_and_repairs_it() {
+    use thinbd_protocol::client::{Client, ClientOptions};
+    let Some((fabric, _etcd, nodes)) = three_nodes(|_| Vec::new()) else { return };
+    nodes[0].cli(&fabric, &["volume", "create", "sc", "--size", "8MiB", "--replicas", "3"]);
+    let g: serde_json::Value = serde_json::from_str(
+        &nodes[0].cli(&fabric, &["volume", "publish", "sc", "--node", "app", "--single-writer", "-o", "json"]),
+    )
+    .unwrap();
+    let export = g["export_name"].as_str().unwrap().to_string();
+    let data = thinbd_tests::pattern(61, 1 << 20);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (tx_done, rx_done) = std::sync::mpsc::channel::<()>();
+    let client = {
+        let path = format!("/var/run/netns/{}", fabric.ns(1));
+        let (addr, export, data) = (format!("{}:10809", fabric.ip(1)), export.clone(), data.clone());
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(path).unwrap();
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            thinbd_tests::runtime().block_on(async {
+                let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach on node-1");
+                c.write(1 << 20, &data, 0).await.unwrap();
+                c.flush().await.unwrap();
+                tx.send(()).unwrap();
+                // Attached while the copies are scrubbed.
+                rx_done.recv().unwrap();
+                c.disconnect().await.unwrap();
+            })
+        })
+    };
+    rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    let epoch = {
+        let s: serde_json::Value =
+            serde_json::from_str(&nodes[0].cli(&fabric, &["volume", "show", "sc", "-o", "json"])).unwrap();
+        s["target_epoch"].as_u64().unwrap()
+    };
+    // Behind the target's back: 4 KiB changed on node-2's copy, at 1 MiB + 200 KiB.
+    let (addr, name) = (format!("{}:10809", fabric.ip(2)), format!("{export};epoch={epoch}"));
+    fabric.run_in(2, move || {
+        thinbd_tests::runtime().block_on(async {
+            let c = Client::connect(addr.as_str(), ClientOptions::new(&name)).await.unwrap();
+            c.write((1 << 20) + (200 << 10), &[0xab; 4096], 0).await.unwrap();
+            c.flush().await.unwrap();
+            c.disconnect().await.unwrap();
+        })
+    });
+    let scrub = |args: &[&str]| -> serde_json::Value {
+        let all = [&["volume", "scrub", "sc", "-o", "json"][..], args].concat();
+        serde_json::from_str(&nodes[2].cli(&fabric, &all)).unwrap()
+    };
+    let found = scrub(&[]);
+    assert_eq!(
+        found["differing"],
+        serde_json::json!([{"offset": (1 << 20) + (192 << 10), "length": 65536}]),
+        "{found}"
+    );
+    assert_eq!(found["repaired"], false);
+    assert_eq!(scrub(&["--repair"])["repaired"], true);
+    let again = scrub(&[]);
+    assert_eq!(again["differing"], serde_json::json!([]), "{again}");
+    assert_eq!(again["bytes_compared"].as_u64(), Some(3 * (8 << 20)));
+    assert!(read_copy(&fabric, 2, &export, epoch, 1 << 20, 1 << 20) == data, "node-2's copy was not repaired");
+    tx_done.send(()).unwrap();
+    client.join().unwrap();
+}
+
 /// Waits until `server` sees `n` nodes up.
 fn wait_nodes_up(server: &thinbd_tests::Server, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);

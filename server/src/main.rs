@@ -224,6 +224,13 @@ enum VolumeCommand {
     /// Rebuild the copies of a replicated volume that left the in-sync set (on its target;
     /// writes wait meanwhile) and bring them back in sync.
     Rebuild { name: String },
+    /// Compare the in-sync copies of a replicated volume (writes wait meanwhile) and report
+    /// where they differ; --repair rewrites those ranges from the first copy.
+    Scrub {
+        name: String,
+        #[arg(long)]
+        repair: bool,
+    },
     /// Make one copy of a replicated volume the whole in-sync set when too few are left to
     /// acknowledge writes. Writes only the other copies had are lost: needs --accept-data-loss.
     ForcePromote {
@@ -513,6 +520,27 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
                 .await
                 .map_err(rpc_error)?;
             print_volumes(client.output, &[v.into_inner()], true, &nbd);
+        }
+        VolumeCommand::Scrub { name, repair } => {
+            let r = c.scrub_volume(pb::ScrubVolumeRequest { volume: name, repair, at_target: false }).await;
+            let r = r.map_err(rpc_error)?.into_inner();
+            match client.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({
+                        "copies": r.copies, "bytes_compared": r.bytes_compared, "repaired": r.repaired,
+                        "differing": r.differing.iter().map(|d| serde_json::json!({"offset": d.offset, "length": d.length})).collect::<Vec<_>>(),
+                    })
+                ),
+                Output::Table => {
+                    println!("copies:    {}", r.copies.join(", "));
+                    println!("compared:  {} bytes", r.bytes_compared);
+                    println!("differing: {} ranges{}", r.differing.len(), if r.repaired { " (repaired)" } else { "" });
+                    for d in &r.differing {
+                        println!("  {} +{}", d.offset, d.length);
+                    }
+                }
+            }
         }
         VolumeCommand::ForcePromote { name, node, accept_data_loss } => {
             let req = pb::ForcePromoteRequest { volume: name, node, accept_data_loss };

@@ -650,6 +650,37 @@ impl Management for Api {
         self.get_volume(Request::new(pb::GetVolumeRequest { name: spec.uuid })).await
     }
 
+    async fn scrub_volume(&self, req: Request<pb::ScrubVolumeRequest>) -> Result<Response<pb::ScrubReport>, Status> {
+        let r = req.into_inner();
+        let Some(c) = &self.cluster else {
+            return Err(Status::failed_precondition("scrubs compare the copies of replicated volumes of a cluster"));
+        };
+        let spec = c
+            .volume_spec(&r.volume)
+            .await
+            .map_err(cluster_status)?
+            .ok_or_else(|| Status::not_found(format!("volume {:?}", r.volume)))?;
+        let target = c.target(&spec.uuid).await.map_err(cluster_status)?.map(|t| t.node);
+        if !r.at_target
+            && let Some(t) = target.filter(|t| *t != self.node_name)
+        {
+            let forward = pb::ScrubVolumeRequest { volume: spec.uuid.clone(), at_target: true, ..r };
+            return c.peer(&t).map_err(cluster_status)?.scrub_volume(forward).await;
+        }
+        let found = crate::cluster::rebuild::scrub(c, &spec, r.repair).await.map_err(status)?.ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "volume {} is not attached here: attach it to scrub its copies",
+                spec.name
+            ))
+        })?;
+        Ok(Response::new(pb::ScrubReport {
+            copies: found.copies,
+            bytes_compared: found.compared,
+            differing: found.differing.into_iter().map(|(offset, length)| pb::ByteRange { offset, length }).collect(),
+            repaired: found.repaired,
+        }))
+    }
+
     async fn force_promote(&self, req: Request<pb::ForcePromoteRequest>) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
         let Some(c) = &self.cluster else {

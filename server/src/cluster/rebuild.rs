@@ -4,6 +4,9 @@
 //! copy does not map are unmapped on it; it is flushed and added to the in-sync set by
 //! compare-and-swap, and every session links to it before its next write.
 //!
+//! Scrubbing compares the in-sync copies the same way, under the barrier, and can rewrite the
+//! ranges that differ from the first copy.
+//!
 //! This first rebuild copies everything allocated and holds writes while it runs; the delta
 //! rebuild from a hidden layer marking where the copy left, streamed beside live writes, with
 //! checkpoints and checksums, replaces it (issue 12).
@@ -96,4 +99,69 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
     shared.joined(node)?;
     tracing::info!(volume = %spec.name, node, copied, "copy rebuilt and back in sync");
     Ok(true)
+}
+
+/// What a scrub found.
+#[derive(Debug, Default)]
+pub struct Scrubbed {
+    pub copies: Vec<String>,
+    pub compared: u64,
+    /// (offset, length) pieces where some copy differs from the first.
+    pub differing: Vec<(u64, u64)>,
+    pub repaired: bool,
+}
+
+/// Pieces compared by checksum.
+const PIECE: usize = 64 << 10;
+
+/// Compares the in-sync copies of `spec` (under the write barrier, through this node's
+/// session grant); with `repair`, rewrites differing pieces on every copy from the first.
+/// `None` when the volume has no session on this node.
+pub async fn scrub(cluster: &Arc<Cluster>, spec: &VolumeSpec, repair: bool) -> Result<Option<Scrubbed>, EngineError> {
+    use crate::io::VolumeIo;
+    let shared = cluster.shared(&spec.uuid);
+    let Some(linker) = shared.linker() else { return Ok(None) };
+    let cluster_err = |e: super::ClusterError| EngineError::Unavailable(e.to_string());
+    let _held = shared.order.barrier().await?;
+    let members = cluster.in_sync(&spec.uuid).await.map_err(cluster_err)?.map(|s| s.members).unwrap_or_default();
+    let mut links = Vec::with_capacity(members.len());
+    for node in &members {
+        links.push(linker.link(node).await?);
+    }
+    let mut out = Scrubbed { copies: members.clone(), ..Default::default() };
+    let Some(reference) = links.first() else { return Ok(Some(out)) };
+    let size = reference.size();
+    let mut at = 0u64;
+    while at < size {
+        let len = (size - at).min(CHUNK as u64) as u32;
+        let want = crate::io::read_all(reference, at, len).await?;
+        let mut bad = std::collections::BTreeSet::new();
+        for copy in &links[1..] {
+            let got = crate::io::read_all(copy, at, len).await?;
+            for (i, (a, b)) in want.chunks(PIECE).zip(got.chunks(PIECE)).enumerate() {
+                if crc32fast::hash(a) != crc32fast::hash(b) || a.len() != b.len() {
+                    bad.insert(i);
+                }
+            }
+        }
+        for i in bad {
+            let (offset, piece) = (at + (i * PIECE) as u64, &want[i * PIECE..((i + 1) * PIECE).min(want.len())]);
+            out.differing.push((offset, piece.len() as u64));
+            if repair {
+                for copy in &links[1..] {
+                    copy.write(offset, bytes::Bytes::copy_from_slice(piece), false).await?;
+                }
+            }
+        }
+        out.compared += len as u64 * links.len() as u64;
+        at += len as u64;
+    }
+    if repair && !out.differing.is_empty() {
+        for copy in &links[1..] {
+            copy.flush().await?;
+        }
+        out.repaired = true;
+    }
+    tracing::info!(volume = %spec.name, copies = ?members, differing = out.differing.len(), repaired = out.repaired, "scrubbed");
+    Ok(Some(out))
 }
