@@ -1005,6 +1005,75 @@ fn scrub_finds_a_copy_that_differs_and_repairs_it() {
     client.join().unwrap();
 }
 
+/// Changing the number of copies: a volume of one copy written, given three (made on the
+/// other nodes; rebuilt in the background when it is next attached, then in sync), then
+/// brought down to two (the removed copy leaves the set and is deleted).
+#[test]
+fn copies_are_added_and_removed() {
+    use thinbd_protocol::client::{Client, ClientOptions};
+    let Some((fabric, _etcd, nodes)) = three_nodes(|_| Vec::new()) else { return };
+    let show = |n: &NetNode| -> serde_json::Value {
+        serde_json::from_str(&n.cli(&fabric, &["volume", "show", "sr", "-o", "json"])).unwrap()
+    };
+    nodes[0].cli(&fabric, &["volume", "create", "sr", "--size", "8MiB"]);
+    let holder: usize = show(&nodes[0])["node"].as_str().unwrap().trim_start_matches("node-").parse().unwrap();
+    let data = thinbd_tests::pattern(71, 512 << 10);
+    let publish = || -> String {
+        let g: serde_json::Value = serde_json::from_str(
+            &nodes[0].cli(&fabric, &["volume", "publish", "sr", "--node", "app", "--single-writer", "-o", "json"]),
+        )
+        .unwrap();
+        g["export_name"].as_str().unwrap().to_string()
+    };
+    let write = |export: String, offset: u64, data: Vec<u8>| {
+        let addr = format!("{}:10809", fabric.ip(holder));
+        fabric.run_in(holder, move || {
+            thinbd_tests::runtime().block_on(async {
+                let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach");
+                c.write(offset, &data, 0).await.unwrap();
+                c.flush().await.unwrap();
+                c.disconnect().await.unwrap();
+            })
+        })
+    };
+    write(publish(), 0, data.clone());
+    // Attached volumes of one copy keep it until unpublished.
+    assert!(!nodes[1].cli_output(&fabric, &["volume", "set-replicas", "sr", "3"]).status.success());
+    nodes[0].cli(&fabric, &["volume", "unpublish", "sr", "--node", "app"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&nodes[1].cli(&fabric, &["volume", "set-replicas", "sr", "3", "-o", "json"])).unwrap();
+    assert_eq!(v["replicas"].as_array().map(Vec::len), Some(3), "{v}");
+    assert_eq!(v["in_sync"], serde_json::json!([format!("node-{holder}")]), "{v}");
+    // Attached again: the new copies are rebuilt, then every copy has the data.
+    let export = publish();
+    write(export.clone(), 1 << 20, data.clone());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while show(&nodes[0])["in_sync"].as_array().map(Vec::len) != Some(3) {
+        assert!(Instant::now() < deadline, "the new copies never came in sync: {}", show(&nodes[0]));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    write(export.clone(), 2 << 20, data.clone());
+    let epoch = show(&nodes[0])["target_epoch"].as_u64().unwrap();
+    for i in 1..=3 {
+        let copy = read_copy(&fabric, i, &export, epoch, 0, 3 << 20);
+        for b in 0..3 {
+            assert!(copy[b << 20..(b << 20) + data.len()] == data[..], "node-{i}'s copy lacks block {b}");
+        }
+    }
+    // Down to two.
+    let v: serde_json::Value =
+        serde_json::from_str(&nodes[2].cli(&fabric, &["volume", "set-replicas", "sr", "2", "-o", "json"])).unwrap();
+    let (replicas, in_sync) = (v["replicas"].as_array().unwrap().clone(), v["in_sync"].as_array().unwrap().clone());
+    assert_eq!((replicas.len(), in_sync.len()), (2, 2), "{v}");
+    let removed = (1..=3).map(|i| format!("node-{i}")).find(|n| !replicas.contains(&serde_json::json!(n))).unwrap();
+    let i: usize = removed.trim_start_matches("node-").parse().unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(&nodes[i - 1].cli(&fabric, &["volume", "list", "-o", "json"])).unwrap();
+    let here: Vec<&serde_json::Value> =
+        list.as_array().unwrap().iter().filter(|v| v["node"] == removed.as_str()).collect();
+    assert!(here.is_empty(), "{removed} still holds a copy: {list}");
+}
+
 /// Waits until `server` sees `n` nodes up.
 fn wait_nodes_up(server: &thinbd_tests::Server, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);

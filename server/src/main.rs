@@ -224,6 +224,14 @@ enum VolumeCommand {
     /// Rebuild the copies of a replicated volume that left the in-sync set (on its target;
     /// writes wait meanwhile) and bring them back in sync.
     Rebuild { name: String },
+    /// Change how many copies a volume has (in a cluster): new ones are made on other nodes and
+    /// rebuilt, removed ones leave the in-sync set first.
+    SetReplicas {
+        name: String,
+        replicas: u32,
+        #[arg(long, default_value_t = 0)]
+        min_insync: u32,
+    },
     /// Compare the in-sync copies of a replicated volume (writes wait meanwhile) and report
     /// where they differ; --repair rewrites those ranges from the first copy.
     Scrub {
@@ -519,6 +527,11 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
                 .rebuild_volume(pb::RebuildVolumeRequest { volume: name, at_target: false })
                 .await
                 .map_err(rpc_error)?;
+            print_volumes(client.output, &[v.into_inner()], true, &nbd);
+        }
+        VolumeCommand::SetReplicas { name, replicas, min_insync } => {
+            let req = pb::SetReplicasRequest { volume: name, replicas, min_insync };
+            let v = c.set_replicas(req).await.map_err(rpc_error)?;
             print_volumes(client.output, &[v.into_inner()], true, &nbd);
         }
         VolumeCommand::Scrub { name, repair } => {

@@ -148,7 +148,7 @@ impl Api {
         crate::engine::validate_name("volume", &r.name).map_err(status)?;
         let copies = r.replicas.max(1) as usize;
         let nodes = c
-            .place_copies(&r.zone, &r.nodes, copies)
+            .place_copies(&r.zone, &r.nodes, &[], copies)
             .await
             .map_err(cluster_status)?
             .map_err(|e| Status::resource_exhausted(e.to_string()))?;
@@ -648,6 +648,121 @@ impl Management for Api {
             }
         }
         self.get_volume(Request::new(pb::GetVolumeRequest { name: spec.uuid })).await
+    }
+
+    async fn set_replicas(&self, req: Request<pb::SetReplicasRequest>) -> Result<Response<pb::Volume>, Status> {
+        let Some(c) = &self.cluster else {
+            return Err(Status::failed_precondition("replicas are for volumes of a cluster"));
+        };
+        if let Some(mut peer) = self.owner(&req.get_ref().volume).await? {
+            return peer.set_replicas(req.into_inner()).await;
+        }
+        let r = req.into_inner();
+        let v = self.engine.find_volume(&r.volume).map_err(status)?;
+        let spec = c
+            .volume_spec(&v.uuid)
+            .await
+            .map_err(cluster_status)?
+            .ok_or_else(|| Status::not_found(format!("volume {:?} is not recorded in the cluster", r.volume)))?;
+        let want = r.replicas.max(1) as usize;
+        let copies = spec.copies();
+        let grants = self.engine.grants_of(&v.name);
+        if !spec.replicated() && want > 1 && !grants.is_empty() {
+            // Its sessions write to one copy and would not learn of the others.
+            return Err(Status::failed_precondition(format!(
+                "volume {} is attached with one copy: unpublish it before it gets more",
+                v.name
+            )));
+        }
+        let mut kept = copies.clone();
+        if want > copies.len() {
+            let added = c
+                .place_copies("", &[], &copies, want - copies.len())
+                .await
+                .map_err(cluster_status)?
+                .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+            for node in added.into_iter().map(|n| n.name) {
+                let create = pb::CreateVolumeRequest {
+                    name: v.name.clone(),
+                    size_bytes: v.size(),
+                    here: true,
+                    uuid: v.uuid.clone(),
+                    labels: v.labels.clone().into_iter().collect(),
+                    ..Default::default()
+                };
+                let mut peer = c.peer(&node).map_err(cluster_status)?;
+                peer.create_volume(create).await?;
+                for g in &grants {
+                    let rec = &g.record;
+                    let copy = pb::PublishVolumeRequest {
+                        volume: v.uuid.clone(),
+                        node: rec.node.clone(),
+                        read_only: rec.read_only,
+                        single_writer: rec.single_writer,
+                        here: true,
+                        token: rec.token.clone(),
+                    };
+                    peer.publish_volume(copy).await?;
+                }
+                kept.push(node);
+            }
+            if !spec.replicated() {
+                // Only the copy that has the data is in sync; the new ones are rebuilt.
+                c.set_in_sync(&v.uuid, vec![spec.node.clone()]).await.map_err(cluster_status)?;
+            }
+        } else if want < copies.len() {
+            let in_sync = c.in_sync(&v.uuid).await.map_err(cluster_status)?.map(|s| s.members).unwrap_or_default();
+            // Out of sync first, then the last made; never the first copy.
+            let mut order: Vec<String> = copies.iter().skip(1).filter(|n| !in_sync.contains(n)).cloned().collect();
+            order.extend(copies.iter().skip(1).rev().filter(|n| in_sync.contains(n)).cloned());
+            for node in order.into_iter().take(copies.len() - want) {
+                let remaining: Vec<String> =
+                    in_sync.iter().filter(|m| **m != node && kept.contains(m)).cloned().collect();
+                c.set_in_sync(&v.uuid, remaining).await.map_err(cluster_status)?;
+                kept.retain(|n| *n != node);
+                let gone = pb::DeleteVolumeRequest { name: v.uuid.clone(), here: true };
+                match c.peer(&node) {
+                    Ok(mut p) => {
+                        // Its grants first (they fence the target's links to it), then the copy.
+                        for g in &grants {
+                            let revoke = pb::UnpublishVolumeRequest {
+                                volume: v.uuid.clone(),
+                                node: g.record.node.clone(),
+                                here: true,
+                            };
+                            p.unpublish_volume(revoke).await?;
+                        }
+                        match p.delete_volume(gone).await {
+                            Ok(_) => {}
+                            Err(e) if e.code() == tonic::Code::NotFound => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %v.name, node, error = %e, "a removed copy's node is out of reach: its data stays there")
+                    }
+                }
+            }
+        }
+        let min = match (kept.len(), r.min_insync) {
+            (1, _) => 0,
+            (n, 0) => (n as u32 - 1).max(1),
+            (n, m) => m.min(n as u32),
+        };
+        let replicas = if kept.len() > 1 { kept.clone() } else { Vec::new() };
+        c.update_spec(&v.uuid, |s| (s.replicas, s.min_insync) = (replicas.clone(), min))
+            .await
+            .map_err(cluster_status)?;
+        tracing::info!(volume = %v.name, copies = ?kept, min_insync = min, "replicas changed");
+        if kept.len() > 1 {
+            let rebuild = pb::RebuildVolumeRequest { volume: v.uuid.clone(), at_target: false };
+            match self.rebuild_volume(Request::new(rebuild)).await {
+                Ok(_) => {}
+                Err(e) if e.code() == tonic::Code::FailedPrecondition => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.get_volume(Request::new(pb::GetVolumeRequest { name: v.uuid.clone() })).await
     }
 
     async fn scrub_volume(&self, req: Request<pb::ScrubVolumeRequest>) -> Result<Response<pb::ScrubReport>, Status> {

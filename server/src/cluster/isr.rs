@@ -69,6 +69,28 @@ impl Cluster {
 }
 
 impl Cluster {
+    /// Sets volume `uuid`'s in-sync set to `members` (a volume that becomes replicated, or
+    /// copies removed), keeping its epoch.
+    pub async fn set_in_sync(&self, uuid: &str, members: Vec<String>) -> Result<(), ClusterError> {
+        let key = keys::isr(uuid);
+        let mut client = self.client.clone();
+        loop {
+            let resp = client.get(key.clone(), None).await?;
+            let (epoch, unchanged) = match resp.kvs().first() {
+                Some(kv) => (
+                    decode::<InSync>(kv.key(), kv.value())?.epoch,
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
+                ),
+                None => (0, Compare::create_revision(key.clone(), CompareOp::Equal, 0)),
+            };
+            let set = InSync { members: members.clone(), epoch };
+            let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(key.clone(), encode(&key, &set)?, None)]);
+            if client.txn(txn).await?.succeeded() {
+                return Ok(());
+            }
+        }
+    }
+
     /// Adds a rebuilt copy to volume `uuid`'s in-sync set, as its target of `epoch`.
     pub async fn grow_in_sync(&self, uuid: &str, node: &str, epoch: u64) -> Result<Shrunk, ClusterError> {
         let key = keys::isr(uuid);

@@ -67,15 +67,17 @@ impl Cluster {
     /// (volumes are thin, so free space alone would send every new volume to one node). Ties go
     /// to the first preferred node, then by name.
     pub async fn place(&self, zone: &str, nodes: &[String]) -> Result<Result<NodeRecord, NoNode>, ClusterError> {
-        Ok(self.place_copies(zone, nodes, 1).await?.map(|mut n| n.remove(0)))
+        Ok(self.place_copies(zone, nodes, &[], 1).await?.map(|mut n| n.remove(0)))
     }
 
-    /// `copies` distinct nodes for a volume's replicas, ranked as [`Self::place`] ranks them;
-    /// after the first, nodes of a zone not used yet come before the others.
+    /// `copies` distinct nodes for a volume's replicas, none of `taken` (nodes holding copies
+    /// already), ranked as [`Self::place`] ranks them; nodes of a zone not used yet (by the
+    /// chosen or the taken) come before the others.
     pub async fn place_copies(
         &self,
         zone: &str,
         nodes: &[String],
+        taken: &[String],
         copies: usize,
     ) -> Result<Result<Vec<NodeRecord>, NoNode>, ClusterError> {
         let specs = self.volume_specs().await?;
@@ -89,7 +91,15 @@ impl Cluster {
             .into_iter()
             .filter(|v| v.up && (zone.is_empty() || v.record.zone == zone))
             .filter(|v| nodes.is_empty() || nodes.contains(&v.record.name))
+            .filter(|v| !taken.contains(&v.record.name))
             .map(|v| v.record)
+            .collect();
+        let used_zones: Vec<String> = self
+            .directory
+            .list()
+            .into_iter()
+            .filter(|v| taken.contains(&v.record.name))
+            .map(|v| v.record.zone)
             .collect();
         let room = |r: &NodeRecord| r.available_bytes as i128 - provisioned(&r.name);
         candidates
@@ -100,7 +110,9 @@ impl Cluster {
         }
         let mut chosen: Vec<NodeRecord> = Vec::new();
         while chosen.len() < copies.max(1) {
-            let fresh_zone = candidates.iter().position(|c| chosen.iter().all(|x| x.zone != c.zone));
+            let fresh_zone = candidates
+                .iter()
+                .position(|c| chosen.iter().all(|x| x.zone != c.zone) && !used_zones.contains(&c.zone));
             chosen.push(candidates.remove(fresh_zone.unwrap_or(0)));
         }
         Ok(Ok(chosen))

@@ -92,23 +92,41 @@ async fn copies_for(
             }
         }
     }
-    let min = spec.min_insync.max(1) as usize;
-    if copies.len() < min {
-        return Err(OpenError::Platform(format!(
-            "volume {volume}: {} copies in sync and reachable, {min} required",
-            copies.len()
-        )));
-    }
     let shared = cluster.shared(&spec.uuid);
     let linker = Arc::new(crate::cluster::rebuild::CopyLinker {
         cluster: cluster.clone(),
         export: export.clone(),
         volume: volume.to_string(),
     });
-    // Copies out of the set but up are rebuilt in the background (this session's grant).
-    let stale: Vec<String> = spec.copies().into_iter().filter(|n| !members.contains(n)).collect();
+    shared.set_linker(linker.clone());
+    // Copies out of the set but up are rebuilt with this session's grant: now when too few are
+    // in sync to write (new copies of a volume), else in the background.
+    let stale: Vec<String> = spec
+        .copies()
+        .into_iter()
+        .filter(|n| !members.contains(n) && cluster.directory.get(n).is_some_and(|v| v.up))
+        .collect();
+    let min = spec.min_insync.max(1) as usize;
+    if copies.len() < min {
+        for node in &stale {
+            match crate::cluster::rebuild::rebuild(cluster, spec, node).await {
+                Ok(_) => match cluster.link(node, &export, volume).await {
+                    Ok(remote) => copies.push(Member { node: node.clone(), io: Arc::new(Backing::Remote(remote)) }),
+                    Err(e) => tracing::warn!(volume, node, error = %e, "a rebuilt copy is out of reach"),
+                },
+                Err(e) => tracing::warn!(volume, node, error = %e, "rebuild of a copy failed"),
+            }
+        }
+    }
+    if copies.len() < min {
+        return Err(OpenError::Platform(format!(
+            "volume {volume}: {} copies in sync and reachable, {min} required",
+            copies.len()
+        )));
+    }
+    let rebuilt_now = copies.iter().map(|m| m.node.clone()).collect::<Vec<_>>();
     let replicas = Replicas::replicated(copies, in_sync, min, shared, linker);
-    for node in stale.into_iter().filter(|n| cluster.directory.get(n).is_some_and(|v| v.up)) {
+    for node in stale.into_iter().filter(|n| !rebuilt_now.contains(n)) {
         let (cluster, spec) = (cluster.clone(), spec.clone());
         tokio::spawn(async move {
             if let Err(e) = crate::cluster::rebuild::rebuild(&cluster, &spec, &node).await {
