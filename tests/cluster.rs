@@ -341,10 +341,7 @@ fn the_attaching_node_is_the_target_and_forwards_to_the_holder() {
     let (tx_done, rx_done) = std::sync::mpsc::channel::<(bool, bool)>();
     let written = data.clone();
     let first_thread = {
-        let path = format!("/var/run/netns/{}", fabric.ns(first));
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(path).unwrap();
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        fabric.spawn_in(first, move || {
             thinbd_tests::runtime().block_on(async {
                 let c = Client::connect(local.as_str(), ClientOptions::new(&export)).await.expect("attach via target");
                 c.write(1 << 20, &written, 0).await.unwrap();
@@ -419,11 +416,16 @@ fn single_writer_volume(fabric: &Fabric, nodes: &[NetNode], name: &str) -> (usiz
             .unwrap();
     let holder: usize = created["node"].as_str().unwrap().trim_start_matches("node-").parse().unwrap();
     let others: Vec<usize> = (1..=3).filter(|i| *i != holder).collect();
+    (holder, others[0], others[1], publish_for_one_writer(fabric, &nodes[0], name))
+}
+
+/// Publishes volume `name` (through `via`) to the node "app" for one writer; its export name.
+fn publish_for_one_writer(fabric: &Fabric, via: &NetNode, name: &str) -> String {
     let g: serde_json::Value = serde_json::from_str(
-        &nodes[0].cli(fabric, &["volume", "publish", name, "--node", "app", "--single-writer", "-o", "json"]),
+        &via.cli(fabric, &["volume", "publish", name, "--node", "app", "--single-writer", "-o", "json"]),
     )
     .unwrap();
-    (holder, others[0], others[1], g["export_name"].as_str().unwrap().to_string())
+    g["export_name"].as_str().unwrap().to_string()
 }
 
 fn target_of(fabric: &Fabric, via: &NetNode, name: &str) -> (String, u64) {
@@ -446,11 +448,8 @@ fn a_stale_target_cannot_write_after_a_newer_one_took_over() {
     let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
     let (tx_go, rx_go) = std::sync::mpsc::channel::<()>();
     let client = {
-        let path = format!("/var/run/netns/{}", fabric.ns(stale));
         let (addr, export, first, late) = (format!("{}:10809", fabric.ip(stale)), export.clone(), first.clone(), late);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(path).unwrap();
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        fabric.spawn_in(stale, move || {
             thinbd_tests::runtime().block_on(async {
                 let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach via target");
                 c.write(0, &first, 0).await.unwrap();
@@ -473,20 +472,14 @@ fn a_stale_target_cannot_write_after_a_newer_one_took_over() {
     // Another node takes over with the same grant: epoch 2.
     let newer = thinbd_tests::pattern(22, 64 << 10);
     let (addr, e, n) = (format!("{}:10809", fabric.ip(fresh)), export.clone(), newer.clone());
-    let fresh_thread = std::thread::spawn({
-        let path = format!("/var/run/netns/{}", fabric.ns(fresh));
-        move || {
-            let ns = std::fs::File::open(path).unwrap();
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            thinbd_tests::runtime().block_on(async {
-                let c = Client::connect(addr.as_str(), ClientOptions::new(&e)).await.expect("take over");
-                c.write(0, &n, 0).await.unwrap();
-                c.flush().await.unwrap();
-                c.disconnect().await.unwrap();
-            })
-        }
+    fabric.run_in(fresh, move || {
+        thinbd_tests::runtime().block_on(async {
+            let c = Client::connect(addr.as_str(), ClientOptions::new(&e)).await.expect("take over");
+            c.write(0, &n, 0).await.unwrap();
+            c.flush().await.unwrap();
+            c.disconnect().await.unwrap();
+        })
     });
-    fresh_thread.join().expect("the newer target serves while the stale one is paused");
     assert_eq!(target_of(&fabric, &nodes[0], "st"), (format!("node-{fresh}"), 2));
 
     send_signal(stale_pid, "CONT");
@@ -544,12 +537,9 @@ fn a_client_writes_on_across_a_target_restart() {
     let acked = std::sync::Arc::new(AtomicUsize::new(0));
     let reconnects = std::sync::Arc::new(AtomicUsize::new(0));
     let writer = {
-        let path = format!("/var/run/netns/{}", fabric.ns(target));
         let (addr, export, acked, reconnects) =
             (format!("{}:10809", fabric.ip(target)), export.clone(), acked.clone(), reconnects.clone());
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(path).unwrap();
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        fabric.spawn_in(target, move || {
             thinbd_tests::runtime().block_on(async {
                 let connect = || async {
                     let deadline = Instant::now() + Duration::from_secs(30);
@@ -667,11 +657,7 @@ fn nodes_call_each_other_over_mutual_tls() {
     )
     .unwrap();
     assert_eq!(v["node"], "node-2");
-    let g: serde_json::Value = serde_json::from_str(
-        &nodes[0].cli(&fabric, &["volume", "publish", "sec", "--node", "app", "--single-writer", "-o", "json"]),
-    )
-    .unwrap();
-    let export = g["export_name"].as_str().unwrap().to_string();
+    let export = publish_for_one_writer(&fabric, &nodes[0], "sec");
     let data = thinbd_tests::pattern(31, 128 << 10);
     let tls = |ca: &str, cert: &str, key: &str| {
         let c = thinbd_protocol::tls::client_connector(ca.as_ref(), Some((cert.as_ref(), key.as_ref()))).unwrap();
@@ -728,23 +714,16 @@ fn replicated_writes_reach_every_copy_and_a_lost_copy_leaves_the_in_sync_set_fir
     )
     .unwrap();
     assert_eq!(v["replicas"].as_array().map(Vec::len), Some(3), "{v}");
-    let g: serde_json::Value = serde_json::from_str(
-        &nodes[1].cli(&fabric, &["volume", "publish", "r3", "--node", "app", "--single-writer", "-o", "json"]),
-    )
-    .unwrap();
-    let export = g["export_name"].as_str().unwrap().to_string();
+    let export = publish_for_one_writer(&fabric, &nodes[1], "r3");
     let first = thinbd_tests::pattern(41, 256 << 10);
     let second = thinbd_tests::pattern(42, 256 << 10);
     let third = thinbd_tests::pattern(43, 64 << 10);
     let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
     let (tx_go, rx_go) = std::sync::mpsc::channel::<()>();
     let client = {
-        let path = format!("/var/run/netns/{}", fabric.ns(1));
         let (addr, export, first, second, third) =
             (format!("{}:10809", fabric.ip(1)), export.clone(), first.clone(), second.clone(), third.clone());
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(path).unwrap();
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        fabric.spawn_in(1, move || {
             thinbd_tests::runtime().block_on(async {
                 let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach on node-1");
                 c.write(0, &first, 0).await.unwrap();
@@ -811,19 +790,12 @@ fn a_snapshot_of_a_replicated_volume_is_the_same_point_on_every_copy() {
     use thinbd_protocol::client::{Client, ClientOptions};
     let Some((fabric, _etcd, nodes)) = three_nodes(|_| Vec::new()) else { return };
     nodes[0].cli(&fabric, &["volume", "create", "rs", "--size", "64MiB", "--replicas", "3"]);
-    let g: serde_json::Value = serde_json::from_str(
-        &nodes[0].cli(&fabric, &["volume", "publish", "rs", "--node", "app", "--single-writer", "-o", "json"]),
-    )
-    .unwrap();
-    let export = g["export_name"].as_str().unwrap().to_string();
+    let export = publish_for_one_writer(&fabric, &nodes[0], "rs");
     let (acked, stop) = (std::sync::Arc::new(AtomicUsize::new(0)), std::sync::Arc::new(AtomicBool::new(false)));
     let writer = {
-        let path = format!("/var/run/netns/{}", fabric.ns(1));
         let (addr, export, acked, stop) =
             (format!("{}:10809", fabric.ip(1)), export.clone(), acked.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(path).unwrap();
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        fabric.spawn_in(1, move || {
             thinbd_tests::runtime().block_on(async {
                 let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach on node-1");
                 let mut i = 0u64;
@@ -878,20 +850,13 @@ fn a_copy_that_comes_back_is_rebuilt_and_gets_the_later_writes() {
     use thinbd_protocol::client::{Client, ClientOptions};
     let Some((fabric, _etcd, mut nodes)) = three_nodes(|_| Vec::new()) else { return };
     nodes[0].cli(&fabric, &["volume", "create", "rb", "--size", "16MiB", "--replicas", "3"]);
-    let g: serde_json::Value = serde_json::from_str(
-        &nodes[0].cli(&fabric, &["volume", "publish", "rb", "--node", "app", "--single-writer", "-o", "json"]),
-    )
-    .unwrap();
-    let export = g["export_name"].as_str().unwrap().to_string();
+    let export = publish_for_one_writer(&fabric, &nodes[0], "rb");
     let blocks: Vec<Vec<u8>> = (0..3).map(|i| thinbd_tests::pattern(50 + i, 128 << 10)).collect();
     let (tx, rx) = std::sync::mpsc::channel::<usize>();
     let (tx_go, rx_go) = std::sync::mpsc::channel::<()>();
     let client = {
-        let path = format!("/var/run/netns/{}", fabric.ns(1));
         let (addr, export, blocks) = (format!("{}:10809", fabric.ip(1)), export.clone(), blocks.clone());
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(path).unwrap();
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        fabric.spawn_in(1, move || {
             thinbd_tests::runtime().block_on(async {
                 let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach on node-1");
                 // Block i at i MiB, one per step; a TRIM of block 0 while node-3 is away.
@@ -944,20 +909,13 @@ fn scrub_finds_a_copy_that_differs_and_repairs_it() {
     use thinbd_protocol::client::{Client, ClientOptions};
     let Some((fabric, _etcd, nodes)) = three_nodes(|_| Vec::new()) else { return };
     nodes[0].cli(&fabric, &["volume", "create", "sc", "--size", "8MiB", "--replicas", "3"]);
-    let g: serde_json::Value = serde_json::from_str(
-        &nodes[0].cli(&fabric, &["volume", "publish", "sc", "--node", "app", "--single-writer", "-o", "json"]),
-    )
-    .unwrap();
-    let export = g["export_name"].as_str().unwrap().to_string();
+    let export = publish_for_one_writer(&fabric, &nodes[0], "sc");
     let data = thinbd_tests::pattern(61, 1 << 20);
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (tx_done, rx_done) = std::sync::mpsc::channel::<()>();
     let client = {
-        let path = format!("/var/run/netns/{}", fabric.ns(1));
         let (addr, export, data) = (format!("{}:10809", fabric.ip(1)), export.clone(), data.clone());
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(path).unwrap();
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        fabric.spawn_in(1, move || {
             thinbd_tests::runtime().block_on(async {
                 let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach on node-1");
                 c.write(1 << 20, &data, 0).await.unwrap();
@@ -1018,13 +976,7 @@ fn copies_are_added_and_removed() {
     nodes[0].cli(&fabric, &["volume", "create", "sr", "--size", "8MiB"]);
     let holder: usize = show(&nodes[0])["node"].as_str().unwrap().trim_start_matches("node-").parse().unwrap();
     let data = thinbd_tests::pattern(71, 512 << 10);
-    let publish = || -> String {
-        let g: serde_json::Value = serde_json::from_str(
-            &nodes[0].cli(&fabric, &["volume", "publish", "sr", "--node", "app", "--single-writer", "-o", "json"]),
-        )
-        .unwrap();
-        g["export_name"].as_str().unwrap().to_string()
-    };
+    let publish = || publish_for_one_writer(&fabric, &nodes[0], "sr");
     let write = |export: String, offset: u64, data: Vec<u8>| {
         let addr = format!("{}:10809", fabric.ip(holder));
         fabric.run_in(holder, move || {

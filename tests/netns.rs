@@ -93,6 +93,21 @@ impl Fabric {
         })
     }
 
+    /// Starts `f` on a thread inside node `i`'s network namespace (a client that runs while the
+    /// test does other things).
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        i: usize,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.ns(i));
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+    }
+
     /// Waits until something listens on `addr` as seen from node `i`.
     pub fn wait_listening(&self, i: usize, addr: &str, within: Duration) -> bool {
         let addr = addr.to_string();

@@ -96,6 +96,26 @@ impl Api {
         Ok(made)
     }
 
+    /// For work done on a volume's target (rebuild, scrub): the volume's spec, and the target's
+    /// API when the target is another node (unless the request already is at the target).
+    async fn at_target(
+        &self,
+        c: &crate::cluster::Cluster,
+        volume: &str,
+        already: bool,
+    ) -> Result<(crate::cluster::volumes::VolumeSpec, Option<crate::cluster::Peer>), Status> {
+        let spec = c
+            .volume_spec(volume)
+            .await
+            .map_err(cluster_status)?
+            .ok_or_else(|| Status::not_found(format!("volume {volume:?}")))?;
+        let target = c.target(&spec.uuid).await.map_err(cluster_status)?.map(|t| t.node);
+        match target.filter(|t| !already && *t != self.node_name) {
+            Some(t) => Ok((spec, Some(c.peer(&t).map_err(cluster_status)?))),
+            None => Ok((spec, None)),
+        }
+    }
+
     /// Records snapshots taken here in the cluster.
     async fn record_snapshots(&self, snapshots: &[pb::Snapshot]) -> Result<(), Status> {
         if let Some(c) = &self.cluster {
@@ -622,17 +642,10 @@ impl Management for Api {
         let Some(c) = &self.cluster else {
             return Err(Status::failed_precondition("rebuilds are for replicated volumes of a cluster"));
         };
-        let spec = c
-            .volume_spec(&r.volume)
-            .await
-            .map_err(cluster_status)?
-            .ok_or_else(|| Status::not_found(format!("volume {:?}", r.volume)))?;
-        let target = c.target(&spec.uuid).await.map_err(cluster_status)?.map(|t| t.node);
-        if !r.at_target
-            && let Some(t) = target.filter(|t| *t != self.node_name)
-        {
+        let (spec, target) = self.at_target(c, &r.volume, r.at_target).await?;
+        if let Some(mut peer) = target {
             let forward = pb::RebuildVolumeRequest { volume: spec.uuid.clone(), at_target: true };
-            return c.peer(&t).map_err(cluster_status)?.rebuild_volume(forward).await;
+            return peer.rebuild_volume(forward).await;
         }
         let in_sync = c.in_sync(&spec.uuid).await.map_err(cluster_status)?.map(|s| s.members).unwrap_or_default();
         for node in spec.copies().into_iter().filter(|n| !in_sync.contains(n)) {
@@ -770,17 +783,10 @@ impl Management for Api {
         let Some(c) = &self.cluster else {
             return Err(Status::failed_precondition("scrubs compare the copies of replicated volumes of a cluster"));
         };
-        let spec = c
-            .volume_spec(&r.volume)
-            .await
-            .map_err(cluster_status)?
-            .ok_or_else(|| Status::not_found(format!("volume {:?}", r.volume)))?;
-        let target = c.target(&spec.uuid).await.map_err(cluster_status)?.map(|t| t.node);
-        if !r.at_target
-            && let Some(t) = target.filter(|t| *t != self.node_name)
-        {
+        let (spec, target) = self.at_target(c, &r.volume, r.at_target).await?;
+        if let Some(mut peer) = target {
             let forward = pb::ScrubVolumeRequest { volume: spec.uuid.clone(), at_target: true, ..r };
-            return c.peer(&t).map_err(cluster_status)?.scrub_volume(forward).await;
+            return peer.scrub_volume(forward).await;
         }
         let found = crate::cluster::rebuild::scrub(c, &spec, r.repair).await.map_err(status)?.ok_or_else(|| {
             Status::failed_precondition(format!(

@@ -25,7 +25,7 @@ pub struct InSync {
     pub epoch: u64,
 }
 
-/// What removing a member came to.
+/// What changing the set came to.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Shrunk {
     Done,
@@ -43,6 +43,42 @@ impl Cluster {
 
     /// Removes `node` from volume `uuid`'s in-sync set, as its target of `epoch`.
     pub async fn shrink_in_sync(&self, uuid: &str, node: &str, epoch: u64) -> Result<Shrunk, ClusterError> {
+        let changed = self.change_in_sync(uuid, epoch, |m| {
+            let before = m.len();
+            m.retain(|x| x != node);
+            m.len() != before
+        });
+        let r = changed.await?;
+        if r == Shrunk::Done {
+            tracing::warn!(volume = %uuid, node, epoch, "replica left the in-sync set");
+        }
+        Ok(r)
+    }
+
+    /// Adds a rebuilt copy to volume `uuid`'s in-sync set, as its target of `epoch`.
+    pub async fn grow_in_sync(&self, uuid: &str, node: &str, epoch: u64) -> Result<Shrunk, ClusterError> {
+        let changed = self.change_in_sync(uuid, epoch, |m| {
+            let absent = !m.iter().any(|x| x == node);
+            if absent {
+                m.push(node.to_string());
+            }
+            absent
+        });
+        let r = changed.await?;
+        if r == Shrunk::Done {
+            tracing::info!(volume = %uuid, node, epoch, "replica rejoined the in-sync set");
+        }
+        Ok(r)
+    }
+
+    /// Changes volume `uuid`'s in-sync members by compare-and-swap as its target of `epoch`
+    /// (`change` says whether it changed them); refused when a newer target changed the set.
+    async fn change_in_sync(
+        &self,
+        uuid: &str,
+        epoch: u64,
+        change: impl Fn(&mut Vec<String>) -> bool,
+    ) -> Result<Shrunk, ClusterError> {
         let key = keys::isr(uuid);
         let mut client = self.client.clone();
         loop {
@@ -52,16 +88,14 @@ impl Cluster {
             if set.epoch > epoch {
                 return Ok(Shrunk::Stale { newer: set.epoch });
             }
-            if !set.members.iter().any(|m| m == node) {
+            if !change(&mut set.members) {
                 return Ok(Shrunk::Done);
             }
-            set.members.retain(|m| m != node);
             set.epoch = epoch;
             let txn = Txn::new()
                 .when([Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())])
                 .and_then([TxnOp::put(key.clone(), encode(&key, &set)?, None)]);
             if client.txn(txn).await?.succeeded() {
-                tracing::warn!(volume = %uuid, node, epoch, members = ?set.members, "replica left the in-sync set");
                 return Ok(Shrunk::Done);
             }
         }
@@ -87,32 +121,6 @@ impl Cluster {
             let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(key.clone(), encode(&key, &set)?, None)]);
             if client.txn(txn).await?.succeeded() {
                 return Ok(());
-            }
-        }
-    }
-
-    /// Adds a rebuilt copy to volume `uuid`'s in-sync set, as its target of `epoch`.
-    pub async fn grow_in_sync(&self, uuid: &str, node: &str, epoch: u64) -> Result<Shrunk, ClusterError> {
-        let key = keys::isr(uuid);
-        let mut client = self.client.clone();
-        loop {
-            let resp = client.get(key.clone(), None).await?;
-            let Some(kv) = resp.kvs().first() else { return Ok(Shrunk::Done) };
-            let mut set: InSync = decode(kv.key(), kv.value())?;
-            if set.epoch > epoch {
-                return Ok(Shrunk::Stale { newer: set.epoch });
-            }
-            if set.members.iter().any(|m| m == node) {
-                return Ok(Shrunk::Done);
-            }
-            set.members.push(node.to_string());
-            set.epoch = epoch;
-            let txn = Txn::new()
-                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())])
-                .and_then([TxnOp::put(key.clone(), encode(&key, &set)?, None)]);
-            if client.txn(txn).await?.succeeded() {
-                tracing::info!(volume = %uuid, node, epoch, members = ?set.members, "replica rejoined the in-sync set");
-                return Ok(Shrunk::Done);
             }
         }
     }

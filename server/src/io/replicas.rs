@@ -81,9 +81,9 @@ pub struct Replicas {
 }
 
 impl Replicas {
-    /// A volume with one copy.
-    pub fn single(io: Backing) -> Replicas {
-        let member = Member { node: String::new(), io: Arc::new(io) };
+    /// A volume with one copy, on `node` (empty: here).
+    pub fn single(node: &str, io: Backing) -> Replicas {
+        let member = Member { node: node.to_string(), io: Arc::new(io) };
         Replicas {
             members: RwLock::new(vec![member]),
             in_sync: None,

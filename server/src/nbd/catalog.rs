@@ -25,7 +25,7 @@ pub type VolumeStack = Metered<Throttled<Replicas>>;
 /// Composes the stack over an opened volume.
 pub fn stack(local: LocalVolume) -> VolumeStack {
     let (qos, metrics) = (local.qos(), local.metrics());
-    Metered::new(Throttled::new(Replicas::single(Backing::Local(local)), qos), metrics)
+    Metered::new(Throttled::new(Replicas::single("", Backing::Local(local)), qos), metrics)
 }
 
 /// The stack of a volume served for the nodes holding it: they apply the volume's QoS; with a
@@ -59,11 +59,11 @@ async fn copies_for(
     let export = epoch.map_or_else(|| export.to_string(), |e| super::export_name::with_epoch(export, e));
     if !spec.replicated() {
         if let Some(l) = local {
-            return Ok((Replicas::single(Backing::Local(l)), Vec::new()));
+            return Ok((Replicas::single(&cluster.node, Backing::Local(l)), Vec::new()));
         }
         let remote = cluster.link(&spec.node, &export, volume).await.map_err(|e| platform(&e))?;
         let fences = vec![remote.lost()];
-        return Ok((Replicas::single(Backing::Remote(remote)), fences));
+        return Ok((Replicas::single(&spec.node, Backing::Remote(remote)), fences));
     }
     let members = match cluster.in_sync(&spec.uuid).await.map_err(|e| platform(&e))? {
         Some(set) => set.members,
@@ -244,7 +244,7 @@ impl Catalog {
             Ok((replicas, fences, epoch))
         })?;
         let holders = replicas.nodes().join(", ");
-        tracing::info!(volume, holders, epoch, "target: serving a volume held by other nodes");
+        tracing::info!(volume, holders, epoch, "target: serving a volume held by another node");
         let description = format!("thinbd volume {volume} (data on {holders})");
         Ok(Export {
             name: name.to_string(),
