@@ -105,8 +105,10 @@ impl Cluster {
         let node = record().name;
         let directory = Arc::new(Directory::default());
         tokio::spawn(directory.clone().follow(client.clone(), shutdown.clone()));
-        let registration = tokio::spawn(nodes::keep_registered(client.clone(), record, opts.lease_ttl, shutdown));
-        Ok(Arc::new(Cluster {
+        let registration =
+            tokio::spawn(nodes::keep_registered(client.clone(), record, opts.lease_ttl, shutdown.clone()));
+        let registrations = directory.registrations();
+        let cluster = Arc::new(Cluster {
             client,
             directory,
             node,
@@ -115,7 +117,9 @@ impl Cluster {
             peer_tls,
             shared: Default::default(),
             registration: std::sync::Mutex::new(Some(registration)),
-        }))
+        });
+        tokio::spawn(rebuild::on_registration(cluster.clone(), registrations, shutdown));
+        Ok(cluster)
     }
 
     /// After shutdown was signalled: waits (a few seconds at most) until the lease is revoked,
@@ -125,6 +129,12 @@ impl Cluster {
         if let Some(task) = task {
             let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
         }
+    }
+
+    /// The replicated volumes this node serves as target now (their UUIDs).
+    pub fn served(&self) -> Vec<String> {
+        let Ok(all) = self.shared.lock() else { return Vec::new() };
+        all.iter().filter(|(_, s)| s.strong_count() > 0).map(|(u, _)| u.clone()).collect()
     }
 
     /// What volume `uuid`'s sessions on this node share (made when first asked; kept while a

@@ -40,13 +40,29 @@ pub struct NodeView {
 }
 
 /// The nodes of the cluster, kept current by a watch.
-#[derive(Default)]
 pub struct Directory {
     records: RwLock<BTreeMap<String, NodeRecord>>,
     alive: RwLock<BTreeSet<String>>,
+    /// The name of every node that registers (starts, or comes back after its lease ran out).
+    registered: tokio::sync::broadcast::Sender<String>,
+}
+
+impl Default for Directory {
+    fn default() -> Directory {
+        Directory {
+            records: Default::default(),
+            alive: Default::default(),
+            registered: tokio::sync::broadcast::Sender::new(64),
+        }
+    }
 }
 
 impl Directory {
+    /// Nodes as they register, from now on.
+    pub fn registrations(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.registered.subscribe()
+    }
+
     pub fn list(&self) -> Vec<NodeView> {
         let alive = self.alive.read().map(|a| a.clone()).unwrap_or_default();
         let records = self.records.read().map(|r| r.clone()).unwrap_or_default();
@@ -112,6 +128,7 @@ impl Directory {
                     let mut alive = self.alive.write().map_err(|_| ClusterError::Poisoned)?;
                     if put {
                         alive.insert(name.to_string());
+                        let _ = self.registered.send(name.to_string());
                     } else {
                         alive.remove(name);
                         tracing::warn!(node = name, "node is down (its lease ended)");

@@ -101,6 +101,62 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
     Ok(true)
 }
 
+/// Until `shutdown`: when a node registers (starts again, or is back after its lease ran out),
+/// the copies it holds of volumes this node serves as target that are out of the in-sync set
+/// are rebuilt.
+pub async fn on_registration(
+    cluster: Arc<Cluster>,
+    mut registrations: tokio::sync::broadcast::Receiver<String>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let node = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = registrations.recv() => match r {
+                Ok(node) => node,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            },
+        };
+        for uuid in cluster.served() {
+            let spec = match cluster.volume_spec(&uuid).await {
+                Ok(Some(spec)) if spec.replicated() && spec.copies().contains(&node) => spec,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(volume = %uuid, error = %e, "cannot read a volume's spec to rebuild its copy");
+                    continue;
+                }
+            };
+            match cluster.in_sync(&uuid).await {
+                Ok(Some(set)) if set.members.contains(&node) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(volume = %uuid, error = %e, "cannot read a volume's in-sync set");
+                    continue;
+                }
+            }
+            let (cluster, node) = (cluster.clone(), node.clone());
+            tokio::spawn(async move {
+                tracing::info!(volume = %spec.name, node, "a copy's node is back: rebuilding it");
+                // It registers before its NBD listener is up: a few tries.
+                let mut pause = std::time::Duration::from_millis(250);
+                for attempt in 1..=8 {
+                    match rebuild(&cluster, &spec, &node).await {
+                        Ok(_) => return,
+                        Err(e) if attempt == 8 => {
+                            tracing::warn!(volume = %spec.name, node, error = %e, "rebuild of a copy failed")
+                        }
+                        Err(_) => {
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(std::time::Duration::from_secs(4));
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
 /// What a scrub found.
 #[derive(Debug, Default)]
 pub struct Scrubbed {
