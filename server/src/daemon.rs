@@ -284,6 +284,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 .with_context(|| format!("joining the cluster at {}", opts.etcd.join(",")))?;
             info!(node = %node_name, etcd = %opts.etcd.join(","), "cluster joined");
             adopt_local(&engine, &joined).await.context("recording this node's volumes in the cluster")?;
+            // Copies of volumes served here come back in sync when their nodes register again.
+            let registrations = joined.directory.registrations();
+            tokio::spawn(crate::cluster::rebuild::on_registration(joined.clone(), registrations, shutdown.clone()));
             Some(joined)
         }
     };

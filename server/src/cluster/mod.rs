@@ -105,9 +105,7 @@ impl Cluster {
         let node = record().name;
         let directory = Arc::new(Directory::default());
         tokio::spawn(directory.clone().follow(client.clone(), shutdown.clone()));
-        let registration =
-            tokio::spawn(nodes::keep_registered(client.clone(), record, opts.lease_ttl, shutdown.clone()));
-        let registrations = directory.registrations();
+        let registration = tokio::spawn(nodes::keep_registered(client.clone(), record, opts.lease_ttl, shutdown));
         let cluster = Arc::new(Cluster {
             client,
             directory,
@@ -118,7 +116,6 @@ impl Cluster {
             shared: Default::default(),
             registration: std::sync::Mutex::new(Some(registration)),
         });
-        tokio::spawn(rebuild::on_registration(cluster.clone(), registrations, shutdown));
         Ok(cluster)
     }
 
