@@ -274,6 +274,14 @@ impl Api {
     }
 }
 
+/// A deletion on another node: what is not there any more is deleted.
+fn already_gone<T>(r: Result<T, Status>) -> Result<(), Status> {
+    match r {
+        Err(e) if e.code() != tonic::Code::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// A replicated volume's copies and those in sync, as the cluster records them.
 async fn copies(c: &crate::cluster::Cluster, uuid: &str, out: &mut pb::Volume) -> Result<(), Status> {
     if let Some(spec) = c.volume_spec(uuid).await.map_err(cluster_status)?
@@ -431,11 +439,7 @@ impl Management for Api {
             // Every copy, then the record.
             for node in spec.copies() {
                 let gone = pb::DeleteVolumeRequest { name: spec.uuid.clone(), here: true };
-                match c.peer(&node).map_err(cluster_status)?.delete_volume(gone).await {
-                    Ok(_) => {}
-                    Err(e) if e.code() == tonic::Code::NotFound => {}
-                    Err(e) => return Err(e),
-                }
+                already_gone(c.peer(&node).map_err(cluster_status)?.delete_volume(gone).await)?;
             }
             c.release_volume(&spec).await.map_err(cluster_status)?;
             return Ok(Response::new(pb::DeleteVolumeResponse {}));
@@ -608,11 +612,7 @@ impl Management for Api {
             // Every copy's.
             for node in spec.copies().into_iter().filter(|n| *n != self.node_name) {
                 let gone = pb::DeleteSnapshotRequest { key: uuid.clone(), here: true };
-                match c.peer(&node).map_err(cluster_status)?.delete_snapshot(gone).await {
-                    Ok(_) => {}
-                    Err(e) if e.code() == tonic::Code::NotFound => {}
-                    Err(e) => return Err(e),
-                }
+                already_gone(c.peer(&node).map_err(cluster_status)?.delete_snapshot(gone).await)?;
             }
         }
         self.engine.delete_snapshot(&key).await.map_err(status)?;
@@ -745,11 +745,7 @@ impl Management for Api {
                             };
                             p.unpublish_volume(revoke).await?;
                         }
-                        match p.delete_volume(gone).await {
-                            Ok(_) => {}
-                            Err(e) if e.code() == tonic::Code::NotFound => {}
-                            Err(e) => return Err(e),
-                        }
+                        already_gone(p.delete_volume(gone).await)?;
                     }
                     Err(e) => {
                         tracing::warn!(volume = %v.name, node, error = %e, "a removed copy's node is out of reach: its data stays there")

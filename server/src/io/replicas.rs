@@ -66,10 +66,17 @@ pub struct Member {
     pub io: Arc<Backing>,
 }
 
-pub struct Replicas {
+/// The copies an export's requests go to.
+pub enum Replicas {
+    /// One copy (the volume here, or on the node holding it): requests go straight to it.
+    One { node: String, io: Backing },
+    /// Every in-sync copy of a replicated volume.
+    Many(InSyncCopies),
+}
+
+pub struct InSyncCopies {
     members: RwLock<Vec<Member>>,
-    /// `None`: a single copy with nothing to keep in sync.
-    in_sync: Option<Arc<dyn InSyncSet>>,
+    in_sync: Arc<dyn InSyncSet>,
     /// Below this many members nothing more is acknowledged.
     min_insync: usize,
     /// Shared by every session of the volume on this node (multi-conn clients too), so that
@@ -77,21 +84,13 @@ pub struct Replicas {
     shared: Arc<Shared>,
     /// The `Shared::generation` this session's members reflect.
     seen: AtomicU64,
-    linker: Option<Arc<dyn Linker>>,
+    linker: Arc<dyn Linker>,
 }
 
 impl Replicas {
     /// A volume with one copy, on `node` (empty: here).
     pub fn single(node: &str, io: Backing) -> Replicas {
-        let member = Member { node: node.to_string(), io: Arc::new(io) };
-        Replicas {
-            members: RwLock::new(vec![member]),
-            in_sync: None,
-            min_insync: 1,
-            shared: Default::default(),
-            seen: AtomicU64::new(0),
-            linker: None,
-        }
+        Replicas::One { node: node.to_string(), io }
     }
 
     /// A replicated volume's in-sync members (the local copy first, it serves the reads).
@@ -104,38 +103,44 @@ impl Replicas {
     ) -> Replicas {
         let seen = AtomicU64::new(shared.generation.load(Ordering::SeqCst));
         shared.set_linker(linker.clone());
-        Replicas {
+        Replicas::Many(InSyncCopies {
             members: RwLock::new(members),
-            in_sync: Some(in_sync),
+            in_sync,
             min_insync: min_insync.max(1),
             shared,
             seen,
-            linker: Some(linker),
-        }
+            linker,
+        })
     }
 
+    /// The nodes of the copies (still in sync).
+    pub fn nodes(&self) -> Vec<String> {
+        match self {
+            Replicas::One { node, .. } => vec![node.clone()],
+            Replicas::Many(m) => {
+                m.members.read().map(|m| m.iter().map(|m| m.node.clone()).collect()).unwrap_or_default()
+            }
+        }
+    }
+}
+
+impl InSyncCopies {
     /// Links to the copies that joined the in-sync set since this session last looked.
     async fn follow_joins(&self) -> Result<(), EngineError> {
         let generation = self.shared.generation.load(Ordering::SeqCst);
         if generation == self.seen.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let Some(linker) = &self.linker else { return Ok(()) };
         let joined = self.shared.joined.lock().map_err(|_| poisoned())?.clone();
         for node in joined {
             if self.members.read().map_err(|_| poisoned())?.iter().any(|m| m.node == node) {
                 continue;
             }
-            let io = Arc::new(linker.link(&node).await?);
+            let io = Arc::new(self.linker.link(&node).await?);
             self.members.write().map_err(|_| poisoned())?.push(Member { node, io });
         }
         self.seen.store(generation, Ordering::SeqCst);
         Ok(())
-    }
-
-    /// The nodes of the members still in sync.
-    pub fn nodes(&self) -> Vec<String> {
-        self.members.read().map(|m| m.iter().map(|m| m.node.clone()).collect()).unwrap_or_default()
     }
 
     fn members(&self) -> Result<Vec<Member>, EngineError> {
@@ -149,6 +154,18 @@ impl Replicas {
             .ok_or_else(|| EngineError::Unavailable("no copy of the volume is in sync".into()))
     }
 
+    /// From the first member; the next ones if it fails.
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, EngineError> {
+        let mut last = None;
+        for m in self.members()? {
+            match m.io.read(offset, len).await {
+                Ok(r) => return Ok(r),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| EngineError::Unavailable("no copy of the volume is in sync".into())))
+    }
+
     /// Runs a change on every member; members that failed it leave the in-sync set before it
     /// is acknowledged. Fails when every member failed (none has it) or too few are left.
     async fn on_every<F, Fut>(&self, range: Option<(u64, u64)>, op: F) -> Result<(), EngineError>
@@ -156,9 +173,6 @@ impl Replicas {
         F: Fn(Arc<Backing>) -> Fut,
         Fut: Future<Output = Result<(), EngineError>>,
     {
-        let Some(in_sync) = &self.in_sync else {
-            return op(self.first()?).await;
-        };
         let _ordered = match range {
             Some((start, end)) => Some(self.shared.order.enter(start, end).await?),
             None => None,
@@ -174,7 +188,7 @@ impl Replicas {
         for (m, r) in members.iter().zip(&results) {
             if let Err(e) = r {
                 tracing::warn!(node = %m.node, error = %e, "a replica failed a write: leaving the in-sync set");
-                in_sync.evict(&m.node).await?;
+                self.in_sync.evict(&m.node).await?;
                 self.members.write().map_err(|_| poisoned())?.retain(|x| x.node != m.node);
             }
         }
@@ -189,53 +203,86 @@ impl Replicas {
     }
 }
 
+/// A volume of one copy costs one match per request; a replicated one reads from its first
+/// member and changes every member.
 impl VolumeIo for Replicas {
     fn name(&self) -> String {
-        self.first().map(|f| f.name()).unwrap_or_default()
+        match self {
+            Replicas::One { io, .. } => io.name(),
+            Replicas::Many(m) => m.first().map(|f| f.name()).unwrap_or_default(),
+        }
     }
     fn size(&self) -> u64 {
-        self.first().map(|f| f.size()).unwrap_or(0)
+        match self {
+            Replicas::One { io, .. } => io.size(),
+            Replicas::Many(m) => m.first().map(|f| f.size()).unwrap_or(0),
+        }
     }
     fn read_only(&self) -> bool {
-        self.first().map(|f| f.read_only()).unwrap_or(true)
-    }
-    /// From the first member; the next ones if it fails.
-    async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, EngineError> {
-        let mut last = None;
-        for m in self.members()? {
-            match m.io.read(offset, len).await {
-                Ok(r) => return Ok(r),
-                Err(e) => last = Some(e),
-            }
+        match self {
+            Replicas::One { io, .. } => io.read_only(),
+            Replicas::Many(m) => m.first().map(|f| f.read_only()).unwrap_or(true),
         }
-        Err(last.unwrap_or_else(|| EngineError::Unavailable("no copy of the volume is in sync".into())))
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, EngineError> {
+        match self {
+            Replicas::One { io, .. } => io.read(offset, len).await,
+            Replicas::Many(m) => m.read(offset, len).await,
+        }
     }
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        let m = match self {
+            Replicas::One { io, .. } => return io.write(offset, data, fua).await,
+            Replicas::Many(m) => m,
+        };
         let range = (offset, offset + data.len() as u64);
-        self.on_every(Some(range), |io| {
+        m.on_every(Some(range), |io| {
             let data = data.clone();
             async move { io.write(offset, data, fua).await }
         })
         .await
     }
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), EngineError> {
-        self.on_every(Some((offset, offset + len as u64)), |io| async move { io.trim(offset, len, fua).await }).await
+        match self {
+            Replicas::One { io, .. } => io.trim(offset, len, fua).await,
+            Replicas::Many(m) => {
+                m.on_every(Some((offset, offset + len as u64)), |io| async move { io.trim(offset, len, fua).await })
+                    .await
+            }
+        }
     }
     async fn write_zeroes(&self, offset: u64, len: u32, unmap: bool, fua: bool) -> Result<(), EngineError> {
-        let range = Some((offset, offset + len as u64));
-        self.on_every(range, |io| async move { io.write_zeroes(offset, len, unmap, fua).await }).await
+        match self {
+            Replicas::One { io, .. } => io.write_zeroes(offset, len, unmap, fua).await,
+            Replicas::Many(m) => {
+                let range = Some((offset, offset + len as u64));
+                m.on_every(range, |io| async move { io.write_zeroes(offset, len, unmap, fua).await }).await
+            }
+        }
     }
     async fn flush(&self) -> Result<(), EngineError> {
-        self.on_every(None, |io| async move { io.flush().await }).await
+        match self {
+            Replicas::One { io, .. } => io.flush().await,
+            Replicas::Many(m) => m.on_every(None, |io| async move { io.flush().await }).await,
+        }
     }
     async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, EngineError> {
-        self.first()?.block_status(offset, len).await
+        match self {
+            Replicas::One { io, .. } => io.block_status(offset, len).await,
+            Replicas::Many(m) => m.first()?.block_status(offset, len).await,
+        }
     }
     fn earlier_snapshots(&self) -> Vec<String> {
-        self.first().map(|f| f.earlier_snapshots()).unwrap_or_default()
+        match self {
+            Replicas::One { io, .. } => io.earlier_snapshots(),
+            Replicas::Many(m) => m.first().map(|f| f.earlier_snapshots()).unwrap_or_default(),
+        }
     }
     async fn changed_since(&self, snapshot: &str, offset: u64, len: u32) -> Result<Vec<Extent>, EngineError> {
-        self.first()?.changed_since(snapshot, offset, len).await
+        match self {
+            Replicas::One { io, .. } => io.changed_since(snapshot, offset, len).await,
+            Replicas::Many(m) => m.first()?.changed_since(snapshot, offset, len).await,
+        }
     }
 }
 
