@@ -134,6 +134,10 @@ pub struct ServeOptions {
     /// node); default: the address dialled.
     #[arg(long, requires = "peer_tls_ca")]
     pub peer_tls_server_name: Option<String>,
+    /// Most bytes per second one rebuild copies to a replica (e.g. `100MiB`; 0: unlimited),
+    /// so that it stays behind the volumes' own I/O.
+    #[arg(long, default_value = "128MiB", value_parser = crate::size::parse_size)]
+    pub rebuild_rate: u64,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -283,6 +287,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("joining the cluster at {}", opts.etcd.join(",")))?;
             info!(node = %node_name, etcd = %opts.etcd.join(","), "cluster joined");
+            joined.set_rebuild_rate(opts.rebuild_rate);
             adopt_local(&engine, &joined).await.context("recording this node's volumes in the cluster")?;
             // Copies of volumes served here come back in sync when their nodes register again.
             let registrations = joined.directory.registrations();

@@ -418,6 +418,10 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
         "sessions": v.sessions, "created_unix_seconds": v.created_unix_seconds,
         "labels": v.labels, "published_nodes": v.published_nodes,
         "replicas": v.replicas, "in_sync": v.in_sync,
+        "replica_states": v.replica_states.iter().map(|r| serde_json::json!({
+            "node": r.node, "state": r.state, "rebuilt_bytes": r.rebuilt_bytes,
+            "rebuild_total_bytes": r.rebuild_total_bytes,
+        })).collect::<Vec<_>>(),
         "qos": {
             "iops": q.iops, "read_iops": q.read_iops, "write_iops": q.write_iops,
             "bandwidth": q.bandwidth, "read_bandwidth": q.read_bandwidth, "write_bandwidth": q.write_bandwidth,
@@ -461,8 +465,17 @@ fn print_volumes(out: Output, vols: &[pb::Volume], single: bool, nbd: &str) {
                 println!("name:      {}", v.name);
                 println!("uuid:      {}", v.uuid);
                 println!("data on:   {}{}", v.node, if v.unavailable { " (down: unavailable)" } else { "" });
-                if !v.replicas.is_empty() {
-                    println!("replicas:  {} (in sync: {})", v.replicas.join(", "), v.in_sync.join(", "));
+                for r in &v.replica_states {
+                    let progress = match r.rebuild_total_bytes {
+                        0 => String::new(),
+                        total => format!(
+                            " {}% ({} of {})",
+                            r.rebuilt_bytes * 100 / total,
+                            format_size(r.rebuilt_bytes),
+                            format_size(total)
+                        ),
+                    };
+                    println!("replica:   {} {}{progress}", r.node, r.state);
                 }
                 if !v.target_node.is_empty() {
                     println!("target:    {} (epoch {})", v.target_node, v.target_epoch);

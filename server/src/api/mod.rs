@@ -65,6 +65,12 @@ impl Api {
             .ok_or_else(|| Status::not_found(format!("volume {:?}", r.volume)))?;
         let shared = c.shared(&spec.uuid);
         let _held = shared.order.barrier().await.map_err(status)?;
+        // A copy being rebuilt holds only part of the data and none of the layers: its rebuild
+        // stops and starts again after the snapshot.
+        for r in shared.rebuilding() {
+            tracing::info!(volume = %spec.name, node = %r.node, "a snapshot stops the rebuild of a copy");
+            shared.stop_rebuild(&r.node);
+        }
         let members = c.in_sync(&spec.uuid).await.map_err(cluster_status)?.map_or_else(|| spec.copies(), |s| s.members);
         let epoch = c.target(&spec.uuid).await.map_err(cluster_status)?.map_or(0, |t| t.epoch);
         let (mut made, mut failed) = (None, Vec::new());
@@ -87,11 +93,12 @@ impl Api {
         for (node, e) in failed {
             tracing::warn!(volume = %spec.name, node, error = %e, "a copy failed a snapshot: it leaves the in-sync set");
             match c.shrink_in_sync(&spec.uuid, &node, epoch).await.map_err(cluster_status)? {
-                crate::cluster::isr::Shrunk::Done => {}
+                crate::cluster::isr::Shrunk::Done | crate::cluster::isr::Shrunk::Last => {}
                 crate::cluster::isr::Shrunk::Stale { newer } => {
                     return Err(Status::failed_precondition(format!("a newer target (epoch {newer}) took the volume")));
                 }
             }
+            shared.evicted(&node).map_err(status)?;
         }
         Ok(made)
     }
@@ -288,7 +295,21 @@ async fn copies(c: &crate::cluster::Cluster, uuid: &str, out: &mut pb::Volume) -
         && spec.replicated()
     {
         out.replicas = spec.copies();
-        out.in_sync = c.in_sync(uuid).await.map_err(cluster_status)?.map(|s| s.members).unwrap_or_default();
+        let set = c.in_sync(uuid).await.map_err(cluster_status)?.unwrap_or_default();
+        out.replica_states = out
+            .replicas
+            .iter()
+            .map(|node| {
+                let rebuilding = set.rebuilding.iter().find(|r| &r.node == node);
+                pb::Replica {
+                    node: node.clone(),
+                    state: set.state_of(node).to_string(),
+                    rebuilt_bytes: rebuilding.map_or(0, |r| r.done),
+                    rebuild_total_bytes: rebuilding.map_or(0, |r| r.total),
+                }
+            })
+            .collect();
+        out.in_sync = set.members;
     }
     Ok(())
 }

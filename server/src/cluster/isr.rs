@@ -18,11 +18,57 @@ use crate::error::EngineError;
 use crate::io::InSyncSet;
 
 /// `/thinbd/v1/isr/UUID`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InSync {
     pub members: Vec<String>,
     /// The epoch of the target that last changed the set (0: as created).
     pub epoch: u64,
+    /// Copies out of the set that a target is rebuilding, with how far it got: each takes the
+    /// live writes and rejoins the set when filled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rebuilding: Vec<Rebuilding>,
+}
+
+/// A copy being rebuilt, as last recorded (every few hundred MiB).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rebuilding {
+    pub node: String,
+    /// Bytes of the volume's address space gone through.
+    pub done: u64,
+    pub total: u64,
+}
+
+/// A replica's state, as `volume show` tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaState {
+    /// In the in-sync set: holds every acknowledged write.
+    UpToDate,
+    /// Taking live writes while a rebuild fills it; serves no reads.
+    Rebuilding,
+    /// Out of the set: missing writes until a rebuild.
+    Outdated,
+}
+
+impl InSync {
+    pub fn state_of(&self, node: &str) -> ReplicaState {
+        if self.members.iter().any(|m| m == node) {
+            ReplicaState::UpToDate
+        } else if self.rebuilding.iter().any(|r| r.node == node) {
+            ReplicaState::Rebuilding
+        } else {
+            ReplicaState::Outdated
+        }
+    }
+}
+
+impl std::fmt::Display for ReplicaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReplicaState::UpToDate => "UpToDate",
+            ReplicaState::Rebuilding => "Rebuilding",
+            ReplicaState::Outdated => "Outdated",
+        })
+    }
 }
 
 /// What changing the set came to.
@@ -33,6 +79,9 @@ pub enum Shrunk {
     Stale {
         newer: u64,
     },
+    /// The copy is the last one in the set: a set is never emptied (the write that failed on
+    /// it is not acknowledged instead).
+    Last,
 }
 
 impl Cluster {
@@ -43,10 +92,13 @@ impl Cluster {
 
     /// Removes `node` from volume `uuid`'s in-sync set, as its target of `epoch`.
     pub async fn shrink_in_sync(&self, uuid: &str, node: &str, epoch: u64) -> Result<Shrunk, ClusterError> {
-        let changed = self.change_in_sync(uuid, epoch, |m| {
-            let before = m.len();
-            m.retain(|x| x != node);
-            m.len() != before
+        let changed = self.change_in_sync(uuid, epoch, |set| {
+            if set.members.iter().all(|x| x == node) && !set.members.is_empty() {
+                return Err(Shrunk::Last);
+            }
+            let before = set.members.len();
+            set.members.retain(|x| x != node);
+            Ok(set.members.len() != before)
         });
         let r = changed.await?;
         if r == Shrunk::Done {
@@ -57,12 +109,12 @@ impl Cluster {
 
     /// Adds a rebuilt copy to volume `uuid`'s in-sync set, as its target of `epoch`.
     pub async fn grow_in_sync(&self, uuid: &str, node: &str, epoch: u64) -> Result<Shrunk, ClusterError> {
-        let changed = self.change_in_sync(uuid, epoch, |m| {
-            let absent = !m.iter().any(|x| x == node);
-            if absent {
-                m.push(node.to_string());
+        let changed = self.change_in_sync(uuid, epoch, |set| {
+            set.rebuilding.retain(|r| r.node != node);
+            if !set.members.iter().any(|x| x == node) {
+                set.members.push(node.to_string());
             }
-            absent
+            Ok(true)
         });
         let r = changed.await?;
         if r == Shrunk::Done {
@@ -71,13 +123,33 @@ impl Cluster {
         Ok(r)
     }
 
-    /// Changes volume `uuid`'s in-sync members by compare-and-swap as its target of `epoch`
-    /// (`change` says whether it changed them); refused when a newer target changed the set.
+    /// Records how far the rebuild of `node`'s copy got (`None`: it stopped), as the target
+    /// of `epoch`.
+    pub async fn note_rebuild(
+        &self,
+        uuid: &str,
+        epoch: u64,
+        node: &str,
+        progress: Option<(u64, u64)>,
+    ) -> Result<Shrunk, ClusterError> {
+        self.change_in_sync(uuid, epoch, |set| {
+            set.rebuilding.retain(|r| r.node != node);
+            if let Some((done, total)) = progress {
+                set.rebuilding.push(Rebuilding { node: node.to_string(), done, total });
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Changes volume `uuid`'s in-sync set by compare-and-swap as its target of `epoch`
+    /// (`change` says whether it changed it, or refuses); refused when a newer target changed
+    /// the set.
     async fn change_in_sync(
         &self,
         uuid: &str,
         epoch: u64,
-        change: impl Fn(&mut Vec<String>) -> bool,
+        change: impl Fn(&mut InSync) -> Result<bool, Shrunk>,
     ) -> Result<Shrunk, ClusterError> {
         let key = keys::isr(uuid);
         let mut client = self.client.clone();
@@ -88,8 +160,10 @@ impl Cluster {
             if set.epoch > epoch {
                 return Ok(Shrunk::Stale { newer: set.epoch });
             }
-            if !change(&mut set.members) {
-                return Ok(Shrunk::Done);
+            match change(&mut set) {
+                Ok(true) => {}
+                Ok(false) => return Ok(Shrunk::Done),
+                Err(refused) => return Ok(refused),
             }
             set.epoch = epoch;
             let txn = Txn::new()
@@ -117,7 +191,7 @@ impl Cluster {
                 ),
                 None => (0, Compare::create_revision(key.clone(), CompareOp::Equal, 0)),
             };
-            let set = InSync { members: members.clone(), epoch };
+            let set = InSync { members: members.clone(), epoch, rebuilding: Vec::new() };
             let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(key.clone(), encode(&key, &set)?, None)]);
             if client.txn(txn).await?.succeeded() {
                 return Ok(());
@@ -141,7 +215,7 @@ impl Cluster {
                 }
                 None => (Vec::new(), 0, 0),
             };
-            let set = InSync { members: vec![node.to_string()], epoch: epoch.max(old_epoch) };
+            let set = InSync { members: vec![node.to_string()], epoch: epoch.max(old_epoch), rebuilding: Vec::new() };
             let unchanged = match revision {
                 0 => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
                 r => Compare::mod_revision(key.clone(), CompareOp::Equal, r),
@@ -175,6 +249,12 @@ impl InSyncSet for TargetInSync {
             loop {
                 match self.cluster.shrink_in_sync(&self.uuid, node, self.epoch).await {
                     Ok(Shrunk::Done) => return Ok(()),
+                    Ok(Shrunk::Last) => {
+                        return Err(EngineError::Unavailable(format!(
+                            "{node} holds the only in-sync copy of {} and failed: the write is not acknowledged",
+                            self.volume
+                        )));
+                    }
                     Ok(Shrunk::Stale { newer }) => {
                         return Err(EngineError::StaleEpoch {
                             volume: self.volume.clone(),

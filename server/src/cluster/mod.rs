@@ -85,6 +85,8 @@ pub struct Cluster {
     /// What the sessions of each replicated volume this node serves as target share (write
     /// order, barriers, joined copies).
     shared: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<crate::io::Shared>>>,
+    /// Most bytes per second a rebuild copies (0: unlimited).
+    rebuild_rate: std::sync::atomic::AtomicU64,
     /// The task keeping this node registered; it revokes the lease on shutdown.
     registration: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -114,6 +116,7 @@ impl Cluster {
             targets: Default::default(),
             peer_tls,
             shared: Default::default(),
+            rebuild_rate: Default::default(),
             registration: std::sync::Mutex::new(Some(registration)),
         });
         Ok(cluster)
@@ -126,6 +129,14 @@ impl Cluster {
         if let Some(task) = task {
             let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
         }
+    }
+
+    pub fn set_rebuild_rate(&self, bytes_per_second: u64) {
+        self.rebuild_rate.store(bytes_per_second, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn rebuild_rate(&self) -> u64 {
+        self.rebuild_rate.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The replicated volumes this node serves as target now (their UUIDs).
@@ -171,6 +182,23 @@ impl Cluster {
         );
         for n in self.directory.list() {
             out.push_str(&format!("thinbd_cluster_node_up{{node=\"{}\"}} {}\n", n.record.name, u8::from(n.up)));
+        }
+        let live: Vec<(String, Arc<crate::io::Shared>)> = match self.shared.lock() {
+            Ok(all) => all.iter().filter_map(|(u, s)| Some((u.clone(), s.upgrade()?))).collect(),
+            Err(_) => Vec::new(),
+        };
+        out.push_str(
+            "# HELP thinbd_rebuild_done_bytes Bytes gone through by a copy's rebuild on this target, of thinbd_rebuild_total_bytes.\n\
+             # TYPE thinbd_rebuild_done_bytes gauge\n\
+             # HELP thinbd_rebuild_total_bytes Size of a volume whose copy this target is rebuilding.\n\
+             # TYPE thinbd_rebuild_total_bytes gauge\n",
+        );
+        for (uuid, shared) in live {
+            for r in shared.rebuilding() {
+                let labels = format!("volume_uuid=\"{uuid}\",node=\"{}\"", r.node);
+                out.push_str(&format!("thinbd_rebuild_done_bytes{{{labels}}} {}\n", r.done));
+                out.push_str(&format!("thinbd_rebuild_total_bytes{{{labels}}} {}\n", r.total));
+            }
         }
         out
     }

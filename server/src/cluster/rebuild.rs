@@ -1,15 +1,14 @@
 //! Rebuilding a copy of a replicated volume that left the in-sync set, on the volume's target
-//! (where its writes are ordered). Under the volume's write barrier — no write in flight, new
-//! ones wait — the allocated ranges of an in-sync copy are copied to it and the ranges that
-//! copy does not map are unmapped on it; it is flushed and added to the in-sync set by
-//! compare-and-swap, and every session links to it before its next write.
+//! (where its writes are ordered). The copy takes live writes while the allocated ranges of an
+//! in-sync copy are copied to it chunk by chunk and the ranges that copy does not map are
+//! unmapped on it; it is flushed and added to the in-sync set by compare-and-swap. Its state
+//! (Rebuilding, how far) is recorded in the in-sync set's record.
 //!
 //! Scrubbing compares the in-sync copies the same way, under the barrier, and can rewrite the
 //! ranges that differ from the first copy.
 //!
-//! This first rebuild copies everything allocated and holds writes while it runs; the delta
-//! rebuild from a hidden layer marking where the copy left, streamed beside live writes, with
-//! checkpoints and checksums, replaces it (issue 12).
+//! This rebuild copies everything allocated (the head, not the snapshot layers); the delta
+//! rebuild from a hidden layer marking where the copy left is still to come (issue 12).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -51,27 +50,82 @@ impl Cluster {
 /// Bytes copied per request.
 const CHUNK: u32 = 1 << 20;
 
-/// Rebuilds the copy of `spec` on `node` and adds it to the in-sync set. Needs a session of
-/// the volume on this node (its grant opens the links); `Ok(false)` when there is none.
+/// How often a rebuild's progress is recorded in the cluster store: every this many bytes, or
+/// every second.
+const CHECKPOINT: u64 = 64 << 20;
+
+/// Stops sending live writes to a copy whose rebuild ended without it joining the set.
+struct Rebuilding<'a> {
+    shared: &'a crate::io::Shared,
+    node: &'a str,
+    joined: bool,
+}
+
+impl Drop for Rebuilding<'_> {
+    fn drop(&mut self) {
+        if !self.joined {
+            self.shared.stop_rebuild(self.node);
+        }
+    }
+}
+
+/// Rebuilds the copy of `spec` on `node` beside live writes and adds it to the in-sync set.
+/// Needs a session of the volume on this node (its grant opens the links); `Ok(false)` when
+/// there is none, or the copy is already being rebuilt.
+///
+/// Under a short barrier the copy starts taking every live write; then each chunk is copied
+/// from an in-sync copy while writes to that chunk wait (the others go on), so every chunk
+/// ends as the in-sync copies have it. Under a second short barrier it is flushed and joins
+/// the set by compare-and-swap.
 pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> Result<bool, EngineError> {
+    use crate::io::VolumeIo;
     let shared = cluster.shared(&spec.uuid);
     let Some(linker) = shared.linker() else { return Ok(false) };
     let cluster_err = |e: super::ClusterError| EngineError::Unavailable(e.to_string());
-    let _held = shared.order.barrier().await?;
-    let set = cluster.in_sync(&spec.uuid).await.map_err(cluster_err)?;
-    let members = set.map(|s| s.members).unwrap_or_default();
+    let members = cluster.in_sync(&spec.uuid).await.map_err(cluster_err)?.map(|s| s.members).unwrap_or_default();
     if members.iter().any(|m| m == node) {
         return Ok(true);
     }
-    let source = members.first().ok_or_else(|| EngineError::Unavailable("no copy is in sync".into()))?;
+    shared.adopt(&members)?;
+    // The local copy when it is in sync: no network hop for the reads.
+    let source = members
+        .iter()
+        .find(|m| **m == cluster.node)
+        .or_else(|| members.first())
+        .ok_or_else(|| EngineError::Unavailable("no copy is in sync".into()))?;
     let epoch = cluster.target(&spec.uuid).await.map_err(cluster_err)?.map_or(0, |t| t.epoch);
-    tracing::info!(volume = %spec.name, from = %source, to = node, "rebuilding a copy (writes wait)");
     let (from, to) = (linker.link(source).await?, linker.link(node).await?);
-    use crate::io::VolumeIo;
     let size = from.size();
-    let (mut at, mut copied) = (0u64, 0u64);
+    {
+        let _held = shared.order.barrier().await?;
+        if !shared.start_rebuild(node, size)? {
+            return Ok(false);
+        }
+    }
+    let mut guard = Rebuilding { shared: &shared, node, joined: false };
+    let checkpoint = |done: u64| async move {
+        match cluster.note_rebuild(&spec.uuid, epoch, node, Some((done, size))).await {
+            Ok(super::isr::Shrunk::Stale { newer }) => {
+                Err(EngineError::StaleEpoch { volume: spec.name.clone(), epoch, promised: newer })
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(cluster_err(e)),
+        }
+    };
+    checkpoint(0).await?;
+    tracing::info!(volume = %spec.name, from = %source, to = node, size, "rebuilding a copy beside live writes");
+    let (mut at, mut copied, mut recorded) = (0u64, 0u64, 0u64);
+    let mut recorded_at = std::time::Instant::now();
+    let rate = cluster.rebuild_rate();
+    let mut bucket = crate::qos::rate_limiter::TokenBucket::new(rate, CHUNK as f64, std::time::Instant::now());
     while at < size {
+        if !shared.rebuilt(node, at)? {
+            return Err(EngineError::Unavailable(format!(
+                "the rebuild of {node}'s copy stopped (a write failed on it)"
+            )));
+        }
         let len = (size - at).min(CHUNK as u64) as u32;
+        let _chunk = shared.order.enter(at, at + len as u64).await?;
         let extents = from.block_status(at, len).await?;
         let Some(extent) = extents.first() else {
             return Err(EngineError::Unavailable(format!("no extent at {at} from the source copy")));
@@ -88,17 +142,58 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
             copied += n as u64;
         }
         at += n as u64;
+        drop(_chunk);
+        if at - recorded >= CHECKPOINT || recorded_at.elapsed() >= std::time::Duration::from_secs(1) {
+            checkpoint(at).await?;
+            (recorded, recorded_at) = (at, std::time::Instant::now());
+        }
+        if rate > 0 && extent.flags & STATE_HOLE == 0 {
+            tokio::time::sleep(bucket.reserve(n as f64, std::time::Instant::now())).await;
+        }
+    }
+    let _held = shared.order.barrier().await?;
+    if !shared.rebuilt(node, size)? {
+        return Err(EngineError::Unavailable(format!("the rebuild of {node}'s copy stopped (a write failed on it)")));
     }
     to.flush().await?;
     match cluster.grow_in_sync(&spec.uuid, node, epoch).await.map_err(cluster_err)? {
-        super::isr::Shrunk::Done => {}
+        super::isr::Shrunk::Done | super::isr::Shrunk::Last => {}
         super::isr::Shrunk::Stale { newer } => {
             return Err(EngineError::StaleEpoch { volume: spec.name.clone(), epoch, promised: newer });
         }
     }
     shared.joined(node)?;
+    guard.joined = true;
     tracing::info!(volume = %spec.name, node, copied, "copy rebuilt and back in sync");
     Ok(true)
+}
+
+/// [`rebuild`] in the background, tried again a few times: a node registers before its NBD
+/// listener is up, and a snapshot stops a rebuild in progress.
+pub fn rebuild_soon(cluster: Arc<Cluster>, spec: VolumeSpec, node: String) {
+    tokio::spawn(async move {
+        let mut pause = std::time::Duration::from_millis(250);
+        for attempt in 1..=8 {
+            match rebuild(&cluster, &spec, &node).await {
+                Ok(_) => return,
+                Err(e @ EngineError::StaleEpoch { .. }) => {
+                    tracing::info!(volume = %spec.name, node, error = %e, "rebuild given up: another target took the volume");
+                    return;
+                }
+                Err(e) if attempt == 8 => {
+                    tracing::warn!(volume = %spec.name, node, error = %e, "rebuild of a copy failed");
+                    if let Ok(Some(t)) = cluster.target(&spec.uuid).await {
+                        let _ = cluster.note_rebuild(&spec.uuid, t.epoch, &node, None).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::info!(volume = %spec.name, node, error = %e, attempt, "rebuild of a copy failed; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(4));
+                }
+            }
+        }
+    });
 }
 
 /// Until `shutdown`: when a node registers (starts again, or is back after its lease ran out),
@@ -135,24 +230,8 @@ pub async fn on_registration(
                     continue;
                 }
             }
-            let (cluster, node) = (cluster.clone(), node.clone());
-            tokio::spawn(async move {
-                tracing::info!(volume = %spec.name, node, "a copy's node is back: rebuilding it");
-                // It registers before its NBD listener is up: a few tries.
-                let mut pause = std::time::Duration::from_millis(250);
-                for attempt in 1..=8 {
-                    match rebuild(&cluster, &spec, &node).await {
-                        Ok(_) => return,
-                        Err(e) if attempt == 8 => {
-                            tracing::warn!(volume = %spec.name, node, error = %e, "rebuild of a copy failed")
-                        }
-                        Err(_) => {
-                            tokio::time::sleep(pause).await;
-                            pause = (pause * 2).min(std::time::Duration::from_secs(4));
-                        }
-                    }
-                }
-            });
+            tracing::info!(volume = %spec.name, node, "a copy's node is back: rebuilding it");
+            rebuild_soon(cluster.clone(), spec, node.clone());
         }
     }
 }

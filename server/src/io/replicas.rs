@@ -29,21 +29,123 @@ pub trait Linker: Send + Sync {
 }
 
 /// What every session of one replicated volume on its target node shares: the order of
-/// writes (and snapshot or rebuild barriers), the copies that joined the in-sync set since the
-/// sessions opened (each links to them before its next write), and a way to link to a copy.
+/// writes (and snapshot or rebuild barriers), which copies are in sync and which are being
+/// rebuilt (every session writes to both, and reads only from the first), and a way to link
+/// to a copy. One list for all sessions: a copy one session evicted is out for every other
+/// before any of them acknowledges another write.
 #[derive(Default)]
 pub struct Shared {
     pub order: WriteOrder,
-    joined: Mutex<Vec<String>>,
+    copies: Mutex<Copies>,
+    /// Bumped on every change of `copies`: sessions relink when it moved.
     generation: AtomicU64,
+    /// A copy joined the in-sync set (suspended writes look again).
+    grown: Notify,
     linker: Mutex<Option<Arc<dyn Linker>>>,
 }
 
+#[derive(Default)]
+struct Copies {
+    /// `None` until a session or a rebuild read the set from the cluster store.
+    in_sync: Option<Vec<String>>,
+    /// Copies taking live writes while a rebuild fills them; none serves reads.
+    rebuilding: Vec<Rebuild>,
+}
+
+/// A copy being rebuilt and how far it got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebuild {
+    pub node: String,
+    pub done: u64,
+    pub total: u64,
+}
+
 impl Shared {
-    /// A copy joined the in-sync set (rebuilt, under the barrier): sessions write to it too.
-    pub fn joined(&self, node: &str) -> Result<(), EngineError> {
-        self.joined.lock().map_err(|_| poisoned())?.push(node.to_string());
+    fn copies(&self) -> Result<std::sync::MutexGuard<'_, Copies>, EngineError> {
+        self.copies.lock().map_err(|_| poisoned())
+    }
+
+    fn changed(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Takes the in-sync set read from the cluster store, unless sessions here already follow
+    /// it (then theirs is newer: every change made here went to the store first).
+    pub fn adopt(&self, members: &[String]) -> Result<(), EngineError> {
+        let mut c = self.copies()?;
+        if c.in_sync.is_none() {
+            c.in_sync = Some(members.to_vec());
+            drop(c);
+            self.changed();
+        }
+        Ok(())
+    }
+
+    pub fn in_sync(&self) -> Result<Vec<String>, EngineError> {
+        Ok(self.copies()?.in_sync.clone().unwrap_or_default())
+    }
+
+    /// The copies being rebuilt now.
+    pub fn rebuilding(&self) -> Vec<Rebuild> {
+        self.copies.lock().map(|c| c.rebuilding.clone()).unwrap_or_default()
+    }
+
+    /// Starts sending live writes to `node` (call under the write barrier, so that no write
+    /// in flight misses it). False when it is in sync or already being rebuilt.
+    pub fn start_rebuild(&self, node: &str, total: u64) -> Result<bool, EngineError> {
+        let mut c = self.copies()?;
+        if c.in_sync.as_ref().is_some_and(|m| m.iter().any(|x| x == node))
+            || c.rebuilding.iter().any(|r| r.node == node)
+        {
+            return Ok(false);
+        }
+        c.rebuilding.push(Rebuild { node: node.to_string(), done: 0, total });
+        drop(c);
+        self.changed();
+        Ok(true)
+    }
+
+    /// Records a rebuild's progress; false when it was stopped (a live write failed on it).
+    pub fn rebuilt(&self, node: &str, done: u64) -> Result<bool, EngineError> {
+        let mut c = self.copies()?;
+        match c.rebuilding.iter_mut().find(|r| r.node == node) {
+            Some(r) => {
+                r.done = done;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Stops sending live writes to a copy being rebuilt.
+    pub fn stop_rebuild(&self, node: &str) {
+        if let Ok(mut c) = self.copies.lock() {
+            c.rebuilding.retain(|r| r.node != node);
+        }
+        self.changed();
+    }
+
+    /// A rebuilt copy joined the in-sync set (under the barrier, after the store recorded it):
+    /// sessions read from it too, and suspended writes look again.
+    pub fn joined(&self, node: &str) -> Result<(), EngineError> {
+        let mut c = self.copies()?;
+        c.rebuilding.retain(|r| r.node != node);
+        let members = c.in_sync.get_or_insert_with(Vec::new);
+        if !members.iter().any(|m| m == node) {
+            members.push(node.to_string());
+        }
+        drop(c);
+        self.changed();
+        self.grown.notify_waiters();
+        Ok(())
+    }
+
+    /// The store no longer lists `node` as in sync.
+    pub fn evicted(&self, node: &str) -> Result<(), EngineError> {
+        if let Some(m) = self.copies()?.in_sync.as_mut() {
+            m.retain(|x| x != node);
+        }
+        self.changed();
         Ok(())
     }
 
@@ -70,22 +172,28 @@ pub struct Member {
 pub enum Replicas {
     /// One copy (the volume here, or on the node holding it): requests go straight to it.
     One { node: String, io: Backing },
-    /// Every in-sync copy of a replicated volume.
+    /// Every in-sync copy of a replicated volume, and the copies being rebuilt.
     Many(InSyncCopies),
 }
 
 pub struct InSyncCopies {
-    members: RwLock<Vec<Member>>,
+    /// This session's links to the copies (the local one first: it serves the reads).
+    links: RwLock<Vec<Member>>,
     in_sync: Arc<dyn InSyncSet>,
-    /// Below this many members nothing more is acknowledged.
+    /// Below this many in-sync copies writes wait (suspended) rather than be acknowledged.
     min_insync: usize,
     /// Shared by every session of the volume on this node (multi-conn clients too), so that
     /// overlapping writes from any of them never reach the members in different orders.
     shared: Arc<Shared>,
-    /// The `Shared::generation` this session's members reflect.
+    /// The `Shared::generation` this session's links reflect.
     seen: AtomicU64,
     linker: Arc<dyn Linker>,
 }
+
+/// How long a write waits, suspended, for enough copies to be in sync again before it fails.
+/// Long enough for a node to restart and its copy to be rebuilt; the kernel's NBD client waits
+/// as long as its own timeout.
+pub const SUSPEND_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl Replicas {
     /// A volume with one copy, on `node` (empty: here).
@@ -100,65 +208,93 @@ impl Replicas {
         min_insync: usize,
         shared: Arc<Shared>,
         linker: Arc<dyn Linker>,
-    ) -> Replicas {
-        let seen = AtomicU64::new(shared.generation.load(Ordering::SeqCst));
+    ) -> Result<Replicas, EngineError> {
+        let nodes: Vec<String> = members.iter().map(|m| m.node.clone()).collect();
+        shared.adopt(&nodes)?;
         shared.set_linker(linker.clone());
-        Replicas::Many(InSyncCopies {
-            members: RwLock::new(members),
+        Ok(Replicas::Many(InSyncCopies {
+            links: RwLock::new(members),
             in_sync,
             min_insync: min_insync.max(1),
             shared,
-            seen,
+            // Not the current generation: the first request reconciles with the shared list.
+            seen: AtomicU64::new(u64::MAX),
             linker,
-        })
+        }))
     }
 
-    /// The nodes of the copies (still in sync).
+    /// The nodes of the copies in sync.
     pub fn nodes(&self) -> Vec<String> {
         match self {
             Replicas::One { node, .. } => vec![node.clone()],
-            Replicas::Many(m) => {
-                m.members.read().map(|m| m.iter().map(|m| m.node.clone()).collect()).unwrap_or_default()
-            }
+            Replicas::Many(m) => m.shared.in_sync().unwrap_or_default(),
         }
     }
 }
 
 impl InSyncCopies {
-    /// Links to the copies that joined the in-sync set since this session last looked.
-    async fn follow_joins(&self) -> Result<(), EngineError> {
+    /// Makes this session's links match the shared lists: links to copies that joined or
+    /// started rebuilding, drops the ones evicted.
+    async fn follow(&self) -> Result<(), EngineError> {
         let generation = self.shared.generation.load(Ordering::SeqCst);
         if generation == self.seen.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let joined = self.shared.joined.lock().map_err(|_| poisoned())?.clone();
-        for node in joined {
-            if self.members.read().map_err(|_| poisoned())?.iter().any(|m| m.node == node) {
+        let (in_sync, rebuilding) = {
+            let c = self.shared.copies()?;
+            (c.in_sync.clone().unwrap_or_default(), c.rebuilding.iter().map(|r| r.node.clone()).collect::<Vec<_>>())
+        };
+        let wanted = |n: &String| in_sync.contains(n) || rebuilding.contains(n);
+        self.links.write().map_err(|_| poisoned())?.retain(|m| wanted(&m.node));
+        for node in in_sync.iter().chain(&rebuilding) {
+            if self.links.read().map_err(|_| poisoned())?.iter().any(|m| &m.node == node) {
                 continue;
             }
-            let io = Arc::new(self.linker.link(&node).await?);
-            self.members.write().map_err(|_| poisoned())?.push(Member { node, io });
+            match self.linker.link(node).await {
+                Ok(io) => {
+                    self.links.write().map_err(|_| poisoned())?.push(Member { node: node.clone(), io: Arc::new(io) })
+                }
+                Err(e) if rebuilding.contains(node) => {
+                    tracing::warn!(node, error = %e, "cannot link to a copy being rebuilt: its rebuild stops");
+                    self.shared.stop_rebuild(node);
+                }
+                Err(e) => {
+                    tracing::warn!(node, error = %e, "cannot link to an in-sync copy: it leaves the set");
+                    self.in_sync.evict(node).await?;
+                    self.shared.evicted(node)?;
+                }
+            }
         }
         self.seen.store(generation, Ordering::SeqCst);
         Ok(())
     }
 
-    fn members(&self) -> Result<Vec<Member>, EngineError> {
-        Ok(self.members.read().map_err(|_| poisoned())?.clone())
+    fn links(&self) -> Result<Vec<Member>, EngineError> {
+        Ok(self.links.read().map_err(|_| poisoned())?.clone())
+    }
+
+    /// This session's links to in-sync copies, in order (the local copy first).
+    fn readable(&self) -> Result<Vec<Arc<Backing>>, EngineError> {
+        let in_sync = self.shared.in_sync()?;
+        Ok(self.links()?.into_iter().filter(|m| in_sync.contains(&m.node)).map(|m| m.io).collect())
     }
 
     fn first(&self) -> Result<Arc<Backing>, EngineError> {
-        let m = self.members.read().map_err(|_| poisoned())?;
-        m.first()
-            .map(|m| m.io.clone())
+        let readable = self.readable()?;
+        let any = || self.links().ok()?.into_iter().next().map(|m| m.io);
+        readable
+            .into_iter()
+            .next()
+            .or_else(any)
             .ok_or_else(|| EngineError::Unavailable("no copy of the volume is in sync".into()))
     }
 
-    /// From the first member; the next ones if it fails.
+    /// From the first in-sync copy; the next ones if it fails. Never from a copy being rebuilt.
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, EngineError> {
+        self.follow().await?;
         let mut last = None;
-        for m in self.members()? {
-            match m.io.read(offset, len).await {
+        for io in self.readable()? {
+            match io.read(offset, len).await {
                 Ok(r) => return Ok(r),
                 Err(e) => last = Some(e),
             }
@@ -166,40 +302,79 @@ impl InSyncCopies {
         Err(last.unwrap_or_else(|| EngineError::Unavailable("no copy of the volume is in sync".into())))
     }
 
-    /// Runs a change on every member; members that failed it leave the in-sync set before it
-    /// is acknowledged. Fails when every member failed (none has it) or too few are left.
+    /// Runs a change on every copy (in sync or being rebuilt). In-sync copies that failed it
+    /// leave the set in the store before it is acknowledged; a copy being rebuilt that failed
+    /// it stops being rebuilt. Fails when no in-sync copy has it; waits (suspended) while
+    /// fewer than `min_insync` copies are in sync.
     async fn on_every<F, Fut>(&self, range: Option<(u64, u64)>, op: F) -> Result<(), EngineError>
     where
         F: Fn(Arc<Backing>) -> Fut,
         Fut: Future<Output = Result<(), EngineError>>,
     {
-        let _ordered = match range {
+        let ordered = match range {
             Some((start, end)) => Some(self.shared.order.enter(start, end).await?),
             None => None,
         };
-        // In order: a copy that joined under a barrier gets every write after it.
-        self.follow_joins().await?;
-        let members = self.members()?;
-        let results = futures_util::future::join_all(members.iter().map(|m| op(m.io.clone()))).await;
-        if results.iter().all(Result::is_err) {
-            let mut results = results;
-            return results.swap_remove(0);
+        // In order: a copy that joined or started rebuilding under a barrier gets every write
+        // after it.
+        self.follow().await?;
+        let links = self.links()?;
+        let results = futures_util::future::join_all(links.iter().map(|m| op(m.io.clone()))).await;
+        let in_sync = self.shared.in_sync()?;
+        let held = |m: &Member, r: &Result<(), EngineError>| r.is_ok() && in_sync.contains(&m.node);
+        if !links.iter().zip(&results).any(|(m, r)| held(m, r)) {
+            // No in-sync copy has it: nothing to evict, the request fails.
+            let mut failures = links.iter().zip(results).filter(|(m, _)| in_sync.contains(&m.node));
+            return match failures.next() {
+                Some((_, r)) => r,
+                None => Err(EngineError::Unavailable("no copy of the volume is in sync".into())),
+            };
         }
-        for (m, r) in members.iter().zip(&results) {
-            if let Err(e) = r {
+        for (m, r) in links.iter().zip(&results) {
+            let Err(e) = r else { continue };
+            if in_sync.contains(&m.node) {
                 tracing::warn!(node = %m.node, error = %e, "a replica failed a write: leaving the in-sync set");
                 self.in_sync.evict(&m.node).await?;
-                self.members.write().map_err(|_| poisoned())?.retain(|x| x.node != m.node);
+                self.shared.evicted(&m.node)?;
+            } else {
+                tracing::warn!(node = %m.node, error = %e, "a copy being rebuilt failed a write: its rebuild stops");
+                self.shared.stop_rebuild(&m.node);
+            }
+            self.links.write().map_err(|_| poisoned())?.retain(|x| x.node != m.node);
+        }
+        // Every copy still in sync has it. Wait for more without holding the range: the
+        // rebuild that brings a copy back copies it.
+        drop(ordered);
+        self.enough_in_sync().await
+    }
+
+    /// Waits (up to [`SUSPEND_PATIENCE`]) until at least `min_insync` copies are in sync.
+    async fn enough_in_sync(&self) -> Result<(), EngineError> {
+        let deadline = tokio::time::Instant::now() + SUSPEND_PATIENCE;
+        let mut told = false;
+        loop {
+            let grown = self.shared.grown.notified();
+            tokio::pin!(grown);
+            grown.as_mut().enable();
+            let left = self.shared.in_sync()?.len();
+            if left >= self.min_insync {
+                if told {
+                    tracing::info!(copies = left, "enough copies in sync again: suspended writes go on");
+                }
+                return Ok(());
+            }
+            if !told {
+                tracing::warn!(copies = left, min_insync = self.min_insync, "too few copies in sync: writes wait");
+                told = true;
+            }
+            if tokio::time::timeout_at(deadline, grown).await.is_err() {
+                return Err(EngineError::Unavailable(format!(
+                    "{left} copies in sync, fewer than the {} required, for {} s: the write is not acknowledged",
+                    self.min_insync,
+                    SUSPEND_PATIENCE.as_secs()
+                )));
             }
         }
-        let left = self.members.read().map_err(|_| poisoned())?.len();
-        if left < self.min_insync {
-            return Err(EngineError::Unavailable(format!(
-                "{left} copies in sync, fewer than the {} required: writes are not acknowledged",
-                self.min_insync
-            )));
-        }
-        Ok(())
     }
 }
 
@@ -316,7 +491,9 @@ impl WriteOrder {
         self.enter(0, u64::MAX).await
     }
 
-    async fn enter(&self, start: u64, end: u64) -> Result<Ordered<'_>, EngineError> {
+    /// Waits until no write overlapping `start..end` is in flight and holds new ones that
+    /// overlap it until the guard is dropped.
+    pub async fn enter(&self, start: u64, end: u64) -> Result<Ordered<'_>, EngineError> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         loop {
             let done = self.done.notified();

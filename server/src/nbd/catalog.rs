@@ -99,40 +99,17 @@ async fn copies_for(
         volume: volume.to_string(),
     });
     shared.set_linker(linker.clone());
-    // Copies out of the set but up are rebuilt with this session's grant: now when too few are
-    // in sync to write (new copies of a volume), else in the background.
-    let stale: Vec<String> = spec
-        .copies()
-        .into_iter()
-        .filter(|n| !members.contains(n) && cluster.directory.get(n).is_some_and(|v| v.up))
-        .collect();
+    if copies.is_empty() {
+        return Err(OpenError::Platform(format!("volume {volume}: no copy in sync is reachable")));
+    }
     let min = spec.min_insync.max(1) as usize;
-    if copies.len() < min {
-        for node in &stale {
-            match crate::cluster::rebuild::rebuild(cluster, spec, node).await {
-                Ok(_) => match cluster.link(node, &export, volume).await {
-                    Ok(remote) => copies.push(Member { node: node.clone(), io: Arc::new(Backing::Remote(remote)) }),
-                    Err(e) => tracing::warn!(volume, node, error = %e, "a rebuilt copy is out of reach"),
-                },
-                Err(e) => tracing::warn!(volume, node, error = %e, "rebuild of a copy failed"),
-            }
+    let replicas = Replicas::replicated(copies, in_sync, min, shared, linker).map_err(engine_err)?;
+    // Copies out of the set but up are rebuilt with this session's grant, beside its writes
+    // (which wait while fewer than `min_insync` copies are in sync).
+    for node in spec.copies().into_iter().filter(|n| !members.contains(n)) {
+        if cluster.directory.get(&node).is_some_and(|v| v.up) {
+            crate::cluster::rebuild::rebuild_soon(cluster.clone(), spec.clone(), node);
         }
-    }
-    if copies.len() < min {
-        return Err(OpenError::Platform(format!(
-            "volume {volume}: {} copies in sync and reachable, {min} required",
-            copies.len()
-        )));
-    }
-    let rebuilt_now = copies.iter().map(|m| m.node.clone()).collect::<Vec<_>>();
-    let replicas = Replicas::replicated(copies, in_sync, min, shared, linker);
-    for node in stale.into_iter().filter(|n| !rebuilt_now.contains(n)) {
-        let (cluster, spec) = (cluster.clone(), spec.clone());
-        tokio::spawn(async move {
-            if let Err(e) = crate::cluster::rebuild::rebuild(&cluster, &spec, &node).await {
-                tracing::warn!(volume = %spec.name, node, error = %e, "rebuild of a copy failed");
-            }
-        });
     }
     Ok((replicas, Vec::new()))
 }
