@@ -154,7 +154,8 @@ fn volumes_are_placed_by_room_and_reachable_from_any_node() {
 
     let mut placed = BTreeMap::new();
     for i in 0..8 {
-        let out = nodes[0].cli(&fabric, &["volume", "create", &format!("v{i}"), "--size", "5GiB", "-o", "json"]);
+        let out = nodes[0]
+            .cli(&fabric, &["volume", "create", &format!("v{i}"), "--size", "5GiB", "--replicas", "1", "-o", "json"]);
         let v: serde_json::Value = serde_json::from_str(&out).expect("json");
         *placed.entry(v["node"].as_str().unwrap().to_string()).or_insert(0) += 1;
     }
@@ -166,7 +167,7 @@ fn volumes_are_placed_by_room_and_reachable_from_any_node() {
     // Names are unique across the cluster, whichever node is asked.
     let dup = fabric
         .command(2, thinbd_tests::thinbd_bin())
-        .args(["volume", "create", "v0", "--size", "1GiB", "--api", "10.77.0.2:10810"])
+        .args(["volume", "create", "v0", "--size", "1GiB", "--replicas", "1", "--api", "10.77.0.2:10810"])
         .output()
         .unwrap();
     assert!(!dup.status.success());
@@ -201,7 +202,7 @@ fn volumes_are_placed_by_room_and_reachable_from_any_node() {
     nodes[1].cli(&fabric, &["volume", "delete", &name]);
     assert_eq!(list(&nodes[2]).len(), 7);
     // The name is free again.
-    nodes[1].cli(&fabric, &["volume", "create", &name, "--size", "1GiB"]);
+    nodes[1].cli(&fabric, &["volume", "create", &name, "--size", "1GiB", "--replicas", "1"]);
 
     // Clones and restores go where the source's layers are, whichever node is asked.
     let (src, src_node) = everywhere.iter().find(|(n, h)| h == "node-3" && *n != name).cloned().unwrap();
@@ -250,7 +251,19 @@ fn data_written_from_one_node_reads_back_on_another() {
     // Created through node-1; whichever node holds it, the writer and the reader are the others.
     let out = fabric
         .command(1, thinbd_tests::thinbd_bin())
-        .args(["volume", "create", "shared", "--size", "64MiB", "--api", "10.77.0.1:10810", "-o", "json"])
+        .args([
+            "volume",
+            "create",
+            "shared",
+            "--size",
+            "64MiB",
+            "--replicas",
+            "1",
+            "--api",
+            "10.77.0.1:10810",
+            "-o",
+            "json",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -311,9 +324,10 @@ fn data_written_from_one_node_reads_back_on_another() {
 #[test]
 fn the_attaching_node_is_the_target_and_forwards_to_the_holder() {
     let Some((fabric, _etcd, nodes)) = three_nodes(|_| Vec::new()) else { return };
-    let created: serde_json::Value =
-        serde_json::from_str(&nodes[0].cli(&fabric, &["volume", "create", "tv", "--size", "64MiB", "-o", "json"]))
-            .unwrap();
+    let created: serde_json::Value = serde_json::from_str(
+        &nodes[0].cli(&fabric, &["volume", "create", "tv", "--size", "64MiB", "--replicas", "1", "-o", "json"]),
+    )
+    .unwrap();
     let holder: usize = created["node"].as_str().unwrap().trim_start_matches("node-").parse().unwrap();
     let (first, second) = match holder {
         1 => (2, 3),
@@ -408,12 +422,18 @@ fn the_attaching_node_is_the_target_and_forwards_to_the_holder() {
     assert_eq!(s["target_epoch"].as_u64(), Some(3), "a restarted target takes a new epoch");
 }
 
-/// A volume of three nodes: created through node-1, published for one writer; returns the
-/// holder's index, the two others, and the grant's export name.
-fn single_writer_volume(fabric: &Fabric, nodes: &[NetNode], name: &str) -> (usize, usize, usize, String) {
-    let created: serde_json::Value =
-        serde_json::from_str(&nodes[0].cli(fabric, &["volume", "create", name, "--size", "64MiB", "-o", "json"]))
-            .unwrap();
+/// A volume of `replicas` copies on three nodes: created through node-1, published for one
+/// writer; returns the (first) holder's index, the two others, and the grant's export name.
+fn single_writer_volume(
+    fabric: &Fabric,
+    nodes: &[NetNode],
+    name: &str,
+    replicas: &str,
+) -> (usize, usize, usize, String) {
+    let created: serde_json::Value = serde_json::from_str(
+        &nodes[0].cli(fabric, &["volume", "create", name, "--size", "64MiB", "--replicas", replicas, "-o", "json"]),
+    )
+    .unwrap();
     let holder: usize = created["node"].as_str().unwrap().trim_start_matches("node-").parse().unwrap();
     let others: Vec<usize> = (1..=3).filter(|i| *i != holder).collect();
     (holder, others[0], others[1], publish_for_one_writer(fabric, &nodes[0], name))
@@ -442,7 +462,7 @@ fn target_of(fabric: &Fabric, via: &NetNode, name: &str) -> (String, u64) {
 fn a_stale_target_cannot_write_after_a_newer_one_took_over() {
     use thinbd_protocol::client::{Client, ClientOptions};
     let Some((fabric, _etcd, mut nodes)) = three_nodes(|_| Vec::new()) else { return };
-    let (holder, stale, fresh, export) = single_writer_volume(&fabric, &nodes, "st");
+    let (holder, stale, fresh, export) = single_writer_volume(&fabric, &nodes, "st", "1");
     let first = thinbd_tests::pattern(21, 64 << 10);
     let late = vec![0xeeu8; 64 << 10];
     let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
@@ -525,13 +545,14 @@ fn a_stale_target_cannot_write_after_a_newer_one_took_over() {
 
 /// A client keeps writing through its target while the target is killed (kill -9) and
 /// restarted: it reconnects, the target takes a new epoch, and every acknowledged write reads
-/// back from another node.
+/// back from another node. The volume has three copies, so the killed target held one too;
+/// the read-only reader at the end links to the copies without serving them as targets.
 #[test]
 fn a_client_writes_on_across_a_target_restart() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use thinbd_protocol::client::{Client, ClientOptions};
     let Some((fabric, _etcd, mut nodes)) = three_nodes(|_| Vec::new()) else { return };
-    let (_holder, target, reader, export) = single_writer_volume(&fabric, &nodes, "rw");
+    let (_holder, target, reader, export) = single_writer_volume(&fabric, &nodes, "rw", "3");
     const BLOCK: usize = 64 << 10;
     const BLOCKS: usize = 120;
     let acked = std::sync::Arc::new(AtomicUsize::new(0));
@@ -652,9 +673,10 @@ fn nodes_call_each_other_over_mutual_tls() {
     .collect();
     let Some((fabric, _etcd, nodes)) = three_nodes_with(tls_args, &env) else { return };
     // Created through node-1 on node-2 (a forwarded API call), attached through node-3.
-    let v: serde_json::Value = serde_json::from_str(
-        &nodes[0].cli(&fabric, &["volume", "create", "sec", "--size", "16MiB", "--node", "node-2", "-o", "json"]),
-    )
+    let v: serde_json::Value = serde_json::from_str(&nodes[0].cli(
+        &fabric,
+        &["volume", "create", "sec", "--size", "16MiB", "--replicas", "1", "--node", "node-2", "-o", "json"],
+    ))
     .unwrap();
     assert_eq!(v["node"], "node-2");
     let export = publish_for_one_writer(&fabric, &nodes[0], "sec");
@@ -928,7 +950,8 @@ fn a_copy_that_comes_back_is_rebuilt_and_gets_the_later_writes() {
     assert!(nodes[0].log_text().contains("copy rebuilt and back in sync"), "the target did not log the rebuild");
 }
 
-/// A rebuild streams beside live writes: with the target's rebuild rate held low (4 MiB/s
+/// A rebuild streams beside live writes (of a volume created with the default three copies):
+/// with the target's rebuild rate held low (4 MiB/s
 /// for 24 MiB allocated), a client keeps writing through the whole rebuild and its writes are
 /// acknowledged while the copy is `Rebuilding` (shown with its progress in `volume show` and
 /// the target's metrics). Once the copy is back in sync, every 64 KiB slot on it holds the
@@ -941,7 +964,11 @@ fn a_copy_is_rebuilt_beside_live_writes() {
     const SLOTS: usize = 384; // 24 MiB
     let rate = |i: usize| if i == 1 { vec!["--rebuild-rate".into(), "4MiB".into()] } else { Vec::new() };
     let Some((fabric, _etcd, mut nodes)) = three_nodes(rate) else { return };
-    nodes[0].cli(&fabric, &["volume", "create", "rl", "--size", "64MiB", "--replicas", "3"]);
+    // Three copies by default (one per node: three nodes).
+    let v: serde_json::Value =
+        serde_json::from_str(&nodes[0].cli(&fabric, &["volume", "create", "rl", "--size", "64MiB", "-o", "json"]))
+            .unwrap();
+    assert_eq!(v["replicas"].as_array().map(Vec::len), Some(3), "{v}");
     let export = publish_for_one_writer(&fabric, &nodes[0], "rl");
     let (acked, stop) = (std::sync::Arc::new(AtomicUsize::new(0)), std::sync::Arc::new(AtomicBool::new(false)));
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -1105,7 +1132,7 @@ fn copies_are_added_and_removed() {
     let show = |n: &NetNode| -> serde_json::Value {
         serde_json::from_str(&n.cli(&fabric, &["volume", "show", "sr", "-o", "json"])).unwrap()
     };
-    nodes[0].cli(&fabric, &["volume", "create", "sr", "--size", "8MiB"]);
+    nodes[0].cli(&fabric, &["volume", "create", "sr", "--size", "8MiB", "--replicas", "1"]);
     let holder: usize = show(&nodes[0])["node"].as_str().unwrap().trim_start_matches("node-").parse().unwrap();
     let data = thinbd_tests::pattern(71, 512 << 10);
     let publish = || publish_for_one_writer(&fabric, &nodes[0], "sr");
@@ -1282,8 +1309,10 @@ fn the_csi_controller_on_a_cluster() {
         let v = ctl.create_volume(create("pvc-za", Some(req))).await.unwrap().into_inner().volume.unwrap();
         assert_eq!(v.accessible_topology, vec![zone("a")]);
         assert_eq!(a.volume_json("pvc-za")["node"], "node-a");
-        // No requirement: the node with the most room (node-b).
-        let v2 = ctl.create_volume(create("pvc-any", None)).await.unwrap().into_inner().volume.unwrap();
+        // No requirement, one copy: the node with the most room (node-b).
+        let mut one = create("pvc-any", None);
+        one.parameters = HashMap::from([("replicas".into(), "1".into())]);
+        let v2 = ctl.create_volume(one).await.unwrap().into_inner().volume.unwrap();
         assert_eq!(b.volume_json("pvc-any")["node"], "node-b");
         assert_eq!(v2.accessible_topology, vec![zone("b")]);
         // The StorageClass asks for two copies: one on each node.

@@ -12,8 +12,8 @@ pub struct Params {
     pub mkfs_options: Option<String>,
     /// QoS limits (0: unlimited).
     pub qos: pb::Qos,
-    /// In a cluster: copies on this many nodes (0: one), and how many must stay in sync for
-    /// writes to be acknowledged (0: replicas - 1).
+    /// In a cluster: copies on this many nodes (0: 3, or one per node up when fewer), and how
+    /// many must stay in sync for writes to be acknowledged (0: replicas - 1).
     pub replicas: u32,
     pub min_insync: u32,
 }
@@ -108,8 +108,8 @@ pub fn parse(raw: &HashMap<String, String>) -> Result<Params, String> {
             _ => return Err(format!("unknown StorageClass parameter {k:?} (thinbd knows: {})", KNOWN.join(", "))),
         }
     }
-    if p.min_insync > p.replicas.max(1) {
-        return Err(format!("minInsync {} is more than replicas {}", p.min_insync, p.replicas.max(1)));
+    if p.replicas > 0 && p.min_insync > p.replicas {
+        return Err(format!("minInsync {} is more than replicas {}", p.min_insync, p.replicas));
     }
     Ok(p)
 }

@@ -213,8 +213,9 @@ enum VolumeCommand {
         #[arg(long = "node")]
         nodes: Vec<String>,
         /// In a cluster: keep a copy on this many distinct nodes (zones where they differ);
-        /// writes are acknowledged when every in-sync copy has them.
-        #[arg(long, default_value_t = 1)]
+        /// writes are acknowledged when every in-sync copy has them. Default: 3, or one per
+        /// node up when there are fewer.
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
         replicas: u32,
         /// Copies that must stay in sync for writes to be acknowledged (default: replicas - 1,
         /// at least 1).

@@ -173,7 +173,11 @@ impl Api {
         mut r: pb::CreateVolumeRequest,
     ) -> Result<pb::Volume, Status> {
         crate::engine::validate_name("volume", &r.name).map_err(status)?;
-        let copies = r.replicas.max(1) as usize;
+        // Unset: three copies, or one per node when there are fewer.
+        let copies = match r.replicas {
+            0 => DEFAULT_REPLICAS.min(c.nodes_for_copies(&r.zone, &r.nodes)).max(1),
+            n => n as usize,
+        };
         let nodes = c
             .place_copies(&r.zone, &r.nodes, &[], copies)
             .await
@@ -280,6 +284,9 @@ impl Api {
         Ok(out)
     }
 }
+
+/// Copies of a volume created in a cluster without saying how many.
+const DEFAULT_REPLICAS: usize = 3;
 
 /// A deletion on another node: what is not there any more is deleted.
 fn already_gone<T>(r: Result<T, Status>) -> Result<(), Status> {

@@ -73,6 +73,17 @@ impl Cluster {
     /// `copies` distinct nodes for a volume's replicas, none of `taken` (nodes holding copies
     /// already), ranked as [`Self::place`] ranks them; nodes of a zone not used yet (by the
     /// chosen or the taken) come before the others.
+    /// How many nodes are up to take a copy in `zone` (any when empty), among `nodes` (any when
+    /// empty).
+    pub fn nodes_for_copies(&self, zone: &str, nodes: &[String]) -> usize {
+        self.directory
+            .list()
+            .into_iter()
+            .filter(|v| v.up && (zone.is_empty() || v.record.zone == zone))
+            .filter(|v| nodes.is_empty() || nodes.contains(&v.record.name))
+            .count()
+    }
+
     pub async fn place_copies(
         &self,
         zone: &str,

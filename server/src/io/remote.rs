@@ -8,9 +8,21 @@ use thinbd_protocol::client::{Client, ClientError, ClientOptions};
 use thinbd_protocol::consts::{CMD_FLAG_FUA, CMD_FLAG_NO_HOLE};
 use thinbd_protocol::{Extent, ReadChunk};
 
+use std::future::Future;
+use std::time::Duration;
+
 use tokio_util::sync::CancellationToken;
 
 use crate::error::EngineError;
+
+/// How long opening a link may take: a paused or black-holed node must not hold the session
+/// that opens it (a copy out of reach leaves the in-sync set instead).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one request on a link may take before the link counts as lost (its copy leaves
+/// the in-sync set, or the client's session ends and it reconnects). Well inside the kernel
+/// NBD client's own 30 s.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub struct RemoteVolume {
     name: String,
@@ -35,6 +47,23 @@ impl RemoteVolume {
         };
         EngineError::io(op, offset, source)
     }
+
+    /// One request, given up (and the link lost) after [`REQUEST_TIMEOUT`].
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        offset: u64,
+        request: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, EngineError> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+            Ok(r) => r.map_err(|e| self.link_error(op, offset, e)),
+            Err(_) => {
+                self.lost.cancel();
+                let e = std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{} did not answer", self.holder));
+                Err(EngineError::io(op, offset, e))
+            }
+        }
+    }
 }
 
 impl RemoteVolume {
@@ -47,9 +76,12 @@ impl RemoteVolume {
         tls: Option<(thinbd_protocol::tls::TlsConnector, thinbd_protocol::tls::ServerName<'static>)>,
     ) -> Result<RemoteVolume, EngineError> {
         let options = ClientOptions { tls, ..ClientOptions::new(export) };
-        let client = Client::connect(holder, options)
+        let unreachable =
+            |e: String| EngineError::Unavailable(format!("cannot reach the node holding {name} at {holder}: {e}"));
+        let client = tokio::time::timeout(CONNECT_TIMEOUT, Client::connect(holder, options))
             .await
-            .map_err(|e| EngineError::Unavailable(format!("cannot reach the node holding {name} at {holder}: {e}")))?;
+            .map_err(|_| unreachable(format!("no answer in {} s", CONNECT_TIMEOUT.as_secs())))?
+            .map_err(|e| unreachable(e.to_string()))?;
         Ok(RemoteVolume { name: name.to_string(), holder: holder.to_string(), client, lost: CancellationToken::new() })
     }
 
@@ -77,30 +109,30 @@ impl RemoteVolume {
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, EngineError> {
-        let data = self.client.read(offset, len).await.map_err(|e| self.link_error("read", offset, e))?;
+        let data = self.timed("read", offset, self.client.read(offset, len)).await?;
         Ok(vec![ReadChunk::Data(Bytes::from(data))])
     }
 
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
         let flags = if fua { CMD_FLAG_FUA } else { 0 };
-        self.client.write(offset, &data, flags).await.map_err(|e| self.link_error("write", offset, e))
+        self.timed("write", offset, self.client.write(offset, &data, flags)).await
     }
 
     pub async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), EngineError> {
-        self.client.trim(offset, len).await.map_err(|e| self.link_error("trim", offset, e))?;
+        self.timed("trim", offset, self.client.trim(offset, len)).await?;
         if fua { self.flush().await } else { Ok(()) }
     }
 
     pub async fn write_zeroes(&self, offset: u64, len: u32, unmap: bool, fua: bool) -> Result<(), EngineError> {
         let flags = if fua { CMD_FLAG_FUA } else { 0 } | if unmap { 0 } else { CMD_FLAG_NO_HOLE };
-        self.client.write_zeroes(offset, len, flags).await.map_err(|e| self.link_error("write zeroes", offset, e))
+        self.timed("write zeroes", offset, self.client.write_zeroes(offset, len, flags)).await
     }
 
     pub async fn flush(&self) -> Result<(), EngineError> {
-        self.client.flush().await.map_err(|e| self.link_error("flush", 0, e))
+        self.timed("flush", 0, self.client.flush()).await
     }
 
     pub async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, EngineError> {
-        self.client.block_status(offset, len, 0).await.map_err(|e| self.link_error("block status", offset, e))
+        self.timed("block status", offset, self.client.block_status(offset, len, 0)).await
     }
 }

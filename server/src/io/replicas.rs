@@ -211,7 +211,6 @@ impl Replicas {
     ) -> Result<Replicas, EngineError> {
         let nodes: Vec<String> = members.iter().map(|m| m.node.clone()).collect();
         shared.adopt(&nodes)?;
-        shared.set_linker(linker.clone());
         Ok(Replicas::Many(InSyncCopies {
             links: RwLock::new(members),
             in_sync,

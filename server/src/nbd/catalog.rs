@@ -56,7 +56,12 @@ async fn copies_for(
     local: Option<LocalVolume>,
 ) -> Result<(Replicas, Vec<tokio_util::sync::CancellationToken>), OpenError> {
     let platform = |e: &dyn std::fmt::Display| OpenError::Platform(e.to_string());
-    let export = epoch.map_or_else(|| export.to_string(), |e| super::export_name::with_epoch(export, e));
+    // Links always carry an epoch, so that a copy never takes them for a consumer's attachment
+    // (and serves them as a target in turn). Epoch 0 is below every target's: only sessions
+    // that are not fenced by epochs (read-only, multi-writer) use it.
+    let export = super::export_name::with_epoch(export, epoch.unwrap_or(0));
+    // Only a single writer's target orders every write to the volume: rebuilds run there.
+    let orders_writes = epoch.is_some();
     if !spec.replicated() {
         if let Some(l) = local {
             return Ok((Replicas::single(&cluster.node, Backing::Local(l)), Vec::new()));
@@ -98,7 +103,9 @@ async fn copies_for(
         export: export.clone(),
         volume: volume.to_string(),
     });
-    shared.set_linker(linker.clone());
+    if orders_writes {
+        shared.set_linker(linker.clone());
+    }
     if copies.is_empty() {
         return Err(OpenError::Platform(format!("volume {volume}: no copy in sync is reachable")));
     }
@@ -106,7 +113,7 @@ async fn copies_for(
     let replicas = Replicas::replicated(copies, in_sync, min, shared, linker).map_err(engine_err)?;
     // Copies out of the set but up are rebuilt with this session's grant, beside its writes
     // (which wait while fewer than `min_insync` copies are in sync).
-    for node in spec.copies().into_iter().filter(|n| !members.contains(n)) {
+    for node in spec.copies().into_iter().filter(|n| orders_writes && !members.contains(n)) {
         if cluster.directory.get(&node).is_some_and(|v| v.up) {
             crate::cluster::rebuild::rebuild_soon(cluster.clone(), spec.clone(), node);
         }
