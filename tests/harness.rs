@@ -448,3 +448,73 @@ pub fn make_certs(dir: &Path) {
         std::fs::write(dir.join(format!("{who}-key.pem")), key.serialize_pem()).unwrap();
     }
 }
+
+/// What a writer was told about its writes, slot by slot: the last acknowledged one and the
+/// ones after it that got no acknowledgement (they may or may not be on the volume). Writes are
+/// `pattern(seed, slot_size)`, a fresh seed each. [`AckLog::check`] proves that a copy lost no
+/// acknowledged write: each slot holds its last acknowledged write, or one sent after it.
+pub struct AckLog {
+    pub slot_size: usize,
+    acked: Vec<Option<u64>>,
+    unacked: Vec<Vec<u64>>,
+}
+
+impl AckLog {
+    pub fn new(slots: usize, slot_size: usize) -> AckLog {
+        AckLog { slot_size, acked: vec![None; slots], unacked: vec![Vec::new(); slots] }
+    }
+
+    pub fn acknowledged(&mut self, slot: usize, seed: u64) {
+        self.acked[slot] = Some(seed);
+        self.unacked[slot].clear();
+    }
+
+    pub fn unacknowledged(&mut self, slot: usize, seed: u64) {
+        self.unacked[slot].push(seed);
+    }
+
+    pub fn acknowledged_count(&self) -> usize {
+        self.acked.iter().flatten().count()
+    }
+
+    /// `copy`: the slots' bytes, from offset 0.
+    pub fn check(&self, copy: &[u8]) -> Result<(), String> {
+        for (slot, acked) in self.acked.iter().enumerate() {
+            let got = &copy[slot * self.slot_size..(slot + 1) * self.slot_size];
+            let fits = |seed: &u64| got == &pattern(*seed, self.slot_size)[..];
+            let ok = match acked {
+                Some(seed) => fits(seed) || self.unacked[slot].iter().any(fits),
+                None => got.iter().all(|b| *b == 0) || self.unacked[slot].iter().any(fits),
+            };
+            if !ok {
+                return Err(format!(
+                    "slot {slot}: neither its last acknowledged write ({acked:?}) nor a later one ({:?})",
+                    self.unacked[slot]
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod ack_log_tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_or_stale_slot_is_caught_and_an_unacknowledged_one_allowed() {
+        let mut log = AckLog::new(3, 16);
+        log.acknowledged(0, 1);
+        log.acknowledged(1, 2);
+        log.unacknowledged(1, 3);
+        let mut copy = [pattern(1, 16), pattern(3, 16), vec![0; 16]].concat();
+        assert_eq!(log.check(&copy), Ok(()));
+        // Slot 0 holds something older than its acknowledged write.
+        copy[..16].copy_from_slice(&pattern(9, 16));
+        assert!(log.check(&copy).is_err());
+        copy[..16].copy_from_slice(&pattern(1, 16));
+        // Slot 2 was never written: zeros only.
+        copy[40] = 1;
+        assert!(log.check(&copy).is_err());
+    }
+}
