@@ -234,6 +234,9 @@ pub struct TargetInSync {
     pub uuid: String,
     pub volume: String,
     pub epoch: u64,
+    /// Called with a copy's node once it left the set (a single writer's target starts
+    /// rebuilding it: it comes back when its node or the network does).
+    pub after_evict: Option<Box<dyn Fn(String) + Send + Sync>>,
 }
 
 /// How long a write waits for etcd to record an eviction before it fails (unacknowledged).
@@ -248,7 +251,12 @@ impl InSyncSet for TargetInSync {
             let mut pause = Duration::from_millis(100);
             loop {
                 match self.cluster.shrink_in_sync(&self.uuid, node, self.epoch).await {
-                    Ok(Shrunk::Done) => return Ok(()),
+                    Ok(Shrunk::Done) => {
+                        if let Some(f) = &self.after_evict {
+                            f(node.to_string());
+                        }
+                        return Ok(());
+                    }
                     Ok(Shrunk::Last) => {
                         return Err(EngineError::Unavailable(format!(
                             "{node} holds the only in-sync copy of {} and failed: the write is not acknowledged",

@@ -7,6 +7,8 @@
 //! Scrubbing compares the in-sync copies the same way, under the barrier, and can rewrite the
 //! ranges that differ from the first copy.
 //!
+//! Every chunk written is read back and compared by CRC32C with what was sent.
+//!
 //! This rebuild copies everything allocated (the head, not the snapshot layers); the delta
 //! rebuild from a hidden layer marking where the copy left is still to come (issue 12).
 
@@ -138,7 +140,16 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
             to.trim(at, n, false).await?;
         } else {
             let data = crate::io::read_all(&from, at, n).await?;
+            let sum = crc32c::crc32c(&data);
             to.write(at, data, false).await?;
+            // Read back: what the copy stored is what was sent.
+            let stored = crate::io::read_all(&to, at, n).await?;
+            if crc32c::crc32c(&stored) != sum {
+                return Err(EngineError::Unavailable(format!(
+                    "{node}'s copy holds other bytes at {at} than were sent (CRC32C {:08x}, sent {sum:08x})",
+                    crc32c::crc32c(&stored)
+                )));
+            }
             copied += n as u64;
         }
         at += n as u64;
@@ -168,30 +179,40 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
     Ok(true)
 }
 
-/// [`rebuild`] in the background, tried again a few times: a node registers before its NBD
-/// listener is up, and a snapshot stops a rebuild in progress.
+/// How long [`rebuild_soon`] keeps trying: a copy cut off by a partition comes back when the
+/// partition heals, which no etcd event tells the target (its node stayed registered).
+const REBUILD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// [`rebuild`] in the background, tried again (backing off to 30 s) until it is done, the
+/// volume has no single-writer session here any more, a newer target took the volume, or
+/// [`REBUILD_PATIENCE`] ran out: a node registers before its NBD listener is up, a copy that
+/// just left the set is unreachable until its node is back, and a snapshot stops a rebuild in
+/// progress.
 pub fn rebuild_soon(cluster: Arc<Cluster>, spec: VolumeSpec, node: String) {
     tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + REBUILD_PATIENCE;
         let mut pause = std::time::Duration::from_millis(250);
-        for attempt in 1..=8 {
-            match rebuild(&cluster, &spec, &node).await {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let e = match rebuild(&cluster, &spec, &node).await {
                 Ok(_) => return,
                 Err(e @ EngineError::StaleEpoch { .. }) => {
                     tracing::info!(volume = %spec.name, node, error = %e, "rebuild given up: another target took the volume");
                     return;
                 }
-                Err(e) if attempt == 8 => {
-                    tracing::warn!(volume = %spec.name, node, error = %e, "rebuild of a copy failed");
-                    if let Ok(Some(t)) = cluster.target(&spec.uuid).await {
-                        let _ = cluster.note_rebuild(&spec.uuid, t.epoch, &node, None).await;
-                    }
+                Err(e) => e,
+            };
+            if tokio::time::Instant::now() + pause > deadline {
+                tracing::warn!(volume = %spec.name, node, error = %e, attempt, "rebuild of a copy failed; given up");
+                if let Ok(Some(t)) = cluster.target(&spec.uuid).await {
+                    let _ = cluster.note_rebuild(&spec.uuid, t.epoch, &node, None).await;
                 }
-                Err(e) => {
-                    tracing::info!(volume = %spec.name, node, error = %e, attempt, "rebuild of a copy failed; trying again");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(std::time::Duration::from_secs(4));
-                }
+                return;
             }
+            tracing::info!(volume = %spec.name, node, error = %e, attempt, "rebuild of a copy failed; trying again");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_secs(30));
         }
     });
 }
@@ -274,7 +295,7 @@ pub async fn scrub(cluster: &Arc<Cluster>, spec: &VolumeSpec, repair: bool) -> R
         for copy in &links[1..] {
             let got = crate::io::read_all(copy, at, len).await?;
             for (i, (a, b)) in want.chunks(PIECE).zip(got.chunks(PIECE)).enumerate() {
-                if crc32fast::hash(a) != crc32fast::hash(b) || a.len() != b.len() {
+                if crc32c::crc32c(a) != crc32c::crc32c(b) || a.len() != b.len() {
                     bad.insert(i);
                 }
             }

@@ -78,11 +78,19 @@ async fn copies_for(
         Some(e) => e,
         None => cluster.target(&spec.uuid).await.map_err(|e| platform(&e))?.map_or(0, |t| t.epoch),
     };
+    let after_evict: Option<Box<dyn Fn(String) + Send + Sync>> = match orders_writes {
+        true => {
+            let (cluster, spec) = (cluster.clone(), spec.clone());
+            Some(Box::new(move |node| crate::cluster::rebuild::rebuild_soon(cluster.clone(), spec.clone(), node)))
+        }
+        false => None,
+    };
     let in_sync = Arc::new(crate::cluster::isr::TargetInSync {
         cluster: cluster.clone(),
         uuid: spec.uuid.clone(),
         volume: volume.to_string(),
         epoch,
+        after_evict,
     });
     let mut copies = Vec::new();
     if let Some(l) = local.filter(|_| members.contains(&cluster.node)) {
