@@ -285,6 +285,9 @@ impl Api {
     }
 }
 
+/// The most bytes one Checksums call reads.
+const CHECKSUM_RANGE_MAX: u32 = 64 << 20;
+
 /// Copies of a volume created in a cluster without saying how many.
 const DEFAULT_REPLICAS: usize = 3;
 
@@ -824,6 +827,27 @@ impl Management for Api {
             differing: found.differing.into_iter().map(|(offset, length)| pb::ByteRange { offset, length }).collect(),
             repaired: found.repaired,
         }))
+    }
+
+    async fn checksums(&self, req: Request<pb::ChecksumsRequest>) -> Result<Response<pb::ChecksumsResponse>, Status> {
+        let r = req.into_inner();
+        if r.piece_bytes == 0 || r.length > CHECKSUM_RANGE_MAX {
+            return Err(Status::invalid_argument(format!(
+                "piece_bytes must be above 0 and length at most {CHECKSUM_RANGE_MAX}"
+            )));
+        }
+        let v = self.engine.find_volume(&r.volume).map_err(status)?;
+        let local = self.engine.open_volume(&v.name).map_err(status)?;
+        let end = r.offset.checked_add(r.length as u64).filter(|e| *e <= local.size());
+        if end.is_none() {
+            return Err(Status::out_of_range(format!(
+                "{}+{} is past the end of volume {}",
+                r.offset, r.length, v.name
+            )));
+        }
+        let data = crate::io::read_all(&local, r.offset, r.length).await.map_err(status)?;
+        let crc32c = data.chunks(r.piece_bytes as usize).map(crc32c::crc32c).collect();
+        Ok(Response::new(pb::ChecksumsResponse { crc32c }))
     }
 
     async fn force_promote(&self, req: Request<pb::ForcePromoteRequest>) -> Result<Response<pb::Volume>, Status> {

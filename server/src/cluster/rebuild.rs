@@ -267,57 +267,83 @@ pub struct Scrubbed {
     pub repaired: bool,
 }
 
-/// Pieces compared by checksum.
-const PIECE: usize = 64 << 10;
+/// Pieces compared by checksum (the default cluster size).
+const PIECE: u32 = 64 << 10;
+
+/// Bytes whose checksums one call asks a node for.
+const SCRUB_RANGE: u64 = 16 << 20;
 
 /// Compares the in-sync copies of `spec` (under the write barrier, through this node's
-/// session grant); with `repair`, rewrites differing pieces on every copy from the first.
-/// `None` when the volume has no session on this node.
+/// session grant): each node computes the CRC32C of its own copy's pieces, only the checksums
+/// cross the network. With `repair`, rewrites the differing pieces of each copy from the
+/// first one (the local copy when it is in sync). `None` when the volume has no single-writer
+/// session on this node.
 pub async fn scrub(cluster: &Arc<Cluster>, spec: &VolumeSpec, repair: bool) -> Result<Option<Scrubbed>, EngineError> {
     use crate::io::VolumeIo;
     let shared = cluster.shared(&spec.uuid);
     let Some(linker) = shared.linker() else { return Ok(None) };
     let cluster_err = |e: super::ClusterError| EngineError::Unavailable(e.to_string());
     let _held = shared.order.barrier().await?;
-    let members = cluster.in_sync(&spec.uuid).await.map_err(cluster_err)?.map(|s| s.members).unwrap_or_default();
-    let mut links = Vec::with_capacity(members.len());
-    for node in &members {
-        links.push(linker.link(node).await?);
+    let mut members = cluster.in_sync(&spec.uuid).await.map_err(cluster_err)?.map(|s| s.members).unwrap_or_default();
+    if let Some(i) = members.iter().position(|m| *m == cluster.node) {
+        members.swap(0, i);
     }
     let mut out = Scrubbed { copies: members.clone(), ..Default::default() };
-    let Some(reference) = links.first() else { return Ok(Some(out)) };
+    let Some(reference) = members.first() else { return Ok(Some(out)) };
+    let reference = linker.link(reference).await?;
     let size = reference.size();
+    let mut peers = Vec::with_capacity(members.len());
+    for node in &members {
+        peers.push(cluster.peer(node).map_err(cluster_err)?);
+    }
+    let mut links: std::collections::HashMap<String, crate::io::Backing> = Default::default();
+    let mut repaired = Vec::new();
     let mut at = 0u64;
     while at < size {
-        let len = (size - at).min(CHUNK as u64) as u32;
-        let want = crate::io::read_all(reference, at, len).await?;
+        let len = (size - at).min(SCRUB_RANGE) as u32;
+        let request =
+            thinbd_api::pb::ChecksumsRequest { volume: spec.uuid.clone(), offset: at, length: len, piece_bytes: PIECE };
+        let asked = peers.iter_mut().zip(&members).map(|(p, node)| {
+            let request = request.clone();
+            async move {
+                p.checksums(request)
+                    .await
+                    .map(|r| r.into_inner().crc32c)
+                    .map_err(|e| EngineError::Unavailable(format!("checksums of {node}'s copy: {}", e.message())))
+            }
+        });
+        let sums = futures_util::future::try_join_all(asked).await?;
         let mut bad = std::collections::BTreeSet::new();
-        for copy in &links[1..] {
-            let got = crate::io::read_all(copy, at, len).await?;
-            for (i, (a, b)) in want.chunks(PIECE).zip(got.chunks(PIECE)).enumerate() {
-                if crc32c::crc32c(a) != crc32c::crc32c(b) || a.len() != b.len() {
+        for (node, theirs) in members.iter().zip(&sums).skip(1) {
+            for (i, (a, b)) in sums[0].iter().zip(theirs).enumerate() {
+                if a != b {
                     bad.insert(i);
+                    if repair {
+                        let piece_at = at + i as u64 * PIECE as u64;
+                        let piece_len = (size - piece_at).min(PIECE as u64) as u32;
+                        let data = crate::io::read_all(&reference, piece_at, piece_len).await?;
+                        if !links.contains_key(node) {
+                            links.insert(node.clone(), linker.link(node).await?);
+                        }
+                        if let Some(copy) = links.get(node) {
+                            copy.write(piece_at, data, false).await?;
+                        }
+                        repaired.push(node.clone());
+                    }
                 }
             }
         }
         for i in bad {
-            let (offset, piece) = (at + (i * PIECE) as u64, &want[i * PIECE..((i + 1) * PIECE).min(want.len())]);
-            out.differing.push((offset, piece.len() as u64));
-            if repair {
-                for copy in &links[1..] {
-                    copy.write(offset, bytes::Bytes::copy_from_slice(piece), false).await?;
-                }
-            }
+            let offset = at + i as u64 * PIECE as u64;
+            out.differing.push((offset, (size - offset).min(PIECE as u64)));
         }
-        out.compared += len as u64 * links.len() as u64;
+        out.compared += len as u64 * members.len() as u64;
         at += len as u64;
     }
-    if repair && !out.differing.is_empty() {
-        for copy in &links[1..] {
-            copy.flush().await?;
-        }
-        out.repaired = true;
+    for copy in links.values() {
+        copy.flush().await?;
     }
+    out.repaired = !repaired.is_empty();
     tracing::info!(volume = %spec.name, copies = ?members, differing = out.differing.len(), repaired = out.repaired, "scrubbed");
     Ok(Some(out))
 }
