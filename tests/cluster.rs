@@ -80,14 +80,7 @@ fn nodes_register_and_their_leases_decide_up_and_down() {
     let third_down = [("node-1", true), ("node-2", true), ("node-3", false)];
     wait_for(&fabric, &nodes[0], &third_down, Duration::from_secs(10));
     wait_for(&fabric, &nodes[1], &third_down, Duration::from_secs(5));
-    let metrics = fabric.run_in(1, || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect("10.77.0.1:10811").expect("metrics");
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        body
-    });
+    let metrics = metrics_of(&fabric, 1);
     assert!(metrics.contains("thinbd_cluster_node_up{node=\"node-3\"} 0"), "{metrics}");
     assert!(metrics.contains("thinbd_cluster_node_up{node=\"node-1\"} 1"), "{metrics}");
     nodes[2].spawn(&fabric);
@@ -722,6 +715,31 @@ fn read_copy(fabric: &Fabric, i: usize, export: &str, epoch: u64, offset: u64, l
     })
 }
 
+/// Waits until `via` shows `count` copies of `volume` in sync.
+fn wait_in_sync(fabric: &Fabric, via: &NetNode, volume: &str, count: usize, within: Duration, what: &str) {
+    let show = || -> serde_json::Value {
+        serde_json::from_str(&via.cli(fabric, &["volume", "show", volume, "-o", "json"])).unwrap()
+    };
+    let deadline = Instant::now() + within;
+    while show()["in_sync"].as_array().map(Vec::len) != Some(count) {
+        assert!(Instant::now() < deadline, "{what}: {}", show());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Node `i`'s metrics page.
+fn metrics_of(fabric: &Fabric, i: usize) -> String {
+    let addr = format!("{}:10811", fabric.ip(i));
+    fabric.run_in(i, move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr.as_str()).expect("metrics");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    })
+}
+
 /// Synchronous replication (protocol C): a volume with a copy on each of three nodes, attached
 /// through one of them (its target, which holds a copy: reads are local). An acknowledged write
 /// is on every copy. A copy's node killed (kill -9): the next write is still acknowledged, after
@@ -928,11 +946,7 @@ fn a_copy_that_comes_back_is_rebuilt_and_gets_the_later_writes() {
     assert_eq!(show(&nodes[0])["in_sync"], serde_json::json!(["node-1", "node-2"]));
     // node-3 is back: node-1's target rebuilds its copy on its own, then it is in the set again.
     nodes[2].spawn(&fabric);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while show(&nodes[0])["in_sync"].as_array().map(Vec::len) != Some(3) {
-        assert!(Instant::now() < deadline, "node-3's copy was not rebuilt: {}", show(&nodes[0]));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_in_sync(&fabric, &nodes[0], "rb", 3, Duration::from_secs(30), "node-3's copy was not rebuilt");
     // `volume rebuild` (through another node) finds nothing left to do.
     let v: serde_json::Value =
         serde_json::from_str(&nodes[1].cli(&fabric, &["volume", "rebuild", "rb", "-o", "json"])).unwrap();
@@ -1003,11 +1017,7 @@ fn a_copy_is_rebuilt_beside_live_writes() {
     let show = |n: &NetNode| -> serde_json::Value {
         serde_json::from_str(&n.cli(&fabric, &["volume", "show", "rl", "-o", "json"])).unwrap()
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while show(&nodes[0])["in_sync"].as_array().map(Vec::len) != Some(2) {
-        assert!(Instant::now() < deadline, "node-3 did not leave the in-sync set: {}", show(&nodes[0]));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_in_sync(&fabric, &nodes[0], "rl", 2, Duration::from_secs(30), "node-3 did not leave the in-sync set");
     nodes[2].spawn(&fabric);
     // Rebuilding, part way, with the writes going on.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1022,14 +1032,7 @@ fn a_copy_is_rebuilt_beside_live_writes() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(seen["rebuilt_bytes"].as_u64() < seen["rebuild_total_bytes"].as_u64(), "{seen}");
-    let metrics = fabric.run_in(1, || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect("10.77.0.1:10811").expect("metrics");
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        body
-    });
+    let metrics = metrics_of(&fabric, 1);
     assert!(metrics.contains("thinbd_rebuild_done_bytes{") && metrics.contains("node=\"node-3\""), "{metrics}");
     std::thread::sleep(Duration::from_secs(1));
     let v = show(&nodes[0]);
@@ -1038,11 +1041,7 @@ fn a_copy_is_rebuilt_beside_live_writes() {
         "writes did not go on during the rebuild ({acked_then} then {}): {v}",
         acked.load(Ordering::SeqCst)
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while show(&nodes[0])["in_sync"].as_array().map(Vec::len) != Some(3) {
-        assert!(Instant::now() < deadline, "node-3's copy did not rejoin: {}", show(&nodes[0]));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_in_sync(&fabric, &nodes[0], "rl", 3, Duration::from_secs(60), "node-3's copy did not rejoin");
     // A scrub (through another node, under the target's barrier while the writes go on).
     let scrub: serde_json::Value =
         serde_json::from_str(&nodes[1].cli(&fabric, &["volume", "scrub", "rl", "-o", "json"])).unwrap();
@@ -1158,11 +1157,7 @@ fn copies_are_added_and_removed() {
     // Attached again: the new copies are rebuilt, then every copy has the data.
     let export = publish();
     write(export.clone(), 1 << 20, data.clone());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while show(&nodes[0])["in_sync"].as_array().map(Vec::len) != Some(3) {
-        assert!(Instant::now() < deadline, "the new copies never came in sync: {}", show(&nodes[0]));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_in_sync(&fabric, &nodes[0], "sr", 3, Duration::from_secs(20), "the new copies never came in sync");
     write(export.clone(), 2 << 20, data.clone());
     let epoch = show(&nodes[0])["target_epoch"].as_u64().unwrap();
     for i in 1..=3 {
@@ -1436,19 +1431,12 @@ fn no_acknowledged_write_is_lost_under_kills_pauses_and_partitions() {
     let show = |n: &NetNode| -> serde_json::Value {
         serde_json::from_str(&n.cli(&fabric, &["volume", "show", "tt", "-o", "json"])).unwrap()
     };
-    let all_in_sync = |via: &NetNode, within: Duration| {
-        let deadline = Instant::now() + within;
-        while show(via)["in_sync"].as_array().map(Vec::len) != Some(3) {
-            assert!(Instant::now() < deadline, "the copies did not all come back in sync: {}", show(via));
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
     std::thread::sleep(Duration::from_secs(1));
     // kill -9 a copy, restart it: rebuilt beside the writes.
     nodes[2].kill9();
     std::thread::sleep(Duration::from_secs(2));
     nodes[2].spawn(&fabric);
-    all_in_sync(&nodes[0], Duration::from_secs(30));
+    wait_in_sync(&fabric, &nodes[0], "tt", 3, Duration::from_secs(30), "the copies did not all come back in sync");
     // A copy paused for a while (under the link timeout): the writes wait for it, then go on.
     send_signal(nodes[1].pid(), "STOP");
     std::thread::sleep(Duration::from_secs(3));
@@ -1456,15 +1444,11 @@ fn no_acknowledged_write_is_lost_under_kills_pauses_and_partitions() {
     std::thread::sleep(Duration::from_secs(1));
     // The target cut off from a copy: its link times out, it leaves the set, the writes go on.
     fabric.cut(1, 3);
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while show(&nodes[0])["in_sync"].as_array().map(Vec::len) != Some(2) {
-        assert!(Instant::now() < deadline, "node-3 did not leave the in-sync set: {}", show(&nodes[0]));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_in_sync(&fabric, &nodes[0], "tt", 2, Duration::from_secs(40), "node-3 did not leave the in-sync set");
     std::thread::sleep(Duration::from_secs(1));
     // Healed: the target, trying since the copy left, rebuilds it.
     fabric.heal();
-    all_in_sync(&nodes[0], Duration::from_secs(40));
+    wait_in_sync(&fabric, &nodes[0], "tt", 3, Duration::from_secs(40), "the copies did not all come back in sync");
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::SeqCst);
     let log = writer.join().unwrap();
