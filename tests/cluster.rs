@@ -905,8 +905,9 @@ fn a_snapshot_of_a_replicated_volume_is_the_same_point_on_every_copy() {
 }
 
 /// A copy that left the in-sync set (its node killed) and comes back is rebuilt by the target
-/// as soon as the node registers again: it receives what it missed, rejoins the set in etcd,
-/// and the session that was open all along writes to it from then on.
+/// as soon as the node registers again: from the mark the target took where it left, it
+/// receives only what it missed (a write and a TRIM), rejoins the set in etcd, and the session
+/// that was open all along writes to it from then on.
 #[test]
 fn a_copy_that_comes_back_is_rebuilt_and_gets_the_later_writes() {
     use thinbd_protocol::client::{Client, ClientOptions};
@@ -921,7 +922,9 @@ fn a_copy_that_comes_back_is_rebuilt_and_gets_the_later_writes() {
         fabric.spawn_in(1, move || {
             thinbd_tests::runtime().block_on(async {
                 let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach on node-1");
-                // Block i at i MiB, one per step; a TRIM of block 0 while node-3 is away.
+                // Block i at i MiB, one per step; a TRIM of block 0 while node-3 is away. Before,
+                // 2 MiB at 8 MiB that node-3 has and its rebuild need not copy.
+                c.write(8 << 20, &thinbd_tests::pattern(59, 2 << 20), 0).await.unwrap();
                 for (i, b) in blocks.iter().enumerate() {
                     if i > 0 {
                         rx_go.recv().unwrap();
@@ -961,7 +964,14 @@ fn a_copy_that_comes_back_is_rebuilt_and_gets_the_later_writes() {
     for (i, b) in blocks.iter().enumerate().skip(1) {
         assert!(copy[i << 20..(i << 20) + b.len()] == b[..], "block {i} is not on node-3's copy");
     }
-    assert!(nodes[0].log_text().contains("copy rebuilt and back in sync"), "the target did not log the rebuild");
+    let before = read_copy(&fabric, 3, &export, epoch, 8 << 20, 2 << 20);
+    assert!(before == thinbd_tests::pattern(59, 2 << 20), "node-3's copy lost what it had before it left");
+    // Delta: a mark where node-3 left; only the chunk written while it was away is copied
+    // (block 1), not the 2 MiB it had.
+    let log = nodes[0].log_text();
+    assert!(log.contains("marked where a copy left"), "no mark was taken");
+    let rebuilt = log.lines().find(|l| l.contains("copy rebuilt and back in sync")).expect("the rebuild's log line");
+    assert!(rebuilt.contains("delta=true") && rebuilt.contains("copied=131072"), "{rebuilt}");
 }
 
 /// A rebuild streams beside live writes (of a volume created with the default three copies):
@@ -1462,4 +1472,13 @@ fn no_acknowledged_write_is_lost_under_kills_pauses_and_partitions() {
         }
     }
     assert!(copies[1] == copies[0] && copies[2] == copies[0], "the in-sync copies differ");
+    // Both returns (after the kill, after the partition) were rebuilt from a mark.
+    let log = nodes[0].log_text();
+    let deltas =
+        log.lines().filter(|l| l.contains("copy rebuilt and back in sync") && l.contains("delta=true")).count();
+    assert!(
+        deltas >= 2,
+        "{deltas} delta rebuilds:\n{}",
+        log.lines().filter(|l| l.contains("rebuil")).collect::<Vec<_>>().join("\n")
+    );
 }

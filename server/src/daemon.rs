@@ -288,6 +288,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 .with_context(|| format!("joining the cluster at {}", opts.etcd.join(",")))?;
             info!(node = %node_name, etcd = %opts.etcd.join(","), "cluster joined");
             joined.set_rebuild_rate(opts.rebuild_rate);
+            joined.set_engine(engine.clone());
             adopt_local(&engine, &joined).await.context("recording this node's volumes in the cluster")?;
             // Copies of volumes served here come back in sync when their nodes register again.
             let registrations = joined.directory.registrations();

@@ -352,3 +352,34 @@ async fn a_live_clone_and_its_source_free_what_both_rewrite() {
     assert_eq!(read(&e.open_export("c").unwrap(), 0, 1).await, [3]);
     assert_eq!(read(&e.open_export("c").unwrap(), CS, 1).await, [1]);
 }
+
+/// Replication's marks: hidden snapshots that tell what changed since (a trim too), are not
+/// listed, survive a restart (redb), and go with their volume, freeing their clusters.
+#[tokio::test]
+async fn marks_are_hidden_tell_changes_and_go_with_their_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let e = engine(dir.path());
+        e.create_volume("v", 4 << 20).await.unwrap();
+        let h = e.open_export("v").unwrap();
+        write(&h, 0, 0x11, 2 * CS as usize).await;
+        drop(h);
+        e.create_mark("v", "departed-n3").await.unwrap();
+        assert!(e.list_snapshots(None).is_empty(), "a mark is listed");
+        assert!(matches!(e.create_mark("v", ".bad").await, Err(EngineError::Invalid(_))));
+        let h = e.open_export("v").unwrap();
+        write(&h, 2 * CS, 0x22, CS as usize).await;
+        h.zero(0, CS as u32, true, false).await.unwrap();
+        let changed = h.changed_since(".departed-n3", 0, 4 * CS as u32).unwrap();
+        let flags: Vec<(u32, u32)> = changed.iter().map(|x| (x.length, x.flags)).collect();
+        // Cluster 0 trimmed, 1 untouched, 2 written, 3 never written.
+        assert_eq!(flags, vec![(CS as u32, 1), (CS as u32, 0), (CS as u32, 1), (CS as u32, 0)]);
+        h.flush().await.unwrap();
+    }
+    let e = engine(dir.path());
+    assert!(e.snapshot("v@.departed-n3").is_ok(), "the mark did not survive a restart");
+    e.delete_volume("v").await.unwrap();
+    assert!(e.snapshot("v@.departed-n3").is_err(), "the mark outlived its volume");
+    assert_eq!(used(&e), 0);
+    assert_fsck(&e);
+}

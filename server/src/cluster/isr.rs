@@ -27,6 +27,23 @@ pub struct InSync {
     /// live writes and rejoins the set when filled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rebuilding: Vec<Rebuilding>,
+    /// Copies that left the set with a mark on the target's copy: their rebuild copies what
+    /// changed since the mark plus `ranges` (the writes they may lack that it does not cover).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub departed: Vec<Departed>,
+}
+
+/// Where a copy left the in-sync set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Departed {
+    pub node: String,
+    /// The node whose copy holds the mark (the target when the copy left).
+    pub mark_node: String,
+    /// The mark's name (a hidden snapshot `.MARK` of that copy).
+    pub mark: String,
+    /// Byte ranges written before the mark that the copy may lack (unflushed when it left, or
+    /// written until the mark was taken).
+    pub ranges: Vec<(u64, u64)>,
 }
 
 /// A copy being rebuilt, as last recorded (every few hundred MiB).
@@ -111,6 +128,7 @@ impl Cluster {
     pub async fn grow_in_sync(&self, uuid: &str, node: &str, epoch: u64) -> Result<Shrunk, ClusterError> {
         let changed = self.change_in_sync(uuid, epoch, |set| {
             set.rebuilding.retain(|r| r.node != node);
+            set.departed.retain(|d| d.node != node);
             if !set.members.iter().any(|x| x == node) {
                 set.members.push(node.to_string());
             }
@@ -137,6 +155,23 @@ impl Cluster {
             if let Some((done, total)) = progress {
                 set.rebuilding.push(Rebuilding { node: node.to_string(), done, total });
             }
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Records (`Some`) or forgets (`None`) where `node`'s copy left the set, as the target of
+    /// `epoch`.
+    pub async fn note_departure(
+        &self,
+        uuid: &str,
+        epoch: u64,
+        node: &str,
+        departed: Option<Departed>,
+    ) -> Result<Shrunk, ClusterError> {
+        self.change_in_sync(uuid, epoch, |set| {
+            set.departed.retain(|d| d.node != node);
+            set.departed.extend(departed.clone());
             Ok(true)
         })
         .await
@@ -191,7 +226,7 @@ impl Cluster {
                 ),
                 None => (0, Compare::create_revision(key.clone(), CompareOp::Equal, 0)),
             };
-            let set = InSync { members: members.clone(), epoch, rebuilding: Vec::new() };
+            let set = InSync { members: members.clone(), epoch, ..Default::default() };
             let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(key.clone(), encode(&key, &set)?, None)]);
             if client.txn(txn).await?.succeeded() {
                 return Ok(());
@@ -215,7 +250,7 @@ impl Cluster {
                 }
                 None => (Vec::new(), 0, 0),
             };
-            let set = InSync { members: vec![node.to_string()], epoch: epoch.max(old_epoch), rebuilding: Vec::new() };
+            let set = InSync { members: vec![node.to_string()], epoch: epoch.max(old_epoch), ..Default::default() };
             let unchanged = match revision {
                 0 => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
                 r => Compare::mod_revision(key.clone(), CompareOp::Equal, r),

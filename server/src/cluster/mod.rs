@@ -85,6 +85,8 @@ pub struct Cluster {
     /// What the sessions of each replicated volume this node serves as target share (write
     /// order, barriers, joined copies).
     shared: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<crate::io::Shared>>>,
+    /// This node's pool: its copies hold the marks rebuilds start from.
+    engine: std::sync::OnceLock<Arc<crate::engine::Engine>>,
     /// Most bytes per second a rebuild copies (0: unlimited).
     rebuild_rate: std::sync::atomic::AtomicU64,
     /// The task keeping this node registered; it revokes the lease on shutdown.
@@ -116,6 +118,7 @@ impl Cluster {
             targets: Default::default(),
             peer_tls,
             shared: Default::default(),
+            engine: Default::default(),
             rebuild_rate: Default::default(),
             registration: std::sync::Mutex::new(Some(registration)),
         });
@@ -129,6 +132,14 @@ impl Cluster {
         if let Some(task) = task {
             let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
         }
+    }
+
+    pub fn set_engine(&self, engine: Arc<crate::engine::Engine>) {
+        let _ = self.engine.set(engine);
+    }
+
+    pub fn engine(&self) -> Option<&Arc<crate::engine::Engine>> {
+        self.engine.get()
     }
 
     pub fn set_rebuild_rate(&self, bytes_per_second: u64) {

@@ -84,7 +84,8 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
     let shared = cluster.shared(&spec.uuid);
     let Some(linker) = shared.linker() else { return Ok(false) };
     let cluster_err = |e: super::ClusterError| EngineError::Unavailable(e.to_string());
-    let members = cluster.in_sync(&spec.uuid).await.map_err(cluster_err)?.map(|s| s.members).unwrap_or_default();
+    let set = cluster.in_sync(&spec.uuid).await.map_err(cluster_err)?.unwrap_or_default();
+    let members = set.members.clone();
     if members.iter().any(|m| m == node) {
         return Ok(true);
     }
@@ -96,6 +97,18 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
         .or_else(|| members.first())
         .ok_or_else(|| EngineError::Unavailable("no copy is in sync".into()))?;
     let epoch = cluster.target(&spec.uuid).await.map_err(cluster_err)?.map_or(0, |t| t.epoch);
+    // Where the copy left, when the mark is on the local source: only what changed since.
+    let departed = set.departed.iter().find(|d| d.node == node).cloned();
+    let delta = match (&departed, cluster.engine()) {
+        (Some(d), Some(engine)) if d.mark_node == cluster.node && *source == cluster.node => {
+            let marked = engine.snapshot(&format!("{}@.{}", spec.name, d.mark)).is_ok();
+            match engine.open_volume(&spec.name) {
+                Ok(head) if marked => Some((head, format!(".{}", d.mark), d.ranges.clone())),
+                _ => None,
+            }
+        }
+        _ => None,
+    };
     let (from, to) = (linker.link(source).await?, linker.link(node).await?);
     let size = from.size();
     {
@@ -115,7 +128,7 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
         }
     };
     checkpoint(0).await?;
-    tracing::info!(volume = %spec.name, from = %source, to = node, size, "rebuilding a copy beside live writes");
+    tracing::info!(volume = %spec.name, from = %source, to = node, size, delta = delta.is_some(), "rebuilding a copy beside live writes");
     let (mut at, mut copied, mut recorded) = (0u64, 0u64, 0u64);
     let mut recorded_at = std::time::Instant::now();
     let rate = cluster.rebuild_rate();
@@ -128,6 +141,12 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
         }
         let len = (size - at).min(CHUNK as u64) as u32;
         let _chunk = shared.order.enter(at, at + len as u64).await?;
+        if let Some((head, mark, ranges)) = &delta
+            && !changed_since_mark(head, mark, ranges, at, len)?
+        {
+            at += len as u64;
+            continue;
+        }
         let extents = from.block_status(at, len).await?;
         let Some(extent) = extents.first() else {
             return Err(EngineError::Unavailable(format!("no extent at {at} from the source copy")));
@@ -175,8 +194,72 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
     }
     shared.joined(node)?;
     guard.joined = true;
-    tracing::info!(volume = %spec.name, node, copied, "copy rebuilt and back in sync");
+    if let (Some(d), Some(engine)) = (&departed, cluster.engine())
+        && d.mark_node == cluster.node
+        && let Err(e) = engine.delete_mark(&spec.name, &d.mark).await
+    {
+        tracing::warn!(volume = %spec.name, mark = %d.mark, error = %e, "cannot delete a rebuilt copy's mark");
+    }
+    tracing::info!(volume = %spec.name, node, copied, delta = delta.is_some(), "copy rebuilt and back in sync");
     Ok(true)
+}
+
+/// Whether `at..at+len` may differ on a copy that left at `mark`: written since (on the
+/// local copy), or among the ranges it may lack from before.
+fn changed_since_mark(
+    head: &crate::io::LocalVolume,
+    mark: &str,
+    ranges: &[(u64, u64)],
+    at: u64,
+    len: u32,
+) -> Result<bool, EngineError> {
+    let end = at + len as u64;
+    if ranges.iter().any(|(s, e)| *s < end && at < *e) {
+        return Ok(true);
+    }
+    let changed = head.changed_since(mark, at, len)?;
+    let covered: u64 = changed.iter().map(|e| e.length as u64).sum();
+    Ok(covered < len as u64 || changed.iter().any(|e| e.flags & 1 != 0))
+}
+
+/// Marks where `node`'s copy left the in-sync set of `spec`: under the write barrier, a
+/// hidden snapshot of this target's copy, and in etcd the ranges the copy may lack from before
+/// it (logged by the sessions since the last flush and until now). Its rebuild then copies only
+/// those and what changes from here on. Without a local in-sync copy, or with too many ranges,
+/// there is no mark and the rebuild copies everything.
+pub async fn mark_departure(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) {
+    if let Err(e) = try_mark_departure(cluster, spec, node).await {
+        tracing::warn!(volume = %spec.name, node, error = %e, "no mark where a copy left: its rebuild will copy everything");
+    }
+}
+
+async fn try_mark_departure(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> Result<(), EngineError> {
+    let cluster_err = |e: super::ClusterError| EngineError::Unavailable(e.to_string());
+    let shared = cluster.shared(&spec.uuid);
+    let _held = shared.order.barrier().await?;
+    let Some(ranges) = shared.take_departed(node)? else { return Ok(()) };
+    let Some(engine) = cluster.engine() else { return Ok(()) };
+    let set = cluster.in_sync(&spec.uuid).await.map_err(cluster_err)?.unwrap_or_default();
+    // An earlier mark (the copy never came back since) covers more: it stays.
+    if set.departed.iter().any(|d| d.node == node) || !set.members.contains(&cluster.node) {
+        return Ok(());
+    }
+    let Some(ranges) = ranges else { return Ok(()) };
+    let epoch = cluster.target(&spec.uuid).await.map_err(cluster_err)?.map_or(0, |t| t.epoch);
+    let mark = format!("departed-{node}");
+    engine.delete_mark(&spec.name, &mark).await?;
+    engine.create_mark(&spec.name, &mark).await?;
+    let departed = super::isr::Departed { node: node.to_string(), mark_node: cluster.node.clone(), mark, ranges };
+    let logged = departed.ranges.len();
+    match cluster.note_departure(&spec.uuid, epoch, node, Some(departed)).await.map_err(cluster_err)? {
+        super::isr::Shrunk::Stale { newer } => {
+            Err(EngineError::StaleEpoch { volume: spec.name.clone(), epoch, promised: newer })
+        }
+        _ => {
+            tracing::info!(volume = %spec.name, node, ranges = logged, "marked where a copy left");
+            Ok(())
+        }
+    }
 }
 
 /// How long [`rebuild_soon`] keeps trying: a copy cut off by a partition comes back when the

@@ -138,7 +138,7 @@ impl Cluster {
         ];
         if spec.replicated() {
             // Every copy is in sync at creation (all empty).
-            let set = super::isr::InSync { members: spec.copies(), epoch: 0, rebuilding: Vec::new() };
+            let set = super::isr::InSync { members: spec.copies(), ..Default::default() };
             let key = keys::isr(&spec.uuid);
             ops.push(TxnOp::put(key.clone(), super::record::encode(&key, &set)?, None));
         }

@@ -135,6 +135,23 @@ impl Engine {
         self.list_snapshots(None).into_iter().filter(|s| s.group.as_deref() == Some(group)).collect()
     }
 
+    /// A hidden snapshot of `volume` (named `.MARK`): where a replica left the in-sync set, so
+    /// that its rebuild copies only what changed since. Not listed, not in the cluster store;
+    /// deleted with the volume.
+    pub async fn create_mark(self: &Arc<Self>, volume: &str, mark: &str) -> Result<Arc<Snapshot>, EngineError> {
+        validate_name("mark", mark)?;
+        let mut snaps = self.snapshot_volumes_named(&[volume.to_string()], &format!(".{mark}"), None, None).await?;
+        snaps.pop().ok_or_else(|| EngineError::Internal("no mark made".into()))
+    }
+
+    /// Deletes mark `.MARK` of `volume`; one that is not there is deleted.
+    pub async fn delete_mark(self: &Arc<Self>, volume: &str, mark: &str) -> Result<(), EngineError> {
+        match self.delete_snapshot(&format!("{volume}@.{mark}")).await {
+            Err(EngineError::NotFound(_)) => Ok(()),
+            r => r,
+        }
+    }
+
     async fn snapshot_volumes(
         self: &Arc<Self>,
         volumes: &[String],
@@ -143,6 +160,16 @@ impl Engine {
         uuid: Option<String>,
     ) -> Result<Vec<Arc<Snapshot>>, EngineError> {
         validate_name("snapshot", name)?;
+        self.snapshot_volumes_named(volumes, name, group, uuid).await
+    }
+
+    async fn snapshot_volumes_named(
+        self: &Arc<Self>,
+        volumes: &[String],
+        name: &str,
+        group: Option<&str>,
+        uuid: Option<String>,
+    ) -> Result<Vec<Arc<Snapshot>>, EngineError> {
         let _admin = self.admin.lock().await;
         let mut sorted: Vec<&String> = volumes.iter().collect();
         sorted.sort();
@@ -305,6 +332,12 @@ impl Engine {
         }
         self.graph.release_layer(vol.top()?.id).await?;
         tracing::info!(volume = name, "volume deleted");
+        drop(_gate);
+        drop(_admin);
+        // Its marks go with it (they serve only its rebuilds).
+        for mark in self.graph.list_snapshots(Some(name)).into_iter().filter(|s| super::is_mark(&s.name)) {
+            self.delete_snapshot(&format!("{name}@{}", mark.name)).await?;
+        }
         Ok(())
     }
 

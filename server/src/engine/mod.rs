@@ -92,6 +92,11 @@ pub struct Engine {
 
 /// Names become NBD export names and CLI arguments: keep them plain. `@` separates a volume
 /// from its snapshot.
+/// Marks are snapshots named with a leading '.', which no user name can have.
+pub fn is_mark(name: &str) -> bool {
+    name.starts_with('.')
+}
+
 pub fn validate_name(kind: &str, name: &str) -> Result<(), EngineError> {
     let ok = !name.is_empty()
         && name.len() <= 128
@@ -312,8 +317,10 @@ impl Engine {
         self.graph.list()
     }
 
+    /// The snapshots users see: not the hidden marks replication keeps (see
+    /// [`Engine::create_mark`]).
     pub fn list_snapshots(&self, volume: Option<&str>) -> Vec<Arc<Snapshot>> {
-        self.graph.list_snapshots(volume)
+        self.graph.list_snapshots(volume).into_iter().filter(|s| !is_mark(&s.name)).collect()
     }
 
     pub fn pool_info(&self) -> PoolInfo {

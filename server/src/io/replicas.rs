@@ -42,6 +42,38 @@ pub struct Shared {
     /// A copy joined the in-sync set (suspended writes look again).
     grown: Notify,
     linker: Mutex<Option<Arc<dyn Linker>>>,
+    log: Mutex<WriteLog>,
+}
+
+/// Ranges a copy that leaves the in-sync set may lack beyond what a mark taken afterwards
+/// covers: those written since the last flush every copy completed (a copy that restarts
+/// may have lost them), and, per copy that left, those written until its mark is taken.
+#[derive(Default)]
+struct WriteLog {
+    /// (sequence, start, end).
+    since_flush: Vec<(u64, u64, u64)>,
+    next: u64,
+    /// Set when more was written unflushed than the log keeps: from this sequence on, a copy
+    /// that leaves needs a full rebuild.
+    overflow: Option<u64>,
+    /// Per copy that left and has no mark yet; `None`: too much to list.
+    departed: std::collections::HashMap<String, MissedRanges>,
+}
+
+/// Byte ranges a copy that left may lack; `None`: too many to list (it needs a full rebuild).
+pub type MissedRanges = Option<Vec<(u64, u64)>>;
+
+/// Most ranges a write log keeps.
+const LOG_MAX: usize = 4096;
+
+fn push_capped(ranges: &mut MissedRanges, start: u64, end: u64) {
+    if let Some(r) = ranges {
+        if r.len() >= LOG_MAX {
+            *ranges = None;
+        } else {
+            r.push((start, end));
+        }
+    }
 }
 
 #[derive(Default)]
@@ -147,6 +179,58 @@ impl Shared {
         }
         self.changed();
         Ok(())
+    }
+
+    /// A write to `start..end` completed on the in-sync copies.
+    fn logged(&self, start: u64, end: u64) -> Result<(), EngineError> {
+        let mut log = self.log.lock().map_err(|_| poisoned())?;
+        let seq = log.next;
+        log.next += 1;
+        if log.since_flush.len() >= LOG_MAX {
+            log.overflow.get_or_insert(seq);
+        } else {
+            log.since_flush.push((seq, start, end));
+        }
+        for ranges in log.departed.values_mut() {
+            push_capped(ranges, start, end);
+        }
+        Ok(())
+    }
+
+    /// A flush starts: what was logged before it is durable on every copy that completes it.
+    fn flush_started(&self) -> Result<u64, EngineError> {
+        Ok(self.log.lock().map_err(|_| poisoned())?.next)
+    }
+
+    /// Every in-sync copy completed the flush that started at `upto`.
+    fn flushed(&self, upto: u64) -> Result<(), EngineError> {
+        let mut log = self.log.lock().map_err(|_| poisoned())?;
+        log.since_flush.retain(|(seq, _, _)| *seq >= upto);
+        if log.overflow.is_some_and(|o| o < upto) {
+            log.overflow = None;
+        }
+        Ok(())
+    }
+
+    /// `node` left the in-sync set: from now until its mark, what it may lack is logged.
+    fn departed(&self, node: &str) -> Result<(), EngineError> {
+        let mut log = self.log.lock().map_err(|_| poisoned())?;
+        if log.departed.contains_key(node) {
+            return Ok(());
+        }
+        let ranges = match log.overflow {
+            Some(_) => None,
+            None => Some(log.since_flush.iter().map(|(_, s, e)| (*s, *e)).collect()),
+        };
+        log.departed.insert(node.to_string(), ranges);
+        Ok(())
+    }
+
+    /// Ends logging for `node` (call under the barrier, with its mark taken): the ranges it may
+    /// lack besides what changed since its mark; `Some(None)`: too many to tell, `None`: it
+    /// was not being logged.
+    pub fn take_departed(&self, node: &str) -> Result<Option<MissedRanges>, EngineError> {
+        Ok(self.log.lock().map_err(|_| poisoned())?.departed.remove(node))
     }
 
     /// How sessions link to copies (the latest session's grant and epoch).
@@ -259,6 +343,7 @@ impl InSyncCopies {
                 }
                 Err(e) => {
                     tracing::warn!(node, error = %e, "cannot link to an in-sync copy: it leaves the set");
+                    self.shared.departed(node)?;
                     self.in_sync.evict(node).await?;
                     self.shared.evicted(node)?;
                 }
@@ -314,6 +399,10 @@ impl InSyncCopies {
             Some((start, end)) => Some(self.shared.order.enter(start, end).await?),
             None => None,
         };
+        let flush_from = match range {
+            None => Some(self.shared.flush_started()?),
+            Some(_) => None,
+        };
         // In order: a copy that joined or started rebuilding under a barrier gets every write
         // after it.
         self.follow().await?;
@@ -329,10 +418,14 @@ impl InSyncCopies {
                 None => Err(EngineError::Unavailable("no copy of the volume is in sync".into())),
             };
         }
+        if let Some((start, end)) = range {
+            self.shared.logged(start, end)?;
+        }
         for (m, r) in links.iter().zip(&results) {
             let Err(e) = r else { continue };
             if in_sync.contains(&m.node) {
                 tracing::warn!(node = %m.node, error = %e, "a replica failed a write: leaving the in-sync set");
+                self.shared.departed(&m.node)?;
                 self.in_sync.evict(&m.node).await?;
                 self.shared.evicted(&m.node)?;
             } else {
@@ -340,6 +433,9 @@ impl InSyncCopies {
                 self.shared.stop_rebuild(&m.node);
             }
             self.links.write().map_err(|_| poisoned())?.retain(|x| x.node != m.node);
+        }
+        if let Some(upto) = flush_from {
+            self.shared.flushed(upto)?;
         }
         // Every copy still in sync has it. Wait for more without holding the range: the
         // rebuild that brings a copy back copies it.
