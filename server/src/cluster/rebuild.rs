@@ -240,8 +240,10 @@ async fn try_mark_departure(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &st
     let Some(ranges) = shared.take_departed(node)? else { return Ok(()) };
     let Some(engine) = cluster.engine() else { return Ok(()) };
     let set = cluster.in_sync(&spec.uuid).await.map_err(cluster_err)?.unwrap_or_default();
-    // An earlier mark (the copy never came back since) covers more: it stays.
-    if set.departed.iter().any(|d| d.node == node) || !set.members.contains(&cluster.node) {
+    // An earlier mark (the copy never came back since) covers more: it stays. A copy already
+    // back, or being rebuilt, needs none.
+    let back = set.members.iter().any(|m| m == node) || set.rebuilding.iter().any(|r| r.node == node);
+    if back || set.departed.iter().any(|d| d.node == node) || !set.members.contains(&cluster.node) {
         return Ok(());
     }
     let Some(ranges) = ranges else { return Ok(()) };
