@@ -111,6 +111,7 @@ impl Engine {
         name: &str,
         uuid: Option<String>,
     ) -> Result<Arc<Snapshot>, EngineError> {
+        validate_name("snapshot", name)?;
         let mut snaps = self.snapshot_volumes(&[volume.to_string()], name, None, uuid).await?;
         snaps.pop().ok_or_else(|| EngineError::Internal("no snapshot made".into()))
     }
@@ -127,6 +128,7 @@ impl Engine {
         if volumes.is_empty() {
             return Err(EngineError::Invalid("a group snapshot needs at least one volume".into()));
         }
+        validate_name("snapshot", name)?;
         self.snapshot_volumes(volumes, name, Some(name), None).await
     }
 
@@ -140,7 +142,7 @@ impl Engine {
     /// deleted with the volume.
     pub async fn create_mark(self: &Arc<Self>, volume: &str, mark: &str) -> Result<Arc<Snapshot>, EngineError> {
         validate_name("mark", mark)?;
-        let mut snaps = self.snapshot_volumes_named(&[volume.to_string()], &format!(".{mark}"), None, None).await?;
+        let mut snaps = self.snapshot_volumes(&[volume.to_string()], &format!(".{mark}"), None, None).await?;
         snaps.pop().ok_or_else(|| EngineError::Internal("no mark made".into()))
     }
 
@@ -152,18 +154,9 @@ impl Engine {
         }
     }
 
+    /// Snapshot `name` of each of `volumes` (the name is checked by the callers: marks have
+    /// names no user can give).
     async fn snapshot_volumes(
-        self: &Arc<Self>,
-        volumes: &[String],
-        name: &str,
-        group: Option<&str>,
-        uuid: Option<String>,
-    ) -> Result<Vec<Arc<Snapshot>>, EngineError> {
-        validate_name("snapshot", name)?;
-        self.snapshot_volumes_named(volumes, name, group, uuid).await
-    }
-
-    async fn snapshot_volumes_named(
         self: &Arc<Self>,
         volumes: &[String],
         name: &str,
