@@ -101,6 +101,19 @@ pub enum Shrunk {
     Last,
 }
 
+impl Shrunk {
+    /// For a target of `epoch` of `volume` that changed the set: fenced when a newer target
+    /// changed it first.
+    pub fn fenced(self, volume: &str, epoch: u64) -> Result<(), EngineError> {
+        match self {
+            Shrunk::Done | Shrunk::Last => Ok(()),
+            Shrunk::Stale { newer } => {
+                Err(EngineError::StaleEpoch { volume: volume.to_string(), epoch, promised: newer })
+            }
+        }
+    }
+}
+
 impl Cluster {
     pub async fn in_sync(&self, uuid: &str) -> Result<Option<InSync>, ClusterError> {
         let resp = self.client.clone().get(keys::isr(uuid), None).await?;

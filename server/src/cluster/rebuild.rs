@@ -118,14 +118,10 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
         }
     }
     let mut guard = Rebuilding { shared: &shared, node, joined: false };
+    let stopped = || EngineError::Unavailable(format!("the rebuild of {node}'s copy stopped (a write failed on it)"));
     let checkpoint = |done: u64| async move {
-        match cluster.note_rebuild(&spec.uuid, epoch, node, Some((done, size))).await {
-            Ok(super::isr::Shrunk::Stale { newer }) => {
-                Err(EngineError::StaleEpoch { volume: spec.name.clone(), epoch, promised: newer })
-            }
-            Ok(_) => Ok(()),
-            Err(e) => Err(cluster_err(e)),
-        }
+        let noted = cluster.note_rebuild(&spec.uuid, epoch, node, Some((done, size))).await;
+        noted.map_err(cluster_err)?.fenced(&spec.name, epoch)
     };
     checkpoint(0).await?;
     tracing::info!(volume = %spec.name, from = %source, to = node, size, delta = delta.is_some(), "rebuilding a copy beside live writes");
@@ -135,9 +131,7 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
     let mut bucket = crate::qos::rate_limiter::TokenBucket::new(rate, CHUNK as f64, std::time::Instant::now());
     while at < size {
         if !shared.rebuilt(node, at)? {
-            return Err(EngineError::Unavailable(format!(
-                "the rebuild of {node}'s copy stopped (a write failed on it)"
-            )));
+            return Err(stopped());
         }
         let len = (size - at).min(CHUNK as u64) as u32;
         let _chunk = shared.order.enter(at, at + len as u64).await?;
@@ -183,15 +177,10 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
     }
     let _held = shared.order.barrier().await?;
     if !shared.rebuilt(node, size)? {
-        return Err(EngineError::Unavailable(format!("the rebuild of {node}'s copy stopped (a write failed on it)")));
+        return Err(stopped());
     }
     to.flush().await?;
-    match cluster.grow_in_sync(&spec.uuid, node, epoch).await.map_err(cluster_err)? {
-        super::isr::Shrunk::Done | super::isr::Shrunk::Last => {}
-        super::isr::Shrunk::Stale { newer } => {
-            return Err(EngineError::StaleEpoch { volume: spec.name.clone(), epoch, promised: newer });
-        }
-    }
+    cluster.grow_in_sync(&spec.uuid, node, epoch).await.map_err(cluster_err)?.fenced(&spec.name, epoch)?;
     shared.joined(node)?;
     guard.joined = true;
     if let (Some(d), Some(engine)) = (&departed, cluster.engine())
@@ -222,12 +211,21 @@ fn changed_since_mark(
     Ok(covered < len as u64 || changed.iter().any(|e| e.flags & 1 != 0))
 }
 
+/// A copy left the in-sync set of `spec` (its target evicted it): mark where, then rebuild it
+/// as soon as it can be reached.
+pub fn after_departure(cluster: Arc<Cluster>, spec: VolumeSpec, node: String) {
+    tokio::spawn(async move {
+        mark_departure(&cluster, &spec, &node).await;
+        rebuild_soon(cluster, spec, node);
+    });
+}
+
 /// Marks where `node`'s copy left the in-sync set of `spec`: under the write barrier, a
 /// hidden snapshot of this target's copy, and in etcd the ranges the copy may lack from before
 /// it (logged by the sessions since the last flush and until now). Its rebuild then copies only
 /// those and what changes from here on. Without a local in-sync copy, or with too many ranges,
 /// there is no mark and the rebuild copies everything.
-pub async fn mark_departure(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) {
+async fn mark_departure(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) {
     if let Err(e) = try_mark_departure(cluster, spec, node).await {
         tracing::warn!(volume = %spec.name, node, error = %e, "no mark where a copy left: its rebuild will copy everything");
     }
@@ -253,15 +251,13 @@ async fn try_mark_departure(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &st
     engine.create_mark(&spec.name, &mark).await?;
     let departed = super::isr::Departed { node: node.to_string(), mark_node: cluster.node.clone(), mark, ranges };
     let logged = departed.ranges.len();
-    match cluster.note_departure(&spec.uuid, epoch, node, Some(departed)).await.map_err(cluster_err)? {
-        super::isr::Shrunk::Stale { newer } => {
-            Err(EngineError::StaleEpoch { volume: spec.name.clone(), epoch, promised: newer })
-        }
-        _ => {
-            tracing::info!(volume = %spec.name, node, ranges = logged, "marked where a copy left");
-            Ok(())
-        }
-    }
+    cluster
+        .note_departure(&spec.uuid, epoch, node, Some(departed))
+        .await
+        .map_err(cluster_err)?
+        .fenced(&spec.name, epoch)?;
+    tracing::info!(volume = %spec.name, node, ranges = logged, "marked where a copy left");
+    Ok(())
 }
 
 /// How long [`rebuild_soon`] keeps trying: a copy cut off by a partition comes back when the

@@ -78,8 +78,9 @@ fn push_capped(ranges: &mut MissedRanges, start: u64, end: u64) {
 
 #[derive(Default)]
 struct Copies {
-    /// `None` until a session or a rebuild read the set from the cluster store.
-    in_sync: Option<Vec<String>>,
+    /// `None` until a session or a rebuild read the set from the cluster store. Behind an
+    /// `Arc`: every request looks at it, only membership changes copy it.
+    in_sync: Option<Arc<Vec<String>>>,
     /// Copies taking live writes while a rebuild fills them; none serves reads.
     rebuilding: Vec<Rebuild>,
 }
@@ -106,14 +107,14 @@ impl Shared {
     pub fn adopt(&self, members: &[String]) -> Result<(), EngineError> {
         let mut c = self.copies()?;
         if c.in_sync.is_none() {
-            c.in_sync = Some(members.to_vec());
+            c.in_sync = Some(Arc::new(members.to_vec()));
             drop(c);
             self.changed();
         }
         Ok(())
     }
 
-    pub fn in_sync(&self) -> Result<Vec<String>, EngineError> {
+    pub fn in_sync(&self) -> Result<Arc<Vec<String>>, EngineError> {
         Ok(self.copies()?.in_sync.clone().unwrap_or_default())
     }
 
@@ -162,9 +163,9 @@ impl Shared {
     pub fn joined(&self, node: &str) -> Result<(), EngineError> {
         let mut c = self.copies()?;
         c.rebuilding.retain(|r| r.node != node);
-        let members = c.in_sync.get_or_insert_with(Vec::new);
+        let members = c.in_sync.get_or_insert_with(Default::default);
         if !members.iter().any(|m| m == node) {
-            members.push(node.to_string());
+            Arc::make_mut(members).push(node.to_string());
         }
         drop(c);
         self.changed();
@@ -175,7 +176,7 @@ impl Shared {
     /// The store no longer lists `node` as in sync.
     pub fn evicted(&self, node: &str) -> Result<(), EngineError> {
         if let Some(m) = self.copies()?.in_sync.as_mut() {
-            m.retain(|x| x != node);
+            Arc::make_mut(m).retain(|x| x != node);
         }
         self.changed();
         Ok(())
@@ -261,8 +262,9 @@ pub enum Replicas {
 }
 
 pub struct InSyncCopies {
-    /// This session's links to the copies (the local one first: it serves the reads).
-    links: RwLock<Vec<Member>>,
+    /// This session's links to the copies (the local one first: it serves the reads). Behind
+    /// an `Arc` so that a request takes them without copying the list.
+    links: RwLock<Arc<Vec<Member>>>,
     in_sync: Arc<dyn InSyncSet>,
     /// Below this many in-sync copies writes wait (suspended) rather than be acknowledged.
     min_insync: usize,
@@ -296,7 +298,7 @@ impl Replicas {
         let nodes: Vec<String> = members.iter().map(|m| m.node.clone()).collect();
         shared.adopt(&nodes)?;
         Ok(Replicas::Many(InSyncCopies {
-            links: RwLock::new(members),
+            links: RwLock::new(Arc::new(members)),
             in_sync,
             min_insync: min_insync.max(1),
             shared,
@@ -310,7 +312,7 @@ impl Replicas {
     pub fn nodes(&self) -> Vec<String> {
         match self {
             Replicas::One { node, .. } => vec![node.clone()],
-            Replicas::Many(m) => m.shared.in_sync().unwrap_or_default(),
+            Replicas::Many(m) => m.shared.in_sync().map(|s| s.to_vec()).unwrap_or_default(),
         }
     }
 }
@@ -328,14 +330,15 @@ impl InSyncCopies {
             (c.in_sync.clone().unwrap_or_default(), c.rebuilding.iter().map(|r| r.node.clone()).collect::<Vec<_>>())
         };
         let wanted = |n: &String| in_sync.contains(n) || rebuilding.contains(n);
-        self.links.write().map_err(|_| poisoned())?.retain(|m| wanted(&m.node));
+        self.drop_links(|m| !wanted(&m.node))?;
         for node in in_sync.iter().chain(&rebuilding) {
             if self.links.read().map_err(|_| poisoned())?.iter().any(|m| &m.node == node) {
                 continue;
             }
             match self.linker.link(node).await {
                 Ok(io) => {
-                    self.links.write().map_err(|_| poisoned())?.push(Member { node: node.clone(), io: Arc::new(io) })
+                    let mut links = self.links.write().map_err(|_| poisoned())?;
+                    Arc::make_mut(&mut links).push(Member { node: node.clone(), io: Arc::new(io) });
                 }
                 Err(e) if rebuilding.contains(node) => {
                     tracing::warn!(node, error = %e, "cannot link to a copy being rebuilt: its rebuild stops");
@@ -353,31 +356,32 @@ impl InSyncCopies {
         Ok(())
     }
 
-    fn links(&self) -> Result<Vec<Member>, EngineError> {
+    fn links(&self) -> Result<Arc<Vec<Member>>, EngineError> {
         Ok(self.links.read().map_err(|_| poisoned())?.clone())
     }
 
-    /// This session's links to in-sync copies, in order (the local copy first).
-    fn readable(&self) -> Result<Vec<Arc<Backing>>, EngineError> {
-        let in_sync = self.shared.in_sync()?;
-        Ok(self.links()?.into_iter().filter(|m| in_sync.contains(&m.node)).map(|m| m.io).collect())
+    fn drop_links(&self, gone: impl Fn(&Member) -> bool) -> Result<(), EngineError> {
+        let mut links = self.links.write().map_err(|_| poisoned())?;
+        if links.iter().any(&gone) {
+            Arc::make_mut(&mut links).retain(|m| !gone(m));
+        }
+        Ok(())
     }
 
+    /// The first in-sync copy (any copy when none is): size, name and access of the volume.
+    /// Asked on every request, so it copies no list.
     fn first(&self) -> Result<Arc<Backing>, EngineError> {
-        let readable = self.readable()?;
-        let any = || self.links().ok()?.into_iter().next().map(|m| m.io);
-        readable
-            .into_iter()
-            .next()
-            .or_else(any)
-            .ok_or_else(|| EngineError::Unavailable("no copy of the volume is in sync".into()))
+        let (in_sync, links) = (self.shared.in_sync()?, self.links()?);
+        let first = links.iter().find(|m| in_sync.contains(&m.node)).or(links.first());
+        first.map(|m| m.io.clone()).ok_or_else(|| EngineError::Unavailable("no copy of the volume is in sync".into()))
     }
 
     /// From the first in-sync copy; the next ones if it fails. Never from a copy being rebuilt.
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, EngineError> {
         self.follow().await?;
+        let (in_sync, links) = (self.shared.in_sync()?, self.links()?);
         let mut last = None;
-        for io in self.readable()? {
+        for io in links.iter().filter(|m| in_sync.contains(&m.node)).map(|m| &m.io) {
             match io.read(offset, len).await {
                 Ok(r) => return Ok(r),
                 Err(e) => last = Some(e),
@@ -432,7 +436,7 @@ impl InSyncCopies {
                 tracing::warn!(node = %m.node, error = %e, "a copy being rebuilt failed a write: its rebuild stops");
                 self.shared.stop_rebuild(&m.node);
             }
-            self.links.write().map_err(|_| poisoned())?.retain(|x| x.node != m.node);
+            self.drop_links(|x| x.node == m.node)?;
         }
         if let Some(upto) = flush_from {
             self.shared.flushed(upto)?;
@@ -445,6 +449,9 @@ impl InSyncCopies {
 
     /// Waits (up to [`SUSPEND_PATIENCE`]) until at least `min_insync` copies are in sync.
     async fn enough_in_sync(&self) -> Result<(), EngineError> {
+        if self.shared.in_sync()?.len() >= self.min_insync {
+            return Ok(());
+        }
         let deadline = tokio::time::Instant::now() + SUSPEND_PATIENCE;
         let mut told = false;
         loop {

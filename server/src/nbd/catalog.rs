@@ -81,13 +81,7 @@ async fn copies_for(
     let after_evict: Option<Box<dyn Fn(String) + Send + Sync>> = match orders_writes {
         true => {
             let (cluster, spec) = (cluster.clone(), spec.clone());
-            Some(Box::new(move |node: String| {
-                let (cluster, spec) = (cluster.clone(), spec.clone());
-                tokio::spawn(async move {
-                    crate::cluster::rebuild::mark_departure(&cluster, &spec, &node).await;
-                    crate::cluster::rebuild::rebuild_soon(cluster, spec, node);
-                });
-            }))
+            Some(Box::new(move |node| crate::cluster::rebuild::after_departure(cluster.clone(), spec.clone(), node)))
         }
         false => None,
     };
