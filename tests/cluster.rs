@@ -974,6 +974,83 @@ fn a_copy_that_comes_back_is_rebuilt_and_gets_the_later_writes() {
     assert!(rebuilt.contains("delta=true") && rebuilt.contains("copied=131072"), "{rebuilt}");
 }
 
+/// A copy that was away while snapshots were taken and deleted comes back with the layers the
+/// others have: node-3 is killed after snapshot s1; s2 and s3 are taken on the two copies left
+/// and s1 is deleted (node-3 keeps it until its rebuild). Back, node-3's copy is rebuilt from
+/// the mark where it left: it gets s2 and s3 (with their UUIDs and contents) and loses s1, and
+/// a scrub compares the heads and both snapshots on the three copies and finds them the same.
+#[test]
+fn a_copy_that_comes_back_gets_the_snapshot_layers_it_missed() {
+    use thinbd_protocol::client::{Client, ClientOptions};
+    enum Op {
+        Write(u64, Vec<u8>),
+        Trim(u64, u32),
+    }
+    let Some((fabric, _etcd, mut nodes)) = three_nodes(|_| Vec::new()) else { return };
+    nodes[0].cli(&fabric, &["volume", "create", "ly", "--size", "16MiB", "--replicas", "3"]);
+    let export = publish_for_one_writer(&fabric, &nodes[0], "ly");
+    let (tx, rx) = std::sync::mpsc::channel::<Op>();
+    let (tx_ack, rx_ack) = std::sync::mpsc::channel::<()>();
+    let client = {
+        let (addr, export) = (format!("{}:10809", fabric.ip(1)), export.clone());
+        fabric.spawn_in(1, move || {
+            thinbd_tests::runtime().block_on(async {
+                let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach on node-1");
+                while let Ok(op) = rx.recv() {
+                    match op {
+                        Op::Write(at, data) => c.write(at, &data, 0).await.unwrap(),
+                        Op::Trim(at, len) => c.trim(at, len).await.unwrap(),
+                    }
+                    c.flush().await.unwrap();
+                    tx_ack.send(()).unwrap();
+                }
+            })
+        })
+    };
+    let run = |op: Op| {
+        tx.send(op).unwrap();
+        rx_ack.recv_timeout(Duration::from_secs(30)).expect("a write was not acknowledged");
+    };
+    let snapshot = |via: &NetNode, args: &[&str]| via.cli(&fabric, &[&["snapshot"][..], args].concat());
+    run(Op::Write(0, thinbd_tests::pattern(70, 1 << 20)));
+    run(Op::Write(1 << 20, thinbd_tests::pattern(71, 512 << 10)));
+    snapshot(&nodes[1], &["create", "ly", "s1"]);
+    nodes[2].kill9();
+    run(Op::Write(2 << 20, thinbd_tests::pattern(72, 512 << 10)));
+    run(Op::Write(0, thinbd_tests::pattern(73, 128 << 10)));
+    snapshot(&nodes[1], &["create", "ly", "s2"]);
+    run(Op::Write(3 << 20, thinbd_tests::pattern(74, 256 << 10)));
+    run(Op::Trim(1 << 20, 128 << 10));
+    // With node-3 away (out of the in-sync set): deleted on the copies in sync.
+    snapshot(&nodes[1], &["delete", "ly@s1"]);
+    snapshot(&nodes[1], &["create", "ly", "s3"]);
+    run(Op::Write(4 << 20, thinbd_tests::pattern(75, 256 << 10)));
+    nodes[2].spawn(&fabric);
+    wait_in_sync(&fabric, &nodes[0], "ly", 3, Duration::from_secs(60), "node-3's copy was not rebuilt");
+    let log = nodes[0].log_text();
+    let rebuilt = log.lines().find(|l| l.contains("copy rebuilt and back in sync")).expect("the rebuild's log line");
+    assert!(rebuilt.contains("delta=true") && rebuilt.contains("layers=2"), "{rebuilt}");
+    assert!(
+        !nodes[2].cli_output(&fabric, &["snapshot", "allocated", "ly@s1"]).status.success(),
+        "s1 is still on node-3"
+    );
+    for snap in ["ly@s2", "ly@s3"] {
+        let allocated: Vec<String> =
+            nodes.iter().map(|n| n.cli(&fabric, &["snapshot", "allocated", snap, "-o", "json"])).collect();
+        assert!(allocated.iter().all(|a| *a == allocated[0]), "{snap} differs between the copies: {allocated:?}");
+    }
+    let scrub: serde_json::Value =
+        serde_json::from_str(&nodes[1].cli(&fabric, &["volume", "scrub", "ly", "-o", "json"])).unwrap();
+    assert_eq!(scrub["copies"].as_array().map(Vec::len), Some(3), "{scrub}");
+    let mut compared: Vec<&str> = scrub["snapshots"].as_array().unwrap().iter().filter_map(|s| s.as_str()).collect();
+    compared.sort();
+    assert_eq!(compared, ["s2", "s3"], "{scrub}");
+    assert_eq!(scrub["differing"], serde_json::json!([]), "{scrub}");
+    assert_eq!(scrub["snapshot_differing"], serde_json::json!([]), "{scrub}");
+    drop(tx);
+    client.join().unwrap();
+}
+
 /// A rebuild streams beside live writes (of a volume created with the default three copies):
 /// with the target's rebuild rate held low (4 MiB/s
 /// for 24 MiB allocated), a client keeps writing through the whole rebuild and its writes are

@@ -396,7 +396,11 @@ async fn adopt_local(engine: &Engine, cluster: &Cluster) -> Result<(), crate::cl
         }
     }
     for s in engine.list_snapshots(None) {
-        if cluster.snapshot_spec(&s.uuid).await?.is_none() {
+        // A replicated volume's snapshots are recorded where they are taken; one a copy holds
+        // that the cluster does not know was deleted while the copy was away (its rebuild
+        // deletes it there).
+        let replicated = cluster.volume_spec(&s.volume_uuid).await?.is_some_and(|v| v.replicated());
+        if !replicated && cluster.snapshot_spec(&s.uuid).await?.is_none() {
             let pb = crate::api::convert::snapshot_to_pb(engine, &cluster.node, &s);
             cluster.put_snapshot(&crate::api::convert::snapshot_spec(&pb)).await?;
             recorded += 1;

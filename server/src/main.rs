@@ -557,6 +557,11 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
                     serde_json::json!({
                         "copies": r.copies, "bytes_compared": r.bytes_compared, "repaired": r.repaired,
                         "differing": r.differing.iter().map(|d| serde_json::json!({"offset": d.offset, "length": d.length})).collect::<Vec<_>>(),
+                        "snapshots": r.snapshots,
+                        "snapshot_differing": r.snapshot_differing.iter().map(|d| {
+                            let range = d.range.unwrap_or_default();
+                            serde_json::json!({"snapshot": d.snapshot, "offset": range.offset, "length": range.length})
+                        }).collect::<Vec<_>>(),
                     })
                 ),
                 Output::Table => {
@@ -565,6 +570,11 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
                     println!("differing: {} ranges{}", r.differing.len(), if r.repaired { " (repaired)" } else { "" });
                     for d in &r.differing {
                         println!("  {} +{}", d.offset, d.length);
+                    }
+                    println!("snapshots: {} compared, {} ranges differ", r.snapshots.len(), r.snapshot_differing.len());
+                    for d in &r.snapshot_differing {
+                        let range = d.range.unwrap_or_default();
+                        println!("  {} {} +{}", d.snapshot, range.offset, range.length);
                     }
                 }
             }
@@ -675,7 +685,7 @@ async fn snapshot_command(client: ClientArgs, command: SnapshotCommand) -> anyho
         }
         SnapshotCommand::List { volume } => {
             let r = c
-                .list_snapshots(pb::ListSnapshotsRequest { volume: volume.unwrap_or_default() })
+                .list_snapshots(pb::ListSnapshotsRequest { volume: volume.unwrap_or_default(), here: false })
                 .await
                 .map_err(rpc_error)?;
             r.into_inner().snapshots

@@ -65,8 +65,8 @@ impl Api {
             .ok_or_else(|| Status::not_found(format!("volume {:?}", r.volume)))?;
         let shared = c.shared(&spec.uuid);
         let _held = shared.order.barrier().await.map_err(status)?;
-        // A copy being rebuilt holds only part of the data and none of the layers: its rebuild
-        // stops and starts again after the snapshot.
+        // A copy being rebuilt holds only part of the data: its rebuild stops and starts again
+        // after the snapshot, which it then gets as a layer.
         for r in shared.rebuilding() {
             tracing::info!(volume = %spec.name, node = %r.node, "a snapshot stops the rebuild of a copy");
             shared.stop_rebuild(&r.node);
@@ -610,7 +610,7 @@ impl Management for Api {
             .iter()
             .map(|s| snapshot_to_pb(&self.engine, &self.node_name, s))
             .collect();
-        if let Some(c) = &self.cluster {
+        if let (Some(c), false) = (&self.cluster, r.here) {
             // The other nodes' snapshots, as the cluster records them.
             let of_volume = |s: &crate::cluster::snapshots::SnapshotSpec| {
                 r.volume.is_empty() || s.volume == r.volume || s.volume_uuid == r.volume
@@ -640,10 +640,21 @@ impl Management for Api {
             && let Some(spec) = c.volume_spec(volume_uuid).await.map_err(cluster_status)?
             && spec.replicated()
         {
-            // Every copy's.
+            // Every copy's. One out of the in-sync set may be out of reach: its rebuild deletes
+            // the snapshots its source no longer has.
+            let in_sync = c.in_sync(&spec.uuid).await.map_err(cluster_status)?.map(|s| s.members);
             for node in spec.copies().into_iter().filter(|n| *n != self.node_name) {
                 let gone = pb::DeleteSnapshotRequest { key: uuid.clone(), here: true };
-                already_gone(c.peer(&node).map_err(cluster_status)?.delete_snapshot(gone).await)?;
+                let deleted = match c.peer(&node) {
+                    Ok(mut peer) => already_gone(peer.delete_snapshot(gone).await),
+                    Err(e) => Err(cluster_status(e)),
+                };
+                match deleted {
+                    Err(e) if in_sync.as_ref().is_some_and(|m| !m.contains(&node)) => {
+                        tracing::warn!(snapshot = %uuid, node, error = %e, "a copy out of sync keeps a deleted snapshot until its rebuild");
+                    }
+                    r => r?,
+                }
             }
         }
         self.engine.delete_snapshot(&key).await.map_err(status)?;
@@ -826,6 +837,15 @@ impl Management for Api {
             bytes_compared: found.compared,
             differing: found.differing.into_iter().map(|(offset, length)| pb::ByteRange { offset, length }).collect(),
             repaired: found.repaired,
+            snapshots: found.snapshots,
+            snapshot_differing: found
+                .snapshot_differing
+                .into_iter()
+                .map(|(snapshot, offset, length)| pb::SnapshotRange {
+                    snapshot,
+                    range: Some(pb::ByteRange { offset, length }),
+                })
+                .collect(),
         }))
     }
 
@@ -836,14 +856,15 @@ impl Management for Api {
                 "piece_bytes must be above 0 and length at most {CHECKSUM_RANGE_MAX}"
             )));
         }
-        let v = self.engine.find_volume(&r.volume).map_err(status)?;
-        let local = self.engine.open_volume(&v.name).map_err(status)?;
+        // A volume, or a snapshot (scrubs compare the layers too).
+        let local = match self.engine.resolve(&r.volume).split_once('@') {
+            Some((volume, snapshot)) => self.engine.open_snapshot(volume, snapshot),
+            None => self.engine.find_volume(&r.volume).and_then(|v| self.engine.open_volume(&v.name)),
+        }
+        .map_err(status)?;
         let end = r.offset.checked_add(r.length as u64).filter(|e| *e <= local.size());
         if end.is_none() {
-            return Err(Status::out_of_range(format!(
-                "{}+{} is past the end of volume {}",
-                r.offset, r.length, v.name
-            )));
+            return Err(Status::out_of_range(format!("{}+{} is past the end of {}", r.offset, r.length, local.name())));
         }
         let data = crate::io::read_all(&local, r.offset, r.length).await.map_err(status)?;
         let crc32c = data.chunks(r.piece_bytes as usize).map(crc32c::crc32c).collect();

@@ -9,8 +9,8 @@
 //!
 //! Every chunk written is read back and compared by CRC32C with what was sent.
 //!
-//! This rebuild copies everything allocated (the head, not the snapshot layers); the delta
-//! rebuild from a hidden layer marking where the copy left is still to come (issue 12).
+//! A copy that left the set comes back with the snapshot layers it lacks and, where its target
+//! marked the point it left (a hidden snapshot), only the chunks changed since.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,7 +21,7 @@ use thinbd_protocol::consts::STATE_HOLE;
 use super::Cluster;
 use super::volumes::VolumeSpec;
 use crate::error::EngineError;
-use crate::io::{Backing, Linker, RemoteVolume};
+use crate::io::{Backing, Linker, RemoteVolume, VolumeIo};
 
 /// Links to copies with one session's export name (its grant and epoch).
 pub struct CopyLinker {
@@ -71,16 +71,186 @@ impl Drop for Rebuilding<'_> {
     }
 }
 
+/// What a copy's head is known to hold: what `layer` (a snapshot or mark of the local copy,
+/// by name) holds, except within `ranges`. With no layer nothing is known and every range is
+/// copied.
+#[derive(Clone, Default)]
+struct Known {
+    layer: Option<String>,
+    ranges: Vec<(u64, u64)>,
+}
+
+/// Writes pieces of a source onto the copy being rebuilt, at the target's rebuild rate.
+struct Copier<'a> {
+    to: &'a Backing,
+    node: &'a str,
+    rate: u64,
+    bucket: crate::qos::rate_limiter::TokenBucket,
+    /// Bytes of data written (holes are unmapped, not counted).
+    copied: u64,
+}
+
+impl<'a> Copier<'a> {
+    fn new(to: &'a Backing, node: &'a str, rate: u64) -> Self {
+        let bucket = crate::qos::rate_limiter::TokenBucket::new(rate, CHUNK as f64, std::time::Instant::now());
+        Copier { to, node, rate, bucket, copied: 0 }
+    }
+
+    /// Makes the copy hold what `from` holds from `at`, up to `len` bytes or the end of the
+    /// first extent there: unmapped for a hole, else the data, read back and compared by
+    /// CRC32C. Returns how far it got (more than 0).
+    async fn piece(&mut self, from: &impl VolumeIo, at: u64, len: u32) -> Result<u32, EngineError> {
+        let extents = from.block_status(at, len).await?;
+        let Some(extent) = extents.first() else {
+            return Err(EngineError::Unavailable(format!("no extent at {at} from the source copy")));
+        };
+        let n = extent.length.min(len);
+        if n == 0 {
+            return Err(EngineError::Unavailable(format!("an empty extent at {at} from the source copy")));
+        }
+        if extent.flags & STATE_HOLE != 0 {
+            self.to.trim(at, n, false).await?;
+            return Ok(n);
+        }
+        let data = crate::io::read_all(from, at, n).await?;
+        let sum = crc32c::crc32c(&data);
+        self.to.write(at, data, false).await?;
+        // Read back: what the copy stored is what was sent.
+        let stored = crc32c::crc32c(&crate::io::read_all(self.to, at, n).await?);
+        if stored != sum {
+            return Err(EngineError::Unavailable(format!(
+                "{}'s copy holds other bytes at {at} than were sent (CRC32C {stored:08x}, sent {sum:08x})",
+                self.node
+            )));
+        }
+        self.copied += n as u64;
+        if self.rate > 0 {
+            tokio::time::sleep(self.bucket.reserve(n as f64, std::time::Instant::now())).await;
+        }
+        Ok(n)
+    }
+
+    /// [`Copier::piece`] over all of `start..start+len`.
+    async fn range(&mut self, from: &impl VolumeIo, start: u64, len: u64) -> Result<(), EngineError> {
+        let end = start + len;
+        let mut at = start;
+        while at < end {
+            at += self.piece(from, at, (end - at).min(CHUNK as u64) as u32).await? as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Ascending, merged `(start, end)` ranges.
+fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// Gives the copy on `node` every snapshot of the local copy of `spec` it lacks, oldest first,
+/// with the same UUIDs: each snapshot's content is copied onto the copy's head (only what
+/// differs from what the head is `known` to hold), then the copy takes the snapshot. A copy's
+/// snapshots the local copy does not have (deleted while it was away), or that come after one
+/// it lacks (layers stack only on top), are deleted on it first. Returns what the copy's head
+/// holds afterwards. The copy takes no live writes meanwhile.
+async fn copy_layers(
+    cluster: &Arc<Cluster>,
+    spec: &VolumeSpec,
+    node: &str,
+    engine: &Arc<crate::engine::Engine>,
+    copier: &mut Copier<'_>,
+    mut known: Known,
+) -> Result<(Known, usize), EngineError> {
+    use thinbd_api::pb;
+    let peer_err = |e: tonic::Status| EngineError::Unavailable(format!("{node}: {}", e.message()));
+    let chain = engine.snapshots_in_order(&spec.name)?;
+    let position = |name: &str| chain.iter().position(|s| s.name == name);
+    let ours: Vec<_> = chain.iter().filter(|s| !crate::engine::is_mark(&s.name)).collect();
+    let mut peer = cluster.peer(node).map_err(|e| EngineError::Unavailable(e.to_string()))?;
+    let listed = pb::ListSnapshotsRequest { volume: spec.uuid.clone(), here: true };
+    let theirs = peer.list_snapshots(listed).await.map_err(peer_err)?.into_inner().snapshots;
+    let had = ours.iter().take_while(|s| theirs.iter().any(|t| t.uuid == s.uuid)).count();
+    for t in theirs.iter().filter(|t| !ours[..had].iter().any(|s| s.uuid == t.uuid)) {
+        tracing::info!(volume = %spec.name, node, snapshot = %t.name, "deleting a snapshot on a copy being rebuilt");
+        let gone = pb::DeleteSnapshotRequest { key: t.uuid.clone(), here: true };
+        peer.delete_snapshot(gone).await.map_err(peer_err)?;
+    }
+    // A snapshot the copy holds from after its mark came from an earlier try of this rebuild:
+    // its head holds that snapshot (and at most part of the next one, within what differs).
+    if let (Some(last), Some(mark)) = (had.checked_sub(1).map(|i| ours[i]), &known.layer)
+        && position(&last.name) > position(mark)
+    {
+        known = Known { layer: Some(last.name.clone()), ranges: Vec::new() };
+    }
+    for s in &ours[had..] {
+        let from = engine.open_snapshot(&spec.name, &s.name)?;
+        let ranges = match &known.layer {
+            None => vec![(0, s.size)],
+            Some(base) => {
+                let (older, newer) = if position(base) < position(&s.name) {
+                    (base.as_str(), s.name.as_str())
+                } else {
+                    (s.name.as_str(), base.as_str())
+                };
+                let key = |name: &str| format!("{}@{name}", spec.name);
+                let differ = engine.changed_ranges(Some(&key(older)), &key(newer))?.ranges;
+                let all = differ.into_iter().map(|(at, n)| (at, at + n)).chain(known.ranges.iter().copied());
+                merged(all.map(|(a, e)| (a, e.min(s.size))).filter(|(a, e)| a < e).collect())
+            }
+        };
+        for (start, end) in ranges {
+            copier.range(&from, start, end - start).await?;
+        }
+        copier.to.flush().await?;
+        let taken = pb::CreateSnapshotRequest {
+            volume: spec.uuid.clone(),
+            name: s.name.clone(),
+            here: true,
+            uuid: s.uuid.clone(),
+            barrier: false,
+        };
+        peer.create_snapshot(taken).await.map_err(peer_err)?;
+        tracing::info!(volume = %spec.name, node, snapshot = %s.name, "a copy being rebuilt took a snapshot layer");
+        known = Known { layer: Some(s.name.clone()), ranges: Vec::new() };
+    }
+    Ok((known, ours.len() - had))
+}
+
+/// Whether the copy on `node` holds exactly the snapshots of the local copy of `spec`.
+async fn same_snapshots(
+    cluster: &Arc<Cluster>,
+    spec: &VolumeSpec,
+    node: &str,
+    engine: &Arc<crate::engine::Engine>,
+) -> Result<bool, EngineError> {
+    let listed = thinbd_api::pb::ListSnapshotsRequest { volume: spec.uuid.clone(), here: true };
+    let mut peer = cluster.peer(node).map_err(|e| EngineError::Unavailable(e.to_string()))?;
+    let theirs = peer.list_snapshots(listed).await.map_err(|e| EngineError::Unavailable(e.message().to_string()))?;
+    let mut theirs: Vec<String> = theirs.into_inner().snapshots.into_iter().map(|s| s.uuid).collect();
+    let mut ours: Vec<String> = engine.list_snapshots(Some(&spec.name)).iter().map(|s| s.uuid.clone()).collect();
+    theirs.sort();
+    ours.sort();
+    Ok(theirs == ours)
+}
+
 /// Rebuilds the copy of `spec` on `node` beside live writes and adds it to the in-sync set.
 /// Needs a session of the volume on this node (its grant opens the links); `Ok(false)` when
 /// there is none, or the copy is already being rebuilt.
 ///
-/// Under a short barrier the copy starts taking every live write; then each chunk is copied
-/// from an in-sync copy while writes to that chunk wait (the others go on), so every chunk
-/// ends as the in-sync copies have it. Under a second short barrier it is flushed and joins
-/// the set by compare-and-swap.
+/// With the local copy as source, the copy first gets the snapshot layers it lacks (oldest
+/// first, each only where it differs from what the copy holds). Then, under a short barrier,
+/// it starts taking every live write; each chunk that may differ is copied from an in-sync
+/// copy while writes to that chunk wait (the others go on), so every chunk ends as the in-sync
+/// copies have it. Under a second short barrier it is flushed and joins the set by
+/// compare-and-swap.
 pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> Result<bool, EngineError> {
-    use crate::io::VolumeIo;
     let shared = cluster.shared(&spec.uuid);
     let Some(linker) = shared.linker() else { return Ok(false) };
     let cluster_err = |e: super::ClusterError| EngineError::Unavailable(e.to_string());
@@ -90,27 +260,39 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
         return Ok(true);
     }
     shared.adopt(&members)?;
-    // The local copy when it is in sync: no network hop for the reads.
+    // The local copy when it is in sync: no network hop for the reads, and its layers.
     let source = members
         .iter()
         .find(|m| **m == cluster.node)
         .or_else(|| members.first())
         .ok_or_else(|| EngineError::Unavailable("no copy is in sync".into()))?;
+    let local = cluster.engine().filter(|_| *source == cluster.node);
+    if local.is_none() {
+        tracing::warn!(volume = %spec.name, node, %source, "no local in-sync copy: the rebuild copies the head, not the snapshot layers");
+    }
     let epoch = cluster.target(&spec.uuid).await.map_err(cluster_err)?.map_or(0, |t| t.epoch);
     // Where the copy left, when the mark is on the local source: only what changed since.
     let departed = set.departed.iter().find(|d| d.node == node).cloned();
-    let delta = match (&departed, cluster.engine()) {
-        (Some(d), Some(engine)) if d.mark_node == cluster.node && *source == cluster.node => {
+    let mut known = match (&departed, local) {
+        (Some(d), Some(engine)) if d.mark_node == cluster.node => {
             let marked = engine.snapshot(&format!("{}@.{}", spec.name, d.mark)).is_ok();
-            match engine.open_volume(&spec.name) {
-                Ok(head) if marked => Some((head, format!(".{}", d.mark), d.ranges.clone())),
-                _ => None,
-            }
+            let layer = Some(format!(".{}", d.mark)).filter(|_| marked);
+            Known { ranges: if marked { d.ranges.clone() } else { Vec::new() }, layer }
         }
-        _ => None,
+        _ => Known::default(),
     };
     let (from, to) = (linker.link(source).await?, linker.link(node).await?);
     let size = from.size();
+    let mut copier = Copier::new(&to, node, cluster.rebuild_rate());
+    let delta = known.layer.is_some();
+    let mut layers = 0;
+    if let Some(engine) = local {
+        (known, layers) = copy_layers(cluster, spec, node, engine, &mut copier, known).await?;
+    }
+    let head = match (&known.layer, local) {
+        (Some(_), Some(engine)) => Some(engine.open_volume(&spec.name)?),
+        _ => None,
+    };
     {
         let _held = shared.order.barrier().await?;
         if !shared.start_rebuild(node, size)? {
@@ -124,60 +306,37 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
         noted.map_err(cluster_err)?.fenced(&spec.name, epoch)
     };
     checkpoint(0).await?;
-    tracing::info!(volume = %spec.name, from = %source, to = node, size, delta = delta.is_some(), "rebuilding a copy beside live writes");
-    let (mut at, mut copied, mut recorded) = (0u64, 0u64, 0u64);
+    tracing::info!(volume = %spec.name, from = %source, to = node, size, delta, layers, "rebuilding a copy beside live writes");
+    let (mut at, mut recorded) = (0u64, 0u64);
     let mut recorded_at = std::time::Instant::now();
-    let rate = cluster.rebuild_rate();
-    let mut bucket = crate::qos::rate_limiter::TokenBucket::new(rate, CHUNK as f64, std::time::Instant::now());
     while at < size {
         if !shared.rebuilt(node, at)? {
             return Err(stopped());
         }
         let len = (size - at).min(CHUNK as u64) as u32;
         let _chunk = shared.order.enter(at, at + len as u64).await?;
-        if let Some((head, mark, ranges)) = &delta
-            && !changed_since_mark(head, mark, ranges, at, len)?
+        if let (Some(head), Some(layer)) = (&head, &known.layer)
+            && !changed_since(head, layer, &known.ranges, at, len)?
         {
             at += len as u64;
             continue;
         }
-        let extents = from.block_status(at, len).await?;
-        let Some(extent) = extents.first() else {
-            return Err(EngineError::Unavailable(format!("no extent at {at} from the source copy")));
-        };
-        let n = extent.length.min(len);
-        if n == 0 {
-            return Err(EngineError::Unavailable(format!("an empty extent at {at} from the source copy")));
-        }
-        if extent.flags & STATE_HOLE != 0 {
-            to.trim(at, n, false).await?;
-        } else {
-            let data = crate::io::read_all(&from, at, n).await?;
-            let sum = crc32c::crc32c(&data);
-            to.write(at, data, false).await?;
-            // Read back: what the copy stored is what was sent.
-            let stored = crate::io::read_all(&to, at, n).await?;
-            if crc32c::crc32c(&stored) != sum {
-                return Err(EngineError::Unavailable(format!(
-                    "{node}'s copy holds other bytes at {at} than were sent (CRC32C {:08x}, sent {sum:08x})",
-                    crc32c::crc32c(&stored)
-                )));
-            }
-            copied += n as u64;
-        }
-        at += n as u64;
+        at += copier.piece(&from, at, len).await? as u64;
         drop(_chunk);
         if at - recorded >= CHECKPOINT || recorded_at.elapsed() >= std::time::Duration::from_secs(1) {
             checkpoint(at).await?;
             (recorded, recorded_at) = (at, std::time::Instant::now());
         }
-        if rate > 0 && extent.flags & STATE_HOLE == 0 {
-            tokio::time::sleep(bucket.reserve(n as f64, std::time::Instant::now())).await;
-        }
     }
     let _held = shared.order.barrier().await?;
     if !shared.rebuilt(node, size)? {
         return Err(stopped());
+    }
+    // A snapshot taken while the layers were copied is not on the copy: the next try adds it.
+    if let Some(engine) = local
+        && !same_snapshots(cluster, spec, node, engine).await?
+    {
+        return Err(EngineError::Unavailable(format!("{node}'s copy lacks a snapshot taken during its rebuild")));
     }
     to.flush().await?;
     cluster.grow_in_sync(&spec.uuid, node, epoch).await.map_err(cluster_err)?.fenced(&spec.name, epoch)?;
@@ -189,15 +348,16 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
     {
         tracing::warn!(volume = %spec.name, mark = %d.mark, error = %e, "cannot delete a rebuilt copy's mark");
     }
-    tracing::info!(volume = %spec.name, node, copied, delta = delta.is_some(), "copy rebuilt and back in sync");
+    tracing::info!(volume = %spec.name, node, copied = copier.copied, delta, layers, "copy rebuilt and back in sync");
     Ok(true)
 }
 
-/// Whether `at..at+len` may differ on a copy that left at `mark`: written since (on the
-/// local copy), or among the ranges it may lack from before.
-fn changed_since_mark(
+/// Whether `at..at+len` may differ on a copy whose head holds what snapshot (or mark) `layer`
+/// of the local copy holds except within `ranges`: written since (on the local copy), or
+/// among those ranges.
+fn changed_since(
     head: &crate::io::LocalVolume,
-    mark: &str,
+    layer: &str,
     ranges: &[(u64, u64)],
     at: u64,
     len: u32,
@@ -206,7 +366,7 @@ fn changed_since_mark(
     if ranges.iter().any(|(s, e)| *s < end && at < *e) {
         return Ok(true);
     }
-    let changed = head.changed_since(mark, at, len)?;
+    let changed = head.changed_since(layer, at, len)?;
     let covered: u64 = changed.iter().map(|e| e.length as u64).sum();
     Ok(covered < len as u64 || changed.iter().any(|e| e.flags & 1 != 0))
 }
@@ -343,8 +503,13 @@ pub async fn on_registration(
 pub struct Scrubbed {
     pub copies: Vec<String>,
     pub compared: u64,
-    /// (offset, length) pieces where some copy differs from the first.
+    /// (offset, length) pieces of the volume where some copy differs from the first.
     pub differing: Vec<(u64, u64)>,
+    /// The snapshots compared, by name.
+    pub snapshots: Vec<String>,
+    /// (snapshot, offset, length) pieces of snapshots where some copy differs from the first
+    /// (the whole snapshot where a copy lacks it).
+    pub snapshot_differing: Vec<(String, u64, u64)>,
     pub repaired: bool,
 }
 
@@ -354,13 +519,52 @@ const PIECE: u32 = 64 << 10;
 /// Bytes whose checksums one call asks a node for.
 const SCRUB_RANGE: u64 = 16 << 20;
 
+/// The CRC32C of each piece of `at..at+len` of `what` (a volume's or snapshot's UUID) on each
+/// of `members`' copies; `None` for a copy that does not have `what`.
+async fn checksums(
+    peers: &mut [super::Peer],
+    members: &[String],
+    what: &str,
+    at: u64,
+    len: u32,
+) -> Result<Vec<Option<Vec<u32>>>, EngineError> {
+    let request =
+        thinbd_api::pb::ChecksumsRequest { volume: what.to_string(), offset: at, length: len, piece_bytes: PIECE };
+    let asked = peers.iter_mut().zip(members).map(|(p, node)| {
+        let request = request.clone();
+        async move {
+            match p.checksums(request).await {
+                Ok(r) => Ok(Some(r.into_inner().crc32c)),
+                Err(e) if e.code() == tonic::Code::NotFound => Ok(None),
+                Err(e) => Err(EngineError::Unavailable(format!("checksums of {node}'s copy: {}", e.message()))),
+            }
+        }
+    });
+    futures_util::future::try_join_all(asked).await
+}
+
+/// Indexes of the pieces where a copy differs from the first; every piece where a copy lacks
+/// what is compared.
+fn differing_pieces(sums: &[Option<Vec<u32>>], pieces: usize) -> std::collections::BTreeMap<usize, Vec<usize>> {
+    let mut bad: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    for (copy, theirs) in sums.iter().enumerate().skip(1) {
+        for i in 0..pieces {
+            let reference = sums[0].as_ref().and_then(|s| s.get(i));
+            if theirs.as_ref().and_then(|s| s.get(i)) != reference {
+                bad.entry(i).or_default().push(copy);
+            }
+        }
+    }
+    bad
+}
+
 /// Compares the in-sync copies of `spec` (under the write barrier, through this node's
-/// session grant): each node computes the CRC32C of its own copy's pieces, only the checksums
-/// cross the network. With `repair`, rewrites the differing pieces of each copy from the
-/// first one (the local copy when it is in sync). `None` when the volume has no single-writer
-/// session on this node.
+/// session grant), the volume and each of its snapshots: each node computes the CRC32C of its
+/// own copy's pieces, only the checksums cross the network. With `repair`, rewrites the
+/// volume's differing pieces on each copy from the first one (the local copy when it is in
+/// sync); a snapshot that differs is reported (its layers are not rewritten: rebuild that
+/// copy). `None` when the volume has no single-writer session on this node.
 pub async fn scrub(cluster: &Arc<Cluster>, spec: &VolumeSpec, repair: bool) -> Result<Option<Scrubbed>, EngineError> {
-    use crate::io::VolumeIo;
     let shared = cluster.shared(&spec.uuid);
     let Some(linker) = shared.linker() else { return Ok(None) };
     let cluster_err = |e: super::ClusterError| EngineError::Unavailable(e.to_string());
@@ -382,41 +586,25 @@ pub async fn scrub(cluster: &Arc<Cluster>, spec: &VolumeSpec, repair: bool) -> R
     let mut at = 0u64;
     while at < size {
         let len = (size - at).min(SCRUB_RANGE) as u32;
-        let request =
-            thinbd_api::pb::ChecksumsRequest { volume: spec.uuid.clone(), offset: at, length: len, piece_bytes: PIECE };
-        let asked = peers.iter_mut().zip(&members).map(|(p, node)| {
-            let request = request.clone();
-            async move {
-                p.checksums(request)
-                    .await
-                    .map(|r| r.into_inner().crc32c)
-                    .map_err(|e| EngineError::Unavailable(format!("checksums of {node}'s copy: {}", e.message())))
-            }
-        });
-        let sums = futures_util::future::try_join_all(asked).await?;
-        let mut bad = std::collections::BTreeSet::new();
-        for (node, theirs) in members.iter().zip(&sums).skip(1) {
-            for (i, (a, b)) in sums[0].iter().zip(theirs).enumerate() {
-                if a != b {
-                    bad.insert(i);
-                    if repair {
-                        let piece_at = at + i as u64 * PIECE as u64;
-                        let piece_len = (size - piece_at).min(PIECE as u64) as u32;
-                        let data = crate::io::read_all(&reference, piece_at, piece_len).await?;
-                        if !links.contains_key(node) {
-                            links.insert(node.clone(), linker.link(node).await?);
-                        }
-                        if let Some(copy) = links.get(node) {
-                            copy.write(piece_at, data, false).await?;
-                        }
-                        repaired.push(node.clone());
-                    }
-                }
-            }
-        }
-        for i in bad {
+        let sums = checksums(&mut peers, &members, &spec.uuid, at, len).await?;
+        let pieces = (len as usize).div_ceil(PIECE as usize);
+        for (i, copies) in differing_pieces(&sums, pieces) {
             let offset = at + i as u64 * PIECE as u64;
-            out.differing.push((offset, (size - offset).min(PIECE as u64)));
+            let piece_len = (size - offset).min(PIECE as u64);
+            out.differing.push((offset, piece_len));
+            if !repair {
+                continue;
+            }
+            let data = crate::io::read_all(&reference, offset, piece_len as u32).await?;
+            for node in copies.into_iter().map(|c| &members[c]) {
+                if !links.contains_key(node) {
+                    links.insert(node.clone(), linker.link(node).await?);
+                }
+                if let Some(copy) = links.get(node) {
+                    copy.write(offset, data.clone(), false).await?;
+                }
+                repaired.push(node.clone());
+            }
         }
         out.compared += len as u64 * members.len() as u64;
         at += len as u64;
@@ -424,7 +612,31 @@ pub async fn scrub(cluster: &Arc<Cluster>, spec: &VolumeSpec, repair: bool) -> R
     for copy in links.values() {
         copy.flush().await?;
     }
+    let mut snapshots = cluster.snapshot_specs().await.map_err(cluster_err)?;
+    snapshots.retain(|s| s.volume_uuid == spec.uuid);
+    snapshots.sort_by_key(|s| s.created_unix);
+    for snap in snapshots {
+        let mut at = 0u64;
+        while at < snap.size_bytes {
+            let len = (snap.size_bytes - at).min(SCRUB_RANGE) as u32;
+            let sums = checksums(&mut peers, &members, &snap.uuid, at, len).await?;
+            if sums.iter().any(Option::is_none) {
+                out.snapshot_differing.push((snap.name.clone(), 0, snap.size_bytes));
+                break;
+            }
+            for i in differing_pieces(&sums, (len as usize).div_ceil(PIECE as usize)).into_keys() {
+                let offset = at + i as u64 * PIECE as u64;
+                out.snapshot_differing.push((snap.name.clone(), offset, (snap.size_bytes - offset).min(PIECE as u64)));
+            }
+            out.compared += len as u64 * members.len() as u64;
+            at += len as u64;
+        }
+        out.snapshots.push(snap.name);
+    }
     out.repaired = !repaired.is_empty();
-    tracing::info!(volume = %spec.name, copies = ?members, differing = out.differing.len(), repaired = out.repaired, "scrubbed");
+    tracing::info!(
+        volume = %spec.name, copies = ?members, differing = out.differing.len(), snapshots = out.snapshots.len(),
+        snapshot_differing = out.snapshot_differing.len(), repaired = out.repaired, "scrubbed"
+    );
     Ok(Some(out))
 }

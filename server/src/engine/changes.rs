@@ -1,8 +1,11 @@
 //! Changed-block tracking for volumes and snapshots by name (see `crate::layers::changes`).
 
+use std::sync::Arc;
+
 use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::layers::changes;
+use crate::layers::heads::Snapshot;
 
 /// Byte ranges of a volume or snapshot, with its size.
 pub struct Ranges {
@@ -13,6 +16,20 @@ pub struct Ranges {
 }
 
 impl Engine {
+    /// The snapshots of `volume`, marks included, oldest first: in the order of its layer
+    /// chain (creation times can tie).
+    pub fn snapshots_in_order(&self, volume: &str) -> Result<Vec<Arc<Snapshot>>, EngineError> {
+        let chain = changes::chain(&self.volume(volume)?.top()?)?;
+        let mut snapshots: Vec<(usize, Arc<Snapshot>)> = self
+            .graph
+            .list_snapshots(Some(volume))
+            .into_iter()
+            .filter_map(|s| chain.iter().position(|id| *id == s.layer.id).map(|at| (at, s)))
+            .collect();
+        snapshots.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
+        Ok(snapshots.into_iter().map(|(_, s)| s).collect())
+    }
+
     /// What changed from snapshot `base` (`VOLUME@SNAPSHOT`) to `target` (a later snapshot of
     /// the same volume, or the volume itself); with no `base`, what `target` holds (its
     /// allocated ranges).

@@ -32,6 +32,17 @@ pub fn changed_since(top: &Arc<Layer>, base: u64) -> Result<Vec<(u64, u64)>, Eng
     Err(EngineError::Invalid("the base snapshot is not an earlier state of the target".into()))
 }
 
+/// The ids of the layers of `top`'s chain, `top` first.
+pub fn chain(top: &Arc<Layer>) -> Result<Vec<u64>, EngineError> {
+    let mut ids = Vec::new();
+    let mut layer = Some(top.clone());
+    while let Some(l) = layer {
+        ids.push(l.id);
+        layer = l.read()?.parent.clone();
+    }
+    Ok(ids)
+}
+
 /// Ascending cluster numbers as `(first, count)` runs.
 fn runs(sorted: impl Iterator<Item = u64>) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
