@@ -1055,8 +1055,9 @@ fn a_copy_that_comes_back_gets_the_snapshot_layers_it_missed() {
 /// with the target's rebuild rate held low (4 MiB/s
 /// for 24 MiB allocated), a client keeps writing through the whole rebuild and its writes are
 /// acknowledged while the copy is `Rebuilding` (shown with its progress in `volume show` and
-/// the target's metrics). Once the copy is back in sync, every 64 KiB slot on it holds the
-/// last acknowledged write to that slot, and a scrub finds the three copies identical.
+/// the target's metrics). Its node killed part way, the copy's rebuild resumes from its last
+/// checkpoint when it is back. Once the copy is back in sync, every 64 KiB slot on it holds
+/// the last acknowledged write to that slot, and a scrub finds the three copies identical.
 #[test]
 fn a_copy_is_rebuilt_beside_live_writes() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -1128,7 +1129,30 @@ fn a_copy_is_rebuilt_beside_live_writes() {
         "writes did not go on during the rebuild ({acked_then} then {}): {v}",
         acked.load(Ordering::SeqCst)
     );
+    // Interrupted: node-3 is killed part way (past a recorded checkpoint) and comes back; the
+    // rebuild resumes from that checkpoint, below it copying only what was written since.
+    let checkpoint = loop {
+        let v = show(&nodes[1]);
+        let r3 = v["replica_states"].as_array().unwrap().iter().find(|r| r["node"] == "node-3").unwrap().clone();
+        assert_eq!(r3["state"], "Rebuilding", "the rebuild was over before it was interrupted: {v}");
+        if let Some(done) = r3["rebuilt_bytes"].as_u64().filter(|d| *d >= 4 << 20) {
+            break done;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    nodes[2].kill9();
+    std::thread::sleep(Duration::from_secs(1));
+    nodes[2].spawn(&fabric);
     wait_in_sync(&fabric, &nodes[0], "rl", 3, Duration::from_secs(60), "node-3's copy did not rejoin");
+    let log = nodes[0].log_text();
+    let rebuilt = log.lines().rfind(|l| l.contains("copy rebuilt and back in sync")).expect("the rebuild's log line");
+    let resumed: u64 = rebuilt
+        .split("resumed_from=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("{rebuilt}"));
+    assert!(resumed >= checkpoint, "the rebuild did not resume from its checkpoint ({checkpoint}): {rebuilt}");
     // A scrub (through another node, under the target's barrier while the writes go on).
     let scrub: serde_json::Value =
         serde_json::from_str(&nodes[1].cli(&fabric, &["volume", "scrub", "rl", "-o", "json"])).unwrap();

@@ -53,6 +53,10 @@ pub struct Rebuilding {
     /// Bytes of the volume's address space gone through.
     pub done: u64,
     pub total: u64,
+    /// The epoch of the target that recorded it: a later rebuild resumes only under that
+    /// target or the next (whose write log covers what the copy missed since).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// A replica's state, as `volume show` tells it.
@@ -166,7 +170,7 @@ impl Cluster {
         self.change_in_sync(uuid, epoch, |set| {
             set.rebuilding.retain(|r| r.node != node);
             if let Some((done, total)) = progress {
-                set.rebuilding.push(Rebuilding { node: node.to_string(), done, total });
+                set.rebuilding.push(Rebuilding { node: node.to_string(), done, total, epoch });
             }
             Ok(true)
         })

@@ -293,37 +293,70 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
         (Some(_), Some(engine)) => Some(engine.open_volume(&spec.name)?),
         _ => None,
     };
-    {
+    // How far an earlier rebuild of this copy got (flushed on the copy when recorded), under
+    // this target or the one before (no writes this target's log lacks came in between).
+    let done_before = set
+        .rebuilding
+        .iter()
+        .find(|r| r.node == node && (r.epoch == epoch || r.epoch + 1 == epoch))
+        .map_or(0, |r| r.done.min(size));
+    let resume = {
         let _held = shared.order.barrier().await?;
         if !shared.start_rebuild(node, size)? {
             return Ok(false);
         }
-    }
+        // Below where it got, the copy lacks only what was written since it stopped taking
+        // writes — unless it just got a layer (its head changed under that part too).
+        match shared.missed_since_stop(node)? {
+            Some(missed) if done_before > 0 && layers == 0 => Some((done_before, merged(missed))),
+            _ => None,
+        }
+    };
+    let resumed_from = resume.as_ref().map_or(0, |(done, _)| *done);
     let mut guard = Rebuilding { shared: &shared, node, joined: false };
     let stopped = || EngineError::Unavailable(format!("the rebuild of {node}'s copy stopped (a write failed on it)"));
-    let checkpoint = |done: u64| async move {
-        let noted = cluster.note_rebuild(&spec.uuid, epoch, node, Some((done, size))).await;
-        noted.map_err(cluster_err)?.fenced(&spec.name, epoch)
+    // What is recorded as done is durable on the copy: a later rebuild resumes there.
+    let checkpoint = |done: u64| {
+        let to = &to;
+        async move {
+            to.flush().await?;
+            let noted = cluster.note_rebuild(&spec.uuid, epoch, node, Some((done, size))).await;
+            noted.map_err(cluster_err)?.fenced(&spec.name, epoch)
+        }
     };
-    checkpoint(0).await?;
-    tracing::info!(volume = %spec.name, from = %source, to = node, size, delta, layers, "rebuilding a copy beside live writes");
-    let (mut at, mut recorded) = (0u64, 0u64);
+    checkpoint(resumed_from).await?;
+    tracing::info!(
+        volume = %spec.name, from = %source, to = node, size, delta, layers, resumed_from,
+        "rebuilding a copy beside live writes"
+    );
+    let (mut at, mut recorded) = (0u64, resumed_from);
     let mut recorded_at = std::time::Instant::now();
     while at < size {
-        if !shared.rebuilt(node, at)? {
+        if !shared.rebuilt(node, at.max(resumed_from))? {
             return Err(stopped());
         }
         let len = (size - at).min(CHUNK as u64) as u32;
         let _chunk = shared.order.enter(at, at + len as u64).await?;
-        if let (Some(head), Some(layer)) = (&head, &known.layer)
-            && !changed_since(head, layer, &known.ranges, at, len)?
-        {
-            at += len as u64;
+        let end = at + len as u64;
+        let wanted = match (&resume, &head, &known.layer) {
+            (Some((done, missed)), _, _) if at < *done => {
+                let end = end.min(*done);
+                missed.iter().any(|(s, e)| *s < end && at < *e)
+            }
+            (_, Some(head), Some(layer)) => changed_since(head, layer, &known.ranges, at, len)?,
+            _ => true,
+        };
+        if !wanted {
+            at = match &resume {
+                Some((done, _)) if at < *done => end.min(*done),
+                _ => end,
+            };
             continue;
         }
         at += copier.piece(&from, at, len).await? as u64;
         drop(_chunk);
-        if at - recorded >= CHECKPOINT || recorded_at.elapsed() >= std::time::Duration::from_secs(1) {
+        if at > recorded && (at - recorded >= CHECKPOINT || recorded_at.elapsed() >= std::time::Duration::from_secs(1))
+        {
             checkpoint(at).await?;
             (recorded, recorded_at) = (at, std::time::Instant::now());
         }
@@ -348,7 +381,7 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
     {
         tracing::warn!(volume = %spec.name, mark = %d.mark, error = %e, "cannot delete a rebuilt copy's mark");
     }
-    tracing::info!(volume = %spec.name, node, copied = copier.copied, delta, layers, "copy rebuilt and back in sync");
+    tracing::info!(volume = %spec.name, node, copied = copier.copied, delta, layers, resumed_from, "copy rebuilt and back in sync");
     Ok(true)
 }
 

@@ -48,7 +48,6 @@ pub struct Shared {
 /// Ranges a copy that leaves the in-sync set may lack beyond what a mark taken afterwards
 /// covers: those written since the last flush every copy completed (a copy that restarts
 /// may have lost them), and, per copy that left, those written until its mark is taken.
-#[derive(Default)]
 struct WriteLog {
     /// (sequence, start, end).
     since_flush: Vec<(u64, u64, u64)>,
@@ -58,6 +57,35 @@ struct WriteLog {
     overflow: Option<u64>,
     /// Per copy that left and has no mark yet; `None`: too much to list.
     departed: std::collections::HashMap<String, MissedRanges>,
+    /// Per copy whose rebuild stopped (it takes no live writes since): what it may lack in
+    /// the part its rebuild had done, for the next rebuild to resume there.
+    stopped: std::collections::HashMap<String, MissedRanges>,
+    /// Everything written since this target began (`None` once too much): what a copy whose
+    /// rebuild stopped under an earlier target may lack in the part that rebuild had done.
+    since_start: MissedRanges,
+}
+
+impl Default for WriteLog {
+    fn default() -> Self {
+        WriteLog {
+            since_flush: Vec::new(),
+            next: 0,
+            overflow: None,
+            departed: Default::default(),
+            stopped: Default::default(),
+            since_start: Some(Vec::new()),
+        }
+    }
+}
+
+impl WriteLog {
+    /// What a copy that stops taking writes now may lack of those written so far.
+    fn unflushed(&self) -> MissedRanges {
+        match self.overflow {
+            Some(_) => None,
+            None => Some(self.since_flush.iter().map(|(_, s, e)| (*s, *e)).collect()),
+        }
+    }
 }
 
 /// Byte ranges a copy that left may lack; `None`: too many to list (it needs a full rebuild).
@@ -150,12 +178,41 @@ impl Shared {
         }
     }
 
-    /// Stops sending live writes to a copy being rebuilt.
+    /// Stops sending live writes to a copy being rebuilt; what is written from now on (and
+    /// what it may not have made durable) is logged for the rebuild that resumes it.
     pub fn stop_rebuild(&self, node: &str) {
-        if let Ok(mut c) = self.copies.lock() {
+        let was = self.copies.lock().map(|mut c| {
+            let before = c.rebuilding.len();
             c.rebuilding.retain(|r| r.node != node);
+            c.rebuilding.len() < before
+        });
+        if was.unwrap_or(false)
+            && let Ok(mut log) = self.log.lock()
+        {
+            let unflushed = log.unflushed();
+            log.stopped.insert(node.to_string(), unflushed);
         }
         self.changed();
+    }
+
+    /// `node`, whose rebuild stopped, may lack `start..end` (a write it failed).
+    fn missed(&self, node: &str, start: u64, end: u64) -> Result<(), EngineError> {
+        if let Some(ranges) = self.log.lock().map_err(|_| poisoned())?.stopped.get_mut(node) {
+            push_capped(ranges, start, end);
+        }
+        Ok(())
+    }
+
+    /// For a rebuild that resumes `node`'s copy (call under the barrier, with the copy taking
+    /// live writes again): what it may lack in the part an earlier rebuild had done — logged
+    /// since that rebuild stopped here, or, if it never ran here, since this target began.
+    /// `None`: too much to tell.
+    pub fn missed_since_stop(&self, node: &str) -> Result<MissedRanges, EngineError> {
+        let mut log = self.log.lock().map_err(|_| poisoned())?;
+        Ok(match log.stopped.remove(node) {
+            Some(ranges) => ranges,
+            None => log.since_start.clone(),
+        })
     }
 
     /// A rebuilt copy joined the in-sync set (under the barrier, after the store recorded it):
@@ -184,7 +241,8 @@ impl Shared {
 
     /// A write to `start..end` completed on the in-sync copies.
     fn logged(&self, start: u64, end: u64) -> Result<(), EngineError> {
-        let mut log = self.log.lock().map_err(|_| poisoned())?;
+        let mut guard = self.log.lock().map_err(|_| poisoned())?;
+        let log = &mut *guard;
         let seq = log.next;
         log.next += 1;
         if log.since_flush.len() >= LOG_MAX {
@@ -192,9 +250,10 @@ impl Shared {
         } else {
             log.since_flush.push((seq, start, end));
         }
-        for ranges in log.departed.values_mut() {
+        for ranges in log.departed.values_mut().chain(log.stopped.values_mut()) {
             push_capped(ranges, start, end);
         }
+        push_capped(&mut log.since_start, start, end);
         Ok(())
     }
 
@@ -219,10 +278,7 @@ impl Shared {
         if log.departed.contains_key(node) {
             return Ok(());
         }
-        let ranges = match log.overflow {
-            Some(_) => None,
-            None => Some(log.since_flush.iter().map(|(_, s, e)| (*s, *e)).collect()),
-        };
+        let ranges = log.unflushed();
         log.departed.insert(node.to_string(), ranges);
         Ok(())
     }
@@ -435,6 +491,9 @@ impl InSyncCopies {
             } else {
                 tracing::warn!(node = %m.node, error = %e, "a copy being rebuilt failed a write: its rebuild stops");
                 self.shared.stop_rebuild(&m.node);
+                if let Some((start, end)) = range {
+                    self.shared.missed(&m.node, start, end)?;
+                }
             }
             self.drop_links(|x| x.node == m.node)?;
         }
@@ -637,5 +696,30 @@ mod tests {
         assert!(!waiter.is_finished());
         drop(first);
         tokio::time::timeout(Duration::from_secs(1), waiter).await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_stopped_rebuild_resumes_with_what_was_written_since_and_unflushed() {
+        let shared = Shared::default();
+        shared.adopt(&["a".to_string()]).unwrap();
+        // Before this target wrote anything, a copy it never rebuilt lacks nothing from it.
+        assert_eq!(shared.missed_since_stop("b").unwrap(), Some(vec![]));
+        assert!(shared.start_rebuild("b", 1 << 20).unwrap());
+        shared.logged(0, 10).unwrap();
+        let upto = shared.flush_started().unwrap();
+        shared.flushed(upto).unwrap();
+        shared.logged(20, 30).unwrap();
+        shared.stop_rebuild("b");
+        shared.logged(40, 50).unwrap();
+        // Unflushed when it stopped, and written since; not what a completed flush covered.
+        assert_eq!(shared.missed_since_stop("b").unwrap(), Some(vec![(20, 30), (40, 50)]));
+        // Taken: a copy not stopped here falls back to everything since this target began.
+        assert_eq!(shared.missed_since_stop("b").unwrap(), Some(vec![(0, 10), (20, 30), (40, 50)]));
+        // Stopping a copy that was not being rebuilt logs nothing for it.
+        shared.stop_rebuild("c");
+        for i in 0..LOG_MAX as u64 {
+            shared.logged(i, i + 1).unwrap();
+        }
+        assert_eq!(shared.missed_since_stop("c").unwrap(), None, "past the cap: too much to tell");
     }
 }
