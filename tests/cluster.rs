@@ -1583,3 +1583,108 @@ fn no_acknowledged_write_is_lost_under_kills_pauses_and_partitions() {
         log.lines().filter(|l| l.contains("rebuil")).collect::<Vec<_>>().join("\n")
     );
 }
+
+/// Network faults on one copy's link, made by our fault proxy (this kernel has no netem):
+/// node-3 advertises the proxy as its NBD address, so the target's link to its copy passes
+/// through it, while a writer keeps writing through the target and logs what was acknowledged.
+/// - Delay with jitter (20–30 ms): every write waits for the slow copy (protocol C), which
+///   stays in sync.
+/// - Black hole (nothing answers, nothing is reset): the link's request timeout evicts node-3;
+///   the writes go on with two copies; healed, node-3 is rebuilt and rejoins.
+/// - Reset (RST both ways): the link fails at once; node-3 is rebuilt and rejoins.
+/// - Lost replies (one way): like the black hole, the copy applies writes nobody hears of.
+///
+/// At the end every copy holds each slot's last acknowledged write (or a later unacknowledged
+/// one), the copies are identical, and a scrub agrees.
+#[test]
+fn faults_on_a_copys_link_delay_black_hole_reset_and_lost_replies() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use thinbd_protocol::client::{Client, ClientOptions};
+    use thinbd_tests::fault_proxy::{Fault, FaultProxy};
+    const SLOT: usize = 64 << 10;
+    const SLOTS: usize = 128; // 8 MiB
+    let proxied = |i: usize| if i == 3 { vec!["--advertise-nbd".into(), "10.77.0.3:20809".into()] } else { Vec::new() };
+    let Some((fabric, _etcd, nodes)) = three_nodes(proxied) else { return };
+    let proxy = fabric.run_in(3, || FaultProxy::start("10.77.0.3:20809", "10.77.0.3:10809"));
+    nodes[0].cli(&fabric, &["volume", "create", "fp", "--size", "16MiB"]);
+    let export = publish_for_one_writer(&fabric, &nodes[0], "fp");
+    let (stop, acked) = (std::sync::Arc::new(AtomicBool::new(false)), std::sync::Arc::new(AtomicUsize::new(0)));
+    let writer = {
+        let (addr, export, stop, acked) =
+            (format!("{}:10809", fabric.ip(1)), export.clone(), stop.clone(), acked.clone());
+        fabric.spawn_in(1, move || {
+            thinbd_tests::runtime().block_on(async {
+                let mut log = thinbd_tests::AckLog::new(SLOTS, SLOT);
+                let mut c =
+                    Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach on node-1");
+                let mut seed = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    seed += 1;
+                    let slot = (seed as usize * 37) % SLOTS;
+                    match c.write((slot * SLOT) as u64, &thinbd_tests::pattern(seed, SLOT), 0).await {
+                        Ok(()) => {
+                            log.acknowledged(slot, seed);
+                            acked.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(_) => {
+                            log.unacknowledged(slot, seed);
+                            c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("reattach");
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                c.flush().await.expect("flush");
+                log
+            })
+        })
+    };
+    let writes_during = |d: Duration| {
+        let before = acked.load(Ordering::SeqCst);
+        std::thread::sleep(d);
+        acked.load(Ordering::SeqCst) - before
+    };
+    assert!(writes_during(Duration::from_secs(1)) > 0, "no write was acknowledged");
+    wait_in_sync(&fabric, &nodes[0], "fp", 3, Duration::from_secs(10), "three copies in sync");
+    let quick = writes_during(Duration::from_secs(2));
+    // Delay: each write waits for the slow copy; it stays in sync.
+    proxy.set(Fault::Delay { base: Duration::from_millis(20), jitter: Duration::from_millis(10) });
+    let slow = writes_during(Duration::from_secs(2));
+    assert!(slow > 5 && slow <= 2000 / 20, "{slow} writes in 2 s with a 20 ms link (before: {quick})");
+    wait_in_sync(&fabric, &nodes[0], "fp", 3, Duration::from_secs(1), "the slow copy left the set");
+    proxy.set(Fault::Pass);
+    // Each of these cuts node-3 off until the target's link gives up on it; writes go on.
+    for (fault, what) in [(Fault::BlackHole, "black hole"), (Fault::DropReplies, "lost replies")] {
+        proxy.set(fault);
+        wait_in_sync(&fabric, &nodes[0], "fp", 2, Duration::from_secs(40), &format!("{what}: node-3 stayed in sync"));
+        assert!(writes_during(Duration::from_secs(1)) > 0, "{what}: the writes did not go on with two copies");
+        proxy.set(Fault::Pass);
+        wait_in_sync(&fabric, &nodes[0], "fp", 3, Duration::from_secs(60), &format!("{what}: node-3 did not rejoin"));
+    }
+    let rejoined = |n: &NetNode| n.log_text().matches("copy rebuilt and back in sync").count();
+    let before = rejoined(&nodes[0]);
+    proxy.reset_all();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rejoined(&nodes[0]) == before {
+        assert!(Instant::now() < deadline, "reset: node-3 was not rebuilt");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_in_sync(&fabric, &nodes[0], "fp", 3, Duration::from_secs(30), "reset: node-3 did not rejoin");
+    assert!(writes_during(Duration::from_secs(1)) > 0, "no write after the faults");
+    let scrub: serde_json::Value =
+        serde_json::from_str(&nodes[1].cli(&fabric, &["volume", "scrub", "fp", "-o", "json"])).unwrap();
+    assert_eq!(scrub["differing"], serde_json::json!([]), "{scrub}");
+    stop.store(true, Ordering::SeqCst);
+    let log = writer.join().unwrap();
+    let show: serde_json::Value =
+        serde_json::from_str(&nodes[0].cli(&fabric, &["volume", "show", "fp", "-o", "json"])).unwrap();
+    let epoch = show["target_epoch"].as_u64().unwrap();
+    let copies: Vec<Vec<u8>> =
+        (1..=3).map(|i| read_copy(&fabric, i, &export, epoch, 0, (SLOTS * SLOT) as u32)).collect();
+    for (i, copy) in copies.iter().enumerate() {
+        if let Err(e) = log.check(copy) {
+            panic!("node-{}'s copy lost an acknowledged write: {e}", i + 1);
+        }
+    }
+    assert!(copies[1] == copies[0] && copies[2] == copies[0], "the in-sync copies differ");
+    drop(proxy);
+}

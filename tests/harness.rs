@@ -1,6 +1,7 @@
 //! Test harness: runs the real `thinbd` binary on free loopback ports in a temporary data dir,
 //! and finds the external NBD clients the tests drive.
 
+pub mod fault_proxy;
 pub mod netns;
 
 use std::net::TcpListener;
