@@ -1688,3 +1688,84 @@ fn faults_on_a_copys_link_delay_black_hole_reset_and_lost_replies() {
     assert!(copies[1] == copies[0] && copies[2] == copies[0], "the in-sync copies differ");
     drop(proxy);
 }
+
+/// A copy that missed acknowledged writes is never a source for a new target: node-3 is killed,
+/// a write is acknowledged by node-1 and node-2 (node-3 leaves the in-sync set), then the
+/// target node-1 is killed before node-3's copy was rebuilt. Attached again through node-3,
+/// whose own copy lacks that write, reads come from node-2 (the last in-sync set); a write
+/// waits (node-1's copy left too: one copy in sync, under min_insync) until node-3's copy is
+/// rebuilt from node-2, and is then acknowledged. node-1 comes back and is rebuilt; every copy
+/// holds both writes.
+#[test]
+fn a_copy_that_missed_writes_is_never_a_source_for_a_new_target() {
+    use thinbd_protocol::client::{Client, ClientOptions};
+    let Some((fabric, _etcd, mut nodes)) = three_nodes(|_| Vec::new()) else { return };
+    nodes[0].cli(&fabric, &["volume", "create", "ns", "--size", "16MiB"]);
+    let export = publish_for_one_writer(&fabric, &nodes[0], "ns");
+    let (a, b, c) = (
+        thinbd_tests::pattern(80, 256 << 10),
+        thinbd_tests::pattern(81, 256 << 10),
+        thinbd_tests::pattern(82, 256 << 10),
+    );
+    let write_via = |i: usize, at: u64, data: &[u8]| {
+        let (addr, export, data) = (format!("{}:10809", fabric.ip(i)), export.clone(), data.to_vec());
+        fabric.run_in(i, move || {
+            thinbd_tests::runtime().block_on(async {
+                let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach");
+                c.write(at, &data, 0).await.expect("write");
+                c.flush().await.expect("flush");
+                c.disconnect().await.unwrap();
+            })
+        })
+    };
+    write_via(1, 0, &a);
+    nodes[2].kill9();
+    write_via(1, 0, &b);
+    let show = |n: &NetNode| -> serde_json::Value {
+        serde_json::from_str(&n.cli(&fabric, &["volume", "show", "ns", "-o", "json"])).unwrap()
+    };
+    assert_eq!(show(&nodes[1])["in_sync"], serde_json::json!(["node-1", "node-2"]));
+    nodes[0].kill9();
+    nodes[2].spawn(&fabric);
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let (tx_go, rx_go) = std::sync::mpsc::channel::<()>();
+    let client = {
+        let (addr, export, c) = (format!("{}:10809", fabric.ip(3)), export.clone(), c.clone());
+        fabric.spawn_in(3, move || {
+            thinbd_tests::runtime().block_on(async {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let client = loop {
+                    match Client::connect(addr.as_str(), ClientOptions::new(&export)).await {
+                        Ok(client) => break client,
+                        Err(e) => assert!(Instant::now() < deadline, "attach through node-3: {e}"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                };
+                tx.send(client.read(0, 256 << 10).await.expect("read through node-3")).unwrap();
+                client.write(1 << 20, &c, 0).await.expect("a write through node-3");
+                client.flush().await.unwrap();
+                tx.send(Vec::new()).unwrap();
+                // Attached (the target rebuilds only for a volume in use) until node-1 is back.
+                rx_go.recv().unwrap();
+                client.disconnect().await.unwrap();
+            })
+        })
+    };
+    let read = rx.recv_timeout(Duration::from_secs(60)).expect("no read through node-3");
+    assert!(read == b, "node-3's stale copy was read (it missed the last acknowledged write)");
+    rx.recv_timeout(Duration::from_secs(60)).expect("the write through node-3 was not acknowledged");
+    let s = show(&nodes[1]);
+    assert_eq!(s["target_node"], "node-3", "{s}");
+    let mut in_sync: Vec<String> = serde_json::from_value(s["in_sync"].clone()).unwrap();
+    in_sync.sort();
+    assert_eq!(in_sync, ["node-2", "node-3"], "{s}");
+    nodes[0].spawn(&fabric);
+    wait_in_sync(&fabric, &nodes[1], "ns", 3, Duration::from_secs(60), "node-1's copy was not rebuilt");
+    let epoch = show(&nodes[1])["target_epoch"].as_u64().unwrap();
+    for i in 1..=3 {
+        assert!(read_copy(&fabric, i, &export, epoch, 0, 256 << 10) == b, "node-{i}'s copy lacks the second write");
+        assert!(read_copy(&fabric, i, &export, epoch, 1 << 20, 256 << 10) == c, "node-{i}'s copy lacks the third");
+    }
+    tx_go.send(()).unwrap();
+    client.join().unwrap();
+}
