@@ -1769,3 +1769,57 @@ fn a_copy_that_missed_writes_is_never_a_source_for_a_new_target() {
     tx_go.send(()).unwrap();
     client.join().unwrap();
 }
+
+/// Full pools: node-3's pool (6 MiB) fills first under a writer filling fresh 64 KiB slots in
+/// order: the write it fails is acknowledged by the other two once node-3 left the in-sync set,
+/// and the writes go on. When node-1's and node-2's pools (12 MiB) fill too, the next write
+/// fails on both: it is not acknowledged and nobody is evicted (the set keeps its last two
+/// copies). Every acknowledged write is on both in-sync copies, and the client heard ENOSPC.
+#[test]
+fn full_pools_one_copy_leaves_the_set_all_copies_fail_the_write() {
+    use thinbd_protocol::client::{Client, ClientOptions};
+    const SLOT: usize = 64 << 10;
+    const SLOTS: usize = 320; // 20 MiB
+    let capacity = |i: usize| vec!["--capacity".into(), if i == 3 { "6MiB".into() } else { "12MiB".into() }];
+    let Some((fabric, _etcd, nodes)) = three_nodes(capacity) else { return };
+    nodes[0].cli(&fabric, &["volume", "create", "fu", "--size", "32MiB"]);
+    let export = publish_for_one_writer(&fabric, &nodes[0], "fu");
+    let (log, errors) = {
+        let (addr, export) = (format!("{}:10809", fabric.ip(1)), export.clone());
+        fabric.run_in(1, move || {
+            thinbd_tests::runtime().block_on(async {
+                let mut log = thinbd_tests::AckLog::new(SLOTS, SLOT);
+                let mut errors = Vec::new();
+                let mut c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach");
+                for slot in 0..SLOTS {
+                    let seed = 300 + slot as u64;
+                    match c.write((slot * SLOT) as u64, &thinbd_tests::pattern(seed, SLOT), 0).await {
+                        Ok(()) => log.acknowledged(slot, seed),
+                        Err(e) => {
+                            log.unacknowledged(slot, seed);
+                            errors.push(e.to_string());
+                            c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("reattach");
+                        }
+                    }
+                }
+                c.flush().await.expect("flush");
+                (log, errors)
+            })
+        })
+    };
+    let acked = log.acknowledged_count();
+    assert!(acked * SLOT > 6 << 20, "node-3's full pool stopped the writes: {acked} acknowledged");
+    assert!(acked * SLOT <= 12 << 20, "{acked} writes acknowledged on 12 MiB pools");
+    assert!(!errors.is_empty(), "no write failed on full pools");
+    assert!(errors.iter().all(|e| e.contains("error 28")), "not ENOSPC (28): {errors:?}");
+    let s: serde_json::Value =
+        serde_json::from_str(&nodes[0].cli(&fabric, &["volume", "show", "fu", "-o", "json"])).unwrap();
+    assert_eq!(s["in_sync"], serde_json::json!(["node-1", "node-2"]), "{s}");
+    let epoch = s["target_epoch"].as_u64().unwrap();
+    for i in 1..=2 {
+        let copy = read_copy(&fabric, i, &export, epoch, 0, (SLOTS * SLOT) as u32);
+        if let Err(e) = log.check(&copy) {
+            panic!("node-{i}'s copy lost an acknowledged write: {e}");
+        }
+    }
+}
