@@ -1823,3 +1823,76 @@ fn full_pools_one_copy_leaves_the_set_all_copies_fail_the_write() {
         }
     }
 }
+
+/// etcd out of reach (paused: no answer, no reset): the data path goes on without it — writes
+/// through the target are acknowledged while it is paused. A copy lost meanwhile needs a
+/// change of the in-sync set, which waits for etcd: the write that found the copy gone is not
+/// acknowledged until etcd answers again and the copy left the set; then the writes go on, the
+/// copy comes back and is rebuilt, and no acknowledged write is lost.
+#[test]
+fn without_etcd_writes_go_on_and_membership_changes_wait() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use thinbd_protocol::client::{Client, ClientOptions};
+    const SLOT: usize = 64 << 10;
+    const SLOTS: usize = 128;
+    let Some((fabric, etcd, mut nodes)) = three_nodes(|_| Vec::new()) else { return };
+    nodes[0].cli(&fabric, &["volume", "create", "eq", "--size", "16MiB"]);
+    let export = publish_for_one_writer(&fabric, &nodes[0], "eq");
+    let (stop, acked) = (std::sync::Arc::new(AtomicBool::new(false)), std::sync::Arc::new(AtomicUsize::new(0)));
+    let writer = {
+        let (addr, export, stop, acked) =
+            (format!("{}:10809", fabric.ip(1)), export.clone(), stop.clone(), acked.clone());
+        fabric.spawn_in(1, move || {
+            thinbd_tests::runtime().block_on(async {
+                let mut log = thinbd_tests::AckLog::new(SLOTS, SLOT);
+                let mut c =
+                    Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach on node-1");
+                let mut seed = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    seed += 1;
+                    let slot = (seed as usize * 37) % SLOTS;
+                    match c.write((slot * SLOT) as u64, &thinbd_tests::pattern(seed, SLOT), 0).await {
+                        Ok(()) => {
+                            log.acknowledged(slot, seed);
+                            acked.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(_) => {
+                            log.unacknowledged(slot, seed);
+                            c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("reattach");
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                c.flush().await.expect("flush");
+                log
+            })
+        })
+    };
+    let writes_during = |d: Duration| {
+        let before = acked.load(Ordering::SeqCst);
+        std::thread::sleep(d);
+        acked.load(Ordering::SeqCst) - before
+    };
+    assert!(writes_during(Duration::from_secs(1)) > 0, "no write was acknowledged");
+    thinbd_tests::send_signal(etcd.pid(), "STOP");
+    let paused = writes_during(Duration::from_secs(2));
+    assert!(paused > 20, "{paused} writes acknowledged in 2 s without etcd");
+    nodes[2].kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    let stalled = writes_during(Duration::from_secs(3));
+    assert_eq!(stalled, 0, "writes were acknowledged with a lost copy still in the set in etcd");
+    thinbd_tests::send_signal(etcd.pid(), "CONT");
+    wait_in_sync(&fabric, &nodes[0], "eq", 2, Duration::from_secs(30), "node-3 did not leave the set");
+    assert!(writes_during(Duration::from_secs(1)) > 0, "the writes did not go on after etcd came back");
+    nodes[2].spawn(&fabric);
+    wait_in_sync(&fabric, &nodes[0], "eq", 3, Duration::from_secs(60), "node-3's copy was not rebuilt");
+    stop.store(true, Ordering::SeqCst);
+    let log = writer.join().unwrap();
+    let epoch = target_of(&fabric, &nodes[0], "eq").1;
+    for i in 1..=3 {
+        let copy = read_copy(&fabric, i, &export, epoch, 0, (SLOTS * SLOT) as u32);
+        if let Err(e) = log.check(&copy) {
+            panic!("node-{i}'s copy lost an acknowledged write: {e}");
+        }
+    }
+}

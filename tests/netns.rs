@@ -176,6 +176,10 @@ pub struct Etcd {
 }
 
 impl Etcd {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn start(fabric: &Fabric, i: usize) -> Etcd {
         let ip = fabric.ip(i);
         let (etcd, client) = Self::spawn(fabric.command(i, "etcd"), &ip, 2379, 2380);
