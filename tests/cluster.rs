@@ -977,8 +977,9 @@ fn a_copy_that_comes_back_is_rebuilt_and_gets_the_later_writes() {
 /// A copy that was away while snapshots were taken and deleted comes back with the layers the
 /// others have: node-3 is killed after snapshot s1; s2 and s3 are taken on the two copies left
 /// and s1 is deleted (node-3 keeps it until its rebuild). Back, node-3's copy is rebuilt from
-/// the mark where it left: it gets s2 and s3 (with their UUIDs and contents) and loses s1, and
-/// a scrub compares the heads and both snapshots on the three copies and finds them the same.
+/// the mark where it left: it gets s2 and s3 (with their UUIDs and contents) and loses s1. A
+/// snapshot s4 taken during that rebuild (and a clone) stops it; it starts again and adds s4.
+/// A scrub compares the heads and the snapshots on the three copies and finds them the same.
 #[test]
 fn a_copy_that_comes_back_gets_the_snapshot_layers_it_missed() {
     use thinbd_protocol::client::{Client, ClientOptions};
@@ -986,7 +987,8 @@ fn a_copy_that_comes_back_gets_the_snapshot_layers_it_missed() {
         Write(u64, Vec<u8>),
         Trim(u64, u32),
     }
-    let Some((fabric, _etcd, mut nodes)) = three_nodes(|_| Vec::new()) else { return };
+    let slow = |i: usize| if i == 1 { vec!["--rebuild-rate".into(), "1MiB".into()] } else { Vec::new() };
+    let Some((fabric, _etcd, mut nodes)) = three_nodes(slow) else { return };
     nodes[0].cli(&fabric, &["volume", "create", "ly", "--size", "16MiB", "--replicas", "3"]);
     let export = publish_for_one_writer(&fabric, &nodes[0], "ly");
     let (tx, rx) = std::sync::mpsc::channel::<Op>();
@@ -1024,17 +1026,35 @@ fn a_copy_that_comes_back_gets_the_snapshot_layers_it_missed() {
     // With node-3 away (out of the in-sync set): deleted on the copies in sync.
     snapshot(&nodes[1], &["delete", "ly@s1"]);
     snapshot(&nodes[1], &["create", "ly", "s3"]);
-    run(Op::Write(4 << 20, thinbd_tests::pattern(75, 256 << 10)));
+    run(Op::Write(4 << 20, thinbd_tests::pattern(75, 4 << 20)));
     nodes[2].spawn(&fabric);
+    // During the rebuild (1 MiB/s: seconds), a snapshot and a clone: the snapshot stops the
+    // rebuild, which starts again and adds that layer too.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v: serde_json::Value =
+            serde_json::from_str(&nodes[1].cli(&fabric, &["volume", "show", "ly", "-o", "json"])).unwrap();
+        let r3 = v["replica_states"].as_array().unwrap().iter().find(|r| r["node"] == "node-3").unwrap().clone();
+        if r3["state"] == "Rebuilding" {
+            break;
+        }
+        assert!(r3["state"] != "UpToDate" && Instant::now() < deadline, "no rebuild was seen: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    snapshot(&nodes[1], &["create", "ly", "s4"]);
+    nodes[1].cli(&fabric, &["volume", "clone", "ly@s3", "ly-clone"]);
     wait_in_sync(&fabric, &nodes[0], "ly", 3, Duration::from_secs(60), "node-3's copy was not rebuilt");
     let log = nodes[0].log_text();
+    assert!(log.contains("a snapshot stops the rebuild of a copy"), "the snapshot did not stop the rebuild");
+    let layers = log.lines().filter(|l| l.contains("a copy being rebuilt took a snapshot layer")).count();
+    assert_eq!(layers, 3, "s2, s3, then s4 should have been given to node-3");
     let rebuilt = log.lines().find(|l| l.contains("copy rebuilt and back in sync")).expect("the rebuild's log line");
-    assert!(rebuilt.contains("delta=true") && rebuilt.contains("layers=2"), "{rebuilt}");
+    assert!(rebuilt.contains("delta=true") && rebuilt.contains("layers=1"), "{rebuilt}");
     assert!(
         !nodes[2].cli_output(&fabric, &["snapshot", "allocated", "ly@s1"]).status.success(),
         "s1 is still on node-3"
     );
-    for snap in ["ly@s2", "ly@s3"] {
+    for snap in ["ly@s2", "ly@s3", "ly@s4"] {
         let allocated: Vec<String> =
             nodes.iter().map(|n| n.cli(&fabric, &["snapshot", "allocated", snap, "-o", "json"])).collect();
         assert!(allocated.iter().all(|a| *a == allocated[0]), "{snap} differs between the copies: {allocated:?}");
@@ -1044,7 +1064,7 @@ fn a_copy_that_comes_back_gets_the_snapshot_layers_it_missed() {
     assert_eq!(scrub["copies"].as_array().map(Vec::len), Some(3), "{scrub}");
     let mut compared: Vec<&str> = scrub["snapshots"].as_array().unwrap().iter().filter_map(|s| s.as_str()).collect();
     compared.sort();
-    assert_eq!(compared, ["s2", "s3"], "{scrub}");
+    assert_eq!(compared, ["s2", "s3", "s4"], "{scrub}");
     assert_eq!(scrub["differing"], serde_json::json!([]), "{scrub}");
     assert_eq!(scrub["snapshot_differing"], serde_json::json!([]), "{scrub}");
     drop(tx);
