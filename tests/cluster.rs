@@ -1916,3 +1916,97 @@ fn without_etcd_writes_go_on_and_membership_changes_wait() {
         }
     }
 }
+
+/// A flapping partition between the target and one copy for a minute — mostly short cuts
+/// (which only stall the writes: the link waits them out), and two long ones (one both ways,
+/// one from the target to the copy only) that evict the copy — then a rolling restart of every
+/// node, the target last. No rebuild storm: each eviction is followed by one rebuild, every
+/// rebuild copies only what changed since the copy's mark, and no acknowledged write is lost.
+#[test]
+fn a_flapping_partition_and_a_rolling_restart_rebuild_only_deltas() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use thinbd_protocol::client::{Client, ClientOptions};
+    const SLOT: usize = 64 << 10;
+    const SLOTS: usize = 128;
+    let Some((fabric, _etcd, mut nodes)) = three_nodes(|_| Vec::new()) else { return };
+    nodes[0].cli(&fabric, &["volume", "create", "fl", "--size", "16MiB"]);
+    let export = publish_for_one_writer(&fabric, &nodes[0], "fl");
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (addr, export, stop) = (format!("{}:10809", fabric.ip(1)), export.clone(), stop.clone());
+        fabric.spawn_in(1, move || {
+            thinbd_tests::runtime().block_on(async {
+                let connect = || async {
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    loop {
+                        match Client::connect(addr.as_str(), ClientOptions::new(&export)).await {
+                            Ok(c) => return c,
+                            Err(e) => assert!(Instant::now() < deadline, "cannot reattach: {e}"),
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                };
+                let mut log = thinbd_tests::AckLog::new(SLOTS, SLOT);
+                let mut c = connect().await;
+                let mut seed = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    seed += 1;
+                    let slot = (seed as usize * 37) % SLOTS;
+                    match c.write((slot * SLOT) as u64, &thinbd_tests::pattern(seed, SLOT), 0).await {
+                        Ok(()) => log.acknowledged(slot, seed),
+                        Err(_) => {
+                            log.unacknowledged(slot, seed);
+                            c = connect().await;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                c.flush().await.expect("flush");
+                log
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    // (cut seconds, both ways): short cuts stay under the link's 15 s request timeout.
+    let flaps = [(2, true), (2, true), (17, true), (1, true), (2, true), (17, false), (2, true), (1, true)];
+    for (secs, both) in flaps {
+        if both {
+            fabric.cut(1, 3);
+        } else {
+            fabric.cut_one_way(1, 3);
+        }
+        std::thread::sleep(Duration::from_secs(secs));
+        fabric.heal();
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    wait_in_sync(&fabric, &nodes[0], "fl", 3, Duration::from_secs(60), "node-3 did not come back after the flapping");
+    // Rolling restart, the target (node-1) last: its client reattaches.
+    for i in [1, 2, 0] {
+        nodes[i].kill9();
+        std::thread::sleep(Duration::from_millis(500));
+        nodes[i].spawn(&fabric);
+        wait_in_sync(&fabric, &nodes[1], "fl", 3, Duration::from_secs(60), &format!("after restarting node-{}", i + 1));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    let log = writer.join().unwrap();
+    let all: String = nodes.iter().map(NetNode::log_text).collect();
+    let evictions = all.matches("a replica failed a write: leaving the in-sync set").count();
+    let rebuilds: Vec<&str> = all.lines().filter(|l| l.contains("copy rebuilt and back in sync")).collect();
+    assert!(evictions >= 2, "the long cuts did not evict node-3 ({evictions} evictions)");
+    assert!(rebuilds.iter().all(|l| l.contains("delta=true")), "a full rebuild: {rebuilds:#?}");
+    let started = all.matches("rebuilding a copy beside live writes").count();
+    eprintln!(
+        "flapping and rolling restart: {evictions} evictions, {started} rebuilds started, {} done",
+        rebuilds.len()
+    );
+    assert!(started <= evictions + 2, "a rebuild storm: {started} rebuilds for {evictions} evictions");
+    let epoch = target_of(&fabric, &nodes[0], "fl").1;
+    let copies: Vec<Vec<u8>> =
+        (1..=3).map(|i| read_copy(&fabric, i, &export, epoch, 0, (SLOTS * SLOT) as u32)).collect();
+    for (i, copy) in copies.iter().enumerate() {
+        if let Err(e) = log.check(copy) {
+            panic!("node-{}'s copy lost an acknowledged write: {e}", i + 1);
+        }
+    }
+}

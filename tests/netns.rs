@@ -130,7 +130,13 @@ impl Fabric {
 
     /// Drops all traffic between nodes `i` and `j`, both ways.
     pub fn cut(&self, i: usize, j: usize) {
-        for (a, b) in [(i, j), (j, i)] {
+        self.cut_one_way(i, j);
+        self.cut_one_way(j, i);
+    }
+
+    /// Drops the packets node `i` sends to node `j` (what `j` sends to `i` still arrives).
+    pub fn cut_one_way(&self, i: usize, j: usize) {
+        for (a, b, hook) in [(i, j, "out"), (j, i, "in")] {
             if self
                 .command(a, "nft")
                 .args(["list", "table", "inet", "part"])
@@ -141,8 +147,8 @@ impl Fabric {
                 self.nft(a, &["add", "chain", "inet", "part", "out", "{ type filter hook output priority 0; }"]);
                 self.nft(a, &["add", "chain", "inet", "part", "in", "{ type filter hook input priority 0; }"]);
             }
-            self.nft(a, &["add", "rule", "inet", "part", "out", "ip", "daddr", &self.ip(b), "drop"]);
-            self.nft(a, &["add", "rule", "inet", "part", "in", "ip", "saddr", &self.ip(b), "drop"]);
+            let (side, address) = if hook == "out" { ("daddr", self.ip(b)) } else { ("saddr", self.ip(b)) };
+            self.nft(a, &["add", "rule", "inet", "part", hook, "ip", side, &address, "drop"]);
         }
     }
 
