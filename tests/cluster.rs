@@ -1126,6 +1126,8 @@ fn a_copy_is_rebuilt_beside_live_writes() {
         serde_json::from_str(&n.cli(&fabric, &["volume", "show", "rl", "-o", "json"])).unwrap()
     };
     wait_in_sync(&fabric, &nodes[0], "rl", 2, Duration::from_secs(30), "node-3 did not leave the in-sync set");
+    // Away long enough that much of the volume changes (the rebuild copies only that).
+    std::thread::sleep(Duration::from_secs(4));
     nodes[2].spawn(&fabric);
     // Rebuilding, part way, with the writes going on.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1155,7 +1157,7 @@ fn a_copy_is_rebuilt_beside_live_writes() {
         let v = show(&nodes[1]);
         let r3 = v["replica_states"].as_array().unwrap().iter().find(|r| r["node"] == "node-3").unwrap().clone();
         assert_eq!(r3["state"], "Rebuilding", "the rebuild was over before it was interrupted: {v}");
-        if let Some(done) = r3["rebuilt_bytes"].as_u64().filter(|d| *d >= 4 << 20) {
+        if let Some(done) = r3["rebuilt_bytes"].as_u64().filter(|d| *d > 0) {
             break done;
         }
         std::thread::sleep(Duration::from_millis(100));

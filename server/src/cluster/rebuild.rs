@@ -338,22 +338,16 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
         let len = (size - at).min(CHUNK as u64) as u32;
         let _chunk = shared.order.enter(at, at + len as u64).await?;
         let end = at + len as u64;
-        let wanted = match (&resume, &head, &known.layer) {
-            (Some((done, missed)), _, _) if at < *done => {
-                let end = end.min(*done);
-                missed.iter().any(|(s, e)| *s < end && at < *e)
-            }
-            (_, Some(head), Some(layer)) => changed_since(head, layer, &known.ranges, at, len)?,
-            _ => true,
+        // Only the parts of the chunk that may differ on the copy.
+        let (parts, next) = match (&resume, &head, &known.layer) {
+            (Some((done, missed)), _, _) if at < *done => (within(missed, at, end.min(*done)), end.min(*done)),
+            (_, Some(head), Some(layer)) => (changed_parts(head, layer, &known.ranges, at, len)?, end),
+            _ => (vec![(at, end)], end),
         };
-        if !wanted {
-            at = match &resume {
-                Some((done, _)) if at < *done => end.min(*done),
-                _ => end,
-            };
-            continue;
+        for (start, end) in parts {
+            copier.range(&from, start, end - start).await?;
         }
-        at += copier.piece(&from, at, len).await? as u64;
+        at = next;
         drop(_chunk);
         if at > recorded && (at - recorded >= CHECKPOINT || recorded_at.elapsed() >= std::time::Duration::from_secs(1))
         {
@@ -385,23 +379,36 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
     Ok(true)
 }
 
-/// Whether `at..at+len` may differ on a copy whose head holds what snapshot (or mark) `layer`
-/// of the local copy holds except within `ranges`: written since (on the local copy), or
-/// among those ranges.
-fn changed_since(
+/// The parts of `ranges` within `start..end`.
+fn within(ranges: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
+    ranges.iter().filter(|(s, e)| *s < end && start < *e).map(|(s, e)| ((*s).max(start), (*e).min(end))).collect()
+}
+
+/// The parts of `at..at+len` that may differ on a copy whose head holds what snapshot (or
+/// mark) `layer` of the local copy holds except within `ranges`: the clusters written or
+/// trimmed since (on the local copy), and those ranges.
+fn changed_parts(
     head: &crate::io::LocalVolume,
     layer: &str,
     ranges: &[(u64, u64)],
     at: u64,
     len: u32,
-) -> Result<bool, EngineError> {
+) -> Result<Vec<(u64, u64)>, EngineError> {
     let end = at + len as u64;
-    if ranges.iter().any(|(s, e)| *s < end && at < *e) {
-        return Ok(true);
+    let mut parts = within(ranges, at, end);
+    let mut pos = at;
+    for extent in head.changed_since(layer, at, len)? {
+        let next = pos + extent.length as u64;
+        if extent.flags & 1 != 0 {
+            parts.push((pos, next));
+        }
+        pos = next;
     }
-    let changed = head.changed_since(layer, at, len)?;
-    let covered: u64 = changed.iter().map(|e| e.length as u64).sum();
-    Ok(covered < len as u64 || changed.iter().any(|e| e.flags & 1 != 0))
+    // Beyond what one lookup resolves: copied.
+    if pos < end {
+        parts.push((pos, end));
+    }
+    Ok(merged(parts))
 }
 
 /// A copy left the in-sync set of `spec` (its target evicted it): mark where, then rebuild it
