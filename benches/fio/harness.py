@@ -9,6 +9,7 @@ raw limit, as a Markdown table.
 Usage: benches/fio/harness.py [--runtime 5] [--size 1G] [--dir DIR] [--only thinbd,raw]
        benches/fio/harness.py --qos      (per-volume QoS limits measured by fio)
        benches/fio/harness.py --cluster  (a volume used on its node vs through another node's target)
+       benches/fio/harness.py --replication  (1/2/3 copies, rebuilds, failover; network namespaces, root)
 Needs: fio, qemu-utils, nbdkit, nbd-server (scripts/setup installs them), a release build.
 """
 import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
@@ -354,6 +355,7 @@ def main():
     ap.add_argument("--footprint-only", action="store_true")
     ap.add_argument("--qos", action="store_true", help="measure per-volume QoS limits instead")
     ap.add_argument("--cluster", action="store_true", help="measure a volume used through another node's target")
+    ap.add_argument("--replication", action="store_true", help="measure 1/2/3 copies, rebuilds and failover")
     args = ap.parse_args()
     for tool in ["fio", "qemu-img", "qemu-nbd", "nbdkit", "nbd-server"]:
         if not shutil.which(tool):
@@ -369,6 +371,10 @@ def main():
         return
     if args.cluster:
         cluster(args.dir, args.size, args.runtime)
+        return
+    if args.replication:
+        import replication
+        replication.replication(args.dir, args.size, args.runtime)
         return
     only = set(filter(None, args.only.split(",")))
     names = ["raw file (io_uring, direct)", "thinbd", "thinbd --buffered-io", "nbdkit file", "nbd-server", "qemu-nbd raw", "qemu-nbd qcow2", "qcow2 overlay (COW)"]

@@ -80,26 +80,40 @@ struct Known {
     ranges: Vec<(u64, u64)>,
 }
 
-/// Writes pieces of a source onto the copy being rebuilt, at the target's rebuild rate.
+/// Writes pieces of a source onto the copy being rebuilt, at the target's rebuild rate,
+/// several chunks at a time.
 struct Copier<'a> {
     to: &'a Backing,
     node: &'a str,
+    /// How what was written is checked: the copy's node computes the CRC32C of what it stored
+    /// (only the checksum crosses the network).
+    verify: super::Peer,
+    volume: &'a str,
     rate: u64,
-    bucket: crate::qos::rate_limiter::TokenBucket,
+    bucket: std::sync::Mutex<crate::qos::rate_limiter::TokenBucket>,
     /// Bytes of data written (holes are unmapped, not counted).
-    copied: u64,
+    copied: std::sync::atomic::AtomicU64,
 }
 
+/// Chunks copied at once: a rebuild keeps the link busy while each chunk is read, written
+/// and checked in turn.
+const PARALLEL: usize = 4;
+
 impl<'a> Copier<'a> {
-    fn new(to: &'a Backing, node: &'a str, rate: u64) -> Self {
+    fn new(to: &'a Backing, node: &'a str, verify: super::Peer, volume: &'a str, rate: u64) -> Self {
         let bucket = crate::qos::rate_limiter::TokenBucket::new(rate, CHUNK as f64, std::time::Instant::now());
-        Copier { to, node, rate, bucket, copied: 0 }
+        Copier { to, node, verify, volume, rate, bucket: bucket.into(), copied: Default::default() }
+    }
+
+    fn copied(&self) -> u64 {
+        self.copied.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Makes the copy hold what `from` holds from `at`, up to `len` bytes or the end of the
-    /// first extent there: unmapped for a hole, else the data, read back and compared by
-    /// CRC32C. Returns how far it got (more than 0).
-    async fn piece(&mut self, from: &impl VolumeIo, at: u64, len: u32) -> Result<u32, EngineError> {
+    /// first extent there: unmapped for a hole, else the data, whose CRC32C the copy's node
+    /// computes from what it stored and must match. Returns how far it got (more than 0), and
+    /// how long to pause before more to keep to the rebuild rate (outside any range lock).
+    async fn piece(&self, from: &impl VolumeIo, at: u64, len: u32) -> Result<(u32, std::time::Duration), EngineError> {
         let extents = from.block_status(at, len).await?;
         let Some(extent) = extents.first() else {
             return Err(EngineError::Unavailable(format!("no extent at {at} from the source copy")));
@@ -110,32 +124,70 @@ impl<'a> Copier<'a> {
         }
         if extent.flags & STATE_HOLE != 0 {
             self.to.trim(at, n, false).await?;
-            return Ok(n);
+            return Ok((n, std::time::Duration::ZERO));
         }
         let data = crate::io::read_all(from, at, n).await?;
         let sum = crc32c::crc32c(&data);
         self.to.write(at, data, false).await?;
-        // Read back: what the copy stored is what was sent.
-        let stored = crc32c::crc32c(&crate::io::read_all(self.to, at, n).await?);
-        if stored != sum {
+        let asked =
+            thinbd_api::pb::ChecksumsRequest { volume: self.volume.to_string(), offset: at, length: n, piece_bytes: n };
+        let stored = self.verify.clone().checksums(asked).await.map_err(|e| {
+            EngineError::Unavailable(format!("checksum of {}'s copy at {at}: {}", self.node, e.message()))
+        })?;
+        if stored.get_ref().crc32c.as_slice() != [sum] {
             return Err(EngineError::Unavailable(format!(
-                "{}'s copy holds other bytes at {at} than were sent (CRC32C {stored:08x}, sent {sum:08x})",
-                self.node
+                "{}'s copy holds other bytes at {at} than were sent (CRC32C {:08x?}, sent {sum:08x})",
+                self.node,
+                stored.get_ref().crc32c
             )));
         }
-        self.copied += n as u64;
+        self.copied.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        let mut pause = std::time::Duration::ZERO;
         if self.rate > 0 {
-            tokio::time::sleep(self.bucket.reserve(n as f64, std::time::Instant::now())).await;
+            let mut bucket = self.bucket.lock().map_err(|_| crate::error::poisoned())?;
+            pause = bucket.reserve(n as f64, std::time::Instant::now());
         }
-        Ok(n)
+        Ok((n, pause))
     }
 
-    /// [`Copier::piece`] over all of `start..start+len`.
-    async fn range(&mut self, from: &impl VolumeIo, start: u64, len: u64) -> Result<(), EngineError> {
+    /// [`Copier::piece`] over all of `start..start+len`, in order; the pause owed (the
+    /// longest).
+    async fn range(&self, from: &impl VolumeIo, start: u64, len: u64) -> Result<std::time::Duration, EngineError> {
         let end = start + len;
-        let mut at = start;
+        let (mut at, mut pause) = (start, std::time::Duration::ZERO);
         while at < end {
-            at += self.piece(from, at, (end - at).min(CHUNK as u64) as u32).await? as u64;
+            let (n, owed) = self.piece(from, at, (end - at).min(CHUNK as u64) as u32).await?;
+            (at, pause) = (at + n as u64, pause.max(owed));
+        }
+        Ok(pause)
+    }
+
+    /// [`Copier::range`], then its pause.
+    async fn paced_range(&self, from: &impl VolumeIo, start: u64, len: u64) -> Result<(), EngineError> {
+        let pause = self.range(from, start, len).await?;
+        tokio::time::sleep(pause).await;
+        Ok(())
+    }
+
+    /// [`Copier::range`] over each of `ranges`, cut into chunks copied [`PARALLEL`] at a time.
+    async fn ranges(&self, from: &impl VolumeIo, ranges: &[(u64, u64)]) -> Result<(), EngineError> {
+        use futures_util::StreamExt;
+        let mut copies = futures_util::stream::FuturesUnordered::new();
+        for &(start, end) in ranges {
+            let mut at = start;
+            while at < end {
+                if copies.len() == PARALLEL
+                    && let Some(done) = copies.next().await
+                {
+                    done?;
+                }
+                let len = (end - at).min(CHUNK as u64);
+                copies.push(self.paced_range(from, at, len));
+                at += len;
+            }
+        }
+        while let Some(done) = copies.next().await {
+            done?;
         }
         Ok(())
     }
@@ -165,7 +217,7 @@ async fn copy_layers(
     spec: &VolumeSpec,
     node: &str,
     engine: &Arc<crate::engine::Engine>,
-    copier: &mut Copier<'_>,
+    copier: &Copier<'_>,
     mut known: Known,
 ) -> Result<(Known, usize), EngineError> {
     use thinbd_api::pb;
@@ -205,9 +257,7 @@ async fn copy_layers(
                 merged(all.map(|(a, e)| (a, e.min(s.size))).filter(|(a, e)| a < e).collect())
             }
         };
-        for (start, end) in ranges {
-            copier.range(&from, start, end - start).await?;
-        }
+        copier.ranges(&from, &ranges).await?;
         copier.to.flush().await?;
         let taken = pb::CreateSnapshotRequest {
             volume: spec.uuid.clone(),
@@ -283,11 +333,12 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
     };
     let (from, to) = (linker.link(source).await?, linker.link(node).await?);
     let size = from.size();
-    let mut copier = Copier::new(&to, node, cluster.rebuild_rate());
+    let verify = cluster.peer(node).map_err(cluster_err)?;
+    let copier = Copier::new(&to, node, verify, &spec.uuid, cluster.rebuild_rate());
     let delta = known.layer.is_some();
     let mut layers = 0;
     if let Some(engine) = local {
-        (known, layers) = copy_layers(cluster, spec, node, engine, &mut copier, known).await?;
+        (known, layers) = copy_layers(cluster, spec, node, engine, &copier, known).await?;
     }
     let head = match (&known.layer, local) {
         (Some(_), Some(engine)) => Some(engine.open_volume(&spec.name)?),
@@ -335,22 +386,25 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
         if !shared.rebuilt(node, at.max(resumed_from))? {
             return Err(stopped());
         }
-        let len = (size - at).min(CHUNK as u64) as u32;
-        let _chunk = shared.order.enter(at, at + len as u64).await?;
-        let end = at + len as u64;
-        // Only the parts of the chunk that may differ on the copy.
-        let (parts, next) = match (&resume, &head, &known.layer) {
-            (Some((done, missed)), _, _) if at < *done => (within(missed, at, end.min(*done)), end.min(*done)),
-            (_, Some(head), Some(layer)) => (changed_parts(head, layer, &known.ranges, at, len)?, end),
-            _ => (vec![(at, end)], end),
-        };
-        for (start, end) in parts {
-            copier.range(&from, start, end - start).await?;
+        // The next few chunks (none straddling where a resumed rebuild had got), copied at
+        // once, each under its own range lock: writes to those chunks wait, the others go on.
+        let mut batch = Vec::with_capacity(PARALLEL);
+        let mut cursor = at;
+        while batch.len() < PARALLEL && cursor < size {
+            let mut end = (cursor + CHUNK as u64).min(size);
+            if resumed_from > cursor {
+                end = end.min(resumed_from);
+            }
+            batch.push((cursor, end));
+            cursor = end;
         }
-        at = next;
-        drop(_chunk);
-        if at > recorded && (at - recorded >= CHECKPOINT || recorded_at.elapsed() >= std::time::Duration::from_secs(1))
-        {
+        let mut chunks = Vec::with_capacity(batch.len());
+        for &(start, end) in &batch {
+            chunks.push(copy_chunk(&shared, &copier, &from, resume.as_ref(), head.as_ref(), &known, start, end));
+        }
+        futures_util::future::try_join_all(chunks).await?;
+        at = cursor;
+        if at.saturating_sub(recorded) >= CHECKPOINT || recorded_at.elapsed() >= std::time::Duration::from_secs(1) {
             checkpoint(at).await?;
             (recorded, recorded_at) = (at, std::time::Instant::now());
         }
@@ -375,8 +429,38 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
     {
         tracing::warn!(volume = %spec.name, mark = %d.mark, error = %e, "cannot delete a rebuilt copy's mark");
     }
-    tracing::info!(volume = %spec.name, node, copied = copier.copied, delta, layers, resumed_from, "copy rebuilt and back in sync");
+    tracing::info!(volume = %spec.name, node, copied = copier.copied(), delta, layers, resumed_from, "copy rebuilt and back in sync");
     Ok(true)
+}
+
+/// Copies what may differ on the copy in chunk `start..end`, holding the chunk's range lock:
+/// below where a resumed rebuild had got, what it missed since; else what changed since the
+/// layer its head is known to hold; else everything.
+#[allow(clippy::too_many_arguments)]
+async fn copy_chunk(
+    shared: &crate::io::Shared,
+    copier: &Copier<'_>,
+    from: &Backing,
+    resume: Option<&(u64, Vec<(u64, u64)>)>,
+    head: Option<&crate::io::LocalVolume>,
+    known: &Known,
+    start: u64,
+    end: u64,
+) -> Result<(), EngineError> {
+    let chunk = shared.order.enter(start, end).await?;
+    let parts = match (resume, head, &known.layer) {
+        (Some((done, missed)), _, _) if start < *done => within(missed, start, end),
+        (_, Some(head), Some(layer)) => changed_parts(head, layer, &known.ranges, start, (end - start) as u32)?,
+        _ => vec![(start, end)],
+    };
+    let mut pause = std::time::Duration::ZERO;
+    for (s, e) in parts {
+        pause = pause.max(copier.range(from, s, e - s).await?);
+    }
+    // Writes to the chunk go on while the rebuild keeps to its rate.
+    drop(chunk);
+    tokio::time::sleep(pause).await;
+    Ok(())
 }
 
 /// The parts of `ranges` within `start..end`.
