@@ -2012,3 +2012,79 @@ fn a_flapping_partition_and_a_rolling_restart_rebuild_only_deltas() {
         }
     }
 }
+
+/// A slow disk under one copy: node-3's thinbd in a blkio cgroup that throttles its writes to
+/// the pool's device to 512 KiB/s. Protocol C waits for it — the acknowledged writes slow to
+/// its pace — but no write waits past the link's timeout, so it stays in sync and nothing is
+/// lost; out of the cgroup, the writes speed up again.
+#[test]
+fn a_slow_disk_under_one_copy_slows_the_writes_and_loses_nothing() {
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use thinbd_protocol::client::{Client, ClientOptions};
+    const SLOT: usize = 64 << 10;
+    const SLOTS: usize = 128;
+    let blkio = std::path::Path::new("/sys/fs/cgroup/blkio");
+    if !blkio.join("blkio.throttle.write_bps_device").exists() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI's machine has cgroup v1 blkio throttling");
+        eprintln!("skipped: no cgroup v1 blkio throttling here");
+        return;
+    }
+    let Some((fabric, _etcd, nodes)) = three_nodes(|_| Vec::new()) else { return };
+    nodes[0].cli(&fabric, &["volume", "create", "sl", "--size", "16MiB"]);
+    let export = publish_for_one_writer(&fabric, &nodes[0], "sl");
+    let (stop, acked) = (std::sync::Arc::new(AtomicBool::new(false)), std::sync::Arc::new(AtomicUsize::new(0)));
+    let writer = {
+        let (addr, export, stop, acked) =
+            (format!("{}:10809", fabric.ip(1)), export.clone(), stop.clone(), acked.clone());
+        fabric.spawn_in(1, move || {
+            thinbd_tests::runtime().block_on(async {
+                let mut log = thinbd_tests::AckLog::new(SLOTS, SLOT);
+                let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach on node-1");
+                let mut seed = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    seed += 1;
+                    let slot = (seed as usize * 37) % SLOTS;
+                    c.write((slot * SLOT) as u64, &thinbd_tests::pattern(seed, SLOT), 0).await.expect("a write");
+                    log.acknowledged(slot, seed);
+                    acked.fetch_add(1, Ordering::SeqCst);
+                }
+                c.flush().await.expect("flush");
+                log
+            })
+        })
+    };
+    let writes_during = |d: Duration| {
+        let before = acked.load(Ordering::SeqCst);
+        std::thread::sleep(d);
+        acked.load(Ordering::SeqCst) - before
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let quick = writes_during(Duration::from_secs(2));
+    // node-3's writes to its pool's device, throttled.
+    let dev = std::fs::metadata(&nodes[2].data_dir).unwrap().dev();
+    let device = format!("{}:{}", nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let group = blkio.join(format!("thinbd-slow-{}", std::process::id()));
+    std::fs::create_dir_all(&group).unwrap();
+    std::fs::write(group.join("blkio.throttle.write_bps_device"), format!("{device} {}", 512 << 10)).unwrap();
+    std::fs::write(group.join("cgroup.procs"), nodes[2].pid().to_string()).unwrap();
+    let slow = writes_during(Duration::from_secs(3));
+    // Back in the root group, then the group removed.
+    std::fs::write(blkio.join("cgroup.procs"), nodes[2].pid().to_string()).unwrap();
+    std::fs::remove_dir(&group).unwrap();
+    let again = writes_during(Duration::from_secs(2));
+    stop.store(true, Ordering::SeqCst);
+    let log = writer.join().unwrap();
+    eprintln!("64 KiB writes: {quick} in 2 s, {slow} in 3 s on a 512 KiB/s disk, {again} in 2 s after");
+    // 512 KiB/s is 8 writes of 64 KiB a second (plus what the device's queue took at once).
+    assert!(slow > 0 && slow <= 3 * 8 + 16, "{slow} writes in 3 s with one copy's disk at 512 KiB/s");
+    assert!(quick > 2 * slow && again > 2 * slow, "the writes were not slowed: {quick}, {slow}, {again}");
+    wait_in_sync(&fabric, &nodes[0], "sl", 3, Duration::from_secs(1), "the slow copy left the set");
+    let epoch = target_of(&fabric, &nodes[0], "sl").1;
+    for i in 1..=3 {
+        let copy = read_copy(&fabric, i, &export, epoch, 0, (SLOTS * SLOT) as u32);
+        if let Err(e) = log.check(&copy) {
+            panic!("node-{i}'s copy lost an acknowledged write: {e}");
+        }
+    }
+}

@@ -248,3 +248,89 @@ fn kernel_attaches_through_a_target_with_the_data_on_another_thinbd() {
     assert!(on_holder["allocated_bytes"].as_u64().unwrap() >= 16 * MIB as u64, "{on_holder}");
     assert_eq!(on_holder["target_node"], "target");
 }
+
+/// Replication through a real kernel: a volume with two copies (thinbd "a" and "b" on one
+/// etcd), attached in the guest through "a" (its target, holding a copy); while fio writes
+/// with verification, "b" is killed (kill -9) and started again. The I/O goes on (one copy in
+/// sync is enough for two copies), fio's verification passes, and "b"'s copy is rebuilt from
+/// the mark "a" took when it left and rejoins the in-sync set.
+#[test]
+fn kernel_fio_verifies_on_a_replicated_volume_while_a_copy_restarts() {
+    if !guest_available() || !thinbd_tests::require("etcd") {
+        return;
+    }
+    let etcd = thinbd_tests::netns::Etcd::start_local();
+    let cluster = ["--etcd", etcd.endpoint.as_str(), "--node-lease-ttl", "3", "--require-grants"];
+    let a =
+        Server::start_with(&[&cluster[..], &["--node-name", "a", "--advertise-nbd", "10.0.2.2:{nbd_port}"]].concat());
+    let mut b = Server::start_with(&[&cluster[..], &["--node-name", "b"]].concat());
+    let shared = tempfile::tempdir().unwrap();
+    runtime().block_on(async {
+        let mut api =
+            thinbd_api::pb::management_client::ManagementClient::connect(format!("http://127.0.0.1:{}", a.api_port))
+                .await
+                .unwrap();
+        for _ in 0..100 {
+            let nodes = api.list_nodes(thinbd_api::pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+            if nodes.iter().filter(|n| n.up).count() == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let v = api
+            .create_volume(thinbd_api::pb::CreateVolumeRequest {
+                name: "replicated".into(),
+                size_bytes: 64 * MIB as u64,
+                replicas: 2,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let g = api
+            .publish_volume(thinbd_api::pb::PublishVolumeRequest {
+                volume: "replicated".into(),
+                node: "guest".into(),
+                read_only: false,
+                single_writer: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let ctx = HashMap::from([
+            ("thinbd.csi.io/export".to_string(), g.export_name),
+            ("thinbd.csi.io/nbd".to_string(), g.nbd_address),
+        ]);
+        write_plan(shared.path(), &[("block", v.uuid, ctx)]);
+    });
+    // Through "a" whichever node the publish context names.
+    let node_args = format!("--attach-via-local-target --thinbd-api 10.0.2.2:{}", a.api_port);
+    std::fs::write(shared.path().join("node-args"), node_args).unwrap();
+    let cmd = format!("{} {}", guest_driver_bin().display(), shared.path().display());
+    let dir = shared.path().to_path_buf();
+    let guest = std::thread::spawn(move || in_guest(&cmd, &[&dir]));
+    // Once fio is writing: "b" killed, then back.
+    let mut restarted = false;
+    while !guest.is_finished() {
+        if !restarted && a.volume_json("replicated")["allocated_bytes"].as_u64() >= Some(2 * MIB as u64) {
+            b.kill9();
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            b.spawn();
+            restarted = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (rc, out) = guest.join().unwrap();
+    assert!(restarted, "fio never wrote (the copy was not restarted during it):\n{out}");
+    assert_eq!(rc, 0, "guest side failed:\n{out}\na's log:\n{}\nb's log:\n{}", a.log_text(), b.log_text());
+    assert!(out.contains("guest side: all steps passed"), "{out}");
+    let log = a.log_text();
+    assert!(log.contains("replica left the in-sync set"), "b never left the in-sync set:\n{log}");
+    assert!(log.contains("copy rebuilt and back in sync"), "b's copy was not rebuilt while attached:\n{log}");
+    let v = a.volume_json("replicated");
+    let mut in_sync: Vec<String> = serde_json::from_value(v["in_sync"].clone()).unwrap();
+    in_sync.sort();
+    assert_eq!(in_sync, ["a", "b"], "{v}");
+    assert_eq!(v["target_node"], "a", "{v}");
+}

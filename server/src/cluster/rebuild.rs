@@ -97,7 +97,7 @@ struct Copier<'a> {
 
 /// Chunks copied at once: a rebuild keeps the link busy while each chunk is read, written
 /// and checked in turn.
-const PARALLEL: usize = 4;
+const PARALLEL: usize = 8;
 
 impl<'a> Copier<'a> {
     fn new(to: &'a Backing, node: &'a str, verify: super::Peer, volume: &'a str, rate: u64) -> Self {
@@ -331,7 +331,12 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
         }
         _ => Known::default(),
     };
-    let (from, to) = (linker.link(source).await?, linker.link(node).await?);
+    // The local source read in place (not over a link to itself).
+    let from = match local {
+        Some(engine) => Backing::Local(engine.open_volume(&spec.name)?),
+        None => linker.link(source).await?,
+    };
+    let to = linker.link(node).await?;
     let size = from.size();
     let verify = cluster.peer(node).map_err(cluster_err)?;
     let copier = Copier::new(&to, node, verify, &spec.uuid, cluster.rebuild_rate());

@@ -273,7 +273,7 @@ impl Shared {
     }
 
     /// `node` left the in-sync set: from now until its mark, what it may lack is logged.
-    fn departed(&self, node: &str) -> Result<(), EngineError> {
+    pub fn departed(&self, node: &str) -> Result<(), EngineError> {
         let mut log = self.log.lock().map_err(|_| poisoned())?;
         if log.departed.contains_key(node) {
             return Ok(());

@@ -92,6 +92,7 @@ async fn copies_for(
         epoch,
         after_evict,
     });
+    let shared = cluster.shared(&spec.uuid);
     let mut copies = Vec::new();
     if let Some(l) = local.filter(|_| members.contains(&cluster.node)) {
         copies.push(Member { node: cluster.node.clone(), io: Arc::new(Backing::Local(l)) });
@@ -101,11 +102,14 @@ async fn copies_for(
             Ok(remote) => copies.push(Member { node: node.clone(), io: Arc::new(Backing::Remote(remote)) }),
             Err(e) => {
                 tracing::warn!(volume, node, error = %e, "an in-sync replica is out of reach: it leaves the set");
+                // What it may lack is logged from here until its mark (taken after the eviction).
+                if orders_writes {
+                    shared.departed(node).map_err(engine_err)?;
+                }
                 crate::io::InSyncSet::evict(&*in_sync, node).await.map_err(engine_err)?;
             }
         }
     }
-    let shared = cluster.shared(&spec.uuid);
     let linker = Arc::new(crate::cluster::rebuild::CopyLinker {
         cluster: cluster.clone(),
         export: export.clone(),
