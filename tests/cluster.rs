@@ -1847,7 +1847,8 @@ fn full_pools_one_copy_leaves_the_set_all_copies_fail_the_write() {
 }
 
 /// etcd out of reach (paused: no answer, no reset): the data path goes on without it — writes
-/// through the target are acknowledged while it is paused. A copy lost meanwhile needs a
+/// through the target are acknowledged while it is paused, and while the target alone is
+/// partitioned from etcd past its lease. A copy lost meanwhile needs a
 /// change of the in-sync set, which waits for etcd: the write that found the copy gone is not
 /// acknowledged until etcd answers again and the copy left the set; then the writes go on, the
 /// copy comes back and is rebuilt, and no acknowledged write is lost.
@@ -1908,6 +1909,12 @@ fn without_etcd_writes_go_on_and_membership_changes_wait() {
     assert!(writes_during(Duration::from_secs(1)) > 0, "the writes did not go on after etcd came back");
     nodes[2].spawn(&fabric);
     wait_in_sync(&fabric, &nodes[0], "eq", 3, Duration::from_secs(60), "node-3's copy was not rebuilt");
+    // The target alone cut off from etcd (past its lease): its writes go on.
+    fabric.cut(1, 4);
+    let cut_off = writes_during(Duration::from_secs(4));
+    fabric.heal();
+    assert!(cut_off > 20, "{cut_off} writes acknowledged in 4 s with the target cut off from etcd");
+    wait_for(&fabric, &nodes[1], &ALL_UP, Duration::from_secs(20));
     stop.store(true, Ordering::SeqCst);
     let log = writer.join().unwrap();
     let epoch = target_of(&fabric, &nodes[0], "eq").1;
