@@ -555,16 +555,7 @@ fn a_client_writes_on_across_a_target_restart() {
             (format!("{}:10809", fabric.ip(target)), export.clone(), acked.clone(), reconnects.clone());
         fabric.spawn_in(target, move || {
             thinbd_tests::runtime().block_on(async {
-                let connect = || async {
-                    let deadline = Instant::now() + Duration::from_secs(30);
-                    loop {
-                        match Client::connect(addr.as_str(), ClientOptions::new(&export)).await {
-                            Ok(c) => return c,
-                            Err(e) => assert!(Instant::now() < deadline, "cannot reconnect: {e}"),
-                        }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                };
+                let connect = || attach_retrying(&addr, &export);
                 let mut c = connect().await;
                 let mut i = 0;
                 while i < BLOCKS {
@@ -738,6 +729,97 @@ fn metrics_of(fabric: &Fabric, i: usize) -> String {
         s.read_to_string(&mut body).unwrap();
         body
     })
+}
+
+/// Attaches `export` on `addr`, trying again for up to a minute (a target may be restarting).
+async fn attach_retrying(addr: &str, export: &str) -> thinbd_protocol::client::Client {
+    use thinbd_protocol::client::{Client, ClientOptions};
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match Client::connect(addr, ClientOptions::new(export)).await {
+            Ok(c) => return c,
+            Err(e) => assert!(Instant::now() < deadline, "cannot attach {addr}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A client writing through node `via`'s NBD listener until stopped: each write a fresh seed's
+/// 64 KiB pattern into slot `seed × 37 mod slots`, logged in an [`thinbd_tests::AckLog`] as
+/// acknowledged or not; after a failed write it attaches again (for up to a minute: a target
+/// may be restarting). The checker for the tests that try to lose an acknowledged write.
+struct AckWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    handle: std::thread::JoinHandle<thinbd_tests::AckLog>,
+}
+
+const ACK_SLOT: usize = 64 << 10;
+
+impl AckWriter {
+    fn start(fabric: &Fabric, via: usize, export: &str, slots: usize, pause: Duration) -> AckWriter {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let handle = {
+            let (addr, export, stop, acked) =
+                (format!("{}:10809", fabric.ip(via)), export.to_string(), stop.clone(), acked.clone());
+            fabric.spawn_in(via, move || {
+                thinbd_tests::runtime().block_on(async {
+                    let connect = || attach_retrying(&addr, &export);
+                    let mut log = thinbd_tests::AckLog::new(slots, ACK_SLOT);
+                    let mut c = connect().await;
+                    let mut seed = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        seed += 1;
+                        let slot = (seed as usize * 37) % slots;
+                        match c.write((slot * ACK_SLOT) as u64, &thinbd_tests::pattern(seed, ACK_SLOT), 0).await {
+                            Ok(()) => {
+                                log.acknowledged(slot, seed);
+                                acked.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Err(_) => {
+                                log.unacknowledged(slot, seed);
+                                c = connect().await;
+                            }
+                        }
+                        tokio::time::sleep(pause).await;
+                    }
+                    c.flush().await.expect("flush");
+                    log
+                })
+            })
+        };
+        AckWriter { stop, acked, handle }
+    }
+
+    /// Writes acknowledged during the next `d`.
+    fn writes_during(&self, d: Duration) -> usize {
+        use std::sync::atomic::Ordering;
+        let before = self.acked.load(Ordering::SeqCst);
+        std::thread::sleep(d);
+        self.acked.load(Ordering::SeqCst) - before
+    }
+
+    /// Stops (after a flush) and gives the log.
+    fn finish(self) -> thinbd_tests::AckLog {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle.join().unwrap()
+    }
+}
+
+/// Every copy of the volume (nodes 1 to 3) holds each slot's last acknowledged write (or a
+/// later unacknowledged one), read through links of the current target `epoch`.
+fn check_copies(fabric: &Fabric, export: &str, epoch: u64, log: &thinbd_tests::AckLog, slots: usize) -> Vec<Vec<u8>> {
+    (1..=3)
+        .map(|i| {
+            let copy = read_copy(fabric, i, export, epoch, 0, (slots * ACK_SLOT) as u32);
+            if let Err(e) = log.check(&copy) {
+                panic!("node-{i}'s copy lost an acknowledged write: {e}");
+            }
+            copy
+        })
+        .collect()
 }
 
 /// Synchronous replication (protocol C): a volume with a copy on each of three nodes, attached
@@ -1527,40 +1609,11 @@ fn the_csi_controller_on_a_cluster() {
 /// after it, and the copies are identical.
 #[test]
 fn no_acknowledged_write_is_lost_under_kills_pauses_and_partitions() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use thinbd_protocol::client::{Client, ClientOptions};
-    const SLOT: usize = 64 << 10;
     const SLOTS: usize = 256; // 16 MiB
     let Some((fabric, _etcd, mut nodes)) = three_nodes(|_| Vec::new()) else { return };
     nodes[0].cli(&fabric, &["volume", "create", "tt", "--size", "32MiB"]);
     let export = publish_for_one_writer(&fabric, &nodes[0], "tt");
-    let stop = std::sync::Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (addr, export, stop) = (format!("{}:10809", fabric.ip(1)), export.clone(), stop.clone());
-        fabric.spawn_in(1, move || {
-            thinbd_tests::runtime().block_on(async {
-                let mut log = thinbd_tests::AckLog::new(SLOTS, SLOT);
-                let mut c =
-                    Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach on node-1");
-                let mut seed = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    seed += 1;
-                    let slot = (seed as usize * 97) % SLOTS;
-                    let data = thinbd_tests::pattern(seed, SLOT);
-                    match c.write((slot * SLOT) as u64, &data, 0).await {
-                        Ok(()) => log.acknowledged(slot, seed),
-                        Err(_) => {
-                            log.unacknowledged(slot, seed);
-                            c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("reattach");
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                c.flush().await.expect("flush");
-                log
-            })
-        })
-    };
+    let writer = AckWriter::start(&fabric, 1, &export, SLOTS, Duration::from_millis(2));
     let show = |n: &NetNode| -> serde_json::Value {
         serde_json::from_str(&n.cli(&fabric, &["volume", "show", "tt", "-o", "json"])).unwrap()
     };
@@ -1583,17 +1636,10 @@ fn no_acknowledged_write_is_lost_under_kills_pauses_and_partitions() {
     fabric.heal();
     wait_in_sync(&fabric, &nodes[0], "tt", 3, Duration::from_secs(40), "the copies did not all come back in sync");
     std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::SeqCst);
-    let log = writer.join().unwrap();
+    let log = writer.finish();
     assert!(log.acknowledged_count() > SLOTS / 2, "too few writes were acknowledged to tell");
     let epoch = show(&nodes[0])["target_epoch"].as_u64().unwrap();
-    let copies: Vec<Vec<u8>> =
-        (1..=3).map(|i| read_copy(&fabric, i, &export, epoch, 0, (SLOTS * SLOT) as u32)).collect();
-    for (i, copy) in copies.iter().enumerate() {
-        if let Err(e) = log.check(copy) {
-            panic!("node-{}'s copy lost an acknowledged write: {e}", i + 1);
-        }
-    }
+    let copies = check_copies(&fabric, &export, epoch, &log, SLOTS);
     assert!(copies[1] == copies[0] && copies[2] == copies[0], "the in-sync copies differ");
     // Both returns (after the kill, after the partition) were rebuilt from a mark.
     let log = nodes[0].log_text();
@@ -1620,51 +1666,15 @@ fn no_acknowledged_write_is_lost_under_kills_pauses_and_partitions() {
 /// one), the copies are identical, and a scrub agrees.
 #[test]
 fn faults_on_a_copys_link_delay_black_hole_reset_and_lost_replies() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use thinbd_protocol::client::{Client, ClientOptions};
     use thinbd_tests::fault_proxy::{Fault, FaultProxy};
-    const SLOT: usize = 64 << 10;
     const SLOTS: usize = 128; // 8 MiB
     let proxied = |i: usize| if i == 3 { vec!["--advertise-nbd".into(), "10.77.0.3:20809".into()] } else { Vec::new() };
     let Some((fabric, _etcd, nodes)) = three_nodes(proxied) else { return };
     let proxy = fabric.run_in(3, || FaultProxy::start("10.77.0.3:20809", "10.77.0.3:10809"));
     nodes[0].cli(&fabric, &["volume", "create", "fp", "--size", "16MiB"]);
     let export = publish_for_one_writer(&fabric, &nodes[0], "fp");
-    let (stop, acked) = (std::sync::Arc::new(AtomicBool::new(false)), std::sync::Arc::new(AtomicUsize::new(0)));
-    let writer = {
-        let (addr, export, stop, acked) =
-            (format!("{}:10809", fabric.ip(1)), export.clone(), stop.clone(), acked.clone());
-        fabric.spawn_in(1, move || {
-            thinbd_tests::runtime().block_on(async {
-                let mut log = thinbd_tests::AckLog::new(SLOTS, SLOT);
-                let mut c =
-                    Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach on node-1");
-                let mut seed = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    seed += 1;
-                    let slot = (seed as usize * 37) % SLOTS;
-                    match c.write((slot * SLOT) as u64, &thinbd_tests::pattern(seed, SLOT), 0).await {
-                        Ok(()) => {
-                            log.acknowledged(slot, seed);
-                            acked.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Err(_) => {
-                            log.unacknowledged(slot, seed);
-                            c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("reattach");
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                c.flush().await.expect("flush");
-                log
-            })
-        })
-    };
-    let writes_during = |d: Duration| {
-        let before = acked.load(Ordering::SeqCst);
-        std::thread::sleep(d);
-        acked.load(Ordering::SeqCst) - before
-    };
+    let writer = AckWriter::start(&fabric, 1, &export, SLOTS, Duration::from_millis(2));
+    let writes_during = |d: Duration| writer.writes_during(d);
     assert!(writes_during(Duration::from_secs(1)) > 0, "no write was acknowledged");
     wait_in_sync(&fabric, &nodes[0], "fp", 3, Duration::from_secs(10), "three copies in sync");
     let quick = writes_during(Duration::from_secs(2));
@@ -1695,18 +1705,8 @@ fn faults_on_a_copys_link_delay_black_hole_reset_and_lost_replies() {
     let scrub: serde_json::Value =
         serde_json::from_str(&nodes[1].cli(&fabric, &["volume", "scrub", "fp", "-o", "json"])).unwrap();
     assert_eq!(scrub["differing"], serde_json::json!([]), "{scrub}");
-    stop.store(true, Ordering::SeqCst);
-    let log = writer.join().unwrap();
-    let show: serde_json::Value =
-        serde_json::from_str(&nodes[0].cli(&fabric, &["volume", "show", "fp", "-o", "json"])).unwrap();
-    let epoch = show["target_epoch"].as_u64().unwrap();
-    let copies: Vec<Vec<u8>> =
-        (1..=3).map(|i| read_copy(&fabric, i, &export, epoch, 0, (SLOTS * SLOT) as u32)).collect();
-    for (i, copy) in copies.iter().enumerate() {
-        if let Err(e) = log.check(copy) {
-            panic!("node-{}'s copy lost an acknowledged write: {e}", i + 1);
-        }
-    }
+    let log = writer.finish();
+    let copies = check_copies(&fabric, &export, target_of(&fabric, &nodes[0], "fp").1, &log, SLOTS);
     assert!(copies[1] == copies[0] && copies[2] == copies[0], "the in-sync copies differ");
     drop(proxy);
 }
@@ -1854,48 +1854,12 @@ fn full_pools_one_copy_leaves_the_set_all_copies_fail_the_write() {
 /// copy comes back and is rebuilt, and no acknowledged write is lost.
 #[test]
 fn without_etcd_writes_go_on_and_membership_changes_wait() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use thinbd_protocol::client::{Client, ClientOptions};
-    const SLOT: usize = 64 << 10;
     const SLOTS: usize = 128;
     let Some((fabric, etcd, mut nodes)) = three_nodes(|_| Vec::new()) else { return };
     nodes[0].cli(&fabric, &["volume", "create", "eq", "--size", "16MiB"]);
     let export = publish_for_one_writer(&fabric, &nodes[0], "eq");
-    let (stop, acked) = (std::sync::Arc::new(AtomicBool::new(false)), std::sync::Arc::new(AtomicUsize::new(0)));
-    let writer = {
-        let (addr, export, stop, acked) =
-            (format!("{}:10809", fabric.ip(1)), export.clone(), stop.clone(), acked.clone());
-        fabric.spawn_in(1, move || {
-            thinbd_tests::runtime().block_on(async {
-                let mut log = thinbd_tests::AckLog::new(SLOTS, SLOT);
-                let mut c =
-                    Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach on node-1");
-                let mut seed = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    seed += 1;
-                    let slot = (seed as usize * 37) % SLOTS;
-                    match c.write((slot * SLOT) as u64, &thinbd_tests::pattern(seed, SLOT), 0).await {
-                        Ok(()) => {
-                            log.acknowledged(slot, seed);
-                            acked.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Err(_) => {
-                            log.unacknowledged(slot, seed);
-                            c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("reattach");
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                c.flush().await.expect("flush");
-                log
-            })
-        })
-    };
-    let writes_during = |d: Duration| {
-        let before = acked.load(Ordering::SeqCst);
-        std::thread::sleep(d);
-        acked.load(Ordering::SeqCst) - before
-    };
+    let writer = AckWriter::start(&fabric, 1, &export, SLOTS, Duration::from_millis(5));
+    let writes_during = |d: Duration| writer.writes_during(d);
     assert!(writes_during(Duration::from_secs(1)) > 0, "no write was acknowledged");
     thinbd_tests::send_signal(etcd.pid(), "STOP");
     let paused = writes_during(Duration::from_secs(2));
@@ -1915,15 +1879,8 @@ fn without_etcd_writes_go_on_and_membership_changes_wait() {
     fabric.heal();
     assert!(cut_off > 20, "{cut_off} writes acknowledged in 4 s with the target cut off from etcd");
     wait_for(&fabric, &nodes[1], &ALL_UP, Duration::from_secs(20));
-    stop.store(true, Ordering::SeqCst);
-    let log = writer.join().unwrap();
-    let epoch = target_of(&fabric, &nodes[0], "eq").1;
-    for i in 1..=3 {
-        let copy = read_copy(&fabric, i, &export, epoch, 0, (SLOTS * SLOT) as u32);
-        if let Err(e) = log.check(&copy) {
-            panic!("node-{i}'s copy lost an acknowledged write: {e}");
-        }
-    }
+    let log = writer.finish();
+    check_copies(&fabric, &export, target_of(&fabric, &nodes[0], "eq").1, &log, SLOTS);
 }
 
 /// A flapping partition between the target and one copy for a minute — mostly short cuts
@@ -1933,48 +1890,11 @@ fn without_etcd_writes_go_on_and_membership_changes_wait() {
 /// rebuild copies only what changed since the copy's mark, and no acknowledged write is lost.
 #[test]
 fn a_flapping_partition_and_a_rolling_restart_rebuild_only_deltas() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use thinbd_protocol::client::{Client, ClientOptions};
-    const SLOT: usize = 64 << 10;
     const SLOTS: usize = 128;
     let Some((fabric, _etcd, mut nodes)) = three_nodes(|_| Vec::new()) else { return };
     nodes[0].cli(&fabric, &["volume", "create", "fl", "--size", "16MiB"]);
     let export = publish_for_one_writer(&fabric, &nodes[0], "fl");
-    let stop = std::sync::Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (addr, export, stop) = (format!("{}:10809", fabric.ip(1)), export.clone(), stop.clone());
-        fabric.spawn_in(1, move || {
-            thinbd_tests::runtime().block_on(async {
-                let connect = || async {
-                    let deadline = Instant::now() + Duration::from_secs(60);
-                    loop {
-                        match Client::connect(addr.as_str(), ClientOptions::new(&export)).await {
-                            Ok(c) => return c,
-                            Err(e) => assert!(Instant::now() < deadline, "cannot reattach: {e}"),
-                        }
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                };
-                let mut log = thinbd_tests::AckLog::new(SLOTS, SLOT);
-                let mut c = connect().await;
-                let mut seed = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    seed += 1;
-                    let slot = (seed as usize * 37) % SLOTS;
-                    match c.write((slot * SLOT) as u64, &thinbd_tests::pattern(seed, SLOT), 0).await {
-                        Ok(()) => log.acknowledged(slot, seed),
-                        Err(_) => {
-                            log.unacknowledged(slot, seed);
-                            c = connect().await;
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                c.flush().await.expect("flush");
-                log
-            })
-        })
-    };
+    let writer = AckWriter::start(&fabric, 1, &export, SLOTS, Duration::from_millis(5));
     std::thread::sleep(Duration::from_secs(1));
     // (cut seconds, both ways): short cuts stay under the link's 15 s request timeout.
     let flaps = [(2, true), (2, true), (17, true), (1, true), (2, true), (17, false), (2, true), (1, true)];
@@ -1997,8 +1917,7 @@ fn a_flapping_partition_and_a_rolling_restart_rebuild_only_deltas() {
         wait_in_sync(&fabric, &nodes[1], "fl", 3, Duration::from_secs(60), &format!("after restarting node-{}", i + 1));
     }
     std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::SeqCst);
-    let log = writer.join().unwrap();
+    let log = writer.finish();
     let all: String = nodes.iter().map(NetNode::log_text).collect();
     let evictions = all.matches("a replica failed a write: leaving the in-sync set").count();
     let rebuilds: Vec<&str> = all.lines().filter(|l| l.contains("copy rebuilt and back in sync")).collect();
@@ -2010,14 +1929,7 @@ fn a_flapping_partition_and_a_rolling_restart_rebuild_only_deltas() {
         rebuilds.len()
     );
     assert!(started <= evictions + 2, "a rebuild storm: {started} rebuilds for {evictions} evictions");
-    let epoch = target_of(&fabric, &nodes[0], "fl").1;
-    let copies: Vec<Vec<u8>> =
-        (1..=3).map(|i| read_copy(&fabric, i, &export, epoch, 0, (SLOTS * SLOT) as u32)).collect();
-    for (i, copy) in copies.iter().enumerate() {
-        if let Err(e) = log.check(copy) {
-            panic!("node-{}'s copy lost an acknowledged write: {e}", i + 1);
-        }
-    }
+    check_copies(&fabric, &export, target_of(&fabric, &nodes[0], "fl").1, &log, SLOTS);
 }
 
 /// A slow disk under one copy: node-3's thinbd in a blkio cgroup that throttles its writes to
@@ -2027,9 +1939,6 @@ fn a_flapping_partition_and_a_rolling_restart_rebuild_only_deltas() {
 #[test]
 fn a_slow_disk_under_one_copy_slows_the_writes_and_loses_nothing() {
     use std::os::unix::fs::MetadataExt;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use thinbd_protocol::client::{Client, ClientOptions};
-    const SLOT: usize = 64 << 10;
     const SLOTS: usize = 128;
     let blkio = std::path::Path::new("/sys/fs/cgroup/blkio");
     if !blkio.join("blkio.throttle.write_bps_device").exists() {
@@ -2040,32 +1949,8 @@ fn a_slow_disk_under_one_copy_slows_the_writes_and_loses_nothing() {
     let Some((fabric, _etcd, nodes)) = three_nodes(|_| Vec::new()) else { return };
     nodes[0].cli(&fabric, &["volume", "create", "sl", "--size", "16MiB"]);
     let export = publish_for_one_writer(&fabric, &nodes[0], "sl");
-    let (stop, acked) = (std::sync::Arc::new(AtomicBool::new(false)), std::sync::Arc::new(AtomicUsize::new(0)));
-    let writer = {
-        let (addr, export, stop, acked) =
-            (format!("{}:10809", fabric.ip(1)), export.clone(), stop.clone(), acked.clone());
-        fabric.spawn_in(1, move || {
-            thinbd_tests::runtime().block_on(async {
-                let mut log = thinbd_tests::AckLog::new(SLOTS, SLOT);
-                let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach on node-1");
-                let mut seed = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    seed += 1;
-                    let slot = (seed as usize * 37) % SLOTS;
-                    c.write((slot * SLOT) as u64, &thinbd_tests::pattern(seed, SLOT), 0).await.expect("a write");
-                    log.acknowledged(slot, seed);
-                    acked.fetch_add(1, Ordering::SeqCst);
-                }
-                c.flush().await.expect("flush");
-                log
-            })
-        })
-    };
-    let writes_during = |d: Duration| {
-        let before = acked.load(Ordering::SeqCst);
-        std::thread::sleep(d);
-        acked.load(Ordering::SeqCst) - before
-    };
+    let writer = AckWriter::start(&fabric, 1, &export, SLOTS, Duration::ZERO);
+    let writes_during = |d: Duration| writer.writes_during(d);
     std::thread::sleep(Duration::from_secs(1));
     let quick = writes_during(Duration::from_secs(2));
     // node-3's writes to its pool's device, throttled.
@@ -2080,18 +1965,11 @@ fn a_slow_disk_under_one_copy_slows_the_writes_and_loses_nothing() {
     std::fs::write(blkio.join("cgroup.procs"), nodes[2].pid().to_string()).unwrap();
     std::fs::remove_dir(&group).unwrap();
     let again = writes_during(Duration::from_secs(2));
-    stop.store(true, Ordering::SeqCst);
-    let log = writer.join().unwrap();
+    let log = writer.finish();
     eprintln!("64 KiB writes: {quick} in 2 s, {slow} in 3 s on a 512 KiB/s disk, {again} in 2 s after");
     // 512 KiB/s is 8 writes of 64 KiB a second (plus what the device's queue took at once).
     assert!(slow > 0 && slow <= 3 * 8 + 16, "{slow} writes in 3 s with one copy's disk at 512 KiB/s");
     assert!(quick > 2 * slow && again > 2 * slow, "the writes were not slowed: {quick}, {slow}, {again}");
     wait_in_sync(&fabric, &nodes[0], "sl", 3, Duration::from_secs(1), "the slow copy left the set");
-    let epoch = target_of(&fabric, &nodes[0], "sl").1;
-    for i in 1..=3 {
-        let copy = read_copy(&fabric, i, &export, epoch, 0, (SLOTS * SLOT) as u32);
-        if let Err(e) = log.check(&copy) {
-            panic!("node-{i}'s copy lost an acknowledged write: {e}");
-        }
-    }
+    check_copies(&fabric, &export, target_of(&fabric, &nodes[0], "sl").1, &log, SLOTS);
 }

@@ -170,6 +170,46 @@ async fn provision(
     (v.volume_id, ctx)
 }
 
+/// On a cluster of `nodes` thinbd (reached through `api_port`): waits until all are up,
+/// creates the volume `create` describes, publishes it to the node "guest" for one writer, and
+/// writes the guest's plan (role "block") with the publish context into `dir`. The context's
+/// NBD address.
+fn plan_cluster_block(api_port: u16, nodes: usize, create: thinbd_api::pb::CreateVolumeRequest, dir: &Path) -> String {
+    runtime().block_on(async {
+        let mut api =
+            thinbd_api::pb::management_client::ManagementClient::connect(format!("http://127.0.0.1:{api_port}"))
+                .await
+                .unwrap();
+        for _ in 0..100 {
+            let up = api.list_nodes(thinbd_api::pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+            if up.iter().filter(|n| n.up).count() == nodes {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let name = create.name.clone();
+        let v = api.create_volume(create).await.unwrap().into_inner();
+        let g = api
+            .publish_volume(thinbd_api::pb::PublishVolumeRequest {
+                volume: name,
+                node: "guest".into(),
+                read_only: false,
+                single_writer: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let nbd = g.nbd_address.clone();
+        let ctx = HashMap::from([
+            ("thinbd.csi.io/export".to_string(), g.export_name),
+            ("thinbd.csi.io/nbd".to_string(), g.nbd_address),
+        ]);
+        write_plan(dir, &[("block", v.uuid, ctx)]);
+        nbd
+    })
+}
+
 /// The cluster's data path through a real kernel: the volume's data is on one thinbd
 /// ("holder"), the guest's kernel attaches through another ("target", the thinbd the node would
 /// run), which takes the target role and forwards to the holder; fio writes and verifies.
@@ -185,52 +225,17 @@ fn kernel_attaches_through_a_target_with_the_data_on_another_thinbd() {
         &[&cluster[..], &["--node-name", "target", "--advertise-nbd", "10.0.2.2:{nbd_port}"]].concat(),
     );
     let shared = tempfile::tempdir().unwrap();
-    runtime().block_on(async {
-        let mut api = thinbd_api::pb::management_client::ManagementClient::connect(format!(
-            "http://127.0.0.1:{}",
-            target.api_port
-        ))
-        .await
-        .unwrap();
-        // Both nodes up, then a volume placed on the holder, created through the target's API.
-        for _ in 0..100 {
-            let nodes = api.list_nodes(thinbd_api::pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
-            if nodes.iter().filter(|n| n.up).count() == 2 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        let v = api
-            .create_volume(thinbd_api::pb::CreateVolumeRequest {
-                name: "remote-block".into(),
-                size_bytes: 64 * MIB as u64,
-                nodes: vec!["holder".into()],
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(v.node, "holder");
-        let g = api
-            .publish_volume(thinbd_api::pb::PublishVolumeRequest {
-                volume: "remote-block".into(),
-                node: "guest".into(),
-                read_only: false,
-                single_writer: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        // The publish context names the holder (as ControllerPublishVolume does); the node
-        // plugin attaches through its own node's thinbd instead: the target.
-        assert_eq!(g.nbd_address, format!("127.0.0.1:{}", holder.nbd_port));
-        let ctx = HashMap::from([
-            ("thinbd.csi.io/export".to_string(), g.export_name),
-            ("thinbd.csi.io/nbd".to_string(), g.nbd_address),
-        ]);
-        write_plan(shared.path(), &[("block", v.uuid, ctx)]);
-    });
+    let create = thinbd_api::pb::CreateVolumeRequest {
+        name: "remote-block".into(),
+        size_bytes: 64 * MIB as u64,
+        nodes: vec!["holder".into()],
+        ..Default::default()
+    };
+    // Placed on the holder, created through the target's API; the publish context names the
+    // holder (as ControllerPublishVolume does); the node plugin attaches through its own
+    // node's thinbd instead: the target.
+    let nbd = plan_cluster_block(target.api_port, 2, create, shared.path());
+    assert_eq!(nbd, format!("127.0.0.1:{}", holder.nbd_port));
     let node_args = format!("--attach-via-local-target --thinbd-api 10.0.2.2:{}", target.api_port);
     std::fs::write(shared.path().join("node-args"), node_args).unwrap();
     let cmd = format!("{} {}", guest_driver_bin().display(), shared.path().display());
@@ -265,45 +270,13 @@ fn kernel_fio_verifies_on_a_replicated_volume_while_a_copy_restarts() {
         Server::start_with(&[&cluster[..], &["--node-name", "a", "--advertise-nbd", "10.0.2.2:{nbd_port}"]].concat());
     let mut b = Server::start_with(&[&cluster[..], &["--node-name", "b"]].concat());
     let shared = tempfile::tempdir().unwrap();
-    runtime().block_on(async {
-        let mut api =
-            thinbd_api::pb::management_client::ManagementClient::connect(format!("http://127.0.0.1:{}", a.api_port))
-                .await
-                .unwrap();
-        for _ in 0..100 {
-            let nodes = api.list_nodes(thinbd_api::pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
-            if nodes.iter().filter(|n| n.up).count() == 2 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        let v = api
-            .create_volume(thinbd_api::pb::CreateVolumeRequest {
-                name: "replicated".into(),
-                size_bytes: 64 * MIB as u64,
-                replicas: 2,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let g = api
-            .publish_volume(thinbd_api::pb::PublishVolumeRequest {
-                volume: "replicated".into(),
-                node: "guest".into(),
-                read_only: false,
-                single_writer: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let ctx = HashMap::from([
-            ("thinbd.csi.io/export".to_string(), g.export_name),
-            ("thinbd.csi.io/nbd".to_string(), g.nbd_address),
-        ]);
-        write_plan(shared.path(), &[("block", v.uuid, ctx)]);
-    });
+    let create = thinbd_api::pb::CreateVolumeRequest {
+        name: "replicated".into(),
+        size_bytes: 64 * MIB as u64,
+        replicas: 2,
+        ..Default::default()
+    };
+    plan_cluster_block(a.api_port, 2, create, shared.path());
     // Through "a" whichever node the publish context names.
     let node_args = format!("--attach-via-local-target --thinbd-api 10.0.2.2:{}", a.api_port);
     std::fs::write(shared.path().join("node-args"), node_args).unwrap();
