@@ -1338,11 +1338,12 @@ fn scrub_finds_a_copy_that_differs_and_repairs_it() {
 
 /// Changing the number of copies: a volume of one copy written, given three (made on the
 /// other nodes; rebuilt in the background when it is next attached, then in sync), then
-/// brought down to two (the removed copy leaves the set and is deleted).
+/// brought down to two (the removed copy — the one out of sync — leaves the set and is
+/// deleted, and so is the mark its target took where it left).
 #[test]
 fn copies_are_added_and_removed() {
     use thinbd_protocol::client::{Client, ClientOptions};
-    let Some((fabric, _etcd, nodes)) = three_nodes(|_| Vec::new()) else { return };
+    let Some((fabric, _etcd, mut nodes)) = three_nodes(|_| Vec::new()) else { return };
     let show = |n: &NetNode| -> serde_json::Value {
         serde_json::from_str(&n.cli(&fabric, &["volume", "show", "sr", "-o", "json"])).unwrap()
     };
@@ -1381,7 +1382,18 @@ fn copies_are_added_and_removed() {
             assert!(copy[b << 20..(b << 20) + data.len()] == data[..], "node-{i}'s copy lacks block {b}");
         }
     }
-    // Down to two.
+    // A copy leaves the set (its node down when the volume is next attached: a mark where it
+    // left) and is back but not rebuilt (nothing attached). Down to two: that one goes, with
+    // its mark.
+    let away = (1..=3).find(|i| *i != holder).unwrap();
+    nodes[away - 1].kill9();
+    write(export.clone(), 3 << 20, data.clone());
+    nodes[away - 1].spawn(&fabric);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !nodes[holder - 1].log_text().contains("marked where a copy left") {
+        assert!(Instant::now() < deadline, "no mark where node-{away} left:\n{}", nodes[holder - 1].log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let v: serde_json::Value =
         serde_json::from_str(&nodes[2].cli(&fabric, &["volume", "set-replicas", "sr", "2", "-o", "json"])).unwrap();
     let (replicas, in_sync) = (v["replicas"].as_array().unwrap().clone(), v["in_sync"].as_array().unwrap().clone());
@@ -1393,6 +1405,12 @@ fn copies_are_added_and_removed() {
     let here: Vec<&serde_json::Value> =
         list.as_array().unwrap().iter().filter(|v| v["node"] == removed.as_str()).collect();
     assert!(here.is_empty(), "{removed} still holds a copy: {list}");
+    assert_eq!(removed, format!("node-{away}"), "the copy out of sync goes first");
+    let mark = format!("sr@.departed-node-{away}");
+    assert!(
+        nodes[holder - 1].log_text().lines().any(|l| l.contains("snapshot deleted") && l.contains(&mark)),
+        "the removed copy's mark {mark} is still on node-{holder}"
+    );
 }
 
 /// Waits until `server` sees `n` nodes up.

@@ -763,7 +763,7 @@ impl Management for Api {
             }
             if !spec.replicated() {
                 // Only the copy that has the data is in sync; the new ones are rebuilt.
-                c.set_in_sync(&v.uuid, vec![spec.node.clone()]).await.map_err(cluster_status)?;
+                c.set_in_sync(&v.uuid, vec![spec.node.clone()], None).await.map_err(cluster_status)?;
             }
         } else if want < copies.len() {
             let in_sync = c.in_sync(&v.uuid).await.map_err(cluster_status)?.map(|s| s.members).unwrap_or_default();
@@ -773,8 +773,19 @@ impl Management for Api {
             for node in order.into_iter().take(copies.len() - want) {
                 let remaining: Vec<String> =
                     in_sync.iter().filter(|m| **m != node && kept.contains(m)).cloned().collect();
-                c.set_in_sync(&v.uuid, remaining).await.map_err(cluster_status)?;
+                let left = c.set_in_sync(&v.uuid, remaining, Some(&node)).await.map_err(cluster_status)?;
                 kept.retain(|n| *n != node);
+                // The mark where it had left serves no rebuild any more.
+                if let Some(d) = left {
+                    let mark = pb::DeleteSnapshotRequest { key: format!("{}@.{}", v.name, d.mark), here: true };
+                    let deleted = match c.peer(&d.mark_node) {
+                        Ok(mut p) => already_gone(p.delete_snapshot(mark).await),
+                        Err(e) => Err(cluster_status(e)),
+                    };
+                    if let Err(e) = deleted {
+                        tracing::warn!(volume = %v.name, node = %d.mark_node, mark = %d.mark, error = %e, "cannot delete a removed copy's mark");
+                    }
+                }
                 let gone = pb::DeleteVolumeRequest { name: v.uuid.clone(), here: true };
                 match c.peer(&node) {
                     Ok(mut p) => {

@@ -230,23 +230,37 @@ impl Cluster {
 
 impl Cluster {
     /// Sets volume `uuid`'s in-sync set to `members` (a volume that becomes replicated, or
-    /// copies removed), keeping its epoch.
-    pub async fn set_in_sync(&self, uuid: &str, members: Vec<String>) -> Result<(), ClusterError> {
+    /// copies removed), keeping its epoch and what it records of the other copies; `removed`
+    /// (a copy deleted) is forgotten. Returns where `removed` had left, if it had: its mark is
+    /// the caller's to delete.
+    pub async fn set_in_sync(
+        &self,
+        uuid: &str,
+        members: Vec<String>,
+        removed: Option<&str>,
+    ) -> Result<Option<Departed>, ClusterError> {
         let key = keys::isr(uuid);
         let mut client = self.client.clone();
         loop {
             let resp = client.get(key.clone(), None).await?;
-            let (epoch, unchanged) = match resp.kvs().first() {
+            let (before, unchanged) = match resp.kvs().first() {
                 Some(kv) => (
-                    decode::<InSync>(kv.key(), kv.value())?.epoch,
+                    decode::<InSync>(kv.key(), kv.value())?,
                     Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
                 ),
-                None => (0, Compare::create_revision(key.clone(), CompareOp::Equal, 0)),
+                None => (InSync::default(), Compare::create_revision(key.clone(), CompareOp::Equal, 0)),
             };
-            let set = InSync { members: members.clone(), epoch, ..Default::default() };
+            let gone = |node: &str| removed == Some(node);
+            let left = before.departed.iter().find(|d| gone(&d.node)).cloned();
+            let set = InSync {
+                members: members.clone(),
+                epoch: before.epoch,
+                rebuilding: before.rebuilding.into_iter().filter(|r| !gone(&r.node)).collect(),
+                departed: before.departed.into_iter().filter(|d| !gone(&d.node)).collect(),
+            };
             let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(key.clone(), encode(&key, &set)?, None)]);
             if client.txn(txn).await?.succeeded() {
-                return Ok(());
+                return Ok(left);
             }
         }
     }

@@ -84,7 +84,7 @@ pub struct Cluster {
     pub peer_tls: Option<PeerTls>,
     /// What the sessions of each replicated volume this node serves as target share (write
     /// order, barriers, joined copies).
-    shared: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<crate::io::Shared>>>,
+    shared: std::sync::Mutex<std::collections::HashMap<String, Arc<crate::io::Shared>>>,
     /// This node's pool: its copies hold the marks rebuilds start from.
     engine: std::sync::OnceLock<Arc<crate::engine::Engine>>,
     /// Most bytes per second a rebuild copies (0: unlimited).
@@ -153,20 +153,16 @@ impl Cluster {
     /// The replicated volumes this node serves as target now (their UUIDs).
     pub fn served(&self) -> Vec<String> {
         let Ok(all) = self.shared.lock() else { return Vec::new() };
-        all.iter().filter(|(_, s)| s.strong_count() > 0).map(|(u, _)| u.clone()).collect()
+        // The map holds one reference; sessions (and work on their behalf) hold the others.
+        all.iter().filter(|(_, s)| Arc::strong_count(s) > 1).map(|(u, _)| u.clone()).collect()
     }
 
-    /// What volume `uuid`'s sessions on this node share (made when first asked; kept while a
-    /// session or a barrier holds it).
+    /// What volume `uuid`'s sessions on this node share (made when first asked, kept for the
+    /// life of the process: its write log must see every write of the target's epoch, also
+    /// between sessions).
     pub fn shared(&self, uuid: &str) -> Arc<crate::io::Shared> {
         let Ok(mut all) = self.shared.lock() else { return Default::default() };
-        all.retain(|_, s| s.strong_count() > 0);
-        if let Some(s) = all.get(uuid).and_then(std::sync::Weak::upgrade) {
-            return s;
-        }
-        let s: Arc<crate::io::Shared> = Default::default();
-        all.insert(uuid.to_string(), Arc::downgrade(&s));
-        s
+        all.entry(uuid.to_string()).or_default().clone()
     }
 
     /// The management API of node `name`, which must be up.
@@ -195,7 +191,7 @@ impl Cluster {
             out.push_str(&format!("thinbd_cluster_node_up{{node=\"{}\"}} {}\n", n.record.name, u8::from(n.up)));
         }
         let live: Vec<(String, Arc<crate::io::Shared>)> = match self.shared.lock() {
-            Ok(all) => all.iter().filter_map(|(u, s)| Some((u.clone(), s.upgrade()?))).collect(),
+            Ok(all) => all.iter().map(|(u, s)| (u.clone(), s.clone())).collect(),
             Err(_) => Vec::new(),
         };
         out.push_str(

@@ -351,11 +351,7 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
     };
     // How far an earlier rebuild of this copy got (flushed on the copy when recorded), under
     // this target or the one before (no writes this target's log lacks came in between).
-    let done_before = set
-        .rebuilding
-        .iter()
-        .find(|r| r.node == node && (r.epoch == epoch || r.epoch + 1 == epoch))
-        .map_or(0, |r| r.done.min(size));
+    let before = set.rebuilding.iter().find(|r| r.node == node).map(|r| (r.done.min(size), r.epoch));
     let resume = {
         let _held = shared.order.barrier().await?;
         if !shared.start_rebuild(node, size)? {
@@ -363,8 +359,10 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
         }
         // Below where it got, the copy lacks only what was written since it stopped taking
         // writes — unless it just got a layer (its head changed under that part too).
-        match shared.missed_since_stop(node)? {
-            Some(missed) if done_before > 0 && layers == 0 => Some((done_before, merged(missed))),
+        match before {
+            Some((done, under)) if done > 0 && layers == 0 => {
+                shared.missed_since_stop(node, under, epoch)?.map(|missed| (done, merged(missed)))
+            }
             _ => None,
         }
     };

@@ -60,9 +60,11 @@ struct WriteLog {
     /// Per copy whose rebuild stopped (it takes no live writes since): what it may lack in
     /// the part its rebuild had done, for the next rebuild to resume there.
     stopped: std::collections::HashMap<String, MissedRanges>,
-    /// Everything written since this target began (`None` once too much): what a copy whose
-    /// rebuild stopped under an earlier target may lack in the part that rebuild had done.
+    /// Everything written under target epoch `since_epoch` (`None` once too much): what a
+    /// copy whose rebuild stopped under the target before may lack in the part that rebuild
+    /// had done.
     since_start: MissedRanges,
+    since_epoch: Option<u64>,
 }
 
 impl Default for WriteLog {
@@ -74,6 +76,7 @@ impl Default for WriteLog {
             departed: Default::default(),
             stopped: Default::default(),
             since_start: Some(Vec::new()),
+            since_epoch: None,
         }
     }
 }
@@ -203,15 +206,28 @@ impl Shared {
         Ok(())
     }
 
+    /// A session of target epoch `epoch` opens (before it writes): the log of everything
+    /// written under that epoch starts here, unless it already runs for it. One `Shared` per
+    /// volume lives as long as the process, so it sees every write of its epochs.
+    pub fn begin_epoch(&self, epoch: u64) -> Result<(), EngineError> {
+        let mut log = self.log.lock().map_err(|_| poisoned())?;
+        if log.since_epoch != Some(epoch) {
+            (log.since_start, log.since_epoch) = (Some(Vec::new()), Some(epoch));
+        }
+        Ok(())
+    }
+
     /// For a rebuild that resumes `node`'s copy (call under the barrier, with the copy taking
-    /// live writes again): what it may lack in the part an earlier rebuild had done — logged
-    /// since that rebuild stopped here, or, if it never ran here, since this target began.
-    /// `None`: too much to tell.
-    pub fn missed_since_stop(&self, node: &str) -> Result<MissedRanges, EngineError> {
+    /// live writes again) where an earlier rebuild, under target epoch `stopped_under`, had
+    /// got: what the copy may lack there — logged since that rebuild stopped here, or, when it
+    /// stopped under the target before this one (`epoch`), everything this one wrote.
+    /// `None`: too much, or nothing, to tell (no resume).
+    pub fn missed_since_stop(&self, node: &str, stopped_under: u64, epoch: u64) -> Result<MissedRanges, EngineError> {
         let mut log = self.log.lock().map_err(|_| poisoned())?;
         Ok(match log.stopped.remove(node) {
-            Some(ranges) => ranges,
-            None => log.since_start.clone(),
+            Some(ranges) if stopped_under == epoch => ranges,
+            _ if stopped_under + 1 == epoch && log.since_epoch == Some(epoch) => log.since_start.clone(),
+            _ => None,
         })
     }
 
@@ -702,8 +718,9 @@ mod tests {
     fn a_stopped_rebuild_resumes_with_what_was_written_since_and_unflushed() {
         let shared = Shared::default();
         shared.adopt(&["a".to_string()]).unwrap();
-        // Before this target wrote anything, a copy it never rebuilt lacks nothing from it.
-        assert_eq!(shared.missed_since_stop("b").unwrap(), Some(vec![]));
+        shared.begin_epoch(5).unwrap();
+        // Stopped under the target before (epoch 4), nothing written since: nothing missed.
+        assert_eq!(shared.missed_since_stop("b", 4, 5).unwrap(), Some(vec![]));
         assert!(shared.start_rebuild("b", 1 << 20).unwrap());
         shared.logged(0, 10).unwrap();
         let upto = shared.flush_started().unwrap();
@@ -712,14 +729,23 @@ mod tests {
         shared.stop_rebuild("b");
         shared.logged(40, 50).unwrap();
         // Unflushed when it stopped, and written since; not what a completed flush covered.
-        assert_eq!(shared.missed_since_stop("b").unwrap(), Some(vec![(20, 30), (40, 50)]));
-        // Taken: a copy not stopped here falls back to everything since this target began.
-        assert_eq!(shared.missed_since_stop("b").unwrap(), Some(vec![(0, 10), (20, 30), (40, 50)]));
-        // Stopping a copy that was not being rebuilt logs nothing for it.
+        assert_eq!(shared.missed_since_stop("b", 5, 5).unwrap(), Some(vec![(20, 30), (40, 50)]));
+        // Taken; under this epoch nothing else can tell what it missed.
+        assert_eq!(shared.missed_since_stop("b", 5, 5).unwrap(), None);
+        // Under the epoch before: everything this epoch wrote.
+        assert_eq!(shared.missed_since_stop("b", 4, 5).unwrap(), Some(vec![(0, 10), (20, 30), (40, 50)]));
+        // Older, or a log of another epoch: no resume.
+        assert_eq!(shared.missed_since_stop("b", 3, 5).unwrap(), None);
+        assert_eq!(shared.missed_since_stop("b", 5, 6).unwrap(), None);
+        // A new epoch starts its own log.
+        shared.begin_epoch(6).unwrap();
+        assert_eq!(shared.missed_since_stop("b", 5, 6).unwrap(), Some(vec![]));
+        // Stopping a copy that was not being rebuilt logs nothing for it; past the cap, too
+        // much to tell.
         shared.stop_rebuild("c");
-        for i in 0..LOG_MAX as u64 {
+        for i in 0..=LOG_MAX as u64 {
             shared.logged(i, i + 1).unwrap();
         }
-        assert_eq!(shared.missed_since_stop("c").unwrap(), None, "past the cap: too much to tell");
+        assert_eq!(shared.missed_since_stop("c", 5, 6).unwrap(), None);
     }
 }

@@ -116,6 +116,7 @@ async fn copies_for(
         volume: volume.to_string(),
     });
     if orders_writes {
+        shared.begin_epoch(epoch).map_err(engine_err)?;
         shared.set_linker(linker.clone());
     }
     if copies.is_empty() {
