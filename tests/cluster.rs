@@ -1991,3 +1991,63 @@ fn a_slow_disk_under_one_copy_slows_the_writes_and_loses_nothing() {
     wait_in_sync(&fabric, &nodes[0], "sl", 3, Duration::from_secs(1), "the slow copy left the set");
     check_copies(&fabric, &export, target_of(&fabric, &nodes[0], "sl").1, &log, SLOTS);
 }
+
+/// The source of a rebuild killed in the middle of it: a volume of two copies (node-2, node-3)
+/// written through node-1 (its target, which holds no copy). node-3 is away while more is
+/// written, then rebuilt from node-2 at 2 MiB/s; past a checkpoint, node-2 — the source and the
+/// only copy in sync — is killed: writes fail (never acknowledged by a copy that is not in
+/// sync), and the copy being rebuilt stays out of the set. node-2 back, the rebuild resumes from
+/// its checkpoint, and both copies hold every acknowledged write.
+#[test]
+fn a_rebuild_whose_source_is_killed_resumes_from_its_checkpoint() {
+    const SLOTS: usize = 256; // 16 MiB
+    let slow = |i: usize| if i == 1 { vec!["--rebuild-rate".into(), "2MiB".into()] } else { Vec::new() };
+    let Some((fabric, _etcd, mut nodes)) = three_nodes(slow) else { return };
+    let create =
+        ["volume", "create", "rs2", "--size", "32MiB", "--replicas", "2", "--node", "node-2", "--node", "node-3"];
+    nodes[0].cli(&fabric, &create);
+    let export = publish_for_one_writer(&fabric, &nodes[0], "rs2");
+    let writer = AckWriter::start(&fabric, 1, &export, SLOTS, Duration::from_millis(5));
+    std::thread::sleep(Duration::from_secs(1));
+    nodes[2].kill9();
+    wait_in_sync(&fabric, &nodes[0], "rs2", 1, Duration::from_secs(30), "node-3 did not leave the set");
+    std::thread::sleep(Duration::from_secs(2));
+    nodes[2].spawn(&fabric);
+    let show = |n: &NetNode| -> serde_json::Value {
+        serde_json::from_str(&n.cli(&fabric, &["volume", "show", "rs2", "-o", "json"])).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let checkpoint = loop {
+        let v = show(&nodes[0]);
+        let r3 = v["replica_states"].as_array().unwrap().iter().find(|r| r["node"] == "node-3").unwrap().clone();
+        assert_ne!(r3["state"], "UpToDate", "the rebuild was over before its source was killed: {v}");
+        if let Some(done) = r3["rebuilt_bytes"].as_u64().filter(|d| *d > 0) {
+            break done;
+        }
+        assert!(Instant::now() < deadline, "node-3 was not being rebuilt: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    nodes[1].kill9();
+    std::thread::sleep(Duration::from_secs(2));
+    let v = show(&nodes[0]);
+    assert_eq!(v["in_sync"], serde_json::json!(["node-2"]), "the copy being rebuilt joined without its source: {v}");
+    nodes[1].spawn(&fabric);
+    wait_in_sync(&fabric, &nodes[0], "rs2", 2, Duration::from_secs(90), "node-3's rebuild did not finish");
+    let log = nodes[0].log_text();
+    let rebuilt = log.lines().rfind(|l| l.contains("copy rebuilt and back in sync")).expect("the rebuild's log line");
+    let resumed: u64 = rebuilt
+        .split("resumed_from=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("{rebuilt}"));
+    assert!(resumed >= checkpoint, "the rebuild did not resume from its checkpoint ({checkpoint}): {rebuilt}");
+    let log = writer.finish();
+    let epoch = target_of(&fabric, &nodes[0], "rs2").1;
+    for i in [2, 3] {
+        let copy = read_copy(&fabric, i, &export, epoch, 0, (SLOTS * ACK_SLOT) as u32);
+        if let Err(e) = log.check(&copy) {
+            panic!("node-{i}'s copy lost an acknowledged write: {e}");
+        }
+    }
+}
