@@ -731,6 +731,25 @@ fn metrics_of(fabric: &Fabric, i: usize) -> String {
     })
 }
 
+/// Copy `node`'s entry in a `volume show` JSON's replica states.
+fn replica_state(v: &serde_json::Value, node: &str) -> serde_json::Value {
+    let states = v["replica_states"].as_array().unwrap_or_else(|| panic!("no replica states: {v}"));
+    states.iter().find(|r| r["node"] == node).unwrap_or_else(|| panic!("no state for {node}: {v}")).clone()
+}
+
+/// The last rebuild `target` logged resumed from at least `checkpoint`.
+fn assert_resumed(target: &NetNode, checkpoint: u64) {
+    let log = target.log_text();
+    let rebuilt = log.lines().rfind(|l| l.contains("copy rebuilt and back in sync")).expect("the rebuild's log line");
+    let resumed: u64 = rebuilt
+        .split("resumed_from=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("{rebuilt}"));
+    assert!(resumed >= checkpoint, "the rebuild did not resume from its checkpoint ({checkpoint}): {rebuilt}");
+}
+
 /// Attaches `export` on `addr`, trying again for up to a minute (a target may be restarting).
 async fn attach_retrying(addr: &str, export: &str) -> thinbd_protocol::client::Client {
     use thinbd_protocol::client::{Client, ClientOptions};
@@ -811,8 +830,21 @@ impl AckWriter {
 /// Every copy of the volume (nodes 1 to 3) holds each slot's last acknowledged write (or a
 /// later unacknowledged one), read through links of the current target `epoch`.
 fn check_copies(fabric: &Fabric, export: &str, epoch: u64, log: &thinbd_tests::AckLog, slots: usize) -> Vec<Vec<u8>> {
-    (1..=3)
-        .map(|i| {
+    check_copies_on(fabric, &[1, 2, 3], export, epoch, log, slots)
+}
+
+/// [`check_copies`] for the copies on `nodes`.
+fn check_copies_on(
+    fabric: &Fabric,
+    nodes: &[usize],
+    export: &str,
+    epoch: u64,
+    log: &thinbd_tests::AckLog,
+    slots: usize,
+) -> Vec<Vec<u8>> {
+    nodes
+        .iter()
+        .map(|&i| {
             let copy = read_copy(fabric, i, export, epoch, 0, (slots * ACK_SLOT) as u32);
             if let Err(e) = log.check(&copy) {
                 panic!("node-{i}'s copy lost an acknowledged write: {e}");
@@ -1116,7 +1148,7 @@ fn a_copy_that_comes_back_gets_the_snapshot_layers_it_missed() {
     loop {
         let v: serde_json::Value =
             serde_json::from_str(&nodes[1].cli(&fabric, &["volume", "show", "ly", "-o", "json"])).unwrap();
-        let r3 = v["replica_states"].as_array().unwrap().iter().find(|r| r["node"] == "node-3").unwrap().clone();
+        let r3 = replica_state(&v, "node-3");
         if r3["state"] == "Rebuilding" {
             break;
         }
@@ -1215,7 +1247,7 @@ fn a_copy_is_rebuilt_beside_live_writes() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let (seen, acked_then) = loop {
         let v = show(&nodes[1]);
-        let r3 = v["replica_states"].as_array().unwrap().iter().find(|r| r["node"] == "node-3").unwrap().clone();
+        let r3 = replica_state(&v, "node-3");
         if r3["state"] == "Rebuilding" && r3["rebuilt_bytes"].as_u64() > Some(0) {
             break (r3, acked.load(Ordering::SeqCst));
         }
@@ -1237,7 +1269,7 @@ fn a_copy_is_rebuilt_beside_live_writes() {
     // rebuild resumes from that checkpoint, below it copying only what was written since.
     let checkpoint = loop {
         let v = show(&nodes[1]);
-        let r3 = v["replica_states"].as_array().unwrap().iter().find(|r| r["node"] == "node-3").unwrap().clone();
+        let r3 = replica_state(&v, "node-3");
         assert_eq!(r3["state"], "Rebuilding", "the rebuild was over before it was interrupted: {v}");
         if let Some(done) = r3["rebuilt_bytes"].as_u64().filter(|d| *d > 0) {
             break done;
@@ -1248,15 +1280,7 @@ fn a_copy_is_rebuilt_beside_live_writes() {
     std::thread::sleep(Duration::from_secs(1));
     nodes[2].spawn(&fabric);
     wait_in_sync(&fabric, &nodes[0], "rl", 3, Duration::from_secs(60), "node-3's copy did not rejoin");
-    let log = nodes[0].log_text();
-    let rebuilt = log.lines().rfind(|l| l.contains("copy rebuilt and back in sync")).expect("the rebuild's log line");
-    let resumed: u64 = rebuilt
-        .split("resumed_from=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|r| r.parse().ok())
-        .unwrap_or_else(|| panic!("{rebuilt}"));
-    assert!(resumed >= checkpoint, "the rebuild did not resume from its checkpoint ({checkpoint}): {rebuilt}");
+    assert_resumed(&nodes[0], checkpoint);
     // A scrub (through another node, under the target's barrier while the writes go on).
     let scrub: serde_json::Value =
         serde_json::from_str(&nodes[1].cli(&fabric, &["volume", "scrub", "rl", "-o", "json"])).unwrap();
@@ -2019,7 +2043,7 @@ fn a_rebuild_whose_source_is_killed_resumes_from_its_checkpoint() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let checkpoint = loop {
         let v = show(&nodes[0]);
-        let r3 = v["replica_states"].as_array().unwrap().iter().find(|r| r["node"] == "node-3").unwrap().clone();
+        let r3 = replica_state(&v, "node-3");
         assert_ne!(r3["state"], "UpToDate", "the rebuild was over before its source was killed: {v}");
         if let Some(done) = r3["rebuilt_bytes"].as_u64().filter(|d| *d > 0) {
             break done;
@@ -2033,21 +2057,7 @@ fn a_rebuild_whose_source_is_killed_resumes_from_its_checkpoint() {
     assert_eq!(v["in_sync"], serde_json::json!(["node-2"]), "the copy being rebuilt joined without its source: {v}");
     nodes[1].spawn(&fabric);
     wait_in_sync(&fabric, &nodes[0], "rs2", 2, Duration::from_secs(90), "node-3's rebuild did not finish");
-    let log = nodes[0].log_text();
-    let rebuilt = log.lines().rfind(|l| l.contains("copy rebuilt and back in sync")).expect("the rebuild's log line");
-    let resumed: u64 = rebuilt
-        .split("resumed_from=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|r| r.parse().ok())
-        .unwrap_or_else(|| panic!("{rebuilt}"));
-    assert!(resumed >= checkpoint, "the rebuild did not resume from its checkpoint ({checkpoint}): {rebuilt}");
+    assert_resumed(&nodes[0], checkpoint);
     let log = writer.finish();
-    let epoch = target_of(&fabric, &nodes[0], "rs2").1;
-    for i in [2, 3] {
-        let copy = read_copy(&fabric, i, &export, epoch, 0, (SLOTS * ACK_SLOT) as u32);
-        if let Err(e) = log.check(&copy) {
-            panic!("node-{i}'s copy lost an acknowledged write: {e}");
-        }
-    }
+    check_copies_on(&fabric, &[2, 3], &export, target_of(&fabric, &nodes[0], "rs2").1, &log, SLOTS);
 }

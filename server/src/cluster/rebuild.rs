@@ -7,7 +7,8 @@
 //! Scrubbing compares the in-sync copies the same way, under the barrier, and can rewrite the
 //! ranges that differ from the first copy.
 //!
-//! Every chunk written is read back and compared by CRC32C with what was sent.
+//! Every chunk written is checked: the copy's node computes the CRC32C of what it stored, which
+//! must match what was sent.
 //!
 //! A copy that left the set comes back with the snapshot layers it lacks and, where its target
 //! marked the point it left (a hidden snapshot), only the chunks changed since.
@@ -226,8 +227,7 @@ async fn copy_layers(
     let position = |name: &str| chain.iter().position(|s| s.name == name);
     let ours: Vec<_> = chain.iter().filter(|s| !crate::engine::is_mark(&s.name)).collect();
     let mut peer = cluster.peer(node).map_err(|e| EngineError::Unavailable(e.to_string()))?;
-    let listed = pb::ListSnapshotsRequest { volume: spec.uuid.clone(), here: true };
-    let theirs = peer.list_snapshots(listed).await.map_err(peer_err)?.into_inner().snapshots;
+    let theirs = their_snapshots(&mut peer, spec, node).await?;
     let had = ours.iter().take_while(|s| theirs.iter().any(|t| t.uuid == s.uuid)).count();
     for t in theirs.iter().filter(|t| !ours[..had].iter().any(|s| s.uuid == t.uuid)) {
         tracing::info!(volume = %spec.name, node, snapshot = %t.name, "deleting a snapshot on a copy being rebuilt");
@@ -273,6 +273,17 @@ async fn copy_layers(
     Ok((known, ours.len() - had))
 }
 
+/// The snapshots `node`'s copy of `spec` holds (not those the cluster records elsewhere).
+async fn their_snapshots(
+    peer: &mut super::Peer,
+    spec: &VolumeSpec,
+    node: &str,
+) -> Result<Vec<thinbd_api::pb::Snapshot>, EngineError> {
+    let listed = thinbd_api::pb::ListSnapshotsRequest { volume: spec.uuid.clone(), here: true };
+    let theirs = peer.list_snapshots(listed).await;
+    Ok(theirs.map_err(|e| EngineError::Unavailable(format!("{node}: {}", e.message())))?.into_inner().snapshots)
+}
+
 /// Whether the copy on `node` holds exactly the snapshots of the local copy of `spec`.
 async fn same_snapshots(
     cluster: &Arc<Cluster>,
@@ -280,10 +291,8 @@ async fn same_snapshots(
     node: &str,
     engine: &Arc<crate::engine::Engine>,
 ) -> Result<bool, EngineError> {
-    let listed = thinbd_api::pb::ListSnapshotsRequest { volume: spec.uuid.clone(), here: true };
     let mut peer = cluster.peer(node).map_err(|e| EngineError::Unavailable(e.to_string()))?;
-    let theirs = peer.list_snapshots(listed).await.map_err(|e| EngineError::Unavailable(e.message().to_string()))?;
-    let mut theirs: Vec<String> = theirs.into_inner().snapshots.into_iter().map(|s| s.uuid).collect();
+    let mut theirs: Vec<String> = their_snapshots(&mut peer, spec, node).await?.into_iter().map(|s| s.uuid).collect();
     let mut ours: Vec<String> = engine.list_snapshots(Some(&spec.name)).iter().map(|s| s.uuid.clone()).collect();
     theirs.sort();
     ours.sort();
@@ -367,6 +376,7 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
         }
     };
     let resumed_from = resume.as_ref().map_or(0, |(done, _)| *done);
+    let plan = ToCopy { resume, head, known };
     let mut guard = Rebuilding { shared: &shared, node, joined: false };
     let stopped = || EngineError::Unavailable(format!("the rebuild of {node}'s copy stopped (a write failed on it)"));
     // What is recorded as done is durable on the copy: a later rebuild resumes there.
@@ -403,7 +413,7 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
         }
         let mut chunks = Vec::with_capacity(batch.len());
         for &(start, end) in &batch {
-            chunks.push(copy_chunk(&shared, &copier, &from, resume.as_ref(), head.as_ref(), &known, start, end));
+            chunks.push(copy_chunk(&shared, &copier, &from, &plan, start, end));
         }
         futures_util::future::try_join_all(chunks).await?;
         at = cursor;
@@ -436,28 +446,42 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
     Ok(true)
 }
 
-/// Copies what may differ on the copy in chunk `start..end`, holding the chunk's range lock:
-/// below where a resumed rebuild had got, what it missed since; else what changed since the
-/// layer its head is known to hold; else everything.
-#[allow(clippy::too_many_arguments)]
+/// What the live phase of a rebuild copies.
+struct ToCopy {
+    /// Where an earlier rebuild had got, and what the copy missed below it since.
+    resume: Option<(u64, Vec<(u64, u64)>)>,
+    /// The local copy's head, to tell what changed since `known.layer`.
+    head: Option<crate::io::LocalVolume>,
+    known: Known,
+}
+
+impl ToCopy {
+    /// The parts of chunk `start..end` that may differ on the copy: below where a resumed
+    /// rebuild had got, what it missed since; else what changed since the layer its head is
+    /// known to hold; else everything.
+    fn parts(&self, start: u64, end: u64) -> Result<Vec<(u64, u64)>, EngineError> {
+        Ok(match (&self.resume, &self.head, &self.known.layer) {
+            (Some((done, missed)), _, _) if start < *done => within(missed, start, end),
+            (_, Some(head), Some(layer)) => {
+                changed_parts(head, layer, &self.known.ranges, start, (end - start) as u32)?
+            }
+            _ => vec![(start, end)],
+        })
+    }
+}
+
+/// Copies what may differ on the copy in chunk `start..end`, holding the chunk's range lock.
 async fn copy_chunk(
     shared: &crate::io::Shared,
     copier: &Copier<'_>,
     from: &Backing,
-    resume: Option<&(u64, Vec<(u64, u64)>)>,
-    head: Option<&crate::io::LocalVolume>,
-    known: &Known,
+    plan: &ToCopy,
     start: u64,
     end: u64,
 ) -> Result<(), EngineError> {
     let chunk = shared.order.enter(start, end).await?;
-    let parts = match (resume, head, &known.layer) {
-        (Some((done, missed)), _, _) if start < *done => within(missed, start, end),
-        (_, Some(head), Some(layer)) => changed_parts(head, layer, &known.ranges, start, (end - start) as u32)?,
-        _ => vec![(start, end)],
-    };
     let mut pause = std::time::Duration::ZERO;
-    for (s, e) in parts {
+    for (s, e) in plan.parts(start, end)? {
         pause = pause.max(copier.range(from, s, e - s).await?);
     }
     // Writes to the chunk go on while the rebuild keeps to its rate.
