@@ -615,6 +615,14 @@ fn a_client_writes_on_across_a_target_restart() {
             "acknowledged block {i} is not on the volume"
         );
     }
+    // On every copy too: the killed target's own copy lost its unflushed writes (new clusters
+    // are mapped at a flush), and the new target reconciled it from another copy.
+    for n in 1..=3 {
+        let copy = read_copy(&fabric, n, &export, after, 0, (BLOCKS * BLOCK) as u32);
+        assert!(copy == whole, "node-{n}'s copy differs from what was acknowledged");
+    }
+    let log = nodes[t].log_text();
+    assert!(log.contains("copies that may lack unflushed writes"), "the killed target did not mark its copy suspect");
 }
 
 /// Mutual TLS between nodes: NBD and the management API require client certificates on every
@@ -1832,6 +1840,90 @@ fn a_copy_that_missed_writes_is_never_a_source_for_a_new_target() {
     }
     tx_go.send(()).unwrap();
     client.join().unwrap();
+}
+
+/// A target killed with a write in flight leaves copies that differ where it was: the write
+/// reached node-1 (the target's own copy) and node-2, not node-3 (its link black-holed), and
+/// was never acknowledged. The next target (node-3) makes the in-sync copies equal in the
+/// regions the activity record lists before it serves anything: node-2 gets node-3's data
+/// back, so no later failover can read the write and then lose it again. node-1, back, is
+/// rebuilt from its mark plus those regions (it held the write too), and a scrub finds the three
+/// copies identical.
+#[test]
+fn a_new_target_reconciles_the_writes_the_last_one_left_in_flight() {
+    use thinbd_protocol::client::{Client, ClientOptions};
+    use thinbd_tests::fault_proxy::{Fault, FaultProxy};
+    let proxied = |i: usize| if i == 3 { vec!["--advertise-nbd".into(), "10.77.0.3:20809".into()] } else { Vec::new() };
+    let Some((fabric, _etcd, mut nodes)) = three_nodes(proxied) else { return };
+    let proxy = fabric.run_in(3, || FaultProxy::start("10.77.0.3:20809", "10.77.0.3:10809"));
+    nodes[0].cli(&fabric, &["volume", "create", "rc", "--size", "16MiB"]);
+    let export = publish_for_one_writer(&fabric, &nodes[0], "rc");
+    let (a, b) = (thinbd_tests::pattern(90, 256 << 10), thinbd_tests::pattern(91, 256 << 10));
+    const AT: u64 = 5 << 20;
+    // One session throughout: a new one would find node-3 out of reach at open and evict it.
+    let (tx_first, rx_first) = std::sync::mpsc::channel::<()>();
+    let (tx_second, rx_second) = std::sync::mpsc::channel::<()>();
+    let stuck = {
+        let (addr, export, a, b) = (format!("{}:10809", fabric.ip(1)), export.clone(), a.clone(), b.clone());
+        fabric.spawn_in(1, move || {
+            thinbd_tests::runtime().block_on(async {
+                let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach");
+                c.write(AT, &a, 0).await.expect("write");
+                c.flush().await.expect("flush");
+                tx_first.send(()).unwrap();
+                rx_second.recv().unwrap();
+                c.write(AT, &b, 0).await.is_ok()
+            })
+        })
+    };
+    rx_first.recv_timeout(Duration::from_secs(30)).expect("the first write was not acknowledged");
+    let epoch = target_of(&fabric, &nodes[0], "rc").1;
+    proxy.set(Fault::BlackHole);
+    tx_second.send(()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while read_copy(&fabric, 2, &export, epoch, AT, 256 << 10) != b {
+        assert!(Instant::now() < deadline, "the write did not reach node-2");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    nodes[0].kill9();
+    assert!(!stuck.join().unwrap(), "the write missing on node-3 was acknowledged");
+    proxy.set(Fault::Pass);
+    assert!(read_copy(&fabric, 3, &export, epoch, AT, 256 << 10) == a, "node-3 got the write after all");
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let (tx_go, rx_go) = std::sync::mpsc::channel::<()>();
+    let client = {
+        let (addr, export) = (format!("{}:10809", fabric.ip(3)), export.clone());
+        fabric.spawn_in(3, move || {
+            thinbd_tests::runtime().block_on(async {
+                let client = attach_retrying(&addr, &export).await;
+                tx.send(client.read(AT, 256 << 10).await.expect("read through node-3")).unwrap();
+                // Attached (the target rebuilds only for a volume in use) until node-1 is back.
+                rx_go.recv().unwrap();
+                client.disconnect().await.unwrap();
+            })
+        })
+    };
+    let read = rx.recv_timeout(Duration::from_secs(60)).expect("no read through node-3");
+    assert!(read == a, "the new target read the write that never reached its copy");
+    let (_, epoch) = target_of(&fabric, &nodes[1], "rc");
+    assert!(read_copy(&fabric, 2, &export, epoch, AT, 256 << 10) == a, "node-2 keeps the write node-3 lacks");
+    let log = nodes[2].log_text();
+    let line = log.lines().find(|l| l.contains("reconciled where the last target")).expect("no reconcile logged");
+    assert!(line.contains("repaired=[\"node-2\"]"), "node-2 was not repaired: {line}");
+    nodes[0].spawn(&fabric);
+    wait_in_sync(&fabric, &nodes[1], "rc", 3, Duration::from_secs(60), "node-1's copy was not rebuilt");
+    let rebuilt = nodes[2].log_text();
+    let rebuilt = rebuilt.lines().rfind(|l| l.contains("copy rebuilt and back in sync")).expect("no rebuild logged");
+    assert!(rebuilt.contains("delta=true"), "node-1 was not rebuilt from its mark: {rebuilt}");
+    for i in 1..=3 {
+        assert!(read_copy(&fabric, i, &export, epoch, AT, 256 << 10) == a, "node-{i}'s copy differs");
+    }
+    let scrub: serde_json::Value =
+        serde_json::from_str(&nodes[1].cli(&fabric, &["volume", "scrub", "rc", "-o", "json"])).unwrap();
+    assert_eq!(scrub["differing"], serde_json::json!([]), "{scrub}");
+    tx_go.send(()).unwrap();
+    client.join().unwrap();
+    drop(proxy);
 }
 
 /// Full pools: node-3's pool (6 MiB) fills first under a writer filling fresh 64 KiB slots in

@@ -208,6 +208,7 @@ fn raise_fd_limit() {
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     raise_fd_limit();
     let _lock = lock_data_dir(&opts.data_dir)?;
+    let unclean = mark_running(&opts.data_dir)?;
     let engine = Engine::open(&EngineConfig {
         data_dir: opts.data_dir.clone(),
         capacity: opts.capacity,
@@ -290,6 +291,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             joined.set_rebuild_rate(opts.rebuild_rate);
             joined.set_engine(engine.clone());
             adopt_local(&engine, &joined).await.context("recording this node's volumes in the cluster")?;
+            if unclean {
+                note_suspect_copies(&engine, &joined).await.context("recording this node's copies as suspect")?;
+            }
             // Copies of volumes served here come back in sync when their nodes register again.
             let registrations = joined.directory.registrations();
             tokio::spawn(crate::cluster::rebuild::on_registration(joined.clone(), registrations, shutdown.clone()));
@@ -362,7 +366,43 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         c.leave().await;
     }
     engine.flush().await.context("final flush")?;
+    std::fs::remove_file(opts.data_dir.join(RUNNING))
+        .with_context(|| format!("removing {}", opts.data_dir.join(RUNNING).display()))?;
     info!("stopped cleanly");
+    Ok(())
+}
+
+/// Present while a daemon runs on the data directory: found at start, the last one stopped
+/// without its final flush (killed, crashed, power cut).
+const RUNNING: &str = "thinbd.running";
+
+/// Makes the [`RUNNING`] marker durable; true when it was already there.
+fn mark_running(dir: &std::path::Path) -> anyhow::Result<bool> {
+    let path = dir.join(RUNNING);
+    let unclean = path.exists();
+    let f = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    f.sync_all().with_context(|| format!("syncing {}", path.display()))?;
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
+    if unclean {
+        warn!("the last run on this data directory did not stop cleanly");
+    }
+    Ok(unclean)
+}
+
+/// After an unclean stop, this node's copies of replicated volumes may lack writes that were
+/// not flushed: each becomes suspect in its in-sync record, so that the next target
+/// reconciles it from another copy instead of from it.
+async fn note_suspect_copies(engine: &Engine, cluster: &Cluster) -> Result<(), crate::cluster::ClusterError> {
+    let mut noted = Vec::new();
+    for v in engine.list() {
+        let replicated = cluster.volume_spec(&v.uuid).await?.is_some_and(|s| s.replicated());
+        if replicated && cluster.note_suspect(&v.uuid).await? {
+            noted.push(v.name.clone());
+        }
+    }
+    if !noted.is_empty() {
+        warn!(volumes = %noted.join(", "), "copies that may lack unflushed writes: their targets reconcile them");
+    }
     Ok(())
 }
 

@@ -837,7 +837,7 @@ impl Management for Api {
             let forward = pb::ScrubVolumeRequest { volume: spec.uuid.clone(), at_target: true, ..r };
             return peer.scrub_volume(forward).await;
         }
-        let found = crate::cluster::rebuild::scrub(c, &spec, r.repair).await.map_err(status)?.ok_or_else(|| {
+        let found = crate::cluster::scrub::scrub(c, &spec, r.repair).await.map_err(status)?.ok_or_else(|| {
             Status::failed_precondition(format!(
                 "volume {} is not attached here: attach it to scrub its copies",
                 spec.name

@@ -31,7 +31,32 @@ pub struct InSync {
     /// changed since the mark plus `ranges` (the writes they may lack that it does not cover).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub departed: Vec<Departed>,
+    /// Where the target may have writes in flight (its activity record): the next target
+    /// makes the copies equal there before serving.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<Active>,
+    /// Members whose node stopped uncleanly since they were last made equal to another copy:
+    /// they may lack writes that were unflushed then (all within the activity record), so a new
+    /// target reconciles from another member.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub suspect: Vec<String>,
 }
+
+/// A target's activity record ([`crate::io::activity`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Active {
+    /// The target epoch that wrote it.
+    pub epoch: u64,
+    /// Byte ranges, aligned to [`crate::io::activity::REGION`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<(u64, u64)>,
+    /// Too many ranges to list: anywhere.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub everywhere: bool,
+}
+
+/// Most ranges an activity record lists (a few hundred KiB of JSON in etcd).
+const ACTIVE_MAX: usize = 8192;
 
 /// Where a copy left the in-sync set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,6 +219,47 @@ impl Cluster {
         .await
     }
 
+    /// Replaces the activity record of volume `uuid` with `ranges`, as its target of `epoch`;
+    /// `equal`: members just made equal to a copy that is not suspect (no longer suspect).
+    pub async fn record_activity(
+        &self,
+        uuid: &str,
+        epoch: u64,
+        ranges: &[(u64, u64)],
+        equal: &[String],
+    ) -> Result<Shrunk, ClusterError> {
+        self.change_in_sync(uuid, epoch, |set| {
+            let everywhere = ranges.len() > ACTIVE_MAX;
+            let ranges = if everywhere { Vec::new() } else { ranges.to_vec() };
+            set.active = Some(Active { epoch, ranges, everywhere });
+            set.suspect.retain(|n| !equal.contains(n));
+            Ok(true)
+        })
+        .await
+    }
+
+    /// This node stopped uncleanly: where it is a member of volume `uuid`'s in-sync set, its
+    /// copy becomes suspect (not fenced by epochs: it changes no membership).
+    pub async fn note_suspect(&self, uuid: &str) -> Result<bool, ClusterError> {
+        let key = keys::isr(uuid);
+        let mut client = self.client.clone();
+        loop {
+            let resp = client.get(key.clone(), None).await?;
+            let Some(kv) = resp.kvs().first() else { return Ok(false) };
+            let mut set: InSync = decode(kv.key(), kv.value())?;
+            if !set.members.contains(&self.node) || set.suspect.contains(&self.node) {
+                return Ok(false);
+            }
+            set.suspect.push(self.node.clone());
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())])
+                .and_then([TxnOp::put(key.clone(), encode(&key, &set)?, None)]);
+            if client.txn(txn).await?.succeeded() {
+                return Ok(true);
+            }
+        }
+    }
+
     /// Changes volume `uuid`'s in-sync set by compare-and-swap as its target of `epoch`
     /// (`change` says whether it changed it, or refuses); refused when a newer target changed
     /// the set.
@@ -257,6 +323,8 @@ impl Cluster {
                 epoch: before.epoch,
                 rebuilding: before.rebuilding.into_iter().filter(|r| !gone(&r.node)).collect(),
                 departed: before.departed.into_iter().filter(|d| !gone(&d.node)).collect(),
+                active: before.active,
+                suspect: before.suspect.into_iter().filter(|n| !gone(n)).collect(),
             };
             let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(key.clone(), encode(&key, &set)?, None)]);
             if client.txn(txn).await?.succeeded() {
@@ -274,14 +342,16 @@ impl Cluster {
         let mut client = self.client.clone();
         loop {
             let resp = client.get(key.clone(), None).await?;
-            let (before, revision, old_epoch) = match resp.kvs().first() {
+            let (before, revision, old_epoch, active) = match resp.kvs().first() {
                 Some(kv) => {
                     let set: InSync = decode(kv.key(), kv.value())?;
-                    (set.members, kv.mod_revision(), set.epoch)
+                    (set.members, kv.mod_revision(), set.epoch, set.active)
                 }
-                None => (Vec::new(), 0, 0),
+                None => (Vec::new(), 0, 0, None),
             };
-            let set = InSync { members: vec![node.to_string()], epoch: epoch.max(old_epoch), ..Default::default() };
+            // The activity record stays: the next target reconciles the copies it lists.
+            let set =
+                InSync { members: vec![node.to_string()], epoch: epoch.max(old_epoch), active, ..Default::default() };
             let unchanged = match revision {
                 0 => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
                 r => Compare::mod_revision(key.clone(), CompareOp::Equal, r),

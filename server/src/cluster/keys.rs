@@ -9,7 +9,7 @@
 //! | `/thinbd/v1/volume-names/NAME` | the volume's UUID (names are unique labels) | written in one transaction with the spec |
 //! | `/thinbd/v1/targets/UUID` | [`super::targets::Target`] (JSON): the node serving the volume and its epoch | taken by compare-and-swap; deleted with the volume |
 //! | `/thinbd/v1/snapshots/UUID` | [`super::snapshots::SnapshotSpec`] (JSON): name, volume, size, the node holding it | from creation to deletion |
-//! | `/thinbd/v1/isr/UUID` | [`super::isr::InSync`] (JSON): the replicas holding every acknowledged write, and the epoch that last changed it | written with the spec; changed by compare-and-swap; deleted with the volume |
+//! | `/thinbd/v1/isr/UUID` | [`super::isr::InSync`] (JSON): the replicas holding every acknowledged write, the epoch that last changed it, copies being rebuilt or departed, the target's activity record, suspect copies | written with the spec; changed by compare-and-swap; deleted with the volume |
 //! | `/thinbd/v1/grants/UUID/NODE` | [`super::grants::GrantEntry`] (JSON): access and a hash of the token | from publish to unpublish; deleted with the volume |
 
 /// The prefix of every key.

@@ -8,6 +8,7 @@ pub mod keys;
 pub mod nodes;
 pub mod rebuild;
 mod record;
+pub mod scrub;
 pub mod snapshots;
 pub mod targets;
 pub mod volumes;

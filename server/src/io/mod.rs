@@ -4,6 +4,7 @@
 //! so a new concern (replication, fencing) is one more wrapper, not an edit of the write path.
 //! The NBD edge (the `nbd` module) adapts the composed stack to the protocol's `BlockDevice`.
 
+pub mod activity;
 pub mod local;
 pub mod metered;
 pub mod remote;
@@ -16,6 +17,7 @@ use bytes::Bytes;
 use thinbd_protocol::{Extent, ReadChunk};
 
 use crate::error::EngineError;
+pub use activity::{Activity, ActivityRecord};
 pub use local::LocalVolume;
 pub use metered::Metered;
 pub use remote::RemoteVolume;

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use thinbd_protocol::{Extent, ReadChunk};
 use tokio::sync::Notify;
 
+use super::activity::Activity;
 use super::{Backing, VolumeIo};
 use crate::error::{EngineError, poisoned};
 
@@ -43,6 +44,8 @@ pub struct Shared {
     grown: Notify,
     linker: Mutex<Option<Arc<dyn Linker>>>,
     log: Mutex<WriteLog>,
+    /// Where writes may be in flight, as recorded for the next target.
+    pub activity: Arc<Activity>,
 }
 
 /// Ranges a copy that leaves the in-sync set may lack beyond what a mark taken afterwards
@@ -278,14 +281,49 @@ impl Shared {
         Ok(self.log.lock().map_err(|_| poisoned())?.next)
     }
 
-    /// Every in-sync copy completed the flush that started at `upto`.
+    /// Every in-sync copy completed the flush that started at `upto`: regions idle since may
+    /// leave the activity record.
     fn flushed(&self, upto: u64) -> Result<(), EngineError> {
         let mut log = self.log.lock().map_err(|_| poisoned())?;
         log.since_flush.retain(|(seq, _, _)| *seq >= upto);
         if log.overflow.is_some_and(|o| o < upto) {
             log.overflow = None;
         }
-        Ok(())
+        let unflushed = log.unflushed();
+        drop(log);
+        self.activity.sweep(unflushed.as_deref())
+    }
+
+    /// The last target may have left writes in flight in `ranges` (`None`: anywhere): this
+    /// target logs them as its own unflushed writes, so that a copy leaving
+    /// before they are reconciled and flushed, or whose rebuild resumes under this target,
+    /// gets them again.
+    pub fn inherit(&self, ranges: Option<&[(u64, u64)]>) -> Result<(), EngineError> {
+        let step = super::activity::REGION;
+        match ranges {
+            Some(ranges) => {
+                for (start, end) in ranges {
+                    let mut at = *start;
+                    while at < *end {
+                        self.logged(at, (at + step).min(*end))?;
+                        at += step;
+                    }
+                }
+                Ok(())
+            }
+            None => {
+                let mut guard = self.log.lock().map_err(|_| poisoned())?;
+                let log = &mut *guard;
+                let seq = log.next;
+                log.next += 1;
+                log.overflow.get_or_insert(seq);
+                for ranges in log.departed.values_mut().chain(log.stopped.values_mut()) {
+                    *ranges = None;
+                }
+                log.since_start = None;
+                Ok(())
+            }
+        }
     }
 
     /// `node` left the in-sync set: from now until its mark, what it may lack is logged.
@@ -473,6 +511,12 @@ impl InSyncCopies {
     {
         let ordered = match range {
             Some((start, end)) => Some(self.shared.order.enter(start, end).await?),
+            None => None,
+        };
+        // Recorded before any copy sees it: if this target dies with it in flight, the next
+        // one makes the copies agree there.
+        let _active = match range {
+            Some((start, end)) => Some(self.shared.activity.enter(start, end).await?),
             None => None,
         };
         let flush_from = match range {

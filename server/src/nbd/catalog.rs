@@ -93,6 +93,19 @@ async fn copies_for(
         after_evict,
     });
     let shared = cluster.shared(&spec.uuid);
+    // A new target first takes over what the last one may have left in flight: logged as its
+    // own (a copy leaving below gets it in its rebuild), then made equal on the copies.
+    if orders_writes {
+        shared.begin_epoch(epoch).map_err(engine_err)?;
+    }
+    let take_over = match orders_writes && !shared.activity.current(epoch) {
+        true => Some(shared.activity.take_over().await),
+        false => None,
+    };
+    let left = match &take_over {
+        Some(_) => crate::cluster::scrub::inherit(cluster, spec, &shared, epoch).await.map_err(engine_err)?,
+        None => None,
+    };
     let mut copies = Vec::new();
     if let Some(l) = local.filter(|_| members.contains(&cluster.node)) {
         copies.push(Member { node: cluster.node.clone(), io: Arc::new(Backing::Local(l)) });
@@ -116,12 +129,15 @@ async fn copies_for(
         volume: volume.to_string(),
     });
     if orders_writes {
-        shared.begin_epoch(epoch).map_err(engine_err)?;
         shared.set_linker(linker.clone());
     }
     if copies.is_empty() {
         return Err(OpenError::Platform(format!("volume {volume}: no copy in sync is reachable")));
     }
+    if let Some(left) = left {
+        crate::cluster::scrub::reconcile(cluster, spec, &shared, &*linker, epoch, left).await.map_err(engine_err)?;
+    }
+    drop(take_over);
     let min = spec.min_insync.max(1) as usize;
     let replicas = Replicas::replicated(copies, in_sync, min, shared, linker).map_err(engine_err)?;
     // Copies out of the set but up are rebuilt with this session's grant, beside its writes
