@@ -2116,6 +2116,25 @@ fn a_slow_disk_under_one_copy_slows_the_writes_and_loses_nothing() {
 /// its checkpoint, and both copies hold every acknowledged write.
 #[test]
 fn a_rebuild_whose_source_is_killed_resumes_from_its_checkpoint() {
+    interrupted_rebuild_resumes(Interrupt::Source);
+}
+
+/// The target killed in the middle of a rebuild (kill -9, node-1, which holds no copy): the
+/// writer attaches again, node-1 comes back as the target of the next epoch, and the rebuild
+/// resumes from the checkpoint the old target recorded — below it copying what the new target
+/// wrote and what the old one may have left in flight (its activity record) — and both copies
+/// hold every acknowledged write.
+#[test]
+fn a_rebuild_whose_target_is_killed_resumes_under_the_next_target() {
+    interrupted_rebuild_resumes(Interrupt::Target);
+}
+
+enum Interrupt {
+    Source,
+    Target,
+}
+
+fn interrupted_rebuild_resumes(interrupt: Interrupt) {
     const SLOTS: usize = 256; // 16 MiB
     let slow = |i: usize| if i == 1 { vec!["--rebuild-rate".into(), "2MiB".into()] } else { Vec::new() };
     let Some((fabric, _etcd, mut nodes)) = three_nodes(slow) else { return };
@@ -2136,20 +2155,38 @@ fn a_rebuild_whose_source_is_killed_resumes_from_its_checkpoint() {
     let checkpoint = loop {
         let v = show(&nodes[0]);
         let r3 = replica_state(&v, "node-3");
-        assert_ne!(r3["state"], "UpToDate", "the rebuild was over before its source was killed: {v}");
+        assert_ne!(r3["state"], "UpToDate", "the rebuild was over before it was interrupted: {v}");
         if let Some(done) = r3["rebuilt_bytes"].as_u64().filter(|d| *d > 0) {
             break done;
         }
         assert!(Instant::now() < deadline, "node-3 was not being rebuilt: {v}");
         std::thread::sleep(Duration::from_millis(100));
     };
-    nodes[1].kill9();
-    std::thread::sleep(Duration::from_secs(2));
-    let v = show(&nodes[0]);
-    assert_eq!(v["in_sync"], serde_json::json!(["node-2"]), "the copy being rebuilt joined without its source: {v}");
-    nodes[1].spawn(&fabric);
+    let (_, epoch_before) = target_of(&fabric, &nodes[1], "rs2");
+    match interrupt {
+        Interrupt::Source => {
+            nodes[1].kill9();
+            std::thread::sleep(Duration::from_secs(2));
+            let v = show(&nodes[0]);
+            assert_eq!(
+                v["in_sync"],
+                serde_json::json!(["node-2"]),
+                "the copy being rebuilt joined without its source: {v}"
+            );
+            nodes[1].spawn(&fabric);
+        }
+        Interrupt::Target => {
+            nodes[0].kill9();
+            std::thread::sleep(Duration::from_secs(1));
+            nodes[0].spawn(&fabric);
+        }
+    }
     wait_in_sync(&fabric, &nodes[0], "rs2", 2, Duration::from_secs(90), "node-3's rebuild did not finish");
     assert_resumed(&nodes[0], checkpoint);
+    let (_, epoch) = target_of(&fabric, &nodes[0], "rs2");
+    if let Interrupt::Target = interrupt {
+        assert_eq!(epoch, epoch_before + 1, "the rebuild did not resume under the next target");
+    }
     let log = writer.finish();
-    check_copies_on(&fabric, &[2, 3], &export, target_of(&fabric, &nodes[0], "rs2").1, &log, SLOTS);
+    check_copies_on(&fabric, &[2, 3], &export, epoch, &log, SLOTS);
 }
