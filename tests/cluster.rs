@@ -958,7 +958,15 @@ fn replicated_writes_reach_every_copy_and_a_lost_copy_leaves_the_in_sync_set_fir
     let promote = ["volume", "force-promote", "r3", "--node", "node-1"];
     assert!(!nodes[0].cli_output(&fabric, &promote).status.success(), "force-promote without --accept-data-loss");
     nodes[0].cli(&fabric, &[&promote[..], &["--accept-data-loss"]].concat());
-    assert!(nodes[0].log_text().contains("FORCE-PROMOTE"), "force-promote was not logged");
+    let log = nodes[0].log_text();
+    assert!(log.contains("FORCE-PROMOTE"), "force-promote was not logged");
+    // The live target's sessions follow the forced set; the marks of the copies that had left
+    // go (those copies are rebuilt from the promoted one in full).
+    assert!(log.contains("sessions follow the in-sync set changed in etcd"), "the target was not told");
+    assert!(
+        log.lines().any(|l| l.contains("snapshot deleted") && l.contains("r3@.departed-node-3")),
+        "node-3's mark outlived the force-promote"
+    );
     tx_go.send(()).unwrap();
     assert_eq!(rx.recv_timeout(Duration::from_secs(30)), Ok("promoted"));
     client.join().unwrap();
@@ -1443,6 +1451,37 @@ fn copies_are_added_and_removed() {
         nodes[holder - 1].log_text().lines().any(|l| l.contains("snapshot deleted") && l.contains(&mark)),
         "the removed copy's mark {mark} is still on node-{holder}"
     );
+    // An in-sync copy removed under a live session: the target's sessions stop writing to it
+    // before it goes (no write fails on it), and the writes go on.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (tx_go, rx_go) = std::sync::mpsc::channel::<()>();
+    let live = {
+        let (addr, export, data) = (format!("{}:10809", fabric.ip(holder)), export.clone(), data.clone());
+        fabric.spawn_in(holder, move || {
+            thinbd_tests::runtime().block_on(async {
+                let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach");
+                c.write(4 << 20, &data, 0).await.expect("a write with two copies");
+                tx.send(()).unwrap();
+                rx_go.recv().unwrap();
+                c.write(5 << 20, &data, 0).await.expect("a write after a copy was removed");
+                c.flush().await.unwrap();
+                c.disconnect().await.unwrap();
+            })
+        })
+    };
+    rx.recv_timeout(Duration::from_secs(30)).expect("no write through the live session");
+    let v: serde_json::Value =
+        serde_json::from_str(&nodes[2].cli(&fabric, &["volume", "set-replicas", "sr", "1", "-o", "json"])).unwrap();
+    assert_eq!(
+        (v["node"].as_str(), v["replicas"].as_array().map(Vec::len)),
+        (Some(&*format!("node-{holder}")), Some(0)),
+        "{v}"
+    );
+    tx_go.send(()).unwrap();
+    live.join().unwrap();
+    let log = nodes[holder - 1].log_text();
+    assert!(log.contains("sessions follow the in-sync set changed in etcd"), "the target was not told");
+    assert!(!log.contains("a replica failed a write"), "a write failed on the removed copy:\n{log}");
 }
 
 /// Waits until `server` sees `n` nodes up.

@@ -538,7 +538,7 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
         }
         VolumeCommand::Rebuild { name } => {
             let v = c
-                .rebuild_volume(pb::RebuildVolumeRequest { volume: name, at_target: false })
+                .rebuild_volume(pb::RebuildVolumeRequest { volume: name, at_target: false, follow_only: false })
                 .await
                 .map_err(rpc_error)?;
             print_volumes(client.output, &[v.into_inner()], true, &nbd);

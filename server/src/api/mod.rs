@@ -103,6 +103,15 @@ impl Api {
         Ok(made)
     }
 
+    /// Makes the sessions of the volume's live target (wherever it is) follow the in-sync set
+    /// now in etcd. A target out of reach has no sessions to change: logged, not failed.
+    async fn target_follows(&self, uuid: &str, name: &str) {
+        let follow = pb::RebuildVolumeRequest { volume: uuid.to_string(), at_target: false, follow_only: true };
+        if let Err(e) = self.rebuild_volume(Request::new(follow)).await {
+            tracing::warn!(volume = %name, error = %e, "cannot tell the volume's target of its new in-sync set");
+        }
+    }
+
     /// For work done on a volume's target (rebuild, scrub): the volume's spec, and the target's
     /// API when the target is another node (unless the request already is at the target).
     async fn at_target(
@@ -290,6 +299,19 @@ const CHECKSUM_RANGE_MAX: u32 = 64 << 20;
 
 /// Copies of a volume created in a cluster without saying how many.
 const DEFAULT_REPLICAS: usize = 3;
+
+/// Deletes the mark where a copy of volume `name` left the in-sync set (it serves no rebuild
+/// any more); a mark out of reach stays until its volume is deleted (logged).
+async fn delete_mark(c: &crate::cluster::Cluster, name: &str, d: &crate::cluster::isr::Departed) {
+    let mark = pb::DeleteSnapshotRequest { key: format!("{name}@.{}", d.mark), here: true };
+    let deleted = match c.peer(&d.mark_node) {
+        Ok(mut p) => already_gone(p.delete_snapshot(mark).await),
+        Err(e) => Err(cluster_status(e)),
+    };
+    if let Err(e) = deleted {
+        tracing::warn!(volume = %name, node = %d.mark_node, mark = %d.mark, error = %e, "cannot delete a mark where a copy left");
+    }
+}
 
 /// A deletion on another node: what is not there any more is deleted.
 fn already_gone<T>(r: Result<T, Status>) -> Result<(), Status> {
@@ -686,8 +708,18 @@ impl Management for Api {
         };
         let (spec, target) = self.at_target(c, &r.volume, r.at_target).await?;
         if let Some(mut peer) = target {
-            let forward = pb::RebuildVolumeRequest { volume: spec.uuid.clone(), at_target: true };
+            let forward = pb::RebuildVolumeRequest { volume: spec.uuid.clone(), at_target: true, ..r };
             return peer.rebuild_volume(forward).await;
+        }
+        if r.follow_only {
+            let shared = c.shared(&spec.uuid);
+            let _held = shared.order.barrier().await.map_err(status)?;
+            let set = c.in_sync(&spec.uuid).await.map_err(cluster_status)?;
+            let members = set.map(|s| s.members).unwrap_or_default();
+            if shared.follow_store(&members).map_err(status)? {
+                tracing::info!(volume = %spec.name, in_sync = ?members, "sessions follow the in-sync set changed in etcd");
+            }
+            return self.get_volume(Request::new(pb::GetVolumeRequest { name: spec.uuid })).await;
         }
         let in_sync = c.in_sync(&spec.uuid).await.map_err(cluster_status)?.map(|s| s.members).unwrap_or_default();
         for node in spec.copies().into_iter().filter(|n| !in_sync.contains(n)) {
@@ -775,16 +807,11 @@ impl Management for Api {
                     in_sync.iter().filter(|m| **m != node && kept.contains(m)).cloned().collect();
                 let left = c.set_in_sync(&v.uuid, remaining, Some(&node)).await.map_err(cluster_status)?;
                 kept.retain(|n| *n != node);
+                // The target's sessions stop writing to it before it goes.
+                self.target_follows(&v.uuid, &v.name).await;
                 // The mark where it had left serves no rebuild any more.
                 if let Some(d) = left {
-                    let mark = pb::DeleteSnapshotRequest { key: format!("{}@.{}", v.name, d.mark), here: true };
-                    let deleted = match c.peer(&d.mark_node) {
-                        Ok(mut p) => already_gone(p.delete_snapshot(mark).await),
-                        Err(e) => Err(cluster_status(e)),
-                    };
-                    if let Err(e) = deleted {
-                        tracing::warn!(volume = %v.name, node = %d.mark_node, mark = %d.mark, error = %e, "cannot delete a removed copy's mark");
-                    }
+                    delete_mark(c, &v.name, &d).await;
                 }
                 let gone = pb::DeleteVolumeRequest { name: v.uuid.clone(), here: true };
                 match c.peer(&node) {
@@ -817,7 +844,7 @@ impl Management for Api {
             .map_err(cluster_status)?;
         tracing::info!(volume = %v.name, copies = ?kept, min_insync = min, "replicas changed");
         if kept.len() > 1 {
-            let rebuild = pb::RebuildVolumeRequest { volume: v.uuid.clone(), at_target: false };
+            let rebuild = pb::RebuildVolumeRequest { volume: v.uuid.clone(), at_target: false, follow_only: false };
             match self.rebuild_volume(Request::new(rebuild)).await {
                 Ok(_) => {}
                 Err(e) if e.code() == tonic::Code::FailedPrecondition => {}
@@ -905,9 +932,14 @@ impl Management for Api {
                 spec.copies().join(", ")
             )));
         }
-        let before = c.force_in_sync(&spec.uuid, &r.node).await.map_err(cluster_status)?;
+        let (before, departed) = c.force_in_sync(&spec.uuid, &r.node).await.map_err(cluster_status)?;
         // One copy must be enough to write again.
         c.update_spec(&spec.uuid, |s| s.min_insync = 1).await.map_err(cluster_status)?;
+        // The other copies are rebuilt from the promoted one in full: their marks go.
+        for d in &departed {
+            delete_mark(c, &spec.name, d).await;
+        }
+        self.target_follows(&spec.uuid, &spec.name).await;
         tracing::warn!(
             volume = %spec.name, node = %r.node, in_sync_before = ?before, min_insync_before = spec.min_insync,
             "FORCE-PROMOTE: one copy made the in-sync set (min_insync now 1); writes only other copies had are lost"

@@ -334,20 +334,21 @@ impl Cluster {
     }
 
     /// Makes `node` the only in-sync copy of volume `uuid` (force-promote); returns the members
-    /// it replaced. The set's epoch becomes the volume's current target epoch, so no older
+    /// it replaced and the departures it forgot (their marks are the caller's to delete). The
+    /// set's epoch becomes the volume's current target epoch, so no older
     /// target can change it afterwards.
-    pub async fn force_in_sync(&self, uuid: &str, node: &str) -> Result<Vec<String>, ClusterError> {
+    pub async fn force_in_sync(&self, uuid: &str, node: &str) -> Result<(Vec<String>, Vec<Departed>), ClusterError> {
         let key = keys::isr(uuid);
         let epoch = self.target(uuid).await?.map_or(0, |t| t.epoch);
         let mut client = self.client.clone();
         loop {
             let resp = client.get(key.clone(), None).await?;
-            let (before, revision, old_epoch, active) = match resp.kvs().first() {
+            let (before, revision, old_epoch, active, departed) = match resp.kvs().first() {
                 Some(kv) => {
                     let set: InSync = decode(kv.key(), kv.value())?;
-                    (set.members, kv.mod_revision(), set.epoch, set.active)
+                    (set.members, kv.mod_revision(), set.epoch, set.active, set.departed)
                 }
-                None => (Vec::new(), 0, 0, None),
+                None => (Vec::new(), 0, 0, None, Vec::new()),
             };
             // The activity record stays: the next target reconciles the copies it lists.
             let set =
@@ -358,7 +359,7 @@ impl Cluster {
             };
             let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(key.clone(), encode(&key, &set)?, None)]);
             if client.txn(txn).await?.succeeded() {
-                return Ok(before);
+                return Ok((before, departed));
             }
         }
     }

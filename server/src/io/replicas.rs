@@ -148,6 +148,25 @@ impl Shared {
         Ok(())
     }
 
+    /// Takes the in-sync set the cluster store now records, changed there by an operator
+    /// (`set-replicas`, `force-promote`) rather than by this target: call under the write
+    /// barrier, so that no write is in flight to a copy that leaves. True when it changed.
+    pub fn follow_store(&self, members: &[String]) -> Result<bool, EngineError> {
+        let mut c = self.copies()?;
+        let before = c.in_sync.clone().unwrap_or_default();
+        if c.in_sync.is_none() || *before == members {
+            return Ok(false);
+        }
+        c.in_sync = Some(Arc::new(members.to_vec()));
+        c.rebuilding.retain(|r| !members.contains(&r.node));
+        drop(c);
+        self.changed();
+        if members.iter().any(|m| !before.contains(m)) {
+            self.grown.notify_waiters();
+        }
+        Ok(true)
+    }
+
     pub fn in_sync(&self) -> Result<Arc<Vec<String>>, EngineError> {
         Ok(self.copies()?.in_sync.clone().unwrap_or_default())
     }
