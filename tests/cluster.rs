@@ -755,7 +755,12 @@ fn assert_resumed(target: &NetNode, checkpoint: u64) {
         .and_then(|r| r.split_whitespace().next())
         .and_then(|r| r.parse().ok())
         .unwrap_or_else(|| panic!("{rebuilt}"));
-    assert!(resumed >= checkpoint, "the rebuild did not resume from its checkpoint ({checkpoint}): {rebuilt}");
+    let rebuilds: Vec<&str> = log.lines().filter(|l| l.contains("rebuil")).collect();
+    assert!(
+        resumed >= checkpoint,
+        "the rebuild did not resume from its checkpoint ({checkpoint}): {rebuilt}\n{}",
+        rebuilds.join("\n")
+    );
 }
 
 /// Attaches `export` on `addr`, trying again for up to a minute (a target may be restarting).
@@ -785,6 +790,12 @@ const ACK_SLOT: usize = 64 << 10;
 
 impl AckWriter {
     fn start(fabric: &Fabric, via: usize, export: &str, slots: usize, pause: Duration) -> AckWriter {
+        AckWriter::start_with(fabric, via, export, slots, pause, 0)
+    }
+
+    /// [`AckWriter::start`] whose writes carry NBD `flags` (FUA: acknowledged only once
+    /// durable, for tests that kill every in-sync copy: unflushed writes may die with them).
+    fn start_with(fabric: &Fabric, via: usize, export: &str, slots: usize, pause: Duration, flags: u16) -> AckWriter {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -800,7 +811,7 @@ impl AckWriter {
                     while !stop.load(Ordering::SeqCst) {
                         seed += 1;
                         let slot = (seed as usize * 37) % slots;
-                        match c.write((slot * ACK_SLOT) as u64, &thinbd_tests::pattern(seed, ACK_SLOT), 0).await {
+                        match c.write((slot * ACK_SLOT) as u64, &thinbd_tests::pattern(seed, ACK_SLOT), flags).await {
                             Ok(()) => {
                                 log.acknowledged(slot, seed);
                                 acked.fetch_add(1, Ordering::SeqCst);
@@ -2181,7 +2192,12 @@ fn interrupted_rebuild_resumes(interrupt: Interrupt) {
         ["volume", "create", "rs2", "--size", "32MiB", "--replicas", "2", "--node", "node-2", "--node", "node-3"];
     nodes[0].cli(&fabric, &create);
     let export = publish_for_one_writer(&fabric, &nodes[0], "rs2");
-    let writer = AckWriter::start(&fabric, 1, &export, SLOTS, Duration::from_millis(5));
+    // Killing the source kills the only in-sync copy: only durable writes must survive it.
+    let flags = match interrupt {
+        Interrupt::Source => thinbd_protocol::consts::CMD_FLAG_FUA,
+        Interrupt::Target => 0,
+    };
+    let writer = AckWriter::start_with(&fabric, 1, &export, SLOTS, Duration::from_millis(5), flags);
     std::thread::sleep(Duration::from_secs(1));
     nodes[2].kill9();
     wait_in_sync(&fabric, &nodes[0], "rs2", 1, Duration::from_secs(30), "node-3 did not leave the set");

@@ -93,9 +93,21 @@ struct Copier<'a> {
     copied: std::sync::atomic::AtomicU64,
 }
 
+/// Bytes of data the checks cover.
+fn data_of(checks: &[Unchecked]) -> u64 {
+    checks.iter().map(|c| c.len as u64).sum()
+}
+
+/// A piece written to the copy, with the CRC32C of what was sent.
+struct Unchecked {
+    at: u64,
+    len: u32,
+    sum: u32,
+}
+
 /// Chunks copied at once: a rebuild keeps the link busy while each chunk is read, written
 /// and checked in turn.
-const PARALLEL: usize = 8;
+const PARALLEL: usize = 16;
 
 impl<'a> Copier<'a> {
     fn new(to: &'a Backing, node: &'a str, verify: super::Peer, volume: &'a str, rate: u64) -> Self {
@@ -108,10 +120,9 @@ impl<'a> Copier<'a> {
     }
 
     /// Makes the copy hold what `from` holds from `at`, up to `len` bytes or the end of the
-    /// first extent there: unmapped for a hole, else the data, whose CRC32C the copy's node
-    /// computes from what it stored and must match. Returns how far it got (more than 0), and
-    /// how long to pause before more to keep to the rebuild rate (outside any range lock).
-    async fn piece(&self, from: &impl VolumeIo, at: u64, len: u32) -> Result<(u32, std::time::Duration), EngineError> {
+    /// first extent there: unmapped for a hole, else the data. Returns how far it got (more than 0), and the written data's check, still to be
+    /// made ([`Copier::check`]).
+    async fn piece(&self, from: &impl VolumeIo, at: u64, len: u32) -> Result<(u32, Option<Unchecked>), EngineError> {
         let extents = from.block_status(at, len).await?;
         let Some(extent) = extents.first() else {
             return Err(EngineError::Unavailable(format!("no extent at {at} from the source copy")));
@@ -122,49 +133,101 @@ impl<'a> Copier<'a> {
         }
         if extent.flags & STATE_HOLE != 0 {
             self.to.trim(at, n, false).await?;
-            return Ok((n, std::time::Duration::ZERO));
+            return Ok((n, None));
         }
         let data = crate::io::read_all(from, at, n).await?;
         let sum = crc32c::crc32c(&data);
         self.to.write(at, data, false).await?;
-        let asked =
-            thinbd_api::pb::ChecksumsRequest { volume: self.volume.to_string(), offset: at, length: n, piece_bytes: n };
-        let stored = self.verify.clone().checksums(asked).await.map_err(|e| {
-            EngineError::Unavailable(format!("checksum of {}'s copy at {at}: {}", self.node, e.message()))
-        })?;
-        if stored.get_ref().crc32c.as_slice() != [sum] {
-            return Err(EngineError::Unavailable(format!(
-                "{}'s copy holds other bytes at {at} than were sent (CRC32C {:08x?}, sent {sum:08x})",
-                self.node,
-                stored.get_ref().crc32c
-            )));
-        }
         self.copied.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        let mut pause = std::time::Duration::ZERO;
+        Ok((n, Some(Unchecked { at, len: n, sum })))
+    }
+
+    /// Charges `n` bytes about to be copied to the rebuild rate (before the copy starts, so
+    /// that no more start meanwhile); what turned out to be holes is given back by
+    /// [`Copier::refund`].
+    fn charge(&self, n: u64) -> Result<(), EngineError> {
         if self.rate > 0 {
             let mut bucket = self.bucket.lock().map_err(|_| crate::error::poisoned())?;
-            pause = bucket.reserve(n as f64, std::time::Instant::now());
+            bucket.reserve(n as f64, std::time::Instant::now());
         }
-        Ok((n, pause))
-    }
-
-    /// [`Copier::piece`] over all of `start..start+len`, in order; the pause owed (the
-    /// longest).
-    async fn range(&self, from: &impl VolumeIo, start: u64, len: u64) -> Result<std::time::Duration, EngineError> {
-        let end = start + len;
-        let (mut at, mut pause) = (start, std::time::Duration::ZERO);
-        while at < end {
-            let (n, owed) = self.piece(from, at, (end - at).min(CHUNK as u64) as u32).await?;
-            (at, pause) = (at + n as u64, pause.max(owed));
-        }
-        Ok(pause)
-    }
-
-    /// [`Copier::range`], then its pause.
-    async fn paced_range(&self, from: &impl VolumeIo, start: u64, len: u64) -> Result<(), EngineError> {
-        let pause = self.range(from, start, len).await?;
-        tokio::time::sleep(pause).await;
         Ok(())
+    }
+
+    fn refund(&self, n: u64) -> Result<(), EngineError> {
+        if self.rate > 0 && n > 0 {
+            let mut bucket = self.bucket.lock().map_err(|_| crate::error::poisoned())?;
+            bucket.refund(n as f64, std::time::Instant::now());
+        }
+        Ok(())
+    }
+
+    /// How long until what was copied so far is paid for at the rebuild rate: no chunk starts
+    /// before.
+    fn owed(&self) -> Result<std::time::Duration, EngineError> {
+        if self.rate == 0 {
+            return Ok(std::time::Duration::ZERO);
+        }
+        let mut bucket = self.bucket.lock().map_err(|_| crate::error::poisoned())?;
+        Ok(bucket.reserve(0.0, std::time::Instant::now()))
+    }
+
+    /// Waits until the rebuild is within its rate.
+    async fn ready(&self) -> Result<(), EngineError> {
+        loop {
+            let wait = self.owed()?;
+            if wait.is_zero() {
+                return Ok(());
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Whether the copy's node stores what was written: it computes the CRC32C of what it
+    /// stored (only the checksum crosses the network), which must be the one sent.
+    async fn check(&self, u: &Unchecked) -> Result<bool, EngineError> {
+        let asked = thinbd_api::pb::ChecksumsRequest {
+            volume: self.volume.to_string(),
+            offset: u.at,
+            length: u.len,
+            piece_bytes: u.len,
+        };
+        let stored = self.verify.clone().checksums(asked).await.map_err(|e| {
+            EngineError::Unavailable(format!("checksum of {}'s copy at {}: {}", self.node, u.at, e.message()))
+        })?;
+        Ok(stored.get_ref().crc32c.as_slice() == [u.sum])
+    }
+
+    /// [`Copier::piece`] over all of `start..start+len`, in order: the checks to make.
+    async fn range_unchecked(&self, from: &impl VolumeIo, start: u64, len: u64) -> Result<Vec<Unchecked>, EngineError> {
+        let end = start + len;
+        let (mut at, mut checks) = (start, Vec::new());
+        while at < end {
+            let (n, check) = self.piece(from, at, (end - at).min(CHUNK as u64) as u32).await?;
+            at += n as u64;
+            checks.extend(check);
+        }
+        Ok(checks)
+    }
+
+    /// Makes every check of `checks` (at once); false when one found other bytes.
+    async fn all_stored(&self, checks: &[Unchecked]) -> Result<bool, EngineError> {
+        let found = futures_util::future::try_join_all(checks.iter().map(|c| self.check(c))).await?;
+        Ok(found.into_iter().all(|ok| ok))
+    }
+
+    /// [`Copier::range_unchecked`], checked: fails when the copy stored other bytes than were
+    /// sent. Only where no live write can come in between (the copy takes none yet, or the
+    /// range lock is held). Returns the bytes of data written.
+    async fn range(&self, from: &impl VolumeIo, start: u64, len: u64) -> Result<u64, EngineError> {
+        let checks = self.range_unchecked(from, start, len).await?;
+        if !self.all_stored(&checks).await? {
+            return Err(EngineError::Unavailable(format!(
+                "{}'s copy holds other bytes in {start}..{} than were sent (CRC32C)",
+                self.node,
+                start + len
+            )));
+        }
+        Ok(data_of(&checks))
     }
 
     /// [`Copier::range`] over each of `ranges`, cut into chunks copied [`PARALLEL`] at a time.
@@ -180,7 +243,10 @@ impl<'a> Copier<'a> {
                     done?;
                 }
                 let len = (end - at).min(CHUNK as u64);
-                copies.push(self.paced_range(from, at, len));
+                self.ready().await?;
+                self.charge(len)?;
+                let from_at = at;
+                copies.push(async move { self.refund(len - self.range(from, from_at, len).await?) });
                 at += len;
             }
         }
@@ -390,33 +456,43 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
         volume = %spec.name, from = %source, to = node, size, delta, layers, resumed_from,
         "rebuilding a copy beside live writes"
     );
+    // A window of chunks in flight (none straddling where a resumed rebuild had got), each
+    // under its own range lock: writes to those chunks wait, the others go on. Everything below
+    // the lowest chunk still in flight is done.
+    let mut chunks = futures_util::stream::FuturesUnordered::new();
+    let mut in_flight = std::collections::BTreeSet::new();
     let (mut at, mut recorded) = (0u64, resumed_from);
     let mut recorded_at = std::time::Instant::now();
-    while at < size {
-        if !shared.rebuilt(node, at.max(resumed_from))? {
-            return Err(stopped());
-        }
-        // The next few chunks (none straddling where a resumed rebuild had got), copied at
-        // once, each under its own range lock: writes to those chunks wait, the others go on.
-        let mut batch = Vec::with_capacity(PARALLEL);
-        let mut cursor = at;
-        while batch.len() < PARALLEL && cursor < size {
-            let mut end = (cursor + CHUNK as u64).min(size);
-            if resumed_from > cursor {
+    while at < size || !chunks.is_empty() {
+        while chunks.len() < PARALLEL && at < size {
+            // Within the rate before the next chunk; the chunks in flight go on meanwhile (they
+            // hold their range locks).
+            if !copier.owed()?.is_zero() {
+                if !chunks.is_empty() {
+                    break;
+                }
+                copier.ready().await?;
+            }
+            let mut end = (at + CHUNK as u64).min(size);
+            if resumed_from > at {
                 end = end.min(resumed_from);
             }
-            batch.push((cursor, end));
-            cursor = end;
+            copier.charge(end - at)?;
+            let (start, plan, copier, from, shared) = (at, &plan, &copier, &from, &shared);
+            chunks.push(async move { copy_chunk(shared, copier, from, plan, start, end).await.map(|()| start) });
+            in_flight.insert(at);
+            at = end;
         }
-        let mut chunks = Vec::with_capacity(batch.len());
-        for &(start, end) in &batch {
-            chunks.push(copy_chunk(&shared, &copier, &from, &plan, start, end));
+        if let Some(done) = futures_util::StreamExt::next(&mut chunks).await {
+            in_flight.remove(&done?);
         }
-        futures_util::future::try_join_all(chunks).await?;
-        at = cursor;
-        if at.saturating_sub(recorded) >= CHECKPOINT || recorded_at.elapsed() >= std::time::Duration::from_secs(1) {
-            checkpoint(at).await?;
-            (recorded, recorded_at) = (at, std::time::Instant::now());
+        let done = in_flight.first().copied().unwrap_or(at);
+        if !shared.rebuilt(node, done.max(resumed_from))? {
+            return Err(stopped());
+        }
+        if done.saturating_sub(recorded) >= CHECKPOINT || recorded_at.elapsed() >= std::time::Duration::from_secs(1) {
+            checkpoint(done).await?;
+            (recorded, recorded_at) = (done, std::time::Instant::now());
         }
     }
     let _held = shared.order.barrier().await?;
@@ -477,13 +553,22 @@ async fn copy_chunk(
     end: u64,
 ) -> Result<(), EngineError> {
     let chunk = shared.order.enter(start, end).await?;
-    let mut pause = std::time::Duration::ZERO;
+    let mut checks = Vec::new();
     for (s, e) in plan.parts(start, end)? {
-        pause = pause.max(copier.range(from, s, e - s).await?);
+        checks.extend(copier.range_unchecked(from, s, e - s).await?);
     }
-    // Writes to the chunk go on while the rebuild keeps to its rate.
+    // Charged in full before it started: holes and unchanged parts are given back.
+    copier.refund((end - start).saturating_sub(data_of(&checks)))?;
+    // Checked outside the lock, so that the copy's node reads back the chunk while the next
+    // one is written. A live write in between changes what it finds: then the chunk is copied
+    // again and checked under the lock.
     drop(chunk);
-    tokio::time::sleep(pause).await;
+    if !copier.all_stored(&checks).await? {
+        let _chunk = shared.order.enter(start, end).await?;
+        for (s, e) in plan.parts(start, end)? {
+            copier.range(from, s, e - s).await?;
+        }
+    }
     Ok(())
 }
 

@@ -35,6 +35,12 @@ impl TokenBucket {
         if self.tokens >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-self.tokens / self.rate) }
     }
 
+    /// Gives back `n` tokens reserved but not used (up to the burst).
+    pub fn refund(&mut self, n: f64, now: Instant) {
+        self.refill(now);
+        self.tokens = (self.tokens + n).min(self.burst);
+    }
+
     /// New rate and burst; debt and savings carry over (capped at the new burst).
     pub fn reconfigure(&mut self, rate: u64, burst: f64, now: Instant) {
         self.refill(now);
