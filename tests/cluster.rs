@@ -1035,6 +1035,19 @@ fn a_snapshot_of_a_replicated_volume_is_the_same_point_on_every_copy() {
         let uuids: Vec<&str> = list.as_array().unwrap().iter().filter_map(|s| s["uuid"].as_str()).collect();
         assert_eq!(uuids, [uuid.as_str()], "{} lists {list}", n.name);
     }
+    // A clone of the snapshot is replicated like its volume: each copy clones its own copy of
+    // the snapshot (the same layers), so the clone's copies start in sync and identical.
+    let clone: serde_json::Value =
+        serde_json::from_str(&nodes[2].cli(&fabric, &["volume", "clone", "rs@s1", "rs-c", "-o", "json"])).unwrap();
+    let mut in_sync: Vec<String> = serde_json::from_value(clone["in_sync"].clone()).unwrap();
+    in_sync.sort();
+    assert_eq!(in_sync, ["node-1", "node-2", "node-3"], "{clone}");
+    let cloned = publish_for_one_writer(&fabric, &nodes[0], "rs-c");
+    let copies: Vec<Vec<u8>> = (1..=3).map(|i| read_copy(&fabric, i, &cloned, 0, 0, 480 * (64 << 10))).collect();
+    assert!(copies.iter().all(|c| *c == copies[0]), "the clone's copies differ");
+    for i in 0..40 {
+        assert!(copies[0][i * (64 << 10)..(i + 1) * (64 << 10)].iter().all(|b| *b == i as u8 | 1), "block {i}");
+    }
     nodes[2].cli(&fabric, &["snapshot", "delete", &uuid]);
     for n in &nodes {
         let list: serde_json::Value =

@@ -272,6 +272,7 @@ impl Controller for ControllerService {
                         name: name.clone(),
                         labels,
                         qos: Some(qos),
+                        ..Default::default()
                     })
                     .await;
                 match cloned {

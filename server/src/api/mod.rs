@@ -174,6 +174,99 @@ impl Api {
         reserve(c, name, size_bytes, std::slice::from_ref(&self.node_name), 0).await
     }
 
+    /// The in-sync copies (nodes up) of the replicated volume whose snapshot `source`
+    /// (`VOLUME@SNAPSHOT`, resolved) is: every one holds the same snapshot (snapshots are
+    /// barriers). `None` for a volume's head, or a volume of one copy.
+    async fn replicated_snapshot(
+        &self,
+        c: &crate::cluster::Cluster,
+        source: &str,
+    ) -> Result<Option<Vec<String>>, Status> {
+        let Some((volume, _)) = source.split_once('@') else { return Ok(None) };
+        let v = self.engine.find_volume(volume).map_err(status)?;
+        let Some(spec) = c.volume_spec(&v.uuid).await.map_err(cluster_status)? else { return Ok(None) };
+        if !spec.replicated() {
+            return Ok(None);
+        }
+        let set = c.in_sync(&v.uuid).await.map_err(cluster_status)?;
+        let mut members = set.map_or_else(|| spec.copies(), |s| s.members);
+        members.retain(|m| *m == self.node_name || c.directory.get(m).is_some_and(|n| n.up));
+        // This node (which holds the snapshot) first: the new volume's first copy.
+        members.sort_by_key(|m| *m != self.node_name);
+        Ok(Some(members))
+    }
+
+    /// A clone of a replicated volume's snapshot, replicated on `members` (each clones its own
+    /// copy of the snapshot: the same layers, so the clones start in sync); all or nothing.
+    async fn clone_replicated(
+        &self,
+        c: &crate::cluster::Cluster,
+        source: &str,
+        members: Vec<String>,
+        r: pb::CloneVolumeRequest,
+    ) -> Result<pb::Volume, Status> {
+        let snapshot = self.engine.snapshot(source).map_err(status)?;
+        let min_insync = match members.len() {
+            1 => 0,
+            n => (n as u32 - 1).max(1),
+        };
+        let spec = reserve(c, &r.name, snapshot.size, &members, min_insync).await?;
+        let each = pb::CloneVolumeRequest { source: snapshot.uuid.clone(), here: true, uuid: spec.uuid.clone(), ..r };
+        let mut made = Vec::new();
+        let mut out = Err(Status::internal("no copy was made"));
+        for node in &members {
+            let res = match node == &self.node_name {
+                true => self.clone_volume(Request::new(each.clone())).await,
+                false => match c.peer(node) {
+                    Ok(mut peer) => peer.clone_volume(each.clone()).await,
+                    Err(e) => Err(cluster_status(e)),
+                },
+            };
+            match res {
+                Ok(v) if made.is_empty() => {
+                    out = Ok(v.into_inner());
+                    made.push(node.clone());
+                }
+                Ok(_) => made.push(node.clone()),
+                Err(e) => {
+                    out = Err(e);
+                    break;
+                }
+            }
+        }
+        match out {
+            Ok(mut v) if made.len() == members.len() => {
+                tracing::info!(volume = %spec.name, uuid = %spec.uuid, source, copies = ?members, "replicated clone made");
+                if spec.replicated() {
+                    (v.replicas, v.in_sync) = (members.clone(), members);
+                }
+                Ok(v)
+            }
+            res => {
+                self.forget_copies(c, &spec, &made).await;
+                Err(res.err().unwrap_or_else(|| Status::internal("a copy of the clone was not made")))
+            }
+        }
+    }
+
+    /// Deletes the copies `made` of a volume whose creation failed, and its record.
+    async fn forget_copies(
+        &self,
+        c: &crate::cluster::Cluster,
+        spec: &crate::cluster::volumes::VolumeSpec,
+        made: &[String],
+    ) {
+        for node in made {
+            let gone = pb::DeleteVolumeRequest { name: spec.uuid.clone(), here: true };
+            if let Err(e) = async { c.peer(node).map_err(cluster_status)?.delete_volume(gone).await }.await {
+                tracing::warn!(volume = %spec.name, node, error = %e, "cannot delete a copy of a volume whose creation failed");
+            }
+        }
+        if let Err(release) = c.release_volume(spec).await {
+            tracing::warn!(volume = %spec.name, error = %release, "cannot forget a volume whose creation failed");
+        }
+    }
+
     /// Places a new volume, records it (its name must be free) and creates it on the node
     /// chosen; a failed creation is forgotten again.
     async fn place_and_create(
@@ -231,15 +324,8 @@ impl Api {
                 Ok(v)
             }
             (_, e) => {
-                for node in made {
-                    let gone = pb::DeleteVolumeRequest { name: spec.uuid.clone(), here: true };
-                    if let Err(e) = async { c.peer(node).map_err(cluster_status)?.delete_volume(gone).await }.await {
-                        tracing::warn!(volume = %spec.name, node, error = %e, "cannot delete a copy of a volume whose creation failed");
-                    }
-                }
-                if let Err(release) = c.release_volume(&spec).await {
-                    tracing::warn!(volume = %spec.name, error = %release, "cannot forget a volume whose creation failed");
-                }
+                let made: Vec<String> = made.into_iter().cloned().collect();
+                self.forget_copies(c, &spec, &made).await;
                 Err(e.unwrap_or_else(|| Status::internal("no copy was made")))
             }
         }
@@ -516,11 +602,28 @@ impl Management for Api {
     /// In a cluster a clone goes where its source's layers are: to the source's node, where it
     /// is recorded like a created volume.
     async fn clone_volume(&self, req: Request<pb::CloneVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
-        if let Some(mut peer) = self.owner(&req.get_ref().source).await? {
+        if !req.get_ref().here
+            && let Some(mut peer) = self.owner(&req.get_ref().source).await?
+        {
             return peer.clone_volume(req.into_inner()).await;
         }
         let r = req.into_inner();
         let source = self.engine.resolve(&r.source);
+        if r.here {
+            let opts = VolumeOptions {
+                labels: r.labels.into_iter().collect(),
+                qos: qos_from_pb(r.qos),
+                uuid: Some(r.uuid).filter(|u| !u.is_empty()),
+                ..Default::default()
+            };
+            let v = self.engine.clone_volume_with(&source, &r.name, opts).await.map_err(status)?;
+            return Ok(Response::new(volume_to_pb(&self.engine, &self.node_name, &v)));
+        }
+        if let Some(c) = &self.cluster
+            && let Some(members) = self.replicated_snapshot(c, &source).await?
+        {
+            return self.clone_replicated(c, &source, members, r).await.map(Response::new);
+        }
         let spec = match &self.cluster {
             Some(c) => Some(self.reserve_here(c, &r.name, &source).await?),
             None => None,

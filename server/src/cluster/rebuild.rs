@@ -564,6 +564,7 @@ async fn copy_chunk(
     // again and checked under the lock.
     drop(chunk);
     if !copier.all_stored(&checks).await? {
+        tracing::debug!(start, end, "a chunk changed before its check (a live write?): copied again under its lock");
         let _chunk = shared.order.enter(start, end).await?;
         for (s, e) in plan.parts(start, end)? {
             copier.range(from, s, e - s).await?;
