@@ -249,6 +249,31 @@ impl Api {
         }
     }
 
+    /// A clone of a replicated volume's head: one point of its write stream on every copy,
+    /// so through a snapshot taken under the target's barrier (named `clone-source-…`, deleted
+    /// afterwards; left behind only if this node dies meanwhile), cloned replicated.
+    async fn clone_replicated_head(
+        &self,
+        c: &crate::cluster::Cluster,
+        spec: &crate::cluster::volumes::VolumeSpec,
+        r: pb::CloneVolumeRequest,
+    ) -> Result<pb::Volume, Status> {
+        crate::engine::validate_name("volume", &r.name).map_err(status)?;
+        let point = format!("clone-source-{}", &crate::meta::uuid::new_uuid_text()[..8]);
+        let taken = pb::CreateSnapshotRequest { volume: spec.uuid.clone(), name: point.clone(), ..Default::default() };
+        let made = self.create_snapshot(Request::new(taken)).await?.into_inner();
+        let source = format!("{}@{point}", spec.name);
+        let cloned = match self.replicated_snapshot(c, &source).await? {
+            Some(members) => self.clone_replicated(c, &source, members, r).await,
+            None => Err(Status::internal(format!("{source} is not a replicated volume's snapshot"))),
+        };
+        let gone = pb::DeleteSnapshotRequest { key: made.uuid, here: false };
+        if let Err(e) = self.delete_snapshot(Request::new(gone)).await {
+            tracing::warn!(volume = %spec.name, snapshot = %point, error = %e, "cannot delete a clone's source point: delete it by hand");
+        }
+        cloned
+    }
+
     /// Deletes the copies `made` of a volume whose creation failed, and its record.
     async fn forget_copies(
         &self,
@@ -623,6 +648,14 @@ impl Management for Api {
             && let Some(members) = self.replicated_snapshot(c, &source).await?
         {
             return self.clone_replicated(c, &source, members, r).await.map(Response::new);
+        }
+        if let Some(c) = &self.cluster
+            && !source.contains('@')
+            && let Some(spec) =
+                c.volume_spec(&self.engine.find_volume(&source).map_err(status)?.uuid).await.map_err(cluster_status)?
+            && spec.replicated()
+        {
+            return self.clone_replicated_head(c, &spec, r).await.map(Response::new);
         }
         let spec = match &self.cluster {
             Some(c) => Some(self.reserve_here(c, &r.name, &source).await?),
