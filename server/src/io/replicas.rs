@@ -46,6 +46,8 @@ pub struct Shared {
     log: Mutex<WriteLog>,
     /// Where writes may be in flight, as recorded for the next target.
     pub activity: Arc<Activity>,
+    /// A look for idle regions is scheduled.
+    sweep_pending: std::sync::atomic::AtomicBool,
 }
 
 /// Ranges a copy that leaves the in-sync set may lack beyond what a mark taken afterwards
@@ -302,14 +304,33 @@ impl Shared {
 
     /// Every in-sync copy completed the flush that started at `upto`: regions idle since may
     /// leave the activity record.
-    fn flushed(&self, upto: u64) -> Result<(), EngineError> {
+    fn flushed(self: &Arc<Self>, upto: u64) -> Result<(), EngineError> {
         let mut log = self.log.lock().map_err(|_| poisoned())?;
         log.since_flush.retain(|(seq, _, _)| *seq >= upto);
         if log.overflow.is_some_and(|o| o < upto) {
             log.overflow = None;
         }
-        let unflushed = log.unflushed();
         drop(log);
+        self.sweep()?;
+        // Regions written just before this flush are not idle yet: look again once they
+        // are, so that a volume left alone sheds its record (a new target then has nothing to
+        // reconcile).
+        if !self.sweep_pending.swap(true, Ordering::SeqCst) {
+            let this = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(super::activity::IDLE + std::time::Duration::from_millis(100)).await;
+                this.sweep_pending.store(false, Ordering::SeqCst);
+                if let Err(e) = this.sweep() {
+                    tracing::debug!(error = %e, "cannot look for idle regions");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Idle regions that every copy flushed leave the activity record.
+    fn sweep(&self) -> Result<(), EngineError> {
+        let unflushed = self.log.lock().map_err(|_| poisoned())?.unflushed();
         self.activity.sweep(unflushed.as_deref())
     }
 
