@@ -798,9 +798,9 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), waiter).await.unwrap().unwrap();
     }
 
-    #[test]
-    fn a_stopped_rebuild_resumes_with_what_was_written_since_and_unflushed() {
-        let shared = Shared::default();
+    #[tokio::test]
+    async fn a_stopped_rebuild_resumes_with_what_was_written_since_and_unflushed() {
+        let shared = Arc::new(Shared::default());
         shared.adopt(&["a".to_string()]).unwrap();
         shared.begin_epoch(5).unwrap();
         // Stopped under the target before (epoch 4), nothing written since: nothing missed.
