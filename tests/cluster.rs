@@ -1037,16 +1037,21 @@ fn a_snapshot_of_a_replicated_volume_is_the_same_point_on_every_copy() {
     }
     // A clone of the snapshot is replicated like its volume: each copy clones its own copy of
     // the snapshot (the same layers), so the clone's copies start in sync and identical.
-    let clone: serde_json::Value =
-        serde_json::from_str(&nodes[2].cli(&fabric, &["volume", "clone", "rs@s1", "rs-c", "-o", "json"])).unwrap();
-    let mut in_sync: Vec<String> = serde_json::from_value(clone["in_sync"].clone()).unwrap();
-    in_sync.sort();
-    assert_eq!(in_sync, ["node-1", "node-2", "node-3"], "{clone}");
-    let cloned = publish_for_one_writer(&fabric, &nodes[0], "rs-c");
-    let copies: Vec<Vec<u8>> = (1..=3).map(|i| read_copy(&fabric, i, &cloned, 0, 0, 480 * (64 << 10))).collect();
-    assert!(copies.iter().all(|c| *c == copies[0]), "the clone's copies differ");
+    // Cloned through `via`: in sync on the three nodes, every copy the same; its first 30 MiB.
+    let replicated_clone = |via: &NetNode, source: &str, name: &str| -> Vec<u8> {
+        let clone: serde_json::Value =
+            serde_json::from_str(&via.cli(&fabric, &["volume", "clone", source, name, "-o", "json"])).unwrap();
+        let mut in_sync: Vec<String> = serde_json::from_value(clone["in_sync"].clone()).unwrap();
+        in_sync.sort();
+        assert_eq!(in_sync, ["node-1", "node-2", "node-3"], "{clone}");
+        let cloned = publish_for_one_writer(&fabric, &nodes[0], name);
+        let copies: Vec<Vec<u8>> = (1..=3).map(|i| read_copy(&fabric, i, &cloned, 0, 0, 480 * (64 << 10))).collect();
+        assert!(copies.iter().all(|c| *c == copies[0]), "{name}'s copies differ");
+        copies.into_iter().next().unwrap()
+    };
+    let cloned = replicated_clone(&nodes[2], "rs@s1", "rs-c");
     for i in 0..40 {
-        assert!(copies[0][i * (64 << 10)..(i + 1) * (64 << 10)].iter().all(|b| *b == i as u8 | 1), "block {i}");
+        assert!(cloned[i * (64 << 10)..(i + 1) * (64 << 10)].iter().all(|b| *b == i as u8 | 1), "block {i}");
     }
     nodes[2].cli(&fabric, &["snapshot", "delete", &uuid]);
     for n in &nodes {
@@ -1058,15 +1063,8 @@ fn a_snapshot_of_a_replicated_volume_is_the_same_point_on_every_copy() {
     }
     // A clone of the head is one point of the write stream on every copy too: taken through a
     // snapshot under the barrier, which goes afterwards.
-    let clone: serde_json::Value =
-        serde_json::from_str(&nodes[1].cli(&fabric, &["volume", "clone", "rs", "rs-h", "-o", "json"])).unwrap();
-    let mut in_sync: Vec<String> = serde_json::from_value(clone["in_sync"].clone()).unwrap();
-    in_sync.sort();
-    assert_eq!(in_sync, ["node-1", "node-2", "node-3"], "{clone}");
-    let cloned = publish_for_one_writer(&fabric, &nodes[0], "rs-h");
-    let copies: Vec<Vec<u8>> = (1..=3).map(|i| read_copy(&fabric, i, &cloned, 0, 0, 480 * (64 << 10))).collect();
-    assert!(copies.iter().all(|c| *c == copies[0]), "the head clone's copies differ");
-    assert!(copies[0][..64 << 10].iter().all(|b| *b == 1), "the head clone lacks the first write");
+    let head = replicated_clone(&nodes[1], "rs", "rs-h");
+    assert!(head[..64 << 10].iter().all(|b| *b == 1), "the head clone lacks the first write");
     for n in &nodes {
         let list: serde_json::Value =
             serde_json::from_str(&n.cli(&fabric, &["snapshot", "list", "-o", "json"])).unwrap();

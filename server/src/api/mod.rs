@@ -212,41 +212,19 @@ impl Api {
         };
         let spec = reserve(c, &r.name, snapshot.size, &members, min_insync).await?;
         let each = pb::CloneVolumeRequest { source: snapshot.uuid.clone(), here: true, uuid: spec.uuid.clone(), ..r };
-        let mut made = Vec::new();
-        let mut out = Err(Status::internal("no copy was made"));
-        for node in &members {
-            let res = match node == &self.node_name {
-                true => self.clone_volume(Request::new(each.clone())).await,
-                false => match c.peer(node) {
-                    Ok(mut peer) => peer.clone_volume(each.clone()).await,
-                    Err(e) => Err(cluster_status(e)),
-                },
-            };
-            match res {
-                Ok(v) if made.is_empty() => {
-                    out = Ok(v.into_inner());
-                    made.push(node.clone());
+        let v = self
+            .make_copies(c, &spec, &members, |peer| {
+                let each = each.clone();
+                async move {
+                    match peer {
+                        None => self.clone_volume(Request::new(each)).await,
+                        Some(mut p) => p.clone_volume(each).await,
+                    }
                 }
-                Ok(_) => made.push(node.clone()),
-                Err(e) => {
-                    out = Err(e);
-                    break;
-                }
-            }
-        }
-        match out {
-            Ok(mut v) if made.len() == members.len() => {
-                tracing::info!(volume = %spec.name, uuid = %spec.uuid, source, copies = ?members, "replicated clone made");
-                if spec.replicated() {
-                    (v.replicas, v.in_sync) = (members.clone(), members);
-                }
-                Ok(v)
-            }
-            res => {
-                self.forget_copies(c, &spec, &made).await;
-                Err(res.err().unwrap_or_else(|| Status::internal("a copy of the clone was not made")))
-            }
-        }
+            })
+            .await?;
+        tracing::info!(volume = %spec.name, uuid = %spec.uuid, source, copies = ?members, "replicated clone made");
+        Ok(v)
     }
 
     /// A clone of a replicated volume's head: one point of its write stream on every copy,
@@ -272,6 +250,50 @@ impl Api {
             tracing::warn!(volume = %spec.name, snapshot = %point, error = %e, "cannot delete a clone's source point: delete it by hand");
         }
         cloned
+    }
+
+    /// Makes a copy of the volume reserved as `spec` on each of `nodes`, in order (`make`
+    /// gets `None` for this node, else the node's API); all or nothing: a failure deletes the
+    /// copies made and forgets the volume. The first copy's volume, its copies in sync.
+    async fn make_copies<F, Fut>(
+        &self,
+        c: &crate::cluster::Cluster,
+        spec: &crate::cluster::volumes::VolumeSpec,
+        nodes: &[String],
+        make: F,
+    ) -> Result<pb::Volume, Status>
+    where
+        F: Fn(Option<crate::cluster::Peer>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<pb::Volume>, Status>>,
+    {
+        let (mut made, mut first) = (Vec::new(), None);
+        for node in nodes {
+            let res = match node == &self.node_name {
+                true => make(None).await,
+                false => match c.peer(node) {
+                    Ok(p) => make(Some(p)).await,
+                    Err(e) => Err(cluster_status(e)),
+                },
+            };
+            match res {
+                Ok(v) => {
+                    first.get_or_insert(v.into_inner());
+                    made.push(node.clone());
+                }
+                Err(e) => {
+                    self.forget_copies(c, spec, &made).await;
+                    return Err(e);
+                }
+            }
+        }
+        let Some(mut v) = first else {
+            self.forget_copies(c, spec, &made).await;
+            return Err(Status::internal("no copy was made"));
+        };
+        if spec.replicated() {
+            (v.replicas, v.in_sync) = (nodes.to_vec(), nodes.to_vec());
+        }
+        Ok(v)
     }
 
     /// Deletes the copies `made` of a volume whose creation failed, and its record.
@@ -318,42 +340,19 @@ impl Api {
         };
         let spec = reserve(c, &r.name, r.size_bytes, &names, min_insync).await?;
         (r.here, r.uuid) = (true, spec.uuid.clone());
-        let mut made: Vec<&String> = Vec::new();
-        let mut first = None;
-        let mut failed = None;
-        for node in &names {
-            let res = match node == &self.node_name {
-                true => self.create_volume(Request::new(r.clone())).await,
-                false => match c.peer(node) {
-                    Ok(mut peer) => peer.create_volume(r.clone()).await,
-                    Err(e) => Err(cluster_status(e)),
-                },
-            };
-            match res {
-                Ok(v) => {
-                    first.get_or_insert(v.into_inner());
-                    made.push(node);
+        let v = self
+            .make_copies(c, &spec, &names, |peer| {
+                let r = r.clone();
+                async move {
+                    match peer {
+                        None => self.create_volume(Request::new(r)).await,
+                        Some(mut p) => p.create_volume(r).await,
+                    }
                 }
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        match (first, failed) {
-            (Some(mut v), None) => {
-                tracing::info!(volume = %spec.name, uuid = %spec.uuid, nodes = ?names, "volume placed");
-                if spec.replicated() {
-                    (v.replicas, v.in_sync) = (names.clone(), names);
-                }
-                Ok(v)
-            }
-            (_, e) => {
-                let made: Vec<String> = made.into_iter().cloned().collect();
-                self.forget_copies(c, &spec, &made).await;
-                Err(e.unwrap_or_else(|| Status::internal("no copy was made")))
-            }
-        }
+            })
+            .await?;
+        tracing::info!(volume = %spec.name, uuid = %spec.uuid, nodes = ?names, "volume placed");
+        Ok(v)
     }
 
     /// The other copies of a replicated volume held here (`volume` a name or UUID), with the

@@ -658,12 +658,11 @@ async fn try_mark_departure(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &st
 /// partition heals, which no etcd event tells the target (its node stayed registered).
 const REBUILD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// [`rebuild`] in the background, tried again (backing off to 30 s) until it is done, a newer
-/// target took the volume (or the grant its last session linked with was revoked), or
+/// [`rebuild`] in the background, tried again (backing off to 30 s) until it is done, the
+/// volume has no single-writer session here any more, a newer target took the volume, or
 /// [`REBUILD_PATIENCE`] ran out: a node registers before its NBD listener is up, a copy that
 /// just left the set is unreachable until its node is back, and a snapshot stops a rebuild in
-/// progress. It goes on after the last session here closed, with that session's links: the
-/// copies come back in sync without waiting for the next attachment.
+/// progress.
 pub fn rebuild_soon(cluster: Arc<Cluster>, spec: VolumeSpec, node: String) {
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + REBUILD_PATIENCE;

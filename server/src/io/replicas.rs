@@ -42,7 +42,8 @@ pub struct Shared {
     generation: AtomicU64,
     /// A copy joined the in-sync set (suspended writes look again).
     grown: Notify,
-    linker: Mutex<Option<Arc<dyn Linker>>>,
+    /// The linker of the latest single-writer session, and how many are open.
+    linker: Mutex<Option<(Arc<dyn Linker>, usize)>>,
     log: Mutex<WriteLog>,
     /// Where writes may be in flight, as recorded for the next target.
     pub activity: Arc<Activity>,
@@ -384,14 +385,33 @@ impl Shared {
         Ok(self.log.lock().map_err(|_| poisoned())?.departed.remove(node))
     }
 
-    /// How sessions link to copies (the latest session's grant and epoch).
+    /// How sessions link to copies (the latest single-writer session's grant and epoch);
+    /// `None` once no such session is open here: rebuilds and scrubs run only beside one.
     pub fn linker(&self) -> Option<Arc<dyn Linker>> {
-        self.linker.lock().ok()?.clone()
+        self.linker.lock().ok()?.as_ref().map(|(l, _)| l.clone())
     }
 
-    pub fn set_linker(&self, linker: Arc<dyn Linker>) {
+    /// A single writer's session opens with `linker`: held until the guard drops.
+    pub fn attach(self: &Arc<Self>, linker: Arc<dyn Linker>) -> Attached {
         if let Ok(mut l) = self.linker.lock() {
-            *l = Some(linker);
+            let sessions = l.as_ref().map_or(0, |(_, n)| *n);
+            *l = Some((linker, sessions + 1));
+        }
+        Attached(self.clone())
+    }
+}
+
+/// A single writer's session on the volume's target; the last one to close takes the linker
+/// with it.
+pub struct Attached(Arc<Shared>);
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        if let Ok(mut l) = self.0.linker.lock() {
+            match l.as_mut() {
+                Some((_, n)) if *n > 1 => *n -= 1,
+                _ => *l = None,
+            }
         }
     }
 }
@@ -424,6 +444,8 @@ pub struct InSyncCopies {
     /// The `Shared::generation` this session's links reflect.
     seen: AtomicU64,
     linker: Arc<dyn Linker>,
+    /// A single writer's session: counted while it lasts.
+    _attached: Option<Attached>,
 }
 
 /// How long a write waits, suspended, for enough copies to be in sync again before it fails.
@@ -444,6 +466,7 @@ impl Replicas {
         min_insync: usize,
         shared: Arc<Shared>,
         linker: Arc<dyn Linker>,
+        attached: Option<Attached>,
     ) -> Result<Replicas, EngineError> {
         let nodes: Vec<String> = members.iter().map(|m| m.node.clone()).collect();
         shared.adopt(&nodes)?;
@@ -455,6 +478,7 @@ impl Replicas {
             // Not the current generation: the first request reconciles with the shared list.
             seen: AtomicU64::new(u64::MAX),
             linker,
+            _attached: attached,
         }))
     }
 

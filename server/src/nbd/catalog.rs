@@ -128,9 +128,8 @@ async fn copies_for(
         export: export.clone(),
         volume: volume.to_string(),
     });
-    if orders_writes {
-        shared.set_linker(linker.clone());
-    }
+    // Rebuilds and scrubs run beside a single writer's session, with its links.
+    let attached = orders_writes.then(|| shared.attach(linker.clone()));
     if copies.is_empty() {
         return Err(OpenError::Platform(format!("volume {volume}: no copy in sync is reachable")));
     }
@@ -139,7 +138,7 @@ async fn copies_for(
     }
     drop(take_over);
     let min = spec.min_insync.max(1) as usize;
-    let replicas = Replicas::replicated(copies, in_sync, min, shared, linker).map_err(engine_err)?;
+    let replicas = Replicas::replicated(copies, in_sync, min, shared, linker, attached).map_err(engine_err)?;
     // Copies out of the set but up are rebuilt with this session's grant, beside its writes
     // (which wait while fewer than `min_insync` copies are in sync).
     for node in spec.copies().into_iter().filter(|n| orders_writes && !members.contains(n)) {
