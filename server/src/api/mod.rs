@@ -206,10 +206,7 @@ impl Api {
         r: pb::CloneVolumeRequest,
     ) -> Result<pb::Volume, Status> {
         let snapshot = self.engine.snapshot(source).map_err(status)?;
-        let min_insync = match members.len() {
-            1 => 0,
-            n => (n as u32 - 1).max(1),
-        };
+        let min_insync = min_insync_for(members.len(), 0);
         let spec = reserve(c, &r.name, snapshot.size, &members, min_insync).await?;
         let each = pb::CloneVolumeRequest { source: snapshot.uuid.clone(), here: true, uuid: spec.uuid.clone(), ..r };
         let v = self
@@ -333,11 +330,7 @@ impl Api {
             .map_err(cluster_status)?
             .map_err(|e| Status::resource_exhausted(e.to_string()))?;
         let names: Vec<String> = nodes.into_iter().map(|n| n.name).collect();
-        let min_insync = match (copies, r.min_insync) {
-            (1, _) => 0,
-            (n, 0) => (n as u32 - 1).max(1),
-            (n, m) => m.min(n as u32),
-        };
+        let min_insync = min_insync_for(copies, r.min_insync);
         let spec = reserve(c, &r.name, r.size_bytes, &names, min_insync).await?;
         (r.here, r.uuid) = (true, spec.uuid.clone());
         let v = self
@@ -406,6 +399,16 @@ impl Api {
 
 /// The most bytes one Checksums call reads.
 const CHECKSUM_RANGE_MAX: u32 = 64 << 20;
+
+/// The `min_insync` of a volume of `copies` copies when `asked` (0: unset): N−1 and at least
+/// 1 by default, at most N; 0 for one copy (not replicated).
+fn min_insync_for(copies: usize, asked: u32) -> u32 {
+    match (copies, asked) {
+        (0 | 1, _) => 0,
+        (n, 0) => (n as u32 - 1).max(1),
+        (n, m) => m.min(n as u32),
+    }
+}
 
 /// Copies of a volume created in a cluster without saying how many.
 const DEFAULT_REPLICAS: usize = 3;
@@ -968,11 +971,7 @@ impl Management for Api {
                 }
             }
         }
-        let min = match (kept.len(), r.min_insync) {
-            (1, _) => 0,
-            (n, 0) => (n as u32 - 1).max(1),
-            (n, m) => m.min(n as u32),
-        };
+        let min = min_insync_for(kept.len(), r.min_insync);
         let replicas = if kept.len() > 1 { kept.clone() } else { Vec::new() };
         c.update_spec(&v.uuid, |s| (s.replicas, s.min_insync) = (replicas.clone(), min))
             .await
