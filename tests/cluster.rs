@@ -1150,37 +1150,12 @@ fn a_copy_that_comes_back_is_rebuilt_and_gets_the_later_writes() {
 /// A scrub compares the heads and the snapshots on the three copies and finds them the same.
 #[test]
 fn a_copy_that_comes_back_gets_the_snapshot_layers_it_missed() {
-    use thinbd_protocol::client::{Client, ClientOptions};
-    enum Op {
-        Write(u64, Vec<u8>),
-        Trim(u64, u32),
-    }
     let slow = |i: usize| if i == 1 { vec!["--rebuild-rate".into(), "1MiB".into()] } else { Vec::new() };
     let Some((fabric, _etcd, mut nodes)) = three_nodes(slow) else { return };
     nodes[0].cli(&fabric, &["volume", "create", "ly", "--size", "16MiB", "--replicas", "3"]);
     let export = publish_for_one_writer(&fabric, &nodes[0], "ly");
-    let (tx, rx) = std::sync::mpsc::channel::<Op>();
-    let (tx_ack, rx_ack) = std::sync::mpsc::channel::<()>();
-    let client = {
-        let (addr, export) = (format!("{}:10809", fabric.ip(1)), export.clone());
-        fabric.spawn_in(1, move || {
-            thinbd_tests::runtime().block_on(async {
-                let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach on node-1");
-                while let Ok(op) = rx.recv() {
-                    match op {
-                        Op::Write(at, data) => c.write(at, &data, 0).await.unwrap(),
-                        Op::Trim(at, len) => c.trim(at, len).await.unwrap(),
-                    }
-                    c.flush().await.unwrap();
-                    tx_ack.send(()).unwrap();
-                }
-            })
-        })
-    };
-    let run = |op: Op| {
-        tx.send(op).unwrap();
-        rx_ack.recv_timeout(Duration::from_secs(30)).expect("a write was not acknowledged");
-    };
+    let writer = OneAtATime::attach(&fabric, 1, &export);
+    let run = |op: Op| writer.run(op);
     let snapshot = |via: &NetNode, args: &[&str]| via.cli(&fabric, &[&["snapshot"][..], args].concat());
     run(Op::Write(0, thinbd_tests::pattern(70, 1 << 20)));
     run(Op::Write(1 << 20, thinbd_tests::pattern(71, 512 << 10)));
@@ -1235,8 +1210,121 @@ fn a_copy_that_comes_back_gets_the_snapshot_layers_it_missed() {
     assert_eq!(compared, ["s2", "s3", "s4"], "{scrub}");
     assert_eq!(scrub["differing"], serde_json::json!([]), "{scrub}");
     assert_eq!(scrub["snapshot_differing"], serde_json::json!([]), "{scrub}");
-    drop(tx);
-    client.join().unwrap();
+    writer.detach();
+}
+
+/// A write or a TRIM, for [`OneAtATime`].
+enum Op {
+    Write(u64, Vec<u8>),
+    Trim(u64, u32),
+}
+
+/// A client attached on node `i` running one request at a time, each flushed before it is
+/// acknowledged to the test.
+struct OneAtATime {
+    ops: std::sync::mpsc::Sender<Op>,
+    acks: std::sync::mpsc::Receiver<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl OneAtATime {
+    fn attach(fabric: &Fabric, i: usize, export: &str) -> OneAtATime {
+        use thinbd_protocol::client::{Client, ClientOptions};
+        let (ops, rx) = std::sync::mpsc::channel::<Op>();
+        let (tx_ack, acks) = std::sync::mpsc::channel::<()>();
+        let (addr, export) = (format!("{}:10809", fabric.ip(i)), export.to_string());
+        let thread = fabric.spawn_in(i, move || {
+            thinbd_tests::runtime().block_on(async {
+                let c = Client::connect(addr.as_str(), ClientOptions::new(&export)).await.expect("attach");
+                while let Ok(op) = rx.recv() {
+                    match op {
+                        Op::Write(at, data) => c.write(at, &data, 0).await.unwrap(),
+                        Op::Trim(at, len) => c.trim(at, len).await.unwrap(),
+                    }
+                    c.flush().await.unwrap();
+                    tx_ack.send(()).unwrap();
+                }
+                c.disconnect().await.unwrap();
+            })
+        });
+        OneAtATime { ops, acks, thread }
+    }
+
+    fn run(&self, op: Op) {
+        self.ops.send(op).unwrap();
+        self.acks.recv_timeout(Duration::from_secs(30)).expect("a write was not acknowledged");
+    }
+
+    fn detach(self) {
+        drop(self.ops);
+        self.thread.join().unwrap();
+    }
+}
+
+/// The bytes a rebuild's log line says it copied.
+fn copied_of(line: &str) -> u64 {
+    let copied = line.split("copied=").nth(1).and_then(|r| r.split_whitespace().next());
+    copied.and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no copied= in {line}"))
+}
+
+/// A target that holds no copy of the volume (2 copies on node-1 and node-2, attached through
+/// node-3) rebuilds a returning copy from another node's layers: node-2, killed after snapshot
+/// s1, misses s2 and the writes around it. Both in-sync copies left (node-1 and, while away,
+/// not node-2) took the mark; back, node-2 gets s2 from node-1's copy (read over a link to
+/// node-1's layer) and only what changed since its mark — not the 4 MiB it had. The snapshots
+/// and heads of the two copies are then the same (scrub, allocated maps, the data).
+#[test]
+fn a_target_without_a_copy_rebuilds_from_another_nodes_layers() {
+    let Some((fabric, _etcd, mut nodes)) = three_nodes(|_| Vec::new()) else { return };
+    let create =
+        ["volume", "create", "rt", "--size", "16MiB", "--replicas", "2", "--node", "node-1", "--node", "node-2"];
+    nodes[0].cli(&fabric, &create);
+    let export = publish_for_one_writer(&fabric, &nodes[2], "rt");
+    let writer = OneAtATime::attach(&fabric, 3, &export);
+    let snapshot = |via: &NetNode, name: &str| via.cli(&fabric, &["snapshot", "create", "rt", name]);
+    writer.run(Op::Write(0, thinbd_tests::pattern(100, 4 << 20)));
+    snapshot(&nodes[2], "s1");
+    nodes[1].kill9();
+    writer.run(Op::Write(4 << 20, thinbd_tests::pattern(101, 512 << 10)));
+    writer.run(Op::Write(0, thinbd_tests::pattern(102, 128 << 10)));
+    snapshot(&nodes[2], "s2");
+    writer.run(Op::Write(6 << 20, thinbd_tests::pattern(103, 256 << 10)));
+    writer.run(Op::Trim(1 << 20, 128 << 10));
+    let (target, epoch) = target_of(&fabric, &nodes[0], "rt");
+    assert_eq!(target, "node-3");
+    nodes[1].spawn(&fabric);
+    wait_in_sync(&fabric, &nodes[2], "rt", 2, Duration::from_secs(60), "node-2's copy was not rebuilt");
+    let log = nodes[2].log_text();
+    let marked = log.lines().find(|l| l.contains("marked where a copy left")).expect("no mark was taken");
+    assert!(marked.contains("marked=node-1"), "{marked}");
+    let rebuilt = log.lines().find(|l| l.contains("copy rebuilt and back in sync")).expect("the rebuild's log line");
+    assert!(rebuilt.contains("delta=true") && rebuilt.contains("layers=1"), "{rebuilt}");
+    // s2's changes (640 KiB) and the head's since (256 KiB), not the 4 MiB node-2 had.
+    assert!(copied_of(rebuilt) <= 1 << 20, "more than the delta was copied: {rebuilt}");
+    let start = log.lines().find(|l| l.contains("rebuilding a copy beside live writes")).expect("rebuild start");
+    assert!(start.contains("from=node-1"), "{start}");
+    let head = read_copy(&fabric, 2, &export, epoch, 0, 7 << 20);
+    let mut want = thinbd_tests::pattern(100, 4 << 20);
+    want[..128 << 10].copy_from_slice(&thinbd_tests::pattern(102, 128 << 10));
+    want[1 << 20..(1 << 20) + (128 << 10)].fill(0);
+    want.extend(thinbd_tests::pattern(101, 512 << 10));
+    want.resize(6 << 20, 0);
+    want.extend(thinbd_tests::pattern(103, 256 << 10));
+    want.resize(7 << 20, 0);
+    assert!(head == want, "node-2's head differs from what was written");
+    for snap in ["rt@s1", "rt@s2"] {
+        let allocated: Vec<String> =
+            nodes[..2].iter().map(|n| n.cli(&fabric, &["snapshot", "allocated", snap, "-o", "json"])).collect();
+        assert!(allocated[0] == allocated[1], "{snap} differs between the copies: {allocated:?}");
+    }
+    let scrub: serde_json::Value =
+        serde_json::from_str(&nodes[2].cli(&fabric, &["volume", "scrub", "rt", "-o", "json"])).unwrap();
+    let mut compared: Vec<&str> = scrub["snapshots"].as_array().unwrap().iter().filter_map(|s| s.as_str()).collect();
+    compared.sort();
+    assert_eq!(compared, ["s1", "s2"], "{scrub}");
+    assert_eq!(scrub["differing"], serde_json::json!([]), "{scrub}");
+    assert_eq!(scrub["snapshot_differing"], serde_json::json!([]), "{scrub}");
+    writer.detach();
 }
 
 /// A rebuild streams beside live writes (of a volume created with the default three copies):
@@ -1844,7 +1932,8 @@ fn faults_on_a_copys_link_delay_black_hole_reset_and_lost_replies() {
 /// whose own copy lacks that write, reads come from node-2 (the last in-sync set); a write
 /// waits (node-1's copy left too: one copy in sync, under min_insync) until node-3's copy is
 /// rebuilt from node-2, and is then acknowledged. node-1 comes back and is rebuilt; every copy
-/// holds both writes.
+/// holds both writes. Both rebuilds are deltas from marks on node-2's copy: every in-sync copy
+/// marks where a copy left, so the new target needs none of the old one's marks.
 #[test]
 fn a_copy_that_missed_writes_is_never_a_source_for_a_new_target() {
     use thinbd_protocol::client::{Client, ClientOptions};
@@ -1867,6 +1956,7 @@ fn a_copy_that_missed_writes_is_never_a_source_for_a_new_target() {
             })
         })
     };
+    write_via(1, 8 << 20, &thinbd_tests::pattern(84, 2 << 20));
     write_via(1, 0, &a);
     nodes[2].kill9();
     write_via(1, 0, &b);
@@ -1915,6 +2005,14 @@ fn a_copy_that_missed_writes_is_never_a_source_for_a_new_target() {
         assert!(read_copy(&fabric, i, &export, epoch, 0, 256 << 10) == b, "node-{i}'s copy lacks the second write");
         assert!(read_copy(&fabric, i, &export, epoch, 1 << 20, 256 << 10) == c, "node-{i}'s copy lacks the third");
     }
+    // Both were rebuilt by node-3 from node-2's copy, each from its mark there (node-1, which
+    // marked where node-3 left, was gone): node-3 got what it missed, not the 2 MiB it had.
+    let log = nodes[2].log_text();
+    let rebuilt: Vec<&str> = log.lines().filter(|l| l.contains("copy rebuilt and back in sync")).collect();
+    assert_eq!(rebuilt.len(), 2, "{rebuilt:?}");
+    assert!(rebuilt.iter().all(|l| l.contains("delta=true")), "a copy was rebuilt in full: {rebuilt:?}");
+    let of_node_3 = rebuilt.iter().find(|l| l.contains("node=\"node-3\"")).expect("node-3's rebuild");
+    assert!(copied_of(of_node_3) <= 512 << 10, "{of_node_3}");
     tx_go.send(()).unwrap();
     client.join().unwrap();
 }

@@ -144,7 +144,7 @@ impl ControllerService {
 
     async fn snapshots(api: &mut Api, volume: &str) -> Result<Vec<pb::Snapshot>, Status> {
         Ok(api
-            .list_snapshots(pb::ListSnapshotsRequest { volume: volume.into(), here: false })
+            .list_snapshots(pb::ListSnapshotsRequest { volume: volume.into(), ..Default::default() })
             .await
             .map_err(unavailable)?
             .into_inner()

@@ -32,7 +32,7 @@ fn group_id(id: &str) -> Result<(Option<String>, String), Status> {
 
 async fn members(api: &mut Api, group: &str) -> Result<Vec<pb::Snapshot>, Status> {
     Ok(api
-        .list_snapshots(pb::ListSnapshotsRequest { volume: String::new(), here: false })
+        .list_snapshots(pb::ListSnapshotsRequest::default())
         .await
         .map_err(unavailable)?
         .into_inner()

@@ -685,7 +685,7 @@ async fn snapshot_command(client: ClientArgs, command: SnapshotCommand) -> anyho
         }
         SnapshotCommand::List { volume } => {
             let r = c
-                .list_snapshots(pb::ListSnapshotsRequest { volume: volume.unwrap_or_default(), here: false })
+                .list_snapshots(pb::ListSnapshotsRequest { volume: volume.unwrap_or_default(), ..Default::default() })
                 .await
                 .map_err(rpc_error)?;
             r.into_inner().snapshots

@@ -413,19 +413,6 @@ fn min_insync_for(copies: usize, asked: u32) -> u32 {
 /// Copies of a volume created in a cluster without saying how many.
 const DEFAULT_REPLICAS: usize = 3;
 
-/// Deletes the mark where a copy of volume `name` left the in-sync set (it serves no rebuild
-/// any more); a mark out of reach stays until its volume is deleted (logged).
-async fn delete_mark(c: &crate::cluster::Cluster, name: &str, d: &crate::cluster::isr::Departed) {
-    let mark = pb::DeleteSnapshotRequest { key: format!("{name}@.{}", d.mark), here: true };
-    let deleted = match c.peer(&d.mark_node) {
-        Ok(mut p) => already_gone(p.delete_snapshot(mark).await),
-        Err(e) => Err(cluster_status(e)),
-    };
-    if let Err(e) = deleted {
-        tracing::warn!(volume = %name, node = %d.mark_node, mark = %d.mark, error = %e, "cannot delete a mark where a copy left");
-    }
-}
-
 /// A deletion on another node: what is not there any more is deleted.
 fn already_gone<T>(r: Result<T, Status>) -> Result<(), Status> {
     match r {
@@ -716,6 +703,12 @@ impl Management for Api {
 
     async fn create_snapshot(&self, req: Request<pb::CreateSnapshotRequest>) -> Result<Response<pb::Snapshot>, Status> {
         let r = req.into_inner();
+        if r.here && r.mark {
+            let volume = self.engine.resolve(&r.volume);
+            self.engine.delete_mark(&volume, &r.name).await.map_err(status)?;
+            let s = self.engine.create_mark(&volume, &r.name).await.map_err(status)?;
+            return Ok(Response::new(snapshot_to_pb(&self.engine, &self.node_name, &s)));
+        }
         if r.here {
             let uuid = Some(r.uuid.clone()).filter(|u| !u.is_empty());
             let volume = self.engine.resolve(&r.volume);
@@ -740,7 +733,7 @@ impl Management for Api {
                 name: r.name.clone(),
                 uuid: crate::meta::uuid::new_uuid_text(),
                 barrier: true,
-                here: false,
+                ..Default::default()
             };
             let target = c.target(&spec.uuid).await.map_err(cluster_status)?.map(|t| t.node);
             let mut s = match target.filter(|t| *t != self.node_name && c.directory.get(t).is_some_and(|n| n.up)) {
@@ -763,6 +756,11 @@ impl Management for Api {
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
         let r = req.into_inner();
         let volume = self.engine.resolve(&r.volume);
+        if r.here && r.layers {
+            let chain = self.engine.snapshots_in_order(&volume).map_err(status)?;
+            let snapshots = chain.iter().map(|s| snapshot_to_pb(&self.engine, &self.node_name, s)).collect();
+            return Ok(Response::new(pb::ListSnapshotsResponse { snapshots }));
+        }
         let filter = Some(volume.as_str()).filter(|v| !v.is_empty());
         let mut snapshots: Vec<pb::Snapshot> = self
             .engine
@@ -949,7 +947,7 @@ impl Management for Api {
                 self.target_follows(&v.uuid, &v.name).await;
                 // The mark where it had left serves no rebuild any more.
                 if let Some(d) = left {
-                    delete_mark(c, &v.name, &d).await;
+                    crate::cluster::marks::delete(c, &v.name, &d).await;
                 }
                 let gone = pb::DeleteVolumeRequest { name: v.uuid.clone(), here: true };
                 match c.peer(&node) {
@@ -1071,7 +1069,7 @@ impl Management for Api {
         c.update_spec(&spec.uuid, |s| s.min_insync = 1).await.map_err(cluster_status)?;
         // The other copies are rebuilt from the promoted one in full: their marks go.
         for d in &departed {
-            delete_mark(c, &spec.name, d).await;
+            crate::cluster::marks::delete(c, &spec.name, d).await;
         }
         self.target_follows(&spec.uuid, &spec.name).await;
         tracing::warn!(

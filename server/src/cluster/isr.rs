@@ -27,7 +27,7 @@ pub struct InSync {
     /// live writes and rejoins the set when filled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rebuilding: Vec<Rebuilding>,
-    /// Copies that left the set with a mark on the target's copy: their rebuild copies what
+    /// Copies that left the set with a mark on the in-sync copies: their rebuild copies what
     /// changed since the mark plus `ranges` (the writes they may lack that it does not cover).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub departed: Vec<Departed>,
@@ -62,9 +62,10 @@ const ACTIVE_MAX: usize = 8192;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Departed {
     pub node: String,
-    /// The node whose copy holds the mark (the target when the copy left).
-    pub mark_node: String,
-    /// The mark's name (a hidden snapshot `.MARK` of that copy).
+    /// The in-sync copies that took the mark when it left (see [`super::marks`]).
+    #[serde(default)]
+    pub marked: Vec<String>,
+    /// The mark's name (a hidden snapshot `.MARK` of those copies).
     pub mark: String,
     /// Byte ranges written before the mark that the copy may lack (unflushed when it left, or
     /// written until the mark was taken).

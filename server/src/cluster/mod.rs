@@ -5,6 +5,8 @@ pub mod error;
 pub mod grants;
 pub mod isr;
 pub mod keys;
+pub mod layer_source;
+pub mod marks;
 pub mod nodes;
 pub mod rebuild;
 mod record;

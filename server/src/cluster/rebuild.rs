@@ -10,32 +10,16 @@
 //! A copy that left the set comes back with the snapshot layers it lacks and, where its target
 //! marked the point it left (a hidden snapshot), only the chunks changed since.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use thinbd_protocol::consts::STATE_HOLE;
 
 use super::Cluster;
+use super::isr::Departed;
+use super::layer_source::Source;
 use super::volumes::VolumeSpec;
 use crate::error::EngineError;
-use crate::io::{Backing, Linker, RemoteVolume, VolumeIo};
-
-/// Links to copies with one session's export name (its grant and epoch).
-pub struct CopyLinker {
-    pub cluster: Arc<Cluster>,
-    pub export: String,
-    pub volume: String,
-}
-
-impl Linker for CopyLinker {
-    fn link<'a>(&'a self, node: &'a str) -> Pin<Box<dyn Future<Output = Result<Backing, EngineError>> + Send + 'a>> {
-        Box::pin(async move {
-            let remote = self.cluster.link(node, &self.export, &self.volume).await.map_err(EngineError::Unavailable)?;
-            Ok(Backing::Remote(remote))
-        })
-    }
-}
+use crate::io::{Backing, RemoteVolume, VolumeIo};
 
 impl Cluster {
     /// Opens the link from a target to the copy on `node`.
@@ -270,23 +254,23 @@ fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     out
 }
 
-/// Gives the copy on `node` every snapshot of the local copy of `spec` it lacks, oldest first,
-/// with the same UUIDs: each snapshot's content is copied onto the copy's head (only what
-/// differs from what the head is `known` to hold), then the copy takes the snapshot. A copy's
-/// snapshots the local copy does not have (deleted while it was away), or that come after one
-/// it lacks (layers stack only on top), are deleted on it first. Returns what the copy's head
-/// holds afterwards. The copy takes no live writes meanwhile.
+/// Gives the copy on `node` every snapshot of the `source` copy of `spec` it lacks, oldest
+/// first, with the same UUIDs: each snapshot's content is copied onto the copy's head (only
+/// what differs from what the head is `known` to hold), then the copy takes the snapshot. A
+/// copy's snapshots the source does not have (deleted while it was away), or that come after
+/// one it lacks (layers stack only on top), are deleted on it first. Returns what the copy's
+/// head holds afterwards. The copy takes no live writes meanwhile.
 async fn copy_layers(
     cluster: &Arc<Cluster>,
     spec: &VolumeSpec,
     node: &str,
-    engine: &Arc<crate::engine::Engine>,
+    source: &Source,
     copier: &Copier<'_>,
     mut known: Known,
 ) -> Result<(Known, usize), EngineError> {
     use thinbd_api::pb;
     let peer_err = |e: tonic::Status| EngineError::Unavailable(format!("{node}: {}", e.message()));
-    let chain = engine.snapshots_in_order(&spec.name)?;
+    let chain = source.layers(spec).await?;
     let position = |name: &str| chain.iter().position(|s| s.name == name);
     let ours: Vec<_> = chain.iter().filter(|s| !crate::engine::is_mark(&s.name)).collect();
     let mut peer = cluster.peer(node).map_err(|e| EngineError::Unavailable(e.to_string()))?;
@@ -305,7 +289,7 @@ async fn copy_layers(
         known = Known { layer: Some(last.name.clone()), ranges: Vec::new() };
     }
     for s in &ours[had..] {
-        let from = engine.open_snapshot(&spec.name, &s.name)?;
+        let from = source.open(spec, Some(&s.name)).await?;
         let ranges = match &known.layer {
             None => vec![(0, s.size)],
             Some(base) => {
@@ -314,9 +298,8 @@ async fn copy_layers(
                 } else {
                     (s.name.as_str(), base.as_str())
                 };
-                let key = |name: &str| format!("{}@{name}", spec.name);
-                let differ = engine.changed_ranges(Some(&key(older)), &key(newer))?.ranges;
-                let all = differ.into_iter().map(|(at, n)| (at, at + n)).chain(known.ranges.iter().copied());
+                let differ = source.changed(spec, older, Some(newer)).await?;
+                let all = differ.into_iter().chain(known.ranges.iter().copied());
                 merged(all.map(|(a, e)| (a, e.min(s.size))).filter(|(a, e)| a < e).collect())
             }
         };
@@ -327,7 +310,7 @@ async fn copy_layers(
             name: s.name.clone(),
             here: true,
             uuid: s.uuid.clone(),
-            barrier: false,
+            ..Default::default()
         };
         peer.create_snapshot(taken).await.map_err(peer_err)?;
         tracing::info!(volume = %spec.name, node, snapshot = %s.name, "a copy being rebuilt took a snapshot layer");
@@ -342,36 +325,48 @@ async fn their_snapshots(
     spec: &VolumeSpec,
     node: &str,
 ) -> Result<Vec<thinbd_api::pb::Snapshot>, EngineError> {
-    let listed = thinbd_api::pb::ListSnapshotsRequest { volume: spec.uuid.clone(), here: true };
+    let listed = thinbd_api::pb::ListSnapshotsRequest { volume: spec.uuid.clone(), here: true, layers: false };
     let theirs = peer.list_snapshots(listed).await;
     Ok(theirs.map_err(|e| EngineError::Unavailable(format!("{node}: {}", e.message())))?.into_inner().snapshots)
 }
 
-/// Whether the copy on `node` holds exactly the snapshots of the local copy of `spec`.
+/// Whether the copy on `node` holds exactly the snapshots of the `source` copy of `spec`.
 async fn same_snapshots(
     cluster: &Arc<Cluster>,
     spec: &VolumeSpec,
     node: &str,
-    engine: &Arc<crate::engine::Engine>,
+    source: &Source,
 ) -> Result<bool, EngineError> {
     let mut peer = cluster.peer(node).map_err(|e| EngineError::Unavailable(e.to_string()))?;
     let mut theirs: Vec<String> = their_snapshots(&mut peer, spec, node).await?.into_iter().map(|s| s.uuid).collect();
-    let mut ours: Vec<String> = engine.list_snapshots(Some(&spec.name)).iter().map(|s| s.uuid.clone()).collect();
+    let layers = source.layers(spec).await?;
+    let mut ours: Vec<String> =
+        layers.into_iter().filter(|l| !crate::engine::is_mark(&l.name)).map(|l| l.uuid).collect();
     theirs.sort();
     ours.sort();
     Ok(theirs == ours)
+}
+
+/// The in-sync copy a rebuild of `node`'s copy reads: one holding the mark where it left (for
+/// a delta), the local one first; else the local one; else any. Copies suspect of lacking
+/// unflushed writes come last.
+fn pick_source<'a>(set: &'a super::isr::InSync, departed: Option<&Departed>, here: &str) -> Option<&'a String> {
+    set.members.iter().min_by_key(|m| {
+        let marked = departed.is_some_and(|d| d.marked.contains(m));
+        (set.suspect.contains(m), !marked, *m != here)
+    })
 }
 
 /// Rebuilds the copy of `spec` on `node` beside live writes and adds it to the in-sync set.
 /// Needs a session of the volume on this node (its grant opens the links); `Ok(false)` when
 /// there is none, or the copy is already being rebuilt.
 ///
-/// With the local copy as source, the copy first gets the snapshot layers it lacks (oldest
-/// first, each only where it differs from what the copy holds). Then, under a short barrier,
-/// it starts taking every live write; each chunk that may differ is copied from an in-sync
-/// copy while writes to that chunk wait (the others go on), so every chunk ends as the in-sync
-/// copies have it. Under a second short barrier it is flushed and joins the set by
-/// compare-and-swap.
+/// The copy first gets the snapshot layers it lacks from the source (an in-sync copy, see
+/// [`pick_source`]; oldest first, each only where it differs from what the copy holds). Then,
+/// under a short barrier, it starts taking every live write; each chunk that may differ is
+/// copied from the source while writes to that chunk wait (the others go on), so every chunk
+/// ends as the in-sync copies have it. Under a second short barrier it is flushed and joins
+/// the set by compare-and-swap.
 pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> Result<bool, EngineError> {
     let shared = cluster.shared(&spec.uuid);
     let Some(linker) = shared.linker() else { return Ok(false) };
@@ -382,64 +377,57 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
         return Ok(true);
     }
     shared.adopt(&members)?;
-    // The local copy when it is in sync: no network hop for the reads, and its layers.
-    let source = members
-        .iter()
-        .find(|m| **m == cluster.node)
-        .or_else(|| members.first())
-        .ok_or_else(|| EngineError::Unavailable("no copy is in sync".into()))?;
-    let local = cluster.engine().filter(|_| *source == cluster.node);
-    if local.is_none() {
-        tracing::warn!(volume = %spec.name, node, %source, "no local in-sync copy: the rebuild copies the head, not the snapshot layers");
-    }
-    let epoch = cluster.target(&spec.uuid).await.map_err(cluster_err)?.map_or(0, |t| t.epoch);
-    // Where the copy left, when the mark is on the local source: only what changed since.
     let departed = set.departed.iter().find(|d| d.node == node).cloned();
-    let mut known = match (&departed, local) {
-        (Some(d), Some(engine)) if d.mark_node == cluster.node => {
-            let marked = engine.snapshot(&format!("{}@.{}", spec.name, d.mark)).is_ok();
-            let layer = Some(format!(".{}", d.mark)).filter(|_| marked);
-            Known { ranges: if marked { d.ranges.clone() } else { Vec::new() }, layer }
+    let source_node = pick_source(&set, departed.as_ref(), &cluster.node)
+        .ok_or_else(|| EngineError::Unavailable("no copy is in sync".into()))?
+        .clone();
+    let source = Source::on(cluster, &source_node, linker.clone())?;
+    let epoch = cluster.target(&spec.uuid).await.map_err(cluster_err)?.map_or(0, |t| t.epoch);
+    // Where the copy left, when the source holds the mark: only what changed since.
+    let mut known = match &departed {
+        Some(d) if d.marked.contains(&source_node) => {
+            let layer = format!(".{}", d.mark);
+            let marked = source.layers(spec).await?.iter().any(|l| l.name == layer);
+            Known { ranges: if marked { d.ranges.clone() } else { Vec::new() }, layer: Some(layer).filter(|_| marked) }
         }
         _ => Known::default(),
     };
-    // The local source read in place (not over a link to itself).
-    let from = match local {
-        Some(engine) => Backing::Local(engine.open_volume(&spec.name)?),
-        None => linker.link(source).await?,
-    };
+    let from = source.open(spec, None).await?;
     let to = linker.link(node).await?;
     let size = from.size();
     let verify = cluster.peer(node).map_err(cluster_err)?;
     let copier = Copier::new(&to, node, verify, &spec.uuid, cluster.rebuild_rate());
     let delta = known.layer.is_some();
-    let mut layers = 0;
-    if let Some(engine) = local {
-        (known, layers) = copy_layers(cluster, spec, node, engine, &copier, known).await?;
-    }
-    let head = match (&known.layer, local) {
-        (Some(_), Some(engine)) => Some(engine.open_volume(&spec.name)?),
-        _ => None,
-    };
+    let layers;
+    (known, layers) = copy_layers(cluster, spec, node, &source, &copier, known).await?;
     // How far an earlier rebuild of this copy got (flushed on the copy when recorded), under
     // this target or the one before (no writes this target's log lacks came in between).
     let before = set.rebuilding.iter().find(|r| r.node == node).map(|r| (r.done.min(size), r.epoch));
-    let resume = {
+    let (resume, since) = {
         let _held = shared.order.barrier().await?;
         if !shared.start_rebuild(node, size)? {
             return Ok(false);
         }
+        // What changed on the source's head since the layer the copy's head holds: looked up
+        // chunk by chunk in place, or listed once here (from now on the copy takes every
+        // write itself).
+        let since = match (&known.layer, &source) {
+            (None, _) => Since::Unknown,
+            (Some(_), Source::Local(engine)) => Since::Local(engine.open_volume(&spec.name)?),
+            (Some(layer), Source::Remote { .. }) => Since::Listed(source.changed(spec, layer, None).await?),
+        };
         // Below where it got, the copy lacks only what was written since it stopped taking
         // writes — unless it just got a layer (its head changed under that part too).
-        match before {
+        let resume = match before {
             Some((done, under)) if done > 0 && layers == 0 => {
                 shared.missed_since_stop(node, under, epoch)?.map(|missed| (done, merged(missed)))
             }
             _ => None,
-        }
+        };
+        (resume, since)
     };
     let resumed_from = resume.as_ref().map_or(0, |(done, _)| *done);
-    let plan = ToCopy { resume, head, known };
+    let plan = ToCopy { resume, since, known };
     let mut guard = Rebuilding { shared: &shared, node, joined: false };
     let stopped = || EngineError::Unavailable(format!("the rebuild of {node}'s copy stopped (a write failed on it)"));
     // What is recorded as done is durable on the copy: a later rebuild resumes there.
@@ -453,7 +441,7 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
     };
     checkpoint(resumed_from).await?;
     tracing::info!(
-        volume = %spec.name, from = %source, to = node, size, delta, layers, resumed_from,
+        volume = %spec.name, from = %source_node, to = node, size, delta, layers, resumed_from,
         "rebuilding a copy beside live writes"
     );
     // A window of chunks in flight (none straddling where a resumed rebuild had got), each
@@ -500,31 +488,35 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
         return Err(stopped());
     }
     // A snapshot taken while the layers were copied is not on the copy: the next try adds it.
-    if let Some(engine) = local
-        && !same_snapshots(cluster, spec, node, engine).await?
-    {
+    if !same_snapshots(cluster, spec, node, &source).await? {
         return Err(EngineError::Unavailable(format!("{node}'s copy lacks a snapshot taken during its rebuild")));
     }
     to.flush().await?;
     cluster.grow_in_sync(&spec.uuid, node, epoch).await.map_err(cluster_err)?.fenced(&spec.name, epoch)?;
     shared.joined(node)?;
     guard.joined = true;
-    if let (Some(d), Some(engine)) = (&departed, cluster.engine())
-        && d.mark_node == cluster.node
-        && let Err(e) = engine.delete_mark(&spec.name, &d.mark).await
-    {
-        tracing::warn!(volume = %spec.name, mark = %d.mark, error = %e, "cannot delete a rebuilt copy's mark");
+    if let Some(d) = &departed {
+        super::marks::delete(cluster, &spec.name, d).await;
     }
     tracing::info!(volume = %spec.name, node, copied = copier.copied(), delta, layers, resumed_from, "copy rebuilt and back in sync");
     Ok(true)
+}
+
+/// What changed on the source's head since the layer the copy's head is known to hold.
+enum Since {
+    /// No such layer: everything may differ.
+    Unknown,
+    /// The local copy's head, looked up chunk by chunk.
+    Local(crate::io::LocalVolume),
+    /// Listed by a remote source when the copy started taking live writes.
+    Listed(Vec<(u64, u64)>),
 }
 
 /// What the live phase of a rebuild copies.
 struct ToCopy {
     /// Where an earlier rebuild had got, and what the copy missed below it since.
     resume: Option<(u64, Vec<(u64, u64)>)>,
-    /// The local copy's head, to tell what changed since `known.layer`.
-    head: Option<crate::io::LocalVolume>,
+    since: Since,
     known: Known,
 }
 
@@ -533,10 +525,15 @@ impl ToCopy {
     /// rebuild had got, what it missed since; else what changed since the layer its head is
     /// known to hold; else everything.
     fn parts(&self, start: u64, end: u64) -> Result<Vec<(u64, u64)>, EngineError> {
-        Ok(match (&self.resume, &self.head, &self.known.layer) {
+        Ok(match (&self.resume, &self.since, &self.known.layer) {
             (Some((done, missed)), _, _) if start < *done => within(missed, start, end),
-            (_, Some(head), Some(layer)) => {
+            (_, Since::Local(head), Some(layer)) => {
                 changed_parts(head, layer, &self.known.ranges, start, (end - start) as u32)?
+            }
+            (_, Since::Listed(changed), Some(_)) => {
+                let mut parts = within(changed, start, end);
+                parts.extend(within(&self.known.ranges, start, end));
+                merged(parts)
             }
             _ => vec![(start, end)],
         })
@@ -609,49 +606,9 @@ fn changed_parts(
 /// as soon as it can be reached.
 pub fn after_departure(cluster: Arc<Cluster>, spec: VolumeSpec, node: String) {
     tokio::spawn(async move {
-        mark_departure(&cluster, &spec, &node).await;
+        super::marks::mark_departure(&cluster, &spec, &node).await;
         rebuild_soon(cluster, spec, node);
     });
-}
-
-/// Marks where `node`'s copy left the in-sync set of `spec`: under the write barrier, a
-/// hidden snapshot of this target's copy, and in etcd the ranges the copy may lack from before
-/// it (logged by the sessions since the last flush and until now). Its rebuild then copies only
-/// those and what changes from here on. Without a local in-sync copy, or with too many ranges,
-/// there is no mark and the rebuild copies everything.
-async fn mark_departure(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) {
-    if let Err(e) = try_mark_departure(cluster, spec, node).await {
-        tracing::warn!(volume = %spec.name, node, error = %e, "no mark where a copy left: its rebuild will copy everything");
-    }
-}
-
-async fn try_mark_departure(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> Result<(), EngineError> {
-    let cluster_err = |e: super::ClusterError| EngineError::Unavailable(e.to_string());
-    let shared = cluster.shared(&spec.uuid);
-    let _held = shared.order.barrier().await?;
-    let Some(ranges) = shared.take_departed(node)? else { return Ok(()) };
-    let Some(engine) = cluster.engine() else { return Ok(()) };
-    let set = cluster.in_sync(&spec.uuid).await.map_err(cluster_err)?.unwrap_or_default();
-    // An earlier mark (the copy never came back since) covers more: it stays. A copy already
-    // back, or being rebuilt, needs none.
-    let back = set.members.iter().any(|m| m == node) || set.rebuilding.iter().any(|r| r.node == node);
-    if back || set.departed.iter().any(|d| d.node == node) || !set.members.contains(&cluster.node) {
-        return Ok(());
-    }
-    let Some(ranges) = ranges else { return Ok(()) };
-    let epoch = cluster.target(&spec.uuid).await.map_err(cluster_err)?.map_or(0, |t| t.epoch);
-    let mark = format!("departed-{node}");
-    engine.delete_mark(&spec.name, &mark).await?;
-    engine.create_mark(&spec.name, &mark).await?;
-    let departed = super::isr::Departed { node: node.to_string(), mark_node: cluster.node.clone(), mark, ranges };
-    let logged = departed.ranges.len();
-    cluster
-        .note_departure(&spec.uuid, epoch, node, Some(departed))
-        .await
-        .map_err(cluster_err)?
-        .fenced(&spec.name, epoch)?;
-    tracing::info!(volume = %spec.name, node, ranges = logged, "marked where a copy left");
-    Ok(())
 }
 
 /// How long [`rebuild_soon`] keeps trying: a copy cut off by a partition comes back when the

@@ -27,6 +27,14 @@ pub trait InSyncSet: Send + Sync {
 /// Opens a link from this target to the copy on a node (the session's export and epoch).
 pub trait Linker: Send + Sync {
     fn link<'a>(&'a self, node: &'a str) -> Pin<Box<dyn Future<Output = Result<Backing, EngineError>> + Send + 'a>>;
+
+    /// A read-only link to a layer (snapshot or mark, by name) of the copy on `node`: the
+    /// source of a rebuild whose target holds no copy of its own.
+    fn link_layer<'a>(
+        &'a self,
+        node: &'a str,
+        layer: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Backing, EngineError>> + Send + 'a>>;
 }
 
 /// What every session of one replicated volume on its target node shares: the order of

@@ -1,7 +1,9 @@
 //! Volumes as NBD exports: the catalog that turns an export name into a volume's I/O stack,
 //! and the adapter from that stack to the protocol's `BlockDevice`.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -16,7 +18,7 @@ use crate::cluster::Cluster;
 use crate::cluster::volumes::VolumeSpec;
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::io::{Backing, LocalVolume, Member, Metered, Replicas, Throttled, VolumeIo};
+use crate::io::{Backing, Linker, LocalVolume, Member, Metered, Replicas, Throttled, VolumeIo};
 
 /// The I/O stack every export gets: metrics around QoS around the volume's copies (here, on
 /// the node holding it, or every in-sync replica).
@@ -123,11 +125,7 @@ async fn copies_for(
             }
         }
     }
-    let linker = Arc::new(crate::cluster::rebuild::CopyLinker {
-        cluster: cluster.clone(),
-        export: export.clone(),
-        volume: volume.to_string(),
-    });
+    let linker = Arc::new(CopyLinker { cluster: cluster.clone(), export: export.clone(), volume: volume.to_string() });
     // Rebuilds and scrubs run beside a single writer's session, with its links.
     let attached = orders_writes.then(|| shared.attach(linker.clone()));
     if copies.is_empty() {
@@ -322,6 +320,55 @@ impl Catalog {
         };
         Ok(Export { name: name.to_string(), description, device: Arc::new(NbdVolume(device)), fences })
     }
+
+    /// A layer of this node's copy (a snapshot or a mark), read-only, for the target whose
+    /// link `epoch` is not older than the highest this copy promised: the source of a rebuild.
+    fn open_layer(
+        &self,
+        name: &str,
+        grant: Arc<crate::grants::Grant>,
+        epoch: u64,
+        snapshot: &str,
+    ) -> Result<Export<NbdVolume<VolumeStack>>, OpenError> {
+        let volume = &grant.record.volume;
+        let at_epoch = block_on(self.engine.enter_epoch(volume, epoch)).map_err(engine_err)?;
+        let fences = vec![grant.revoked.clone(), at_epoch.cut.clone()];
+        let session = grant.enter().ok_or(OpenError::Unknown)?;
+        let h = self.engine.open_snapshot(volume, snapshot).map_err(engine_err)?.through_grant(session);
+        let h = h.at_epoch(at_epoch);
+        debug!(%volume, snapshot, epoch, "a layer opened for the volume's target");
+        let description = describe(&h, &format!("{volume}@{snapshot}"));
+        Ok(Export { name: name.to_string(), description, device: Arc::new(NbdVolume(stack(h))), fences })
+    }
+}
+
+/// Links to copies with one session's export name (its grant and epoch).
+pub struct CopyLinker {
+    pub cluster: Arc<Cluster>,
+    pub export: String,
+    pub volume: String,
+}
+
+impl Linker for CopyLinker {
+    fn link<'a>(&'a self, node: &'a str) -> Pin<Box<dyn Future<Output = Result<Backing, EngineError>> + Send + 'a>> {
+        Box::pin(async move {
+            let remote = self.cluster.link(node, &self.export, &self.volume).await.map_err(EngineError::Unavailable)?;
+            Ok(Backing::Remote(remote))
+        })
+    }
+
+    fn link_layer<'a>(
+        &'a self,
+        node: &'a str,
+        layer: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Backing, EngineError>> + Send + 'a>> {
+        Box::pin(async move {
+            let export = super::export_name::layer_of(&self.export, layer);
+            let name = format!("{}@{layer}", self.volume);
+            let remote = self.cluster.link(node, &export, &name).await.map_err(EngineError::Unavailable)?;
+            Ok(Backing::Remote(remote))
+        })
+    }
 }
 
 fn engine_err(e: EngineError) -> OpenError {
@@ -341,12 +388,13 @@ impl ExportCatalog for Catalog {
 
     fn open(&self, name: &str, peer: Option<SocketAddr>) -> Result<Export<Self::Device>, OpenError> {
         let parsed = ExportName::parse(name).ok_or(OpenError::Unknown)?;
-        if let ExportName::Grant { volume, token, epoch } = &parsed {
-            return match self.engine.grant_for(volume, token) {
-                Some(grant) => self.open_granted(name, grant, *epoch, peer),
+        if let ExportName::Grant { volume, token, epoch, snapshot } = &parsed {
+            return match (self.engine.grant_for(volume, token), snapshot, epoch) {
+                (Some(grant), Some(snapshot), Some(epoch)) => self.open_layer(name, grant, *epoch, snapshot),
+                (Some(grant), _, _) => self.open_granted(name, grant, *epoch, peer),
                 // A target's link is never forwarded further.
-                None if epoch.is_some() => Err(OpenError::Unknown),
-                None => self.open_remote(name, volume, token),
+                (None, _, Some(_)) => Err(OpenError::Unknown),
+                (None, _, None) => self.open_remote(name, volume, token),
             };
         }
         if !self.trusted(peer) {

@@ -1,7 +1,8 @@
 //! Export names, parsed once at the NBD edge: `VOLUME`, `VOLUME@SNAPSHOT` (read-only), a
 //! grant's `VOLUME#TOKEN`, or, on the link from a volume's target to the node holding it,
 //! `VOLUME#TOKEN;epoch=N`: the target's epoch, which the holder checks against the highest it
-//! promised.
+//! promised. A target reads a layer of a copy (a snapshot or a mark, read-only: the source of
+//! a rebuild) as `VOLUME@SNAPSHOT#TOKEN;epoch=N`.
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExportName {
@@ -16,6 +17,8 @@ pub enum ExportName {
         token: String,
         /// Set by a target forwarding to the holder.
         epoch: Option<u64>,
+        /// A layer of the holder's copy, read-only (only on a target's link).
+        snapshot: Option<String>,
     },
 }
 
@@ -26,20 +29,32 @@ pub fn with_epoch(grant_export: &str, epoch: u64) -> String {
     format!("{grant_export}{EPOCH_SUFFIX}{epoch}")
 }
 
+/// The export name of a layer of the holder's copy, from the target's link export name
+/// ([`with_epoch`]).
+pub fn layer_of(link_export: &str, snapshot: &str) -> String {
+    match link_export.split_once('#') {
+        Some((volume, rest)) => format!("{volume}@{snapshot}#{rest}"),
+        None => format!("{link_export}@{snapshot}"),
+    }
+}
+
 impl ExportName {
     /// `None` for names that cannot name anything (empty parts, both `@` and `#`).
     pub fn parse(name: &str) -> Option<ExportName> {
         let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
         if let Some((volume, token)) = name.split_once('#') {
-            if volume.contains('@') {
-                return None;
-            }
             let (token, epoch) = match token.split_once(EPOCH_SUFFIX) {
                 Some((token, epoch)) if !epoch.starts_with('+') => (token, Some(epoch.parse().ok()?)),
                 Some(_) => return None,
                 None => (token, None),
             };
-            return Some(ExportName::Grant { volume: nonempty(volume)?, token: nonempty(token)?, epoch });
+            let (volume, snapshot) = match volume.split_once('@') {
+                // Layers are read on a target's link only.
+                Some((volume, snapshot)) if epoch.is_some() => (volume, Some(nonempty(snapshot)?)),
+                Some(_) => return None,
+                None => (volume, None),
+            };
+            return Some(ExportName::Grant { volume: nonempty(volume)?, token: nonempty(token)?, epoch, snapshot });
         }
         match name.split_once('@') {
             Some((volume, snapshot)) => {
@@ -52,8 +67,10 @@ impl ExportName {
     /// What a log line may say: the volume or snapshot, never a token.
     pub fn loggable(&self) -> String {
         match self {
-            ExportName::Volume(v) | ExportName::Grant { volume: v, .. } => v.clone(),
-            ExportName::Snapshot { volume, snapshot } => format!("{volume}@{snapshot}"),
+            ExportName::Volume(v) | ExportName::Grant { volume: v, snapshot: None, .. } => v.clone(),
+            ExportName::Snapshot { volume, snapshot } | ExportName::Grant { volume, snapshot: Some(snapshot), .. } => {
+                format!("{volume}@{snapshot}")
+            }
         }
     }
 }
@@ -67,12 +84,35 @@ mod tests {
         assert_eq!(ExportName::parse("v"), Some(ExportName::Volume("v".into())));
         assert_eq!(ExportName::parse("v@s"), Some(ExportName::Snapshot { volume: "v".into(), snapshot: "s".into() }));
         let g = ExportName::parse("v#0123abcd").unwrap();
-        assert_eq!(g, ExportName::Grant { volume: "v".into(), token: "0123abcd".into(), epoch: None });
+        assert_eq!(g, ExportName::Grant { volume: "v".into(), token: "0123abcd".into(), epoch: None, snapshot: None });
         assert_eq!(g.loggable(), "v");
         let e = ExportName::parse(&with_epoch("v#0123abcd", 7)).unwrap();
-        assert_eq!(e, ExportName::Grant { volume: "v".into(), token: "0123abcd".into(), epoch: Some(7) });
+        let link = ExportName::Grant { volume: "v".into(), token: "0123abcd".into(), epoch: Some(7), snapshot: None };
+        assert_eq!(e, link);
         assert_eq!(e.loggable(), "v");
-        for bad in ["", "@s", "v@", "#t", "v#", "v@s#t", "v#t;epoch=", "v#t;epoch=x", "v#t;epoch=+1", "v#;epoch=1"] {
+        let layer = ExportName::parse(&layer_of(&with_epoch("v#0123abcd", 7), ".m")).unwrap();
+        let want = ExportName::Grant {
+            volume: "v".into(),
+            token: "0123abcd".into(),
+            epoch: Some(7),
+            snapshot: Some(".m".into()),
+        };
+        assert_eq!(layer, want);
+        assert_eq!(layer.loggable(), "v@.m");
+        for bad in [
+            "",
+            "@s",
+            "v@",
+            "#t",
+            "v#",
+            "v@s#t",
+            "v@#t;epoch=1",
+            "@s#t;epoch=1",
+            "v#t;epoch=",
+            "v#t;epoch=x",
+            "v#t;epoch=+1",
+            "v#;epoch=1",
+        ] {
             assert_eq!(ExportName::parse(bad), None, "{bad:?}");
         }
     }
