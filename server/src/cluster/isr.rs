@@ -270,14 +270,25 @@ impl Cluster {
         epoch: u64,
         change: impl Fn(&mut InSync) -> Result<bool, Shrunk>,
     ) -> Result<Shrunk, ClusterError> {
-        let key = keys::isr(uuid);
+        let (key, target_key) = (keys::isr(uuid), keys::target(uuid));
         let mut client = self.client.clone();
         loop {
-            let resp = client.get(key.clone(), None).await?;
-            let Some(kv) = resp.kvs().first() else { return Ok(Shrunk::Done) };
+            // The set and the volume's target, read at one revision: a target that another one
+            // took over from is fenced here even before the newer one changed the set.
+            let read = Txn::new().and_then([TxnOp::get(key.clone(), None), TxnOp::get(target_key.clone(), None)]);
+            let read = client.txn(read).await?.op_responses();
+            let got = |i: usize| match read.get(i) {
+                Some(etcd_client::TxnOpResponse::Get(g)) => g.kvs().first().cloned(),
+                _ => None,
+            };
+            let Some(kv) = got(0) else { return Ok(Shrunk::Done) };
             let mut set: InSync = decode(kv.key(), kv.value())?;
-            if set.epoch > epoch {
-                return Ok(Shrunk::Stale { newer: set.epoch });
+            let (target, target_revision) = match got(1) {
+                Some(t) => (decode::<super::targets::Target>(t.key(), t.value())?.epoch, t.mod_revision()),
+                None => (0, 0),
+            };
+            if set.epoch.max(target) > epoch {
+                return Ok(Shrunk::Stale { newer: set.epoch.max(target) });
             }
             match change(&mut set) {
                 Ok(true) => {}
@@ -285,8 +296,12 @@ impl Cluster {
                 Err(refused) => return Ok(refused),
             }
             set.epoch = epoch;
+            let target_unchanged = match target_revision {
+                0 => Compare::create_revision(target_key.clone(), CompareOp::Equal, 0),
+                r => Compare::mod_revision(target_key.clone(), CompareOp::Equal, r),
+            };
             let txn = Txn::new()
-                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())])
+                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()), target_unchanged])
                 .and_then([TxnOp::put(key.clone(), encode(&key, &set)?, None)]);
             if client.txn(txn).await?.succeeded() {
                 return Ok(Shrunk::Done);

@@ -495,10 +495,10 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
     cluster.grow_in_sync(&spec.uuid, node, epoch).await.map_err(cluster_err)?.fenced(&spec.name, epoch)?;
     shared.joined(node)?;
     guard.joined = true;
+    tracing::info!(volume = %spec.name, node, copied = copier.copied(), delta, layers, resumed_from, "copy rebuilt and back in sync");
     if let Some(d) = &departed {
         super::marks::delete(cluster, &spec.name, d).await;
     }
-    tracing::info!(volume = %spec.name, node, copied = copier.copied(), delta, layers, resumed_from, "copy rebuilt and back in sync");
     Ok(true)
 }
 
@@ -616,7 +616,7 @@ pub fn after_departure(cluster: Arc<Cluster>, spec: VolumeSpec, node: String) {
 const REBUILD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// [`rebuild`] in the background, tried again (backing off to 30 s) until it is done, the
-/// volume has no single-writer session here any more, a newer target took the volume, or
+/// volume has no writer's session here any more, a newer target took the volume, or
 /// [`REBUILD_PATIENCE`] ran out: a node registers before its NBD listener is up, a copy that
 /// just left the set is unreachable until its node is back, and a snapshot stops a rebuild in
 /// progress.

@@ -156,7 +156,7 @@ async fn members_here_first(cluster: &Arc<Cluster>, uuid: &str) -> Result<Vec<St
 /// session grant), the volume and each of its snapshots. With `repair`, rewrites the volume's
 /// differing pieces on each copy from the first one (the local copy when it is in sync); a
 /// snapshot that differs is reported (its layers are not rewritten: rebuild that copy).
-/// `None` when the volume has no single-writer session on this node.
+/// `None` when the volume has no writer's session on this node (its target).
 pub async fn scrub(cluster: &Arc<Cluster>, spec: &VolumeSpec, repair: bool) -> Result<Option<Scrubbed>, EngineError> {
     let shared = cluster.shared(&spec.uuid);
     let Some(linker) = shared.linker() else { return Ok(None) };

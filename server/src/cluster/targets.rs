@@ -16,6 +16,15 @@ pub struct Target {
     pub epoch: u64,
 }
 
+/// Where a writer's sessions are served: see [`Cluster::join_target`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Joined {
+    /// This node is the target, at this epoch.
+    Here(u64),
+    /// Another node is.
+    At(String),
+}
+
 impl Cluster {
     /// Makes this node the target of volume `uuid` and returns its epoch. The epoch belongs to
     /// this process's tenure: more connections (multi-conn, a reconnect) while this node still
@@ -48,6 +57,22 @@ impl Cluster {
                 return Ok(next.epoch);
             }
             // Another node took it in between: read again and bump past it.
+        }
+    }
+
+    /// For one more writer of a volume that several may write (multi-writer grants of a
+    /// replicated volume): the live target's node when another node up holds the role (its
+    /// sessions go there, so that one node orders every write), else this node takes it (see
+    /// [`Self::take_target`]; two nodes taking it at once end with the newer epoch, and the
+    /// copies refuse the older one's links).
+    pub async fn join_target(&self, uuid: &str) -> Result<Joined, ClusterError> {
+        let held = self.targets.lock().map_err(|_| ClusterError::Poisoned)?.get(uuid).copied();
+        match self.target(uuid).await? {
+            Some(t) if t.node == self.node && Some(t.epoch) == held => Ok(Joined::Here(t.epoch)),
+            Some(t) if t.node != self.node && self.directory.get(&t.node).is_some_and(|n| n.up) => {
+                Ok(Joined::At(t.node))
+            }
+            _ => Ok(Joined::Here(self.take_target(uuid).await?)),
         }
     }
 

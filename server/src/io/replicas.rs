@@ -50,7 +50,7 @@ pub struct Shared {
     generation: AtomicU64,
     /// A copy joined the in-sync set (suspended writes look again).
     grown: Notify,
-    /// The linker of the latest single-writer session, and how many are open.
+    /// The linker of the latest writer's session on the target, and how many are open.
     linker: Mutex<Option<(Arc<dyn Linker>, usize)>>,
     log: Mutex<WriteLog>,
     /// Where writes may be in flight, as recorded for the next target.
@@ -393,13 +393,13 @@ impl Shared {
         Ok(self.log.lock().map_err(|_| poisoned())?.departed.remove(node))
     }
 
-    /// How sessions link to copies (the latest single-writer session's grant and epoch);
+    /// How sessions link to copies (the latest writer's session's grant and epoch);
     /// `None` once no such session is open here: rebuilds and scrubs run only beside one.
     pub fn linker(&self) -> Option<Arc<dyn Linker>> {
         self.linker.lock().ok()?.as_ref().map(|(l, _)| l.clone())
     }
 
-    /// A single writer's session opens with `linker`: held until the guard drops.
+    /// A writer's session on the target opens with `linker`: held until the guard drops.
     pub fn attach(self: &Arc<Self>, linker: Arc<dyn Linker>) -> Attached {
         if let Ok(mut l) = self.linker.lock() {
             let sessions = l.as_ref().map_or(0, |(_, n)| *n);
@@ -409,7 +409,7 @@ impl Shared {
     }
 }
 
-/// A single writer's session on the volume's target; the last one to close takes the linker
+/// A writer's session on the volume's target; the last one to close takes the linker
 /// with it.
 pub struct Attached(Arc<Shared>);
 
@@ -452,7 +452,7 @@ pub struct InSyncCopies {
     /// The `Shared::generation` this session's links reflect.
     seen: AtomicU64,
     linker: Arc<dyn Linker>,
-    /// A single writer's session: counted while it lasts.
+    /// A writer's session on the target: counted while it lasts.
     _attached: Option<Attached>,
 }
 

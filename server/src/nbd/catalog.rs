@@ -15,6 +15,7 @@ use tracing::debug;
 
 use super::export_name::ExportName;
 use crate::cluster::Cluster;
+use crate::cluster::targets::Joined;
 use crate::cluster::volumes::VolumeSpec;
 use crate::engine::Engine;
 use crate::error::EngineError;
@@ -60,9 +61,9 @@ async fn copies_for(
     let platform = |e: &dyn std::fmt::Display| OpenError::Platform(e.to_string());
     // Links always carry an epoch, so that a copy never takes them for a consumer's attachment
     // (and serves them as a target in turn). Epoch 0 is below every target's: only sessions
-    // that are not fenced by epochs (read-only, multi-writer) use it.
+    // that no target orders (read-only, several writers of a volume of one copy) use it.
     let export = super::export_name::with_epoch(export, epoch.unwrap_or(0));
-    // Only a single writer's target orders every write to the volume: rebuilds run there.
+    // Only a writers' target orders every write to the volume: rebuilds run there.
     let orders_writes = epoch.is_some();
     if !spec.replicated() {
         if let Some(l) = local {
@@ -126,7 +127,7 @@ async fn copies_for(
         }
     }
     let linker = Arc::new(CopyLinker { cluster: cluster.clone(), export: export.clone(), volume: volume.to_string() });
-    // Rebuilds and scrubs run beside a single writer's session, with its links.
+    // Rebuilds and scrubs run beside a writer's session on the target, with its links.
     let attached = orders_writes.then(|| shared.attach(linker.clone()));
     if copies.is_empty() {
         return Err(OpenError::Platform(format!("volume {volume}: no copy in sync is reachable")));
@@ -145,6 +146,42 @@ async fn copies_for(
         }
     }
     Ok((replicas, Vec::new()))
+}
+
+/// Where a consumer's session attached here is served, in a cluster: a single writer makes
+/// this node the volume's target (the newest attachment takes over); a writer of a replicated
+/// volume that several may write joins the live target (its sessions are forwarded there, so
+/// that one node orders every writer's writes) or takes it. `None`: no target orders the
+/// session (read-only, or several writers of a volume of one copy, ordered by its holder).
+async fn writer_target(
+    cluster: &Cluster,
+    uuid: &str,
+    replicated: bool,
+    single_writer: bool,
+    read_only: bool,
+) -> Result<Option<Joined>, OpenError> {
+    let platform = |e: crate::cluster::ClusterError| OpenError::Platform(e.to_string());
+    Ok(match (read_only, single_writer, replicated) {
+        (true, _, _) | (false, false, false) => None,
+        (false, true, _) => Some(Joined::Here(cluster.take_target(uuid).await.map_err(platform)?)),
+        (false, false, true) => Some(cluster.join_target(uuid).await.map_err(platform)?),
+    })
+}
+
+/// A writer's session forwarded to the volume's target on `node`, as the consumer's own
+/// attachment there (its export name, no epoch): the target orders its writes with its
+/// other writers'. A lost link ends the session; the client reconnects and finds the target
+/// again.
+async fn forward(
+    cluster: &Cluster,
+    name: &str,
+    volume: &str,
+    node: &str,
+) -> Result<(Replicas, Vec<tokio_util::sync::CancellationToken>), OpenError> {
+    let remote = cluster.link(node, name, volume).await.map_err(OpenError::Platform)?;
+    tracing::info!(volume, target = node, "a writer's session goes to the volume's target");
+    let fences = vec![remote.lost()];
+    Ok((Replicas::single(node, Backing::Remote(remote)), fences))
 }
 
 /// The NBD face of a volume's I/O stack.
@@ -246,9 +283,14 @@ impl Catalog {
             }
             let grant = cluster.grant_by_token(&spec.uuid, token).await.map_err(|e| platform(&e))?;
             let grant = grant.ok_or(OpenError::Unknown)?;
-            let epoch = match grant.single_writer && !grant.read_only {
-                true => Some(cluster.take_target(&spec.uuid).await.map_err(|e| platform(&e))?),
-                false => None,
+            let (single, read_only) = (grant.single_writer, grant.read_only);
+            let epoch = match writer_target(&cluster, &spec.uuid, spec.replicated(), single, read_only).await? {
+                Some(Joined::At(node)) => {
+                    let (replicas, fences) = forward(&cluster, name, volume, &node).await?;
+                    return Ok((replicas, fences, None));
+                }
+                Some(Joined::Here(epoch)) => Some(epoch),
+                None => None,
             };
             let (replicas, fences) = copies_for(&cluster, &spec, name, volume, epoch, None).await?;
             Ok((replicas, fences, epoch))
@@ -264,11 +306,12 @@ impl Catalog {
         })
     }
 
-    /// A session through a grant of a volume held here. The one writer of a single-writer
-    /// volume is fenced by target epochs: the epoch its target sent, or, in a cluster, the one
-    /// this node takes when the consumer is attached here (then, for a replicated volume, this
-    /// node is the target and writes to every in-sync copy). Read-only and multi-writer
-    /// attachments are fenced by their grants alone.
+    /// A session through a grant of a volume held here. A volume's writers are fenced by target
+    /// epochs: the epoch its target sent, or, in a cluster, the one this node takes or joins when
+    /// the consumer is attached here (see [`writer_target`]; then, for a replicated volume, this
+    /// node is the target and writes to every in-sync copy, or forwards the session to the
+    /// target). Read-only attachments, and the writers of a volume of one copy in a cluster,
+    /// are fenced by their grants alone.
     fn open_granted(
         &self,
         name: &str,
@@ -285,12 +328,24 @@ impl Catalog {
             }
             _ => None,
         };
-        let epoch = match (link_epoch, r.single_writer && !r.read_only, &serving) {
-            (_, false, _) | (None, true, None) => None,
-            (Some(e), true, _) => Some(e),
-            (None, true, Some((cluster, _))) => {
-                Some(block_on(cluster.take_target(&uuid)).map_err(|e| OpenError::Platform(e.to_string()))?)
+        let epoch = match (link_epoch, &serving) {
+            // A target's link: a writer's target sends its epoch (0: no target orders the
+            // session's writes).
+            (Some(e), _) => (e > 0 && !r.read_only).then_some(e),
+            (None, Some((cluster, spec))) => {
+                let replicated = spec.as_ref().is_some_and(VolumeSpec::replicated);
+                match block_on(writer_target(cluster, &uuid, replicated, r.single_writer, r.read_only))? {
+                    Some(Joined::At(node)) => {
+                        let (replicas, fences) = block_on(forward(cluster, name, &r.volume, &node))?;
+                        let description = format!("thinbd volume {} (through its target on {node})", r.volume);
+                        let device = Arc::new(NbdVolume(target_stack(replicas, None)));
+                        return Ok(Export { name: name.to_string(), description, device, fences });
+                    }
+                    Some(Joined::Here(epoch)) => Some(epoch),
+                    None => None,
+                }
             }
+            (None, _) => None,
         };
         let at_epoch = match epoch {
             Some(e) => Some(block_on(self.engine.enter_epoch(&r.volume, e)).map_err(engine_err)?),
