@@ -168,6 +168,38 @@ fn metrics_report_ops_bytes_latency_and_pool() {
     }
 }
 
+/// `--stage-latency`: every request's time, stage by stage, on the metrics page (and nothing
+/// of it without the flag). The ring stages appear with the io_uring engine only.
+#[test]
+fn stage_latency_shows_where_requests_spend_their_time() {
+    let rt = runtime();
+    let plain = Server::start_with(&["--capacity", "1GiB"]);
+    assert!(!plain.metrics().contains("thinbd_stage_seconds"), "stages timed without --stage-latency");
+    let s = Server::start_with(&["--capacity", "1GiB", "--stage-latency"]);
+    s.create_volume("st", "16MiB");
+    rt.block_on(async {
+        let c = connect(&s, "st").await;
+        for i in 0..8u64 {
+            c.write(i * 65536, &[3u8; 65536], 0).await.unwrap();
+            c.read(i * 65536, 4096).await.unwrap();
+        }
+    });
+    let m = s.metrics();
+    let count = |stage: &str| -> u64 {
+        let needle = format!("thinbd_stage_seconds_count{{stage=\"{stage}\"}} ");
+        let line = m.lines().find(|l| l.starts_with(&needle)).unwrap_or_else(|| panic!("no {stage} in\n{m}"));
+        line[needle.len()..].parse().unwrap()
+    };
+    for stage in ["admit", "schedule", "execute", "reply"] {
+        assert!(count(stage) >= 16, "{stage}: {}", count(stage));
+    }
+    if m.contains("io_engine=\"uring\"") || s.log_text().contains("io_engine=Uring") {
+        for stage in ["ring_queue", "ring_disk", "ring_wake"] {
+            assert!(count(stage) >= 16, "{stage}: {}", count(stage));
+        }
+    }
+}
+
 #[test]
 fn volumes_and_snapshots_have_stable_unique_uuids() {
     let mut s = thinbd_tests::Server::start();

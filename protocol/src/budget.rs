@@ -53,6 +53,8 @@ pub struct SessionShared {
     pub budget_waits: AtomicU64,
     /// Sessions ended because the client took no reply data for the write timeout.
     pub write_timeouts: AtomicU64,
+    /// Where requests' time goes, when the server asks.
+    pub stages: Option<Arc<dyn crate::stages::StageClock>>,
 }
 
 impl SessionShared {
@@ -61,6 +63,17 @@ impl SessionShared {
             budget: ByteBudget::new(budget_bytes),
             budget_waits: AtomicU64::new(0),
             write_timeouts: AtomicU64::new(0),
+            stages: None,
+        })
+    }
+
+    /// The same, timing each request's stages with `clock`.
+    pub fn with_stages(budget_bytes: u64, clock: Arc<dyn crate::stages::StageClock>) -> Arc<Self> {
+        Arc::new(SessionShared {
+            budget: ByteBudget::new(budget_bytes),
+            budget_waits: AtomicU64::new(0),
+            write_timeouts: AtomicU64::new(0),
+            stages: Some(clock),
         })
     }
 

@@ -13,6 +13,7 @@ pub mod io;
 #[cfg(feature = "testing")]
 pub mod mem_device;
 pub mod session;
+pub mod stages;
 pub mod tls;
 pub mod wire;
 

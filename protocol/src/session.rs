@@ -3,7 +3,7 @@
 //! one writer task.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -17,6 +17,7 @@ use crate::consts::*;
 use crate::device::{BlockDevice, DeviceError, Extent, ReadChunk};
 use crate::handshake::Negotiated;
 use crate::io::StallTimeout;
+use crate::stages::{SessionStage, StageClock};
 use crate::wire::{REQUEST_HEADER_LEN, Request, simple_reply_header, structured_header};
 
 #[derive(Debug, Clone, Copy)]
@@ -111,7 +112,9 @@ pub async fn serve<D: BlockDevice>(
     let info = dev.info();
     let (rd, wr) = tokio::io::split(neg.io);
     let mut rd = BufReader::with_capacity(256 * 1024, rd);
-    let (tx, rx) = mpsc::channel::<(Reply, Option<Charge>)>(limits.max_in_flight.max(1) * 2);
+    let (tx, rx) = mpsc::channel::<Queued>(limits.max_in_flight.max(1) * 2);
+    let stages = shared.stages.clone();
+    let clock = || stages.as_ref().map(|_| Instant::now());
     let writer_stop = CancellationToken::new();
     let writer = tokio::spawn(write_replies(
         StallTimeout::new(wr, limits.write_timeout),
@@ -139,6 +142,7 @@ pub async fn serve<D: BlockDevice>(
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
             Err(e) => break Err(e.into()),
         }
+        let received = clock();
         let Some(req) = Request::parse(&hdr) else {
             break Err(ProtocolError::BadMagic(u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) as u64));
         };
@@ -200,7 +204,7 @@ pub async fn serve<D: BlockDevice>(
         // The size is read per request: a device may grow while the session is open.
         if let Err(errno) = check(&req, dev.info().size, info.read_only, structured, !contexts.is_empty(), limits) {
             let reply = error_reply(&req, structured, errno, "request rejected".into());
-            if tx.send((reply, None)).await.is_err() {
+            if tx.send((reply, None, None)).await.is_err() {
                 break Ok(());
             }
             continue;
@@ -220,17 +224,24 @@ pub async fn serve<D: BlockDevice>(
         let tx = tx.clone();
         let fence = fence.clone();
         let contexts = contexts.clone();
+        let stages = stages.clone();
+        let spawned = clock();
+        observe(&stages, SessionStage::Admit, received, spawned);
         tasks.spawn(async move {
             // Spawned before a fence but not yet running: it must not start after it.
             if fence.is_cancelled() {
                 return;
             }
+            let running = stages.as_ref().map(|_| Instant::now());
+            observe(&stages, SessionStage::Schedule, spawned, running);
             let is_read = req.command == CMD_READ;
             let reply = execute(&*dev, req, payload, structured, &contexts).await;
+            let executed = stages.as_ref().map(|_| Instant::now());
+            observe(&stages, SessionStage::Execute, running, executed);
             drop(permit);
             // A read keeps its budget until the reply is written; a write is done with it.
             let charge = if is_read { charge } else { None };
-            let _ = tx.send((reply, charge)).await;
+            let _ = tx.send((reply, charge, executed)).await;
         });
     };
     if fence.is_cancelled() {
@@ -367,20 +378,38 @@ fn materialize(chunks: &[ReadChunk]) -> Vec<u8> {
     out
 }
 
+/// A reply for the writer, with the read budget it releases once written and, when stages are
+/// timed, when the device finished it.
+type Queued = (Reply, Option<Charge>, Option<Instant>);
+
+/// The time from `from` to `to` as `stage`, when both were taken (stages are timed).
+fn observe(stages: &Option<Arc<dyn StageClock>>, stage: SessionStage, from: Option<Instant>, to: Option<Instant>) {
+    if let (Some(s), Some(from), Some(to)) = (stages, from, to) {
+        s.observe(stage, to.saturating_duration_since(from));
+    }
+}
+
 async fn write_replies<W: AsyncWriteExt + Unpin>(
     wr: W,
-    mut rx: mpsc::Receiver<(Reply, Option<Charge>)>,
+    mut rx: mpsc::Receiver<Queued>,
     stop: CancellationToken,
     fence: CancellationToken,
     shared: Arc<SessionShared>,
 ) -> Result<(), ProtocolError> {
     let mut w = BufWriter::with_capacity(256 * 1024, wr);
+    // Replies encoded since the last write to the socket, when stages are timed.
+    let mut unsent: Vec<Instant> = Vec::new();
     let r = async {
-        while let Some((reply, charge)) = rx.recv().await {
+        while let Some((reply, charge, executed)) = rx.recv().await {
             encode(&mut w, reply).await?;
+            unsent.extend(executed);
             // Batch replies that are already waiting into one write.
             if rx.is_empty() {
                 w.flush().await?;
+                let written = Some(Instant::now()).filter(|_| !unsent.is_empty());
+                for executed in unsent.drain(..) {
+                    observe(&shared.stages, SessionStage::Reply, Some(executed), written);
+                }
             }
             drop(charge);
         }

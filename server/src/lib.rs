@@ -25,3 +25,4 @@ pub mod nbd;
 pub mod qos;
 pub mod size;
 pub mod space;
+pub mod stages;

@@ -44,7 +44,12 @@ pub struct ListenerStats {
 }
 
 impl ListenerStats {
-    pub fn new(limits: &NbdLimits) -> Arc<Self> {
+    /// `stages`: time each request's session stages (`serve --stage-latency`).
+    pub fn new(limits: &NbdLimits, stages: Option<Arc<crate::stages::Stages>>) -> Arc<Self> {
+        let shared = match stages {
+            Some(s) => SessionShared::with_stages(limits.server_bytes, s),
+            None => SessionShared::new(limits.server_bytes),
+        };
         Arc::new(ListenerStats {
             connections: AtomicUsize::new(0),
             handshakes: AtomicUsize::new(0),
@@ -52,7 +57,7 @@ impl ListenerStats {
             evicted_handshakes: AtomicU64::new(0),
             evicted_per_source: AtomicU64::new(0),
             handshake_timeouts: AtomicU64::new(0),
-            shared: SessionShared::new(limits.server_bytes),
+            shared,
             pending: Mutex::new(Pending::default()),
         })
     }

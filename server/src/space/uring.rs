@@ -12,6 +12,8 @@ use std::sync::mpsc;
 use bytes::Bytes;
 use io_uring::{IoUring, opcode, types};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 use thinbd_protocol::aligned::AlignedBuf;
 use tokio::sync::oneshot;
 
@@ -20,20 +22,46 @@ use crate::space::backend::{BlockStore, FileStore, IoEngine, IoFuture};
 const RING_ENTRIES: u32 = 256;
 const WAKE: u64 = u64::MAX;
 
-enum Op {
-    Read { offset: u64, len: usize, done: oneshot::Sender<io::Result<Bytes>> },
-    Write { offset: u64, data: Bytes, done: oneshot::Sender<io::Result<()>> },
+/// A request's result, and when its completion was reaped (with `--stage-latency`).
+type Done<T> = oneshot::Sender<(io::Result<T>, Option<Instant>)>;
+
+/// A request for the ring thread, and when it was handed over (with `--stage-latency`).
+struct Op {
+    kind: OpKind,
+    sent: Option<Instant>,
+}
+
+enum OpKind {
+    Read { offset: u64, len: usize, done: Done<Bytes> },
+    Write { offset: u64, data: Bytes, done: Done<()> },
 }
 
 /// A request on the ring. Its buffer lives here until the kernel has completed it.
 enum InFlight {
-    Read { offset: u64, buf: AlignedBuf, filled: usize, done: oneshot::Sender<io::Result<Bytes>> },
-    Write { offset: u64, data: Bytes, written: usize, done: oneshot::Sender<io::Result<()>> },
+    Read { offset: u64, buf: AlignedBuf, filled: usize, done: Done<Bytes>, on_ring: Option<Instant> },
+    Write { offset: u64, data: Bytes, written: usize, done: Done<()>, on_ring: Option<Instant> },
+}
+
+/// Now, when stages are timed.
+fn clock() -> Option<Instant> {
+    crate::stages::enabled().map(|_| Instant::now())
+}
+
+/// The time from `from` to now as `stage`, when stages are timed.
+fn observe(stage: crate::stages::RingStage, from: Option<Instant>) -> Option<Instant> {
+    let (s, from) = (crate::stages::enabled()?, from?);
+    let now = Instant::now();
+    s.ring(stage, now.saturating_duration_since(from));
+    Some(now)
 }
 
 pub struct UringStore {
     tx: Option<mpsc::Sender<Op>>,
     wake: Arc<EventFd>,
+    /// Set when the eventfd was written and the ring thread has not yet looked at the channel:
+    /// requests queued meanwhile need no write of their own (one syscall per batch, not per
+    /// request).
+    woken: Arc<AtomicBool>,
     /// The same file for the synchronous calls (the superblock at start, fdatasync).
     file: FileStore,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -48,34 +76,42 @@ impl UringStore {
             let wake = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).map_err(io::Error::from)?);
             let ring_file = file.try_clone_file()?;
             let (tx, rx) = mpsc::channel();
-            let w = wake.clone();
-            let thread =
-                std::thread::Builder::new().name("thinbd-uring".into()).spawn(move || run(ring, rx, &ring_file, &w))?;
-            Ok::<_, io::Error>((tx, wake, thread))
+            let (w, woken) = (wake.clone(), Arc::new(AtomicBool::new(false)));
+            let wk = woken.clone();
+            let thread = std::thread::Builder::new()
+                .name("thinbd-uring".into())
+                .spawn(move || run(ring, rx, &ring_file, &w, &wk))?;
+            Ok::<_, io::Error>((tx, wake, woken, thread))
         })();
         match started {
-            Ok((tx, wake, thread)) => Ok(UringStore { tx: Some(tx), wake, file, thread: Some(thread) }),
+            Ok((tx, wake, woken, thread)) => Ok(UringStore { tx: Some(tx), wake, woken, file, thread: Some(thread) }),
             Err(e) => Err((file, e)),
         }
     }
 
-    fn send(&self, op: Op) -> io::Result<()> {
+    fn send(&self, kind: OpKind) -> io::Result<()> {
         let tx = self.tx.as_ref().ok_or_else(|| io::Error::other("ring stopped"))?;
-        tx.send(op).map_err(|_| io::Error::other("ring thread is gone"))?;
-        self.wake.write(1).map_err(io::Error::from)?;
+        tx.send(Op { kind, sent: clock() }).map_err(|_| io::Error::other("ring thread is gone"))?;
+        if !self.woken.swap(true, Ordering::AcqRel) {
+            self.wake.write(1).map_err(io::Error::from)?;
+        }
         Ok(())
     }
 
     async fn submit_read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
         let (done, rx) = oneshot::channel();
-        self.send(Op::Read { offset, len, done })?;
-        rx.await.map_err(|_| io::Error::other("ring thread dropped a read"))?
+        self.send(OpKind::Read { offset, len, done })?;
+        let (r, reaped) = rx.await.map_err(|_| io::Error::other("ring thread dropped a read"))?;
+        observe(crate::stages::RingStage::Wake, reaped);
+        r
     }
 
     async fn submit_write(&self, offset: u64, data: Bytes) -> io::Result<()> {
         let (done, rx) = oneshot::channel();
-        self.send(Op::Write { offset, data, done })?;
-        rx.await.map_err(|_| io::Error::other("ring thread dropped a write"))?
+        self.send(OpKind::Write { offset, data, done })?;
+        let (r, reaped) = rx.await.map_err(|_| io::Error::other("ring thread dropped a write"))?;
+        observe(crate::stages::RingStage::Wake, reaped);
+        r
     }
 }
 
@@ -116,7 +152,7 @@ impl Drop for UringStore {
     }
 }
 
-fn run(mut ring: IoUring, rx: mpsc::Receiver<Op>, file: &File, wake: &EventFd) {
+fn run(mut ring: IoUring, rx: mpsc::Receiver<Op>, file: &File, wake: &EventFd, woken: &AtomicBool) {
     let fd = types::Fd(file.as_raw_fd());
     let wake_fd = types::Fd(wake.as_fd().as_raw_fd());
     let mut wake_buf = [0u8; 8];
@@ -144,11 +180,12 @@ fn run(mut ring: IoUring, rx: mpsc::Receiver<Op>, file: &File, wake: &EventFd) {
                 slots.push(None);
                 slots.len() - 1
             });
-            let f = match op {
-                Op::Read { offset, len, done } => {
-                    InFlight::Read { offset, buf: AlignedBuf::zeroed(len), filled: 0, done }
+            let on_ring = observe(crate::stages::RingStage::Queue, op.sent);
+            let f = match op.kind {
+                OpKind::Read { offset, len, done } => {
+                    InFlight::Read { offset, buf: AlignedBuf::zeroed(len), filled: 0, done, on_ring }
                 }
-                Op::Write { offset, data, done } => InFlight::Write { offset, data, written: 0, done },
+                OpKind::Write { offset, data, done } => InFlight::Write { offset, data, written: 0, done, on_ring },
             };
             slots[slot] = Some(f);
             submit(&mut ring, fd, slot, slots[slot].as_mut());
@@ -170,6 +207,9 @@ fn run(mut ring: IoUring, rx: mpsc::Receiver<Op>, file: &File, wake: &EventFd) {
         for (ud, res) in done {
             if ud == WAKE {
                 arm_wake = true;
+                // From here a new request writes the eventfd again; those already queued are
+                // taken below.
+                woken.swap(false, Ordering::AcqRel);
                 loop {
                     match rx.try_recv() {
                         Ok(op) => queued.push_back(op),
@@ -207,8 +247,14 @@ fn run(mut ring: IoUring, rx: mpsc::Receiver<Op>, file: &File, wake: &EventFd) {
                 };
                 if finished {
                     match f {
-                        InFlight::Read { buf, done, .. } => drop(done.send(Ok(buf.freeze()))),
-                        InFlight::Write { done, .. } => drop(done.send(Ok(()))),
+                        InFlight::Read { buf, done, on_ring, .. } => {
+                            let reaped = observe(crate::stages::RingStage::Disk, on_ring);
+                            drop(done.send((Ok(buf.freeze()), reaped)))
+                        }
+                        InFlight::Write { done, on_ring, .. } => {
+                            let reaped = observe(crate::stages::RingStage::Disk, on_ring);
+                            drop(done.send((Ok(()), reaped)))
+                        }
                     }
                 } else {
                     // Short transfer: resubmit the rest.
@@ -225,8 +271,8 @@ fn run(mut ring: IoUring, rx: mpsc::Receiver<Op>, file: &File, wake: &EventFd) {
 
 fn fail(f: InFlight, e: io::Error) {
     match f {
-        InFlight::Read { done, .. } => drop(done.send(Err(e))),
-        InFlight::Write { done, .. } => drop(done.send(Err(e))),
+        InFlight::Read { done, .. } => drop(done.send((Err(e), None))),
+        InFlight::Write { done, .. } => drop(done.send((Err(e), None))),
     }
 }
 
