@@ -1,45 +1,45 @@
-//! The io_uring data path: one ring thread per pool submits reads, writes and fsyncs in batches
-//! and completes them out of order. Requests arrive over a channel; an eventfd read that sits on
-//! the ring wakes the thread when new ones are queued, so the thread only ever waits in
-//! `io_uring_enter`.
+//! The io_uring data path, driven from the async runtime itself: the task that serves a request
+//! puts its read or write on the ring and enters the kernel, and one reaper task, woken through
+//! an eventfd registered with the ring (in the runtime's reactor), completes whatever finished.
+//! No thread of our own sits between a request and the disk: a request costs one submission
+//! syscall and no hand-off to another thread and back (those hand-offs were most of a request's
+//! time on two cores; see benches/README). At most [`RING_ENTRIES`] requests are on the ring;
+//! the next ones wait for room.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
-use std::sync::Arc;
-use std::sync::mpsc;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::Bytes;
-use io_uring::{IoUring, opcode, types};
+use io_uring::{IoUring, opcode, squeue, types};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 use thinbd_protocol::aligned::AlignedBuf;
-use tokio::sync::oneshot;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::space::backend::{BlockStore, FileStore, IoEngine, IoFuture};
 
 const RING_ENTRIES: u32 = 256;
-const WAKE: u64 = u64::MAX;
 
 /// A request's result, and when its completion was reaped (with `--stage-latency`).
 type Done<T> = oneshot::Sender<(io::Result<T>, Option<Instant>)>;
 
-/// A request for the ring thread, and when it was handed over (with `--stage-latency`).
-struct Op {
-    kind: OpKind,
-    sent: Option<Instant>,
+/// A request on the ring. Its buffer lives here until the kernel has completed it; the permit
+/// is its room on the ring.
+struct InFlight {
+    kind: Kind,
+    offset: u64,
+    /// Bytes transferred so far (a short transfer is resubmitted for the rest).
+    moved: usize,
+    on_ring: Option<Instant>,
+    _room: OwnedSemaphorePermit,
 }
 
-enum OpKind {
-    Read { offset: u64, len: usize, done: Done<Bytes> },
-    Write { offset: u64, data: Bytes, done: Done<()> },
-}
-
-/// A request on the ring. Its buffer lives here until the kernel has completed it.
-enum InFlight {
-    Read { offset: u64, buf: AlignedBuf, filled: usize, done: Done<Bytes>, on_ring: Option<Instant> },
-    Write { offset: u64, data: Bytes, written: usize, done: Done<()>, on_ring: Option<Instant> },
+enum Kind {
+    Read { buf: AlignedBuf, done: Done<Bytes> },
+    Write { data: Bytes, done: Done<()> },
 }
 
 /// Now, when stages are timed.
@@ -55,64 +55,216 @@ fn observe(stage: crate::stages::RingStage, from: Option<Instant>) -> Option<Ins
     Some(now)
 }
 
+/// The ring and what is on it, shared by the submitting tasks and the reaper.
+struct Ring {
+    ring: IoUring,
+    /// The pool file (its descriptor goes into every entry).
+    file: File,
+    /// Held while pushing onto the submission queue (one producer at a time).
+    sq: Mutex<()>,
+    /// Held while taking from the completion queue (the reaper, or the last drop).
+    cq: Mutex<()>,
+    /// Requests on the ring, by slot (the entry's user data), and the free slots.
+    slots: Mutex<Slots>,
+    room: Arc<Semaphore>,
+}
+
+#[derive(Default)]
+struct Slots {
+    on_ring: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+}
+
 pub struct UringStore {
-    tx: Option<mpsc::Sender<Op>>,
-    wake: Arc<EventFd>,
-    /// Set when the eventfd was written and the ring thread has not yet looked at the channel:
-    /// requests queued meanwhile need no write of their own (one syscall per batch, not per
-    /// request).
-    woken: Arc<AtomicBool>,
+    ring: Arc<Ring>,
     /// The same file for the synchronous calls (the superblock at start, fdatasync).
     file: FileStore,
-    thread: Option<std::thread::JoinHandle<()>>,
+    reaper: tokio::task::JoinHandle<()>,
 }
 
 impl UringStore {
-    /// Starts the ring thread on `file`; where io_uring is not available (old kernel, seccomp)
-    /// the file comes back with the reason, to be driven by threads instead.
+    /// Sets up the ring on `file` and its reaper on the current runtime; where io_uring is not
+    /// available (old kernel, seccomp, no runtime) the file comes back with the reason, to be
+    /// driven by threads instead.
     pub fn new(file: FileStore) -> Result<UringStore, (FileStore, io::Error)> {
         let started = (|| {
+            let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
             let ring = IoUring::new(RING_ENTRIES)?;
-            let wake = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).map_err(io::Error::from)?);
-            let ring_file = file.try_clone_file()?;
-            let (tx, rx) = mpsc::channel();
-            let (w, woken) = (wake.clone(), Arc::new(AtomicBool::new(false)));
-            let wk = woken.clone();
-            let thread = std::thread::Builder::new()
-                .name("thinbd-uring".into())
-                .spawn(move || run(ring, rx, &ring_file, &w, &wk))?;
-            Ok::<_, io::Error>((tx, wake, woken, thread))
+            let events = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(io::Error::from)?;
+            ring.submitter().register_eventfd(events.as_raw_fd())?;
+            let ring = Arc::new(Ring {
+                ring,
+                file: file.try_clone_file()?,
+                sq: Mutex::new(()),
+                cq: Mutex::new(()),
+                slots: Default::default(),
+                room: Arc::new(Semaphore::new(RING_ENTRIES as usize)),
+            });
+            let _guard = runtime.enter();
+            // SAFETY: an `OwnedFd` owns its open descriptor for the AsyncFd's whole life and always
+            // returns the same one.
+            let events = unsafe { AsyncFd::register(OwnedFd::from(events)) }.map_err(io::Error::from)?;
+            let reaper = runtime.spawn(reap(ring.clone(), events));
+            Ok::<_, io::Error>((ring, reaper))
         })();
         match started {
-            Ok((tx, wake, woken, thread)) => Ok(UringStore { tx: Some(tx), wake, woken, file, thread: Some(thread) }),
+            Ok((ring, reaper)) => Ok(UringStore { ring, file, reaper }),
             Err(e) => Err((file, e)),
         }
     }
 
-    fn send(&self, kind: OpKind) -> io::Result<()> {
-        let tx = self.tx.as_ref().ok_or_else(|| io::Error::other("ring stopped"))?;
-        tx.send(Op { kind, sent: clock() }).map_err(|_| io::Error::other("ring thread is gone"))?;
-        if !self.woken.swap(true, Ordering::AcqRel) {
-            self.wake.write(1).map_err(io::Error::from)?;
-        }
-        Ok(())
+    async fn submit(&self, kind: Kind, offset: u64) -> io::Result<()> {
+        let sent = clock();
+        let room = self.ring.room.clone().acquire_owned().await.map_err(|_| io::Error::other("ring closed"))?;
+        let on_ring = observe(crate::stages::RingStage::Queue, sent);
+        let f = InFlight { kind, offset, moved: 0, on_ring, _room: room };
+        self.ring.put(f)
     }
 
     async fn submit_read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
         let (done, rx) = oneshot::channel();
-        self.send(OpKind::Read { offset, len, done })?;
-        let (r, reaped) = rx.await.map_err(|_| io::Error::other("ring thread dropped a read"))?;
+        self.submit(Kind::Read { buf: AlignedBuf::zeroed(len), done }, offset).await?;
+        let (r, reaped) = rx.await.map_err(|_| io::Error::other("the ring dropped a read"))?;
         observe(crate::stages::RingStage::Wake, reaped);
         r
     }
 
     async fn submit_write(&self, offset: u64, data: Bytes) -> io::Result<()> {
         let (done, rx) = oneshot::channel();
-        self.send(OpKind::Write { offset, data, done })?;
-        let (r, reaped) = rx.await.map_err(|_| io::Error::other("ring thread dropped a write"))?;
+        self.submit(Kind::Write { data, done }, offset).await?;
+        let (r, reaped) = rx.await.map_err(|_| io::Error::other("the ring dropped a write"))?;
         observe(crate::stages::RingStage::Wake, reaped);
         r
     }
+}
+
+impl Ring {
+    /// Puts `f` (or what is left of it) on the ring in a free slot and enters the kernel.
+    fn put(&self, f: InFlight) -> io::Result<()> {
+        {
+            let mut slots = self.slots.lock().map_err(|_| io::Error::other("ring poisoned"))?;
+            let slot = slots.free.pop().unwrap_or(slots.on_ring.len());
+            if slot == slots.on_ring.len() {
+                slots.on_ring.push(None);
+            }
+            slots.on_ring[slot] = Some(f);
+            let entry = entry(&self.file, slot, slots.on_ring[slot].as_mut());
+            let pushed = {
+                let _sq = self.sq.lock().map_err(|_| io::Error::other("ring poisoned"))?;
+                // SAFETY: one producer at a time (the `sq` lock). The entry's buffer belongs to
+                // the slot's `InFlight`, which stays in `slots` (its buffer on the heap, not
+                // moving when the Vec grows) until its completion is reaped. Room for it was
+                // taken from `room` (no more requests than entries on the ring).
+                entry.map(|e| unsafe { self.ring.submission_shared().push(&e) })
+            };
+            match pushed {
+                Some(Ok(())) => {}
+                _ => {
+                    let f = slots.on_ring[slot].take();
+                    slots.free.push(slot);
+                    drop(slots);
+                    if let Some(f) = f {
+                        fail(f, io::Error::other("the ring is full"));
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        self.ring.submit()?;
+        Ok(())
+    }
+
+    /// Takes every completion on the ring: finished requests are answered, short ones put back.
+    fn reap(&self) {
+        let Ok(_cq) = self.cq.lock() else { return };
+        // SAFETY: one consumer at a time (the `cq` lock).
+        let done: Vec<(u64, i32)> =
+            unsafe { self.ring.completion_shared() }.map(|c| (c.user_data(), c.result())).collect();
+        for (slot, res) in done {
+            let taken = match self.slots.lock() {
+                Ok(mut slots) => {
+                    let f = slots.on_ring.get_mut(slot as usize).and_then(Option::take);
+                    if f.is_some() {
+                        slots.free.push(slot as usize);
+                    }
+                    f
+                }
+                Err(_) => None,
+            };
+            let Some(mut f) = taken else { continue };
+            if res < 0 {
+                fail(f, io::Error::from_raw_os_error(-res));
+                continue;
+            }
+            let n = res as usize;
+            f.moved += n;
+            let finished = match &f.kind {
+                // End of file: the rest reads as zeros (the buffer already is).
+                Kind::Read { buf, .. } => n == 0 || f.moved == buf.len(),
+                Kind::Write { data, .. } => {
+                    if n == 0 {
+                        fail(f, io::Error::from_raw_os_error(nix::libc::EIO));
+                        continue;
+                    }
+                    f.moved == data.len()
+                }
+            };
+            if !finished {
+                if let Err(e) = self.put(f) {
+                    tracing::warn!(error = %e, "cannot resubmit the rest of a short transfer");
+                }
+                continue;
+            }
+            let reaped = observe(crate::stages::RingStage::Disk, f.on_ring);
+            match f.kind {
+                Kind::Read { buf, done } => drop(done.send((Ok(buf.freeze()), reaped))),
+                Kind::Write { done, .. } => drop(done.send((Ok(()), reaped))),
+            }
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.slots.lock().map_or(0, |s| s.on_ring.iter().filter(|f| f.is_some()).count())
+    }
+}
+
+/// Wakes on the eventfd the kernel signals with each completion and reaps.
+async fn reap(ring: Arc<Ring>, events: AsyncFd<OwnedFd>) {
+    loop {
+        let Ok(mut ready) = events.readable().await else { return };
+        // Reset the counter first: a completion posted after this signals again.
+        let mut count = [0u8; 8];
+        // SAFETY: a read of 8 bytes into a local buffer from our own nonblocking eventfd.
+        let _ = unsafe { nix::libc::read(events.get_ref().as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+        ready.clear_ready();
+        ring.reap();
+    }
+}
+
+fn fail(f: InFlight, e: io::Error) {
+    match f.kind {
+        Kind::Read { done, .. } => drop(done.send((Err(e), None))),
+        Kind::Write { done, .. } => drop(done.send((Err(e), None))),
+    }
+}
+
+/// The entry for the remaining part of `f`.
+fn entry(file: &File, slot: usize, f: Option<&mut InFlight>) -> Option<squeue::Entry> {
+    let fd = types::Fd(file.as_raw_fd());
+    let f = f?;
+    let at = f.offset + f.moved as u64;
+    let e = match &mut f.kind {
+        Kind::Read { buf, .. } => {
+            let rest = &mut buf.as_mut_slice()[f.moved..];
+            opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32).offset(at).build()
+        }
+        Kind::Write { data, .. } => {
+            let rest = &data[f.moved..];
+            opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32).offset(at).build()
+        }
+    };
+    Some(e.user_data(slot as u64))
 }
 
 /// Data requests go through the ring; the synchronous calls (the superblock at start) use the
@@ -143,160 +295,16 @@ impl BlockStore for UringStore {
 }
 
 impl Drop for UringStore {
+    /// Stops the reaper and waits for what is still on the ring: the kernel may write into
+    /// those buffers until each request completes.
     fn drop(&mut self) {
-        self.tx.take();
-        let _ = self.wake.write(1);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn run(mut ring: IoUring, rx: mpsc::Receiver<Op>, file: &File, wake: &EventFd, woken: &AtomicBool) {
-    let fd = types::Fd(file.as_raw_fd());
-    let wake_fd = types::Fd(wake.as_fd().as_raw_fd());
-    let mut wake_buf = [0u8; 8];
-    let mut slots: Vec<Option<InFlight>> = Vec::new();
-    let mut free: Vec<usize> = Vec::new();
-    let mut inflight = 0usize;
-    let mut queued: std::collections::VecDeque<Op> = Default::default();
-    let mut open = true;
-    let mut arm_wake = true;
-    loop {
-        if arm_wake && open {
-            let e = opcode::Read::new(wake_fd, wake_buf.as_mut_ptr(), 8).build().user_data(WAKE);
-            // SAFETY: `wake_buf` lives for the whole loop, longer than the read it is given to.
-            if unsafe { ring.submission().push(&e) }.is_ok() {
-                arm_wake = false;
-            }
-        }
-        // Move queued requests onto the ring while there is room.
-        while let Some(op) = queued.pop_front() {
-            if ring.submission().is_full() {
-                queued.push_front(op);
+        self.reaper.abort();
+        self.ring.room.close();
+        while self.ring.in_flight() > 0 {
+            if self.ring.ring.submit_and_wait(1).is_err() {
                 break;
             }
-            let slot = free.pop().unwrap_or_else(|| {
-                slots.push(None);
-                slots.len() - 1
-            });
-            let on_ring = observe(crate::stages::RingStage::Queue, op.sent);
-            let f = match op.kind {
-                OpKind::Read { offset, len, done } => {
-                    InFlight::Read { offset, buf: AlignedBuf::zeroed(len), filled: 0, done, on_ring }
-                }
-                OpKind::Write { offset, data, done } => InFlight::Write { offset, data, written: 0, done, on_ring },
-            };
-            slots[slot] = Some(f);
-            submit(&mut ring, fd, slot, slots[slot].as_mut());
-            inflight += 1;
-        }
-        if !open && inflight == 0 && queued.is_empty() {
-            return;
-        }
-        if let Err(e) = ring.submit_and_wait(1)
-            && e.kind() != io::ErrorKind::Interrupted
-        {
-            // The ring is unusable: fail everything instead of hanging the callers.
-            for f in slots.iter_mut().filter_map(Option::take) {
-                fail(f, io::Error::new(e.kind(), e.to_string()));
-            }
-            return;
-        }
-        let done: Vec<(u64, i32)> = ring.completion().map(|c| (c.user_data(), c.result())).collect();
-        for (ud, res) in done {
-            if ud == WAKE {
-                arm_wake = true;
-                // From here a new request writes the eventfd again; those already queued are
-                // taken below.
-                woken.swap(false, Ordering::AcqRel);
-                loop {
-                    match rx.try_recv() {
-                        Ok(op) => queued.push_back(op),
-                        Err(mpsc::TryRecvError::Empty) => break,
-                        Err(mpsc::TryRecvError::Disconnected) => {
-                            open = false;
-                            break;
-                        }
-                    }
-                }
-                continue;
-            }
-            let slot = ud as usize;
-            let Some(mut f) = slots.get_mut(slot).and_then(Option::take) else { continue };
-            if res < 0 {
-                fail(f, io::Error::from_raw_os_error(-res));
-            } else {
-                let n = res as usize;
-                let finished = match &mut f {
-                    InFlight::Read { buf, filled, .. } => {
-                        *filled += n;
-                        // End of file: the rest reads as zeros (the buffer already is).
-                        n == 0 || *filled == buf.len()
-                    }
-                    InFlight::Write { data, written, .. } => {
-                        *written += n;
-                        if n == 0 {
-                            fail(f, io::Error::from_raw_os_error(nix::libc::EIO));
-                            free.push(slot);
-                            inflight -= 1;
-                            continue;
-                        }
-                        *written == data.len()
-                    }
-                };
-                if finished {
-                    match f {
-                        InFlight::Read { buf, done, on_ring, .. } => {
-                            let reaped = observe(crate::stages::RingStage::Disk, on_ring);
-                            drop(done.send((Ok(buf.freeze()), reaped)))
-                        }
-                        InFlight::Write { done, on_ring, .. } => {
-                            let reaped = observe(crate::stages::RingStage::Disk, on_ring);
-                            drop(done.send((Ok(()), reaped)))
-                        }
-                    }
-                } else {
-                    // Short transfer: resubmit the rest.
-                    slots[slot] = Some(f);
-                    submit(&mut ring, fd, slot, slots[slot].as_mut());
-                    continue;
-                }
-            }
-            free.push(slot);
-            inflight -= 1;
-        }
-    }
-}
-
-fn fail(f: InFlight, e: io::Error) {
-    match f {
-        InFlight::Read { done, .. } => drop(done.send((Err(e), None))),
-        InFlight::Write { done, .. } => drop(done.send((Err(e), None))),
-    }
-}
-
-/// Queues the remaining part of `f` on the ring (submitted with the next `submit_and_wait`).
-fn submit(ring: &mut IoUring, fd: types::Fd, slot: usize, f: Option<&mut InFlight>) {
-    let entry = match f {
-        Some(InFlight::Read { offset, buf, filled, .. }) => {
-            let rest = &mut buf.as_mut_slice()[*filled..];
-            opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32).offset(*offset + *filled as u64).build()
-        }
-        Some(InFlight::Write { offset, data, written, .. }) => {
-            let rest = &data[*written..];
-            opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32).offset(*offset + *written as u64).build()
-        }
-        None => return,
-    };
-    let entry = entry.user_data(slot as u64);
-    // SAFETY: the buffer belongs to the slot's `InFlight`, which stays in `slots` (a Vec whose
-    // elements own heap buffers that do not move when the Vec grows) until this request's
-    // completion is reaped. Callers check for room first; a resubmission reuses the entry its
-    // completion just freed.
-    while unsafe { ring.submission().push(&entry) }.is_err() {
-        if ring.submit().is_err() {
-            break;
+            self.ring.reap();
         }
     }
 }
