@@ -1,7 +1,7 @@
 //! Per-stage request latency (`serve --stage-latency`), to find where requests wait: the NBD
 //! session's stages (see [`thinbd_protocol::stages`]) and the io_uring ring's, as histograms
 //! on the metrics page (`thinbd_stage_seconds{stage}`). Process-wide and off by default: the
-//! ring thread and every session consult one switch, and nothing reads a clock while it is off.
+//! ring's submitters and reaper and every session consult one switch, and nothing reads a clock while it is off.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -13,7 +13,7 @@ use crate::metrics::Histogram;
 /// A stage of a data request on the io_uring ring, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RingStage {
-    /// Handed to the ring thread → on the ring (the channel and the thread's wake-up).
+    /// Asked → on the ring (waiting for room: at most 256 requests are on the ring).
     Queue,
     /// On the ring → completion reaped: the kernel and the disk.
     Disk,

@@ -59,7 +59,7 @@ pub trait BlockStore: Send + Sync + 'static {
 /// How the pool file is driven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum IoEngine {
-    /// io_uring on a dedicated ring thread (falls back to `threads` where io_uring is refused).
+    /// io_uring driven from the async runtime (falls back to `threads` where io_uring is refused).
     #[default]
     Uring,
     /// pread/pwrite on tokio's blocking threads.
@@ -97,7 +97,7 @@ impl FileStore {
         Ok(self.file.metadata().map_err(|e| EngineError::io("stat pool", 0, e))?.len())
     }
 
-    /// Another descriptor of the same open file (for the io_uring thread).
+    /// Another descriptor of the same open file (for the io_uring ring).
     pub fn try_clone_file(&self) -> io::Result<File> {
         self.file.try_clone()
     }
