@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -60,11 +60,10 @@ struct Ring {
     ring: IoUring,
     /// The pool file (its descriptor goes into every entry).
     file: File,
-    /// Held while pushing onto the submission queue (one producer at a time).
-    sq: Mutex<()>,
     /// Held while taking from the completion queue (the reaper, or the last drop).
     cq: Mutex<()>,
-    /// Requests on the ring, by slot (the entry's user data), and the free slots.
+    /// Requests on the ring, by slot (the entry's user data), and the free slots. Held while
+    /// pushing onto the submission queue too (one producer at a time).
     slots: Mutex<Slots>,
     room: Arc<Semaphore>,
 }
@@ -96,15 +95,14 @@ impl UringStore {
             let ring = Arc::new(Ring {
                 ring,
                 file: file.try_clone_file()?,
-                sq: Mutex::new(()),
                 cq: Mutex::new(()),
                 slots: Default::default(),
                 room: Arc::new(Semaphore::new(RING_ENTRIES as usize)),
             });
             let _guard = runtime.enter();
-            // SAFETY: an `OwnedFd` owns its open descriptor for the AsyncFd's whole life and always
+            // SAFETY: an `EventFd` owns its open descriptor for the AsyncFd's whole life and always
             // returns the same one.
-            let events = unsafe { AsyncFd::register(OwnedFd::from(events)) }.map_err(io::Error::from)?;
+            let events = unsafe { AsyncFd::register(events) }.map_err(io::Error::from)?;
             let reaper = runtime.spawn(reap(ring.clone(), events));
             Ok::<_, io::Error>((ring, reaper))
         })();
@@ -148,27 +146,19 @@ impl Ring {
             if slot == slots.on_ring.len() {
                 slots.on_ring.push(None);
             }
-            slots.on_ring[slot] = Some(f);
-            let entry = entry(&self.file, slot, slots.on_ring[slot].as_mut());
-            let pushed = {
-                let _sq = self.sq.lock().map_err(|_| io::Error::other("ring poisoned"))?;
-                // SAFETY: one producer at a time (the `sq` lock). The entry's buffer belongs to
-                // the slot's `InFlight`, which stays in `slots` (its buffer on the heap, not
-                // moving when the Vec grows) until its completion is reaped. Room for it was
-                // taken from `room` (no more requests than entries on the ring).
-                entry.map(|e| unsafe { self.ring.submission_shared().push(&e) })
-            };
-            match pushed {
-                Some(Ok(())) => {}
-                _ => {
-                    let f = slots.on_ring[slot].take();
-                    slots.free.push(slot);
-                    drop(slots);
-                    if let Some(f) = f {
-                        fail(f, io::Error::other("the ring is full"));
-                    }
-                    return Ok(());
+            let entry = entry(&self.file, slot, slots.on_ring[slot].insert(f));
+            // SAFETY: one producer at a time (under the `slots` lock). The entry's buffer belongs
+            // to the slot's `InFlight`, which stays in `slots` (its buffer on the heap, not
+            // moving when the Vec grows) until its completion is reaped. Room for it was taken
+            // from `room`: never more requests than entries on the ring, so the push finds room.
+            if unsafe { self.ring.submission_shared().push(&entry) }.is_err() {
+                let f = slots.on_ring[slot].take();
+                slots.free.push(slot);
+                drop(slots);
+                if let Some(f) = f {
+                    fail(f, io::Error::other("the ring is full"));
                 }
+                return Ok(());
             }
         }
         self.ring.submit()?;
@@ -230,13 +220,12 @@ impl Ring {
 }
 
 /// Wakes on the eventfd the kernel signals with each completion and reaps.
-async fn reap(ring: Arc<Ring>, events: AsyncFd<OwnedFd>) {
+async fn reap(ring: Arc<Ring>, events: AsyncFd<EventFd>) {
     loop {
         let Ok(mut ready) = events.readable().await else { return };
-        // Reset the counter first: a completion posted after this signals again.
-        let mut count = [0u8; 8];
-        // SAFETY: a read of 8 bytes into a local buffer from our own nonblocking eventfd.
-        let _ = unsafe { nix::libc::read(events.get_ref().as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+        // Reset the counter first: a completion posted after this signals again. (Nonblocking:
+        // a counter already reset reads as EAGAIN.)
+        let _ = events.get_ref().read();
         ready.clear_ready();
         ring.reap();
     }
@@ -250,9 +239,8 @@ fn fail(f: InFlight, e: io::Error) {
 }
 
 /// The entry for the remaining part of `f`.
-fn entry(file: &File, slot: usize, f: Option<&mut InFlight>) -> Option<squeue::Entry> {
+fn entry(file: &File, slot: usize, f: &mut InFlight) -> squeue::Entry {
     let fd = types::Fd(file.as_raw_fd());
-    let f = f?;
     let at = f.offset + f.moved as u64;
     let e = match &mut f.kind {
         Kind::Read { buf, .. } => {
@@ -264,7 +252,7 @@ fn entry(file: &File, slot: usize, f: Option<&mut InFlight>) -> Option<squeue::E
             opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32).offset(at).build()
         }
     };
-    Some(e.user_data(slot as u64))
+    e.user_data(slot as u64)
 }
 
 /// Data requests go through the ring; the synchronous calls (the superblock at start) use the
