@@ -374,7 +374,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     if let Some(c) = &cluster {
         c.leave().await;
     }
-    engine.flush().await.context("final flush")?;
+    engine.checkpoint().await.context("final flush")?;
     std::fs::remove_file(opts.data_dir.join(RUNNING))
         .with_context(|| format!("removing {}", opts.data_dir.join(RUNNING).display()))?;
     info!("stopped cleanly");

@@ -263,6 +263,17 @@ async fn crash_and_check(
     rng: &mut XorShift,
     seed: u64,
 ) -> Arc<Engine> {
+    if rng.below(2) == 0 {
+        // The power fails inside a FLUSH: after 0, 1 or 2 of its syncs (between a reused
+        // cluster's data and the journal record that maps it, or before the record is durable).
+        let n = rng.below(3) as usize;
+        trace(format_args!("crash inside a flush after {n} syncs"));
+        pool.fail_syncs_after(Some(n));
+        meta.fail_syncs_after(Some(n));
+        if e.flush().await.is_ok() {
+            m.flush_all();
+        }
+    }
     // Take the disks as a power cut leaves them before the engine is dropped: dropping redb's
     // Database is a clean shutdown that would persist its unflushed commits.
     trace(format_args!(
@@ -273,7 +284,15 @@ async fn crash_and_check(
     *meta = meta.crash(rng);
     *pool = pool.crash(rng);
     drop(e);
-    let e = open(meta, pool);
+    let mut e = open(meta, pool);
+    if rng.below(4) == 0 {
+        // And again right after the restart: the journal is replayed a second time.
+        trace(format_args!("crash again after the restart"));
+        *meta = meta.crash(rng);
+        *pool = pool.crash(rng);
+        drop(e);
+        e = open(meta, pool);
+    }
     let report = e.fsck().expect("fsck");
     assert!(report.ok(), "seed {seed}: fsck after crash:\n{report}");
     let vols: Vec<String> = e.list().iter().map(|v| v.name.clone()).collect();

@@ -175,15 +175,6 @@ impl Engine {
         let (store, loaded) = crate::meta::store::guarded("reading the metadata", || {
             Store::on(db, reopen, PoolConfig { cluster_size: cs, capacity_clusters: capacity / cs })
         })?;
-        if !cfg.force {
-            // The cheap part of fsck: maps, allocator and layers agree (no pool data is read).
-            let report = crate::meta::fsck::check(&loaded);
-            if !report.ok() {
-                return Err(EngineError::Metadata(format!(
-                    "the consistency check failed; run `thinbd fsck`, or start with --force to serve anyway:\n{report}"
-                )));
-            }
-        }
         let pc = loaded.config;
         if let Some(want) = cfg.cluster_size
             && want != pc.cluster_size
@@ -213,20 +204,32 @@ impl Engine {
             tracing::warn!("the pool has no superblock (created by an older thinbd): swapped files go unnoticed");
         }
         let pool = pool(&geometry)?;
-        Self::assemble(store, pool, loaded, capacity_clusters, cfg.data_dir.clone())
+        let opened = crate::space::open_journal(&store, &pool, loaded, capacity_clusters)?;
+        if !cfg.force {
+            // The cheap part of fsck: maps, allocator and layers agree (no pool data is read).
+            let report = crate::meta::fsck::check(&opened.loaded);
+            if !report.ok() {
+                return Err(EngineError::Metadata(format!(
+                    "the consistency check failed; run `thinbd fsck`, or start with --force to serve anyway:\n{report}"
+                )));
+            }
+        }
+        Self::assemble(store, pool, opened, capacity_clusters, cfg.data_dir.clone())
     }
 
-    /// Builds the engine from loaded metadata and an opened pool (tests use other pool backends).
+    /// Builds the engine from loaded metadata (journal replayed) and an opened pool.
     fn assemble(
         store: Store,
         pool: Pool,
-        loaded: crate::meta::store::Loaded,
+        opened: crate::space::Opened,
         capacity_clusters: u64,
         data_dir: PathBuf,
     ) -> Result<Arc<Engine>, EngineError> {
+        let crate::space::Opened { loaded, journal, zeroed_from } = opened;
         let cs = loaded.config.cluster_size;
-        let alloc = Allocator::new(loaded.free, loaded.high_water, capacity_clusters);
-        let space = Space::new(store, pool, cs, alloc)?;
+        let mut alloc = Allocator::new(loaded.free, loaded.high_water, capacity_clusters);
+        alloc.set_zeroed_from(zeroed_from);
+        let space = Space::new(store, pool, cs, alloc, journal)?;
         let (graph, upgraded) =
             LayerGraph::load(space.clone(), loaded.layers, loaded.volumes, loaded.snapshots, loaded.next_id)?;
         if !upgraded.is_empty() {
@@ -257,6 +260,12 @@ impl Engine {
     /// Makes every completed write durable (NBD FLUSH; covers all connections).
     pub async fn flush(&self) -> Result<(), EngineError> {
         self.space.flush().await
+    }
+
+    /// Makes every completed write durable in the metadata store itself, not only in the
+    /// journal: at a clean stop, so that offline tools (fsck) see every mapping.
+    pub async fn checkpoint(&self) -> Result<(), EngineError> {
+        self.space.commit(Vec::new(), true).await
     }
 
     pub fn volume(&self, name: &str) -> Result<Arc<Volume>, EngineError> {

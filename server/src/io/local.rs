@@ -18,6 +18,7 @@ use crate::layers::heads::{Snapshot, Volume};
 use crate::layers::layer::{Layer, RESOLVE_MAX};
 use crate::meta::store::MetaOp;
 use crate::metrics::VolumeMetrics;
+use crate::space::Commit;
 
 enum Target {
     Volume(Arc<Volume>),
@@ -264,7 +265,7 @@ impl LocalVolume {
     /// Allocates clusters for `need`, writes them whole and commits their mappings.
     async fn fill_and_map(&self, top: &Arc<Layer>, need: &[u64], offset: u64, data: &Bytes) -> Result<(), EngineError> {
         let first_try = self.graph.space.alloc()?.allocate(need.len());
-        let pcs = match first_try {
+        let got = match first_try {
             Some(pcs) => pcs,
             // Clusters freed since the last durable commit become usable after one: a full
             // pool recovers by itself once something was trimmed or deleted.
@@ -274,6 +275,17 @@ impl LocalVolume {
             }
             None => return Err(EngineError::NoSpace),
         };
+        // A journal record may become durable without its cluster's data (one sync covers
+        // both). That reads as zeros only where the cluster read zeros before; where it held
+        // an earlier owner's bytes, or the layers below show data, the data goes first.
+        let mut data_first = got.reused;
+        for v in need {
+            if data_first {
+                break;
+            }
+            data_first = self.inherited(top, *v)?.is_some();
+        }
+        let pcs = got.clusters;
         let r = match self.fill_new_clusters(top, need, &pcs, offset, data).await {
             Ok(()) => {
                 let edits = need
@@ -281,7 +293,8 @@ impl LocalVolume {
                     .zip(&pcs)
                     .map(|(v, p)| LayerEdit::Map { layer: top.clone(), vcluster: *v, pcluster: *p })
                     .collect();
-                self.graph.commit_edits(edits, pcs.iter().map(|p| MetaOp::Claim(*p)).collect(), false).await
+                let claims = pcs.iter().map(|p| MetaOp::Claim(*p)).collect();
+                self.graph.commit_edits(edits, claims, Commit::Grouped { data_first }).await
             }
             Err(e) => Err(e),
         };
@@ -441,7 +454,7 @@ impl LocalVolume {
             return Ok(());
         }
         let frees = freed.iter().map(|p| MetaOp::Free(*p)).collect();
-        self.graph.commit_edits(edits, frees, false).await?;
+        self.graph.commit_edits(edits, frees, Commit::Grouped { data_first: false }).await?;
         self.graph.space.alloc()?.free_later(freed);
         self.graph.reclaim_overridden(&top, &marked).await
     }

@@ -15,7 +15,7 @@ use crate::layers::heads::{Snapshot, Volume, VolumeOptions};
 use crate::layers::layer::Layer;
 use crate::meta::store::{LayerRecord, MetaOp, SnapshotRecord, VolumeRecord, ZERO_MARK};
 use crate::meta::uuid::new_uuid_text;
-use crate::space::Space;
+use crate::space::{Commit, Space};
 
 /// Space a volume or snapshot uses, in bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -228,11 +228,11 @@ impl LayerGraph {
         self: &Arc<Self>,
         edits: Vec<LayerEdit>,
         extra: Vec<MetaOp>,
-        durable: bool,
+        how: Commit,
     ) -> Result<(), EngineError> {
         let mut ops: Vec<MetaOp> = edits.iter().map(LayerEdit::meta_op).collect();
         ops.extend(extra);
-        self.space.commit(ops, durable).await?;
+        self.space.commit_as(ops, how).await?;
         crate::layers::edit::apply(edits)
     }
 
@@ -306,7 +306,7 @@ impl LayerGraph {
                 };
                 let mut extra: Vec<MetaOp> = freed.iter().map(|p| MetaOp::Free(*p)).collect();
                 extra.push(MetaOp::DeleteLayer(id));
-                self.commit_edits(edits, extra, true).await?;
+                self.commit_edits(edits, extra, Commit::Durable).await?;
                 self.forget_layers(&[id]);
                 self.space.release(freed).await?;
                 return Ok(());
@@ -367,7 +367,7 @@ impl LayerGraph {
     ) -> Result<(), EngineError> {
         let edits = dead.iter().map(|(v, _)| LayerEdit::Unmap { layer: layer.clone(), vcluster: *v }).collect();
         let frees = dead.iter().filter(|(_, p)| *p != ZERO_MARK).map(|(_, p)| MetaOp::Free(*p)).collect();
-        self.commit_edits(edits, frees, durable).await?;
+        self.commit_edits(edits, frees, Commit::durable_if(durable)).await?;
         let freed = dead.iter().map(|(_, p)| *p).filter(|p| *p != ZERO_MARK);
         if durable {
             self.space.release(freed.collect()).await?;
@@ -415,13 +415,13 @@ impl LayerGraph {
     ) -> Result<(), EngineError> {
         let vol = self.volume(volume)?;
         let top = vol.top()?;
-        let pcs = self.space.alloc()?.allocate(clusters as usize).ok_or(EngineError::NoSpace)?;
+        let pcs = self.space.alloc()?.allocate(clusters as usize).ok_or(EngineError::NoSpace)?.clusters;
         let edits = pcs
             .iter()
             .enumerate()
             .map(|(i, p)| LayerEdit::Map { layer: top.clone(), vcluster: i as u64 * stride, pcluster: *p })
             .collect();
-        self.commit_edits(edits, pcs.iter().map(|p| MetaOp::Claim(*p)).collect(), true).await?;
+        self.commit_edits(edits, pcs.iter().map(|p| MetaOp::Claim(*p)).collect(), Commit::Durable).await?;
         Ok(())
     }
 }

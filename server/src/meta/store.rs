@@ -164,6 +164,9 @@ pub enum MetaOp {
     /// By `grant_key`.
     DeleteGrant(String),
     PutNode(NodeRegistration),
+    /// The last journal sequence this commit's state includes (durable commits only): replay
+    /// at start applies the journal's records after it.
+    SetJournaled(u64),
 }
 
 /// A sum over every row of every table (config's `digest` row aside) of a 64-bit hash of the
@@ -174,6 +177,7 @@ pub enum MetaOp {
 struct Digest(u64);
 
 const DIGEST_KEY: &str = "digest";
+const JOURNALED_KEY: &str = "journaled";
 
 impl Digest {
     /// FNV-1a over the table name and the length-prefixed key and value, then a final mix
@@ -254,6 +258,8 @@ pub struct Loaded {
     pub orphan_extents: u64,
     pub grants: Vec<GrantRecord>,
     pub nodes: Vec<NodeRegistration>,
+    /// The last journal sequence the store holds (0: none yet).
+    pub journaled: u64,
 }
 
 /// Opens the database file again after an I/O error (redb must be closed and reopened).
@@ -415,6 +421,20 @@ impl Store {
     }
 }
 
+impl Drop for Store {
+    /// redb may panic closing a damaged database (it tidies its allocator on close): a damaged
+    /// file must end in an error at most, never a crash of the process closing it.
+    fn drop(&mut self) {
+        let db = self.db.get_mut().ok().and_then(Option::take);
+        if let Some(db) = db {
+            let _ = guarded("closing the metadata", || {
+                drop(db);
+                Ok(())
+            });
+        }
+    }
+}
+
 /// The JSON records of a table keyed by name, added to `digest` as `table`; none when the table
 /// does not exist.
 fn read_records<T: serde::de::DeserializeOwned>(
@@ -511,6 +531,7 @@ fn load_from(db: &Database) -> Result<(Loaded, Option<u64>, u64), EngineError> {
         let config = PoolConfig { cluster_size: get("cluster_size")?, capacity_clusters: get("capacity_clusters")? };
         let high_water = get("high_water")?;
         let next_id = get("next_id")?;
+        let journaled = cfg.get(JOURNALED_KEY)?.map_or(0, |v| v.value());
         let format = get("format_version")?;
         let pool_uuid = match (cfg.get("pool_uuid_hi")?, cfg.get("pool_uuid_lo")?) {
             (Some(hi), Some(lo)) => Some(((hi.value() as u128) << 64) | lo.value() as u128),
@@ -570,6 +591,7 @@ fn load_from(db: &Database) -> Result<(Loaded, Option<u64>, u64), EngineError> {
             orphan_extents,
             grants,
             nodes,
+            journaled,
         };
         Ok((loaded, stored, digest.0))
     }
@@ -682,6 +704,7 @@ fn apply(
                     MetaOp::SetCapacity(c) => set_cfg(&mut cfg, &mut d, "capacity_clusters", *c)?,
                     MetaOp::SetNextId(n) => set_cfg(&mut cfg, &mut d, "next_id", *n)?,
                     MetaOp::SetHighWater(n) => set_cfg(&mut cfg, &mut d, "high_water", *n)?,
+                    MetaOp::SetJournaled(n) => set_cfg(&mut cfg, &mut d, JOURNALED_KEY, *n)?,
                     MetaOp::PutGrant(rec) => {
                         let (key, new) = (rec.key(), to_json(rec)?);
                         let old = grants.insert(key.as_str(), new.as_slice())?.map(|v| v.value().to_vec());

@@ -34,6 +34,16 @@ pub trait BlockStore: Send + Sync + 'static {
     fn engine(&self) -> IoEngine {
         IoEngine::Threads
     }
+    /// Makes `len` bytes at `offset` read as zeros without writing them, where the store can
+    /// (`Ok(false)`: it cannot; nothing changed). Durable after the next [`BlockStore::sync`].
+    fn punch(&self, _offset: u64, _len: u64) -> io::Result<bool> {
+        Ok(false)
+    }
+    /// Allocates `len` bytes at `offset` on the device without changing what they read, so
+    /// that writing there later cannot fail for want of space (a sparse file's holes).
+    fn reserve(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
 
     /// Reads `len` bytes at `offset` into a buffer aligned for direct I/O.
     fn read(self: Arc<Self>, offset: u64, len: usize) -> IoFuture<Bytes> {
@@ -119,5 +129,30 @@ impl BlockStore for FileStore {
     }
     fn alignment(&self) -> u64 {
         self.align
+    }
+    /// A hole punched in a regular file; a block device is left alone (zeroing one would write
+    /// every byte).
+    fn punch(&self, offset: u64, len: u64) -> io::Result<bool> {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        if len == 0 || !self.file.metadata()?.file_type().is_file() {
+            return Ok(len == 0);
+        }
+        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        match fallocate(&self.file, flags, offset as i64, len as i64) {
+            Ok(()) => Ok(true),
+            Err(nix::errno::Errno::EOPNOTSUPP) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        if len == 0 || !self.file.metadata()?.file_type().is_file() {
+            return Ok(());
+        }
+        match fallocate(&self.file, FallocateFlags::FALLOC_FL_KEEP_SIZE, offset as i64, len as i64) {
+            // A filesystem without fallocate: the holes fill as they are written.
+            Ok(()) | Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 }

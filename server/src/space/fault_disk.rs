@@ -19,6 +19,8 @@ struct State {
     pending: Vec<(u64, Vec<u8>)>,
     fail_writes: Option<std::io::ErrorKind>,
     fail_reads: bool,
+    /// Syncs left before every sync fails with EIO (writes still land, unsynced).
+    syncs_left: Option<usize>,
     /// Reads take this long (on the calling thread), so tests can hold a read in flight.
     read_delay: Option<std::time::Duration>,
     /// As O_DIRECT: pool I/O whose offset, length or buffer address is not a multiple of this
@@ -66,6 +68,12 @@ impl FaultDisk {
     /// From now on writes fail with EIO (`Other`) or ENOSPC (`StorageFull`); `None` heals.
     pub fn fail_writes(&self, kind: Option<std::io::ErrorKind>) {
         self.lock().fail_writes = kind;
+    }
+
+    /// After `n` more syncs succeed, every sync fails with EIO and makes nothing durable (the
+    /// moment a power cut strikes inside a FLUSH); `None` heals.
+    pub fn fail_syncs_after(&self, n: Option<usize>) {
+        self.lock().syncs_left = n;
     }
 
     pub fn fail_reads(&self, on: bool) {
@@ -164,8 +172,11 @@ impl FaultDisk {
 
     fn sync_all(&self) -> std::io::Result<()> {
         let mut st = self.lock();
-        if st.fail_writes.is_some() {
+        if st.fail_writes.is_some() || st.syncs_left == Some(0) {
             return Err(io_err(std::io::ErrorKind::Other));
+        }
+        if let Some(n) = st.syncs_left.as_mut() {
+            *n -= 1;
         }
         st.durable = st.current.clone();
         st.pending.clear();
@@ -192,6 +203,16 @@ impl BlockStore for FaultDisk {
     }
     fn sync(&self) -> std::io::Result<()> {
         self.sync_all()
+    }
+    /// Like a hole punched in a file: reads see zeros at once; until the next sync a power cut
+    /// may keep, lose or tear it (as a write of zeros).
+    fn punch(&self, offset: u64, len: u64) -> std::io::Result<bool> {
+        let have = self.lock().current.len() as u64;
+        let end = (offset + len).min(have);
+        if offset < end {
+            self.write(&vec![0u8; (end - offset) as usize], offset)?;
+        }
+        Ok(true)
     }
 }
 

@@ -230,6 +230,37 @@ impl Pool {
         self.store.clone().write(offset, data).await.map_err(|e| EngineError::io("write", offset, e))
     }
 
+    /// The bytes between the superblock and cluster 0 (offset and length in the file), which
+    /// hold the journal; `None` for format 1 pools, whose clusters start at 0.
+    pub fn journal_region(&self) -> Option<(u64, u64)> {
+        (self.base == DATA_OFFSET).then_some((BLOCK as u64, DATA_OFFSET - BLOCK as u64))
+    }
+
+    /// Allocates the journal region on the device, so a FLUSH on a full filesystem does not
+    /// fail writing into a hole of the sparse file.
+    pub fn reserve_region(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        self.store.reserve(offset, len).map_err(|e| EngineError::io("reserve journal", offset, e))
+    }
+
+    /// Reads `len` bytes at file offset `offset` (outside the clusters: the journal region).
+    pub fn read_region_blocking(&self, offset: u64, len: usize) -> Result<AlignedBuf, EngineError> {
+        let mut buf = AlignedBuf::zeroed(len);
+        self.store.read_at(buf.as_mut_slice(), offset).map_err(|e| EngineError::io("read journal", offset, e))?;
+        Ok(buf)
+    }
+
+    /// Writes aligned `data` at file offset `offset` (outside the clusters: the journal region).
+    pub async fn write_region(&self, offset: u64, data: Bytes) -> Result<(), EngineError> {
+        self.store.clone().write(offset, data).await.map_err(|e| EngineError::io("write journal", offset, e))
+    }
+
+    /// Makes every cluster from byte `from` (relative to cluster 0) to `to` read as zeros, if
+    /// the backend can punch holes; durable after the next sync. `Ok(false)`: it cannot.
+    pub fn zero_clusters(&self, from: u64, to: u64) -> Result<bool, EngineError> {
+        let offset = self.base + from;
+        self.store.punch(offset, to.saturating_sub(from)).map_err(|e| EngineError::io("punch hole", offset, e))
+    }
+
     pub fn sync_blocking(&self) -> Result<(), EngineError> {
         self.store.sync().map_err(|e| EngineError::io("fdatasync", 0, e))
     }

@@ -274,6 +274,12 @@ impl BlockStore for UringStore {
     fn engine(&self) -> IoEngine {
         IoEngine::Uring
     }
+    fn punch(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.file.punch(offset, len)
+    }
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.file.reserve(offset, len)
+    }
     fn read(self: Arc<Self>, offset: u64, len: usize) -> IoFuture<Bytes> {
         Box::pin(async move { self.submit_read(offset, len).await })
     }
