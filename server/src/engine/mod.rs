@@ -422,6 +422,7 @@ impl Engine {
     /// Checks the committed metadata (fsck) and that the in-memory maps agree with it. Call it
     /// with no requests in flight.
     pub fn fsck(&self) -> Result<crate::meta::fsck::Report, EngineError> {
+        self.space.settle()?;
         let loaded = self.space.store().load()?;
         let mut report = crate::meta::fsck::check(&loaded);
         let layers = self.graph.layers()?;

@@ -286,7 +286,7 @@ impl LocalVolume {
             data_first = self.inherited(top, *v)?.is_some();
         }
         let pcs = got.clusters;
-        let r = match self.fill_new_clusters(top, need, &pcs, offset, data).await {
+        let r = match self.fill_new_clusters(top, need, &pcs, offset, data, !data_first).await {
             Ok(()) => {
                 let edits = need
                     .iter()
@@ -308,7 +308,8 @@ impl LocalVolume {
     /// Writes whole new clusters: the request's bytes where it covers them, and elsewhere what
     /// the cluster read as before — the layer below's data (redirect-on-write) or zeros, so a
     /// reused cluster never shows its previous owner's bytes. Consecutive clusters go in one
-    /// write.
+    /// write. With `zeroed` (the clusters read zeros on disk and the layers below show none
+    /// of their data), only the request's bytes are written: the rest already reads right.
     async fn fill_new_clusters(
         &self,
         top: &Arc<Layer>,
@@ -316,6 +317,7 @@ impl LocalVolume {
         pcs: &[u64],
         offset: u64,
         data: &Bytes,
+        zeroed: bool,
     ) -> Result<(), EngineError> {
         let cs = self.graph.space.cs;
         let end = offset + data.len() as u64;
@@ -331,6 +333,13 @@ impl LocalVolume {
                 // The request covers these clusters whole: its payload is the cluster content.
                 let slice = data.slice((vstart - offset) as usize..(vend - offset) as usize);
                 self.graph.space.pool.write_at(pcs[i] * cs, slice).await?;
+                i = j;
+                continue;
+            }
+            if zeroed {
+                let (s, e) = (offset.max(vstart), end.min(vend));
+                let slice = data.slice((s - offset) as usize..(e - offset) as usize);
+                self.graph.space.pool.write_at(pcs[i] * cs + (s - vstart), slice).await?;
                 i = j;
                 continue;
             }

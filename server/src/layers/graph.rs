@@ -232,6 +232,15 @@ impl LayerGraph {
     ) -> Result<(), EngineError> {
         let mut ops: Vec<MetaOp> = edits.iter().map(LayerEdit::meta_op).collect();
         ops.extend(extra);
+        if matches!(how, Commit::Grouped { .. })
+            && self.space.journaled()
+            && ops.iter().all(crate::space::journal::journaled)
+        {
+            // Journaled: memory first, then the record (which cannot fail), so that whatever
+            // has a sequence number is in memory when the store is rewritten from it.
+            crate::layers::edit::apply(edits)?;
+            return self.space.commit_as(ops, how).await;
+        }
         self.space.commit_as(ops, how).await?;
         crate::layers::edit::apply(edits)
     }

@@ -1,77 +1,154 @@
-//! Group commit: one thread takes every non-durable metadata change queued while the previous
-//! transaction ran and commits them all in one, so first writes from many requests share a
-//! transaction instead of waiting in line for one each. Where the pool has a journal, each
-//! transaction's ops go onto its ring as one record, under the journal's commit order.
+//! The metadata store's one writer: a thread that runs every commit in the order it was queued.
+//! Grouped (non-durable) commits queued while the previous transaction ran are committed
+//! together, so first writes from many requests share a transaction instead of waiting in line
+//! for one each. Durable commits run on the same thread, after every grouped commit queued
+//! before them, so a durable commit knows exactly which journal records it covers.
+//!
+//! With a journal, a grouped commit's record goes onto the journal's ring as it is queued and
+//! the caller does not wait for the store: the journal makes it durable at the next FLUSH and
+//! the store folds it in behind. Without one, the caller waits for the transaction.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{EngineError, poisoned};
 use crate::meta::store::{MetaOp, Store};
 use crate::space::journal::Journal;
 
-/// Ops, whether they claim clusters that may hold an earlier owner's bytes, and the reply.
-type CommitJob = (Vec<MetaOp>, bool, tokio::sync::oneshot::Sender<Result<(), EngineError>>);
+type Reply = tokio::sync::oneshot::Sender<Result<(), EngineError>>;
+
+/// A durable commit run on the thread; gets the last journal sequence committed before it.
+type Durable = Box<dyn FnOnce(Option<u64>) + Send>;
+
+enum Job {
+    /// `seq`: its journal sequence; `reply`: `None` when the caller does not wait.
+    Grouped {
+        ops: Vec<MetaOp>,
+        seq: Option<u64>,
+        reply: Option<Reply>,
+    },
+    Durable(Durable),
+}
 
 /// Most commits folded into one transaction.
 const BATCH: usize = 512;
 
 pub struct Committer {
-    tx: Mutex<Option<std::sync::mpsc::Sender<CommitJob>>>,
+    tx: Mutex<Option<Sender<Job>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+/// The commit thread's loop.
+fn run(rx: Receiver<Job>, store: Arc<Store>, dirty: Arc<AtomicBool>) {
+    let mut folded: Option<u64> = None;
+    let mut next = None;
+    loop {
+        let job = match next.take() {
+            Some(j) => j,
+            None => match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+        };
+        let (mut ops, mut replies) = match job {
+            Job::Durable(f) => {
+                f(folded);
+                continue;
+            }
+            Job::Grouped { ops, seq, reply } => {
+                folded = seq.or(folded);
+                (ops, vec![reply])
+            }
+        };
+        while replies.len() < BATCH {
+            match rx.try_recv() {
+                Ok(Job::Grouped { ops: o, seq, reply }) => {
+                    ops.extend(o);
+                    folded = seq.or(folded);
+                    replies.push(reply);
+                }
+                // A durable commit waits for this batch, then runs.
+                Ok(durable) => {
+                    next = Some(durable);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let r = store.commit(&ops, false, || Ok(()));
+        dirty.store(true, Relaxed);
+        if let Err(e) = &r
+            && replies.iter().all(Option::is_none)
+        {
+            // Journaled: the records are safe in the ring; the store is rewritten from memory
+            // when it recovers.
+            tracing::debug!(error = %e, "grouped metadata commit failed");
+        }
+        for reply in replies.into_iter().flatten() {
+            let _ = reply.send(r.as_ref().map(|_| ()).map_err(EngineError::for_each_waiter));
+        }
+    }
+}
+
 impl Committer {
-    /// Starts the commit thread; every commit sets `dirty` (a later durable one clears it).
-    pub fn spawn(
-        store: Arc<Store>,
-        dirty: Arc<AtomicBool>,
-        journal: Option<Arc<Journal>>,
-    ) -> Result<Committer, EngineError> {
-        let (tx, rx) = std::sync::mpsc::channel::<CommitJob>();
+    /// Starts the commit thread; every grouped commit sets `dirty` (a durable one clears it).
+    pub fn spawn(store: Arc<Store>, dirty: Arc<AtomicBool>) -> Result<Committer, EngineError> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("thinbd-commit".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let (mut ops, mut data_first, mut replies) = (first.0, first.1, vec![first.2]);
-                    while let Ok((o, d, r)) = rx.try_recv() {
-                        ops.extend(o);
-                        data_first |= d;
-                        replies.push(r);
-                        if replies.len() >= BATCH {
-                            break;
-                        }
-                    }
-                    let r = match &journal {
-                        Some(j) => match j.order.lock() {
-                            Ok(_order) => store.commit(&ops, false, || Ok(())).and_then(|()| {
-                                j.ring.lock().map(|mut ring| ring.push(ops, data_first)).map_err(|_| poisoned())
-                            }),
-                            Err(_) => Err(poisoned()),
-                        },
-                        None => store.commit(&ops, false, || Ok(())),
-                    };
-                    dirty.store(true, Relaxed);
-                    for reply in replies {
-                        let _ = reply.send(r.as_ref().map(|_| ()).map_err(EngineError::for_each_waiter));
-                    }
-                }
-            })
+            .spawn(move || run(rx, store, dirty))
             .map_err(|e| EngineError::Internal(format!("cannot start the commit thread: {e}")))?;
         Ok(Committer { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
     }
 
-    /// Commits `ops` non-durably together with whatever else is queued.
-    pub async fn commit(&self, ops: Vec<MetaOp>, data_first: bool) -> Result<(), EngineError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+    fn send(&self, job: Job) -> Result<(), EngineError> {
         let sent = match self.tx.lock().map_err(|_| poisoned())?.as_ref() {
-            Some(c) => c.send((ops, data_first, tx)).is_ok(),
+            Some(c) => c.send(job).is_ok(),
             None => false,
         };
-        if !sent {
-            return Err(EngineError::Internal("commit thread is gone".into()));
-        }
+        sent.then_some(()).ok_or_else(|| EngineError::Internal("commit thread is gone".into()))
+    }
+
+    /// Commits `ops` non-durably together with whatever else is queued, and waits for it.
+    pub async fn commit(&self, ops: Vec<MetaOp>) -> Result<(), EngineError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Job::Grouped { ops, seq: None, reply: Some(tx) })?;
         rx.await.map_err(|_| EngineError::Internal("commit thread dropped a commit".into()))?
+    }
+
+    /// Puts `ops` on the journal's ring as its next record and queues them for the store,
+    /// without waiting: once this returns, the next FLUSH makes them durable. The record and
+    /// the queue take the same order (one lock), which the store's commits keep.
+    pub fn journal(&self, journal: &Journal, ops: Vec<MetaOp>, data_first: bool) {
+        let mut ring = journal.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = ring.push(&ops, data_first);
+        if self.send(Job::Grouped { ops, seq: Some(seq), reply: None }).is_err() {
+            // Stopping: the ring still has the record for the final FLUSH.
+            tracing::debug!(seq, "commit thread gone; the record stays in the journal");
+        }
+    }
+
+    /// Runs `f` on the commit thread after every commit queued before it, with the last
+    /// journal sequence those covered (`None`: no journaled commit yet).
+    pub async fn durable<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Option<u64>) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Job::Durable(Box::new(move |covered| {
+            let _ = tx.send(f(covered));
+        })))?;
+        rx.await.map_err(|_| EngineError::Internal("commit thread dropped a commit".into()))?
+    }
+
+    /// Blocks until every commit queued so far is in the store (not necessarily durably).
+    pub fn settle(&self) -> Result<(), EngineError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.send(Job::Durable(Box::new(move |_| {
+            let _ = tx.send(());
+        })))?;
+        rx.recv().map_err(|_| EngineError::Internal("commit thread dropped a commit".into()))
     }
 }
 
@@ -81,7 +158,11 @@ impl Drop for Committer {
         if let Ok(mut tx) = self.tx.lock() {
             tx.take();
         }
-        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take())
+            // Dropped by a durable commit's last reference, on the thread itself: it ends
+            // when the channel is found closed.
+            && t.thread().id() != std::thread::current().id()
+        {
             let _ = t.join();
         }
     }

@@ -45,11 +45,11 @@ pub fn journaled(op: &MetaOp) -> bool {
     matches!(op, MetaOp::Map { .. } | MetaOp::Unmap { .. } | MetaOp::Claim(_) | MetaOp::Free(_))
 }
 
-/// Appends `rec` to `out`: seq, op count, then each op as a tag and its fields (little-endian).
-/// Operations [`journaled`] refuses are left out (callers never pass them).
-pub fn encode(rec: &Record, out: &mut Vec<u8>) {
-    let ops: Vec<&MetaOp> = rec.ops.iter().filter(|op| journaled(op)).collect();
-    out.extend_from_slice(&rec.seq.to_le_bytes());
+/// Appends record `seq` of `ops` to `out`: seq, op count, then each op as a tag and its fields
+/// (little-endian). Operations [`journaled`] refuses are left out (callers never pass them).
+pub fn encode(seq: u64, ops: &[MetaOp], out: &mut Vec<u8>) {
+    let ops: Vec<&MetaOp> = ops.iter().filter(|op| journaled(op)).collect();
+    out.extend_from_slice(&seq.to_le_bytes());
     out.extend_from_slice(&(ops.len() as u32).to_le_bytes());
     for op in ops {
         match op {
@@ -225,8 +225,7 @@ pub fn replay(pool_tag: u64, region: &[u8], applied: u64) -> Replay {
 pub struct Ring {
     /// Encoded records not yet written, in sequence order.
     pending: Vec<u8>,
-    /// Sequence of the first and last pending record (`first` 0: none).
-    first: u64,
+    /// Sequence of the last pending record (0: none pending).
     last: u64,
     /// A pending record claims a cluster that may hold someone else's bytes.
     data_first: bool,
@@ -236,9 +235,12 @@ pub struct Ring {
     pub next_block: u64,
     /// Blocks below this hold only records the store has durably: their slots may be reused.
     floor: u64,
+    /// Batches written (or lost) above the floor: the block after each, and its last sequence.
+    written: std::collections::VecDeque<(u64, u64)>,
     slots: u64,
-    /// A batch was lost (its write or sync failed): the next FLUSH must be a durable commit.
-    pub broken: bool,
+    /// A batch up to this sequence was lost (its write or sync failed): FLUSH makes a durable
+    /// commit until one covers it.
+    lost: Option<u64>,
 }
 
 /// A batch taken off the ring for writing.
@@ -254,26 +256,24 @@ impl Ring {
         Ring { slots, next_block, floor: next_block, committed, ..Ring::default() }
     }
 
-    /// Keeps a grouped commit's ops under the next sequence number.
-    pub fn push(&mut self, ops: Vec<MetaOp>, data_first: bool) {
+    /// Keeps a grouped commit's ops under the next sequence number, which it returns.
+    pub fn push(&mut self, ops: &[MetaOp], data_first: bool) -> u64 {
         self.committed += 1;
-        if self.first == 0 {
-            self.first = self.committed;
-        }
         self.last = self.committed;
         self.data_first |= data_first;
-        encode(&Record { seq: self.committed, ops }, &mut self.pending);
+        encode(self.committed, ops, &mut self.pending);
+        self.committed
     }
 
     pub fn is_empty(&self) -> bool {
-        self.first == 0
+        self.last == 0
     }
 
     /// The pending records as a batch, if they fit in the slots free now; else `None` and the
     /// caller makes a durable commit instead.
     pub fn take(&mut self) -> Option<Batch> {
         let n = blocks_for(self.pending.len());
-        if self.broken || self.next_block + n > self.floor + self.slots {
+        if self.lost.is_some() || self.next_block + n > self.floor + self.slots {
             return None;
         }
         let batch = Batch {
@@ -283,25 +283,42 @@ impl Ring {
             data_first: std::mem::take(&mut self.data_first),
         };
         self.next_block += n;
-        (self.first, self.last) = (0, 0);
+        self.written.push_back((self.next_block, self.last));
+        self.last = 0;
         Some(batch)
     }
 
-    /// Whether more than half the slots hold records the store has not made durable.
+    /// The batch ending at `last_seq` did not reach the disk.
+    pub fn lose(&mut self, last_seq: u64) {
+        self.lost = Some(self.lost.unwrap_or(0).max(last_seq));
+    }
+
+    /// Whether more than half the slots hold records the store may not have durably.
     pub fn wants_checkpoint(&self) -> bool {
         (self.next_block - self.floor) * 2 > self.slots
     }
 
-    /// After a durable commit that covers every sequence up to `covered` (the ring's
-    /// `committed` when it began, taken under the commit order): what is pending up to there
-    /// and every slot written so far are no longer needed.
+    /// After a durable commit of the store that covers every sequence up to `covered`: the
+    /// slots of batches up to there may be reused, and pending records up to there need no
+    /// writing.
     pub fn checkpointed(&mut self, covered: u64) {
+        while let Some(&(end, last)) = self.written.front() {
+            if last > covered {
+                break;
+            }
+            self.floor = end;
+            self.written.pop_front();
+        }
+        if self.written.is_empty() {
+            self.floor = self.next_block;
+        }
         if self.last <= covered {
             self.pending.clear();
-            (self.first, self.last, self.data_first) = (0, 0, false);
+            (self.last, self.data_first) = (0, false);
         }
-        self.floor = self.next_block;
-        self.broken = false;
+        if self.lost.is_some_and(|l| l <= covered) {
+            self.lost = None;
+        }
     }
 
     pub fn slots(&self) -> u64 {
@@ -317,10 +334,6 @@ impl Ring {
 /// The journal of one pool: its ring and the locks that order it against the store.
 pub struct Journal {
     pub ring: Mutex<Ring>,
-    /// Held across each grouped commit of the store together with its push onto the ring, and
-    /// across a durable commit from reading the sequence it covers to its end: so a durable
-    /// commit covers exactly the sequences up to the one it read.
-    pub order: Mutex<()>,
     /// One batch write or durable commit at a time: slots are freed only while no batch is
     /// being written.
     pub flushing: tokio::sync::Mutex<()>,
@@ -336,7 +349,6 @@ impl Journal {
     pub fn new(start: u64, len: u64, tag: u64, next_block: u64, applied: u64) -> Journal {
         Journal {
             ring: Mutex::new(Ring::new(len / BLOCK as u64, next_block, applied)),
-            order: Mutex::new(()),
             flushing: tokio::sync::Mutex::new(()),
             start,
             tag,
@@ -384,7 +396,7 @@ mod tests {
         let mut ring = Ring::new(8, 0, 0);
         // About 3 blocks of records in one batch.
         for s in 1..=300 {
-            ring.push(ops_of(s), false);
+            ring.push(&ops_of(s), false);
         }
         let mut r = region(8);
         let b = write(&mut ring, &mut r);
@@ -403,7 +415,7 @@ mod tests {
         let mut r = region(16);
         for batch in 0..3u64 {
             for s in batch * 100 + 1..=batch * 100 + 100 {
-                ring.push(ops_of(s), false);
+                ring.push(&ops_of(s), false);
             }
             write(&mut ring, &mut r);
         }
@@ -424,25 +436,36 @@ mod tests {
         let mut ring = Ring::new(4, 0, 0);
         let mut r = region(4);
         for s in 1..=3 {
-            ring.push(ops_of(s), false);
+            ring.push(&ops_of(s), false);
             write(&mut ring, &mut r);
         }
-        ring.push(ops_of(4), false);
+        ring.push(&ops_of(4), false);
         assert!(ring.wants_checkpoint());
         write(&mut ring, &mut r);
-        ring.push(ops_of(5), true);
-        assert!(ring.take().is_none(), "the ring is full until the store covers it");
-        // A durable commit covering 1..=4 frees every slot; record 5 stays pending.
-        ring.checkpointed(4);
-        assert!(!ring.is_empty());
+        // A durable commit that covers only 1..=2 (3 and 4 still queued for the store) frees
+        // the first two slots.
+        ring.checkpointed(2);
+        ring.push(&ops_of(5), false);
+        ring.push(&ops_of(6), false);
+        assert!(blocks_for(ring.pending.len()) == 1);
+        let b = write(&mut ring, &mut r);
+        assert_eq!(ring.slot(b.first_block), 0);
+        ring.push(&ops_of(7), false);
+        write(&mut ring, &mut r);
+        ring.push(&ops_of(8), false);
+        assert!(ring.take().is_none(), "slots of 3 and 4 are still needed");
+        ring.checkpointed(7);
+        write(&mut ring, &mut r);
+        ring.push(&ops_of(9), true);
+        // Record 8 went to slot 2; 9 takes slot 3.
         let b = write(&mut ring, &mut r);
         assert!(b.data_first);
-        assert_eq!((b.first_block, ring.slot(b.first_block)), (4, 0));
-        let got = replay(9, &r, 4);
-        assert_eq!(got.records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![5]);
-        assert_eq!(got.next_block, 5);
-        // Replaying again from the same region after the store took record 5 applies nothing.
-        assert!(replay(9, &r, 5).records.is_empty());
+        assert_eq!((b.first_block, ring.slot(b.first_block)), (7, 3));
+        let got = replay(9, &r, 6);
+        assert_eq!(got.records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![7, 8, 9]);
+        assert_eq!(got.next_block, 8);
+        // Replaying again from the same region after the store took record 9 applies nothing.
+        assert!(replay(9, &r, 9).records.is_empty());
     }
 
     #[test]

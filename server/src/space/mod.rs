@@ -131,7 +131,7 @@ impl Space {
         let store = Arc::new(store);
         let meta_dirty: Arc<AtomicBool> = Default::default();
         let journal = journal.map(Arc::new);
-        let committer = Committer::spawn(store.clone(), meta_dirty.clone(), journal.clone())?;
+        let committer = Committer::spawn(store.clone(), meta_dirty.clone())?;
         Ok(Arc::new(Space {
             pool,
             cs,
@@ -144,6 +144,12 @@ impl Space {
             resync: OnceLock::new(),
             journal,
         }))
+    }
+
+    /// Blocks until the store holds every commit queued so far (journaled ones are folded in
+    /// behind the requests that made them): for checks that compare it with memory.
+    pub fn settle(&self) -> Result<(), EngineError> {
+        self.committer.settle()
     }
 
     /// Whether FLUSH goes through the journal (format 2 pools).
@@ -174,42 +180,48 @@ impl Space {
     /// the pool (inside the transaction), records the last journal sequence it covers, and
     /// afterwards releases clusters whose frees it made durable.
     pub async fn commit_as(self: &Arc<Self>, ops: Vec<MetaOp>, how: Commit) -> Result<(), EngineError> {
+        if let (Commit::Grouped { data_first }, Some(j)) = (how, &self.journal)
+            && ops.iter().all(journal::journaled)
+        {
+            // Never fails (the caller changed memory already); a failed store is recovered by
+            // the next durable commit, at the latest when the ring fills.
+            self.committer.journal(j, ops, data_first);
+            return Ok(());
+        }
         if self.store.failed() {
             self.recover().await?;
         }
-        if let Commit::Grouped { data_first } = how {
-            // The journal carries only what grouped commits make; anything else commits durably.
-            if self.journal.is_none() || ops.iter().all(journal::journaled) {
-                return self.committer.commit(ops, data_first).await;
-            }
+        // With a journal, grouped ops it cannot carry commit durably.
+        if matches!(how, Commit::Grouped { .. }) && self.journal.is_none() {
+            return self.committer.commit(ops).await;
         }
         let flushing = match &self.journal {
             Some(j) => Some(j.flushing.lock().await),
             None => None,
         };
         let me = self.clone();
-        let (released, covered) = tokio::task::spawn_blocking(move || {
-            let _order = me.journal.as_ref().map(|j| j.order.lock().map_err(|_| poisoned())).transpose()?;
-            let covered = me.journal.as_ref().map(|j| j.ring.lock().map(|r| r.committed)).transpose();
-            let covered = covered.map_err(|_| poisoned())?;
-            let mut ops = ops;
-            ops.extend(covered.map(MetaOp::SetJournaled));
-            let mut released = Vec::new();
-            let r = me.store.commit(&ops, true, || {
-                // Under redb's writer lock: every non-durable commit so far is in this one.
-                me.meta_dirty.store(false, Relaxed);
-                released = me.alloc()?.take_pending();
-                me.pool.sync_blocking()
-            });
-            if r.is_err() {
-                me.meta_dirty.store(true, Relaxed);
-                me.alloc()?.free_later(released);
-                return r.map(|()| (Vec::new(), None));
-            }
-            Ok((released, covered))
-        })
-        .await
-        .map_err(|e| EngineError::Internal(format!("commit task: {e}")))??;
+        let journaled = self.journal.is_some();
+        let (released, covered) = self
+            .committer
+            .durable(move |covered| {
+                let covered = covered.filter(|_| journaled);
+                let mut ops = ops;
+                ops.extend(covered.map(MetaOp::SetJournaled));
+                let mut released = Vec::new();
+                let r = me.store.commit(&ops, true, || {
+                    // Under redb's writer lock: every non-durable commit so far is in this one.
+                    me.meta_dirty.store(false, Relaxed);
+                    released = me.alloc()?.take_pending();
+                    me.pool.sync_blocking()
+                });
+                if r.is_err() {
+                    me.meta_dirty.store(true, Relaxed);
+                    me.alloc()?.free_later(released);
+                    return r.map(|()| (Vec::new(), None));
+                }
+                Ok((released, covered))
+            })
+            .await?;
         self.checkpointed(covered)?;
         drop(flushing);
         self.release(released).await
@@ -280,8 +292,8 @@ impl Space {
             Some(b) => self.write_batch(j, b, slots).await,
         };
         if let Err(e) = written {
-            if batch.is_some() {
-                j.ring.lock().map_err(|_| poisoned())?.broken = true;
+            if let Some(b) = &batch {
+                j.ring.lock().map_err(|_| poisoned())?.lose(b.last_seq);
             }
             self.alloc()?.free_later(released);
             return Err(e);
@@ -339,7 +351,8 @@ impl Space {
         let me = self.clone();
         let released = tokio::task::spawn_blocking(move || {
             let disk = me.store.reopen()?;
-            let _order = me.journal.as_ref().map(|j| j.order.lock().map_err(|_| poisoned())).transpose()?;
+            // Read before the view: a journaled change is in memory before its record is on
+            // the ring, so the view holds every sequence up to here.
             let covered = me.journal.as_ref().map(|j| j.ring.lock().map(|r| r.committed)).transpose();
             let covered = covered.map_err(|_| poisoned())?;
             let mut ops = view.resync_ops(&disk, &me)?;
