@@ -286,16 +286,29 @@ impl LocalVolume {
             data_first = self.inherited(top, *v)?.is_some();
         }
         let pcs = got.clusters;
+        let edits: Vec<LayerEdit> = need
+            .iter()
+            .zip(&pcs)
+            .map(|(v, p)| LayerEdit::Map { layer: top.clone(), vcluster: *v, pcluster: *p })
+            .collect();
+        let claims: Vec<MetaOp> = pcs.iter().map(|p| MetaOp::Claim(*p)).collect();
+        if !data_first && self.graph.space.journaled() {
+            // The clusters read zeros and nothing below shows through: mapping them before
+            // their data lands shows the same zeros, and the record may reach the disk first.
+            // So the mapping, its record and the record's write go beside the data write. A
+            // failed data write leaves them mapped, reading zeros or part of the write.
+            let map = async {
+                self.graph.commit_edits(edits, claims, Commit::Grouped { data_first }).await?;
+                self.graph.space.journal_early().await;
+                Ok::<(), EngineError>(())
+            };
+            let (filled, mapped) = tokio::join!(self.fill_new_clusters(top, need, &pcs, offset, data, true), map);
+            mapped?;
+            filled?;
+            return self.graph.reclaim_overridden(top, need).await;
+        }
         let r = match self.fill_new_clusters(top, need, &pcs, offset, data, !data_first).await {
-            Ok(()) => {
-                let edits = need
-                    .iter()
-                    .zip(&pcs)
-                    .map(|(v, p)| LayerEdit::Map { layer: top.clone(), vcluster: *v, pcluster: *p })
-                    .collect();
-                let claims = pcs.iter().map(|p| MetaOp::Claim(*p)).collect();
-                self.graph.commit_edits(edits, claims, Commit::Grouped { data_first }).await
-            }
+            Ok(()) => self.graph.commit_edits(edits, claims, Commit::Grouped { data_first }).await,
             Err(e) => Err(e),
         };
         if let Err(e) = r {

@@ -179,6 +179,9 @@ fn parse_block(pool_tag: u64, b: &[u8]) -> Option<Block<'_>> {
 pub struct Replay {
     pub records: Vec<Record>,
     pub next_block: u64,
+    /// The highest sequence in any whole batch, applied or not: new records must start above
+    /// it, or a record left beyond a gap (never applied) would join them at the next replay.
+    pub max_seq: u64,
 }
 
 /// Reads the journal region's bytes: every whole batch's records with a sequence past
@@ -206,6 +209,7 @@ pub fn replay(pool_tag: u64, region: &[u8], applied: u64) -> Replay {
     // numbers after a restart): the later batch is the one that counts.
     records.sort_by_key(|(batch, r)| (r.seq, std::cmp::Reverse(*batch)));
     records.dedup_by_key(|(_, r)| r.seq);
+    let max_seq = records.last().map_or(0, |(_, r)| r.seq);
     let mut out: Vec<Record> = Vec::new();
     for (_, r) in records {
         let expect = out.last().map_or(applied, |l| l.seq) + 1;
@@ -217,25 +221,38 @@ pub fn replay(pool_tag: u64, region: &[u8], applied: u64) -> Replay {
         }
         out.push(r);
     }
-    Replay { records: out, next_block }
+    Replay { records: out, next_block, max_seq }
 }
 
-/// Records kept since the last FLUSH, and where the ring stands.
+/// Records not yet written, in sequence order, and the highest sequence among them.
+#[derive(Debug, Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    max: u64,
+}
+
+impl Pending {
+    fn take(&mut self) -> Pending {
+        std::mem::take(self)
+    }
+}
+
+/// Records kept until written, and where the ring stands.
 #[derive(Debug, Default)]
 pub struct Ring {
-    /// Encoded records not yet written, in sequence order.
-    pending: Vec<u8>,
-    /// Sequence of the last pending record (0: none pending).
-    last: u64,
-    /// A pending record claims a cluster that may hold someone else's bytes.
-    data_first: bool,
+    /// Records that may reach the disk before their clusters' data (fresh clusters whose old
+    /// content is zeros): written as soon as a request can ([`Ring::take_eager`]).
+    eager: Pending,
+    /// Records that must not (see [`Batch::data_first`]): written by a FLUSH after a data sync.
+    deferred: Pending,
     /// The last sequence handed out.
     pub committed: u64,
     /// Block number the next batch starts at.
     pub next_block: u64,
     /// Blocks below this hold only records the store has durably: their slots may be reused.
     floor: u64,
-    /// Batches written (or lost) above the floor: the block after each, and its last sequence.
+    /// Batches written (or lost) above the floor: the block after each, and its highest
+    /// sequence.
     written: std::collections::VecDeque<(u64, u64)>,
     slots: u64,
     /// A batch up to this sequence was lost (its write or sync failed): FLUSH makes a durable
@@ -247,7 +264,9 @@ pub struct Ring {
 pub struct Batch {
     pub first_block: u64,
     pub payload: Vec<u8>,
-    pub last_seq: u64,
+    pub max_seq: u64,
+    /// It holds a record of a cluster that may still show an earlier owner's bytes or hide
+    /// the layer below's: the clusters' data must be durable before it is written.
     pub data_first: bool,
 }
 
@@ -259,38 +278,54 @@ impl Ring {
     /// Keeps a grouped commit's ops under the next sequence number, which it returns.
     pub fn push(&mut self, ops: &[MetaOp], data_first: bool) -> u64 {
         self.committed += 1;
-        self.last = self.committed;
-        self.data_first |= data_first;
-        encode(self.committed, ops, &mut self.pending);
+        let p = if data_first { &mut self.deferred } else { &mut self.eager };
+        p.max = self.committed;
+        encode(self.committed, ops, &mut p.bytes);
         self.committed
     }
 
     pub fn is_empty(&self) -> bool {
-        self.last == 0
+        self.eager.bytes.is_empty() && self.deferred.bytes.is_empty()
     }
 
-    /// The pending records as a batch, if they fit in the slots free now; else `None` and the
-    /// caller makes a durable commit instead.
+    /// Whether `n` more blocks fit now.
+    fn room(&self, n: u64) -> bool {
+        self.lost.is_none() && self.next_block + n <= self.floor + self.slots
+    }
+
+    fn batch(&mut self, payload: Vec<u8>, max_seq: u64, data_first: bool) -> Batch {
+        let first_block = self.next_block;
+        self.next_block += blocks_for(payload.len());
+        self.written.push_back((self.next_block, max_seq));
+        Batch { first_block, payload, max_seq, data_first }
+    }
+
+    /// Every pending record as a batch (for a FLUSH), if it fits in the slots free now; else
+    /// `None` and the caller makes a durable commit instead.
     pub fn take(&mut self) -> Option<Batch> {
-        let n = blocks_for(self.pending.len());
-        if self.lost.is_some() || self.next_block + n > self.floor + self.slots {
+        if !self.room(blocks_for(self.eager.bytes.len() + self.deferred.bytes.len())) {
             return None;
         }
-        let batch = Batch {
-            first_block: self.next_block,
-            payload: std::mem::take(&mut self.pending),
-            last_seq: self.last,
-            data_first: std::mem::take(&mut self.data_first),
-        };
-        self.next_block += n;
-        self.written.push_back((self.next_block, self.last));
-        self.last = 0;
-        Some(batch)
+        let (eager, deferred) = (self.eager.take(), self.deferred.take());
+        let data_first = !deferred.bytes.is_empty();
+        let mut payload = eager.bytes;
+        payload.extend(deferred.bytes);
+        Some(self.batch(payload, eager.max.max(deferred.max), data_first))
     }
 
-    /// The batch ending at `last_seq` did not reach the disk.
-    pub fn lose(&mut self, last_seq: u64) {
-        self.lost = Some(self.lost.unwrap_or(0).max(last_seq));
+    /// The records that may be written before a sync, as a batch, if there are any and they
+    /// fit (else they wait for the FLUSH).
+    pub fn take_eager(&mut self) -> Option<Batch> {
+        if self.eager.bytes.is_empty() || !self.room(blocks_for(self.eager.bytes.len())) {
+            return None;
+        }
+        let eager = self.eager.take();
+        Some(self.batch(eager.bytes, eager.max, false))
+    }
+
+    /// A batch with sequences up to `max_seq` did not reach the disk.
+    pub fn lose(&mut self, max_seq: u64) {
+        self.lost = Some(self.lost.unwrap_or(0).max(max_seq));
     }
 
     /// Whether more than half the slots hold records the store may not have durably.
@@ -302,8 +337,8 @@ impl Ring {
     /// slots of batches up to there may be reused, and pending records up to there need no
     /// writing.
     pub fn checkpointed(&mut self, covered: u64) {
-        while let Some(&(end, last)) = self.written.front() {
-            if last > covered {
+        while let Some(&(end, max)) = self.written.front() {
+            if max > covered {
                 break;
             }
             self.floor = end;
@@ -312,9 +347,10 @@ impl Ring {
         if self.written.is_empty() {
             self.floor = self.next_block;
         }
-        if self.last <= covered {
-            self.pending.clear();
-            (self.last, self.data_first) = (0, false);
+        for p in [&mut self.eager, &mut self.deferred] {
+            if p.max <= covered {
+                p.take();
+            }
         }
         if self.lost.is_some_and(|l| l <= covered) {
             self.lost = None;
@@ -400,7 +436,7 @@ mod tests {
         }
         let mut r = region(8);
         let b = write(&mut ring, &mut r);
-        assert_eq!((b.first_block, b.last_seq), (0, 300));
+        assert_eq!((b.first_block, b.max_seq), (0, 300));
         let got = replay(9, &r, 0);
         assert_eq!(got.next_block, blocks_for(b.payload.len()));
         assert_eq!(got.records.len(), 300);
@@ -447,7 +483,7 @@ mod tests {
         ring.checkpointed(2);
         ring.push(&ops_of(5), false);
         ring.push(&ops_of(6), false);
-        assert!(blocks_for(ring.pending.len()) == 1);
+        assert!(blocks_for(ring.eager.bytes.len()) == 1);
         let b = write(&mut ring, &mut r);
         assert_eq!(ring.slot(b.first_block), 0);
         ring.push(&ops_of(7), false);
@@ -466,6 +502,28 @@ mod tests {
         assert_eq!(got.next_block, 8);
         // Replaying again from the same region after the store took record 9 applies nothing.
         assert!(replay(9, &r, 9).records.is_empty());
+    }
+
+    #[test]
+    fn records_written_early_wait_for_the_deferred_ones_before_them() {
+        let mut ring = Ring::new(8, 0, 0);
+        let mut r = region(8);
+        ring.push(&ops_of(1), false);
+        ring.push(&ops_of(2), true);
+        ring.push(&ops_of(3), false);
+        let b = ring.take_eager().expect("fresh records");
+        for (i, block) in batch_blocks(9, b.first_block, &b.payload).iter().enumerate() {
+            let at = ring.slot(b.first_block + i as u64) as usize * BLOCK;
+            r[at..at + BLOCK].copy_from_slice(block);
+        }
+        assert_eq!(b.max_seq, 3);
+        let seqs = |r: &[u8]| replay(9, r, 0).records.iter().map(|r| r.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&r), vec![1], "3 is not applied before 2 is on disk");
+        assert!(ring.take_eager().is_none());
+        assert_eq!(replay(9, &r, 0).max_seq, 3, "3 is never reused after a restart");
+        let b = write(&mut ring, &mut r);
+        assert!(b.data_first);
+        assert_eq!(seqs(&r), vec![1, 2, 3]);
     }
 
     #[test]

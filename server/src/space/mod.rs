@@ -81,16 +81,21 @@ pub fn open_journal(store: &Store, pool: &Pool, loaded: Loaded, capacity_cluster
     let region = pool.read_region_blocking(start, len as usize)?;
     let found = journal::replay(tag, region.as_slice(), loaded.journaled);
     let mut loaded = loaded;
-    if let Some(last) = found.records.last().map(|r| r.seq) {
+    // Records past a gap (written early, before one that never reached the disk) are dropped:
+    // the store moves past their sequences so that new records never take them up.
+    let skip_to = found.max_seq.max(loaded.journaled);
+    if !found.records.is_empty() || skip_to > loaded.journaled {
         let mut ops: Vec<MetaOp> = found.records.iter().flat_map(|r| r.ops.iter().cloned()).collect();
         let changes = ops.len();
-        ops.push(MetaOp::SetJournaled(last));
+        ops.push(MetaOp::SetJournaled(skip_to));
         store.commit(&ops, true, || Ok(()))?;
-        tracing::info!(
-            records = found.records.len(),
-            changes,
-            "journal replayed: mappings made durable by FLUSH before the stop"
-        );
+        if !found.records.is_empty() {
+            tracing::info!(
+                records = found.records.len(),
+                changes,
+                "journal replayed: mappings made durable by FLUSH before the stop"
+            );
+        }
         loaded = store.load()?;
     }
     let cs = loaded.config.cluster_size;
@@ -293,7 +298,7 @@ impl Space {
         };
         if let Err(e) = written {
             if let Some(b) = &batch {
-                j.ring.lock().map_err(|_| poisoned())?.lose(b.last_seq);
+                j.ring.lock().map_err(|_| poisoned())?.lose(b.max_seq);
             }
             self.alloc()?.free_later(released);
             return Err(e);
@@ -307,11 +312,37 @@ impl Space {
         Ok(())
     }
 
-    /// Writes a batch's blocks at their slots (one write per run of slots) and syncs.
+    /// Syncs the data a batch needs first, writes the batch and syncs.
     async fn write_batch(self: &Arc<Self>, j: &Journal, b: &journal::Batch, slots: u64) -> Result<(), EngineError> {
         if b.data_first {
             self.sync_pool().await?;
         }
+        self.write_blocks(j, b, slots).await?;
+        self.sync_pool().await
+    }
+
+    /// Writes the records that may reach the disk before their data, if no batch is being
+    /// written now: a first write does this beside its data write, so that the FLUSH after it
+    /// has only the sync left. Skipped records wait for the next one (or the FLUSH); a failed
+    /// write makes the next FLUSH a durable commit.
+    pub async fn journal_early(&self) {
+        let Some(j) = &self.journal else { return };
+        let Ok(_writing) = j.flushing.try_lock() else { return };
+        let taken = match j.ring.lock() {
+            Ok(mut r) => r.take_eager().map(|b| (b, r.slots())),
+            Err(_) => None,
+        };
+        let Some((batch, slots)) = taken else { return };
+        if let Err(e) = self.write_blocks(j, &batch, slots).await {
+            tracing::warn!(error = %e, "journal write failed; the next FLUSH commits the metadata instead");
+            if let Ok(mut r) = j.ring.lock() {
+                r.lose(batch.max_seq);
+            }
+        }
+    }
+
+    /// Writes a batch's blocks at their slots (one write per run of slots).
+    async fn write_blocks(&self, j: &Journal, b: &journal::Batch, slots: u64) -> Result<(), EngineError> {
         let blocks = journal::batch_blocks(j.tag, b.first_block, &b.payload);
         let mut i = 0;
         while i < blocks.len() {
@@ -324,7 +355,7 @@ impl Space {
             self.pool.write_region(j.start + slot * journal::BLOCK as u64, buf.freeze()).await?;
             i += run;
         }
-        self.sync_pool().await
+        Ok(())
     }
 
     /// Recovery of the metadata store after an I/O error (a full or failing disk under the data
