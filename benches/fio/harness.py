@@ -16,15 +16,27 @@ import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, ti
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# name, fio options, metric direction
+# name, fio options, metric direction. Every target is prefilled (reads read data, writes
+# overwrite) except in the "fresh" jobs, which write into a new target (first writes: a sparse
+# raw file, a new volume or image).
+FRESH = " fresh"
 JOBS = [
     ("4k randread QD32", dict(rw="randread", bs="4k", iodepth=32, numjobs=1), "read"),
     ("4k randread QD32 x2", dict(rw="randread", bs="4k", iodepth=32, numjobs=2), "read"),
     ("4k randwrite QD32", dict(rw="randwrite", bs="4k", iodepth=32, numjobs=1), "write"),
+    ("4k randwrite QD32" + FRESH, dict(rw="randwrite", bs="4k", iodepth=32, numjobs=1), "write"),
     ("4k randwrite QD32 x2", dict(rw="randwrite", bs="4k", iodepth=32, numjobs=2), "write"),
+    ("128k seq read QD8", dict(rw="read", bs="128k", iodepth=8, numjobs=1), "read"),
+    ("128k seq write QD8", dict(rw="write", bs="128k", iodepth=8, numjobs=1), "write"),
     ("1M seq read QD8", dict(rw="read", bs="1M", iodepth=8, numjobs=1), "read"),
     ("1M seq write QD8", dict(rw="write", bs="1M", iodepth=8, numjobs=1), "write"),
+    ("1M seq write QD8" + FRESH, dict(rw="write", bs="1M", iodepth=8, numjobs=1), "write"),
     ("4k write QD1 + fsync", dict(rw="randwrite", bs="4k", iodepth=1, numjobs=1, fsync=1), "write"),
+    ("4k write QD1 + fsync" + FRESH, dict(rw="randwrite", bs="4k", iodepth=1, numjobs=1, fsync=1), "write"),
+    # Unaligned small writes: 512 bytes at 512 past a 4 KiB boundary (read-modify-write for
+    # anything with 4 KiB blocks).
+    ("512B randwrite QD32 at 4k+512", dict(rw="randwrite", bs="512", blockalign="4k", offset="512", size="99%",
+                                          iodepth=32, numjobs=1), "write"),
     ("first write after snapshot 4k randwrite", dict(rw="randwrite", bs="4k", iodepth=32, numjobs=1), "write"),
 ]
 COW_JOB = JOBS[-1][0]
@@ -379,7 +391,7 @@ def main():
     only = set(filter(None, args.only.split(",")))
     names = ["raw file (io_uring, direct)", "thinbd", "thinbd --buffered-io", "nbdkit file", "nbd-server", "qemu-nbd raw", "qemu-nbd qcow2", "qcow2 overlay (COW)"]
     keys = ["raw", "thinbd", "thinbd-buffered", "nbdkit", "nbd-server", "qemu-raw", "qemu-qcow2", "overlay"]
-    results = {}  # (job, key) -> (iops, MB/s, p99 us)
+    results = {}  # (job, key) -> (iops, MB/s, p99 us, server CPU ms per 1k requests)
     for key, name in zip(keys, names):
         if (only and key not in only) or (key == "thinbd-buffered" and key not in only):
             continue
@@ -413,35 +425,54 @@ def main():
                         prefill(fill, args.size)
                         t.stop_all()
                         target = t.qemu_nbd(t.image("overlay.qcow2", backing=base), "qcow2")
-                    if "read" in opts["rw"] and key != "overlay":
+                    if not job.endswith(FRESH) and job != COW_JOB and key != "overlay":
                         prefill(target, args.size)
-                    r = fio(target, opts, args.runtime, args.size)[direction]
+                    pids = [p.pid for p in t.procs]
+                    before = cpu_seconds(pids) if pids else None
+                    out = fio(target, opts, args.runtime, args.size)
+                    r = out[direction]
                     p99 = r["clat_ns"].get("percentile", {}).get("99.000000", 0) / 1000
-                    results[(job, key)] = (r["iops"], r["bw_bytes"] / 1e6, p99)
+                    # Server CPU per 1,000 requests (fio's ramp second included on both sides).
+                    ios = r["total_ios"] * (args.runtime + 1) / args.runtime if r["total_ios"] else 0
+                    cpu = (cpu_seconds(pids) - before) * 1e6 / ios if before is not None and ios else None
+                    results[(job, key)] = (r["iops"], r["bw_bytes"] / 1e6, p99, cpu)
                     print(f"{name:28} {job:40} {r['iops']:10.0f} IOPS {r['bw_bytes']/1e6:8.1f} MB/s p99 {p99:8.0f} us", file=sys.stderr)
                 except subprocess.CalledProcessError as e:
                     print(f"{name}: {job}: failed: {e.stderr[-500:]}", file=sys.stderr)
                 finally:
                     t.stop_all()
-    # Table.
+    # Tables.
     cols = [(k, n) for k, n in zip(keys, names) if (not only and k != "thinbd-buffered") or k in only]
+    jobs = [(job, opts) for job, opts, _ in JOBS if args.jobs in job]
+    big = lambda opts: opts["bs"] in ("128k", "1M")
     print(f"\nfio {os.popen('fio --version').read().strip()}, size {args.size}, {args.runtime} s per job, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}\n")
-    print("| job | " + " | ".join(n for _, n in cols) + " | thinbd / qemu-nbd qcow2 | thinbd / raw |")
-    print("|---|" + "---|" * (len(cols) + 2))
-    for job, opts, _ in JOBS:
-        if args.jobs not in job:
-            continue
+    print("| job | " + " | ".join(n for _, n in cols) + " | thinbd / raw |")
+    print("|---|" + "---|" * (len(cols) + 1))
+    for job, opts in jobs:
         cells = []
         for k, _ in cols:
             v = results.get((job, k))
-            big = opts["bs"] == "1M"
-            cells.append("–" if not v else (f"{v[1]:.0f} MB/s, p99 {v[2]:.0f} µs" if big else f"{v[0]/1000:.1f}k, p99 {v[2]:.0f} µs"))
-        t = results.get((job, "thinbd"))
-        ref = results.get((job, "overlay" if job == COW_JOB else "qemu-qcow2"))
-        raw = results.get((job, "raw"))
+            cells.append("–" if not v else (f"{v[1]:.0f} MB/s, p99 {v[2]:.0f} µs" if big(opts) else f"{v[0]/1000:.1f}k, p99 {v[2]:.0f} µs"))
         ratio = lambda a, b: f"{a[0]/b[0]:.2f}×" if a and b and b[0] else "–"
-        print(f"| {job} | " + " | ".join(cells) + f" | {ratio(t, ref)} | {ratio(t, raw)} |")
-    print("\n(IOPS in thousands for 4k jobs; the COW row compares thinbd after a snapshot with a qcow2 overlay.)")
+        print(f"| {job} | " + " | ".join(cells) + f" | {ratio(results.get((job, 'thinbd')), results.get((job, 'raw')))} |")
+    print("\n(IOPS in thousands unless MB/s; prefilled targets unless the job says fresh; the COW row compares thinbd after a snapshot with a qcow2 overlay.)")
+    peers = [(k, n) for k, n in cols if k != "thinbd"]
+    if (job_t := [j for j, _ in jobs if results.get((j, "thinbd"))]) and peers:
+        print("\nthinbd ÷ each target (above 1: thinbd is ahead):\n")
+        print("| job | " + " | ".join(n for _, n in peers) + " |")
+        print("|---|" + "---|" * len(peers))
+        for job in job_t:
+            t = results[(job, "thinbd")]
+            cells = [f"{t[0]/results[(job, k)][0]:.2f}×" if results.get((job, k)) and results[(job, k)][0] else "–" for k, _ in peers]
+            print(f"| {job} | " + " | ".join(cells) + " |")
+    servers = [(k, n) for k, n in cols if k not in ("raw", "nbd-server")]
+    if servers:
+        print("\nServer CPU per 1,000 requests (ms; user + system, whole process):\n")
+        print("| job | " + " | ".join(n for _, n in servers) + " |")
+        print("|---|" + "---|" * len(servers))
+        for job, _ in jobs:
+            cells = [f"{v[3]:.1f}" if (v := results.get((job, k))) and v[3] is not None else "–" for k, _ in servers]
+            print(f"| {job} | " + " | ".join(cells) + " |")
     if (not only or "thinbd" in only) and not args.jobs:
         footprint(args.dir, args.size)
 
