@@ -2,27 +2,30 @@
 //! `fdatasync` of the pool instead of a pool sync plus a durable metadata commit.
 //!
 //! Grouped (non-durable) metadata commits — a first write's `Map` and `Claim`, a TRIM's `Unmap`
-//! and `Free` — each get a sequence number and are kept here as records. A FLUSH writes the
-//! records kept since the last one into the journal region, the bytes between the pool's
-//! superblock and cluster 0, and syncs the pool once: data and records become durable together.
-//! The metadata store folds them in by itself (its grouped commits), and a durable commit of
-//! the store (an admin operation, or a checkpoint when the region fills) records the last
-//! sequence it covers, after which the region is free again. At start, records past that
-//! sequence are applied to the store before anything reads it ([`replay`]).
+//! and `Free` — each get a sequence number and become records here. Records reach the journal
+//! region (the bytes between the pool's superblock and cluster 0) in batches: a fresh
+//! cluster's record beside its data write, the rest at the next FLUSH; a FLUSH's sync makes
+//! data and records durable together. The metadata store folds the same changes in behind
+//! (its grouped commits), and a durable commit of the store (an admin operation, a clean stop,
+//! or a checkpoint when the region is half full) records the last sequence it covers, after
+//! which the slots of the batches up to there are free. At start, records past that sequence
+//! are applied to the store before anything reads it ([`replay`]).
 //!
 //! Layout: the region is a ring of 4 KiB blocks; block number `b` lives at slot `b % slots`.
-//! One FLUSH writes one *batch* of consecutive blocks, each naming the batch's first block and
-//! length and carrying a checksum, so a batch is used only when every one of its blocks arrived
-//! whole. Records are applied in sequence order from the store's sequence on and stop at the
-//! first gap (the tail of a batch cut by a power loss).
+//! A batch is a run of consecutive blocks, each naming the batch's first block and length and
+//! carrying a checksum, so a batch is used only when every one of its blocks arrived whole.
+//! Records are applied in sequence order from the store's sequence on and stop at the first
+//! gap: a batch cut by a power loss, or a record that was still waiting for a FLUSH while later
+//! ones were written. Nothing past a gap was acknowledged by a FLUSH (a FLUSH writes every
+//! record before it syncs), and its sequences are never handed out again.
 //!
 //! Isolation (invariant 2): one sync makes records and data durable in no particular order, so
-//! a record may survive a power cut that loses its cluster's data. That is harmless for a
-//! cluster that reads zeros on disk (above the high-water mark, zeroed at start); for a reused
-//! cluster, which still holds its previous owner's bytes, the batch syncs the data first.
+//! a record may survive a power cut that loses its cluster's data. That is harmless only for a
+//! cluster that read zeros before (above the high-water mark, zeroed at start, with nothing
+//! below it in the layers); a record for a reused cluster, or one over a snapshot's data, waits
+//! for the FLUSH, which syncs the data before writing it ([`Batch::data_first`]).
 
 use std::sync::Mutex;
-use std::sync::atomic::AtomicBool;
 
 use crate::meta::store::MetaOp;
 
@@ -323,6 +326,11 @@ impl Ring {
         Some(self.batch(eager.bytes, eager.max, false))
     }
 
+    /// Whether a batch was lost that no durable commit covers yet.
+    pub fn has_lost(&self) -> bool {
+        self.lost.is_some()
+    }
+
     /// A batch with sequences up to `max_seq` did not reach the disk.
     pub fn lose(&mut self, max_seq: u64) {
         self.lost = Some(self.lost.unwrap_or(0).max(max_seq));
@@ -377,8 +385,6 @@ pub struct Journal {
     pub start: u64,
     /// Every block carries it, so blocks of another pool are never read as ours.
     pub tag: u64,
-    /// A checkpoint (durable commit) was started in the background and has not finished.
-    pub checkpointing: AtomicBool,
 }
 
 impl Journal {
@@ -388,7 +394,6 @@ impl Journal {
             flushing: tokio::sync::Mutex::new(()),
             start,
             tag,
-            checkpointing: AtomicBool::new(false),
         }
     }
 }
@@ -524,6 +529,14 @@ mod tests {
         let b = write(&mut ring, &mut r);
         assert!(b.data_first);
         assert_eq!(seqs(&r), vec![1, 2, 3]);
+        // A batch whose write failed: nothing is pending, yet the FLUSH must not pass with a
+        // bare sync until a durable commit covers it.
+        ring.lose(3);
+        assert!(ring.is_empty() && ring.has_lost() && ring.take().is_none());
+        ring.checkpointed(2);
+        assert!(ring.has_lost());
+        ring.checkpointed(3);
+        assert!(!ring.has_lost());
     }
 
     #[test]

@@ -271,9 +271,9 @@ impl Space {
             .map_err(|e| EngineError::Internal(format!("sync task: {e}")))?
     }
 
-    /// FLUSH with a journal: the records of grouped commits since the last FLUSH go into the
-    /// journal region and one sync of the pool makes them durable with the data they map (two
-    /// when a record claims a reused cluster: its data first). Clusters freed before are
+    /// FLUSH with a journal: the records not yet written go into the journal region and one
+    /// sync of the pool makes them durable with the data they map (two when a record must
+    /// follow its data: [`journal::Batch::data_first`]). Clusters freed before are
     /// reusable after it. When the region has no room, or a batch was lost, a durable commit
     /// does it instead, and a FLUSH that leaves the region more than half full makes one too,
     /// which frees the region.
@@ -283,7 +283,8 @@ impl Space {
         let released = self.alloc()?.take_pending();
         let (batch, slots) = {
             let mut ring = j.ring.lock().map_err(|_| poisoned())?;
-            let batch = if ring.is_empty() { Ok(None) } else { ring.take().map(Some).ok_or(()) };
+            // A lost batch (even an early one, with nothing pending now) needs a durable commit.
+            let batch = if ring.is_empty() && !ring.has_lost() { Ok(None) } else { ring.take().map(Some).ok_or(()) };
             (batch, ring.slots())
         };
         let Ok(batch) = batch else {
