@@ -236,8 +236,7 @@ impl LayerGraph {
             && self.space.journaled()
             && ops.iter().all(crate::space::journal::journaled)
         {
-            // Journaled: memory first, then the record (which cannot fail), so that whatever
-            // has a sequence number is in memory when the store is rewritten from it.
+            // Journaled: putting the record on the ring cannot fail, so memory may go first.
             crate::layers::edit::apply(edits)?;
             return self.space.commit_as(ops, how).await;
         }

@@ -33,6 +33,8 @@ enum Job {
 
 /// Most commits folded into one transaction.
 const BATCH: usize = 512;
+/// How long journaled commits (which nobody waits for) are gathered before one transaction.
+const FOLD_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
 
 pub struct Committer {
     tx: Mutex<Option<Sender<Job>>>,
@@ -61,8 +63,17 @@ fn run(rx: Receiver<Job>, store: Arc<Store>, dirty: Arc<AtomicBool>) {
                 (ops, vec![reply])
             }
         };
+        // Nobody waits for journaled commits: gather them for a while, so that redb's
+        // per-transaction work is paid once per many first writes, not once per request.
+        let deadline = std::time::Instant::now() + FOLD_DELAY;
         while replies.len() < BATCH {
-            match rx.try_recv() {
+            let waited = replies.iter().all(Option::is_none);
+            let job = match rx.try_recv() {
+                Ok(j) => Ok(j),
+                Err(_) if waited => rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())),
+                Err(_) => break,
+            };
+            match job {
                 Ok(Job::Grouped { ops: o, seq, reply }) => {
                     ops.extend(o);
                     folded = seq.or(folded);
@@ -119,14 +130,19 @@ impl Committer {
 
     /// Puts `ops` on the journal's ring as its next record and queues them for the store,
     /// without waiting: once this returns, the next FLUSH makes them durable. The record and
-    /// the queue take the same order (one lock), which the store's commits keep.
-    pub fn journal(&self, journal: &Journal, ops: Vec<MetaOp>, data_first: bool) {
+    /// the queue take the same order (one lock), which the store's commits keep. `shown`:
+    /// memory already shows the change (else the caller reports it with `Ring::applied`).
+    pub fn journal(&self, journal: &Journal, ops: Vec<MetaOp>, data_first: bool, shown: bool) -> u64 {
         let mut ring = journal.ring.lock().unwrap_or_else(|p| p.into_inner());
         let seq = ring.push(&ops, data_first);
+        if !shown {
+            ring.unapplied(seq);
+        }
         if self.send(Job::Grouped { ops, seq: Some(seq), reply: None }).is_err() {
             // Stopping: the ring still has the record for the final FLUSH.
             tracing::debug!(seq, "commit thread gone; the record stays in the journal");
         }
+        seq
     }
 
     /// Runs `f` on the commit thread after every commit queued before it, with the last

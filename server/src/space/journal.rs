@@ -258,6 +258,9 @@ pub struct Ring {
     /// sequence.
     written: std::collections::VecDeque<(u64, u64)>,
     slots: u64,
+    /// Records on the ring whose changes memory does not show yet (a first write's record
+    /// goes out beside its data; memory maps the cluster after the data).
+    unapplied: std::collections::BTreeSet<u64>,
     /// A batch up to this sequence was lost (its write or sync failed): FLUSH makes a durable
     /// commit until one covers it.
     lost: Option<u64>,
@@ -285,6 +288,21 @@ impl Ring {
         p.max = self.committed;
         encode(self.committed, ops, &mut p.bytes);
         self.committed
+    }
+
+    /// Marks record `seq` as not yet shown by memory, until [`Ring::applied`].
+    pub fn unapplied(&mut self, seq: u64) {
+        self.unapplied.insert(seq);
+    }
+
+    pub fn applied(&mut self, seq: u64) {
+        self.unapplied.remove(&seq);
+    }
+
+    /// The last sequence up to which memory shows every record: what a store rewritten from
+    /// memory holds.
+    pub fn shown(&self) -> u64 {
+        self.unapplied.first().map_or(self.committed, |s| s - 1)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -537,6 +555,18 @@ mod tests {
         assert!(ring.has_lost());
         ring.checkpointed(3);
         assert!(!ring.has_lost());
+    }
+
+    #[test]
+    fn a_rewrite_from_memory_covers_only_what_memory_shows() {
+        let mut ring = Ring::new(8, 0, 0);
+        ring.push(&ops_of(1), false);
+        let ahead = ring.push(&ops_of(2), false);
+        ring.unapplied(ahead);
+        ring.push(&ops_of(3), false);
+        assert_eq!(ring.shown(), 1, "record 2 is not in memory yet");
+        ring.applied(ahead);
+        assert_eq!(ring.shown(), 3);
     }
 
     #[test]

@@ -151,6 +151,20 @@ impl Space {
         }))
     }
 
+    /// Puts a first write's record on the journal ring before memory shows it (see
+    /// `io::local`); `None` without a journal. Memory must follow with [`Space::shown`].
+    pub fn journal_ahead(&self, ops: Vec<MetaOp>) -> Option<u64> {
+        let j = self.journal.as_ref()?;
+        Some(self.committer.journal(j, ops, false, false))
+    }
+
+    /// Memory now shows record `seq` (from [`Space::journal_ahead`]).
+    pub fn shown(&self, seq: u64) {
+        if let Some(j) = &self.journal {
+            j.ring.lock().unwrap_or_else(|p| p.into_inner()).applied(seq);
+        }
+    }
+
     /// Blocks until the store holds every commit queued so far (journaled ones are folded in
     /// behind the requests that made them): for checks that compare it with memory.
     pub fn settle(&self) -> Result<(), EngineError> {
@@ -190,7 +204,7 @@ impl Space {
         {
             // Never fails (the caller changed memory already); a failed store is recovered by
             // the next durable commit, at the latest when the ring fills.
-            self.committer.journal(j, ops, data_first);
+            self.committer.journal(j, ops, data_first, true);
             return Ok(());
         }
         if self.store.failed() {
@@ -383,9 +397,9 @@ impl Space {
         let me = self.clone();
         let released = tokio::task::spawn_blocking(move || {
             let disk = me.store.reopen()?;
-            // Read before the view: a journaled change is in memory before its record is on
-            // the ring, so the view holds every sequence up to here.
-            let covered = me.journal.as_ref().map(|j| j.ring.lock().map(|r| r.committed)).transpose();
+            // Read before the view: memory shows every record up to here, so the rewritten
+            // store holds them and replay must not apply them again.
+            let covered = me.journal.as_ref().map(|j| j.ring.lock().map(|r| r.shown())).transpose();
             let covered = covered.map_err(|_| poisoned())?;
             let mut ops = view.resync_ops(&disk, &me)?;
             ops.extend(covered.map(MetaOp::SetJournaled));
