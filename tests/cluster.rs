@@ -1075,7 +1075,8 @@ fn a_snapshot_of_a_replicated_volume_is_the_same_point_on_every_copy() {
 /// A copy that left the in-sync set (its node killed) and comes back is rebuilt by the target
 /// as soon as the node registers again: from the mark the target took where it left, it
 /// receives only what it missed (a write and a TRIM), rejoins the set in etcd, and the session
-/// that was open all along writes to it from then on.
+/// that was open all along writes to it from then on. Of the clusters changed since the mark,
+/// only the 4 KiB blocks that differ on the copy are sent.
 #[test]
 fn a_copy_that_comes_back_is_rebuilt_and_gets_the_later_writes() {
     use thinbd_protocol::client::{Client, ClientOptions};
@@ -1100,6 +1101,11 @@ fn a_copy_that_comes_back_is_rebuilt_and_gets_the_later_writes() {
                     c.write((i as u64) << 20, b, 0).await.unwrap();
                     if i == 1 {
                         c.trim(0, 128 << 10).await.unwrap();
+                        for k in 0..8u64 {
+                            c.write((8 << 20) + (k << 16) + 4096, &thinbd_tests::pattern(60 + k, 4096), 0)
+                                .await
+                                .unwrap();
+                        }
                     }
                     c.flush().await.unwrap();
                     tx.send(i).unwrap();
@@ -1133,13 +1139,19 @@ fn a_copy_that_comes_back_is_rebuilt_and_gets_the_later_writes() {
         assert!(copy[i << 20..(i << 20) + b.len()] == b[..], "block {i} is not on node-3's copy");
     }
     let before = read_copy(&fabric, 3, &export, epoch, 8 << 20, 2 << 20);
-    assert!(before == thinbd_tests::pattern(59, 2 << 20), "node-3's copy lost what it had before it left");
-    // Delta: a mark where node-3 left; only the chunk written while it was away is copied
-    // (block 1), not the 2 MiB it had.
+    let mut want = thinbd_tests::pattern(59, 2 << 20);
+    for k in 0..8u64 {
+        let at = ((k << 16) + 4096) as usize;
+        want[at..at + 4096].copy_from_slice(&thinbd_tests::pattern(60 + k, 4096));
+    }
+    assert!(before == want, "node-3's copy lacks the 4 KiB writes it missed or lost what it had before it left");
+    // Delta: a mark where node-3 left; only what was written while it was away is copied
+    // (block 1, and the eight 4 KiB writes: not the 64 KiB clusters around them, nor the
+    // 2 MiB it had).
     let log = nodes[0].log_text();
     assert!(log.contains("marked where a copy left"), "no mark was taken");
     let rebuilt = log.lines().find(|l| l.contains("copy rebuilt and back in sync")).expect("the rebuild's log line");
-    assert!(rebuilt.contains("delta=true") && rebuilt.contains("copied=131072"), "{rebuilt}");
+    assert!(rebuilt.contains("delta=true") && rebuilt.contains("copied=163840"), "{rebuilt}");
 }
 
 /// A copy that was away while snapshots were taken and deleted comes back with the layers the

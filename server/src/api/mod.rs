@@ -1037,8 +1037,10 @@ impl Management for Api {
             return Err(Status::out_of_range(format!("{}+{} is past the end of {}", r.offset, r.length, local.name())));
         }
         let data = crate::io::read_all(&local, r.offset, r.length).await.map_err(status)?;
-        let crc32c = data.chunks(r.piece_bytes as usize).map(crc32c::crc32c).collect();
-        Ok(Response::new(pb::ChecksumsResponse { crc32c }))
+        let pieces = data.chunks(r.piece_bytes as usize);
+        let crc32c = pieces.clone().map(crc32c::crc32c).collect();
+        let sha256 = if r.sha256 { pieces.map(crate::cluster::scrub::digest).collect() } else { Vec::new() };
+        Ok(Response::new(pb::ChecksumsResponse { crc32c, sha256 }))
     }
 
     async fn force_promote(&self, req: Request<pb::ForcePromoteRequest>) -> Result<Response<pb::Volume>, Status> {

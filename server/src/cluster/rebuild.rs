@@ -8,7 +8,8 @@
 //! must match what was sent.
 //!
 //! A copy that left the set comes back with the snapshot layers it lacks and, where its target
-//! marked the point it left (a hidden snapshot), only the chunks changed since.
+//! marked the point it left (a hidden snapshot), only the chunks changed since; within those,
+//! only the 4 KiB blocks whose SHA-256 differs on the copy are sent.
 
 use std::sync::Arc;
 
@@ -71,6 +72,9 @@ struct Copier<'a> {
     /// (only the checksum crosses the network).
     verify: super::Peer,
     volume: &'a str,
+    /// The copy holds an earlier version of what is copied (a delta or resumed rebuild): only
+    /// the blocks whose SHA-256 differs there are sent.
+    diff: bool,
     rate: u64,
     bucket: std::sync::Mutex<crate::qos::rate_limiter::TokenBucket>,
     /// Bytes of data written (holes are unmapped, not counted).
@@ -89,14 +93,17 @@ struct Unchecked {
     sum: u32,
 }
 
+/// The unit a delta rebuild compares and sends: the block size clients write in.
+const BLOCK: usize = 4096;
+
 /// Chunks copied at once: a rebuild keeps the link busy while each chunk is read, written
 /// and checked in turn.
 const PARALLEL: usize = 16;
 
 impl<'a> Copier<'a> {
-    fn new(to: &'a Backing, node: &'a str, verify: super::Peer, volume: &'a str, rate: u64) -> Self {
+    fn new(to: &'a Backing, node: &'a str, verify: super::Peer, volume: &'a str, diff: bool, rate: u64) -> Self {
         let bucket = crate::qos::rate_limiter::TokenBucket::new(rate, CHUNK as f64, std::time::Instant::now());
-        Copier { to, node, verify, volume, rate, bucket: bucket.into(), copied: Default::default() }
+        Copier { to, node, verify, volume, diff, rate, bucket: bucket.into(), copied: Default::default() }
     }
 
     fn copied(&self) -> u64 {
@@ -121,9 +128,46 @@ impl<'a> Copier<'a> {
         }
         let data = crate::io::read_all(from, at, n).await?;
         let sum = crc32c::crc32c(&data);
-        self.to.write(at, data, false).await?;
-        self.copied.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        let sent = if self.diff {
+            self.write_differing(at, data).await?
+        } else {
+            self.to.write(at, data, false).await?;
+            n as u64
+        };
+        self.copied.fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
         Ok((n, Some(Unchecked { at, len: n, sum })))
+    }
+
+    /// Writes to the copy the runs of [`BLOCK`]s of `data` (at `at`) whose SHA-256 differs
+    /// from what the copy holds there (its node computes them: only digests cross the
+    /// network). A copy that missed a few 4 KiB writes into a cluster gets those, not the
+    /// cluster. Returns the bytes sent.
+    async fn write_differing(&self, at: u64, data: bytes::Bytes) -> Result<u64, EngineError> {
+        let asked = thinbd_api::pb::ChecksumsRequest {
+            volume: self.volume.to_string(),
+            offset: at,
+            length: data.len() as u32,
+            piece_bytes: BLOCK as u32,
+            sha256: true,
+        };
+        let theirs = self.verify.clone().checksums(asked).await.map_err(|e| {
+            EngineError::Unavailable(format!("digests of {}'s copy at {at}: {}", self.node, e.message()))
+        })?;
+        let theirs = theirs.into_inner().sha256;
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for (i, block) in data.chunks(BLOCK).enumerate() {
+            if theirs.get(i).is_some_and(|t| *t == super::scrub::digest(block)) {
+                continue;
+            }
+            let (start, end) = (i * BLOCK, i * BLOCK + block.len());
+            match runs.last_mut() {
+                Some(run) if run.1 == start => run.1 = end,
+                _ => runs.push((start, end)),
+            }
+        }
+        let writes = runs.iter().map(|&(s, e)| self.to.write(at + s as u64, data.slice(s..e), false));
+        futures_util::future::try_join_all(writes).await?;
+        Ok(runs.iter().map(|(s, e)| (e - s) as u64).sum())
     }
 
     /// Charges `n` bytes about to be copied to the rebuild rate (before the copy starts, so
@@ -174,6 +218,7 @@ impl<'a> Copier<'a> {
             offset: u.at,
             length: u.len,
             piece_bytes: u.len,
+            sha256: false,
         };
         let stored = self.verify.clone().checksums(asked).await.map_err(|e| {
             EngineError::Unavailable(format!("checksum of {}'s copy at {}: {}", self.node, u.at, e.message()))
@@ -396,13 +441,14 @@ pub async fn rebuild(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &str) -> R
     let to = linker.link(node).await?;
     let size = from.size();
     let verify = cluster.peer(node).map_err(cluster_err)?;
-    let copier = Copier::new(&to, node, verify, &spec.uuid, cluster.rebuild_rate());
     let delta = known.layer.is_some();
-    let layers;
-    (known, layers) = copy_layers(cluster, spec, node, &source, &copier, known).await?;
     // How far an earlier rebuild of this copy got (flushed on the copy when recorded), under
     // this target or the one before (no writes this target's log lacks came in between).
     let before = set.rebuilding.iter().find(|r| r.node == node).map(|r| (r.done.min(size), r.epoch));
+    let diff = delta || before.is_some_and(|(done, _)| done > 0);
+    let copier = Copier::new(&to, node, verify, &spec.uuid, diff, cluster.rebuild_rate());
+    let layers;
+    (known, layers) = copy_layers(cluster, spec, node, &source, &copier, known).await?;
     let (resume, since) = {
         let _held = shared.order.barrier().await?;
         if !shared.start_rebuild(node, size)? {

@@ -32,6 +32,14 @@ pub struct Scrubbed {
     pub repaired: bool,
 }
 
+/// The SHA-256 of a piece: what decides that a copy already holds it (a delta rebuild then
+/// does not send it). CRC32C is linear and 32 bits: fine to find a difference, too weak to
+/// declare two pieces equal.
+pub fn digest(piece: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(piece).to_vec()
+}
+
 /// Pieces compared by checksum (the default cluster size).
 const PIECE: u32 = 64 << 10;
 
@@ -47,8 +55,13 @@ async fn checksums(
     at: u64,
     len: u32,
 ) -> Result<Vec<Option<Vec<u32>>>, EngineError> {
-    let request =
-        thinbd_api::pb::ChecksumsRequest { volume: what.to_string(), offset: at, length: len, piece_bytes: PIECE };
+    let request = thinbd_api::pb::ChecksumsRequest {
+        volume: what.to_string(),
+        offset: at,
+        length: len,
+        piece_bytes: PIECE,
+        sha256: false,
+    };
     let asked = peers.iter_mut().zip(members).map(|(p, node)| {
         let request = request.clone();
         async move {
