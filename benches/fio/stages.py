@@ -56,7 +56,7 @@ def main():
         if os.environ.get("PERF"):
             perf = subprocess.Popen(["perf", "record", "-F", "1999", "-g", "-p", str(server.pid), "-o", "/tmp/perf.data",
                                      "--", "sleep", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        r = subprocess.run(["fio", "--name=j", "--size=1G", f"--rw={job}", "--bs=4k", f"--iodepth={qd}", "--runtime=5",
+        r = subprocess.run(["fio", "--name=j", "--size=1G", f"--rw={job}", f"--bs={os.environ.get('BS', '4k')}", f"--iodepth={qd}", "--runtime=5",
                             "--time_based", "--ioengine=nbd", f"--uri={uri}", "--output-format=json"],
                            check=True, capture_output=True, text=True)
         after, c1, t1 = stages(metrics), cpu_seconds(server.pid), time.time()

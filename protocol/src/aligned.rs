@@ -44,6 +44,35 @@ impl AlignedBuf {
     }
 }
 
+/// Reads exactly `len` bytes from `rd` into a fresh buffer on a 4 KiB boundary: what `rd`
+/// already buffered is copied, the rest is read from the socket straight into the buffer (a
+/// 128 KiB write's payload would otherwise be copied twice, socket → read buffer → payload).
+/// The buffer is not zeroed first: the bytes land in the spare capacity of a `BytesMut` slid
+/// to the boundary, which tokio fills without exposing uninitialised memory.
+pub async fn read_aligned<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut tokio::io::BufReader<R>,
+    len: usize,
+) -> std::io::Result<Bytes> {
+    use bytes::BufMut;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut buf = bytes::BytesMut::with_capacity(len + DIRECT_ALIGN - 1);
+    let pad = (buf.as_ptr() as usize).wrapping_neg() % DIRECT_ALIGN;
+    buf.put_bytes(0, pad);
+    let mut buf = buf.split_off(pad);
+    let buffered = rd.buffer();
+    let n = buffered.len().min(len);
+    buf.extend_from_slice(&buffered[..n]);
+    rd.consume(n);
+    // Past what was buffered, `rd`'s buffer is empty: reading its source directly is in order.
+    while buf.len() < len {
+        let want = len - buf.len();
+        if rd.get_mut().read_buf(&mut (&mut buf).limit(want)).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(buf.freeze())
+}
+
 pub fn is_aligned(b: &[u8]) -> bool {
     (b.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
 }
@@ -66,5 +95,31 @@ mod tests {
             assert_eq!(f.len(), len);
             assert!(f[..len.saturating_sub(1)].iter().all(|x| *x == 0));
         }
+    }
+
+    #[tokio::test]
+    async fn payloads_read_from_a_stream_are_aligned_and_exact() {
+        use tokio::io::{AsyncReadExt, BufReader};
+        // Payloads after a header, with the reader's buffer smaller and larger than they are.
+        for capacity in [64usize, 4096, 256 << 10] {
+            for len in [0usize, 1, 4095, 4096, 131072, 1 << 20] {
+                let stream: Vec<u8> = (0..len + 128).map(|i| (i % 251) as u8).collect();
+                let mut rd = BufReader::with_capacity(capacity, std::io::Cursor::new(stream));
+                let mut header = [0u8; 28];
+                rd.read_exact(&mut header).await.unwrap();
+                let got = read_aligned(&mut rd, len).await.unwrap();
+                assert!(is_aligned(&got) || len == 0, "len {len}");
+                assert_eq!(got.len(), len);
+                assert!(got.iter().enumerate().all(|(i, b)| *b == ((i + 28) % 251) as u8), "len {len}");
+                // The bytes after the payload are still there, in order.
+                let mut rest = Vec::new();
+                rd.read_to_end(&mut rest).await.unwrap();
+                assert_eq!(rest.len(), 100, "capacity {capacity} len {len}");
+                assert_eq!(rest[0], ((len + 28) % 251) as u8);
+            }
+        }
+        let mut short = BufReader::new(std::io::Cursor::new(vec![1u8; 10]));
+        let e = read_aligned(&mut short, 11).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 }

@@ -187,8 +187,7 @@ pub async fn serve<D: BlockDevice>(
                 if req.length > limits.max_payload {
                     discard(&mut rd, req.length).await.map(|()| None)
                 } else {
-                    let mut buf = crate::aligned::AlignedBuf::zeroed(req.length as usize);
-                    rd.read_exact(buf.as_mut_slice()).await.map(|_| Some(buf.freeze()))
+                    crate::aligned::read_aligned(&mut rd, req.length as usize).await.map(Some)
                 }
             };
             let r = tokio::select! {

@@ -161,16 +161,19 @@ impl LocalVolume {
         let last = end.div_ceil(cs);
         while first < last {
             let stop = last.min(first + RESOLVE_MAX);
-            for run in layer.resolve(first, stop)? {
+            // The runs of a fragmented range are read at once, not one after another.
+            let pieces = layer.resolve(first, stop)?.into_iter().map(|run| {
                 let (_, n, within) = clip(&run, cs, offset, end);
-                match run.mapping {
-                    Mapping::Data(p) => {
-                        let data = self.graph.space.pool.read_at(p * cs + within, n as usize).await?;
-                        out.push(ReadChunk::Data(data));
-                    }
-                    _ => out.push(ReadChunk::Hole(n as u32)),
+                async move {
+                    Ok::<_, EngineError>(match run.mapping {
+                        Mapping::Data(p) => {
+                            ReadChunk::Data(self.graph.space.pool.read_at(p * cs + within, n as usize).await?)
+                        }
+                        _ => ReadChunk::Hole(n as u32),
+                    })
                 }
-            }
+            });
+            out.extend(futures_util::future::try_join_all(pieces).await?);
             first = stop;
         }
         Ok(out)
@@ -203,17 +206,19 @@ impl LocalVolume {
     async fn write_runs(&self, runs: &[Run], offset: u64, data: &Bytes) -> Result<Vec<u64>, EngineError> {
         let cs = self.graph.space.cs;
         let end = offset + data.len() as u64;
-        let mut need = Vec::new();
+        let (mut need, mut writes) = (Vec::new(), Vec::new());
         for run in runs {
             let (start, n, within) = clip(run, cs, offset, end);
             match run.mapping {
                 Mapping::Data(p) => {
                     let slice = data.slice((start - offset) as usize..(start - offset + n) as usize);
-                    self.graph.space.pool.write_at(p * cs + within, slice).await?;
+                    writes.push(self.graph.space.pool.write_at(p * cs + within, slice));
                 }
                 _ => need.extend(run.vstart..run.vstart + run.count),
             }
         }
+        // The runs of a fragmented range are written at once, not one after another.
+        futures_util::future::try_join_all(writes).await?;
         Ok(need)
     }
 
