@@ -1,7 +1,8 @@
 //! thinbd's gRPC surface: the management API (`thinbd.v1`, what the CLI and the CSI controller
 //! call) and the Container Storage Interface (`csi.v1`), compiled from `proto/`, plus the
-//! management API's mutual-TLS configuration. The NBD protocol lives in `thinbd-protocol`.
+//! management API's mutual-TLS configuration and how the binaries log. The NBD protocol lives in `thinbd-protocol`.
 
+pub mod logging;
 pub mod tls;
 
 /// Generated gRPC code for `thinbd.v1`.

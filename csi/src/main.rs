@@ -27,6 +27,9 @@ struct Cli {
     /// Where to serve CSI: unix:///path/to/csi.sock
     #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
     endpoint: String,
+    /// Log lines as text (colours only on a terminal) or JSON, one object per line.
+    #[arg(long, value_enum, default_value = "text", env = "THINBD_LOG_FORMAT")]
+    log_format: thinbd_api::logging::LogFormat,
     /// This node's name (Kubernetes node name); required for the node service.
     #[arg(long, env = "NODE_ID")]
     node_id: Option<String>,
@@ -82,14 +85,8 @@ fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    thinbd_api::logging::init(cli.log_format);
     let path = socket_path(&cli.endpoint)?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::RootCertStore;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tokio_rustls::TlsAcceptor;
@@ -24,7 +25,7 @@ pub enum TlsError {
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let p = path.display().to_string();
     let data = std::fs::read(path).map_err(|source| TlsError::Read { path: p.clone(), source })?;
-    let certs = rustls_pemfile::certs(&mut &data[..])
+    let certs = CertificateDer::pem_slice_iter(&data)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Pem { path: p.clone(), what: e.to_string() })?;
     if certs.is_empty() {
@@ -36,9 +37,10 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let p = path.display().to_string();
     let data = std::fs::read(path).map_err(|source| TlsError::Read { path: p.clone(), source })?;
-    rustls_pemfile::private_key(&mut &data[..])
-        .map_err(|e| TlsError::Pem { path: p.clone(), what: e.to_string() })?
-        .ok_or(TlsError::Pem { path: p, what: "no private key found".into() })
+    PrivateKeyDer::from_pem_slice(&data).map_err(|e| match e {
+        pem::Error::NoItemsFound => TlsError::Pem { path: p, what: "no private key found".into() },
+        e => TlsError::Pem { path: p, what: e.to_string() },
+    })
 }
 
 fn roots(path: &Path) -> Result<RootCertStore, TlsError> {

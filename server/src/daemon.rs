@@ -27,12 +27,18 @@ pub struct ServeOptions {
     /// Where the pool file, metadata and lock live.
     #[arg(long, default_value = "./thinbd-data")]
     pub data_dir: PathBuf,
+    /// Address the NBD server listens on.
     #[arg(long, default_value = "127.0.0.1:10809")]
     pub nbd_listen: SocketAddr,
+    /// Address the management API (gRPC) listens on.
     #[arg(long, default_value = "127.0.0.1:10810")]
     pub api_listen: SocketAddr,
+    /// Address of the Prometheus metrics page (`/metrics`).
     #[arg(long, default_value = "127.0.0.1:10811")]
     pub metrics_listen: SocketAddr,
+    /// Log lines as text (colours only on a terminal) or JSON, one object per line.
+    #[arg(long, value_enum, default_value = "text", env = "THINBD_LOG_FORMAT")]
+    pub log_format: thinbd_api::logging::LogFormat,
     /// Pool capacity, e.g. 10GiB (default 10 GiB for a new pool; may grow later).
     #[arg(long, value_parser = crate::size::parse_size)]
     pub capacity: Option<u64>,
@@ -73,8 +79,10 @@ pub struct ServeOptions {
     /// certificates signed by --api-tls-client-ca.
     #[arg(long, requires_all = ["api_tls_key", "api_tls_client_ca"])]
     pub api_tls_cert: Option<PathBuf>,
+    /// PEM private key of --api-tls-cert.
     #[arg(long, requires = "api_tls_cert")]
     pub api_tls_key: Option<PathBuf>,
+    /// PEM CA bundle: API clients must present a certificate it signed.
     #[arg(long, requires = "api_tls_cert")]
     pub api_tls_client_ca: Option<PathBuf>,
     /// Serve even if the consistency check at start finds problems (see `thinbd fsck`).
@@ -112,6 +120,7 @@ pub struct ServeOptions {
     /// Client certificate for etcd.
     #[arg(long, requires_all = ["etcd_ca", "etcd_key"])]
     pub etcd_cert: Option<PathBuf>,
+    /// Private key of --etcd-cert.
     #[arg(long, requires = "etcd_cert")]
     pub etcd_key: Option<PathBuf>,
     /// Seconds without a lease renewal after which the cluster shows this node down.
@@ -131,8 +140,10 @@ pub struct ServeOptions {
     /// --peer-tls-cert/--peer-tls-key as this node's client certificate.
     #[arg(long, requires_all = ["etcd", "peer_tls_cert", "peer_tls_key"])]
     pub peer_tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM) for calls to and from other nodes.
     #[arg(long, requires = "peer_tls_ca")]
     pub peer_tls_cert: Option<PathBuf>,
+    /// Private key of --peer-tls-cert.
     #[arg(long, requires = "peer_tls_ca")]
     pub peer_tls_key: Option<PathBuf>,
     /// The name the other nodes' certificates carry (one certificate shared by every storage

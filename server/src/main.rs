@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+mod exit_code;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use thinbd::daemon::{ServeOptions, serve};
@@ -12,7 +14,12 @@ use thinbd_api::pb::management_client::ManagementClient;
 use tonic::transport::Channel;
 
 #[derive(Parser)]
-#[command(name = "thinbd", version, about = "Thin-provisioned copy-on-write block volumes over NBD")]
+#[command(
+    name = "thinbd",
+    version,
+    about = "Thin-provisioned copy-on-write block volumes over NBD",
+    after_help = exit_code::HELP
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,8 +43,10 @@ struct ClientArgs {
     /// CA that signed the API server's certificate: talk TLS, presenting --api-cert/--api-key.
     #[arg(long, global = true, env = "THINBD_API_CA", requires_all = ["api_cert", "api_key"])]
     api_ca: Option<PathBuf>,
+    /// Client certificate (PEM) presented to the API server.
     #[arg(long, global = true, env = "THINBD_API_CERT")]
     api_cert: Option<PathBuf>,
+    /// Private key (PEM) of --api-cert.
     #[arg(long, global = true, env = "THINBD_API_KEY")]
     api_key: Option<PathBuf>,
     /// Name the API server's certificate carries, if not the host of --api.
@@ -62,8 +71,14 @@ impl ClientArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Run the storage daemon.
+    #[command(after_help = "Examples:\n  thinbd serve --data-dir /var/lib/thinbd --capacity 100GiB\n  \
+        thinbd serve --data-dir /var/lib/thinbd --etcd http://10.0.0.5:2379 --node-name node-1")]
     Serve(Box<ServeOptions>),
     /// Manage volumes.
+    #[command(after_help = "Examples:\n  thinbd volume create pg-data --size 20GiB\n  \
+        thinbd volume create pg-data --size 20Gi --replicas 3 --max-iops 5000\n  \
+        thinbd volume list -o json\n  thinbd volume resize pg-data --size 40GiB\n  \
+        thinbd volume publish pg-data --node node-1 --single-writer")]
     Volume {
         #[command(flatten)]
         client: ClientArgs,
@@ -71,6 +86,9 @@ enum Command {
         command: VolumeCommand,
     },
     /// Manage snapshots.
+    #[command(after_help = "Examples:\n  thinbd snapshot create pg-data before-upgrade\n  \
+        thinbd snapshot list pg-data\n  thinbd volume clone pg-data@before-upgrade pg-test\n  \
+        thinbd snapshot diff pg-data@before-upgrade pg-data -o json")]
     Snapshot {
         #[command(flatten)]
         client: ClientArgs,
@@ -78,6 +96,7 @@ enum Command {
         command: SnapshotCommand,
     },
     /// Cluster nodes (with `serve --etcd`), or this node alone.
+    #[command(after_help = "Example:\n  thinbd node list -o json")]
     Node {
         #[command(flatten)]
         client: ClientArgs,
@@ -85,14 +104,26 @@ enum Command {
         command: NodeCommand,
     },
     /// Show the pool.
+    #[command(after_help = "Example:\n  thinbd pool --api 10.0.0.7:10810")]
     Pool {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Print a shell completion script.
+    #[command(after_help = "Example:\n  thinbd completions bash > /etc/bash_completion.d/thinbd")]
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    #[command(after_help = "Example:\n  thinbd man > /usr/local/share/man/man1/thinbd.1")]
+    Man,
     /// Check that maps, allocator and layers agree (the daemon must be stopped).
     Fsck {
+        /// The daemon's data directory (meta.redb and pool.img).
         #[arg(long, default_value = "./thinbd-data")]
         data_dir: PathBuf,
+        /// Output format.
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -104,30 +135,54 @@ enum NodeCommand {
     List,
     /// Record that node NAME exists, so volumes may be published to it through CSI (the CSI
     /// node plugin does this itself).
-    Register { name: String },
+    Register {
+        /// The node's name (as Kubernetes knows it).
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum SnapshotCommand {
     /// Snapshot a volume (instant, copy-on-write).
-    Create { volume: String, name: String },
+    Create {
+        /// The volume.
+        volume: String,
+        /// The snapshot's name, unique within the volume.
+        name: String,
+    },
     /// List snapshots, of one volume or all.
-    List { volume: Option<String> },
+    List {
+        /// Only this volume's snapshots.
+        volume: Option<String>,
+    },
     /// Delete VOLUME@SNAPSHOT (or a snapshot's UUID), freeing the clusters nobody else
     /// references.
-    Delete { snapshot: String },
+    Delete {
+        /// VOLUME@SNAPSHOT or the snapshot's UUID.
+        snapshot: String,
+    },
     /// Snapshot NAME of every VOLUME at one instant (a group snapshot: a write acknowledged on
     /// one member before another's is never missing from the first while in the second).
     CreateGroup {
+        /// The snapshot's name on every volume.
         name: String,
+        /// The volumes (at least one).
         #[arg(required = true)]
         volumes: Vec<String>,
     },
     /// Byte ranges changed from snapshot BASE (VOLUME@SNAPSHOT) to TARGET (a later snapshot of
     /// the same volume, or the volume), exact at cluster granularity.
-    Diff { base: String, target: String },
+    Diff {
+        /// The earlier snapshot, VOLUME@SNAPSHOT.
+        base: String,
+        /// A later snapshot of the same volume (VOLUME@SNAPSHOT), or the volume.
+        target: String,
+    },
     /// Byte ranges TARGET (VOLUME@SNAPSHOT or VOLUME) holds data in.
-    Allocated { target: String },
+    Allocated {
+        /// VOLUME@SNAPSHOT or VOLUME.
+        target: String,
+    },
 }
 
 /// Prints changed or allocated ranges: a table, or `[{"offset":…,"length":…}]`.
@@ -165,15 +220,19 @@ struct QosArgs {
     /// Read plus write operations per second.
     #[arg(long)]
     max_iops: Option<u64>,
+    /// Read operations per second.
     #[arg(long)]
     max_read_iops: Option<u64>,
+    /// Write operations per second.
     #[arg(long)]
     max_write_iops: Option<u64>,
     /// Read plus write bytes per second, e.g. 100MiB.
     #[arg(long, value_parser = parse_size)]
     max_bandwidth: Option<u64>,
+    /// Read bytes per second, e.g. 100MiB.
     #[arg(long, value_parser = parse_size)]
     max_read_bandwidth: Option<u64>,
+    /// Write bytes per second, e.g. 100MiB.
     #[arg(long, value_parser = parse_size)]
     max_write_bandwidth: Option<u64>,
     /// Milliseconds of full speed a volume may save up while idle (default 100).
@@ -200,7 +259,9 @@ impl QosArgs {
 enum VolumeCommand {
     /// Create a thin volume.
     Create {
+        /// The volume's name, unique in the pool (or the cluster).
         name: String,
+        /// Size in bytes or with a unit: 20GiB, 20Gi, 512MiB.
         #[arg(long, value_parser = parse_size)]
         size: u64,
         #[command(flatten)]
@@ -224,34 +285,46 @@ enum VolumeCommand {
     },
     /// Rebuild the copies of a replicated volume that left the in-sync set (on its target;
     /// writes wait meanwhile) and bring them back in sync.
-    Rebuild { name: String },
+    Rebuild {
+        /// The volume.
+        name: String,
+    },
     /// Change how many copies a volume has (in a cluster): new ones are made on other nodes and
     /// rebuilt, removed ones leave the in-sync set first.
     SetReplicas {
+        /// The volume.
         name: String,
+        /// How many copies it keeps from now on.
         replicas: u32,
+        /// Copies that must stay in sync for writes to be acknowledged (default: replicas - 1,
+        /// at least 1).
         #[arg(long, default_value_t = 0)]
         min_insync: u32,
     },
     /// Compare the in-sync copies of a replicated volume (writes wait meanwhile) and report
     /// where they differ; --repair rewrites those ranges from the first copy.
     Scrub {
+        /// The volume.
         name: String,
+        /// Rewrite the differing ranges from the first copy.
         #[arg(long)]
         repair: bool,
     },
     /// Make one copy of a replicated volume the whole in-sync set when too few are left to
     /// acknowledge writes. Writes only the other copies had are lost: needs --accept-data-loss.
     ForcePromote {
+        /// The volume.
         name: String,
         /// The node whose copy is kept.
         #[arg(long)]
         node: String,
+        /// Confirm that writes only the other copies had are lost.
         #[arg(long)]
         accept_data_loss: bool,
     },
     /// Set or clear (no limit given) a volume's QoS limits; connected clients get them at once.
     SetQos {
+        /// The volume.
         name: String,
         #[command(flatten)]
         qos: QosArgs,
@@ -259,23 +332,39 @@ enum VolumeCommand {
     /// List volumes.
     List,
     /// Show one volume.
-    Show { name: String },
+    Show {
+        /// The volume's name or UUID.
+        name: String,
+    },
     /// Grow a volume (shrinking is refused).
     Resize {
+        /// The volume.
         name: String,
+        /// The new size, e.g. 40GiB.
         #[arg(long, value_parser = parse_size)]
         size: u64,
     },
     /// Delete a volume and free its clusters.
-    Delete { name: String },
+    Delete {
+        /// The volume.
+        name: String,
+    },
     /// Create a writable volume from VOLUME@SNAPSHOT or from a volume's current state.
-    Clone { source: String, name: String },
+    Clone {
+        /// VOLUME@SNAPSHOT, or a volume (cloned as it is now).
+        source: String,
+        /// The new volume's name.
+        name: String,
+    },
     /// Grant a node access and print the export name it must attach (what CSI
     /// ControllerPublishVolume does).
     Publish {
+        /// The volume.
         name: String,
+        /// The node that attaches it.
         #[arg(long)]
         node: String,
+        /// A read-only grant.
         #[arg(long)]
         read_only: bool,
         /// Refuse writable grants to other nodes while this one lasts.
@@ -284,7 +373,9 @@ enum VolumeCommand {
     },
     /// Revoke a node's grant and disconnect its sessions.
     Unpublish {
+        /// The volume.
         name: String,
+        /// The node whose grant goes.
         #[arg(long)]
         node: String,
     },
@@ -303,7 +394,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(exit_code::of(&e))
         }
     }
 }
@@ -311,19 +402,25 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(opts) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
+            thinbd_api::logging::init(opts.log_format);
             serve(*opts).await
         }
         Command::Volume { client, command } => volume_command(client, command).await,
         Command::Snapshot { client, command } => snapshot_command(client, command).await,
         Command::Fsck { data_dir, output } => fsck(&data_dir, output),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "thinbd",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man => {
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut std::io::stdout())?;
+            Ok(())
+        }
         Command::Node { client, command: NodeCommand::Register { name } } => {
             let mut c = connect(&client).await?;
             let n = c.register_node(pb::RegisterNodeRequest { name }).await.map_err(rpc_error)?.into_inner();
@@ -398,15 +495,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn connect(client: &ClientArgs) -> anyhow::Result<ManagementClient<Channel>> {
     let ep = thinbd_api::tls::api_endpoint(&client.api, client.tls().as_ref())?;
     let url = ep.uri().to_string();
-    let channel = ep
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach thinbd at {url} (is `thinbd serve` running? --api sets the address)"))?;
+    let channel = ep.connect().await.map_err(|e| {
+        anyhow::Error::new(e).context(exit_code::CommandError::new(
+            exit_code::Failure::Unreachable,
+            format!("cannot reach thinbd at {url} (is `thinbd serve` running? --api sets the address)"),
+        ))
+    })?;
     Ok(ManagementClient::new(channel))
 }
 
 fn rpc_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", s.message())
+    exit_code::CommandError::from_status(s).into()
 }
 
 fn volume_json(v: &pb::Volume) -> serde_json::Value {
@@ -747,4 +846,35 @@ fn fsck(data_dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
         anyhow::bail!("fsck found {} problem(s) in {}", report.problems.len(), data_dir.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every command and argument says what it is for: `--help`, the man page and the shell
+    /// completions show it.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if !matches!(id, "help" | "version") && a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(path.clone());
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let cli = super::Cli::command();
+        cli.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cli, "thinbd", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:#?}");
+    }
 }

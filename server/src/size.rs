@@ -1,6 +1,8 @@
-//! Human sizes on the command line: `512MiB`, `10GiB`, `1T`, plain bytes.
+//! Human sizes on the command line: `512MiB`, `10Gi` (as Kubernetes writes them), `1T`,
+//! plain bytes.
 
-/// Parses a size. Binary units (KiB, MiB, GiB, TiB) and their short forms (K, M, G, T) are
+/// Parses a size. Binary units (KiB, MiB, GiB, TiB) and their short forms (Ki, Mi, Gi, Ti as in
+/// Kubernetes quantities; K, M, G, T) are
 /// powers of 1024; KB/MB/GB/TB are powers of 1000, as people usually mean on the command line.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -11,11 +13,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     }
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "t" | "tib" => 1 << 40,
-        "p" | "pib" => 1 << 50,
+        "k" | "ki" | "kib" => 1 << 10,
+        "m" | "mi" | "mib" => 1 << 20,
+        "g" | "gi" | "gib" => 1 << 30,
+        "t" | "ti" | "tib" => 1 << 40,
+        "p" | "pi" | "pib" => 1 << 50,
         "kb" => 1_000,
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
@@ -64,6 +66,10 @@ mod tests {
         assert_eq!(parse_size("512MiB"), Ok(512 << 20));
         assert_eq!(parse_size("10GiB"), Ok(10 << 30));
         assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("20Gi"), Ok(20 << 30));
+        assert_eq!(parse_size("512Mi"), Ok(512 << 20));
+        assert_eq!(parse_size("4Ki"), Ok(4096));
+        assert_eq!(parse_size("1Ti"), Ok(1 << 40));
         assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
         assert_eq!(parse_size("2TB"), Ok(2_000_000_000_000));
         assert!(parse_size("GiB").is_err());
