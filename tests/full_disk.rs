@@ -115,6 +115,11 @@ fn a_full_data_dir_answers_enospc_and_recovers_when_grown() {
     }
     let refused = refused.expect("500 snapshots fit in a full filesystem?");
     assert!(refused.contains("metadata store"), "{refused}");
+    // Not ready while the store is failed (unless it already got back on its feet).
+    let ready = s.http_get("/readyz");
+    if !s.log_text().contains("metadata store recovered") {
+        assert!(ready.starts_with("HTTP/1.0 503") && ready.contains("metadata store"), "{ready}");
+    }
     runtime().block_on(async {
         let c = Client::connect(s.addr(), ClientOptions::new("vol")).await.unwrap();
         // Either the store could already be reopened in what space the failed commit left, or
@@ -150,6 +155,7 @@ fn a_full_data_dir_answers_enospc_and_recovers_when_grown() {
     });
     s.cli(&["snapshot", "create", "vol", "after"]);
     s.create_volume("new", "1MiB");
+    assert!(s.http_get("/readyz").starts_with("HTTP/1.0 200"), "ready again once the store recovered");
     let log = s.log_text();
     assert!(log.contains("metadata store I/O error"), "the metadata store never failed; the test did not fill it");
     assert!(log.contains("metadata store recovered"), "{log}");

@@ -217,9 +217,14 @@ impl Server {
     }
 
     pub fn metrics(&self) -> String {
+        self.http_get("/metrics")
+    }
+
+    /// The raw HTTP/1.0 response (status line, headers, body) of GET `path` on the metrics port.
+    pub fn http_get(&self, path: &str) -> String {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("metrics port");
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("request");
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).expect("request");
         let mut body = String::new();
         s.read_to_string(&mut body).expect("response");
         body

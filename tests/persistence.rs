@@ -171,6 +171,28 @@ fn metrics_report_ops_bytes_latency_and_pool() {
     }
 }
 
+/// Probes: `/healthz` (alive) and `/readyz` (takes work) on the metrics port, and the
+/// standard gRPC health service on the management API, SERVING until shutdown.
+#[test]
+fn health_endpoints_and_the_grpc_health_service_answer() {
+    let s = Server::start();
+    let live = s.http_get("/healthz");
+    assert!(live.starts_with("HTTP/1.0 200") && live.ends_with("ok\n"), "{live}");
+    let ready = s.http_get("/readyz");
+    assert!(ready.starts_with("HTTP/1.0 200") && ready.ends_with("ready\n"), "{ready}");
+    let status = runtime().block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", s.api_port))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let asked = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        health.check(asked).await.unwrap().into_inner().status
+    });
+    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+}
+
 /// `--stage-latency`: every request's time, stage by stage, on the metrics page (and nothing
 /// of it without the flag). The ring stages appear with the io_uring engine only.
 #[test]

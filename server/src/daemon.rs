@@ -330,8 +330,12 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let tls = thinbd_api::tls::api_server_tls(c, k, ca)?;
         api_builder = api_builder.tls_config(tls).context("management API TLS")?;
     }
+    // grpc.health.v1 for probes and load balancers: SERVING until shutdown starts.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ManagementServer<Api>>().await;
     let api_task = tokio::spawn(
         api_builder
+            .add_service(health_service)
             .add_service(ManagementServer::new(Api {
                 engine: engine.clone(),
                 node_name,
@@ -367,6 +371,26 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             }
         }),
     );
+    // Liveness: the process answers. Readiness: it is not stopping and its metadata store
+    // takes commits (the reason otherwise, with 503).
+    let ready_engine = engine.clone();
+    let ready_shutdown = shutdown.clone();
+    let router = router.route("/healthz", axum::routing::get(|| async { "ok\n" })).route(
+        "/readyz",
+        axum::routing::get(move || {
+            let reason = if ready_shutdown.is_cancelled() {
+                Some("shutting down".to_string())
+            } else {
+                ready_engine.not_ready()
+            };
+            async move {
+                match reason {
+                    Some(r) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {r}\n")),
+                    None => (axum::http::StatusCode::OK, "ready\n".to_string()),
+                }
+            }
+        }),
+    );
     let metrics_shutdown = shutdown.clone();
     let metrics_task = tokio::spawn(async move {
         axum::serve(metrics, router).with_graceful_shutdown(async move { metrics_shutdown.cancelled().await }).await
@@ -374,6 +398,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 
     wait_for_signal().await?;
     info!("shutting down: finishing in-flight requests");
+    health.set_not_serving::<ManagementServer<Api>>().await;
     shutdown.cancel();
     match tokio::time::timeout(Duration::from_secs(30), nbd_task).await {
         Ok(Ok(Err(e))) => warn!(error = %e, "NBD listener"),

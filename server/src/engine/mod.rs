@@ -344,6 +344,13 @@ impl Engine {
         }
     }
 
+    /// Why this node should not be sent new work, if it should not: the metadata store failed
+    /// (a full or failing disk under the data dir) and every commit is refused until it
+    /// recovers.
+    pub fn not_ready(&self) -> Option<String> {
+        self.space.store().failed().then(|| "the metadata store failed (full or failing disk?); recovering".to_string())
+    }
+
     pub fn render_metrics(&self) -> String {
         let p = self.pool_info();
         let vols = self.list();
