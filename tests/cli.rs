@@ -68,3 +68,50 @@ fn logs_are_json_lines_or_plain_text() {
     text.stop();
     assert!(!text.log_text().contains('\u{1b}'), "ANSI codes in a log that is not a terminal");
 }
+
+/// `thinbd status` names the versions, the node, how the pool is driven and the cluster; the
+/// metrics page has the same as `thinbd_build_info` and `thinbd_pool_info`.
+#[test]
+fn status_shows_how_the_pool_is_driven() {
+    let s = Server::start();
+    let status: serde_json::Value = serde_json::from_str(&s.cli(&["status", "-o", "json"])).unwrap();
+    assert_eq!(status["daemon_version"], status["cli_version"], "{status}");
+    assert_eq!(status["io_engine_requested"], "uring", "{status}");
+    assert_eq!(status["clustered"], false, "{status}");
+    assert!(status["node"].as_str().is_some_and(|n| !n.is_empty()), "{status}");
+    let engine = status["io_engine"].as_str().unwrap().to_string();
+    let m = s.metrics();
+    assert!(m.contains(&format!("thinbd_pool_info{{io_engine=\"{engine}\",io_engine_requested=\"uring\",")), "{m}");
+    assert!(m.contains("thinbd_build_info{version=\""), "{m}");
+    let table = s.cli(&["status"]);
+    assert!(table.contains("io engine:") && table.contains("cluster:    none"), "{table}");
+}
+
+/// A daemon that may not use io_uring (containerd 2's default seccomp profile forbids it) falls
+/// back to threads, and says so: a warning in its log, `thinbd status`, `thinbd_pool_info`.
+#[test]
+fn a_refused_io_uring_is_reported_not_silent() {
+    if !std::path::Path::new("/usr/bin/python3").exists()
+        || !Command::new("/usr/bin/python3").args(["-c", "import seccomp"]).status().is_ok_and(|s| s.success())
+    {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "python3-seccomp is missing; scripts/setup installs it");
+        eprintln!("SKIPPED: python3-seccomp is not installed (run scripts/setup)");
+        return;
+    }
+    const FORBID_URING: &str = "import os, sys, seccomp\n\
+        f = seccomp.SyscallFilter(seccomp.ALLOW)\n\
+        f.add_rule(seccomp.ERRNO(1), 'io_uring_setup')\n\
+        f.load()\n\
+        os.execv(sys.argv[1], sys.argv[1:])\n";
+    let mut s = Server::unstarted(&[], "info");
+    s.launcher = vec!["/usr/bin/python3".into(), "-c".into(), FORBID_URING.into()];
+    s.spawn();
+    s.create_volume("v", "16MiB");
+    let status: serde_json::Value = serde_json::from_str(&s.cli(&["status", "-o", "json"])).unwrap();
+    assert_eq!(status["io_engine"], "threads", "{status}");
+    assert_eq!(status["io_engine_requested"], "uring", "{status}");
+    assert!(s.cli(&["status"]).contains("WARNING: uring was asked for and refused"));
+    let m = s.metrics();
+    assert!(m.contains("thinbd_pool_info{io_engine=\"threads\",io_engine_requested=\"uring\","), "{m}");
+    assert!(s.log_text().contains("pool I/O does not use the requested engine"), "{}", s.log_text());
+}

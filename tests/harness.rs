@@ -78,6 +78,9 @@ pub struct Server {
     extra: Vec<String>,
     /// RUST_LOG for the daemon.
     pub rust_log: String,
+    /// A program (and its arguments) that starts the daemon, given its path and arguments
+    /// after them: e.g. one that installs a seccomp filter first. Empty: started directly.
+    pub launcher: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -110,6 +113,7 @@ impl Server {
             metrics_port: free_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             rust_log: rust_log.to_string(),
+            launcher: Vec::new(),
             _tmp: Some(tmp),
         }
     }
@@ -146,7 +150,15 @@ impl Server {
 
     fn spawn_once(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
-        let child = Command::new(thinbd_bin())
+        let mut command = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(thinbd_bin());
+                c
+            }
+            None => Command::new(thinbd_bin()),
+        };
+        let child = command
             .arg("serve")
             .arg("--data-dir")
             .arg(&self.data_dir)

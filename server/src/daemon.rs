@@ -254,10 +254,18 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         api = %opts.api_listen,
         metrics = %opts.metrics_listen,
         tls = tls.is_some(),
-        io_engine = ?engine.io_engine(),
+        io_engine = engine.io_engine().name(),
         direct_io = engine.direct_io(),
         "thinbd serving"
     );
+    if engine.io_engine() != opts.io_engine {
+        warn!(
+            requested = opts.io_engine.name(),
+            io_engine = engine.io_engine().name(),
+            "pool I/O does not use the requested engine (io_uring refused by the kernel or a seccomp profile): \
+             slower, and more CPU per request; `thinbd status` and thinbd_pool_info show it"
+        );
+    }
     let shutdown = CancellationToken::new();
     let node_name = match &opts.node_name {
         Some(n) => n.clone(),
@@ -342,6 +350,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 nbd_address,
                 cluster: cluster.clone(),
                 this_node: Box::new(this_node),
+                io_engine_requested: opts.io_engine,
             }))
             // Small answers (a checksum, a node record) go out at once: without NODELAY, Nagle
             // held each behind the peer's delayed ACK, 40 ms per call between nodes.
@@ -351,6 +360,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             ),
     );
 
+    let info = crate::metrics::render_info(engine.io_engine().name(), opts.io_engine.name(), engine.direct_io());
     let metrics_engine = engine.clone();
     let metrics_cluster = cluster.clone();
     let router = axum::Router::new().route(
@@ -360,7 +370,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             let stats = stats.clone();
             let cluster = metrics_cluster.clone();
             async move {
-                let mut body = e.render_metrics() + &stats.render();
+                let mut body = e.render_metrics() + &stats.render() + &info;
                 if let Some(s) = crate::stages::enabled() {
                     body += &s.render();
                 }

@@ -103,6 +103,13 @@ enum Command {
         #[command(subcommand)]
         command: NodeCommand,
     },
+    /// Versions, this node, how its pool is driven (io engine, direct I/O), the pool and the
+    /// cluster at a glance.
+    #[command(after_help = "Example:\n  thinbd status\n  thinbd status -o json --api 10.0.0.7:10810")]
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Show the pool.
     #[command(after_help = "Example:\n  thinbd pool --api 10.0.0.7:10810")]
     Pool {
@@ -489,7 +496,56 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Status { client } => status(&client).await,
     }
+}
+
+/// `thinbd status`: versions, this node, how its pool is driven, the pool, the cluster.
+async fn status(client: &ClientArgs) -> anyhow::Result<()> {
+    let mut c = connect(client).await?;
+    let p = c.get_pool(pb::GetPoolRequest {}).await.map_err(rpc_error)?.into_inner();
+    let n = c.list_nodes(pb::ListNodesRequest {}).await.map_err(rpc_error)?.into_inner();
+    let up = n.nodes.iter().filter(|n| n.up).count();
+    let fell_back = p.io_engine != p.io_engine_requested;
+    match client.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "cli_version": env!("CARGO_PKG_VERSION"), "daemon_version": p.version, "node": p.node_name,
+                "nbd_address": p.nbd_address, "io_engine": p.io_engine, "io_engine_requested": p.io_engine_requested,
+                "direct_io": p.direct_io, "data_dir": p.data_dir, "capacity_bytes": p.capacity_bytes,
+                "used_bytes": p.used_bytes, "volume_count": p.volume_count, "snapshot_count": p.snapshot_count,
+                "clustered": n.clustered, "nodes": n.nodes.len(), "nodes_up": up,
+            })
+        ),
+        Output::Table => {
+            println!("version:    {} (daemon {})", env!("CARGO_PKG_VERSION"), p.version);
+            println!("node:       {} (NBD at {})", p.node_name, p.nbd_address);
+            let direct = if p.direct_io { "O_DIRECT" } else { "page cache" };
+            if fell_back {
+                println!(
+                    "io engine:  {}, {direct} -- WARNING: {} was asked for and refused (kernel or seccomp)",
+                    p.io_engine, p.io_engine_requested
+                );
+            } else {
+                println!("io engine:  {}, {direct}", p.io_engine);
+            }
+            println!(
+                "pool:       {} used of {} in {}; {} volume(s), {} snapshot(s)",
+                format_size(p.used_bytes),
+                format_size(p.capacity_bytes),
+                p.data_dir,
+                p.volume_count,
+                p.snapshot_count
+            );
+            if n.clustered {
+                println!("cluster:    {} node(s), {up} up", n.nodes.len());
+            } else {
+                println!("cluster:    none (single node)");
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn connect(client: &ClientArgs) -> anyhow::Result<ManagementClient<Channel>> {

@@ -114,6 +114,24 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// What this daemon is and how it drives its pool: `thinbd_build_info{version}` and
+/// `thinbd_pool_info{io_engine,io_engine_requested,direct_io}` (both 1), so that an alert can
+/// catch a node that fell back from io_uring to threads.
+pub fn render_info(io_engine: &str, requested: &str, direct_io: bool) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "# HELP thinbd_build_info The daemon's version.\n# TYPE thinbd_build_info gauge");
+    let _ = writeln!(o, "thinbd_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(
+        o,
+        "# HELP thinbd_pool_info How pool I/O is done, and what was asked for.\n# TYPE thinbd_pool_info gauge"
+    );
+    let _ = writeln!(
+        o,
+        "thinbd_pool_info{{io_engine=\"{io_engine}\",io_engine_requested=\"{requested}\",direct_io=\"{direct_io}\"}} 1"
+    );
+    o
+}
+
 pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
     let mut o = String::with_capacity(4096 + volumes.len() * 4096);
     let _ = writeln!(o, "# HELP thinbd_pool_capacity_bytes Pool capacity.\n# TYPE thinbd_pool_capacity_bytes gauge");

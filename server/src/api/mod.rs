@@ -23,6 +23,8 @@ pub struct Api {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// This node's record as it would register it (single node: what ListNodes shows).
     pub this_node: Box<dyn Fn() -> crate::cluster::nodes::NodeRecord + Send + Sync>,
+    /// What `serve --io-engine` asked for (the pool may have fallen back to threads).
+    pub io_engine_requested: crate::space::backend::IoEngine,
 }
 
 /// How the API answers in a cluster: volumes placed on a node, requests about a volume sent to
@@ -834,6 +836,10 @@ impl Management for Api {
             node_name: self.node_name.clone(),
             nbd_address: self.nbd_address.clone(),
             available_bytes: p.capacity.saturating_sub(p.used),
+            io_engine: self.engine.io_engine().name().to_string(),
+            io_engine_requested: self.io_engine_requested.name().to_string(),
+            direct_io: self.engine.direct_io(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
         }))
     }
 

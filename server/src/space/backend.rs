@@ -76,6 +76,16 @@ pub enum IoEngine {
     Threads,
 }
 
+impl IoEngine {
+    /// As `--io-engine` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoEngine::Uring => "uring",
+            IoEngine::Threads => "threads",
+        }
+    }
+}
+
 /// The pool file, read and written with pread/pwrite.
 pub struct FileStore {
     file: File,
