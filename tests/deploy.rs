@@ -378,3 +378,26 @@ fn make_certs_script_certificates_work() {
         c.disconnect().await.unwrap();
     });
 }
+
+/// `deploy/systemd/thinbd.service` (running outside Kubernetes): systemd accepts the unit as
+/// written (with the binary's path swapped for the one built here), and the flags it passes
+/// exist.
+#[test]
+fn the_systemd_unit_verifies() {
+    if !require("systemd-analyze") {
+        return;
+    }
+    let unit = std::fs::read_to_string(deploy_dir().join("systemd/thinbd.service")).expect("the unit");
+    let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("ExecStart");
+    let words: Vec<&str> = exec.split_whitespace().collect();
+    assert_eq!(&words[..2], ["/usr/local/bin/thinbd", "serve"], "{exec}");
+    let serve_help = help(&thinbd_bin(), &["serve"]);
+    for flag in words.iter().filter(|w| w.starts_with("--")) {
+        assert!(serve_help.contains(flag), "the unit passes {flag}, which `thinbd serve` lacks");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let here = dir.path().join("thinbd.service");
+    std::fs::write(&here, unit.replace("/usr/local/bin/thinbd", &thinbd_bin().display().to_string())).unwrap();
+    let out = Command::new("systemd-analyze").arg("verify").arg(&here).output().expect("systemd-analyze");
+    assert!(out.status.success(), "systemd-analyze verify: {}", String::from_utf8_lossy(&out.stderr));
+}

@@ -8,9 +8,16 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
+// nix's socket-option macros expand to calls of each other and of `libc`.
+use nix::{libc, setsockopt_impl, sockopt_impl};
+
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, sendto, socket,
 };
+
+/// `setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &group)`: joins a multicast group by id.
+const NETLINK_ADD_MEMBERSHIP: i32 = 1;
+sockopt_impl!(AddMembership, SetOnly, libc::SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, u32);
 
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
@@ -199,15 +206,15 @@ impl Nbd {
         Ok(nbd)
     }
 
-    /// A socket that receives the kernel's dead-connection announcements. Joins the group by
-    /// binding to its bit, which covers group ids up to 32 (the kernel hands out small ids).
+    /// A socket that receives the kernel's dead-connection announcements. Joins the group with
+    /// `NETLINK_ADD_MEMBERSHIP`, which takes any group id (the bind mask reaches ids 1–32 only,
+    /// and generic netlink numbers its groups past that on a kernel with many families).
     pub fn link_dead_listener(&self) -> Result<LinkDeadListener, NetlinkError> {
-        let group = self
-            .mcast_group
-            .filter(|g| (1..=32).contains(g))
-            .ok_or(NetlinkError::Malformed("no usable nbd multicast group"))?;
+        let group =
+            self.mcast_group.filter(|g| *g > 0).ok_or(NetlinkError::Malformed("no usable nbd multicast group"))?;
         let sock = socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkGeneric)?;
-        bind(sock.as_raw_fd(), &NetlinkAddr::new(0, 1 << (group - 1)))?;
+        bind(sock.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+        nix::sys::socket::setsockopt(&sock, AddMembership, &group)?;
         Ok(LinkDeadListener { sock, family: self.family })
     }
 
@@ -337,6 +344,16 @@ mod tests {
         let m = message(0x20, NBD_CMD_CONNECT, 9, &a);
         assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()) as usize, m.len());
         assert_eq!(m[16], NBD_CMD_CONNECT);
+    }
+
+    /// The join the dead-connection listener makes, on a group every kernel has: generic
+    /// netlink's own "notify" group (id 16, fixed in the kernel's uapi as GENL_ID_CTRL's).
+    #[test]
+    fn multicast_groups_are_joined_by_id() {
+        let sock = socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkGeneric)
+            .expect("a generic netlink socket");
+        bind(sock.as_raw_fd(), &NetlinkAddr::new(0, 0)).unwrap();
+        nix::sys::socket::setsockopt(&sock, AddMembership, &16u32).expect("join nlctrl's notify group");
     }
 
     #[test]
