@@ -85,6 +85,12 @@ fn status_shows_how_the_pool_is_driven() {
     assert!(m.contains("thinbd_build_info{version=\""), "{m}");
     let table = s.cli(&["status"]);
     assert!(table.contains("io engine:") && table.contains("cluster:    none"), "{table}");
+    // -o yaml: the same fields.
+    let yaml = s.cli(&["status", "-o", "yaml"]);
+    let doc = &yaml_rust2::YamlLoader::load_from_str(&yaml).unwrap()[0];
+    assert_eq!(doc["io_engine"].as_str(), status["io_engine"].as_str(), "{yaml}");
+    assert_eq!(doc["capacity_bytes"].as_i64(), status["capacity_bytes"].as_i64(), "{yaml}");
+    assert_eq!(doc["clustered"].as_bool(), Some(false), "{yaml}");
 }
 
 /// A daemon that may not use io_uring (containerd 2's default seccomp profile forbids it) falls

@@ -155,6 +155,20 @@ fn create_delete_are_idempotent_with_spec_errors() {
         r.capacity_range = range(5000, 6000);
         assert_eq!(code(e.ctl.create_volume(r).await), Code::OutOfRange);
 
+        // The claim csi-provisioner names (--extra-create-metadata) is shown with the volume.
+        let mut r = create_req("pvc-claimed", MIB);
+        r.parameters = HashMap::from([
+            ("csi.storage.k8s.io/pvc/name".into(), "data-db-0".into()),
+            ("csi.storage.k8s.io/pvc/namespace".into(), "prod".into()),
+            ("csi.storage.k8s.io/pv/name".into(), "pvc-claimed".into()),
+        ]);
+        e.ctl.create_volume(r).await.unwrap();
+        let claimed = e.server.volume_json("pvc-claimed");
+        assert_eq!(claimed["labels"]["kubernetes.pvc-name"], "data-db-0", "{claimed}");
+        assert_eq!(claimed["labels"]["kubernetes.pvc-namespace"], "prod", "{claimed}");
+        assert!(e.server.cli(&["volume", "show", "pvc-claimed"]).contains("claim:     prod/data-db-0"));
+        assert!(e.server.cli(&["volume", "list"]).contains("prod/data-db-0"));
+
         // Create, again (same answer), then incompatibly.
         let v = create(&mut e, "pvc-1", 10 * MIB).await;
         assert_eq!(v.capacity_bytes, 10 * MIB);

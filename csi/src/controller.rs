@@ -23,6 +23,13 @@ pub const SIZE_ALIGN: u64 = 4096;
 const LABEL_SOURCE: &str = "csi.source";
 const LABEL_NAME: &str = "csi.name";
 const LABEL_MKFS: &str = "csi.mkfs-options";
+/// What csi-provisioner's `--extra-create-metadata` passes, kept as labels so that `thinbd
+/// volume show` names the claim a volume belongs to: parameter → label.
+const CLAIM_LABELS: [(&str, &str); 3] = [
+    ("csi.storage.k8s.io/pvc/name", "kubernetes.pvc-name"),
+    ("csi.storage.k8s.io/pvc/namespace", "kubernetes.pvc-namespace"),
+    ("csi.storage.k8s.io/pv/name", "kubernetes.pv-name"),
+];
 
 pub struct ControllerService {
     pub backends: Arc<Backends>,
@@ -223,6 +230,11 @@ impl Controller for ControllerService {
         }
         if let Some(m) = &p.mkfs_options {
             labels.insert(LABEL_MKFS.into(), m.clone());
+        }
+        for (parameter, label) in CLAIM_LABELS {
+            if let Some(v) = r.parameters.get(parameter).filter(|v| !v.is_empty()) {
+                labels.insert(label.into(), v.clone());
+            }
         }
         use volume_content_source::Type;
         let from = match r.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {

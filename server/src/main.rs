@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 mod exit_code;
+mod yaml;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -30,6 +31,17 @@ enum Output {
     #[default]
     Table,
     Json,
+    Yaml,
+}
+
+impl Output {
+    /// Prints `v` as JSON (one line) or YAML; tables are printed by each command.
+    fn emit(self, v: &serde_json::Value) {
+        match self {
+            Output::Yaml => print!("{}", yaml::to_yaml(v)),
+            _ => println!("{v}"),
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -205,9 +217,9 @@ async fn print_ranges(
         ranges.extend(chunk.ranges.into_iter().map(|r| (r.offset, r.length)));
     }
     match out {
-        Output::Json => {
+        o @ (Output::Json | Output::Yaml) => {
             let v: Vec<_> = ranges.iter().map(|(o, l)| serde_json::json!({ "offset": o, "length": l })).collect();
-            println!("{}", serde_json::Value::Array(v));
+            o.emit(&serde_json::Value::Array(v));
         }
         Output::Table => {
             println!("{:>16}  {:>16}", "OFFSET", "LENGTH");
@@ -432,7 +444,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut c = connect(&client).await?;
             let n = c.register_node(pb::RegisterNodeRequest { name }).await.map_err(rpc_error)?.into_inner();
             match client.output {
-                Output::Json => println!("{}", serde_json::json!({ "registered": n.name })),
+                o @ (Output::Json | Output::Yaml) => o.emit(&serde_json::json!({ "registered": n.name })),
                 Output::Table => println!("node {} registered", n.name),
             }
             Ok(())
@@ -441,7 +453,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut c = connect(&client).await?;
             let r = c.list_nodes(pb::ListNodesRequest {}).await.map_err(rpc_error)?.into_inner();
             match client.output {
-                Output::Json => {
+                o @ (Output::Json | Output::Yaml) => {
                     let nodes: Vec<serde_json::Value> = r
                         .nodes
                         .iter()
@@ -454,7 +466,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             })
                         })
                         .collect();
-                    println!("{}", serde_json::json!({ "clustered": r.clustered, "nodes": nodes }));
+                    o.emit(&serde_json::json!({ "clustered": r.clustered, "nodes": nodes }));
                 }
                 Output::Table => {
                     println!("{:<20} {:<5} {:<22} {:>10} {:>10} ZONE", "NODE", "STATE", "NBD", "CAPACITY", "FREE");
@@ -477,14 +489,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut c = connect(&client).await?;
             let p = c.get_pool(pb::GetPoolRequest {}).await.map_err(rpc_error)?.into_inner();
             match client.output {
-                Output::Json => println!(
-                    "{}",
-                    serde_json::json!({
-                        "capacity_bytes": p.capacity_bytes, "used_bytes": p.used_bytes,
-                        "cluster_size": p.cluster_size, "volume_count": p.volume_count,
-                        "snapshot_count": p.snapshot_count, "data_dir": p.data_dir,
-                    })
-                ),
+                o @ (Output::Json | Output::Yaml) => o.emit(&serde_json::json!({
+                    "capacity_bytes": p.capacity_bytes, "used_bytes": p.used_bytes,
+                    "cluster_size": p.cluster_size, "volume_count": p.volume_count,
+                    "snapshot_count": p.snapshot_count, "data_dir": p.data_dir,
+                })),
                 Output::Table => {
                     println!("data dir:     {}", p.data_dir);
                     println!("capacity:     {}", format_size(p.capacity_bytes));
@@ -508,16 +517,13 @@ async fn status(client: &ClientArgs) -> anyhow::Result<()> {
     let up = n.nodes.iter().filter(|n| n.up).count();
     let fell_back = p.io_engine != p.io_engine_requested;
     match client.output {
-        Output::Json => println!(
-            "{}",
-            serde_json::json!({
-                "cli_version": env!("CARGO_PKG_VERSION"), "daemon_version": p.version, "node": p.node_name,
-                "nbd_address": p.nbd_address, "io_engine": p.io_engine, "io_engine_requested": p.io_engine_requested,
-                "direct_io": p.direct_io, "data_dir": p.data_dir, "capacity_bytes": p.capacity_bytes,
-                "used_bytes": p.used_bytes, "volume_count": p.volume_count, "snapshot_count": p.snapshot_count,
-                "clustered": n.clustered, "nodes": n.nodes.len(), "nodes_up": up,
-            })
-        ),
+        o @ (Output::Json | Output::Yaml) => o.emit(&serde_json::json!({
+            "cli_version": env!("CARGO_PKG_VERSION"), "daemon_version": p.version, "node": p.node_name,
+            "nbd_address": p.nbd_address, "io_engine": p.io_engine, "io_engine_requested": p.io_engine_requested,
+            "direct_io": p.direct_io, "data_dir": p.data_dir, "capacity_bytes": p.capacity_bytes,
+            "used_bytes": p.used_bytes, "volume_count": p.volume_count, "snapshot_count": p.snapshot_count,
+            "clustered": n.clustered, "nodes": n.nodes.len(), "nodes_up": up,
+        })),
         Output::Table => {
             println!("version:    {} (daemon {})", env!("CARGO_PKG_VERSION"), p.version);
             println!("node:       {} (NBD at {})", p.node_name, p.nbd_address);
@@ -612,10 +618,20 @@ fn qos_text(q: &pb::Qos) -> Option<String> {
 }
 
 /// `nbd` is the server's advertised NBD address, for the single-volume view.
+/// `NAMESPACE/NAME` of the PersistentVolumeClaim a CSI-made volume belongs to (labels from
+/// csi-provisioner's `--extra-create-metadata`).
+fn claim_of(v: &pb::Volume) -> Option<String> {
+    let name = v.labels.get("kubernetes.pvc-name")?;
+    Some(match v.labels.get("kubernetes.pvc-namespace") {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.clone(),
+    })
+}
+
 fn print_volumes(out: Output, vols: &[pb::Volume], single: bool, nbd: &str) {
     match out {
-        Output::Json if single && vols.len() == 1 => println!("{}", volume_json(&vols[0])),
-        Output::Json => println!("{}", serde_json::Value::Array(vols.iter().map(volume_json).collect())),
+        o @ (Output::Json | Output::Yaml) if single && vols.len() == 1 => o.emit(&volume_json(&vols[0])),
+        o @ (Output::Json | Output::Yaml) => o.emit(&serde_json::Value::Array(vols.iter().map(volume_json).collect())),
         Output::Table if single => {
             for v in vols {
                 println!("name:      {}", v.name);
@@ -641,6 +657,9 @@ fn print_volumes(out: Output, vols: &[pb::Volume], single: bool, nbd: &str) {
                 println!("exclusive: {} ({} bytes)", format_size(v.exclusive_bytes), v.exclusive_bytes);
                 println!("shared:    {} ({} bytes)", format_size(v.shared_bytes), v.shared_bytes);
                 println!("sessions:  {}", v.sessions);
+                if let Some(claim) = claim_of(v) {
+                    println!("claim:     {claim} (PersistentVolumeClaim)");
+                }
                 if !v.published_nodes.is_empty() {
                     println!("published: {}", v.published_nodes.join(", "));
                 }
@@ -652,10 +671,15 @@ fn print_volumes(out: Output, vols: &[pb::Volume], single: bool, nbd: &str) {
         }
         Output::Table => {
             let w = vols.iter().map(|v| v.name.len()).max().unwrap_or(4).max(4);
-            println!("{:<w$}  {:>10}  {:>10}  {:>8}", "NAME", "SIZE", "ALLOCATED", "SESSIONS");
+            // The claim column only when some volume came from a PersistentVolumeClaim.
+            let claims = vols.iter().any(|v| claim_of(v).is_some());
+            let claim_header = if claims { "  CLAIM" } else { "" };
+            println!("{:<w$}  {:>10}  {:>10}  {:>8}{claim_header}", "NAME", "SIZE", "ALLOCATED", "SESSIONS");
             for v in vols {
+                let claim =
+                    if claims { format!("  {}", claim_of(v).unwrap_or_else(|| "-".into())) } else { String::new() };
                 println!(
-                    "{:<w$}  {:>10}  {:>10}  {:>8}",
+                    "{:<w$}  {:>10}  {:>10}  {:>8}{claim}",
                     v.name,
                     format_size(v.size_bytes),
                     format_size(v.allocated_bytes),
@@ -707,8 +731,7 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
             let r = c.scrub_volume(pb::ScrubVolumeRequest { volume: name, repair, at_target: false }).await;
             let r = r.map_err(rpc_error)?.into_inner();
             match client.output {
-                Output::Json => println!(
-                    "{}",
+                o @ (Output::Json | Output::Yaml) => o.emit(&
                     serde_json::json!({
                         "copies": r.copies, "bytes_compared": r.bytes_compared, "repaired": r.repaired,
                         "differing": r.differing.iter().map(|d| serde_json::json!({"offset": d.offset, "length": d.length})).collect::<Vec<_>>(),
@@ -766,7 +789,7 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
         VolumeCommand::Delete { name } => {
             c.delete_volume(pb::DeleteVolumeRequest { name: name.clone(), here: false }).await.map_err(rpc_error)?;
             match client.output {
-                Output::Json => println!("{}", serde_json::json!({ "deleted": name })),
+                o @ (Output::Json | Output::Yaml) => o.emit(&serde_json::json!({ "deleted": name })),
                 Output::Table => println!("deleted volume {name}"),
             }
         }
@@ -783,11 +806,9 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
                 .map_err(rpc_error)?
                 .into_inner();
             match client.output {
-                Output::Json => println!(
-                    "{}",
-                    serde_json::json!({ "volume": g.volume, "node": g.node, "export_name": g.export_name,
-                        "nbd_address": g.nbd_address, "read_only": g.read_only, "single_writer": g.single_writer })
-                ),
+                o @ (Output::Json | Output::Yaml) => o
+                    .emit(&serde_json::json!({ "volume": g.volume, "node": g.node, "export_name": g.export_name,
+                        "nbd_address": g.nbd_address, "read_only": g.read_only, "single_writer": g.single_writer })),
                 Output::Table => println!("{}", g.export_name),
             }
         }
@@ -796,7 +817,7 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
                 .await
                 .map_err(rpc_error)?;
             match client.output {
-                Output::Json => println!("{}", serde_json::json!({ "unpublished": name, "node": node })),
+                o @ (Output::Json | Output::Yaml) => o.emit(&serde_json::json!({ "unpublished": name, "node": node })),
                 Output::Table => println!("unpublished volume {name} from node {node}"),
             }
         }
@@ -850,14 +871,16 @@ async fn snapshot_command(client: ClientArgs, command: SnapshotCommand) -> anyho
                 .await
                 .map_err(rpc_error)?;
             match client.output {
-                Output::Json => println!("{}", serde_json::json!({ "deleted": snapshot })),
+                o @ (Output::Json | Output::Yaml) => o.emit(&serde_json::json!({ "deleted": snapshot })),
                 Output::Table => println!("deleted snapshot {snapshot}"),
             }
             return Ok(());
         }
     };
     match client.output {
-        Output::Json => println!("{}", serde_json::Value::Array(snaps.iter().map(snapshot_json).collect())),
+        o @ (Output::Json | Output::Yaml) => {
+            o.emit(&serde_json::Value::Array(snaps.iter().map(snapshot_json).collect()))
+        }
         Output::Table => {
             let name = |s: &pb::Snapshot| format!("{}@{}", s.volume, s.name);
             let w = snaps.iter().map(|s| name(s).len()).max().unwrap_or(8).max(8);
@@ -888,14 +911,11 @@ fn fsck(data_dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
         report.problems.push(e.to_string());
     }
     match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::json!({
-                "ok": report.ok(), "problems": report.problems, "volumes": report.volumes,
-                "snapshots": report.snapshots, "layers": report.layers, "mapped_clusters": report.mapped_clusters,
-                "free_clusters": report.free_clusters, "high_water": report.high_water,
-            })
-        ),
+        o @ (Output::Json | Output::Yaml) => o.emit(&serde_json::json!({
+            "ok": report.ok(), "problems": report.problems, "volumes": report.volumes,
+            "snapshots": report.snapshots, "layers": report.layers, "mapped_clusters": report.mapped_clusters,
+            "free_clusters": report.free_clusters, "high_water": report.high_water,
+        })),
         Output::Table => print!("{report}"),
     }
     if !report.ok() {
