@@ -143,17 +143,7 @@ impl<'a> Copier<'a> {
     /// network). A copy that missed a few 4 KiB writes into a cluster gets those, not the
     /// cluster. Returns the bytes sent.
     async fn write_differing(&self, at: u64, data: bytes::Bytes) -> Result<u64, EngineError> {
-        let asked = thinbd_api::pb::ChecksumsRequest {
-            volume: self.volume.to_string(),
-            offset: at,
-            length: data.len() as u32,
-            piece_bytes: BLOCK as u32,
-            sha256: true,
-        };
-        let theirs = self.verify.clone().checksums(asked).await.map_err(|e| {
-            EngineError::Unavailable(format!("digests of {}'s copy at {at}: {}", self.node, e.message()))
-        })?;
-        let theirs = theirs.into_inner().sha256;
+        let theirs = self.stored(at, data.len() as u32, BLOCK as u32, true).await?.sha256;
         let mut runs: Vec<(usize, usize)> = Vec::new();
         for (i, block) in data.chunks(BLOCK).enumerate() {
             if theirs.get(i).is_some_and(|t| *t == super::scrub::digest(block)) {
@@ -213,17 +203,29 @@ impl<'a> Copier<'a> {
     /// Whether the copy's node stores what was written: it computes the CRC32C of what it
     /// stored (only the checksum crosses the network), which must be the one sent.
     async fn check(&self, u: &Unchecked) -> Result<bool, EngineError> {
+        Ok(self.stored(u.at, u.len, u.len, false).await?.crc32c.as_slice() == [u.sum])
+    }
+
+    /// What the copy's node computes over its own copy at `at..at+len`, per `piece` bytes:
+    /// CRC32C, and SHA-256 when `sha256`.
+    async fn stored(
+        &self,
+        at: u64,
+        len: u32,
+        piece: u32,
+        sha256: bool,
+    ) -> Result<thinbd_api::pb::ChecksumsResponse, EngineError> {
         let asked = thinbd_api::pb::ChecksumsRequest {
             volume: self.volume.to_string(),
-            offset: u.at,
-            length: u.len,
-            piece_bytes: u.len,
-            sha256: false,
+            offset: at,
+            length: len,
+            piece_bytes: piece,
+            sha256,
         };
         let stored = self.verify.clone().checksums(asked).await.map_err(|e| {
-            EngineError::Unavailable(format!("checksum of {}'s copy at {}: {}", self.node, u.at, e.message()))
+            EngineError::Unavailable(format!("checksums of {}'s copy at {at}: {}", self.node, e.message()))
         })?;
-        Ok(stored.get_ref().crc32c.as_slice() == [u.sum])
+        Ok(stored.into_inner())
     }
 
     /// [`Copier::piece`] over all of `start..start+len`, in order: the checks to make.
