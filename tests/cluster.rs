@@ -480,7 +480,13 @@ fn a_stale_target_cannot_write_after_a_newer_one_took_over() {
     let stale_pid = nodes.iter().find(|n| n.index == stale).unwrap().pid();
     send_signal(stale_pid, "STOP");
     tx_go.send(()).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Nothing answers the write while the target is paused (a write served before the pause
+    // would be acknowledged rightly, at epoch 1, before the takeover).
+    assert_eq!(
+        rx.recv_timeout(Duration::from_millis(300)),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout),
+        "the paused target answered"
+    );
 
     // Another node takes over with the same grant: epoch 2.
     let newer = thinbd_tests::pattern(22, 64 << 10);

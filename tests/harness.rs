@@ -395,6 +395,32 @@ pub fn assert_no_secrets(what: &str, log: &str, secrets: &[&str]) {
 pub fn send_signal(pid: u32, sig: &str) {
     let ok = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().map(|s| s.success());
     assert!(matches!(ok, Ok(true)), "kill -{sig} {pid} failed");
+    if sig == "STOP" {
+        wait_stopped(pid);
+    }
+}
+
+/// Waits until every thread of `pid` is stopped. `kill` returns once SIGSTOP is queued, but
+/// the group stop reaches the other threads only when one of them takes the signal: until
+/// then they go on running (on a loaded machine, for milliseconds) and may still serve a
+/// request the test sends "to a paused process".
+fn wait_stopped(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let states: Vec<char> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+            // The state follows the command name, which is in parentheses and may hold spaces.
+            .filter_map(|stat| stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()))
+            .collect();
+        if !states.is_empty() && states.iter().all(|s| matches!(s, 'T' | 't')) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process {pid} did not stop: thread states {states:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 pub fn wait_timeout(child: &mut Child, d: Duration) -> Option<ExitStatus> {
