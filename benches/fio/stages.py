@@ -4,7 +4,8 @@
 metrics page (`thinbd_stage_seconds`) and thinbd's CPU per request.
 
 Usage: benches/fio/stages.py [randread|randwrite|read|write] [QUEUE_DEPTH] [-- serve args...]
-Needs a release build and fio. PERF=1 also records `perf record -g` of thinbd to /tmp/perf.data.
+Needs a release build and fio. BS=128k sets the block size; FSYNC=1 sends a FLUSH after every
+write (fio's --fsync). PERF=1 also records `perf record -g` of thinbd to /tmp/perf.data.
 """
 import json, os, re, socket, subprocess, sys, tempfile, time, urllib.request
 
@@ -57,7 +58,8 @@ def main():
             perf = subprocess.Popen(["perf", "record", "-F", "1999", "-g", "-p", str(server.pid), "-o", "/tmp/perf.data",
                                      "--", "sleep", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         r = subprocess.run(["fio", "--name=j", "--size=1G", f"--rw={job}", f"--bs={os.environ.get('BS', '4k')}", f"--iodepth={qd}", "--runtime=5",
-                            "--time_based", "--ioengine=nbd", f"--uri={uri}", "--output-format=json"],
+                            "--time_based", "--ioengine=nbd", f"--uri={uri}", "--output-format=json",
+                            f"--fsync={os.environ.get('FSYNC', '0')}"],
                            check=True, capture_output=True, text=True)
         after, c1, t1 = stages(metrics), cpu_seconds(server.pid), time.time()
         if perf:
