@@ -121,3 +121,34 @@ fn a_refused_io_uring_is_reported_not_silent() {
     assert!(m.contains("thinbd_pool_info{io_engine=\"threads\",io_engine_requested=\"uring\","), "{m}");
     assert!(s.log_text().contains("pool I/O does not use the requested engine"), "{}", s.log_text());
 }
+
+/// `-o wide` adds UUIDs, where the data is and creation times (RFC 3339, UTC) to the lists;
+/// JSON carries the same time as `created` beside the Unix seconds.
+#[test]
+fn wide_lists_show_uuids_and_rfc3339_times() {
+    let s = Server::start();
+    s.cli(&["volume", "create", "v", "--size", "16Mi"]);
+    s.cli(&["snapshot", "create", "v", "s1"]);
+    let v = s.volume_json("v");
+    let created = v["created"].as_str().expect("created").to_string();
+    let secs = v["created_unix_seconds"].as_u64().unwrap();
+    // Independent of our formatter: GNU date renders the same second.
+    let date = Command::new("date").args(["-u", "-d", &format!("@{secs}"), "+%Y-%m-%dT%H:%M:%SZ"]).output().unwrap();
+    assert_eq!(created, String::from_utf8_lossy(&date.stdout).trim(), "created is RFC 3339 in UTC");
+    let uuid = v["uuid"].as_str().unwrap().to_string();
+
+    let narrow = s.cli(&["volume", "list"]);
+    assert!(!narrow.contains(&uuid) && !narrow.contains("CREATED"), "{narrow}");
+    let wide = s.cli(&["volume", "list", "-o", "wide"]);
+    let header = wide.lines().next().unwrap();
+    assert!(header.contains("UUID") && header.contains("DATA ON") && header.contains("CREATED"), "{wide}");
+    let row = wide.lines().find(|l| l.starts_with("v ")).unwrap_or_else(|| panic!("{wide}"));
+    assert!(row.contains(&uuid) && row.contains(&created), "{row}");
+
+    let snaps = s.cli(&["snapshot", "list", "-o", "wide"]);
+    let row = snaps.lines().find(|l| l.starts_with("v@s1")).unwrap_or_else(|| panic!("{snaps}"));
+    let snap: serde_json::Value = serde_json::from_str(&s.cli(&["snapshot", "list", "-o", "json"])).unwrap();
+    let snap_created = snap[0]["created"].as_str().unwrap();
+    assert!(row.contains(snap[0]["uuid"].as_str().unwrap()) && row.contains(snap_created), "{row}");
+    assert!(s.cli(&["volume", "show", "v"]).contains(&format!("created:   {created}")));
+}

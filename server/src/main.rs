@@ -30,6 +30,8 @@ struct Cli {
 enum Output {
     #[default]
     Table,
+    /// The table with more columns (UUIDs, where the data is, creation times).
+    Wide,
     Json,
     Yaml,
 }
@@ -221,7 +223,7 @@ async fn print_ranges(
             let v: Vec<_> = ranges.iter().map(|(o, l)| serde_json::json!({ "offset": o, "length": l })).collect();
             o.emit(&serde_json::Value::Array(v));
         }
-        Output::Table => {
+        Output::Table | Output::Wide => {
             println!("{:>16}  {:>16}", "OFFSET", "LENGTH");
             for (o, l) in &ranges {
                 println!("{o:>16}  {l:>16}");
@@ -445,7 +447,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let n = c.register_node(pb::RegisterNodeRequest { name }).await.map_err(rpc_error)?.into_inner();
             match client.output {
                 o @ (Output::Json | Output::Yaml) => o.emit(&serde_json::json!({ "registered": n.name })),
-                Output::Table => println!("node {} registered", n.name),
+                Output::Table | Output::Wide => println!("node {} registered", n.name),
             }
             Ok(())
         }
@@ -468,7 +470,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .collect();
                     o.emit(&serde_json::json!({ "clustered": r.clustered, "nodes": nodes }));
                 }
-                Output::Table => {
+                Output::Table | Output::Wide => {
                     println!("{:<20} {:<5} {:<22} {:>10} {:>10} ZONE", "NODE", "STATE", "NBD", "CAPACITY", "FREE");
                     for n in &r.nodes {
                         println!(
@@ -494,7 +496,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "cluster_size": p.cluster_size, "volume_count": p.volume_count,
                     "snapshot_count": p.snapshot_count, "data_dir": p.data_dir,
                 })),
-                Output::Table => {
+                Output::Table | Output::Wide => {
                     println!("data dir:     {}", p.data_dir);
                     println!("capacity:     {}", format_size(p.capacity_bytes));
                     println!("used:         {}", format_size(p.used_bytes));
@@ -524,7 +526,7 @@ async fn status(client: &ClientArgs) -> anyhow::Result<()> {
             "used_bytes": p.used_bytes, "volume_count": p.volume_count, "snapshot_count": p.snapshot_count,
             "clustered": n.clustered, "nodes": n.nodes.len(), "nodes_up": up,
         })),
-        Output::Table => {
+        Output::Table | Output::Wide => {
             println!("version:    {} (daemon {})", env!("CARGO_PKG_VERSION"), p.version);
             println!("node:       {} (NBD at {})", p.node_name, p.nbd_address);
             let direct = if p.direct_io { "O_DIRECT" } else { "page cache" };
@@ -570,6 +572,16 @@ fn rpc_error(s: tonic::Status) -> anyhow::Error {
     exit_code::CommandError::from_status(s).into()
 }
 
+/// A time as RFC 3339 in UTC (`2026-11-28T16:45:00Z`), as kubectl prints them; `-` when unknown.
+fn rfc3339(unix_seconds: u64) -> String {
+    let formatted = i64::try_from(unix_seconds)
+        .ok()
+        .filter(|s| *s > 0)
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
+    formatted.unwrap_or_else(|| "-".to_string())
+}
+
 fn volume_json(v: &pb::Volume) -> serde_json::Value {
     let q = v.qos.unwrap_or_default();
     serde_json::json!({
@@ -578,6 +590,7 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
         "allocated_bytes": v.allocated_bytes,
         "exclusive_bytes": v.exclusive_bytes, "shared_bytes": v.shared_bytes,
         "sessions": v.sessions, "created_unix_seconds": v.created_unix_seconds,
+        "created": rfc3339(v.created_unix_seconds),
         "labels": v.labels, "published_nodes": v.published_nodes,
         "replicas": v.replicas, "in_sync": v.in_sync,
         "replica_states": v.replica_states.iter().map(|r| serde_json::json!({
@@ -632,7 +645,7 @@ fn print_volumes(out: Output, vols: &[pb::Volume], single: bool, nbd: &str) {
     match out {
         o @ (Output::Json | Output::Yaml) if single && vols.len() == 1 => o.emit(&volume_json(&vols[0])),
         o @ (Output::Json | Output::Yaml) => o.emit(&serde_json::Value::Array(vols.iter().map(volume_json).collect())),
-        Output::Table if single => {
+        Output::Table | Output::Wide if single => {
             for v in vols {
                 println!("name:      {}", v.name);
                 println!("uuid:      {}", v.uuid);
@@ -657,6 +670,7 @@ fn print_volumes(out: Output, vols: &[pb::Volume], single: bool, nbd: &str) {
                 println!("exclusive: {} ({} bytes)", format_size(v.exclusive_bytes), v.exclusive_bytes);
                 println!("shared:    {} ({} bytes)", format_size(v.shared_bytes), v.shared_bytes);
                 println!("sessions:  {}", v.sessions);
+                println!("created:   {}", rfc3339(v.created_unix_seconds));
                 if let Some(claim) = claim_of(v) {
                     println!("claim:     {claim} (PersistentVolumeClaim)");
                 }
@@ -669,17 +683,44 @@ fn print_volumes(out: Output, vols: &[pb::Volume], single: bool, nbd: &str) {
                 println!("export:    nbd://{nbd}/{}", v.name);
             }
         }
-        Output::Table => {
+        o @ (Output::Table | Output::Wide) => {
+            let wide = matches!(o, Output::Wide);
             let w = vols.iter().map(|v| v.name.len()).max().unwrap_or(4).max(4);
             // The claim column only when some volume came from a PersistentVolumeClaim.
             let claims = vols.iter().any(|v| claim_of(v).is_some());
             let claim_header = if claims { "  CLAIM" } else { "" };
-            println!("{:<w$}  {:>10}  {:>10}  {:>8}{claim_header}", "NAME", "SIZE", "ALLOCATED", "SESSIONS");
+            let wide_header = if wide {
+                format!("  {:<36}  {:<12}  {:>8}  {:<16}  CREATED", "UUID", "DATA ON", "IN SYNC", "TARGET")
+            } else {
+                String::new()
+            };
+            println!(
+                "{:<w$}  {:>10}  {:>10}  {:>8}{claim_header}{wide_header}",
+                "NAME", "SIZE", "ALLOCATED", "SESSIONS"
+            );
             for v in vols {
                 let claim =
                     if claims { format!("  {}", claim_of(v).unwrap_or_else(|| "-".into())) } else { String::new() };
+                let more = if wide {
+                    let in_sync = match v.replicas.len() {
+                        0 => "-".to_string(),
+                        n => format!("{}/{n}", v.in_sync.len()),
+                    };
+                    let target = match v.target_node.as_str() {
+                        "" => "-".to_string(),
+                        t => format!("{t}@{}", v.target_epoch),
+                    };
+                    let node = if v.unavailable { format!("{} (down)", v.node) } else { v.node.clone() };
+                    format!(
+                        "  {:<36}  {node:<12}  {in_sync:>8}  {target:<16}  {}",
+                        v.uuid,
+                        rfc3339(v.created_unix_seconds)
+                    )
+                } else {
+                    String::new()
+                };
                 println!(
-                    "{:<w$}  {:>10}  {:>10}  {:>8}{claim}",
+                    "{:<w$}  {:>10}  {:>10}  {:>8}{claim}{more}",
                     v.name,
                     format_size(v.size_bytes),
                     format_size(v.allocated_bytes),
@@ -742,7 +783,7 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
                         }).collect::<Vec<_>>(),
                     })
                 ),
-                Output::Table => {
+                Output::Table | Output::Wide => {
                     println!("copies:    {}", r.copies.join(", "));
                     println!("compared:  {} bytes", r.bytes_compared);
                     println!("differing: {} ranges{}", r.differing.len(), if r.repaired { " (repaired)" } else { "" });
@@ -790,7 +831,7 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
             c.delete_volume(pb::DeleteVolumeRequest { name: name.clone(), here: false }).await.map_err(rpc_error)?;
             match client.output {
                 o @ (Output::Json | Output::Yaml) => o.emit(&serde_json::json!({ "deleted": name })),
-                Output::Table => println!("deleted volume {name}"),
+                Output::Table | Output::Wide => println!("deleted volume {name}"),
             }
         }
         VolumeCommand::Publish { name, node, read_only, single_writer } => {
@@ -809,7 +850,7 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
                 o @ (Output::Json | Output::Yaml) => o
                     .emit(&serde_json::json!({ "volume": g.volume, "node": g.node, "export_name": g.export_name,
                         "nbd_address": g.nbd_address, "read_only": g.read_only, "single_writer": g.single_writer })),
-                Output::Table => println!("{}", g.export_name),
+                Output::Table | Output::Wide => println!("{}", g.export_name),
             }
         }
         VolumeCommand::Unpublish { name, node } => {
@@ -818,7 +859,7 @@ async fn volume_command(client: ClientArgs, command: VolumeCommand) -> anyhow::R
                 .map_err(rpc_error)?;
             match client.output {
                 o @ (Output::Json | Output::Yaml) => o.emit(&serde_json::json!({ "unpublished": name, "node": node })),
-                Output::Table => println!("unpublished volume {name} from node {node}"),
+                Output::Table | Output::Wide => println!("unpublished volume {name} from node {node}"),
             }
         }
     }
@@ -830,6 +871,7 @@ fn snapshot_json(s: &pb::Snapshot) -> serde_json::Value {
         "volume": s.volume, "name": s.name, "snapshot": format!("{}@{}", s.volume, s.name),
         "size_bytes": s.size_bytes, "allocated_bytes": s.allocated_bytes, "exclusive_bytes": s.exclusive_bytes,
         "shared_bytes": s.shared_bytes, "sessions": s.sessions, "created_unix_seconds": s.created_unix_seconds,
+        "created": rfc3339(s.created_unix_seconds),
         "group": s.group, "uuid": s.uuid, "node": s.node,
     })
 }
@@ -872,7 +914,7 @@ async fn snapshot_command(client: ClientArgs, command: SnapshotCommand) -> anyho
                 .map_err(rpc_error)?;
             match client.output {
                 o @ (Output::Json | Output::Yaml) => o.emit(&serde_json::json!({ "deleted": snapshot })),
-                Output::Table => println!("deleted snapshot {snapshot}"),
+                Output::Table | Output::Wide => println!("deleted snapshot {snapshot}"),
             }
             return Ok(());
         }
@@ -881,13 +923,28 @@ async fn snapshot_command(client: ClientArgs, command: SnapshotCommand) -> anyho
         o @ (Output::Json | Output::Yaml) => {
             o.emit(&serde_json::Value::Array(snaps.iter().map(snapshot_json).collect()))
         }
-        Output::Table => {
+        o @ (Output::Table | Output::Wide) => {
+            let wide = matches!(o, Output::Wide);
             let name = |s: &pb::Snapshot| format!("{}@{}", s.volume, s.name);
             let w = snaps.iter().map(|s| name(s).len()).max().unwrap_or(8).max(8);
-            println!("{:<w$}  {:>10}  {:>10}  {:>10}", "SNAPSHOT", "SIZE", "ALLOCATED", "EXCLUSIVE");
+            let wide_header = match wide {
+                true => format!("  {:<36}  {:<12}  {:<20}  GROUP", "UUID", "NODE", "CREATED"),
+                false => String::new(),
+            };
+            println!("{:<w$}  {:>10}  {:>10}  {:>10}{wide_header}", "SNAPSHOT", "SIZE", "ALLOCATED", "EXCLUSIVE");
             for s in &snaps {
+                let more = match wide {
+                    true => format!(
+                        "  {:<36}  {:<12}  {:<20}  {}",
+                        s.uuid,
+                        if s.node.is_empty() { "-" } else { &s.node },
+                        rfc3339(s.created_unix_seconds),
+                        if s.group.is_empty() { "-" } else { &s.group }
+                    ),
+                    false => String::new(),
+                };
                 println!(
-                    "{:<w$}  {:>10}  {:>10}  {:>10}",
+                    "{:<w$}  {:>10}  {:>10}  {:>10}{more}",
                     name(s),
                     format_size(s.size_bytes),
                     format_size(s.allocated_bytes),
@@ -916,7 +973,7 @@ fn fsck(data_dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
             "snapshots": report.snapshots, "layers": report.layers, "mapped_clusters": report.mapped_clusters,
             "free_clusters": report.free_clusters, "high_water": report.high_water,
         })),
-        Output::Table => print!("{report}"),
+        Output::Table | Output::Wide => print!("{report}"),
     }
     if !report.ok() {
         anyhow::bail!("fsck found {} problem(s) in {}", report.problems.len(), data_dir.display());
