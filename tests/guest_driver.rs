@@ -61,6 +61,9 @@ fn main() {
     let work = PathBuf::from("/run/thinbd-e2e");
     std::fs::create_dir_all(&work).unwrap();
     runtime().block_on(async {
+        // The kernel here has the nbd driver: the node service reports ready.
+        let mut ident = thinbd_api::csi::identity_client::IdentityClient::new(node.channel().await);
+        assert_eq!(ident.probe(ProbeRequest {}).await.expect("probe").into_inner().ready, Some(true));
         let mut n = node_client(&node).await;
         let stage = |role: &str, fs: Option<&str>, mode: Mode| {
             let (id, ctx) = plan[role].clone();

@@ -15,6 +15,9 @@ use crate::backend::Backends;
 pub struct IdentityService {
     /// Set when this process runs the controller: readiness then means the API answers.
     pub backends: Option<Arc<Backends>>,
+    /// Set when this process runs the node service: readiness then also means the kernel can
+    /// attach NBD devices.
+    pub node: bool,
 }
 
 #[tonic::async_trait]
@@ -52,6 +55,12 @@ impl Identity for IdentityService {
     }
 
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        if self.node {
+            tokio::task::spawn_blocking(crate::kernel_modules::nbd_ready)
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(Status::failed_precondition)?;
+        }
         if let Some(b) = &self.backends
             && !b.is_template()
         {

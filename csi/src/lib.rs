@@ -9,6 +9,7 @@ pub mod controller;
 pub mod group_controller;
 pub mod identity;
 pub mod ids;
+pub mod kernel_modules;
 pub mod ktls;
 pub mod mounts;
 pub mod nbd_netlink;

@@ -120,7 +120,7 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     let router = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(IdentityService { backends: controller.then(|| backends.clone()) }));
+        .add_service(IdentityServer::new(IdentityService { backends: controller.then(|| backends.clone()), node }));
     let mut router = if controller {
         router
             .add_service(ControllerServer::new(ControllerService { backends: backends.clone() }))
@@ -134,6 +134,7 @@ async fn main() -> anyhow::Result<()> {
         router.add_optional_service(None::<ControllerServer<ControllerService>>)
     };
     if node {
+        thinbd_csi::kernel_modules::load();
         let node_id = cli.node_id.clone().context("--node-id (or NODE_ID) is required for the node service")?;
         let state_dir = cli.state_dir.clone().unwrap_or_else(|| path.parent().unwrap_or(&path).join("volumes"));
         let mut service = NodeService::new(node_id, cli.max_volumes_per_node, state_dir, backends.clone());
