@@ -504,3 +504,58 @@ fn the_storage_seccomp_profile_allows_io_uring_and_denies_the_rest() {
     });
     assert!(back == data, "data through io_uring under the profile");
 }
+
+/// The controller runs more than one replica, so every sidecar that acts on the cluster elects a
+/// leader; each serves its metrics on its own `--http-endpoint` port; every image is pinned.
+#[test]
+fn controller_sidecars_elect_a_leader_and_serve_metrics() {
+    let Some(rendered) = kustomize(&deploy_dir()) else { return };
+    let docs = YamlLoader::load_from_str(&rendered).unwrap();
+    let find = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+    };
+    let controller = find("Deployment", "thinbd-csi-controller");
+    assert!(controller["spec"]["replicas"].as_i64().unwrap_or(1) >= 2, "one controller replica: no standby");
+    let containers = controller["spec"]["template"]["spec"]["containers"].as_vec().unwrap();
+    let mut ports = Vec::new();
+    for c in containers {
+        let name = c["name"].as_str().unwrap();
+        let args: Vec<&str> =
+            c["args"].as_vec().map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+        let image = c["image"].as_str().unwrap();
+        if image.starts_with("registry.k8s.io/") {
+            assert!(
+                image.rsplit_once(':').is_some_and(|(_, tag)| tag.starts_with('v')),
+                "{name}: {image} is not pinned"
+            );
+        }
+        // These act on Kubernetes objects: two replicas must not both act.
+        if [
+            "csi-provisioner",
+            "csi-attacher",
+            "csi-snapshotter",
+            "csi-resizer",
+            "csi-external-health-monitor-controller",
+        ]
+        .contains(&name)
+        {
+            assert!(args.contains(&"--leader-election"), "{name} without --leader-election");
+            let port = args
+                .iter()
+                .find_map(|a| a.strip_prefix("--http-endpoint=:"))
+                .unwrap_or_else(|| panic!("{name}: no --http-endpoint"));
+            ports.push(port.to_string());
+        }
+    }
+    let mut unique = ports.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!((ports.len(), unique.len()), (5, 5), "metrics ports {ports:?}");
+    // The roles those sidecars need exist: leases for the election, VolumeAttributesClasses.
+    let role = find("Role", "thinbd-csi-controller");
+    assert!(format!("{:?}", role["rules"]).contains("leases"));
+    let cluster_role = find("ClusterRole", "thinbd-csi-controller");
+    assert!(format!("{:?}", cluster_role["rules"]).contains("volumeattributesclasses"));
+}
