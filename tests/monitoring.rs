@@ -1,0 +1,184 @@
+//! `deploy/monitoring/`: the alert rules and the dashboard's queries parse (promtool, from
+//! Debian's prometheus package), the alerts fire on the series they are meant for (promtool's
+//! rule unit tests), and every metric they name is one a real daemon exports.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use thinbd_tests::{Server, require};
+use yaml_rust2::YamlLoader;
+
+fn monitoring_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/monitoring")
+}
+
+/// The rule groups of the PrometheusRule, as a Prometheus rules file (JSON is YAML).
+fn rule_groups() -> serde_json::Value {
+    let text = std::fs::read_to_string(monitoring_dir().join("alerts.yaml")).unwrap();
+    let doc = &YamlLoader::load_from_str(&text).unwrap()[0];
+    assert_eq!(doc["kind"].as_str(), Some("PrometheusRule"));
+    fn to_json(y: &yaml_rust2::Yaml) -> serde_json::Value {
+        use yaml_rust2::Yaml;
+        match y {
+            Yaml::String(s) => s.clone().into(),
+            Yaml::Integer(i) => (*i).into(),
+            Yaml::Real(r) => r.parse::<f64>().map(serde_json::Value::from).unwrap_or(serde_json::Value::Null),
+            Yaml::Boolean(b) => (*b).into(),
+            Yaml::Array(a) => a.iter().map(to_json).collect(),
+            Yaml::Hash(h) => h.iter().map(|(k, v)| (k.as_str().unwrap_or_default().to_string(), to_json(v))).collect(),
+            _ => serde_json::Value::Null,
+        }
+    }
+    serde_json::json!({ "groups": to_json(&doc["spec"]["groups"]) })
+}
+
+fn dashboard_exprs() -> Vec<String> {
+    let d: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(monitoring_dir().join("dashboard.json")).unwrap()).unwrap();
+    assert!(d["uid"].is_string() && d["title"].is_string());
+    let exprs: Vec<String> = d["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_string()))
+        .collect();
+    assert!(exprs.len() >= 10);
+    exprs
+}
+
+fn promtool(args: &[&str]) -> std::process::Output {
+    Command::new("promtool").args(args).output().expect("run promtool")
+}
+
+#[test]
+fn alert_rules_and_dashboard_queries_parse() {
+    if !require("promtool") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.json");
+    std::fs::write(&rules, rule_groups().to_string()).unwrap();
+    let out = promtool(&["check", "rules", rules.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "alerts: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Each dashboard query as a recording rule, Grafana's $__rate_interval as 5m.
+    let recorded: Vec<serde_json::Value> = dashboard_exprs()
+        .iter()
+        .enumerate()
+        .map(|(i, e)| serde_json::json!({"record": format!("dashboard:q{i}"), "expr": e.replace("$__rate_interval", "5m")}))
+        .collect();
+    let file = dir.path().join("dashboard.json");
+    std::fs::write(&file, serde_json::json!({"groups": [{"name": "dashboard", "rules": recorded}]}).to_string())
+        .unwrap();
+    let out = promtool(&["check", "rules", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "dashboard: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The alerts fire on the series they are written for, and not on healthy ones.
+#[test]
+fn alerts_fire_on_their_conditions() {
+    if !require("promtool") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // promtool compares annotations too; their templates are checked above, the conditions here.
+    let mut groups = rule_groups();
+    for g in groups["groups"].as_array_mut().unwrap() {
+        for r in g["rules"].as_array_mut().unwrap() {
+            r.as_object_mut().unwrap().remove("annotations");
+        }
+    }
+    std::fs::write(dir.path().join("rules.json"), groups.to_string()).unwrap();
+    let tests = serde_json::json!({
+        "rule_files": ["rules.json"],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                {"series": "thinbd_pool_used_bytes{instance=\"a\"}", "values": "90+0x30"},
+                {"series": "thinbd_pool_capacity_bytes{instance=\"a\"}", "values": "100+0x30"},
+                {"series": "thinbd_pool_used_bytes{instance=\"b\"}", "values": "10+0x30"},
+                {"series": "thinbd_pool_capacity_bytes{instance=\"b\"}", "values": "100+0x30"},
+                {"series": "thinbd_pool_info{instance=\"a\",io_engine=\"threads\",io_engine_requested=\"uring\",direct_io=\"true\"}", "values": "1+0x30"},
+                {"series": "thinbd_pool_info{instance=\"b\",io_engine=\"uring\",io_engine_requested=\"uring\",direct_io=\"true\"}", "values": "1+0x30"},
+                {"series": "thinbd_cluster_node_up{instance=\"a\",node=\"n2\"}", "values": "1 1 0+0x28"},
+                {"series": "thinbd_cluster_node_up{instance=\"a\",node=\"n3\"}", "values": "1+0x30"},
+                {"series": "thinbd_volume_request_duration_seconds_bucket{instance=\"a\",volume=\"v\",op=\"write\",le=\"0.25\"}", "values": "0+10x30"},
+                {"series": "thinbd_volume_request_duration_seconds_bucket{instance=\"a\",volume=\"v\",op=\"write\",le=\"1\"}", "values": "0+100x30"},
+                {"series": "thinbd_volume_request_duration_seconds_bucket{instance=\"a\",volume=\"v\",op=\"write\",le=\"+Inf\"}", "values": "0+100x30"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "5m", "alertname": "ThinbdPoolNearlyFull", "exp_alerts": []},
+                {"eval_time": "15m", "alertname": "ThinbdPoolNearlyFull", "exp_alerts": [{"exp_labels": {"severity": "warning", "instance": "a"}}]},
+                {"eval_time": "15m", "alertname": "ThinbdPoolFull", "exp_alerts": []},
+                {"eval_time": "2m", "alertname": "ThinbdIoEngineFallback", "exp_alerts": [{"exp_labels": {"severity": "warning", "instance": "a", "io_engine": "threads", "io_engine_requested": "uring", "direct_io": "true"}}]},
+                {"eval_time": "3m", "alertname": "ThinbdNodeDown", "exp_alerts": []},
+                {"eval_time": "6m", "alertname": "ThinbdNodeDown", "exp_alerts": [{"exp_labels": {"severity": "critical", "instance": "a", "node": "n2"}}]},
+                {"eval_time": "20m", "alertname": "ThinbdHighLatencyP99", "exp_alerts": [{"exp_labels": {"severity": "warning", "instance": "a"}}]},
+            ],
+        }],
+    });
+    let file = dir.path().join("tests.json");
+    std::fs::write(&file, tests.to_string()).unwrap();
+    let out = promtool(&["test", "rules", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+/// Every metric the alerts and the dashboard use exists: on a single daemon's page, or (the
+/// cluster's) in what a clustered daemon renders. The page passes promtool's lint.
+#[test]
+fn monitored_metrics_exist() {
+    let s = Server::start();
+    s.create_volume("v", "16MiB");
+    let page = s.metrics();
+    let body = page.split_once("\r\n\r\n").map_or(page.as_str(), |(_, b)| b).to_string();
+    let mut names: Vec<String> = Vec::new();
+    let mut texts = dashboard_exprs();
+    texts.push(rule_groups().to_string());
+    for text in &texts {
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("thinbd_") {
+            let name: String = rest[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            rest = &rest[i + name.len()..];
+            names.push(name);
+        }
+    }
+    names.sort();
+    names.dedup();
+    let cluster_source =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../server/src/cluster/mod.rs")).unwrap();
+    for name in &names {
+        let family = name.strip_suffix("_bucket").unwrap_or(name);
+        let exported = body.contains(&format!("# TYPE {family} "));
+        let clustered = cluster_source.contains(&format!("# TYPE {family} "));
+        assert!(exported || clustered, "{name} is not a metric thinbd exports");
+    }
+    if require("promtool") {
+        let mut lint = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        lint.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+        let out = lint.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
