@@ -4,9 +4,13 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-/// Upper bounds of the latency buckets, in seconds.
-const BOUNDS: [f64; 16] =
-    [0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+/// Upper bounds of the latency buckets, in seconds: from a fast 4 KiB read to the kernel NBD
+/// client's 30 s request timeout, so that requests near the point where the kernel gives up
+/// (and the client sees an I/O error) are counted as such, not lumped together above 5 s.
+const BOUNDS: [f64; 19] = [
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+    10.0, 20.0, 30.0,
+];
 
 #[derive(Default)]
 pub struct Histogram {
@@ -251,6 +255,13 @@ mod tests {
         assert!(text.contains("thinbd_volume_written_bytes_total{volume=\"v\\\"1\"} 4096\n"));
         assert!(text.contains("thinbd_volume_request_duration_seconds_count{volume=\"v\\\"1\",op=\"write\"} 1\n"));
         assert!(text.contains("le=\"+Inf\"} 1\n"));
+        // A request that took 25 s is under the kernel's 30 s timeout, above 20 s.
+        let h = Histogram::default();
+        h.observe(Duration::from_secs(25));
+        let mut out = String::new();
+        h.render(&mut out, "x", "op=\"write\"");
+        assert!(out.contains("x_bucket{op=\"write\",le=\"20\"} 0\n"), "{out}");
+        assert!(out.contains("x_bucket{op=\"write\",le=\"30\"} 1\n"), "{out}");
         // Every sample line is `name{labels} value` or `name value`.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap_or("");
