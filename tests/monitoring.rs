@@ -46,8 +46,11 @@ fn dashboard_exprs() -> Vec<String> {
     exprs
 }
 
-fn promtool(args: &[&str]) -> std::process::Output {
-    Command::new("promtool").args(args).output().expect("run promtool")
+/// Runs promtool with `args` and asserts it succeeded; `what` names the check in the failure.
+fn promtool_ok(what: &str, args: &[&str]) {
+    let out = Command::new("promtool").args(args).output().expect("run promtool");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{what}: {text}");
 }
 
 #[test]
@@ -58,13 +61,7 @@ fn alert_rules_and_dashboard_queries_parse() {
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules.json");
     std::fs::write(&rules, rule_groups().to_string()).unwrap();
-    let out = promtool(&["check", "rules", rules.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "alerts: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool_ok("alerts", &["check", "rules", rules.to_str().unwrap()]);
 
     // Each dashboard query as a recording rule, Grafana's $__rate_interval as 5m.
     let recorded: Vec<serde_json::Value> = dashboard_exprs()
@@ -75,13 +72,7 @@ fn alert_rules_and_dashboard_queries_parse() {
     let file = dir.path().join("dashboard.json");
     std::fs::write(&file, serde_json::json!({"groups": [{"name": "dashboard", "rules": recorded}]}).to_string())
         .unwrap();
-    let out = promtool(&["check", "rules", file.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "dashboard: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool_ok("dashboard", &["check", "rules", file.to_str().unwrap()]);
 }
 
 /// The alerts fire on the series they are written for, and not on healthy ones.
@@ -130,8 +121,7 @@ fn alerts_fire_on_their_conditions() {
     });
     let file = dir.path().join("tests.json");
     std::fs::write(&file, tests.to_string()).unwrap();
-    let out = promtool(&["test", "rules", file.to_str().unwrap()]);
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    promtool_ok("alert unit tests", &["test", "rules", file.to_str().unwrap()]);
 }
 
 /// Every metric the alerts and the dashboard use exists: on a single daemon's page, or (the
