@@ -97,11 +97,7 @@ fn status_shows_how_the_pool_is_driven() {
 /// back to threads, and says so: a warning in its log, `thinbd status`, `thinbd_pool_info`.
 #[test]
 fn a_refused_io_uring_is_reported_not_silent() {
-    if !std::path::Path::new("/usr/bin/python3").exists()
-        || !Command::new("/usr/bin/python3").args(["-c", "import seccomp"]).status().is_ok_and(|s| s.success())
-    {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "python3-seccomp is missing; scripts/setup installs it");
-        eprintln!("SKIPPED: python3-seccomp is not installed (run scripts/setup)");
+    if !thinbd_tests::require_python_seccomp() {
         return;
     }
     const FORBID_URING: &str = "import os, sys, seccomp\n\

@@ -204,6 +204,13 @@ fn kustomize(dir: &Path) -> Option<String> {
     Some(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The rendered object of `kind` named `name`.
+fn find_object<'a>(docs: &'a [Yaml], kind: &str, name: &str) -> &'a Yaml {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
 /// Both variants render; the cluster one runs the storage daemon on every node joined to etcd
 /// (over TLS, endpoints from its ConfigMap), calling the other nodes with mutual TLS, the
 /// controller through the any-node Service and the node plugin through its local target; every
@@ -213,12 +220,7 @@ fn the_cluster_variant_joins_etcd_on_every_node() {
     let Some(single) = kustomize(&deploy_dir()) else { return };
     let Some(cluster) = kustomize(&deploy_dir().join("cluster")) else { return };
     let objects = |text: &str| YamlLoader::load_from_str(text).expect("rendered yaml");
-    let find = |docs: &[Yaml], kind: &str, name: &str| -> Yaml {
-        docs.iter()
-            .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
-            .unwrap_or_else(|| panic!("no {kind} {name}"))
-            .clone()
-    };
+    let find = |docs: &[Yaml], kind: &str, name: &str| -> Yaml { find_object(docs, kind, name).clone() };
     let args = |d: &Yaml, container: &str| -> Vec<String> {
         let cs = d["spec"]["template"]["spec"]["containers"].as_vec().expect("containers");
         let c = cs.iter().find(|c| c["name"].as_str() == Some(container)).expect("container");
@@ -448,12 +450,7 @@ fn the_storage_seccomp_profile_allows_io_uring_and_denies_the_rest() {
     // The manifests: the init container writes the file the container's profile names.
     if let Some(rendered) = kustomize(&deploy_dir()) {
         let docs = YamlLoader::load_from_str(&rendered).unwrap();
-        let ds = docs
-            .iter()
-            .find(|d| {
-                d["kind"].as_str() == Some("DaemonSet") && d["metadata"]["name"].as_str() == Some("thinbd-storage")
-            })
-            .expect("storage DaemonSet");
+        let ds = find_object(&docs, "DaemonSet", "thinbd-storage");
         let pod = &ds["spec"]["template"]["spec"];
         let main = pod["containers"].as_vec().unwrap().iter().find(|c| c["name"].as_str() == Some("thinbd")).unwrap();
         let sp = &main["securityContext"]["seccompProfile"];
@@ -469,9 +466,7 @@ fn the_storage_seccomp_profile_allows_io_uring_and_denies_the_rest() {
         assert_eq!(host["hostPath"]["path"].as_str(), Some("/var/lib/kubelet/seccomp"));
     }
 
-    if !Command::new("/usr/bin/python3").args(["-c", "import seccomp"]).status().is_ok_and(|s| s.success()) {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "python3-seccomp is missing; scripts/setup installs it");
-        eprintln!("SKIPPED: python3-seccomp is not installed (run scripts/setup)");
+    if !thinbd_tests::require_python_seccomp() {
         return;
     }
     let launcher = vec![
@@ -511,11 +506,7 @@ fn the_storage_seccomp_profile_allows_io_uring_and_denies_the_rest() {
 fn controller_sidecars_elect_a_leader_and_serve_metrics() {
     let Some(rendered) = kustomize(&deploy_dir()) else { return };
     let docs = YamlLoader::load_from_str(&rendered).unwrap();
-    let find = |kind: &str, name: &str| {
-        docs.iter()
-            .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
-            .unwrap_or_else(|| panic!("no {kind} {name}"))
-    };
+    let find = |kind: &str, name: &str| find_object(&docs, kind, name);
     let controller = find("Deployment", "thinbd-csi-controller");
     assert!(controller["spec"]["replicas"].as_i64().unwrap_or(1) >= 2, "one controller replica: no standby");
     let containers = controller["spec"]["template"]["spec"]["containers"].as_vec().unwrap();

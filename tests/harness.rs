@@ -11,6 +11,17 @@ use std::time::{Duration, Instant};
 
 /// Whether an external tool is installed. Under CI (`CI=true`) a missing tool fails the test,
 /// since the setup script must have installed it; elsewhere the test is skipped, loudly.
+/// Whether Python's libseccomp binding (Debian's python3-seccomp) is there, for tests that run
+/// a process under a seccomp filter; like [`require`], missing under CI is a failure.
+pub fn require_python_seccomp() -> bool {
+    let found = Command::new("/usr/bin/python3").args(["-c", "import seccomp"]).status().is_ok_and(|s| s.success());
+    if !found {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "python3-seccomp is missing; scripts/setup installs it");
+        eprintln!("SKIPPED: python3-seccomp is not installed (run scripts/setup)");
+    }
+    found
+}
+
 pub fn require(tool: &str) -> bool {
     let found = Command::new("sh")
         .arg("-c")

@@ -927,21 +927,23 @@ async fn snapshot_command(client: ClientArgs, command: SnapshotCommand) -> anyho
             let wide = matches!(o, Output::Wide);
             let name = |s: &pb::Snapshot| format!("{}@{}", s.volume, s.name);
             let w = snaps.iter().map(|s| name(s).len()).max().unwrap_or(8).max(8);
-            let wide_header = match wide {
-                true => format!("  {:<36}  {:<12}  {:<20}  GROUP", "UUID", "NODE", "CREATED"),
-                false => String::new(),
+            let wide_header = if wide {
+                format!("  {:<36}  {:<12}  {:<20}  GROUP", "UUID", "NODE", "CREATED")
+            } else {
+                String::new()
             };
             println!("{:<w$}  {:>10}  {:>10}  {:>10}{wide_header}", "SNAPSHOT", "SIZE", "ALLOCATED", "EXCLUSIVE");
             for s in &snaps {
-                let more = match wide {
-                    true => format!(
+                let more = if wide {
+                    format!(
                         "  {:<36}  {:<12}  {:<20}  {}",
                         s.uuid,
                         if s.node.is_empty() { "-" } else { &s.node },
                         rfc3339(s.created_unix_seconds),
                         if s.group.is_empty() { "-" } else { &s.group }
-                    ),
-                    false => String::new(),
+                    )
+                } else {
+                    String::new()
                 };
                 println!(
                     "{:<w$}  {:>10}  {:>10}  {:>10}{more}",
