@@ -12,6 +12,7 @@ pub mod handshake;
 pub mod io;
 #[cfg(feature = "testing")]
 pub mod mem_device;
+mod reply_queue;
 pub mod session;
 pub mod stages;
 pub mod tls;

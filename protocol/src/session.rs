@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +18,7 @@ use crate::consts::*;
 use crate::device::{BlockDevice, DeviceError, Extent, ReadChunk};
 use crate::handshake::Negotiated;
 use crate::io::StallTimeout;
+use crate::reply_queue::ReplyQueue;
 use crate::stages::{SessionStage, StageClock};
 use crate::wire::{REQUEST_HEADER_LEN, Request, simple_reply_header, structured_header};
 
@@ -88,6 +90,10 @@ struct Charge {
 }
 
 const KNOWN_FLAGS: u16 = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
+/// Replies gathered before they are written even if more are waiting.
+const REPLY_BATCH: usize = 256 * 1024;
+/// Writes from this size on have their next header read past the session's read buffer.
+const LARGE_WRITE: u32 = 32 * 1024;
 static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
 
 /// Bytes of data a request brings (write) or asks for (read) while it is in memory.
@@ -127,15 +133,27 @@ pub async fn serve<D: BlockDevice>(
     let session_budget = ByteBudget::new(limits.max_session_bytes.max(1));
     let mut tasks = JoinSet::new();
 
+    // After a large write the next header is read straight from the socket, exactly 28 bytes:
+    // a fill of `rd` would pull the next payload into its buffer, and `read_aligned` would then
+    // copy it out again (a 128 KiB memmove per request). Small requests keep the buffer, where
+    // one read brings many of them.
+    let mut large_writes = false;
     let result: Result<(), ProtocolError> = loop {
         while tasks.try_join_next().is_some() {}
         let mut hdr = [0u8; REQUEST_HEADER_LEN];
+        let header = async {
+            if large_writes && rd.buffer().is_empty() {
+                rd.get_mut().read_exact(&mut hdr).await
+            } else {
+                rd.read_exact(&mut hdr).await
+            }
+        };
         let read = tokio::select! {
             biased;
             _ = fence.cancelled() => break Ok(()),
             _ = shutdown.cancelled() => break Ok(()),
             _ = writer_stop.cancelled() => break Ok(()),
-            r = rd.read_exact(&mut hdr) => r,
+            r = header => r,
         };
         match read {
             Ok(_) => {}
@@ -150,6 +168,7 @@ pub async fn serve<D: BlockDevice>(
             debug!("client sent DISC");
             break Ok(());
         }
+        large_writes = req.command == CMD_WRITE && req.length >= LARGE_WRITE;
         // Budget first: a write's payload is only read, and a read only started, once the
         // memory it needs is granted, by this session's budget and then the server's.
         let bytes = data_bytes(&req, &limits);
@@ -389,30 +408,33 @@ fn observe(stages: &Option<Arc<dyn StageClock>>, stage: SessionStage, from: Opti
 }
 
 async fn write_replies<W: AsyncWriteExt + Unpin>(
-    wr: W,
+    mut w: W,
     mut rx: mpsc::Receiver<Queued>,
     stop: CancellationToken,
     fence: CancellationToken,
     shared: Arc<SessionShared>,
 ) -> Result<(), ProtocolError> {
-    let mut w = BufWriter::with_capacity(256 * 1024, wr);
+    let mut q = ReplyQueue::default();
+    // The memory charges of the replies in `q`, released once they are on the socket.
+    let mut charges = Vec::new();
     // Replies encoded since the last write to the socket, when stages are timed.
     let mut unsent: Vec<Instant> = Vec::new();
     let r = async {
         while let Some((reply, charge, executed)) = rx.recv().await {
-            encode(&mut w, reply).await?;
+            encode(&mut q, reply);
+            charges.push(charge);
             unsent.extend(executed);
             // Batch replies that are already waiting into one write.
-            if rx.is_empty() {
-                w.flush().await?;
+            if rx.is_empty() || q.len() >= REPLY_BATCH {
+                q.write_to(&mut w).await?;
+                charges.clear();
                 let written = Some(Instant::now()).filter(|_| !unsent.is_empty());
                 for executed in unsent.drain(..) {
                     observe(&shared.stages, SessionStage::Reply, Some(executed), written);
                 }
             }
-            drop(charge);
         }
-        w.flush().await?;
+        q.write_to(&mut w).await?;
         w.shutdown().await
     };
     let r = tokio::select! {
@@ -430,29 +452,28 @@ async fn write_replies<W: AsyncWriteExt + Unpin>(
     Ok(r?)
 }
 
-async fn encode<W: AsyncWriteExt + Unpin>(w: &mut W, reply: Reply) -> std::io::Result<()> {
+fn encode(q: &mut ReplyQueue, reply: Reply) {
     match reply {
-        Reply::Simple { cookie, error } => w.write_all(&simple_reply_header(cookie, error)).await,
+        Reply::Simple { cookie, error } => q.put_slice(&simple_reply_header(cookie, error)),
         Reply::SimpleRead { cookie, chunks } => {
-            w.write_all(&simple_reply_header(cookie, 0)).await?;
+            q.put_slice(&simple_reply_header(cookie, 0));
             for c in chunks {
                 match c {
-                    ReadChunk::Data(b) => w.write_all(&b).await?,
+                    ReadChunk::Data(b) => q.put_bytes(b),
                     ReadChunk::Hole(mut n) => {
                         while n > 0 {
                             let k = (n as usize).min(ZEROS.len());
-                            w.write_all(&ZEROS[..k]).await?;
+                            q.put_bytes(Bytes::from_static(&ZEROS[..k]));
                             n -= k as u32;
                         }
                     }
                 }
             }
-            Ok(())
         }
         Reply::Read { cookie, mut offset, chunks } => {
             let chunks: Vec<_> = chunks.into_iter().filter(|c| !c.is_empty()).collect();
             if chunks.is_empty() {
-                return w.write_all(&structured_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)).await;
+                return q.put_slice(&structured_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0));
             }
             let last = chunks.len() - 1;
             for (i, c) in chunks.into_iter().enumerate() {
@@ -460,44 +481,42 @@ async fn encode<W: AsyncWriteExt + Unpin>(w: &mut W, reply: Reply) -> std::io::R
                 match c {
                     ReadChunk::Data(b) => {
                         let len = b.len() as u32;
-                        w.write_all(&structured_header(cookie, flags, REPLY_TYPE_OFFSET_DATA, 8 + len)).await?;
-                        w.write_all(&offset.to_be_bytes()).await?;
-                        w.write_all(&b).await?;
+                        q.put_slice(&structured_header(cookie, flags, REPLY_TYPE_OFFSET_DATA, 8 + len));
+                        q.put_slice(&offset.to_be_bytes());
+                        q.put_bytes(b);
                         offset += len as u64;
                     }
                     ReadChunk::Hole(n) => {
-                        w.write_all(&structured_header(cookie, flags, REPLY_TYPE_OFFSET_HOLE, 12)).await?;
-                        w.write_all(&offset.to_be_bytes()).await?;
-                        w.write_all(&n.to_be_bytes()).await?;
+                        q.put_slice(&structured_header(cookie, flags, REPLY_TYPE_OFFSET_HOLE, 12));
+                        q.put_slice(&offset.to_be_bytes());
+                        q.put_slice(&n.to_be_bytes());
                         offset += n as u64;
                     }
                 }
             }
-            Ok(())
         }
         Reply::Error { cookie, errno, message } => {
             let msg = &message.as_bytes()[..message.len().min(MAX_STRING_LEN as usize)];
             let len = 6 + msg.len() as u32;
-            w.write_all(&structured_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, len)).await?;
-            w.write_all(&errno.to_be_bytes()).await?;
-            w.write_all(&(msg.len() as u16).to_be_bytes()).await?;
-            w.write_all(msg).await
+            q.put_slice(&structured_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, len));
+            q.put_slice(&errno.to_be_bytes());
+            q.put_slice(&(msg.len() as u16).to_be_bytes());
+            q.put_slice(msg)
         }
         Reply::BlockStatus { cookie, contexts } => {
             let last = contexts.len().saturating_sub(1);
             for (i, (context, extents)) in contexts.into_iter().enumerate() {
                 let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
                 let len = 4 + 8 * extents.len() as u32;
-                w.write_all(&structured_header(cookie, flags, REPLY_TYPE_BLOCK_STATUS, len)).await?;
+                q.put_slice(&structured_header(cookie, flags, REPLY_TYPE_BLOCK_STATUS, len));
                 let mut b = Vec::with_capacity(len as usize);
                 b.extend_from_slice(&context.to_be_bytes());
                 for e in extents {
                     b.extend_from_slice(&e.length.to_be_bytes());
                     b.extend_from_slice(&e.flags.to_be_bytes());
                 }
-                w.write_all(&b).await?;
+                q.put_slice(&b);
             }
-            Ok(())
         }
     }
 }

@@ -1,0 +1,135 @@
+//! Encoded replies waiting for the socket. Headers and small payloads are gathered in one
+//! buffer; a large read payload stays the `Bytes` the disk filled and goes out by `writev`
+//! beside its header, so a 128 KiB read reply is not copied in user space on its way out.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+/// Payloads from this size on are queued by reference instead of copied.
+const BY_REFERENCE: usize = 16 * 1024;
+/// At most this many slices per `writev` (Linux allows 1024).
+const MAX_SLICES: usize = 64;
+
+#[derive(Default)]
+pub struct ReplyQueue {
+    /// Bytes gathered since the last sealed part.
+    small: BytesMut,
+    /// Parts in the order they go out.
+    parts: VecDeque<Bytes>,
+    /// Bytes in `parts`.
+    sealed: usize,
+}
+
+impl ReplyQueue {
+    pub fn put_slice(&mut self, b: &[u8]) {
+        self.small.extend_from_slice(b);
+    }
+
+    /// Queues `b`, by reference when it is large enough for a copy to cost more than a slice.
+    pub fn put_bytes(&mut self, b: Bytes) {
+        if b.len() < BY_REFERENCE {
+            self.small.extend_from_slice(&b);
+        } else {
+            self.seal();
+            self.sealed += b.len();
+            self.parts.push_back(b);
+        }
+    }
+
+    /// Bytes waiting.
+    pub fn len(&self) -> usize {
+        self.sealed + self.small.len()
+    }
+
+    fn seal(&mut self) {
+        if !self.small.is_empty() {
+            let b = self.small.split().freeze();
+            self.sealed += b.len();
+            self.parts.push_back(b);
+        }
+    }
+
+    /// Writes everything queued to `w`, as few `writev`s as the socket takes.
+    pub async fn write_to<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.seal();
+        while !self.parts.is_empty() {
+            let slices: Vec<IoSlice<'_>> = self.parts.iter().take(MAX_SLICES).map(|b| IoSlice::new(b)).collect();
+            let mut n = w.write_vectored(&slices).await?;
+            drop(slices);
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            self.sealed -= n;
+            while n > 0 {
+                let Some(front) = self.parts.front_mut() else { break };
+                if n < front.len() {
+                    front.advance(n);
+                    break;
+                }
+                n -= front.len();
+                self.parts.pop_front();
+            }
+        }
+        w.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that takes at most `step` bytes per call, to exercise partial writes.
+    struct Trickle {
+        out: Vec<u8>,
+        step: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let n = buf.len().min(self.step);
+            self.out.extend_from_slice(&buf[..n]);
+            std::task::Poll::Ready(Ok(n))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_go_out_in_order_through_partial_writes() {
+        for step in [1, 7, 4096, 1 << 20] {
+            let mut q = ReplyQueue::default();
+            let mut want = Vec::new();
+            for i in 0..20u32 {
+                let head = i.to_be_bytes();
+                q.put_slice(&head);
+                want.extend_from_slice(&head);
+                let len = if i % 3 == 0 { 40_000 + i as usize } else { 100 + i as usize };
+                let body: Bytes = (0..len).map(|k| (k as u32 * 31 + i) as u8).collect::<Vec<_>>().into();
+                want.extend_from_slice(&body);
+                q.put_bytes(body);
+            }
+            assert_eq!(q.len(), want.len());
+            let mut w = Trickle { out: Vec::new(), step };
+            q.write_to(&mut w).await.unwrap();
+            assert_eq!(q.len(), 0);
+            assert_eq!(w.out, want, "step {step}");
+        }
+    }
+}
