@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 use thinbd_tests::{csi_bin, require, thinbd_bin};
 use yaml_rust2::{Yaml, YamlLoader};
@@ -17,7 +18,10 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
     for e in std::fs::read_dir(dir).expect("deploy dir") {
         let p = e.expect("entry").path();
         if p.is_dir() {
-            out.extend(yaml_files(&p));
+            // The Helm chart's templates are not YAML until rendered (see the chart's tests).
+            if !p.ends_with("helm") {
+                out.extend(yaml_files(&p));
+            }
         } else if p.extension().is_some_and(|x| x == "yaml") {
             out.push(p);
         }
@@ -549,4 +553,361 @@ fn controller_sidecars_elect_a_leader_and_serve_metrics() {
     assert!(format!("{:?}", role["rules"]).contains("leases"));
     let cluster_role = find("ClusterRole", "thinbd-csi-controller");
     assert!(format!("{:?}", cluster_role["rules"]).contains("volumeattributesclasses"));
+}
+
+/// The chart's renderer (`tests/helm-render`: Go's text/template with sprig v3, the engine Helm
+/// is built on, plus Helm's own functions), built once from Debian's Go packages: no helm
+/// binary can be installed here. `None` (skipped) where Go is missing outside CI.
+fn helm_renderer() -> Option<PathBuf> {
+    static BUILT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            if !require("go") {
+                return None;
+            }
+            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("helm-render");
+            // Debian installs sprig v3 and semver v3 without the /v3 of their import paths.
+            let masterminds = dir.join("gopath/src/github.com/Masterminds");
+            for name in ["sprig", "semver"] {
+                let link = masterminds.join(name).join("v3");
+                std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+                if link.symlink_metadata().is_err() {
+                    std::os::unix::fs::symlink(format!("/usr/share/gocode/src/github.com/Masterminds/{name}"), &link)
+                        .unwrap();
+                }
+            }
+            let bin = dir.join("helm-render");
+            let out = Command::new("go")
+                .args(["build", "-o"])
+                .arg(&bin)
+                .arg("main.go")
+                .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("helm-render"))
+                .env("GO111MODULE", "off")
+                .env("GOFLAGS", "")
+                .env("GOPATH", format!("{}:/usr/share/gocode", dir.join("gopath").display()))
+                .env("GOCACHE", dir.join("cache"))
+                .output()
+                .expect("run go build");
+            assert!(
+                out.status.success(),
+                "building tests/helm-render (scripts/setup installs golang-go and Debian's sprig): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Some(bin)
+        })
+        .clone()
+}
+
+/// `helm template` of deploy/helm/thinbd into namespace thinbd-system with `values` (YAML)
+/// laid over values.yaml: Ok(manifests) or Err(the renderer's error).
+fn helm_template(renderer: &Path, values: &str) -> Result<String, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("values.yaml");
+    std::fs::write(&file, values).unwrap();
+    let out = Command::new(renderer)
+        .arg(deploy_dir().join("helm/thinbd"))
+        .args(["--namespace", "thinbd-system", "-f"])
+        .arg(&file)
+        .output()
+        .expect("run helm-render");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn json_of(y: &Yaml) -> serde_json::Value {
+    use serde_json::Value;
+    match y {
+        Yaml::Hash(h) => Value::Object(
+            h.iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        Yaml::String(s) => s.clone(),
+                        Yaml::Integer(i) => i.to_string(),
+                        Yaml::Boolean(b) => b.to_string(),
+                        other => panic!("map key {other:?}"),
+                    };
+                    (key, json_of(v))
+                })
+                .collect(),
+        ),
+        Yaml::Array(a) => Value::Array(a.iter().map(json_of).collect()),
+        Yaml::String(s) => Value::String(s.clone()),
+        Yaml::Integer(i) => Value::from(*i),
+        Yaml::Real(r) => Value::from(r.parse::<f64>().expect("real")),
+        Yaml::Boolean(b) => Value::Bool(*b),
+        Yaml::Null => Value::Null,
+        other => panic!("yaml value {other:?}"),
+    }
+}
+
+/// Rendered objects by "Kind/name", in the form both renderings share: no metadata.namespace
+/// (kustomize sets it, Helm applies the release's), no Namespace object (Helm creates it), the
+/// seccomp ConfigMap without kustomize's hash suffix and without the chart's checksum
+/// annotation (each rolls the DaemonSet its own way when the profile changes).
+fn comparable(text: &str) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let mut text = text.to_string();
+    while let Some(at) = text.find("thinbd-seccomp-profile-") {
+        let end = at + "thinbd-seccomp-profile-".len();
+        let hash = text[end..].chars().take_while(|c| c.is_ascii_alphanumeric()).count();
+        text.replace_range(at + "thinbd-seccomp-profile".len()..end + hash, "");
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for d in YamlLoader::load_from_str(&text).expect("rendered yaml") {
+        if d.is_null() {
+            continue;
+        }
+        let mut v = json_of(&d);
+        let key = format!("{}/{}", v["kind"].as_str().unwrap(), v["metadata"]["name"].as_str().unwrap());
+        if key.starts_with("Namespace/") {
+            continue;
+        }
+        v["metadata"].as_object_mut().unwrap().remove("namespace");
+        if let Some(meta) = v.pointer_mut("/spec/template/metadata").and_then(|m| m.as_object_mut())
+            && let Some(a) = meta.get_mut("annotations").and_then(|a| a.as_object_mut())
+        {
+            a.retain(|k, _| !k.starts_with("checksum/"));
+            if a.is_empty() {
+                meta.remove("annotations");
+            }
+        }
+        assert!(out.insert(key.clone(), v).is_none(), "{key} twice");
+    }
+    out
+}
+
+fn assert_same_objects(helm: &str, kustomize: &str, what: &str) {
+    let (h, k) = (comparable(helm), comparable(kustomize));
+    let hk: Vec<_> = h.keys().collect();
+    let kk: Vec<_> = k.keys().collect();
+    assert_eq!(hk, kk, "{what}: the chart and kustomize render different objects");
+    for (key, v) in &h {
+        assert!(
+            v == &k[key],
+            "{what}: {key} differs\nchart:     {}\nkustomize: {}",
+            serde_json::to_string_pretty(v).unwrap(),
+            serde_json::to_string_pretty(&k[key]).unwrap()
+        );
+    }
+}
+
+/// With its default values the Helm chart renders exactly the objects of `deploy/` (the
+/// storage nodes on their own); with cluster.enabled those of `deploy/cluster/`; with
+/// monitoring.enabled also those of `deploy/monitoring/`: one set of manifests, two ways to
+/// install it, kept equal by this test.
+#[test]
+fn the_helm_chart_renders_what_kustomize_renders() {
+    let Some(renderer) = helm_renderer() else { return };
+    let Some(single) = kustomize(&deploy_dir()) else { return };
+    let cluster = kustomize(&deploy_dir().join("cluster")).unwrap();
+    let monitoring = kustomize(&deploy_dir().join("monitoring")).unwrap();
+    assert_same_objects(&helm_template(&renderer, "").unwrap(), &single, "default values");
+    assert_same_objects(&helm_template(&renderer, "cluster: {enabled: true}\n").unwrap(), &cluster, "cluster.enabled");
+    let with = comparable(&helm_template(&renderer, "monitoring: {enabled: true}\n").unwrap());
+    let without = comparable(&single);
+    let added: std::collections::BTreeMap<_, _> = with.into_iter().filter(|(k, _)| !without.contains_key(k)).collect();
+    let want = comparable(&monitoring);
+    assert_eq!(added.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "monitoring.enabled");
+    for (key, v) in &added {
+        assert!(v == &want[key], "monitoring.enabled: {key} differs from deploy/monitoring/");
+    }
+}
+
+/// Every value the chart documents changes what it renders, the result validates (kubernetes-
+/// validate, strict) and names only flags our binaries have; TLS off drops every certificate;
+/// cert-manager issues the certificates the pods mount; a cluster without etcd endpoints is
+/// refused with a message.
+#[test]
+fn the_helm_chart_values_take_effect_and_validate() {
+    let Some(renderer) = helm_renderer() else { return };
+    let values = r#"
+image: {repository: registry.example/thinbd, tag: "9.9.9", pullPolicy: Always}
+imagePullSecrets: [{name: regcred}]
+kubeletDir: /var/lib/k0s/kubelet
+storage:
+  nodeSelector: {disk: nvme}
+  dataPath: /mnt/pool
+  capacity: 2TiB
+  ports: {nbd: 20809, api: 20810, metrics: 20811}
+  extraArgs: ["--rebuild-rate=200MiB"]
+  resources: {requests: {cpu: 500m, memory: 512Mi}}
+  tolerations: [{key: storage, operator: Exists, effect: NoSchedule}]
+controller:
+  replicas: 3
+  resources: {limits: {memory: 256Mi}}
+  tolerations: [{key: ctl, operator: Exists}]
+  nodeSelector: {role: infra}
+node:
+  tolerations: [{operator: Exists}]
+sidecars:
+  resources: {requests: {cpu: 10m}}
+tls:
+  serverName: storage.example
+  certManager: {enabled: true, issuerRef: {name: corp-ca, kind: ClusterIssuer}}
+cluster:
+  enabled: true
+  etcd: {endpoints: "https://10.0.0.1:2379", tlsSecretName: my-etcd}
+  replicatedStorageClass: {replicas: 2, minInsync: 2}
+storageClass: {name: fast, isDefault: true, fsType: xfs, reclaimPolicy: Retain}
+monitoring: {enabled: true}
+"#;
+    let text = helm_template(&renderer, values).unwrap();
+    let docs = YamlLoader::load_from_str(&text).expect("rendered yaml");
+    let container = |d: &Yaml, name: &str| -> Yaml {
+        let cs = d["spec"]["template"]["spec"]["containers"].as_vec().expect("containers");
+        cs.iter().find(|c| c["name"].as_str() == Some(name)).expect("container").clone()
+    };
+    let strings = |y: &Yaml| -> Vec<String> {
+        y.as_vec().map(|v| v.iter().filter_map(|a| a.as_str().map(str::to_string)).collect()).unwrap_or_default()
+    };
+    let storage = find_object(&docs, "DaemonSet", "thinbd-storage");
+    let pod = &storage["spec"]["template"]["spec"];
+    let serve = container(storage, "thinbd");
+    let args = strings(&serve["args"]);
+    assert_eq!(serve["image"].as_str(), Some("registry.example/thinbd:9.9.9"));
+    assert_eq!(serve["imagePullPolicy"].as_str(), Some("Always"));
+    assert_eq!(pod["imagePullSecrets"][0]["name"].as_str(), Some("regcred"));
+    assert!(pod["nodeSelector"].is_badvalue(), "the cluster runs the daemon on every node");
+    for want in [
+        "--capacity=2TiB",
+        "--nbd-listen=$(NODE_IP):20809",
+        "--api-listen=$(NODE_IP):20810",
+        "--metrics-listen=0.0.0.0:20811",
+        "--rebuild-rate=200MiB",
+        "--etcd=$(ETCD_ENDPOINTS)",
+        "--peer-tls-server-name=storage.example",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{want} not in {args:?}");
+    }
+    assert_eq!(serve["resources"]["requests"]["memory"].as_str(), Some("512Mi"));
+    assert_eq!(pod["tolerations"][0]["key"].as_str(), Some("storage"));
+    assert_eq!(serve["readinessProbe"]["httpGet"]["port"].as_i64(), Some(20811));
+    let volumes = pod["volumes"].as_vec().unwrap();
+    let volume = |name: &str| volumes.iter().find(|v| v["name"].as_str() == Some(name)).expect(name).clone();
+    assert_eq!(volume("data")["hostPath"]["path"].as_str(), Some("/mnt/pool"));
+    assert_eq!(volume("host-seccomp")["hostPath"]["path"].as_str(), Some("/var/lib/k0s/kubelet/seccomp"));
+    assert_eq!(volume("etcd-tls")["secret"]["secretName"].as_str(), Some("my-etcd"));
+    // cert-manager: the pods mount the Secrets of the chart's Certificates, each file from the
+    // Certificate that makes it.
+    let projected: Vec<(String, String, String)> = volume("tls")["projected"]["sources"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let item = &s["secret"]["items"][0];
+            let f = |y: &Yaml| y.as_str().unwrap().to_string();
+            (f(&s["secret"]["name"]), f(&item["key"]), f(&item["path"]))
+        })
+        .collect();
+    for (secret, key, path) in [
+        ("thinbd-tls-server", "ca.crt", "ca.crt"),
+        ("thinbd-tls-server", "tls.crt", "server.crt"),
+        ("thinbd-tls-server", "tls.key", "server.key"),
+        ("thinbd-tls-client", "tls.crt", "client.crt"),
+        ("thinbd-tls-client", "tls.key", "client.key"),
+    ] {
+        assert!(projected.contains(&(secret.into(), key.into(), path.into())), "{path} from {secret}: {projected:?}");
+    }
+    let certificates: Vec<&Yaml> = docs.iter().filter(|d| d["kind"].as_str() == Some("Certificate")).collect();
+    let secrets: Vec<&str> = certificates.iter().filter_map(|c| c["spec"]["secretName"].as_str()).collect();
+    assert_eq!(secrets, ["thinbd-tls-server", "thinbd-tls-client", "thinbd-tls-snapshot-metadata"]);
+    // cert-manager's CRD has no schema here: its fields are checked against cert-manager.io/v1.
+    let known = [
+        "secretName",
+        "commonName",
+        "dnsNames",
+        "usages",
+        "duration",
+        "renewBefore",
+        "privateKey",
+        "issuerRef",
+        "isCA",
+    ];
+    let usages = ["digital signature", "key encipherment", "server auth", "client auth", "cert sign"];
+    for c in &certificates {
+        for (k, _) in c["spec"].as_hash().unwrap() {
+            assert!(known.contains(&k.as_str().unwrap()), "Certificate field {k:?}");
+        }
+        assert_eq!(c["spec"]["issuerRef"]["kind"].as_str(), Some("ClusterIssuer"), "issuerRef not used");
+        for u in strings(&c["spec"]["usages"]) {
+            assert!(usages.contains(&u.as_str()), "usage {u}");
+        }
+    }
+    assert!(strings(&certificates[0]["spec"]["dnsNames"]).contains(&"storage.example".to_string()));
+    assert!(!docs.iter().any(|d| d["kind"].as_str() == Some("Issuer")), "an issuerRef was given: no CA of our own");
+
+    let controller = find_object(&docs, "Deployment", "thinbd-csi-controller");
+    assert_eq!(controller["spec"]["replicas"].as_i64(), Some(3));
+    assert_eq!(controller["spec"]["template"]["spec"]["nodeSelector"]["role"].as_str(), Some("infra"));
+    assert_eq!(container(controller, "csi-attacher")["resources"]["requests"]["cpu"].as_str(), Some("10m"));
+    assert!(strings(&container(controller, "csi-provisioner")["args"]).contains(&"--default-fstype=xfs".to_string()));
+    let plugin = strings(&container(controller, "thinbd-csi")["args"]);
+    assert!(plugin.contains(&"--thinbd-api=thinbd-api:20810".to_string()), "{plugin:?}");
+    let node = find_object(&docs, "DaemonSet", "thinbd-csi-node");
+    let registrar = strings(&container(node, "node-driver-registrar")["args"]);
+    assert!(
+        registrar.contains(&"--kubelet-registration-path=/var/lib/k0s/kubelet/plugins/thinbd.csi.io/csi.sock".into())
+    );
+    assert_eq!(node["spec"]["template"]["spec"]["tolerations"][0]["operator"].as_str(), Some("Exists"));
+    let node_args = strings(&container(node, "thinbd-csi")["args"]);
+    assert!(node_args.contains(&"--attach-via-local-target".to_string()));
+
+    let sc = find_object(&docs, "StorageClass", "fast");
+    assert_eq!(sc["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"].as_str(), Some("true"));
+    assert_eq!(sc["reclaimPolicy"].as_str(), Some("Retain"));
+    assert_eq!(find_object(&docs, "StorageClass", "thinbd-replicated")["parameters"]["replicas"].as_str(), Some("2"));
+    assert_eq!(
+        find_object(&docs, "ConfigMap", "thinbd-cluster")["data"]["etcd-endpoints"].as_str(),
+        Some("https://10.0.0.1:2379")
+    );
+    find_object(&docs, "PrometheusRule", "thinbd");
+    let binding = find_object(&docs, "ClusterRoleBinding", "thinbd-csi-controller");
+    assert_eq!(binding["subjects"][0]["namespace"].as_str(), Some("thinbd-system"));
+
+    // Every flag passed to our binaries exists.
+    let serve_help = help(&thinbd_bin(), &["serve"]);
+    let csi_help = help(&csi_bin(), &[]);
+    for (container, help_text) in [
+        (&serve, &serve_help),
+        (&container(controller, "thinbd-csi"), &csi_help),
+        (&container(node, "thinbd-csi"), &csi_help),
+    ] {
+        for flag in flags(container) {
+            assert!(help_text.contains(&format!("{flag} ")) || help_text.contains(&format!("{flag}\n")), "{flag}");
+        }
+    }
+    if require("kubernetes-validate") {
+        for (name, values) in [("custom", values), ("tls-off", "tls: {enabled: false}\n")] {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join(format!("{name}.yaml"));
+            std::fs::write(&file, helm_template(&renderer, values).unwrap()).unwrap();
+            let out = Command::new("kubernetes-validate").args(["--strict", "--quiet"]).arg(&file).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{name}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    // TLS off: no certificate flag, file or volume anywhere (plaintext on the node's address).
+    let plain = helm_template(&renderer, "tls: {enabled: false}\n").unwrap();
+    for needle in [
+        "--tls-cert=/etc/thinbd/tls/server.crt",
+        "--api-tls",
+        "--tls-client-ca",
+        "--nbd-tls",
+        "--thinbd-api-ca",
+        "/etc/thinbd/tls/client",
+        "path: server.key",
+    ] {
+        assert!(!plain.contains(needle), "tls.enabled=false still renders {needle}");
+    }
+    assert!(plain.contains("--api-listen=$(NODE_IP):10810"), "the API stays on the node's address");
+
+    let refused = helm_template(&renderer, "cluster: {enabled: true, etcd: {endpoints: \"\"}}\n").unwrap_err();
+    assert!(refused.contains("cluster.etcd.endpoints is required"), "{refused}");
 }
