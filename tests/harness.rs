@@ -22,6 +22,21 @@ pub fn require_python_seccomp() -> bool {
     found
 }
 
+/// Where a test daemon's log goes: `dir/name`, or, when `THINBD_TEST_LOGS` names a directory
+/// (scripts/test sets it), a file of its own there, kept after the test so that scripts/test
+/// can search every log of the suite for secrets.
+pub fn log_path(dir: &Path, name: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    match std::env::var_os("THINBD_TEST_LOGS") {
+        Some(keep) => {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            PathBuf::from(keep).join(format!("{}-{n}-{name}", std::process::id()))
+        }
+        None => dir.join(name),
+    }
+}
+
 pub fn require(tool: &str) -> bool {
     let found = Command::new("sh")
         .arg("-c")
@@ -117,7 +132,7 @@ impl Server {
         let data_dir = tmp.path().join("data");
         Server {
             child: None,
-            log: tmp.path().join("thinbd.log"),
+            log: log_path(tmp.path(), "thinbd.log"),
             data_dir,
             nbd_port: free_port(),
             api_port: free_port(),
@@ -346,7 +361,7 @@ impl CsiPlugin {
     pub fn start_with(mode: &str, api: &str, node_id: &str, extra: &[&str]) -> CsiPlugin {
         let tmp = tempfile::tempdir().expect("tempdir");
         let socket = tmp.path().join("csi.sock");
-        let log = tmp.path().join("csi.log");
+        let log = log_path(tmp.path(), "csi.log");
         let child = Command::new(csi_bin())
             .args(["--endpoint", &format!("unix://{}", socket.display())])
             .args(["--mode", mode, "--thinbd-api", api, "--node-id", node_id])

@@ -267,7 +267,7 @@ impl NetNode {
             name,
             ip,
             data_dir: tmp.path().join("data"),
-            log: tmp.path().join("thinbd.log"),
+            log: crate::log_path(tmp.path(), "thinbd.log"),
             child: None,
             args,
             cli_env: Vec::new(),
