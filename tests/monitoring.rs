@@ -172,3 +172,63 @@ fn monitored_metrics_exist() {
         );
     }
 }
+
+/// The value of the series `series` (`name{labels}` as rendered) on a metrics page.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// What went wrong and how long the disk took show on the page: writes past a full pool are
+/// errors of kind no_space on their volume, a client that sends garbage instead of an option
+/// is a handshake failure of reason bad_magic, a FLUSH is timed as a pool sync and creating a
+/// volume as a durable metadata commit.
+#[test]
+fn metrics_count_failures_by_kind_and_time_the_disk() {
+    if !require("qemu-io") {
+        return;
+    }
+    let s = Server::start_with(&["--capacity", "4MiB"]);
+    s.create_volume("v", "64MiB");
+    let page = s.metrics();
+    assert!(sample(&page, "thinbd_meta_commit_duration_seconds_count{durable=\"true\"}").unwrap() >= 1.0, "{page}");
+    let syncs = sample(&page, "thinbd_pool_sync_duration_seconds_count").unwrap();
+    assert_eq!(sample(&page, "thinbd_nbd_handshake_failures_total{reason=\"bad_magic\"}"), Some(0.0));
+    assert!(!page.contains("thinbd_volume_errors_by_kind_total{"), "no error yet: {page}");
+
+    let qemu_io = |cmds: &[&str]| {
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw", &s.uri("v")]);
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        c.output().expect("run qemu-io")
+    };
+    let ok = qemu_io(&["write -P 7 0 1M", "flush"]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let page = s.metrics();
+    assert!(sample(&page, "thinbd_pool_sync_duration_seconds_count").unwrap() > syncs, "the FLUSH was not timed");
+    // 8 MiB into a 4 MiB pool: the pool runs out.
+    let full = qemu_io(&["write -P 8 1M 8M"]);
+    let said = format!("{}{}", String::from_utf8_lossy(&full.stdout), String::from_utf8_lossy(&full.stderr));
+    assert!(said.contains("No space left"), "qemu-io: {said}");
+    let page = s.metrics();
+    let full = sample(&page, "thinbd_volume_errors_by_kind_total{volume=\"v\",kind=\"no_space\"}");
+    assert!(full.is_some_and(|n| n >= 1.0), "{page}");
+    assert!(sample(&page, "thinbd_volume_errors_total{volume=\"v\",op=\"write\"}").unwrap() >= full.unwrap());
+
+    // Garbage where the first option's magic belongs.
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(s.addr()).unwrap();
+    let mut greeting = [0u8; 18];
+    c.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    c.write_all(&1u32.to_be_bytes()).unwrap();
+    c.write_all(&[0x5a; 16]).unwrap();
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sample(&s.metrics(), "thinbd_nbd_handshake_failures_total{reason=\"bad_magic\"}") != Some(1.0) {
+        assert!(std::time::Instant::now() < deadline, "{}", s.metrics());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

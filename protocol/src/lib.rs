@@ -37,3 +37,19 @@ pub enum ProtocolError {
     #[error("TLS: {0}")]
     Tls(String),
 }
+
+impl ProtocolError {
+    /// Every [`ProtocolError::kind`], for metrics that show each one, zero or not.
+    pub const KINDS: [&'static str; 5] = ["io", "bad_magic", "malformed", "refused", "tls"];
+
+    /// A short name for what went wrong (a metrics label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProtocolError::Io(_) => "io",
+            ProtocolError::BadMagic(_) => "bad_magic",
+            ProtocolError::Malformed(_) => "malformed",
+            ProtocolError::Refused(_) => "refused",
+            ProtocolError::Tls(_) => "tls",
+        }
+    }
+}

@@ -108,6 +108,75 @@ impl EngineError {
     }
 }
 
+/// What kind of failure an [`EngineError`] is, for metrics (`thinbd_volume_errors_by_kind_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The pool's disk failed a read, write or sync.
+    Io,
+    /// The pool or the disk under it is full.
+    NoSpace,
+    /// The metadata store failed or refused.
+    Metadata,
+    /// Writing to something read-only.
+    ReadOnly,
+    /// A request that makes no sense (out of range, bad arguments).
+    Invalid,
+    /// Refused because of the state of things (in use, published, stale epoch…).
+    Refused,
+    /// Not there, or not reachable now (a peer or fence).
+    Unavailable,
+    Internal,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 8] = [
+        ErrorKind::Io,
+        ErrorKind::NoSpace,
+        ErrorKind::Metadata,
+        ErrorKind::ReadOnly,
+        ErrorKind::Invalid,
+        ErrorKind::Refused,
+        ErrorKind::Unavailable,
+        ErrorKind::Internal,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::Io => "io",
+            ErrorKind::NoSpace => "no_space",
+            ErrorKind::Metadata => "metadata",
+            ErrorKind::ReadOnly => "read_only",
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::Refused => "refused",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+impl EngineError {
+    pub fn kind(&self) -> ErrorKind {
+        if self.is_no_space() {
+            return ErrorKind::NoSpace;
+        }
+        match self {
+            EngineError::Io { .. } => ErrorKind::Io,
+            EngineError::Metadata(_) | EngineError::MetadataIo(_) | EngineError::Store(_) => ErrorKind::Metadata,
+            EngineError::ReadOnly(_) => ErrorKind::ReadOnly,
+            EngineError::Invalid(_) => ErrorKind::Invalid,
+            EngineError::AlreadyExists(_)
+            | EngineError::InUse { .. }
+            | EngineError::Published { .. }
+            | EngineError::SingleWriter { .. }
+            | EngineError::StaleEpoch { .. }
+            | EngineError::Shrink { .. } => ErrorKind::Refused,
+            EngineError::NotFound(_) | EngineError::Unavailable(_) => ErrorKind::Unavailable,
+            EngineError::NoSpace => ErrorKind::NoSpace,
+            EngineError::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
 impl From<EngineError> for DeviceError {
     fn from(e: EngineError) -> Self {
         if e.is_no_space() {

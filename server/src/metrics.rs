@@ -4,6 +4,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use crate::error::ErrorKind;
+
 /// Upper bounds of the latency buckets, in seconds: from a fast 4 KiB read to the kernel NBD
 /// client's 30 s request timeout, so that requests near the point where the kernel gives up
 /// (and the client sees an I/O error) are counted as such, not lumped together above 5 s.
@@ -29,17 +31,47 @@ impl Histogram {
         self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
     }
 
+    /// The series of this histogram as `name` with `labels` (`k="v",…`, or empty).
     pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let (lead, braced) = if labels.is_empty() {
+            (String::new(), String::new())
+        } else {
+            (format!("{labels},"), format!("{{{labels}}}"))
+        };
         let mut cumulative = 0;
         for (b, c) in BOUNDS.iter().zip(&self.buckets) {
             cumulative += c.load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {cumulative}");
+            let _ = writeln!(out, "{name}_bucket{{{lead}le=\"{b}\"}} {cumulative}");
         }
         let count = self.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_ns.load(Relaxed) as f64 / 1e9);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+        let _ = writeln!(out, "{name}_bucket{{{lead}le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{braced} {}", self.sum_ns.load(Relaxed) as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count{braced} {count}");
     }
+
+    /// Times `f`.
+    pub fn time<T>(&self, f: impl FnOnce() -> T) -> T {
+        let started = std::time::Instant::now();
+        let r = f();
+        self.observe(started.elapsed());
+        r
+    }
+}
+
+/// How long the disk under the pool takes to make things durable: `fdatasync` of the pool
+/// file, and metadata store commits (durable ones sync, the others are folded in memory).
+pub fn render_disk(out: &mut String, sync: &Histogram, commit: &Histogram, durable_commit: &Histogram) {
+    let _ = writeln!(
+        out,
+        "# HELP thinbd_pool_sync_duration_seconds fdatasync of the pool file (FLUSH, FUA, journal).\n# TYPE thinbd_pool_sync_duration_seconds histogram"
+    );
+    sync.render(out, "thinbd_pool_sync_duration_seconds", "");
+    let _ = writeln!(
+        out,
+        "# HELP thinbd_meta_commit_duration_seconds Metadata store commits, durable (synced) or not.\n# TYPE thinbd_meta_commit_duration_seconds histogram"
+    );
+    commit.render(out, "thinbd_meta_commit_duration_seconds", "durable=\"false\"");
+    durable_commit.render(out, "thinbd_meta_commit_duration_seconds", "durable=\"true\"");
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,17 +103,23 @@ impl Op {
 pub struct VolumeMetrics {
     ops: [AtomicU64; 6],
     errors: [AtomicU64; 6],
+    /// Failed requests by [`ErrorKind`] (all operations).
+    error_kinds: [AtomicU64; ErrorKind::ALL.len()],
     latency: [Histogram; 6],
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
 }
 
 impl VolumeMetrics {
-    pub fn record(&self, op: Op, started: std::time::Instant, ok: bool) {
+    /// One request of `op`, started at `started`, failed with `error` or not.
+    pub fn record(&self, op: Op, started: std::time::Instant, error: Option<ErrorKind>) {
         let i = op as usize;
         self.ops[i].fetch_add(1, Relaxed);
-        if !ok {
+        if let Some(kind) = error {
             self.errors[i].fetch_add(1, Relaxed);
+            if let Some(k) = ErrorKind::ALL.iter().position(|x| *x == kind) {
+                self.error_kinds[k].fetch_add(1, Relaxed);
+            }
         }
         self.latency[i].observe(started.elapsed());
     }
@@ -161,6 +199,11 @@ pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
         ("thinbd_volume_sessions", "gauge", "Open NBD sessions."),
         ("thinbd_volume_ops_total", "counter", "Requests served, by operation."),
         ("thinbd_volume_errors_total", "counter", "Requests that failed, by operation."),
+        (
+            "thinbd_volume_errors_by_kind_total",
+            "counter",
+            "Requests that failed, by kind of failure (io, no_space, metadata, read_only, invalid, refused, unavailable, internal); kinds that never happened are left out.",
+        ),
         ("thinbd_volume_read_bytes_total", "counter", "Bytes read."),
         ("thinbd_volume_written_bytes_total", "counter", "Bytes written."),
         ("thinbd_volume_request_duration_seconds", "histogram", "Request latency inside the server."),
@@ -192,6 +235,14 @@ pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
                     let arr = if name == "thinbd_volume_ops_total" { &m.ops } else { &m.errors };
                     for op in Op::ALL {
                         let _ = writeln!(o, "{name}{{{l},op=\"{}\"}} {}", op.name(), arr[op as usize].load(Relaxed));
+                    }
+                }
+                ("thinbd_volume_errors_by_kind_total", _) => {
+                    for (kind, n) in ErrorKind::ALL.iter().zip(&m.error_kinds) {
+                        let n = n.load(Relaxed);
+                        if n > 0 {
+                            let _ = writeln!(o, "{name}{{{l},kind=\"{}\"}} {n}", kind.name());
+                        }
                     }
                 }
                 ("thinbd_volume_throttled_seconds_total", Some(q)) => {
@@ -234,7 +285,8 @@ mod tests {
     #[test]
     fn renders_prometheus_text() {
         let m = VolumeMetrics::default();
-        m.record(Op::Write, std::time::Instant::now(), true);
+        m.record(Op::Write, std::time::Instant::now(), None);
+        m.record(Op::Write, std::time::Instant::now(), Some(ErrorKind::NoSpace));
         m.bytes_written.fetch_add(4096, Relaxed);
         let pool = PoolSample { capacity: 1 << 30, used: 65536, cluster_size: 65536 };
         let text = render(
@@ -251,10 +303,21 @@ mod tests {
             }],
         );
         assert!(text.contains("thinbd_pool_capacity_bytes 1073741824\n"));
-        assert!(text.contains("thinbd_volume_ops_total{volume=\"v\\\"1\",op=\"write\"} 1\n"));
+        assert!(text.contains("thinbd_volume_ops_total{volume=\"v\\\"1\",op=\"write\"} 2\n"));
+        assert!(text.contains("thinbd_volume_errors_total{volume=\"v\\\"1\",op=\"write\"} 1\n"));
+        assert!(text.contains("thinbd_volume_errors_by_kind_total{volume=\"v\\\"1\",kind=\"no_space\"} 1\n"));
+        assert!(!text.contains("kind=\"io\""), "kinds that never happened are left out");
         assert!(text.contains("thinbd_volume_written_bytes_total{volume=\"v\\\"1\"} 4096\n"));
-        assert!(text.contains("thinbd_volume_request_duration_seconds_count{volume=\"v\\\"1\",op=\"write\"} 1\n"));
-        assert!(text.contains("le=\"+Inf\"} 1\n"));
+        assert!(text.contains("thinbd_volume_request_duration_seconds_count{volume=\"v\\\"1\",op=\"write\"} 2\n"));
+        assert!(text.contains("le=\"+Inf\"} 2\n"));
+        // Without labels: no empty braces, no leading comma.
+        let (sync, commit, durable) = (Histogram::default(), Histogram::default(), Histogram::default());
+        sync.observe(Duration::from_micros(300));
+        let mut disk = String::new();
+        render_disk(&mut disk, &sync, &commit, &durable);
+        assert!(disk.contains("thinbd_pool_sync_duration_seconds_bucket{le=\"0.0005\"} 1\n"), "{disk}");
+        assert!(disk.contains("thinbd_pool_sync_duration_seconds_count 1\n"), "{disk}");
+        assert!(disk.contains("thinbd_meta_commit_duration_seconds_count{durable=\"true\"} 0\n"), "{disk}");
         // A request that took 25 s is under the kernel's 30 s timeout, above 20 s.
         let h = Histogram::default();
         h.observe(Duration::from_secs(25));

@@ -387,10 +387,18 @@ impl Engine {
                 qos: None,
             });
         }
-        crate::metrics::render(
+        let mut out = crate::metrics::render(
             &PoolSample { capacity: p.capacity, used: p.used, cluster_size: p.cluster_size },
             &samples,
-        )
+        );
+        let store = self.space.store();
+        crate::metrics::render_disk(
+            &mut out,
+            &self.space.pool.sync_latency,
+            &store.commit_latency,
+            &store.durable_commit_latency,
+        );
+        out
     }
 
     /// Tests' shorthand: opens `NAME` (read-write volume) or `VOLUME@SNAPSHOT` (read-only); the

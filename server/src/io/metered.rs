@@ -29,7 +29,7 @@ impl<V: VolumeIo> Metered<V> {
     async fn measure<T>(&self, op: Op, f: impl Future<Output = Result<T, EngineError>>) -> Result<T, EngineError> {
         let started = Instant::now();
         let r = f.await;
-        self.metrics.record(op, started, r.is_ok());
+        self.metrics.record(op, started, r.as_ref().err().map(EngineError::kind));
         if let Err(e) = &r
             && !e.is_no_space()
         {

@@ -273,6 +273,9 @@ pub struct Store {
     failed: std::sync::atomic::AtomicBool,
     /// What the I/O error was (ENOSPC, EIO…): later commits report the same cause.
     cause: std::sync::Mutex<Option<std::io::ErrorKind>>,
+    /// How long commits took, folded in memory and durable (`thinbd_meta_commit_duration_seconds`).
+    pub commit_latency: crate::metrics::Histogram,
+    pub durable_commit_latency: crate::metrics::Histogram,
 }
 
 /// Runs `f`, turning a panic inside redb (it panics on some damaged pages instead of returning
@@ -307,7 +310,14 @@ pub fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, EngineError>) -> Res
 
 impl Store {
     fn new(db: Database, reopen: Option<Reopen>) -> Store {
-        Store { db: std::sync::RwLock::new(Some(db)), reopen, failed: Default::default(), cause: Default::default() }
+        Store {
+            db: std::sync::RwLock::new(Some(db)),
+            reopen,
+            failed: Default::default(),
+            cause: Default::default(),
+            commit_latency: Default::default(),
+            durable_commit_latency: Default::default(),
+        }
     }
 
     /// Runs `f` on the open database.
@@ -610,7 +620,8 @@ impl Store {
         if self.failed() {
             return Err(self.failure());
         }
-        self.with_db(|db| apply(db, ops, durable, before_durable_commit)).map_err(|e| self.note(e))
+        let latency = if durable { &self.durable_commit_latency } else { &self.commit_latency };
+        latency.time(|| self.with_db(|db| apply(db, ops, durable, before_durable_commit))).map_err(|e| self.note(e))
     }
 }
 

@@ -39,6 +39,8 @@ pub struct ListenerStats {
     pub evicted_handshakes: AtomicU64,
     pub evicted_per_source: AtomicU64,
     pub handshake_timeouts: AtomicU64,
+    /// Handshakes that failed, by [`ProtocolError::kind`](thinbd_protocol::ProtocolError::kind).
+    handshake_failures: [AtomicU64; thinbd_protocol::ProtocolError::KINDS.len()],
     pub shared: Arc<SessionShared>,
     pending: Mutex<Pending>,
 }
@@ -57,6 +59,7 @@ impl ListenerStats {
             evicted_handshakes: AtomicU64::new(0),
             evicted_per_source: AtomicU64::new(0),
             handshake_timeouts: AtomicU64::new(0),
+            handshake_failures: Default::default(),
             shared,
             pending: Mutex::new(Pending::default()),
         })
@@ -116,7 +119,20 @@ impl ListenerStats {
         for (name, kind, help, v) in lines {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
         }
+        let name = "thinbd_nbd_handshake_failures_total";
+        out.push_str(&format!(
+            "# HELP {name} Handshakes that failed, by reason (timeouts: thinbd_nbd_handshake_timeouts_total).\n# TYPE {name} counter\n"
+        ));
+        for (reason, n) in thinbd_protocol::ProtocolError::KINDS.iter().zip(&self.handshake_failures) {
+            out.push_str(&format!("{name}{{reason=\"{reason}\"}} {}\n", n.load(Relaxed)));
+        }
         out
+    }
+
+    fn handshake_failed(&self, e: &thinbd_protocol::ProtocolError) {
+        if let Some(i) = thinbd_protocol::ProtocolError::KINDS.iter().position(|k| *k == e.kind()) {
+            self.handshake_failures[i].fetch_add(1, Relaxed);
+        }
     }
 }
 
@@ -280,7 +296,10 @@ pub async fn serve_nbd(
                     }
                 }
                 Ok(Ok(None)) => debug!(%peer, "client ended the handshake"),
-                Ok(Err(e)) => debug!(%peer, error = %e, "handshake failed"),
+                Ok(Err(e)) => {
+                    stats.handshake_failed(&e);
+                    debug!(%peer, error = %e, "handshake failed")
+                }
                 Err(_) => {
                     stats.handshake_timeouts.fetch_add(1, Relaxed);
                     debug!(%peer, "handshake timed out")

@@ -106,6 +106,8 @@ pub struct Pool {
     base: u64,
     align: u64,
     stripes: Box<[RwLock<()>]>,
+    /// How long each `fdatasync` of the pool took (`thinbd_pool_sync_duration_seconds`).
+    pub sync_latency: crate::metrics::Histogram,
 }
 
 impl Pool {
@@ -126,7 +128,13 @@ impl Pool {
     /// A pool on any backend (tests: fault-injecting disks).
     pub fn on(store: Arc<dyn BlockStore>, geo: &Geometry) -> Result<Pool, EngineError> {
         let align = store.alignment().max(1);
-        let pool = Pool { store, base: geo.base(), align, stripes: (0..STRIPES).map(|_| RwLock::new(())).collect() };
+        let pool = Pool {
+            store,
+            base: geo.base(),
+            align,
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            sync_latency: Default::default(),
+        };
         pool.check_superblock(geo)?;
         Ok(pool)
     }
@@ -144,7 +152,7 @@ impl Pool {
         if geo.judge(found)? {
             block.as_mut_slice().copy_from_slice(&want.encode());
             self.store.write_at(block.as_mut_slice(), 0).map_err(|e| EngineError::io("write superblock", 0, e))?;
-            self.store.sync().map_err(|e| EngineError::io("fdatasync", 0, e))?;
+            self.sync_blocking()?;
         }
         Ok(())
     }
@@ -262,7 +270,7 @@ impl Pool {
     }
 
     pub fn sync_blocking(&self) -> Result<(), EngineError> {
-        self.store.sync().map_err(|e| EngineError::io("fdatasync", 0, e))
+        self.sync_latency.time(|| self.store.sync()).map_err(|e| EngineError::io("fdatasync", 0, e))
     }
 }
 
