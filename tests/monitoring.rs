@@ -104,9 +104,9 @@ fn alerts_fire_on_their_conditions() {
                 {"series": "thinbd_pool_info{instance=\"b\",io_engine=\"uring\",io_engine_requested=\"uring\",direct_io=\"true\"}", "values": "1+0x30"},
                 {"series": "thinbd_cluster_node_up{instance=\"a\",node=\"n2\"}", "values": "1 1 0+0x28"},
                 {"series": "thinbd_cluster_node_up{instance=\"a\",node=\"n3\"}", "values": "1+0x30"},
-                {"series": "thinbd_volume_request_duration_seconds_bucket{instance=\"a\",volume=\"v\",op=\"write\",le=\"0.25\"}", "values": "0+10x30"},
-                {"series": "thinbd_volume_request_duration_seconds_bucket{instance=\"a\",volume=\"v\",op=\"write\",le=\"1\"}", "values": "0+100x30"},
-                {"series": "thinbd_volume_request_duration_seconds_bucket{instance=\"a\",volume=\"v\",op=\"write\",le=\"+Inf\"}", "values": "0+100x30"},
+                {"series": "thinbd_request_duration_seconds_bucket{instance=\"a\",op=\"write\",le=\"0.25\"}", "values": "0+10x30"},
+                {"series": "thinbd_request_duration_seconds_bucket{instance=\"a\",op=\"write\",le=\"1\"}", "values": "0+100x30"},
+                {"series": "thinbd_request_duration_seconds_bucket{instance=\"a\",op=\"write\",le=\"+Inf\"}", "values": "0+100x30"},
             ],
             "alert_rule_test": [
                 {"eval_time": "5m", "alertname": "ThinbdPoolNearlyFull", "exp_alerts": []},

@@ -147,7 +147,7 @@ fn cli_manages_volumes_with_clear_errors() {
 #[test]
 fn metrics_report_ops_bytes_latency_and_pool() {
     let rt = runtime();
-    let s = Server::start_with(&["--capacity", "1GiB"]);
+    let s = Server::start_with(&["--capacity", "1GiB", "--volume-latency-metrics"]);
     s.create_volume("m", "16MiB");
     rt.block_on(async {
         let c = connect(&s, "m").await;
@@ -166,6 +166,7 @@ fn metrics_report_ops_bytes_latency_and_pool() {
         "thinbd_volume_read_bytes_total{volume=\"m\"} 4096",
         "thinbd_volume_request_duration_seconds_count{volume=\"m\",op=\"write\"} 1",
         "# TYPE thinbd_volume_request_duration_seconds histogram",
+        "# TYPE thinbd_request_duration_seconds histogram",
     ] {
         assert!(m.contains(needle), "missing {needle:?} in\n{m}");
     }

@@ -69,6 +69,12 @@ pub struct ServeOptions {
     /// `thinbd_stage_seconds{stage}`: where requests wait. Costs a few clock reads per request.
     #[arg(long)]
     pub stage_latency: bool,
+    /// Also a latency histogram per volume on the metrics page
+    /// (`thinbd_volume_request_duration_seconds{volume,op}`, 132 series per volume). Off, the
+    /// page has one for all volumes together (`thinbd_request_duration_seconds{op}`) and per
+    /// volume only counters and gauges.
+    #[arg(long)]
+    pub volume_latency_metrics: bool,
     /// This storage node's name, reported as its CSI topology segment (default: hostname).
     #[arg(long)]
     pub node_name: Option<String>,
@@ -362,6 +368,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 
     let info = crate::metrics::render_info(engine.io_engine().name(), opts.io_engine.name(), engine.direct_io());
     let metrics_engine = engine.clone();
+    let per_volume_latency = opts.volume_latency_metrics;
     let metrics_cluster = cluster.clone();
     let router = axum::Router::new().route(
         "/metrics",
@@ -370,7 +377,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             let stats = stats.clone();
             let cluster = metrics_cluster.clone();
             async move {
-                let mut body = e.render_metrics() + &stats.render() + &info;
+                let mut body = e.render_metrics(per_volume_latency) + &stats.render() + &info;
                 if let Some(s) = crate::stages::enabled() {
                     body += &s.render();
                 }

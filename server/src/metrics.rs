@@ -22,6 +22,14 @@ pub struct Histogram {
 }
 
 impl Histogram {
+    pub const fn new() -> Histogram {
+        Histogram {
+            buckets: [const { AtomicU64::new(0) }; BOUNDS.len()],
+            count: AtomicU64::new(0),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+
     pub fn observe(&self, d: Duration) {
         let s = d.as_secs_f64();
         if let Some(i) = BOUNDS.iter().position(|b| s <= *b) {
@@ -98,6 +106,28 @@ impl Op {
     }
 }
 
+/// Request latency of every volume together, by operation: `thinbd_request_duration_seconds`.
+/// Process-wide (one daemon per process), so that it keeps counting across volumes that come
+/// and go, as a counter must.
+pub static REQUEST_LATENCY: RequestLatency = RequestLatency { by_op: [const { Histogram::new() }; 6] };
+
+pub struct RequestLatency {
+    by_op: [Histogram; 6],
+}
+
+impl RequestLatency {
+    pub fn render(&self, out: &mut String) {
+        let name = "thinbd_request_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Request latency inside the server, all volumes together (per volume: serve --volume-latency-metrics).\n# TYPE {name} histogram"
+        );
+        for op in Op::ALL {
+            self.by_op[op as usize].render(out, name, &format!("op=\"{}\"", op.name()));
+        }
+    }
+}
+
 /// Per-volume request metrics.
 #[derive(Default)]
 pub struct VolumeMetrics {
@@ -121,7 +151,9 @@ impl VolumeMetrics {
                 self.error_kinds[k].fetch_add(1, Relaxed);
             }
         }
-        self.latency[i].observe(started.elapsed());
+        let took = started.elapsed();
+        self.latency[i].observe(took);
+        REQUEST_LATENCY.by_op[i].observe(took);
     }
 }
 
@@ -174,7 +206,9 @@ pub fn render_info(io_engine: &str, requested: &str, direct_io: bool) -> String 
     o
 }
 
-pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
+/// The pool's and every volume's series; `per_volume_latency`: a latency histogram per volume
+/// too (132 series each, so off by default: `serve --volume-latency-metrics`).
+pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>], per_volume_latency: bool) -> String {
     let mut o = String::with_capacity(4096 + volumes.len() * 4096);
     let _ = writeln!(o, "# HELP thinbd_pool_capacity_bytes Pool capacity.\n# TYPE thinbd_pool_capacity_bytes gauge");
     let _ = writeln!(o, "thinbd_pool_capacity_bytes {}", pool.capacity);
@@ -212,6 +246,9 @@ pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
         ("thinbd_volume_qos_limit", "gauge", "QoS limits in force (per second), by limit; absent: unlimited."),
     ];
     for (name, kind, help) in headers {
+        if name == "thinbd_volume_request_duration_seconds" && !per_volume_latency {
+            continue;
+        }
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for v in volumes {
             let l = format!("volume=\"{}\"", escape(v.name));
@@ -275,6 +312,7 @@ pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
             }
         }
     }
+    REQUEST_LATENCY.render(&mut o);
     o
 }
 
@@ -301,6 +339,7 @@ mod tests {
                 metrics: &m,
                 qos: None,
             }],
+            true,
         );
         assert!(text.contains("thinbd_pool_capacity_bytes 1073741824\n"));
         assert!(text.contains("thinbd_volume_ops_total{volume=\"v\\\"1\",op=\"write\"} 2\n"));
@@ -310,6 +349,23 @@ mod tests {
         assert!(text.contains("thinbd_volume_written_bytes_total{volume=\"v\\\"1\"} 4096\n"));
         assert!(text.contains("thinbd_volume_request_duration_seconds_count{volume=\"v\\\"1\",op=\"write\"} 2\n"));
         assert!(text.contains("le=\"+Inf\"} 2\n"));
+        assert!(text.contains("thinbd_request_duration_seconds_count{op=\"write\"} "), "all volumes together");
+        let lean = render(
+            &pool,
+            &[VolumeSample {
+                name: "w",
+                size: 1,
+                allocated: 0,
+                exclusive: 0,
+                shared: 0,
+                sessions: 0,
+                metrics: &m,
+                qos: None,
+            }],
+            false,
+        );
+        assert!(!lean.contains("thinbd_volume_request_duration_seconds"), "per-volume histograms are opt-in");
+        assert!(lean.contains("thinbd_volume_ops_total{volume=\"w\",op=\"write\"} 2\n"));
         // Without labels: no empty braces, no leading comma.
         let (sync, commit, durable) = (Histogram::default(), Histogram::default(), Histogram::default());
         sync.observe(Duration::from_micros(300));

@@ -351,7 +351,9 @@ impl Engine {
         self.space.store().failed().then(|| "the metadata store failed (full or failing disk?); recovering".to_string())
     }
 
-    pub fn render_metrics(&self) -> String {
+    /// The metrics page's pool, volume and disk series (`per_volume_latency`: see
+    /// [`crate::metrics::render`]).
+    pub fn render_metrics(&self, per_volume_latency: bool) -> String {
         let p = self.pool_info();
         let vols = self.list();
         let snaps = self.list_snapshots(None);
@@ -390,6 +392,7 @@ impl Engine {
         let mut out = crate::metrics::render(
             &PoolSample { capacity: p.capacity, used: p.used, cluster_size: p.cluster_size },
             &samples,
+            per_volume_latency,
         );
         let store = self.space.store();
         crate::metrics::render_disk(
