@@ -41,6 +41,29 @@ fn help(bin: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Whether `flag` (`--x`) is one `help_text` (a `--help` page) lists.
+fn lists_flag(help_text: &str, flag: &str) -> bool {
+    help_text.contains(&format!("{flag} ")) || help_text.contains(&format!("{flag}\n"))
+}
+
+/// Rendered manifests validate against the Kubernetes schemas (kubernetes-validate, strict),
+/// where kubernetes-validate is installed.
+fn assert_validates(what: &str, manifests: &str) {
+    if !require("kubernetes-validate") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rendered.yaml");
+    std::fs::write(&file, manifests).unwrap();
+    let out = Command::new("kubernetes-validate").args(["--strict", "--quiet"]).arg(&file).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The flag names (`--x`) in a container's command and args.
 fn flags(container: &Yaml) -> Vec<String> {
     let mut words: Vec<String> = Vec::new();
@@ -104,13 +127,7 @@ fn manifests_parse_and_our_flags_exist() {
                     }
                 };
                 for flag in flags(c) {
-                    assert!(
-                        help_text.contains(&format!("{flag} "))
-                            || help_text.contains(&format!("{flag}\n"))
-                            || help_text.contains(&format!("{flag} <")),
-                        "{}: {flag} is not a flag of {command:?}",
-                        f.display()
-                    );
+                    assert!(lists_flag(help_text, &flag), "{}: {flag} is not a flag of {command:?}", f.display());
                     checked += 1;
                 }
             }
@@ -275,21 +292,10 @@ fn the_cluster_variant_joins_etcd_on_every_node() {
     for (flags, help_text) in [(&serve, &serve_help), (&controller, &csi_help), (&node, &csi_help)] {
         for a in flags.iter().filter(|a| a.starts_with("--")) {
             let flag = a.split('=').next().unwrap();
-            assert!(help_text.contains(&format!("{flag} ")) || help_text.contains(&format!("{flag}\n")), "{flag}");
+            assert!(lists_flag(help_text, flag), "{flag}");
         }
     }
-    if require("kubernetes-validate") {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("cluster.yaml");
-        std::fs::write(&file, kustomize(&deploy_dir().join("cluster")).unwrap()).unwrap();
-        let out = Command::new("kubernetes-validate").args(["--strict", "--quiet"]).arg(&file).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    assert_validates("deploy/cluster", &kustomize(&deploy_dir().join("cluster")).unwrap());
 }
 
 /// The certificates `deploy/tls/make-certs.sh` makes work for what the manifests do with them:
@@ -875,22 +881,11 @@ monitoring: {enabled: true}
         (&container(node, "thinbd-csi"), &csi_help),
     ] {
         for flag in flags(container) {
-            assert!(help_text.contains(&format!("{flag} ")) || help_text.contains(&format!("{flag}\n")), "{flag}");
+            assert!(lists_flag(help_text, &flag), "{flag}");
         }
     }
-    if require("kubernetes-validate") {
-        for (name, values) in [("custom", values), ("tls-off", "tls: {enabled: false}\n")] {
-            let dir = tempfile::tempdir().unwrap();
-            let file = dir.path().join(format!("{name}.yaml"));
-            std::fs::write(&file, helm_template(&renderer, values).unwrap()).unwrap();
-            let out = Command::new("kubernetes-validate").args(["--strict", "--quiet"]).arg(&file).output().unwrap();
-            assert!(
-                out.status.success(),
-                "{name}: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+    for (name, values) in [("custom values", values), ("tls.enabled=false", "tls: {enabled: false}\n")] {
+        assert_validates(name, &helm_template(&renderer, values).unwrap());
     }
 
     // TLS off: no certificate flag, file or volume anywhere (plaintext on the node's address).
