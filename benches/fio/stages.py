@@ -4,13 +4,13 @@
 metrics page (`thinbd_stage_seconds`) and thinbd's CPU per request.
 
 Usage: benches/fio/stages.py [randread|randwrite|read|write] [QUEUE_DEPTH] [-- serve args...]
-Needs a release build and fio. BS=128k sets the block size; FSYNC=1 sends a FLUSH after every
+Needs a release build (or THINBD_BIN, to compare builds) and fio. BS=128k sets the block size; FSYNC=1 sends a FLUSH after every
 write (fio's --fsync). PERF=1 also records `perf record -g` of thinbd to /tmp/perf.data.
 """
 import json, os, re, socket, subprocess, sys, tempfile, time, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.path.join(ROOT, "target", "release", "thinbd")
+BIN = os.environ.get("THINBD_BIN") or os.path.join(ROOT, "target", "release", "thinbd")
 STAGES = ["admit", "schedule", "execute", "ring_queue", "ring_disk", "ring_wake", "reply"]
 
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -240,14 +240,14 @@ pub async fn serve<D: BlockDevice>(
         }
         let dev = dev.clone();
         let tx = tx.clone();
-        let fence = fence.clone();
+        let job_fence = fence.clone();
         let contexts = contexts.clone();
         let stages = stages.clone();
         let spawned = clock();
         observe(&stages, SessionStage::Admit, received, spawned);
-        tasks.spawn(async move {
+        let job = async move {
             // Spawned before a fence but not yet running: it must not start after it.
-            if fence.is_cancelled() {
+            if job_fence.is_cancelled() {
                 return;
             }
             let running = stages.as_ref().map(|_| Instant::now());
@@ -260,7 +260,28 @@ pub async fn serve<D: BlockDevice>(
             // A read keeps its budget until the reply is written; a write is done with it.
             let charge = if is_read { charge } else { None };
             let _ = tx.send((reply, charge, executed)).await;
-        });
+        };
+        // Alone (nothing in flight, nothing more received), the request runs right here: a
+        // spawned task costs a wake-up of another worker thread, most of a request's time at
+        // queue depth 1. As soon as the next request starts arriving, it moves to a task of
+        // its own and this loop goes on reading.
+        let mut job = Box::pin(job);
+        if tasks.is_empty() && rd.buffer().is_empty() {
+            // A fence, shutdown or dead writer also hands it over: the loop then stops reading
+            // and waits for its tasks, as for any started request.
+            let more = tokio::select! {
+                biased;
+                () = &mut job => false,
+                _ = rd.fill_buf() => true,
+                _ = fence.cancelled() => true,
+                _ = shutdown.cancelled() => true,
+                _ = writer_stop.cancelled() => true,
+            };
+            if !more {
+                continue;
+            }
+        }
+        tasks.spawn(job);
     };
     if fence.is_cancelled() {
         // Cut: no reply goes out, no buffered request starts; wait for the started ones.
