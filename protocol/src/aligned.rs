@@ -8,6 +8,12 @@ use bytes::Bytes;
 /// logical blocks).
 pub const DIRECT_ALIGN: usize = 4096;
 
+/// How many bytes from `p` to the next 4 KiB boundary (0 when `p` is on one): where an
+/// over-allocated buffer starts its aligned part.
+pub fn to_boundary(p: *const u8) -> usize {
+    (p as usize).wrapping_neg() % DIRECT_ALIGN
+}
+
 pub struct AlignedBuf {
     vec: Vec<u8>,
     start: usize,
@@ -18,7 +24,7 @@ impl AlignedBuf {
     pub fn zeroed(len: usize) -> AlignedBuf {
         // `vec!` of zeros is one calloc; the extra bytes leave room to slide to the boundary.
         let vec = vec![0u8; len + DIRECT_ALIGN - 1];
-        let start = (vec.as_ptr() as usize).wrapping_neg() % DIRECT_ALIGN;
+        let start = to_boundary(vec.as_ptr());
         AlignedBuf { vec, start, len }
     }
 
@@ -56,7 +62,7 @@ pub async fn read_aligned<R: tokio::io::AsyncRead + Unpin>(
     use bytes::BufMut;
     use tokio::io::{AsyncBufReadExt, AsyncReadExt};
     let mut buf = bytes::BytesMut::with_capacity(len + DIRECT_ALIGN - 1);
-    let pad = (buf.as_ptr() as usize).wrapping_neg() % DIRECT_ALIGN;
+    let pad = to_boundary(buf.as_ptr());
     buf.put_bytes(0, pad);
     let mut buf = buf.split_off(pad);
     let buffered = rd.buffer();

@@ -129,6 +129,7 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, in declaration order (`kind as usize` indexes it).
     pub const ALL: [ErrorKind; 8] = [
         ErrorKind::Io,
         ErrorKind::NoSpace,
@@ -198,6 +199,13 @@ pub(crate) fn poisoned() -> EngineError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_kinds_are_listed_in_declaration_order() {
+        for (i, k) in ErrorKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i, "{k:?}");
+        }
+    }
 
     #[test]
     fn every_waiter_of_a_failed_group_commit_sees_the_same_kind_of_failure() {

@@ -249,7 +249,7 @@ struct ReadBuf {
 impl ReadBuf {
     fn new(len: usize) -> ReadBuf {
         let vec = Vec::with_capacity(len + DIRECT_ALIGN - 1);
-        let start = (vec.as_ptr() as usize).wrapping_neg() % DIRECT_ALIGN;
+        let start = thinbd_protocol::aligned::to_boundary(vec.as_ptr());
         ReadBuf { vec, start, len }
     }
 
