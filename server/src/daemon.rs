@@ -19,6 +19,7 @@ use crate::api::Api;
 use crate::cluster::nodes::NodeRecord;
 use crate::cluster::{Cluster, EtcdOptions, PeerTls};
 use crate::engine::{Engine, EngineConfig};
+use crate::metrics::{DescriptorEncoder, Source};
 use crate::nbd::{Catalog, ListenerStats, NbdLimits, serve_nbd};
 use thinbd_protocol::SessionLimits;
 
@@ -366,26 +367,31 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             ),
     );
 
-    let info = crate::metrics::render_info(engine.io_engine().name(), opts.io_engine.name(), engine.direct_io());
-    let metrics_engine = engine.clone();
-    let per_volume_latency = opts.volume_latency_metrics;
-    let metrics_cluster = cluster.clone();
+    // The metrics page: each part writes its series when scraped.
+    let mut registry = prometheus_client::registry::Registry::default();
+    let (e, per_volume_latency) = (engine.clone(), opts.volume_latency_metrics);
+    registry.register_collector(Box::new(Source("engine", move |enc: &mut DescriptorEncoder<'_>| {
+        e.encode_metrics(enc, per_volume_latency)
+    })));
+    registry.register_collector(Box::new(Source("nbd", move |enc: &mut DescriptorEncoder<'_>| stats.encode(enc))));
+    let (io_engine, requested, direct_io) = (engine.io_engine().name(), opts.io_engine.name(), engine.direct_io());
+    registry.register_collector(Box::new(Source("info", move |enc: &mut DescriptorEncoder<'_>| {
+        crate::metrics::encode_info(enc, io_engine, requested, direct_io)
+    })));
+    if let Some(s) = crate::stages::enabled() {
+        registry.register_collector(Box::new(Source("stages", move |enc: &mut DescriptorEncoder<'_>| s.encode(enc))));
+    }
+    if let Some(c) = cluster.clone() {
+        registry.register_collector(Box::new(Source("cluster", move |enc: &mut DescriptorEncoder<'_>| {
+            c.encode_metrics(enc)
+        })));
+    }
+    let registry = Arc::new(registry);
     let router = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let e = metrics_engine.clone();
-            let stats = stats.clone();
-            let cluster = metrics_cluster.clone();
-            async move {
-                let mut body = e.render_metrics(per_volume_latency) + &stats.render() + &info;
-                if let Some(s) = crate::stages::enabled() {
-                    body += &s.render();
-                }
-                if let Some(c) = &cluster {
-                    body += &c.render_metrics();
-                }
-                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
-            }
+            let body = crate::metrics::encode(&registry);
+            async move { ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body) }
         }),
     );
     // Liveness: the process answers. Readiness: it is not stopping and its metadata store

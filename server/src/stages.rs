@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use thinbd_protocol::stages::{SessionStage, StageClock};
 
-use crate::metrics::Histogram;
+use crate::metrics::{DescriptorEncoder, Family, Histogram};
+use prometheus_client::metrics::MetricType;
 
 /// A stage of a data request on the io_uring ring, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,19 +57,17 @@ impl Stages {
         self.ring[stage as usize].observe(took);
     }
 
-    /// Prometheus text of every stage.
-    pub fn render(&self) -> String {
-        let name = "thinbd_stage_seconds";
-        let mut out = format!(
-            "# HELP {name} Time requests spend in each stage (serve --stage-latency).\n# TYPE {name} histogram\n"
-        );
+    /// Every stage's histogram: `thinbd_stage_seconds{stage}`.
+    pub fn encode(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+        let help = "Time requests spend in each stage (serve --stage-latency).";
+        let mut f = Family::start(enc, "thinbd_stage_seconds", help, MetricType::Histogram)?;
         for s in SessionStage::ALL {
-            self.session[s as usize].render(&mut out, name, &format!("stage=\"{}\"", s.name()));
+            f.series(&[("stage", s.name())], &self.session[s as usize])?;
         }
         for s in RingStage::ALL {
-            self.ring[s as usize].render(&mut out, name, &format!("stage=\"{}\"", s.name()));
+            f.series(&[("stage", s.name())], &self.ring[s as usize])?;
         }
-        out
+        Ok(())
     }
 }
 

@@ -20,7 +20,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use prometheus_client::metrics::MetricType;
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{DescriptorEncoder, Family};
 
 pub use error::ClusterError;
 use nodes::{Directory, NodeRecord};
@@ -184,33 +187,30 @@ impl Cluster {
         Ok(p)
     }
 
-    /// `thinbd_cluster_node_up{node}` per known node.
-    pub fn render_metrics(&self) -> String {
-        let mut out = String::from(
-            "# HELP thinbd_cluster_node_up Whether a cluster node's lease is live (1) or it is down (0).\n\
-             # TYPE thinbd_cluster_node_up gauge\n",
-        );
+    /// `thinbd_cluster_node_up{node}` per known node, and the rebuilds this node is the target of.
+    pub fn encode_metrics(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+        let help = "Whether a cluster node's lease is live (1) or it is down (0).";
+        let mut f = Family::start(enc, "thinbd_cluster_node_up", help, MetricType::Gauge)?;
         for n in self.directory.list() {
-            out.push_str(&format!("thinbd_cluster_node_up{{node=\"{}\"}} {}\n", n.record.name, u8::from(n.up)));
+            f.gauge(&[("node", &n.record.name)], u64::from(n.up))?;
         }
         let live: Vec<(String, Arc<crate::io::Shared>)> = match self.shared.lock() {
             Ok(all) => all.iter().map(|(u, s)| (u.clone(), s.clone())).collect(),
             Err(_) => Vec::new(),
         };
-        out.push_str(
-            "# HELP thinbd_rebuild_done_bytes Bytes gone through by a copy's rebuild on this target, of thinbd_rebuild_total_bytes.\n\
-             # TYPE thinbd_rebuild_done_bytes gauge\n\
-             # HELP thinbd_rebuild_total_bytes Size of a volume whose copy this target is rebuilding.\n\
-             # TYPE thinbd_rebuild_total_bytes gauge\n",
-        );
-        for (uuid, shared) in live {
-            for r in shared.rebuilding() {
-                let labels = format!("volume_uuid=\"{uuid}\",node=\"{}\"", r.node);
-                out.push_str(&format!("thinbd_rebuild_done_bytes{{{labels}}} {}\n", r.done));
-                out.push_str(&format!("thinbd_rebuild_total_bytes{{{labels}}} {}\n", r.total));
-            }
+        let rebuilds: Vec<(String, crate::io::Rebuild)> =
+            live.iter().flat_map(|(uuid, shared)| shared.rebuilding().into_iter().map(|r| (uuid.clone(), r))).collect();
+        let help = "Bytes gone through by a copy's rebuild on this target, of thinbd_rebuild_total_bytes.";
+        let mut f = Family::start(enc, "thinbd_rebuild_done_bytes", help, MetricType::Gauge)?;
+        for (uuid, r) in &rebuilds {
+            f.gauge(&[("volume_uuid", uuid), ("node", &r.node)], r.done)?;
         }
-        out
+        let help = "Size of a volume whose copy this target is rebuilding.";
+        let mut f = Family::start(enc, "thinbd_rebuild_total_bytes", help, MetricType::Gauge)?;
+        for (uuid, r) in &rebuilds {
+            f.gauge(&[("volume_uuid", uuid), ("node", &r.node)], r.total)?;
+        }
+        Ok(())
     }
 }
 

@@ -352,8 +352,12 @@ impl Engine {
     }
 
     /// The metrics page's pool, volume and disk series (`per_volume_latency`: see
-    /// [`crate::metrics::render`]).
-    pub fn render_metrics(&self, per_volume_latency: bool) -> String {
+    /// [`crate::metrics::encode_volumes`]).
+    pub fn encode_metrics(
+        &self,
+        enc: &mut crate::metrics::DescriptorEncoder<'_>,
+        per_volume_latency: bool,
+    ) -> std::fmt::Result {
         let p = self.pool_info();
         let vols = self.list();
         let snaps = self.list_snapshots(None);
@@ -389,19 +393,19 @@ impl Engine {
                 qos: None,
             });
         }
-        let mut out = crate::metrics::render(
+        crate::metrics::encode_volumes(
+            enc,
             &PoolSample { capacity: p.capacity, used: p.used, cluster_size: p.cluster_size },
             &samples,
             per_volume_latency,
-        );
+        )?;
         let store = self.space.store();
-        crate::metrics::render_disk(
-            &mut out,
+        crate::metrics::encode_disk(
+            enc,
             &self.space.pool.sync_latency,
             &store.commit_latency,
             &store.durable_commit_latency,
-        );
-        out
+        )
     }
 
     /// Tests' shorthand: opens `NAME` (read-write volume) or `VOLUME@SNAPSHOT` (read-only); the

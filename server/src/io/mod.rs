@@ -21,7 +21,7 @@ pub use activity::{Activity, ActivityRecord};
 pub use local::LocalVolume;
 pub use metered::Metered;
 pub use remote::RemoteVolume;
-pub use replicas::{InSyncSet, Linker, Member, Replicas, Shared, WriteOrder};
+pub use replicas::{InSyncSet, Linker, Member, Rebuild, Replicas, Shared, WriteOrder};
 pub use throttled::Throttled;
 
 /// Block I/O on one open volume or snapshot. Offsets and lengths are already checked against

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::MetricType;
 use thinbd_protocol::{ServerConfig, SessionLimits, SessionShared, Stop};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -15,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::catalog::Catalog;
 use super::export_name::ExportName;
+use crate::metrics::{self, DescriptorEncoder, Family};
 
 /// Connection admission: how many connections and handshakes may be open at once. Every
 /// connection costs a file descriptor; unauthenticated ones (still negotiating) are bounded
@@ -65,68 +67,63 @@ impl ListenerStats {
         })
     }
 
-    /// Prometheus text for the listener's gauges and counters.
-    pub fn render(&self) -> String {
+    /// The listener's gauges and counters on the metrics page.
+    pub fn encode(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
         let sh = &self.shared;
-        let lines = [
-            ("thinbd_nbd_connections", "gauge", "Open NBD connections.", self.connections.load(Relaxed) as u64),
-            ("thinbd_nbd_handshakes", "gauge", "Connections still negotiating.", self.handshakes.load(Relaxed) as u64),
+        let gauges = [
+            ("thinbd_nbd_connections", "Open NBD connections.", self.connections.load(Relaxed) as u64),
+            ("thinbd_nbd_handshakes", "Connections still negotiating.", self.handshakes.load(Relaxed) as u64),
             (
-                "thinbd_nbd_rejected_connections_total",
-                "counter",
+                "thinbd_nbd_buffered_bytes",
+                "Request data held in memory (payloads and unsent replies).",
+                sh.budget.in_use(),
+            ),
+            ("thinbd_nbd_buffered_bytes_limit", "--server-memory.", sh.budget.total()),
+        ];
+        for (name, help, v) in gauges {
+            metrics::gauge(enc, name, help, v)?;
+        }
+        let counters = [
+            (
+                "thinbd_nbd_rejected_connections",
                 "Connections closed at accept: --max-connections reached.",
                 self.rejected_connections.load(Relaxed),
             ),
             (
-                "thinbd_nbd_evicted_handshakes_total",
-                "counter",
+                "thinbd_nbd_evicted_handshakes",
                 "Oldest unfinished handshakes closed to admit new connections (--max-handshakes).",
                 self.evicted_handshakes.load(Relaxed),
             ),
             (
-                "thinbd_nbd_evicted_per_source_total",
-                "counter",
+                "thinbd_nbd_evicted_per_source",
                 "Oldest unfinished handshakes of a source closed to admit its new ones (--max-handshakes-per-source).",
                 self.evicted_per_source.load(Relaxed),
             ),
             (
-                "thinbd_nbd_handshake_timeouts_total",
-                "counter",
+                "thinbd_nbd_handshake_timeouts",
                 "Connections closed for not finishing the handshake in time.",
                 self.handshake_timeouts.load(Relaxed),
             ),
             (
-                "thinbd_nbd_write_timeouts_total",
-                "counter",
+                "thinbd_nbd_write_timeouts",
                 "Sessions closed because the client took no reply data for --client-write-timeout.",
                 sh.write_timeouts.load(Relaxed),
             ),
             (
-                "thinbd_nbd_throttled_requests_total",
-                "counter",
+                "thinbd_nbd_throttled_requests",
                 "Requests that waited for memory budget before being read (back-pressure).",
                 sh.budget_waits.load(Relaxed),
             ),
-            (
-                "thinbd_nbd_buffered_bytes",
-                "gauge",
-                "Request data held in memory (payloads and unsent replies).",
-                sh.budget.in_use(),
-            ),
-            ("thinbd_nbd_buffered_bytes_limit", "gauge", "--server-memory.", sh.budget.total()),
         ];
-        let mut out = String::new();
-        for (name, kind, help, v) in lines {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+        for (name, help, v) in counters {
+            metrics::counter(enc, name, help, v)?;
         }
-        let name = "thinbd_nbd_handshake_failures_total";
-        out.push_str(&format!(
-            "# HELP {name} Handshakes that failed, by reason (timeouts: thinbd_nbd_handshake_timeouts_total).\n# TYPE {name} counter\n"
-        ));
+        let help = "Handshakes that failed, by reason (timeouts: thinbd_nbd_handshake_timeouts_total).";
+        let mut f = Family::start(enc, "thinbd_nbd_handshake_failures", help, MetricType::Counter)?;
         for (reason, n) in thinbd_protocol::ProtocolError::KINDS.iter().zip(&self.handshake_failures) {
-            out.push_str(&format!("{name}{{reason=\"{reason}\"}} {}\n", n.load(Relaxed)));
+            f.counter(&[("reason", reason)], n.load(Relaxed))?;
         }
-        out
+        Ok(())
     }
 
     fn handshake_failed(&self, e: &thinbd_protocol::ProtocolError) {
