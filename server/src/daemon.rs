@@ -369,10 +369,10 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 
     // The metrics page: each part writes its series when scraped.
     let mut registry = prometheus_client::registry::Registry::default();
-    let (e, per_volume_latency) = (engine.clone(), opts.volume_latency_metrics);
-    registry.register_collector(Box::new(Source("engine", move |enc: &mut DescriptorEncoder<'_>| {
-        e.encode_metrics(enc, per_volume_latency)
-    })));
+    crate::metrics::set_per_volume_latency(opts.volume_latency_metrics);
+    let e = engine.clone();
+    registry
+        .register_collector(Box::new(Source("engine", move |enc: &mut DescriptorEncoder<'_>| e.encode_metrics(enc))));
     registry.register_collector(Box::new(Source("nbd", move |enc: &mut DescriptorEncoder<'_>| stats.encode(enc))));
     let (io_engine, requested, direct_io) = (engine.io_engine().name(), opts.io_engine.name(), engine.direct_io());
     registry.register_collector(Box::new(Source("info", move |enc: &mut DescriptorEncoder<'_>| {

@@ -143,8 +143,9 @@ impl Histogram {
 
     pub fn observe(&self, d: Duration) {
         let s = d.as_secs_f64();
-        if let Some(i) = BOUNDS.iter().position(|b| s <= *b) {
-            self.buckets[i].fetch_add(1, Relaxed);
+        // The first bound at or above `s`; none past the last.
+        if let Some(bucket) = self.buckets.get(BOUNDS.partition_point(|b| *b < s)) {
+            bucket.fetch_add(1, Relaxed);
         }
         self.count.fetch_add(1, Relaxed);
         self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
@@ -230,6 +231,15 @@ pub struct RequestLatency {
     by_op: [Histogram; 6],
 }
 
+/// Whether each volume keeps its own latency histograms too (`serve --volume-latency-metrics`);
+/// off, a request is timed into the daemon-wide histogram only.
+static PER_VOLUME_LATENCY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns per-volume latency histograms on or off for the process.
+pub fn set_per_volume_latency(on: bool) {
+    PER_VOLUME_LATENCY.store(on, Relaxed);
+}
+
 impl RequestLatency {
     pub fn encode(&self, enc: &mut DescriptorEncoder<'_>) -> fmt::Result {
         let help =
@@ -264,7 +274,9 @@ impl VolumeMetrics {
             self.error_kinds[kind as usize].fetch_add(1, Relaxed);
         }
         let took = started.elapsed();
-        self.latency[i].observe(took);
+        if PER_VOLUME_LATENCY.load(Relaxed) {
+            self.latency[i].observe(took);
+        }
         REQUEST_LATENCY.by_op[i].observe(took);
     }
 }
@@ -312,14 +324,9 @@ pub fn encode_info(enc: &mut DescriptorEncoder<'_>, io_engine: &str, requested: 
     ))
 }
 
-/// The pool's and every volume's series; `per_volume_latency`: a latency histogram per volume
-/// too (132 series each, so off by default: `serve --volume-latency-metrics`).
-pub fn encode_volumes(
-    enc: &mut DescriptorEncoder<'_>,
-    pool: &PoolSample,
-    volumes: &[VolumeSample<'_>],
-    per_volume_latency: bool,
-) -> fmt::Result {
+/// The pool's and every volume's series, with a latency histogram per volume when they are on
+/// (132 series each, so off by default: `serve --volume-latency-metrics`).
+pub fn encode_volumes(enc: &mut DescriptorEncoder<'_>, pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> fmt::Result {
     gauge(enc, "thinbd_pool_capacity_bytes", "Pool capacity.", pool.capacity)?;
     gauge(enc, "thinbd_pool_used_bytes", "Pool bytes in use by volumes.", pool.used)?;
     gauge(enc, "thinbd_pool_cluster_size_bytes", "Allocation unit.", pool.cluster_size)?;
@@ -373,7 +380,7 @@ pub fn encode_volumes(
             f.counter(&[("volume", v.name)], counter(v.metrics).load(Relaxed))?;
         }
     }
-    if per_volume_latency {
+    if PER_VOLUME_LATENCY.load(Relaxed) {
         let help = "Request latency inside the server.";
         let mut f = Family::start(enc, "thinbd_volume_request_duration_seconds", help, MetricType::Histogram)?;
         for v in volumes {
@@ -439,13 +446,14 @@ mod tests {
 
     #[test]
     fn encodes_openmetrics_text() {
+        set_per_volume_latency(true);
         let m = std::sync::Arc::new(VolumeMetrics::default());
         m.record(Op::Write, std::time::Instant::now(), None);
         m.record(Op::Write, std::time::Instant::now(), Some(ErrorKind::NoSpace));
         m.bytes_written.fetch_add(4096, Relaxed);
         let pool = || PoolSample { capacity: 1 << 30, used: 65536, cluster_size: 65536 };
         let all = m.clone();
-        let text = page(move |enc| encode_volumes(enc, &pool(), &[volume("v\"1", &all)], true));
+        let text = page(move |enc| encode_volumes(enc, &pool(), &[volume("v\"1", &all)]));
         assert!(text.ends_with("# EOF\n"), "{text}");
         assert!(text.contains("# TYPE thinbd_volume_ops counter\n"), "{text}");
         assert!(text.contains("thinbd_pool_capacity_bytes 1073741824\n"), "{text}");
@@ -457,8 +465,9 @@ mod tests {
         assert!(text.contains("thinbd_volume_request_duration_seconds_count{volume=\"v\\\"1\",op=\"write\"} 2\n"));
         assert!(text.contains("_bucket{le=\"+Inf\",volume=\"v\\\"1\",op=\"write\"} 2\n"), "{text}");
         assert!(text.contains("thinbd_request_duration_seconds_count{op=\"write\"} "), "all volumes together");
+        set_per_volume_latency(false);
         let lean = m.clone();
-        let lean = page(move |enc| encode_volumes(enc, &pool(), &[volume("w", &lean)], false));
+        let lean = page(move |enc| encode_volumes(enc, &pool(), &[volume("w", &lean)]));
         assert!(!lean.contains("thinbd_volume_request_duration_seconds"), "per-volume histograms are opt-in");
         assert!(lean.contains("thinbd_volume_ops_total{volume=\"w\",op=\"write\"} 2\n"));
         // Every sample line is `name{labels} value` or `name value`.

@@ -351,13 +351,8 @@ impl Engine {
         self.space.store().failed().then(|| "the metadata store failed (full or failing disk?); recovering".to_string())
     }
 
-    /// The metrics page's pool, volume and disk series (`per_volume_latency`: see
-    /// [`crate::metrics::encode_volumes`]).
-    pub fn encode_metrics(
-        &self,
-        enc: &mut crate::metrics::DescriptorEncoder<'_>,
-        per_volume_latency: bool,
-    ) -> std::fmt::Result {
+    /// The metrics page's pool, volume and disk series.
+    pub fn encode_metrics(&self, enc: &mut crate::metrics::DescriptorEncoder<'_>) -> std::fmt::Result {
         let p = self.pool_info();
         let vols = self.list();
         let snaps = self.list_snapshots(None);
@@ -397,7 +392,6 @@ impl Engine {
             enc,
             &PoolSample { capacity: p.capacity, used: p.used, cluster_size: p.cluster_size },
             &samples,
-            per_volume_latency,
         )?;
         let store = self.space.store();
         crate::metrics::encode_disk(
