@@ -9,6 +9,7 @@ pub mod device;
 #[cfg(feature = "testing")]
 pub mod fuzzing;
 pub mod handshake;
+mod in_flight;
 pub mod io;
 #[cfg(feature = "testing")]
 pub mod mem_device;

@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -17,6 +16,7 @@ use crate::budget::{ByteBudget, SessionShared};
 use crate::consts::*;
 use crate::device::{BlockDevice, DeviceError, Extent, ReadChunk};
 use crate::handshake::Negotiated;
+use crate::in_flight::InFlight;
 use crate::io::StallTimeout;
 use crate::reply_queue::ReplyQueue;
 use crate::stages::{SessionStage, StageClock};
@@ -116,7 +116,7 @@ pub async fn serve<D: BlockDevice>(
     let contexts = Arc::new(neg.meta_contexts.clone());
     let dev = neg.export.device.clone();
     let info = dev.info();
-    let (rd, wr) = tokio::io::split(neg.io);
+    let (rd, wr) = crate::io::split(neg.io);
     let mut rd = BufReader::with_capacity(256 * 1024, rd);
     let (tx, rx) = mpsc::channel::<Queued>(limits.max_in_flight.max(1) * 2);
     let stages = shared.stages.clone();
@@ -131,7 +131,8 @@ pub async fn serve<D: BlockDevice>(
     ));
     let permits = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
     let session_budget = ByteBudget::new(limits.max_session_bytes.max(1));
-    let mut tasks = JoinSet::new();
+    // Started requests, driven by this task while it reads the next ones (see `driving`).
+    let mut running = InFlight::default();
 
     // After a large write the next header is read straight from the socket, exactly 28 bytes:
     // a fill of `rd` would pull the next payload into its buffer, and `read_aligned` would then
@@ -139,7 +140,6 @@ pub async fn serve<D: BlockDevice>(
     // one read brings many of them.
     let mut large_writes = false;
     let result: Result<(), ProtocolError> = loop {
-        while tasks.try_join_next().is_some() {}
         let mut hdr = [0u8; REQUEST_HEADER_LEN];
         let header = async {
             if large_writes && rd.buffer().is_empty() {
@@ -148,13 +148,17 @@ pub async fn serve<D: BlockDevice>(
                 rd.read_exact(&mut hdr).await
             }
         };
-        let read = tokio::select! {
-            biased;
-            _ = fence.cancelled() => break Ok(()),
-            _ = shutdown.cancelled() => break Ok(()),
-            _ = writer_stop.cancelled() => break Ok(()),
-            r = header => r,
-        };
+        let read = driving(&mut running, async {
+            tokio::select! {
+                biased;
+                _ = fence.cancelled() => None,
+                _ = shutdown.cancelled() => None,
+                _ = writer_stop.cancelled() => None,
+                r = header => Some(r),
+            }
+        })
+        .await;
+        let Some(read) = read else { break Ok(()) };
         match read {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
@@ -191,13 +195,18 @@ pub async fn serve<D: BlockDevice>(
                 };
                 Some(Charge { _session: session, _server: server })
             };
-            charge = tokio::select! {
-                biased;
-                _ = fence.cancelled() => break Ok(()),
-                _ = shutdown.cancelled() => break Ok(()),
-                _ = writer_stop.cancelled() => break Ok(()),
-                c = take => c,
-            };
+            let taken = driving(&mut running, async {
+                tokio::select! {
+                    biased;
+                    _ = fence.cancelled() => None,
+                    _ = shutdown.cancelled() => None,
+                    _ = writer_stop.cancelled() => None,
+                    c = take => Some(c),
+                }
+            })
+            .await;
+            let Some(taken) = taken else { break Ok(()) };
+            charge = taken;
         }
         // A write's payload follows its header whatever we think of the request.
         let mut payload = None;
@@ -209,11 +218,15 @@ pub async fn serve<D: BlockDevice>(
                     crate::aligned::read_aligned(&mut rd, req.length as usize).await.map(Some)
                 }
             };
-            let r = tokio::select! {
-                biased;
-                _ = fence.cancelled() => break Ok(()),
-                r = body => r,
-            };
+            let r = driving(&mut running, async {
+                tokio::select! {
+                    biased;
+                    _ = fence.cancelled() => None,
+                    r = body => Some(r),
+                }
+            })
+            .await;
+            let Some(r) = r else { break Ok(()) };
             match r {
                 Ok(p) => payload = p,
                 Err(e) => break Err(e.into()),
@@ -222,19 +235,20 @@ pub async fn serve<D: BlockDevice>(
         // The size is read per request: a device may grow while the session is open.
         if let Err(errno) = check(&req, dev.info().size, info.read_only, structured, !contexts.is_empty(), limits) {
             let reply = error_reply(&req, structured, errno, "request rejected".into());
-            if tx.send((reply, None, None)).await.is_err() {
+            if driving(&mut running, tx.send((reply, None, None))).await.is_err() {
                 break Ok(());
             }
             continue;
         }
-        let permit = tokio::select! {
-            biased;
-            _ = fence.cancelled() => break Ok(()),
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break Ok(()),
-            },
-        };
+        let permit = driving(&mut running, async {
+            tokio::select! {
+                biased;
+                _ = fence.cancelled() => None,
+                p = permits.clone().acquire_owned() => p.ok(),
+            }
+        })
+        .await;
+        let Some(permit) = permit else { break Ok(()) };
         if fence.is_cancelled() {
             break Ok(());
         }
@@ -261,34 +275,14 @@ pub async fn serve<D: BlockDevice>(
             let charge = if is_read { charge } else { None };
             let _ = tx.send((reply, charge, executed)).await;
         };
-        // Alone (nothing in flight, nothing more received), the request runs right here: a
-        // spawned task costs a wake-up of another worker thread, most of a request's time at
-        // queue depth 1. As soon as the next request starts arriving, it moves to a task of
-        // its own and this loop goes on reading.
-        let mut job = Box::pin(job);
-        if tasks.is_empty() && rd.buffer().is_empty() {
-            // A fence, shutdown or dead writer also hands it over: the loop then stops reading
-            // and waits for its tasks, as for any started request.
-            let more = tokio::select! {
-                biased;
-                () = &mut job => false,
-                _ = rd.fill_buf() => true,
-                _ = fence.cancelled() => true,
-                _ = shutdown.cancelled() => true,
-                _ = writer_stop.cancelled() => true,
-            };
-            if !more {
-                continue;
-            }
-        }
-        tasks.spawn(job);
+        running.push(Box::pin(job));
     };
     if fence.is_cancelled() {
         // Cut: no reply goes out, no buffered request starts; wait for the started ones.
         writer.abort();
     }
     // Finish what was started, then let the writer drain and close.
-    while tasks.join_next().await.is_some() {}
+    std::future::poll_fn(|cx| running.poll(cx)).await;
     drop(tx);
     match writer.await {
         Ok(Ok(())) => {}
@@ -415,6 +409,17 @@ fn materialize(chunks: &[ReadChunk]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Runs `f` to its end while running the started requests (see [`InFlight`]) between the
+/// session's reads.
+async fn driving<F: std::future::Future>(running: &mut InFlight, f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    std::future::poll_fn(|cx| {
+        let _ = running.poll(cx);
+        f.as_mut().poll(cx)
+    })
+    .await
 }
 
 /// A reply for the writer, with the read budget it releases once written and, when stages are
