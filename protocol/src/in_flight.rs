@@ -15,12 +15,11 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use futures_util::task::AtomicWaker;
 
-pub type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub type Job<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Started requests, each in a slot with a waker of its own.
-#[derive(Default)]
-pub struct InFlight {
-    slots: Vec<Option<Job>>,
+pub struct InFlight<T> {
+    slots: Vec<Option<Job<T>>>,
     wakers: Vec<Waker>,
     free: Vec<usize>,
     running: usize,
@@ -59,10 +58,23 @@ impl Woken {
     }
 }
 
-impl InFlight {
+impl<T> Default for InFlight<T> {
+    fn default() -> Self {
+        InFlight {
+            slots: Vec::new(),
+            wakers: Vec::new(),
+            free: Vec::new(),
+            running: 0,
+            woken: Arc::default(),
+            batch: Vec::new(),
+        }
+    }
+}
+
+impl<T> InFlight<T> {
     /// Starts `job`: it is first polled by the next [`InFlight::poll`] (which the session
     /// calls next anyway: waking its task from inside itself would queue it as a yield).
-    pub fn push(&mut self, job: Job) {
+    pub fn push(&mut self, job: Job<T>) {
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None => {
@@ -77,15 +89,17 @@ impl InFlight {
         self.woken.slots.lock().unwrap_or_else(|p| p.into_inner()).push(slot);
     }
 
-    /// Polls the requests woken since the last call; ready once none is running.
-    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// Polls the requests woken since the last call, handing what the finished ones return to
+    /// `done`; ready once none is running.
+    pub fn poll(&mut self, cx: &mut Context<'_>, done: &mut impl FnMut(T)) -> Poll<()> {
         self.woken.session.register(cx.waker());
         std::mem::swap(&mut self.batch, &mut *self.woken.slots.lock().unwrap_or_else(|p| p.into_inner()));
         for &slot in &self.batch {
             // A wake may come late (from a finished request, or twice): an empty slot is
             // skipped, and polling a request that was not woken is harmless.
             let Some(job) = self.slots.get_mut(slot).and_then(Option::as_mut) else { continue };
-            if job.as_mut().poll(&mut Context::from_waker(&self.wakers[slot])).is_ready() {
+            if let Poll::Ready(out) = job.as_mut().poll(&mut Context::from_waker(&self.wakers[slot])) {
+                done(out);
                 self.slots[slot] = None;
                 self.free.push(slot);
                 self.running -= 1;
@@ -104,30 +118,34 @@ mod tests {
     #[tokio::test]
     async fn runs_every_job_to_its_end_and_reuses_slots() {
         let done = Arc::new(AtomicUsize::new(0));
-        let mut jobs = InFlight::default();
+        let mut jobs = InFlight::<usize>::default();
+        let mut outputs = Vec::new();
         for round in 0..3 {
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             let d = done.clone();
             jobs.push(Box::pin(async move {
                 let _ = rx.await;
                 d.fetch_add(1, Ordering::Relaxed);
+                2 * round + 1
             }));
             let d = done.clone();
             jobs.push(Box::pin(async move {
                 tokio::task::yield_now().await;
                 d.fetch_add(1, Ordering::Relaxed);
+                2 * round
             }));
-            let waiting = std::future::poll_fn(|cx| jobs.poll(cx));
+            let waiting = std::future::poll_fn(|cx| jobs.poll(cx, &mut |n| outputs.push(n)));
             tokio::select! {
                 _ = waiting => panic!("finished before its wake"),
                 _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
             }
             assert_eq!(done.load(Ordering::Relaxed), 2 * round + 1, "the yielding job ran");
             tx.send(()).unwrap();
-            std::future::poll_fn(|cx| jobs.poll(cx)).await;
+            std::future::poll_fn(|cx| jobs.poll(cx, &mut |n| outputs.push(n))).await;
             assert_eq!(done.load(Ordering::Relaxed), 2 * round + 2);
             assert_eq!(jobs.running, 0);
         }
         assert_eq!(jobs.slots.len(), 2, "slots are reused");
+        assert_eq!(outputs, (0..6).collect::<Vec<_>>(), "each job's output, in the order they finished");
     }
 }

@@ -4,9 +4,11 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 
 /// Payloads from this size on are queued by reference instead of copied.
 const BY_REFERENCE: usize = 16 * 1024;
@@ -21,6 +23,8 @@ pub struct ReplyQueue {
     parts: VecDeque<Bytes>,
     /// Bytes in `parts`.
     sealed: usize,
+    /// Bytes written since the queue was made.
+    written: u64,
 }
 
 impl ReplyQueue {
@@ -44,6 +48,25 @@ impl ReplyQueue {
         self.sealed + self.small.len()
     }
 
+    /// Bytes written since the queue was made: a reply queued when [`ReplyQueue::queued`] was
+    /// N is on the socket once this reaches N.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Bytes queued since the queue was made (written or waiting).
+    pub fn queued(&self) -> u64 {
+        self.written + self.len() as u64
+    }
+
+    /// Drops what is waiting (the session was cut).
+    pub fn clear(&mut self) {
+        self.written += self.len() as u64;
+        self.small.clear();
+        self.parts.clear();
+        self.sealed = 0;
+    }
+
     fn seal(&mut self) {
         if !self.small.is_empty() {
             let b = self.small.split().freeze();
@@ -52,17 +75,23 @@ impl ReplyQueue {
         }
     }
 
-    /// Writes everything queued to `w`, as few `writev`s as the socket takes.
-    pub async fn write_to<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> std::io::Result<()> {
+    /// Writes everything queued to `w`, in as few `writev`s as the socket takes; ready once
+    /// all of it is written and flushed.
+    pub fn poll_write_to<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut W,
+    ) -> Poll<std::io::Result<()>> {
         self.seal();
         while !self.parts.is_empty() {
             let slices: Vec<IoSlice<'_>> = self.parts.iter().take(MAX_SLICES).map(|b| IoSlice::new(b)).collect();
-            let mut n = w.write_vectored(&slices).await?;
+            let mut n = ready!(Pin::new(&mut *w).poll_write_vectored(cx, &slices))?;
             drop(slices);
             if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
             self.sealed -= n;
+            self.written += n as u64;
             while n > 0 {
                 let Some(front) = self.parts.front_mut() else { break };
                 if n < front.len() {
@@ -73,7 +102,7 @@ impl ReplyQueue {
                 self.parts.pop_front();
             }
         }
-        w.flush().await
+        Pin::new(w).poll_flush(cx)
     }
 }
 
@@ -127,8 +156,10 @@ mod tests {
             }
             assert_eq!(q.len(), want.len());
             let mut w = Trickle { out: Vec::new(), step };
-            q.write_to(&mut w).await.unwrap();
+            let queued = q.queued();
+            std::future::poll_fn(|cx| q.poll_write_to(cx, &mut w)).await.unwrap();
             assert_eq!(q.len(), 0);
+            assert_eq!(q.written(), queued);
             assert_eq!(w.out, want, "step {step}");
         }
     }

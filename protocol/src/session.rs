@@ -1,13 +1,14 @@
-//! Server side of the transmission phase. The reader parses requests and starts each on its own
-//! task, so many are in flight per connection and replies go out in completion order through
-//! one writer task.
+//! Server side of the transmission phase. One task per connection reads requests, runs the
+//! started ones (many in flight, see [`crate::in_flight`]) and writes their replies in the
+//! order they finish.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -17,7 +18,7 @@ use crate::consts::*;
 use crate::device::{BlockDevice, DeviceError, Extent, ReadChunk};
 use crate::handshake::Negotiated;
 use crate::in_flight::InFlight;
-use crate::io::StallTimeout;
+use crate::io::{StallTimeout, WriteSide};
 use crate::reply_queue::ReplyQueue;
 use crate::stages::{SessionStage, StageClock};
 use crate::wire::{REQUEST_HEADER_LEN, Request, simple_reply_header, structured_header};
@@ -90,8 +91,6 @@ struct Charge {
 }
 
 const KNOWN_FLAGS: u16 = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
-/// Replies gathered before they are written even if more are waiting.
-const REPLY_BATCH: usize = 256 * 1024;
 /// Writes from this size on have their next header read past the session's read buffer.
 const LARGE_WRITE: u32 = 32 * 1024;
 static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
@@ -118,21 +117,22 @@ pub async fn serve<D: BlockDevice>(
     let info = dev.info();
     let (rd, wr) = crate::io::split(neg.io);
     let mut rd = BufReader::with_capacity(256 * 1024, rd);
-    let (tx, rx) = mpsc::channel::<Queued>(limits.max_in_flight.max(1) * 2);
     let stages = shared.stages.clone();
     let clock = || stages.as_ref().map(|_| Instant::now());
-    let writer_stop = CancellationToken::new();
-    let writer = tokio::spawn(write_replies(
-        StallTimeout::new(wr, limits.write_timeout),
-        rx,
-        writer_stop.clone(),
-        fence.clone(),
-        shared.clone(),
-    ));
+    let mut replies = Replies {
+        w: StallTimeout::new(wr, limits.write_timeout),
+        q: ReplyQueue::default(),
+        dirty: false,
+        charges: VecDeque::new(),
+        unsent: VecDeque::new(),
+        closed: false,
+        fence: fence.clone(),
+        shared: shared.clone(),
+    };
     let permits = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
     let session_budget = ByteBudget::new(limits.max_session_bytes.max(1));
-    // Started requests, driven by this task while it reads the next ones (see `driving`).
-    let mut running = InFlight::default();
+    // Started requests, run by this task while it reads the next ones (see `driving`).
+    let mut running = InFlight::<Option<Queued>>::default();
 
     // After a large write the next header is read straight from the socket, exactly 28 bytes:
     // a fill of `rd` would pull the next payload into its buffer, and `read_aligned` would then
@@ -148,17 +148,17 @@ pub async fn serve<D: BlockDevice>(
                 rd.read_exact(&mut hdr).await
             }
         };
-        let read = driving(&mut running, async {
+        let read = driving(&mut running, &mut replies, async {
             tokio::select! {
                 biased;
                 _ = fence.cancelled() => None,
                 _ = shutdown.cancelled() => None,
-                _ = writer_stop.cancelled() => None,
                 r = header => Some(r),
             }
         })
         .await;
-        let Some(read) = read else { break Ok(()) };
+        // Stopped, or the replies could not be written (the client is gone or stuck).
+        let Ok(Some(read)) = read else { break Ok(()) };
         match read {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
@@ -195,17 +195,16 @@ pub async fn serve<D: BlockDevice>(
                 };
                 Some(Charge { _session: session, _server: server })
             };
-            let taken = driving(&mut running, async {
+            let taken = driving(&mut running, &mut replies, async {
                 tokio::select! {
                     biased;
                     _ = fence.cancelled() => None,
                     _ = shutdown.cancelled() => None,
-                    _ = writer_stop.cancelled() => None,
                     c = take => Some(c),
                 }
             })
             .await;
-            let Some(taken) = taken else { break Ok(()) };
+            let Ok(Some(taken)) = taken else { break Ok(()) };
             charge = taken;
         }
         // A write's payload follows its header whatever we think of the request.
@@ -218,7 +217,7 @@ pub async fn serve<D: BlockDevice>(
                     crate::aligned::read_aligned(&mut rd, req.length as usize).await.map(Some)
                 }
             };
-            let r = driving(&mut running, async {
+            let r = driving(&mut running, &mut replies, async {
                 tokio::select! {
                     biased;
                     _ = fence.cancelled() => None,
@@ -226,7 +225,7 @@ pub async fn serve<D: BlockDevice>(
                 }
             })
             .await;
-            let Some(r) = r else { break Ok(()) };
+            let Ok(Some(r)) = r else { break Ok(()) };
             match r {
                 Ok(p) => payload = p,
                 Err(e) => break Err(e.into()),
@@ -234,13 +233,10 @@ pub async fn serve<D: BlockDevice>(
         }
         // The size is read per request: a device may grow while the session is open.
         if let Err(errno) = check(&req, dev.info().size, info.read_only, structured, !contexts.is_empty(), limits) {
-            let reply = error_reply(&req, structured, errno, "request rejected".into());
-            if driving(&mut running, tx.send((reply, None, None))).await.is_err() {
-                break Ok(());
-            }
+            replies.push((error_reply(&req, structured, errno, "request rejected".into()), None, None));
             continue;
         }
-        let permit = driving(&mut running, async {
+        let permit = driving(&mut running, &mut replies, async {
             tokio::select! {
                 biased;
                 _ = fence.cancelled() => None,
@@ -248,21 +244,20 @@ pub async fn serve<D: BlockDevice>(
             }
         })
         .await;
-        let Some(permit) = permit else { break Ok(()) };
+        let Ok(Some(permit)) = permit else { break Ok(()) };
         if fence.is_cancelled() {
             break Ok(());
         }
         let dev = dev.clone();
-        let tx = tx.clone();
         let job_fence = fence.clone();
         let contexts = contexts.clone();
         let stages = stages.clone();
         let spawned = clock();
         observe(&stages, SessionStage::Admit, received, spawned);
         let job = async move {
-            // Spawned before a fence but not yet running: it must not start after it.
+            // Started before a fence but not yet polled: it must not run after it.
             if job_fence.is_cancelled() {
-                return;
+                return None;
             }
             let running = stages.as_ref().map(|_| Instant::now());
             observe(&stages, SessionStage::Schedule, spawned, running);
@@ -273,22 +268,30 @@ pub async fn serve<D: BlockDevice>(
             drop(permit);
             // A read keeps its budget until the reply is written; a write is done with it.
             let charge = if is_read { charge } else { None };
-            let _ = tx.send((reply, charge, executed)).await;
+            Some((reply, charge, executed))
         };
         running.push(Box::pin(job));
     };
-    if fence.is_cancelled() {
-        // Cut: no reply goes out, no buffered request starts; wait for the started ones.
-        writer.abort();
-    }
-    // Finish what was started, then let the writer drain and close.
-    std::future::poll_fn(|cx| running.poll(cx)).await;
-    drop(tx);
-    match writer.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => debug!(error = %e, "reply writer"),
-        Err(e) if e.is_cancelled() => {}
-        Err(e) => debug!(error = %e, "reply writer task"),
+    // Finish what was started. Unless the session was cut (fenced) or the client cannot take
+    // them, their replies go out; then the write side closes.
+    let mut fenced = std::pin::pin!(fence.cancelled());
+    std::future::poll_fn(|cx| {
+        if fenced.as_mut().poll(cx).is_ready() {
+            replies.close();
+        }
+        let finished = running.poll(cx, &mut |q| replies.push_some(q));
+        let written = replies.poll_write(cx);
+        if finished.is_ready() && (written.is_ready() || replies.closed) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    if !replies.closed
+        && let Err(e) = replies.w.shutdown().await
+    {
+        debug!(error = %e, "closing the reply stream");
     }
     drop(rd);
     result
@@ -411,15 +414,113 @@ fn materialize(chunks: &[ReadChunk]) -> Vec<u8> {
     out
 }
 
-/// Runs `f` to its end while running the started requests (see [`InFlight`]) between the
-/// session's reads.
-async fn driving<F: std::future::Future>(running: &mut InFlight, f: F) -> F::Output {
+/// Runs `f` to its end while running the started requests (see [`InFlight`]) and writing
+/// their replies as they finish. `Err` when the replies cannot be written (the client is gone
+/// or took nothing for the write timeout): the session then stops reading.
+async fn driving<F: std::future::Future>(
+    running: &mut InFlight<Option<Queued>>,
+    replies: &mut Replies,
+    f: F,
+) -> std::io::Result<F::Output> {
     let mut f = std::pin::pin!(f);
     std::future::poll_fn(|cx| {
-        let _ = running.poll(cx);
-        f.as_mut().poll(cx)
+        let _ = running.poll(cx, &mut |q| replies.push_some(q));
+        if let std::task::Poll::Ready(Err(e)) = replies.poll_write(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        f.as_mut().poll(cx).map(Ok)
     })
     .await
+}
+
+/// Replies on their way to the client, written by the session's own task between its reads as
+/// soon as their requests finish (no writer task to wake), in as few `writev`s as the socket
+/// takes.
+struct Replies {
+    w: StallTimeout<WriteSide>,
+    q: ReplyQueue,
+    /// Queued since the last complete write and flush.
+    dirty: bool,
+    /// Read budget, held until the reply's last byte is on the socket (by that byte's position
+    /// in the stream).
+    charges: VecDeque<(u64, Charge)>,
+    /// When stages are timed: when each reply's request finished, by the same positions.
+    unsent: VecDeque<(u64, Instant)>,
+    /// Nothing more goes out: the session was cut, or writing failed.
+    closed: bool,
+    fence: CancellationToken,
+    shared: Arc<SessionShared>,
+}
+
+impl Replies {
+    fn push(&mut self, (reply, charge, executed): Queued) {
+        if self.closed {
+            return;
+        }
+        encode(&mut self.q, reply);
+        self.dirty = true;
+        let end = self.q.queued();
+        if let Some(c) = charge {
+            self.charges.push_back((end, c));
+        }
+        if let Some(t) = executed {
+            self.unsent.push_back((end, t));
+        }
+    }
+
+    /// A finished request's reply (none when it was cut before it ran).
+    fn push_some(&mut self, q: Option<Queued>) {
+        if let Some(q) = q {
+            self.push(q);
+        }
+    }
+
+    /// Writes what is queued; ready once it is all written and flushed. A cut session writes
+    /// nothing more; a failed write closes the replies for good.
+    fn poll_write(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        if self.fence.is_cancelled() {
+            self.close();
+        }
+        if self.closed || !self.dirty {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        let r = self.q.poll_write_to(cx, &mut self.w);
+        let written = self.q.written();
+        while self.charges.front().is_some_and(|(end, _)| *end <= written) {
+            self.charges.pop_front();
+        }
+        if self.unsent.front().is_some_and(|(end, _)| *end <= written) {
+            let now = Some(Instant::now());
+            while let Some(&(end, executed)) = self.unsent.front()
+                && end <= written
+            {
+                observe(&self.shared.stages, SessionStage::Reply, Some(executed), now);
+                self.unsent.pop_front();
+            }
+        }
+        match r {
+            std::task::Poll::Ready(Ok(())) => {
+                self.dirty = false;
+                std::task::Poll::Ready(Ok(()))
+            }
+            std::task::Poll::Ready(Err(e)) => {
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    self.shared.write_timeouts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                self.close();
+                std::task::Poll::Ready(Err(e))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    /// Drops what is queued and sends nothing more; held budget is released.
+    fn close(&mut self) {
+        self.closed = true;
+        self.q.clear();
+        self.charges.clear();
+        self.unsent.clear();
+    }
 }
 
 /// A reply for the writer, with the read budget it releases once written and, when stages are
@@ -431,51 +532,6 @@ fn observe(stages: &Option<Arc<dyn StageClock>>, stage: SessionStage, from: Opti
     if let (Some(s), Some(from), Some(to)) = (stages, from, to) {
         s.observe(stage, to.saturating_duration_since(from));
     }
-}
-
-async fn write_replies<W: AsyncWriteExt + Unpin>(
-    mut w: W,
-    mut rx: mpsc::Receiver<Queued>,
-    stop: CancellationToken,
-    fence: CancellationToken,
-    shared: Arc<SessionShared>,
-) -> Result<(), ProtocolError> {
-    let mut q = ReplyQueue::default();
-    // The memory charges of the replies in `q`, released once they are on the socket.
-    let mut charges = Vec::new();
-    // Replies encoded since the last write to the socket, when stages are timed.
-    let mut unsent: Vec<Instant> = Vec::new();
-    let r = async {
-        while let Some((reply, charge, executed)) = rx.recv().await {
-            encode(&mut q, reply);
-            charges.push(charge);
-            unsent.extend(executed);
-            // Batch replies that are already waiting into one write.
-            if rx.is_empty() || q.len() >= REPLY_BATCH {
-                q.write_to(&mut w).await?;
-                charges.clear();
-                let written = Some(Instant::now()).filter(|_| !unsent.is_empty());
-                for executed in unsent.drain(..) {
-                    observe(&shared.stages, SessionStage::Reply, Some(executed), written);
-                }
-            }
-        }
-        q.write_to(&mut w).await?;
-        w.shutdown().await
-    };
-    let r = tokio::select! {
-        biased;
-        _ = fence.cancelled() => return Ok(()),
-        r = r => r,
-    };
-    if let Err(e) = &r {
-        if e.kind() == std::io::ErrorKind::TimedOut {
-            shared.write_timeouts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        // The client is gone or stuck: stop the reader too.
-        stop.cancel();
-    }
-    Ok(r?)
 }
 
 fn encode(q: &mut ReplyQueue, reply: Reply) {
