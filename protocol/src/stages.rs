@@ -7,14 +7,14 @@ use std::time::Duration;
 /// A stage of one request in a session, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionStage {
-    /// Header read → payload read, memory budget and in-flight slot granted, task spawned.
+    /// Header read → payload read, memory budget and in-flight slot granted, request started.
     Admit,
-    /// Spawned → running on a runtime worker (the runtime's queue).
+    /// Started → first polled by the connection's task.
     Schedule,
     /// The device's work: everything below the protocol.
     Execute,
-    /// Device done → the reply written to the socket (the queue to the reply writer, encoding,
-    /// the write that carried it).
+    /// Device done → the reply written to the socket (encoding, waiting for the connection's
+    /// task to get to it, the write that carried it).
     Reply,
 }
 
