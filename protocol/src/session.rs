@@ -148,15 +148,7 @@ pub async fn serve<D: BlockDevice>(
                 rd.read_exact(&mut hdr).await
             }
         };
-        let read = driving(&mut running, &mut replies, async {
-            tokio::select! {
-                biased;
-                _ = fence.cancelled() => None,
-                _ = shutdown.cancelled() => None,
-                r = header => Some(r),
-            }
-        })
-        .await;
+        let read = driving(&mut running, &mut replies, unless(&fence, Some(&shutdown), header)).await;
         // Stopped, or the replies could not be written (the client is gone or stuck).
         let Ok(Some(read)) = read else { break Ok(()) };
         match read {
@@ -195,15 +187,7 @@ pub async fn serve<D: BlockDevice>(
                 };
                 Some(Charge { _session: session, _server: server })
             };
-            let taken = driving(&mut running, &mut replies, async {
-                tokio::select! {
-                    biased;
-                    _ = fence.cancelled() => None,
-                    _ = shutdown.cancelled() => None,
-                    c = take => Some(c),
-                }
-            })
-            .await;
+            let taken = driving(&mut running, &mut replies, unless(&fence, Some(&shutdown), take)).await;
             let Ok(Some(taken)) = taken else { break Ok(()) };
             charge = taken;
         }
@@ -217,14 +201,8 @@ pub async fn serve<D: BlockDevice>(
                     crate::aligned::read_aligned(&mut rd, req.length as usize).await.map(Some)
                 }
             };
-            let r = driving(&mut running, &mut replies, async {
-                tokio::select! {
-                    biased;
-                    _ = fence.cancelled() => None,
-                    r = body => Some(r),
-                }
-            })
-            .await;
+            // Once started, a payload is read to its end on shutdown (its request then runs).
+            let r = driving(&mut running, &mut replies, unless(&fence, None, body)).await;
             let Ok(Some(r)) = r else { break Ok(()) };
             match r {
                 Ok(p) => payload = p,
@@ -236,15 +214,8 @@ pub async fn serve<D: BlockDevice>(
             replies.push((error_reply(&req, structured, errno, "request rejected".into()), None, None));
             continue;
         }
-        let permit = driving(&mut running, &mut replies, async {
-            tokio::select! {
-                biased;
-                _ = fence.cancelled() => None,
-                p = permits.clone().acquire_owned() => p.ok(),
-            }
-        })
-        .await;
-        let Ok(Some(permit)) = permit else { break Ok(()) };
+        let permit = driving(&mut running, &mut replies, unless(&fence, None, permits.clone().acquire_owned())).await;
+        let Ok(Some(Ok(permit))) = permit else { break Ok(()) };
         if fence.is_cancelled() {
             break Ok(());
         }
@@ -412,6 +383,26 @@ fn materialize(chunks: &[ReadChunk]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// `f`'s output, or `None` if `fence` (or `shutdown`, when given) fires first.
+async fn unless<F: std::future::Future>(
+    fence: &CancellationToken,
+    shutdown: Option<&CancellationToken>,
+    f: F,
+) -> Option<F::Output> {
+    let shutdown = async {
+        match shutdown {
+            Some(s) => s.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = fence.cancelled() => None,
+        _ = shutdown => None,
+        r = f => Some(r),
+    }
 }
 
 /// Runs `f` to its end while running the started requests (see [`InFlight`]) and writing
