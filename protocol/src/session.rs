@@ -123,6 +123,8 @@ pub async fn serve<D: BlockDevice>(
         w: StallTimeout::new(wr, limits.write_timeout),
         q: ReplyQueue::default(),
         dirty: false,
+        ends: VecDeque::new(),
+        backlog: limits.max_in_flight.max(1) * 2,
         charges: VecDeque::new(),
         unsent: VecDeque::new(),
         closed: false,
@@ -140,6 +142,13 @@ pub async fn serve<D: BlockDevice>(
     // one read brings many of them.
     let mut large_writes = false;
     let result: Result<(), ProtocolError> = loop {
+        // A client that sends requests but takes no replies is read no further (the write
+        // timeout then ends it), instead of having its replies pile up in memory.
+        if replies.backlogged()
+            && (backlog_cleared(&mut running, &mut replies, &fence).await.is_err() || fence.is_cancelled())
+        {
+            break Ok(());
+        }
         let mut hdr = [0u8; REQUEST_HEADER_LEN];
         let header = async {
             if large_writes && rd.buffer().is_empty() {
@@ -424,6 +433,27 @@ async fn driving<F: std::future::Future>(
     .await
 }
 
+/// Runs the started requests and writes replies until fewer than the allowed backlog wait
+/// (or a fence comes); `Err` when the replies cannot be written.
+async fn backlog_cleared(
+    running: &mut InFlight<Option<Queued>>,
+    replies: &mut Replies,
+    fence: &CancellationToken,
+) -> std::io::Result<()> {
+    let mut fenced = std::pin::pin!(fence.cancelled());
+    std::future::poll_fn(|cx| {
+        if fenced.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        let _ = running.poll(cx, &mut |q| replies.push_some(q));
+        if let std::task::Poll::Ready(Err(e)) = replies.poll_write(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        if replies.backlogged() { std::task::Poll::Pending } else { std::task::Poll::Ready(Ok(())) }
+    })
+    .await
+}
+
 /// Replies on their way to the client, written by the session's own task between its reads as
 /// soon as their requests finish (no writer task to wake), in as few `writev`s as the socket
 /// takes.
@@ -432,6 +462,10 @@ struct Replies {
     q: ReplyQueue,
     /// Queued since the last complete write and flush.
     dirty: bool,
+    /// Where each reply not yet fully written ends in the stream.
+    ends: VecDeque<u64>,
+    /// Replies that may wait for the client before the session stops reading requests.
+    backlog: usize,
     /// Read budget, held until the reply's last byte is on the socket (by that byte's position
     /// in the stream).
     charges: VecDeque<(u64, Charge)>,
@@ -451,6 +485,7 @@ impl Replies {
         encode(&mut self.q, reply);
         self.dirty = true;
         let end = self.q.queued();
+        self.ends.push_back(end);
         if let Some(c) = charge {
             self.charges.push_back((end, c));
         }
@@ -477,6 +512,9 @@ impl Replies {
         }
         let r = self.q.poll_write_to(cx, &mut self.w);
         let written = self.q.written();
+        while self.ends.front().is_some_and(|end| *end <= written) {
+            self.ends.pop_front();
+        }
         while self.charges.front().is_some_and(|(end, _)| *end <= written) {
             self.charges.pop_front();
         }
@@ -505,9 +543,15 @@ impl Replies {
         }
     }
 
+    /// Whether as many replies as allowed wait for the client.
+    fn backlogged(&self) -> bool {
+        !self.closed && self.ends.len() >= self.backlog
+    }
+
     /// Drops what is queued and sends nothing more; held budget is released.
     fn close(&mut self) {
         self.closed = true;
+        self.ends.clear();
         self.q.clear();
         self.charges.clear();
         self.unsent.clear();

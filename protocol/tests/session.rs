@@ -130,3 +130,49 @@ async fn many_requests_in_flight_on_one_connection() {
     let err = Client::connect(&addr, ClientOptions::new("nope")).await.err().unwrap();
     assert!(err.to_string().contains(&format!("{REP_ERR_UNKNOWN:#x}")), "{err}");
 }
+
+/// A client that sends requests but reads no reply is read no further once its replies fill the
+/// socket and a bounded backlog: the server does not pile replies up in memory for it.
+#[tokio::test]
+async fn a_client_that_reads_no_replies_stops_being_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (addr, _stop) = start().await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut c = sock.connect(addr.parse().unwrap()).await.unwrap();
+    let mut greeting = [0u8; 18];
+    c.read_exact(&mut greeting).await.unwrap();
+    c.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes()).await.unwrap();
+    let mut opt = IHAVEOPT.to_be_bytes().to_vec();
+    opt.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
+    opt.extend_from_slice(&2u32.to_be_bytes());
+    opt.extend_from_slice(b"rw");
+    c.write_all(&opt).await.unwrap();
+    let mut export = [0u8; 10];
+    c.read_exact(&mut export).await.unwrap();
+    // Reads with a flag the protocol does not define: each is answered EINVAL at once.
+    let mut batch = Vec::new();
+    for cookie in 0..1024u64 {
+        batch.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        batch.extend_from_slice(&0x0100u16.to_be_bytes());
+        batch.extend_from_slice(&CMD_READ.to_be_bytes());
+        batch.extend_from_slice(&cookie.to_be_bytes());
+        batch.extend_from_slice(&0u64.to_be_bytes());
+        batch.extend_from_slice(&4096u32.to_be_bytes());
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut sent = 0usize;
+    loop {
+        let write = tokio::time::timeout(std::time::Duration::from_secs(1), c.write_all(&batch));
+        match write.await {
+            Ok(r) => r.unwrap(),
+            Err(_) => break,
+        }
+        sent += 1024;
+        assert!(std::time::Instant::now() < deadline, "still reading after {sent} requests whose replies nobody took");
+    }
+    // The socket buffers hold some MiB of requests and replies (about 400k requests here); the
+    // session itself at most twice its in-flight limit of replies. Without that limit it read
+    // 2.8M requests in 20 s and went on.
+    assert!(sent < 1_000_000, "{sent} requests read");
+}
