@@ -123,10 +123,8 @@ pub async fn serve<D: BlockDevice>(
         w: StallTimeout::new(wr, limits.write_timeout),
         q: ReplyQueue::default(),
         dirty: false,
-        ends: VecDeque::new(),
+        unwritten: VecDeque::new(),
         backlog: limits.max_in_flight.max(1) * 2,
-        charges: VecDeque::new(),
-        unsent: VecDeque::new(),
         closed: false,
         fence: fence.clone(),
         shared: shared.clone(),
@@ -142,13 +140,6 @@ pub async fn serve<D: BlockDevice>(
     // one read brings many of them.
     let mut large_writes = false;
     let result: Result<(), ProtocolError> = loop {
-        // A client that sends requests but takes no replies is read no further (the write
-        // timeout then ends it), instead of having its replies pile up in memory.
-        if replies.backlogged()
-            && (backlog_cleared(&mut running, &mut replies, &fence).await.is_err() || fence.is_cancelled())
-        {
-            break Ok(());
-        }
         let mut hdr = [0u8; REQUEST_HEADER_LEN];
         let header = async {
             if large_writes && rd.buffer().is_empty() {
@@ -417,39 +408,32 @@ async fn unless<F: std::future::Future>(
 /// Runs `f` to its end while running the started requests (see [`InFlight`]) and writing
 /// their replies as they finish. `Err` when the replies cannot be written (the client is gone
 /// or took nothing for the write timeout): the session then stops reading.
+///
+/// While as many replies as allowed wait for the client, `f` (a read from the client, or a
+/// wait before one) is not polled until they go out or a fence comes: a client that sends
+/// requests but takes no replies is read no further, instead of having its replies pile up in
+/// memory (the write timeout then ends it).
 async fn driving<F: std::future::Future>(
     running: &mut InFlight<Option<Queued>>,
     replies: &mut Replies,
     f: F,
 ) -> std::io::Result<F::Output> {
     let mut f = std::pin::pin!(f);
+    let fence = replies.fence.clone();
+    let mut fenced = None;
     std::future::poll_fn(|cx| {
         let _ = running.poll(cx, &mut |q| replies.push_some(q));
         if let std::task::Poll::Ready(Err(e)) = replies.poll_write(cx) {
             return std::task::Poll::Ready(Err(e));
+        }
+        if replies.backlogged() {
+            // Rare: only then is the fence watched here (polling `f` watches it otherwise).
+            let fenced = fenced.get_or_insert_with(|| Box::pin(fence.clone().cancelled_owned()));
+            if fenced.as_mut().poll(cx).is_pending() {
+                return std::task::Poll::Pending;
+            }
         }
         f.as_mut().poll(cx).map(Ok)
-    })
-    .await
-}
-
-/// Runs the started requests and writes replies until fewer than the allowed backlog wait
-/// (or a fence comes); `Err` when the replies cannot be written.
-async fn backlog_cleared(
-    running: &mut InFlight<Option<Queued>>,
-    replies: &mut Replies,
-    fence: &CancellationToken,
-) -> std::io::Result<()> {
-    let mut fenced = std::pin::pin!(fence.cancelled());
-    std::future::poll_fn(|cx| {
-        if fenced.as_mut().poll(cx).is_ready() {
-            return std::task::Poll::Ready(Ok(()));
-        }
-        let _ = running.poll(cx, &mut |q| replies.push_some(q));
-        if let std::task::Poll::Ready(Err(e)) = replies.poll_write(cx) {
-            return std::task::Poll::Ready(Err(e));
-        }
-        if replies.backlogged() { std::task::Poll::Pending } else { std::task::Poll::Ready(Ok(())) }
     })
     .await
 }
@@ -462,15 +446,11 @@ struct Replies {
     q: ReplyQueue,
     /// Queued since the last complete write and flush.
     dirty: bool,
-    /// Where each reply not yet fully written ends in the stream.
-    ends: VecDeque<u64>,
+    /// Replies not yet fully written, oldest first: where each ends in the stream, the read
+    /// budget it holds until then, and (stages timed) when its request finished.
+    unwritten: VecDeque<(u64, Option<Charge>, Option<Instant>)>,
     /// Replies that may wait for the client before the session stops reading requests.
     backlog: usize,
-    /// Read budget, held until the reply's last byte is on the socket (by that byte's position
-    /// in the stream).
-    charges: VecDeque<(u64, Charge)>,
-    /// When stages are timed: when each reply's request finished, by the same positions.
-    unsent: VecDeque<(u64, Instant)>,
     /// Nothing more goes out: the session was cut, or writing failed.
     closed: bool,
     fence: CancellationToken,
@@ -484,14 +464,7 @@ impl Replies {
         }
         encode(&mut self.q, reply);
         self.dirty = true;
-        let end = self.q.queued();
-        self.ends.push_back(end);
-        if let Some(c) = charge {
-            self.charges.push_back((end, c));
-        }
-        if let Some(t) = executed {
-            self.unsent.push_back((end, t));
-        }
+        self.unwritten.push_back((self.q.queued(), charge, executed));
     }
 
     /// A finished request's reply (none when it was cut before it ran).
@@ -511,21 +484,17 @@ impl Replies {
             return std::task::Poll::Ready(Ok(()));
         }
         let r = self.q.poll_write_to(cx, &mut self.w);
+        // Replies now wholly on the socket: their budget is released (the charge dropped).
         let written = self.q.written();
-        while self.ends.front().is_some_and(|end| *end <= written) {
-            self.ends.pop_front();
-        }
-        while self.charges.front().is_some_and(|(end, _)| *end <= written) {
-            self.charges.pop_front();
-        }
-        if self.unsent.front().is_some_and(|(end, _)| *end <= written) {
-            let now = Some(Instant::now());
-            while let Some(&(end, executed)) = self.unsent.front()
-                && end <= written
-            {
-                observe(&self.shared.stages, SessionStage::Reply, Some(executed), now);
-                self.unsent.pop_front();
+        let mut now = None;
+        while let Some((end, _, executed)) = self.unwritten.front()
+            && *end <= written
+        {
+            if let Some(executed) = *executed {
+                let now = *now.get_or_insert_with(Instant::now);
+                observe(&self.shared.stages, SessionStage::Reply, Some(executed), Some(now));
             }
+            self.unwritten.pop_front();
         }
         match r {
             std::task::Poll::Ready(Ok(())) => {
@@ -545,16 +514,14 @@ impl Replies {
 
     /// Whether as many replies as allowed wait for the client.
     fn backlogged(&self) -> bool {
-        !self.closed && self.ends.len() >= self.backlog
+        !self.closed && self.unwritten.len() >= self.backlog
     }
 
     /// Drops what is queued and sends nothing more; held budget is released.
     fn close(&mut self) {
         self.closed = true;
-        self.ends.clear();
         self.q.clear();
-        self.charges.clear();
-        self.unsent.clear();
+        self.unwritten.clear();
     }
 }
 
