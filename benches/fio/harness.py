@@ -48,10 +48,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_port(port, proc, what):
+def wait_port(port, proc, what, log=None):
     for _ in range(300):
         if proc.poll() is not None:
-            sys.exit(f"{what} exited with {proc.returncode}")
+            tail = open(log).read()[-2000:] if log and os.path.exists(log) else ""
+            sys.exit(f"{what} exited with {proc.returncode}\n{tail}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return
@@ -95,9 +96,10 @@ class Targets:
         return not self.only or name in self.only
 
     def spawn(self, args, port, what, **kw):
-        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.d, what + ".log"), "w"), **kw)
+        log = os.path.join(self.d, what + ".log")
+        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "w"), **kw)
         self.procs.append(p)
-        wait_port(port, p, what)
+        wait_port(port, p, what, log)
         return p
 
     def stop_all(self):

@@ -5,7 +5,7 @@ metrics page (`thinbd_stage_seconds`) and thinbd's CPU per request.
 
 Usage: benches/fio/stages.py [randread|randwrite|read|write] [QUEUE_DEPTH] [-- serve args...]
 Needs a release build (or THINBD_BIN, to compare builds) and fio. BS=128k sets the block size; FSYNC=1 sends a FLUSH after every
-write (fio's --fsync). PERF=1 also records `perf record -g` of thinbd to /tmp/perf.data.
+write (fio's --fsync); JOBS=2 runs two fio jobs (two connections). PERF=1 also records `perf record -g` of thinbd to /tmp/perf.data.
 """
 import json, os, re, socket, subprocess, sys, tempfile, time, urllib.request
 
@@ -59,7 +59,8 @@ def main():
                                      "--", "sleep", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         r = subprocess.run(["fio", "--name=j", "--size=1G", f"--rw={job}", f"--bs={os.environ.get('BS', '4k')}", f"--iodepth={qd}", "--runtime=5",
                             "--time_based", "--ioengine=nbd", f"--uri={uri}", "--output-format=json",
-                            f"--fsync={os.environ.get('FSYNC', '0')}"],
+                            f"--fsync={os.environ.get('FSYNC', '0')}", f"--numjobs={os.environ.get('JOBS', '1')}",
+                            "--group_reporting"],
                            check=True, capture_output=True, text=True)
         after, c1, t1 = stages(metrics), cpu_seconds(server.pid), time.time()
         if perf:

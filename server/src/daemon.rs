@@ -98,6 +98,9 @@ pub struct ServeOptions {
     /// Open NBD connections at most (lowered to fit the open-file limit).
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,
+    /// Threads NBD sessions run on, each session wholly on one; 0: one per core.
+    #[arg(long, default_value_t = 0)]
+    pub nbd_threads: usize,
     /// Connections still negotiating (not yet attached to an export) at most.
     #[arg(long, default_value_t = 128)]
     pub max_handshakes: usize,
@@ -193,6 +196,7 @@ impl ServeOptions {
                 ..SessionLimits::default()
             },
             server_bytes: self.server_memory,
+            session_threads: self.nbd_threads,
         }
     }
 }

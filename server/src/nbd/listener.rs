@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::catalog::Catalog;
 use super::export_name::ExportName;
+use super::threads::SessionThreads;
 use crate::metrics::{self, DescriptorEncoder, Family};
 
 /// Connection admission: how many connections and handshakes may be open at once. Every
@@ -31,6 +32,8 @@ pub struct NbdLimits {
     pub session: SessionLimits,
     /// Bytes of request data all sessions together may hold in memory.
     pub server_bytes: u64,
+    /// Threads the sessions run on (see [`SessionThreads`]); 0: one per core.
+    pub session_threads: usize,
 }
 
 /// Counters for the metrics endpoint.
@@ -232,6 +235,7 @@ pub async fn serve_nbd(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut sessions = JoinSet::new();
+    let threads = SessionThreads::start(limits.session_threads)?;
     let session_limits = SessionLimits { max_payload: config.max_payload, ..limits.session };
     let config = Arc::new(config);
     let mut warned = Instant::now() - Duration::from_secs(60);
@@ -261,11 +265,28 @@ pub async fn serve_nbd(
             }
         };
         let _ = sock.set_nodelay(true);
+        // The socket moves to the session's thread (registered there with that runtime).
+        let sock = match sock.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(%peer, error = %e, "cannot hand the connection to a session thread");
+                continue;
+            }
+        };
+        let (thread, placed) = threads.place();
         let catalog = catalog.clone();
         let config = config.clone();
         let shutdown = shutdown.clone();
         let stats = stats.clone();
-        sessions.spawn(async move {
+        let session = async move {
+            let _placed = placed;
+            let sock = match tokio::net::TcpStream::from_std(sock) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(%peer, error = %e, "cannot register the connection on its session thread");
+                    return;
+                }
+            };
             // A client that never finishes the handshake must not hold a slot for long.
             let evicted = admitted.evicted.clone();
             let neg = tokio::select! {
@@ -303,9 +324,11 @@ pub async fn serve_nbd(
                 }
             }
             drop(admitted);
-        });
+        };
+        sessions.spawn_on(session, &thread);
     }
     while sessions.join_next().await.is_some() {}
+    drop(threads);
     Ok(())
 }
 

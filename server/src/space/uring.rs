@@ -6,10 +6,12 @@
 //! time on two cores; see benches/README). At most [`RING_ENTRIES`] requests are on the ring;
 //! the next ones wait for room.
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -55,17 +57,18 @@ fn observe(stage: crate::stages::RingStage, from: Option<Instant>) -> Option<Ins
     Some(now)
 }
 
-/// The ring and what is on it, shared by the submitting tasks and the reaper.
+/// A ring and what is on it, shared by the submitting tasks and the reaper.
 struct Ring {
     ring: IoUring,
     /// The pool file (its descriptor goes into every entry).
-    file: File,
+    file: Arc<File>,
     /// Held while taking from the completion queue (the reaper, or the last drop).
     cq: Mutex<()>,
     /// Requests on the ring, by slot (the entry's user data), and the free slots. Held while
     /// pushing onto the submission queue too (one producer at a time).
     slots: Mutex<Slots>,
     room: Arc<Semaphore>,
+    reaper: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 #[derive(Default)]
@@ -75,49 +78,70 @@ struct Slots {
 }
 
 pub struct UringStore {
-    ring: Arc<Ring>,
+    /// Every ring made for this store, one per thread that submitted (see [`UringStore::ring`]).
+    rings: Mutex<Vec<Arc<Ring>>>,
+    /// The pool file for the rings' entries.
+    ring_file: Arc<File>,
+    /// Which store a thread's ring belongs to.
+    id: u64,
     /// The same file for the synchronous calls (the superblock at start, fdatasync).
     file: FileStore,
-    reaper: tokio::task::JoinHandle<()>,
+}
+
+thread_local! {
+    /// This thread's ring of each store, by store id. Weak: the store owns its rings.
+    static RINGS: RefCell<Vec<(u64, Weak<Ring>)>> = const { RefCell::new(Vec::new()) };
 }
 
 impl UringStore {
-    /// Sets up the ring on `file` and its reaper on the current runtime; where io_uring is not
+    /// Sets up a ring on `file` with its reaper on the current runtime; where io_uring is not
     /// available (old kernel, seccomp, no runtime) the file comes back with the reason, to be
     /// driven by threads instead.
     pub fn new(file: FileStore) -> Result<UringStore, (FileStore, io::Error)> {
-        let started = (|| {
-            let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
-            let ring = IoUring::new(RING_ENTRIES)?;
-            let events = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-                .map_err(io::Error::from)?;
-            ring.submitter().register_eventfd(events.as_raw_fd())?;
-            let ring = Arc::new(Ring {
-                ring,
-                file: file.try_clone_file()?,
-                cq: Mutex::new(()),
-                slots: Default::default(),
-                room: Arc::new(Semaphore::new(RING_ENTRIES as usize)),
-            });
-            let _guard = runtime.enter();
-            // SAFETY: an `EventFd` owns its open descriptor for the AsyncFd's whole life and always
-            // returns the same one.
-            let events = unsafe { AsyncFd::register(events) }.map_err(io::Error::from)?;
-            let reaper = runtime.spawn(reap(ring.clone(), events));
-            Ok::<_, io::Error>((ring, reaper))
-        })();
-        match started {
-            Ok((ring, reaper)) => Ok(UringStore { ring, file, reaper }),
-            Err(e) => Err((file, e)),
+        static IDS: AtomicU64 = AtomicU64::new(0);
+        let ring_file = match file.try_clone_file() {
+            Ok(f) => Arc::new(f),
+            Err(e) => return Err((file, e)),
+        };
+        let first = match Ring::start(ring_file.clone()) {
+            Ok(r) => r,
+            Err(e) => return Err((file, e)),
+        };
+        let store = UringStore { rings: Mutex::default(), ring_file, id: IDS.fetch_add(1, Ordering::Relaxed), file };
+        store.adopt(first);
+        Ok(store)
+    }
+
+    /// The ring of the calling thread, made on first use with its reaper on the current
+    /// runtime. A session thread (`nbd::threads`) thus submits to a ring whose completions
+    /// wake that same thread: no hand-off between threads and no lock shared with another.
+    fn ring(&self) -> io::Result<Arc<Ring>> {
+        let mine = RINGS.with(|r| r.borrow().iter().find(|(id, _)| *id == self.id).and_then(|(_, w)| w.upgrade()));
+        if let Some(ring) = mine {
+            return Ok(ring);
         }
+        let ring = Ring::start(self.ring_file.clone())?;
+        self.adopt(ring.clone());
+        Ok(ring)
+    }
+
+    /// Keeps `ring` (made on this thread) as this thread's.
+    fn adopt(&self, ring: Arc<Ring>) {
+        RINGS.with(|r| {
+            let mut r = r.borrow_mut();
+            r.retain(|(_, w)| w.strong_count() > 0);
+            r.push((self.id, Arc::downgrade(&ring)));
+        });
+        self.rings.lock().unwrap_or_else(|p| p.into_inner()).push(ring);
     }
 
     async fn submit(&self, kind: Kind, offset: u64) -> io::Result<()> {
         let sent = clock();
-        let room = self.ring.room.clone().acquire_owned().await.map_err(|_| io::Error::other("ring closed"))?;
+        let ring = self.ring()?;
+        let room = ring.room.clone().acquire_owned().await.map_err(|_| io::Error::other("ring closed"))?;
         let on_ring = observe(crate::stages::RingStage::Queue, sent);
         let f = InFlight { kind, offset, moved: 0, on_ring, _room: room };
-        self.ring.put(f)
+        ring.put(f)
     }
 
     async fn submit_read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
@@ -138,6 +162,30 @@ impl UringStore {
 }
 
 impl Ring {
+    /// A ring on `file` with its reaper, woken through an eventfd, on the current runtime.
+    fn start(file: Arc<File>) -> io::Result<Arc<Ring>> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+        let ring = IoUring::new(RING_ENTRIES)?;
+        let events = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(io::Error::from)?;
+        ring.submitter().register_eventfd(events.as_raw_fd())?;
+        let ring = Arc::new(Ring {
+            ring,
+            file,
+            cq: Mutex::new(()),
+            slots: Default::default(),
+            room: Arc::new(Semaphore::new(RING_ENTRIES as usize)),
+            reaper: Mutex::new(None),
+        });
+        let _guard = runtime.enter();
+        // SAFETY: an `EventFd` owns its open descriptor for the AsyncFd's whole life and always
+        // returns the same one.
+        let events = unsafe { AsyncFd::register(events) }.map_err(io::Error::from)?;
+        let reaper = runtime.spawn(reap(ring.clone(), events));
+        *ring.reaper.lock().map_err(|_| io::Error::other("ring poisoned"))? = Some(reaper);
+        Ok(ring)
+    }
+
     /// Puts `f` (or what is left of it) on the ring in a free slot and enters the kernel.
     fn put(&self, f: InFlight) -> io::Result<()> {
         {
@@ -335,16 +383,21 @@ impl BlockStore for UringStore {
 }
 
 impl Drop for UringStore {
-    /// Stops the reaper and waits for what is still on the ring: the kernel may write into
+    /// Stops the reapers and waits for what is still on the rings: the kernel may write into
     /// those buffers until each request completes.
     fn drop(&mut self) {
-        self.reaper.abort();
-        self.ring.room.close();
-        while self.ring.in_flight() > 0 {
-            if self.ring.ring.submit_and_wait(1).is_err() {
-                break;
+        let rings = std::mem::take(&mut *self.rings.lock().unwrap_or_else(|p| p.into_inner()));
+        for ring in rings {
+            if let Some(reaper) = ring.reaper.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                reaper.abort();
             }
-            self.ring.reap();
+            ring.room.close();
+            while ring.in_flight() > 0 {
+                if ring.ring.submit_and_wait(1).is_err() {
+                    break;
+                }
+                ring.reap();
+            }
         }
     }
 }
