@@ -3,8 +3,8 @@
 //!
 //! On the daemon's work-stealing runtime a request crossed threads several times: a worker
 //! woken by a completion wakes a second one to look for more work, and a task could move to
-//! whichever worker was free. At queue depth 1 that was 9 context switches per write and
-//! FLUSH pair where 4 do (see benches/README, "A runtime per session thread"). Here a session's
+//! whichever worker was free. At queue depth 1 that was 8.5 context switches per write and
+//! FLUSH pair (5.9 now; qemu-nbd 5) (see benches/README, "A runtime per session thread"). Here a session's
 //! socket, its requests and their ring completions (each thread submits to a ring of its own,
 //! see `space::uring`) are handled by one thread, and the sessions spread over the cores.
 
