@@ -58,7 +58,13 @@ pub struct Export<D> {
 /// Where the server finds exports. Implemented by the volume engine.
 pub trait ExportCatalog: Send + Sync + 'static {
     type Device: BlockDevice;
-    fn open(&self, name: &str, peer: Option<SocketAddr>) -> Result<Export<Self::Device>, OpenError>;
+    /// Asynchronous: opening may ask other parts of a cluster (etcd, the node holding the
+    /// volume) or wait for an older target's sessions, while the session's thread serves others.
+    fn open(
+        &self,
+        name: &str,
+        peer: Option<SocketAddr>,
+    ) -> impl std::future::Future<Output = Result<Export<Self::Device>, OpenError>> + Send;
     fn list(&self, peer: Option<SocketAddr>) -> Vec<ExportListing>;
 }
 
@@ -263,7 +269,8 @@ async fn opt_export_name<C: ExportCatalog>(
         return Err(ProtocolError::Malformed("export name too long".into()));
     }
     // The name may hold a secret (a grant token): it stays out of the error, which gets logged.
-    let export = catalog.open(&name, peer).map_err(|e| ProtocolError::Refused(format!("EXPORT_NAME refused: {e}")))?;
+    let export =
+        catalog.open(&name, peer).await.map_err(|e| ProtocolError::Refused(format!("EXPORT_NAME refused: {e}")))?;
     let info = export.device.info();
     let flags = transmission_flags(&info, st.structured);
     let mut buf = Vec::with_capacity(134);
@@ -344,7 +351,7 @@ async fn opt_info_go<C: ExportCatalog>(
         reply(io, opt, REP_ERR_INVALID, b"malformed INFO/GO request").await?;
         return Ok(None);
     };
-    let export = match catalog.open(&name, peer) {
+    let export = match catalog.open(&name, peer).await {
         Ok(e) => e,
         Err(e) => {
             reply(io, opt, e.rep(), e.to_string().as_bytes()).await?;
@@ -413,7 +420,7 @@ async fn opt_meta_context<C: ExportCatalog>(
     let Some((name, queries)) = parsed else {
         return reply(io, opt, REP_ERR_INVALID, b"malformed meta context request").await;
     };
-    let export = match catalog.open(&name, peer) {
+    let export = match catalog.open(&name, peer).await {
         Ok(e) => e,
         Err(e) => return reply(io, opt, e.rep(), e.to_string().as_bytes()).await,
     };

@@ -133,7 +133,7 @@ pub struct MemCatalog {
 impl ExportCatalog for MemCatalog {
     type Device = MemDevice;
 
-    fn open(&self, name: &str, _peer: Option<SocketAddr>) -> Result<Export<MemDevice>, OpenError> {
+    async fn open(&self, name: &str, _peer: Option<SocketAddr>) -> Result<Export<MemDevice>, OpenError> {
         self.exports
             .iter()
             .find(|(n, _)| n == name)

@@ -257,13 +257,6 @@ pub struct Catalog {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
-/// Runs `f` to completion on this worker: the catalog answers synchronously, and opening may
-/// ask etcd, the node holding the volume, or wait for an older target's sessions.
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    let handle = tokio::runtime::Handle::current();
-    tokio::task::block_in_place(|| handle.block_on(f))
-}
-
 impl Catalog {
     fn trusted(&self, peer: Option<SocketAddr>) -> bool {
         !self.require_grants && peer.is_some_and(|p| p.ip().is_loopback())
@@ -273,10 +266,15 @@ impl Catalog {
     /// its record in etcd; a single writer's makes this node the volume's target (a new epoch,
     /// sent on the links so the copies fence older targets), and requests go to the copies,
     /// which check the grant themselves too.
-    fn open_remote(&self, name: &str, volume: &str, token: &str) -> Result<Export<NbdVolume<VolumeStack>>, OpenError> {
+    async fn open_remote(
+        &self,
+        name: &str,
+        volume: &str,
+        token: &str,
+    ) -> Result<Export<NbdVolume<VolumeStack>>, OpenError> {
         let Some(cluster) = self.cluster.clone() else { return Err(OpenError::Unknown) };
         let platform = |e: &dyn std::fmt::Display| OpenError::Platform(e.to_string());
-        let (replicas, fences, epoch) = block_on(async {
+        let (replicas, fences, epoch) = async {
             let spec = cluster.volume_spec(volume).await.map_err(|e| platform(&e))?.ok_or(OpenError::Unknown)?;
             if !spec.replicated() && spec.node == cluster.node {
                 return Err(OpenError::Unknown);
@@ -294,7 +292,8 @@ impl Catalog {
             };
             let (replicas, fences) = copies_for(&cluster, &spec, name, volume, epoch, None).await?;
             Ok((replicas, fences, epoch))
-        })?;
+        }
+        .await?;
         let holders = replicas.nodes().join(", ");
         tracing::info!(volume, holders, epoch, "target: serving a volume held by another node");
         let description = format!("thinbd volume {volume} (data on {holders})");
@@ -312,7 +311,7 @@ impl Catalog {
     /// node is the target and writes to every in-sync copy, or forwards the session to the
     /// target). Read-only attachments, and the writers of a volume of one copy in a cluster,
     /// are fenced by their grants alone.
-    fn open_granted(
+    async fn open_granted(
         &self,
         name: &str,
         grant: Arc<crate::grants::Grant>,
@@ -324,7 +323,7 @@ impl Catalog {
         // The consumer is attached here (not a target's link): in a cluster this node serves it.
         let serving = match (&self.cluster, link_epoch) {
             (Some(c), None) => {
-                Some((c.clone(), block_on(c.volume_spec(&uuid)).map_err(|e| OpenError::Platform(e.to_string()))?))
+                Some((c.clone(), c.volume_spec(&uuid).await.map_err(|e| OpenError::Platform(e.to_string()))?))
             }
             _ => None,
         };
@@ -334,9 +333,9 @@ impl Catalog {
             (Some(e), _) => (e > 0 && !r.read_only).then_some(e),
             (None, Some((cluster, spec))) => {
                 let replicated = spec.as_ref().is_some_and(VolumeSpec::replicated);
-                match block_on(writer_target(cluster, &uuid, replicated, r.single_writer, r.read_only))? {
+                match writer_target(cluster, &uuid, replicated, r.single_writer, r.read_only).await? {
                     Some(Joined::At(node)) => {
-                        let (replicas, fences) = block_on(forward(cluster, name, &r.volume, &node))?;
+                        let (replicas, fences) = forward(cluster, name, &r.volume, &node).await?;
                         let description = format!("thinbd volume {} (through its target on {node})", r.volume);
                         let device = Arc::new(NbdVolume(target_stack(replicas, None)));
                         return Ok(Export { name: name.to_string(), description, device, fences });
@@ -348,7 +347,7 @@ impl Catalog {
             (None, _) => None,
         };
         let at_epoch = match epoch {
-            Some(e) => Some(block_on(self.engine.enter_epoch(&r.volume, e)).map_err(engine_err)?),
+            Some(e) => Some(self.engine.enter_epoch(&r.volume, e).await.map_err(engine_err)?),
             None => None,
         };
         // Counted before the volume is opened: a revocation from here on waits for us.
@@ -367,7 +366,7 @@ impl Catalog {
         let device = match serving {
             Some((cluster, Some(spec))) if spec.replicated() => {
                 let local = Some((h.qos(), h.metrics()));
-                let (replicas, more) = block_on(copies_for(&cluster, &spec, name, &r.volume, epoch, Some(h)))?;
+                let (replicas, more) = copies_for(&cluster, &spec, name, &r.volume, epoch, Some(h)).await?;
                 fences.extend(more);
                 target_stack(replicas, local)
             }
@@ -378,7 +377,7 @@ impl Catalog {
 
     /// A layer of this node's copy (a snapshot or a mark), read-only, for the target whose
     /// link `epoch` is not older than the highest this copy promised: the source of a rebuild.
-    fn open_layer(
+    async fn open_layer(
         &self,
         name: &str,
         grant: Arc<crate::grants::Grant>,
@@ -386,7 +385,7 @@ impl Catalog {
         snapshot: &str,
     ) -> Result<Export<NbdVolume<VolumeStack>>, OpenError> {
         let volume = &grant.record.volume;
-        let at_epoch = block_on(self.engine.enter_epoch(volume, epoch)).map_err(engine_err)?;
+        let at_epoch = self.engine.enter_epoch(volume, epoch).await.map_err(engine_err)?;
         let fences = vec![grant.revoked.clone(), at_epoch.cut.clone()];
         let session = grant.enter().ok_or(OpenError::Unknown)?;
         let h = self.engine.open_snapshot(volume, snapshot).map_err(engine_err)?.through_grant(session);
@@ -441,15 +440,15 @@ fn describe(h: &LocalVolume, name: &str) -> String {
 impl ExportCatalog for Catalog {
     type Device = NbdVolume<VolumeStack>;
 
-    fn open(&self, name: &str, peer: Option<SocketAddr>) -> Result<Export<Self::Device>, OpenError> {
+    async fn open(&self, name: &str, peer: Option<SocketAddr>) -> Result<Export<Self::Device>, OpenError> {
         let parsed = ExportName::parse(name).ok_or(OpenError::Unknown)?;
         if let ExportName::Grant { volume, token, epoch, snapshot } = &parsed {
             return match (self.engine.grant_for(volume, token), snapshot, epoch) {
-                (Some(grant), Some(snapshot), Some(epoch)) => self.open_layer(name, grant, *epoch, snapshot),
-                (Some(grant), _, _) => self.open_granted(name, grant, *epoch, peer),
+                (Some(grant), Some(snapshot), Some(epoch)) => self.open_layer(name, grant, *epoch, snapshot).await,
+                (Some(grant), _, _) => self.open_granted(name, grant, *epoch, peer).await,
                 // A target's link is never forwarded further.
                 (None, _, Some(_)) => Err(OpenError::Unknown),
-                (None, _, None) => self.open_remote(name, volume, token),
+                (None, _, None) => self.open_remote(name, volume, token).await,
             };
         }
         if !self.trusted(peer) {
