@@ -1,16 +1,17 @@
 //! The io_uring data path, driven from the async runtime itself: the task that serves a request
-//! puts its read or write on the ring and enters the kernel, and one reaper task, woken through
-//! an eventfd registered with the ring (in the runtime's reactor), completes whatever finished.
-//! No thread of our own sits between a request and the disk: a request costs one submission
-//! syscall and no hand-off to another thread and back (those hand-offs were most of a request's
-//! time on two cores; see benches/README). At most [`RING_ENTRIES`] requests are on the ring;
-//! the next ones wait for room.
+//! puts its read or write on its thread's ring and enters the kernel, and the ring's reaper
+//! task, woken through an eventfd registered with the ring (in the runtime's reactor),
+//! completes whatever finished. No thread of our own sits between a request and the disk: a
+//! request costs one submission syscall and no hand-off to another thread and back (those
+//! hand-offs were most of a request's time on two cores; see benches/README). Each thread that
+//! submits has a ring of its own: on an NBD session thread its completions wake that thread.
+//! At most [`RING_ENTRIES`] requests are on a ring; the next ones wait for room.
 
 use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
@@ -69,6 +70,8 @@ struct Ring {
     slots: Mutex<Slots>,
     room: Arc<Semaphore>,
     reaper: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Cleared when the reaper is gone (its runtime shut down): the thread needs a new ring.
+    reaping: AtomicBool,
 }
 
 #[derive(Default)]
@@ -117,7 +120,9 @@ impl UringStore {
     /// wake that same thread: no hand-off between threads and no lock shared with another.
     fn ring(&self) -> io::Result<Arc<Ring>> {
         let mine = RINGS.with(|r| r.borrow().iter().find(|(id, _)| *id == self.id).and_then(|(_, w)| w.upgrade()));
-        if let Some(ring) = mine {
+        if let Some(ring) = mine
+            && ring.reaping.load(Ordering::Acquire)
+        {
             return Ok(ring);
         }
         let ring = Ring::start(self.ring_file.clone())?;
@@ -129,7 +134,7 @@ impl UringStore {
     fn adopt(&self, ring: Arc<Ring>) {
         RINGS.with(|r| {
             let mut r = r.borrow_mut();
-            r.retain(|(_, w)| w.strong_count() > 0);
+            r.retain(|(id, w)| *id != self.id && w.strong_count() > 0);
             r.push((self.id, Arc::downgrade(&ring)));
         });
         self.rings.lock().unwrap_or_else(|p| p.into_inner()).push(ring);
@@ -176,6 +181,7 @@ impl Ring {
             slots: Default::default(),
             room: Arc::new(Semaphore::new(RING_ENTRIES as usize)),
             reaper: Mutex::new(None),
+            reaping: AtomicBool::new(true),
         });
         let _guard = runtime.enter();
         // SAFETY: an `EventFd` owns its open descriptor for the AsyncFd's whole life and always
@@ -275,6 +281,14 @@ impl Ring {
 
 /// Wakes on the eventfd the kernel signals with each completion and reaps.
 async fn reap(ring: Arc<Ring>, events: AsyncFd<EventFd>) {
+    /// Marks the ring unreaped when the reaper ends: aborted, or dropped with its runtime.
+    struct Reaping<'a>(&'a AtomicBool);
+    impl Drop for Reaping<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Release);
+        }
+    }
+    let _reaping = Reaping(&ring.reaping);
     loop {
         let Ok(mut ready) = events.readable().await else { return };
         // Reset the counter first: a completion posted after this signals again. (Nonblocking:
@@ -442,5 +456,40 @@ mod tests {
         assert!(tail[..10].iter().all(|b| *b == 9));
         assert!(tail[10..].iter().all(|b| *b == 0));
         drop(ring);
+    }
+
+    /// A thread's requests go to that thread's ring, and a thread whose runtime ended (the
+    /// ring's reaper with it) gets a new ring on the next runtime instead of waiting forever.
+    #[test]
+    fn each_thread_and_runtime_has_a_ring_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = FileStore::open(&dir.path().join("pool"), false).unwrap();
+        f.set_len(1 << 20).unwrap();
+        let runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let first = runtime();
+        let store = match first.block_on(async { UringStore::new(f) }) {
+            Ok(s) => Arc::new(s),
+            Err((_, e)) => {
+                eprintln!("SKIPPED: io_uring unavailable here: {e}");
+                return;
+            }
+        };
+        let data = Bytes::from(vec![5u8; 4096]);
+        first.block_on(store.clone().write(0, data.clone())).unwrap();
+        assert_eq!(store.rings.lock().unwrap().len(), 1);
+        drop(first);
+        let second = runtime();
+        let read =
+            second.block_on(tokio::time::timeout(std::time::Duration::from_secs(10), store.clone().read(0, 4096)));
+        assert_eq!(read.expect("served by a new ring, not the one whose reaper is gone").unwrap(), data);
+        assert_eq!(store.rings.lock().unwrap().len(), 2);
+        let other = store.clone();
+        let expect = data.clone();
+        std::thread::spawn(move || assert_eq!(runtime().block_on(other.clone().read(0, 4096)).unwrap(), expect))
+            .join()
+            .unwrap();
+        assert_eq!(store.rings.lock().unwrap().len(), 3, "the other thread made its own");
+        second.block_on(store.clone().write(4096, data.clone())).unwrap();
+        assert_eq!(store.rings.lock().unwrap().len(), 3, "this thread's ring is reused");
     }
 }
