@@ -479,8 +479,8 @@ mod tests {
         assert_eq!(store.rings.lock().unwrap().len(), 1);
         drop(first);
         let second = runtime();
-        let read =
-            second.block_on(tokio::time::timeout(std::time::Duration::from_secs(10), store.clone().read(0, 4096)));
+        let in_time = |f| async { tokio::time::timeout(std::time::Duration::from_secs(10), f).await };
+        let read = second.block_on(in_time(store.clone().read(0, 4096)));
         assert_eq!(read.expect("served by a new ring, not the one whose reaper is gone").unwrap(), data);
         assert_eq!(store.rings.lock().unwrap().len(), 2);
         let other = store.clone();
