@@ -58,7 +58,7 @@ def main():
             perf = subprocess.Popen(["perf", "record", "-F", "1999", "-g", "-p", str(server.pid), "-o", "/tmp/perf.data",
                                      "--", "sleep", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         r = subprocess.run(["fio", "--name=j", "--size=1G", f"--rw={job}", f"--bs={os.environ.get('BS', '4k')}", f"--iodepth={qd}", "--runtime=5",
-                            "--time_based", "--ioengine=nbd", f"--uri={uri}", "--output-format=json",
+                            "--time_based", "--randrepeat=0", "--norandommap", "--ioengine=nbd", f"--uri={uri}", "--output-format=json",
                             f"--fsync={os.environ.get('FSYNC', '0')}", f"--numjobs={os.environ.get('JOBS', '1')}",
                             "--group_reporting"],
                            check=True, capture_output=True, text=True)
