@@ -1,7 +1,7 @@
 //! The NBD edge of the server: export names, the catalog of exports (each a volume's I/O stack
-//! adapted to the protocol crate's `BlockDevice`) and the TCP listener. A READ goes socket →
-//! `thinbd_protocol::session` (on a session thread, [`threads`]) → [`catalog::NbdVolume`] → `crate::io` stack → `LocalVolume` →
-//! layers → pool.
+//! adapted to the protocol crate's `BlockDevice`), the TCP listener and the threads sessions run
+//! on. A READ goes socket → `thinbd_protocol::session` (on a session thread, [`threads`]) →
+//! [`catalog::NbdVolume`] → `crate::io` stack → `LocalVolume` → layers → pool.
 
 pub mod catalog;
 pub mod export_name;

@@ -4,9 +4,10 @@
 //! On the daemon's work-stealing runtime a request crossed threads several times: a worker
 //! woken by a completion wakes a second one to look for more work, and a task could move to
 //! whichever worker was free. At queue depth 1 that was 8.5 context switches per write and
-//! FLUSH pair (5.9 now; qemu-nbd 5) (see benches/README, "A runtime per session thread"). Here a session's
-//! socket, its requests and their ring completions (each thread submits to a ring of its own,
-//! see `space::uring`) are handled by one thread, and the sessions spread over the cores.
+//! FLUSH pair; here it is 5.9, qemu-nbd's 5 (benches/README, "A runtime per session thread").
+//! A session's socket, its requests and their ring completions (each thread submits to a ring
+//! of its own, see `space::uring`) are handled by one thread; the sessions spread over the
+//! cores.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};

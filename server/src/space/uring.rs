@@ -69,7 +69,6 @@ struct Ring {
     /// pushing onto the submission queue too (one producer at a time).
     slots: Mutex<Slots>,
     room: Arc<Semaphore>,
-    reaper: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Cleared when the reaper is gone (its runtime shut down): the thread needs a new ring.
     reaping: AtomicBool,
 }
@@ -80,9 +79,15 @@ struct Slots {
     free: Vec<usize>,
 }
 
+/// A ring and its reaper task (stopped when the store is dropped).
+struct Reaped {
+    ring: Arc<Ring>,
+    reaper: tokio::task::JoinHandle<()>,
+}
+
 pub struct UringStore {
     /// Every ring made for this store, one per thread that submitted (see [`UringStore::ring`]).
-    rings: Mutex<Vec<Arc<Ring>>>,
+    rings: Mutex<Vec<Reaped>>,
     /// The pool file for the rings' entries.
     ring_file: Arc<File>,
     /// Which store a thread's ring belongs to.
@@ -125,19 +130,20 @@ impl UringStore {
         {
             return Ok(ring);
         }
-        let ring = Ring::start(self.ring_file.clone())?;
-        self.adopt(ring.clone());
+        let started = Ring::start(self.ring_file.clone())?;
+        let ring = started.ring.clone();
+        self.adopt(started);
         Ok(ring)
     }
 
-    /// Keeps `ring` (made on this thread) as this thread's.
-    fn adopt(&self, ring: Arc<Ring>) {
+    /// Keeps a ring made on this thread as this thread's.
+    fn adopt(&self, started: Reaped) {
         RINGS.with(|r| {
             let mut r = r.borrow_mut();
             r.retain(|(id, w)| *id != self.id && w.strong_count() > 0);
-            r.push((self.id, Arc::downgrade(&ring)));
+            r.push((self.id, Arc::downgrade(&started.ring)));
         });
-        self.rings.lock().unwrap_or_else(|p| p.into_inner()).push(ring);
+        self.rings.lock().unwrap_or_else(|p| p.into_inner()).push(started);
     }
 
     async fn submit(&self, kind: Kind, offset: u64) -> io::Result<()> {
@@ -168,7 +174,7 @@ impl UringStore {
 
 impl Ring {
     /// A ring on `file` with its reaper, woken through an eventfd, on the current runtime.
-    fn start(file: Arc<File>) -> io::Result<Arc<Ring>> {
+    fn start(file: Arc<File>) -> io::Result<Reaped> {
         let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
         let ring = IoUring::new(RING_ENTRIES)?;
         let events = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
@@ -180,7 +186,6 @@ impl Ring {
             cq: Mutex::new(()),
             slots: Default::default(),
             room: Arc::new(Semaphore::new(RING_ENTRIES as usize)),
-            reaper: Mutex::new(None),
             reaping: AtomicBool::new(true),
         });
         let _guard = runtime.enter();
@@ -188,8 +193,7 @@ impl Ring {
         // returns the same one.
         let events = unsafe { AsyncFd::register(events) }.map_err(io::Error::from)?;
         let reaper = runtime.spawn(reap(ring.clone(), events));
-        *ring.reaper.lock().map_err(|_| io::Error::other("ring poisoned"))? = Some(reaper);
-        Ok(ring)
+        Ok(Reaped { ring, reaper })
     }
 
     /// Puts `f` (or what is left of it) on the ring in a free slot and enters the kernel.
@@ -401,10 +405,8 @@ impl Drop for UringStore {
     /// those buffers until each request completes.
     fn drop(&mut self) {
         let rings = std::mem::take(&mut *self.rings.lock().unwrap_or_else(|p| p.into_inner()));
-        for ring in rings {
-            if let Some(reaper) = ring.reaper.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                reaper.abort();
-            }
+        for Reaped { ring, reaper } in rings {
+            reaper.abort();
             ring.room.close();
             while ring.in_flight() > 0 {
                 if ring.ring.submit_and_wait(1).is_err() {
