@@ -1313,7 +1313,8 @@ fn a_target_without_a_copy_rebuilds_from_another_nodes_layers() {
     nodes[1].spawn(&fabric);
     wait_in_sync(&fabric, &nodes[2], "rt", 2, Duration::from_secs(60), "node-2's copy was not rebuilt");
     let log = nodes[2].log_text();
-    let marked = log.lines().find(|l| l.contains("marked where a copy left")).expect("no mark was taken");
+    let marked = log.lines().find(|l| l.contains("marked where a copy left"));
+    let marked = marked.unwrap_or_else(|| panic!("no mark was taken; the target's log:\n{log}"));
     assert!(marked.contains("marked=node-1"), "{marked}");
     let rebuilt = log.lines().find(|l| l.contains("copy rebuilt and back in sync")).expect("the rebuild's log line");
     assert!(rebuilt.contains("delta=true") && rebuilt.contains("layers=1"), "{rebuilt}");

@@ -10,11 +10,14 @@ Usage: benches/fio/harness.py [--runtime 5] [--size 1G] [--dir DIR] [--only thin
        benches/fio/harness.py --qos      (per-volume QoS limits measured by fio)
        benches/fio/harness.py --cluster  (a volume used on its node vs through another node's target)
        benches/fio/harness.py --replication  (1/2/3 copies, rebuilds, failover; network namespaces, root)
-Needs: fio, qemu-utils, nbdkit, nbd-server (scripts/setup installs them), a release build.
+Needs: fio, qemu-utils, nbdkit, nbd-server (scripts/setup installs them); builds thinbd (release)
+unless THINBD_BIN names a binary to measure.
 """
 import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# THINBD_BIN: a thinbd binary to measure instead of building this tree's (to compare builds).
+BIN = os.environ.get("THINBD_BIN") or os.path.join(ROOT, "target", "release", "thinbd")
 
 # name, fio options, metric direction. Every target is prefilled (reads read data, writes
 # overwrite) except in the "fresh" jobs, which write into a new target (first writes: a sparse
@@ -141,7 +144,7 @@ class Targets:
         return int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s)
 
     def thinbd(self, cow=False, extra=()):
-        bin_ = os.path.join(ROOT, "target", "release", "thinbd")
+        bin_ = BIN
         data = os.path.join(self.d, "thinbd-data" + ("-cow" if cow else ""))
         nbd, api, met = free_port(), free_port(), free_port()
         self.spawn([bin_, "serve", "--data-dir", data, "--capacity", str(self.size_bytes() * 3),
@@ -298,7 +301,7 @@ def cluster(root_dir, size, runtime):
     request to node-a over the NBD link. Both through fio's nbd engine, prefilled."""
     if not shutil.which("etcd"):
         sys.exit("etcd is missing: run scripts/setup")
-    bin_ = os.path.join(ROOT, "target", "release", "thinbd")
+    bin_ = BIN
     with tempfile.TemporaryDirectory(dir=root_dir) as d:
         t = Targets(d, size, set())
         try:
@@ -374,8 +377,9 @@ def main():
     for tool in ["fio", "qemu-img", "qemu-nbd", "nbdkit", "nbd-server"]:
         if not shutil.which(tool):
             sys.exit(f"{tool} is missing: run scripts/setup")
-    print("building thinbd (release)...", file=sys.stderr)
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "thinbd"], cwd=ROOT, check=True)
+    if not os.environ.get("THINBD_BIN"):
+        print("building thinbd (release)...", file=sys.stderr)
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "thinbd"], cwd=ROOT, check=True)
     os.makedirs(args.dir, exist_ok=True)
     if args.footprint_only:
         footprint(args.dir, args.size)

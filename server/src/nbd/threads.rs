@@ -55,11 +55,16 @@ impl SessionThreads {
                 .context("starting an NBD session runtime")?;
             let handle = rt.handle().clone();
             let stop = stop.clone();
+            let sessions = Arc::<AtomicUsize>::default();
+            let declared = sessions.clone();
             std::thread::Builder::new()
                 .name(format!("nbd-{i}"))
-                .spawn(move || rt.block_on(stop.cancelled_owned()))
+                .spawn(move || {
+                    crate::space::occupancy::declare(declared);
+                    rt.block_on(stop.cancelled_owned())
+                })
                 .context("starting an NBD session thread")?;
-            threads.push(SessionThread { handle, sessions: Arc::default() });
+            threads.push(SessionThread { handle, sessions });
         }
         Ok(SessionThreads { threads, stop })
     }

@@ -26,6 +26,12 @@ pub trait BlockStore: Send + Sync + 'static {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
+    /// Whether [`BlockStore::sync`] may run on the calling (async runtime) thread now rather
+    /// than on a blocking thread: the thread serves one client ([`super::occupancy`]) and none
+    /// of its I/O on this store is in flight, so blocking it holds up nothing else.
+    fn sync_here(&self) -> bool {
+        false
+    }
     /// Granularity of offsets, lengths and buffer addresses the store accepts.
     fn alignment(&self) -> u64 {
         1

@@ -13,6 +13,7 @@ pub mod committer;
 pub mod fault_disk;
 pub mod grace;
 pub mod journal;
+pub mod occupancy;
 pub mod pool;
 pub mod superblock;
 pub mod uring;
@@ -279,6 +280,14 @@ impl Space {
     }
 
     async fn sync_pool(self: &Arc<Self>) -> Result<(), EngineError> {
+        if self.pool.sync_here() {
+            // Once more after a yield: a caller that starts other work beside this sync (a
+            // flush on every copy of a replicated volume) gets it going before the thread blocks.
+            tokio::task::yield_now().await;
+            if self.pool.sync_here() {
+                return self.pool.sync_blocking();
+            }
+        }
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.pool.sync_blocking())
             .await

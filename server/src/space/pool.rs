@@ -269,6 +269,11 @@ impl Pool {
         self.store.punch(offset, to.saturating_sub(from)).map_err(|e| EngineError::io("punch hole", offset, e))
     }
 
+    /// See [`BlockStore::sync_here`].
+    pub fn sync_here(&self) -> bool {
+        self.store.sync_here()
+    }
+
     pub fn sync_blocking(&self) -> Result<(), EngineError> {
         self.sync_latency.time(|| self.store.sync()).map_err(|e| EngineError::io("fdatasync", 0, e))
     }

@@ -124,8 +124,7 @@ impl UringStore {
     /// runtime. A session thread (`nbd::threads`) thus submits to a ring whose completions
     /// wake that same thread: no hand-off between threads and no lock shared with another.
     fn ring(&self) -> io::Result<Arc<Ring>> {
-        let mine = RINGS.with(|r| r.borrow().iter().find(|(id, _)| *id == self.id).and_then(|(_, w)| w.upgrade()));
-        if let Some(ring) = mine
+        if let Some(ring) = self.mine()
             && ring.reaping.load(Ordering::Acquire)
         {
             return Ok(ring);
@@ -134,6 +133,16 @@ impl UringStore {
         let ring = started.ring.clone();
         self.adopt(started);
         Ok(ring)
+    }
+
+    /// The ring this thread made for this store, if any.
+    fn mine(&self) -> Option<Arc<Ring>> {
+        RINGS.with(|r| r.borrow().iter().find(|(id, _)| *id == self.id).and_then(|(_, w)| w.upgrade()))
+    }
+
+    /// Whether nothing the calling thread submitted is on (or waiting for) its ring.
+    fn idle_here(&self) -> bool {
+        self.mine().is_none_or(|ring| ring.room.available_permits() == RING_ENTRIES as usize)
     }
 
     /// Keeps a ring made on this thread as this thread's.
@@ -380,6 +389,9 @@ impl BlockStore for UringStore {
     fn sync(&self) -> io::Result<()> {
         self.file.sync()
     }
+    fn sync_here(&self) -> bool {
+        crate::space::occupancy::alone() && self.idle_here()
+    }
     fn alignment(&self) -> u64 {
         self.file.alignment()
     }
@@ -493,5 +505,37 @@ mod tests {
         assert_eq!(store.rings.lock().unwrap().len(), 3, "the other thread made its own");
         second.block_on(store.clone().write(4096, data.clone())).unwrap();
         assert_eq!(store.rings.lock().unwrap().len(), 3, "this thread's ring is reused");
+    }
+
+    /// A FLUSH may sync on the calling thread only where that thread serves one client and has
+    /// nothing on its ring; elsewhere it goes to a blocking thread.
+    #[test]
+    fn a_sync_runs_here_only_on_a_thread_alone_with_nothing_in_flight() {
+        use std::sync::atomic::AtomicUsize;
+        let dir = tempfile::tempdir().unwrap();
+        let f = FileStore::open(&dir.path().join("pool"), false).unwrap();
+        f.set_len(1 << 20).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let store = match rt.block_on(async { UringStore::new(f) }) {
+            Ok(s) => Arc::new(s),
+            Err((_, e)) => {
+                eprintln!("SKIPPED: io_uring unavailable here: {e}");
+                return;
+            }
+        };
+        assert!(!store.sync_here(), "a thread nobody declared");
+        let clients = Arc::new(AtomicUsize::new(1));
+        crate::space::occupancy::declare(clients.clone());
+        assert!(store.sync_here());
+        rt.block_on(async {
+            let mut read = store.clone().read(0, 4096);
+            // Polled once: on the ring, and not reaped before this task yields.
+            assert!(futures_util::poll!(&mut read).is_pending());
+            assert!(!store.sync_here(), "a read of this thread's is on the ring");
+            read.await.unwrap();
+        });
+        assert!(store.sync_here(), "the read completed");
+        clients.store(2, Ordering::Relaxed);
+        assert!(!store.sync_here(), "the thread serves two clients");
     }
 }
