@@ -171,6 +171,13 @@ class Targets:
         self.spawn(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", f"file={path}"], port, "nbdkit")
         return dict(engine="nbd", uri=f"nbd://127.0.0.1:{port}/")
 
+    def nbdkit_memory(self):
+        """nbdkit's memory plugin: no disk at all, so what fio, the loopback TCP and a minimal
+        server cost alone (the protocol's ceiling here)."""
+        port = free_port()
+        self.spawn(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "memory", self.size], port, "nbdkit")
+        return dict(engine="nbd", uri=f"nbd://127.0.0.1:{port}/")
+
     def nbd_server(self, path):
         port = free_port()
         conf = os.path.join(self.d, "nbd-server.conf")
@@ -286,6 +293,12 @@ def tcp_rtt_us(samples=2000):
     return times[len(times) // 2] / 1000
 
 
+def machine_busy():
+    """CPU seconds every CPU spent busy so far (all processes and the kernel; not idle or iowait)."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pids):
     """User + system CPU seconds the processes used so far."""
     total = 0
@@ -367,7 +380,8 @@ def main():
     ap.add_argument("--size", default="1G")
     ap.add_argument("--dir", default=os.path.join(ROOT, "target", "fio-bench"))
     ap.add_argument("--only", default="", help="comma-separated targets: raw,thinbd,thinbd-buffered,nbdkit,"
-                    "nbd-server,qemu-raw,qemu-qcow2,overlay (thinbd-buffered runs only when named)")
+                    "nbdkit-memory,nbd-server,qemu-raw,qemu-qcow2,overlay (thinbd-buffered and "
+                    "nbdkit-memory run only when named)")
     ap.add_argument("--jobs", default="", help="run only jobs whose name contains this")
     ap.add_argument("--footprint-only", action="store_true")
     ap.add_argument("--qos", action="store_true", help="measure per-volume QoS limits instead")
@@ -395,11 +409,14 @@ def main():
         replication.replication(args.dir, args.size, args.runtime)
         return
     only = set(filter(None, args.only.split(",")))
-    names = ["raw file (io_uring, direct)", "thinbd", "thinbd --buffered-io", "nbdkit file", "nbd-server", "qemu-nbd raw", "qemu-nbd qcow2", "qcow2 overlay (COW)"]
-    keys = ["raw", "thinbd", "thinbd-buffered", "nbdkit", "nbd-server", "qemu-raw", "qemu-qcow2", "overlay"]
-    results = {}  # (job, key) -> (iops, MB/s, p99 us, server CPU ms per 1k requests)
+    names = ["raw file (io_uring, direct)", "thinbd", "thinbd --buffered-io", "nbdkit file", "nbdkit memory (no disk)",
+             "nbd-server", "qemu-nbd raw", "qemu-nbd qcow2", "qcow2 overlay (COW)"]
+    keys = ["raw", "thinbd", "thinbd-buffered", "nbdkit", "nbdkit-memory", "nbd-server", "qemu-raw", "qemu-qcow2", "overlay"]
+    opt_in = ("thinbd-buffered", "nbdkit-memory")  # run only when --only names them
+    # (job, key) -> (iops, MB/s, p99 us, server CPU ms per 1k requests, FLUSH p99 us, machine CPU us per request)
+    results = {}
     for key, name in zip(keys, names):
-        if (only and key not in only) or (key == "thinbd-buffered" and key not in only):
+        if (only and key not in only) or (key in opt_in and key not in only):
             continue
         for job, opts, direction in JOBS:
             if args.jobs not in job:
@@ -419,6 +436,8 @@ def main():
                         target = t.thinbd(cow=(job == COW_JOB), extra=["--buffered-io"])
                     elif key == "nbdkit":
                         target = t.nbdkit(t.image("raw.img"))
+                    elif key == "nbdkit-memory":
+                        target = t.nbdkit_memory()
                     elif key == "nbd-server":
                         target = t.nbd_server(t.image("raw.img"))
                     elif key == "qemu-raw":
@@ -435,20 +454,27 @@ def main():
                         prefill(target, args.size)
                     pids = [p.pid for p in t.procs]
                     before = cpu_seconds(pids) if pids else None
+                    busy = machine_busy()
                     out = fio(target, opts, args.runtime, args.size)
+                    busy = machine_busy() - busy
                     r = out[direction]
                     p99 = r["clat_ns"].get("percentile", {}).get("99.000000", 0) / 1000
                     # Server CPU per 1,000 requests (fio's ramp second included on both sides).
                     ios = r["total_ios"] * (args.runtime + 1) / args.runtime if r["total_ios"] else 0
                     cpu = (cpu_seconds(pids) - before) * 1e6 / ios if before is not None and ios else None
-                    results[(job, key)] = (r["iops"], r["bw_bytes"] / 1e6, p99, cpu)
-                    print(f"{name:28} {job:40} {r['iops']:10.0f} IOPS {r['bw_bytes']/1e6:8.1f} MB/s p99 {p99:8.0f} us", file=sys.stderr)
+                    # With --fsync: the FLUSH's own p99 too (a durable write is the write and its sync).
+                    sync = out.get("sync", {}).get("lat_ns", {}).get("percentile", {}).get("99.000000")
+                    sync99 = sync / 1000 if opts.get("fsync") and sync else None
+                    machine = busy * 1e6 / ios if ios else None
+                    results[(job, key)] = (r["iops"], r["bw_bytes"] / 1e6, p99, cpu, sync99, machine)
+                    fsync = f" fsync p99 {sync99:.0f} us" if sync99 else ""
+                    print(f"{name:28} {job:40} {r['iops']:10.0f} IOPS {r['bw_bytes']/1e6:8.1f} MB/s p99 {p99:8.0f} us{fsync}", file=sys.stderr)
                 except subprocess.CalledProcessError as e:
                     print(f"{name}: {job}: failed: {e.stderr[-500:]}", file=sys.stderr)
                 finally:
                     t.stop_all()
     # Tables.
-    cols = [(k, n) for k, n in zip(keys, names) if (not only and k != "thinbd-buffered") or k in only]
+    cols = [(k, n) for k, n in zip(keys, names) if (not only and k not in opt_in) or k in only]
     jobs = [(job, opts) for job, opts, _ in JOBS if args.jobs in job]
     big = lambda opts: opts["bs"] in ("128k", "1M")
     print(f"\nfio {os.popen('fio --version').read().strip()}, size {args.size}, {args.runtime} s per job, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}\n")
@@ -458,10 +484,12 @@ def main():
         cells = []
         for k, _ in cols:
             v = results.get((job, k))
-            cells.append("–" if not v else (f"{v[1]:.0f} MB/s, p99 {v[2]:.0f} µs" if big(opts) else f"{v[0]/1000:.1f}k, p99 {v[2]:.0f} µs"))
+            fsync = f" + FLUSH {v[4]:.0f}" if v and v[4] else ""
+            cells.append("–" if not v else (f"{v[1]:.0f} MB/s, p99 {v[2]:.0f} µs" if big(opts) else f"{v[0]/1000:.1f}k, p99 {v[2]:.0f}{fsync} µs"))
         ratio = lambda a, b: f"{a[0]/b[0]:.2f}×" if a and b and b[0] else "–"
         print(f"| {job} | " + " | ".join(cells) + f" | {ratio(results.get((job, 'thinbd')), results.get((job, 'raw')))} |")
-    print("\n(IOPS in thousands unless MB/s; prefilled targets unless the job says fresh; the COW row compares thinbd after a snapshot with a qcow2 overlay.)")
+    print("\n(IOPS in thousands unless MB/s; prefilled targets unless the job says fresh; the COW row compares thinbd after a snapshot with a qcow2 overlay; "
+          "`+ FLUSH`: the p99 of the fsync after each write.)")
     peers = [(k, n) for k, n in cols if k != "thinbd"]
     if (job_t := [j for j, _ in jobs if results.get((j, "thinbd"))]) and peers:
         print("\nthinbd ÷ each target (above 1: thinbd is ahead):\n")
@@ -479,6 +507,14 @@ def main():
         for job, _ in jobs:
             cells = [f"{v[3]:.1f}" if (v := results.get((job, k))) and v[3] is not None else "–" for k, _ in servers]
             print(f"| {job} | " + " | ".join(cells) + " |")
+    # What bounds a ratio to the raw file: every request costs fio, the kernel (TCP both ways,
+    # the disk) and the server CPU time, and this machine has os.cpu_count() CPUs in all.
+    print("\nMachine CPU per request (µs; busy time of every CPU: fio, the kernel, the server):\n")
+    print("| job | " + " | ".join(n for _, n in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for job, _ in jobs:
+        cells = [f"{v[5]:.1f}" if (v := results.get((job, k))) and v[5] is not None else "–" for k, _ in cols]
+        print(f"| {job} | " + " | ".join(cells) + " |")
     if (not only or "thinbd" in only) and not args.jobs:
         footprint(args.dir, args.size)
 
