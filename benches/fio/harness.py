@@ -499,22 +499,21 @@ def main():
             t = results[(job, "thinbd")]
             cells = [f"{t[0]/results[(job, k)][0]:.2f}×" if results.get((job, k)) and results[(job, k)][0] else "–" for k, _ in peers]
             print(f"| {job} | " + " | ".join(cells) + " |")
+    def per_job(title, targets, field, fmt):
+        """A table of one result field per job and target."""
+        print(f"\n{title}\n")
+        print("| job | " + " | ".join(n for _, n in targets) + " |")
+        print("|---|" + "---|" * len(targets))
+        for job, _ in jobs:
+            cells = [fmt.format(v[field]) if (v := results.get((job, k))) and v[field] is not None else "–" for k, _ in targets]
+            print(f"| {job} | " + " | ".join(cells) + " |")
+
     servers = [(k, n) for k, n in cols if k not in ("raw", "nbd-server")]
     if servers:
-        print("\nServer CPU per 1,000 requests (ms; user + system, whole process):\n")
-        print("| job | " + " | ".join(n for _, n in servers) + " |")
-        print("|---|" + "---|" * len(servers))
-        for job, _ in jobs:
-            cells = [f"{v[3]:.1f}" if (v := results.get((job, k))) and v[3] is not None else "–" for k, _ in servers]
-            print(f"| {job} | " + " | ".join(cells) + " |")
+        per_job("Server CPU per 1,000 requests (ms; user + system, whole process):", servers, 3, "{:.1f}")
     # What bounds a ratio to the raw file: every request costs fio, the kernel (TCP both ways,
     # the disk) and the server CPU time, and this machine has os.cpu_count() CPUs in all.
-    print("\nMachine CPU per request (µs; busy time of every CPU: fio, the kernel, the server):\n")
-    print("| job | " + " | ".join(n for _, n in cols) + " |")
-    print("|---|" + "---|" * len(cols))
-    for job, _ in jobs:
-        cells = [f"{v[5]:.1f}" if (v := results.get((job, k))) and v[5] is not None else "–" for k, _ in cols]
-        print(f"| {job} | " + " | ".join(cells) + " |")
+    per_job("Machine CPU per request (µs; busy time of every CPU: fio, the kernel, the server):", cols, 5, "{:.1f}")
     if (not only or "thinbd" in only) and not args.jobs:
         footprint(args.dir, args.size)
 
