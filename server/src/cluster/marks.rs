@@ -33,15 +33,22 @@ async fn try_mark_departure(cluster: &Arc<Cluster>, spec: &VolumeSpec, node: &st
     let cluster_err = |e: super::ClusterError| EngineError::Unavailable(e.to_string());
     let shared = cluster.shared(&spec.uuid);
     let _held = shared.order.barrier().await?;
-    let Some(ranges) = shared.take_departed(node)? else { return Ok(()) };
+    let Some(ranges) = shared.take_departed(node)? else {
+        tracing::info!(volume = %spec.name, node, "no mark where a copy left: its writes were not being logged");
+        return Ok(());
+    };
     let set = cluster.in_sync(&spec.uuid).await.map_err(cluster_err)?.unwrap_or_default();
     // An earlier mark (the copy never came back since) covers more: it stays. A copy already
     // back, or being rebuilt, needs none.
     let back = set.members.iter().any(|m| m == node) || set.rebuilding.iter().any(|r| r.node == node);
     if back || set.departed.iter().any(|d| d.node == node) {
+        tracing::info!(volume = %spec.name, node, back, "no new mark where a copy left: back already, or marked before");
         return Ok(());
     }
-    let Some(ranges) = ranges else { return Ok(()) };
+    let Some(ranges) = ranges else {
+        tracing::info!(volume = %spec.name, node, "no mark where a copy left: more unflushed writes than the log keeps; its rebuild copies everything");
+        return Ok(());
+    };
     let epoch = cluster.target(&spec.uuid).await.map_err(cluster_err)?.map_or(0, |t| t.epoch);
     let mark = format!("departed-{node}");
     let name = mark.as_str();
