@@ -97,6 +97,9 @@ pub struct Cluster {
     rebuild_rate: std::sync::atomic::AtomicU64,
     /// The task keeping this node registered; it revokes the lease on shutdown.
     registration: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The daemon's runtime, for long background work started from an NBD session's thread
+    /// (a rebuild), which would otherwise share that thread with the sessions placed on it.
+    runtime: tokio::runtime::Handle,
 }
 
 /// Another node's management API.
@@ -127,6 +130,7 @@ impl Cluster {
             engine: Default::default(),
             rebuild_rate: Default::default(),
             registration: std::sync::Mutex::new(Some(registration)),
+            runtime: tokio::runtime::Handle::current(),
         });
         Ok(cluster)
     }
@@ -146,6 +150,11 @@ impl Cluster {
 
     pub fn engine(&self) -> Option<&Arc<crate::engine::Engine>> {
         self.engine.get()
+    }
+
+    /// Runs `work` on the daemon's runtime, wherever it is started from.
+    pub fn spawn_background(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        drop(self.runtime.spawn(work));
     }
 
     pub fn set_rebuild_rate(&self, bytes_per_second: u64) {

@@ -653,7 +653,7 @@ fn changed_parts(
 /// A copy left the in-sync set of `spec` (its target evicted it): mark where, then rebuild it
 /// as soon as it can be reached.
 pub fn after_departure(cluster: Arc<Cluster>, spec: VolumeSpec, node: String) {
-    tokio::spawn(async move {
+    cluster.clone().spawn_background(async move {
         super::marks::mark_departure(&cluster, &spec, &node).await;
         rebuild_soon(cluster, spec, node);
     });
@@ -669,7 +669,7 @@ const REBUILD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(600
 /// just left the set is unreachable until its node is back, and a snapshot stops a rebuild in
 /// progress.
 pub fn rebuild_soon(cluster: Arc<Cluster>, spec: VolumeSpec, node: String) {
-    tokio::spawn(async move {
+    cluster.clone().spawn_background(async move {
         let deadline = tokio::time::Instant::now() + REBUILD_PATIENCE;
         let mut pause = std::time::Duration::from_millis(250);
         let mut attempt = 0u32;
