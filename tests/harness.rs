@@ -258,6 +258,20 @@ impl Server {
         self.http_get("/metrics")
     }
 
+    /// The metrics page once `ready` holds for it, within 10 s: counters the server updates
+    /// just after the client has its answer. `why` describes what was missing when it fails.
+    pub fn metrics_when(&self, ready: impl Fn(&str) -> bool, why: impl Fn(&str) -> String) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = self.metrics();
+            if ready(&m) {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "{}", why(&m));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The raw HTTP/1.0 response (status line, headers, body) of GET `path` on the metrics port.
     pub fn http_get(&self, path: &str) -> String {
         use std::io::{Read, Write};

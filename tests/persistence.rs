@@ -216,23 +216,15 @@ fn stage_latency_shows_where_requests_spend_their_time() {
         line[needle.len()..].parse().unwrap()
     };
     let mut stages = vec!["admit", "schedule", "execute", "reply"];
-    let first = s.metrics();
-    if first.contains("io_engine=\"uring\"") || s.log_text().contains("io_engine=Uring") {
+    if s.metrics().contains("io_engine=\"uring\"") || s.log_text().contains("io_engine=Uring") {
         stages.extend(["ring_queue", "ring_disk", "ring_wake"]);
     }
     // The reply stage ends once the reply is on the socket, so the client can read the last
     // reply (and ask for the metrics) a moment before the server counts it: wait for it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let m = s.metrics();
-        let short: Vec<_> = stages.iter().filter(|st| count(&m, st) < 16).collect();
-        if short.is_empty() {
-            break;
-        }
-        let seen: Vec<_> = short.iter().map(|st| format!("{st}: {}", count(&m, st))).collect();
-        assert!(std::time::Instant::now() < deadline, "stages counted fewer than 16 requests: {seen:?}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let short = |m: &str| {
+        stages.iter().filter(|st| count(m, st) < 16).map(|st| format!("{st}: {}", count(m, st))).collect::<Vec<_>>()
+    };
+    s.metrics_when(|m| short(m).is_empty(), |m| format!("stages counted fewer than 16 requests: {:?}", short(m)));
 }
 
 #[test]
