@@ -5,7 +5,7 @@ metrics page (`thinbd_stage_seconds`) and thinbd's CPU per request.
 
 Usage: benches/fio/stages.py [randread|randwrite|read|write] [QUEUE_DEPTH] [-- serve args...]
 Needs a release build (or THINBD_BIN, to compare builds) and fio. BS=128k sets the block size; FSYNC=1 sends a FLUSH after every
-write (fio's --fsync); JOBS=2 runs two fio jobs (two connections). PERF=1 also records `perf record -g` of thinbd to /tmp/perf.data.
+write (fio's --fsync); JOBS=2 runs two fio jobs (two connections); FRESH=1 skips the prefill (first writes). PERF=1 also records `perf record -g` of thinbd to /tmp/perf.data.
 """
 import json, os, re, socket, subprocess, sys, tempfile, time, urllib.request
 
@@ -50,8 +50,9 @@ def main():
         subprocess.run([BIN, "volume", "--api", f"127.0.0.1:{api}", "create", "v", "--size", "1GiB"], check=True,
                        stdout=subprocess.DEVNULL)
         uri = f"nbd://127.0.0.1:{nbd}/v"
-        subprocess.run(["fio", "--name=prefill", "--size=1G", "--rw=write", "--bs=1M", "--iodepth=8", "--ioengine=nbd",
-                        f"--uri={uri}"], check=True, stdout=subprocess.DEVNULL)
+        if not os.environ.get("FRESH"):
+            subprocess.run(["fio", "--name=prefill", "--size=1G", "--rw=write", "--bs=1M", "--iodepth=8",
+                            "--ioengine=nbd", f"--uri={uri}"], check=True, stdout=subprocess.DEVNULL)
         before, c0, t0 = stages(metrics), cpu_seconds(server.pid), time.time()
         perf = None
         if os.environ.get("PERF"):
@@ -69,8 +70,9 @@ def main():
         side = result["read"] if "read" in job else result["write"]
         iops = side["iops"]
         p50 = side["clat_ns"]["percentile"]["50.000000"] / 1000
+        p99 = side["clat_ns"]["percentile"]["99.000000"] / 1000
         busy = (c1 - c0) / (t1 - t0)
-        print(f"{job} QD{qd}: {iops:.0f} IOPS, p50 {p50:.0f} us; thinbd CPU {100 * busy:.0f}% "
+        print(f"{job} QD{qd}: {iops:.0f} IOPS, p50 {p50:.0f} us, p99 {p99:.0f} us; thinbd CPU {100 * busy:.0f}% "
               f"= {1e6 * busy / iops:.1f} us per request")
         for s in STAGES:
             n = after.get(s, {}).get("count", 0) - before.get(s, {}).get("count", 0)
