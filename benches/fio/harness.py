@@ -18,6 +18,8 @@ import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, ti
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # THINBD_BIN: a thinbd binary to measure instead of building this tree's (to compare builds).
 BIN = os.environ.get("THINBD_BIN") or os.path.join(ROOT, "target", "release", "thinbd")
+# The least an NBD server can do with a disk (benches/src/bin/nbd-ceiling.rs), target "ceiling".
+CEILING_BIN = os.environ.get("CEILING_BIN") or os.path.join(ROOT, "target", "release", "nbd-ceiling")
 
 # name, fio options, metric direction. Every target is prefilled (reads read data, writes
 # overwrite) except in the "fresh" jobs, which write into a new target (first writes: a sparse
@@ -176,6 +178,13 @@ class Targets:
         server cost alone (the protocol's ceiling here)."""
         port = free_port()
         self.spawn(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "memory", self.size], port, "nbdkit")
+        return dict(engine="nbd", uri=f"nbd://127.0.0.1:{port}/")
+
+    def ceiling(self, path):
+        """nbd-ceiling: one thread and one io_uring per connection for socket and disk, nothing
+        else: what any server could reach through fio's nbd engine on this disk."""
+        port = free_port()
+        self.spawn([CEILING_BIN, path, str(port)], port, "nbd-ceiling")
         return dict(engine="nbd", uri=f"nbd://127.0.0.1:{port}/")
 
     def nbd_server(self, path):
@@ -380,8 +389,8 @@ def main():
     ap.add_argument("--size", default="1G")
     ap.add_argument("--dir", default=os.path.join(ROOT, "target", "fio-bench"))
     ap.add_argument("--only", default="", help="comma-separated targets: raw,thinbd,thinbd-buffered,nbdkit,"
-                    "nbdkit-memory,nbd-server,qemu-raw,qemu-qcow2,overlay (thinbd-buffered and "
-                    "nbdkit-memory run only when named)")
+                    "nbdkit-memory,ceiling,nbd-server,qemu-raw,qemu-qcow2,overlay (thinbd-buffered, "
+                    "nbdkit-memory and ceiling run only when named)")
     ap.add_argument("--jobs", default="", help="run only jobs whose name contains this")
     ap.add_argument("--footprint-only", action="store_true")
     ap.add_argument("--qos", action="store_true", help="measure per-volume QoS limits instead")
@@ -394,6 +403,8 @@ def main():
     if not os.environ.get("THINBD_BIN"):
         print("building thinbd (release)...", file=sys.stderr)
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "thinbd"], cwd=ROOT, check=True)
+    if "ceiling" in args.only.split(",") and not os.environ.get("CEILING_BIN"):
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "thinbd-benches", "--bin", "nbd-ceiling"], cwd=ROOT, check=True)
     os.makedirs(args.dir, exist_ok=True)
     if args.footprint_only:
         footprint(args.dir, args.size)
@@ -410,9 +421,9 @@ def main():
         return
     only = set(filter(None, args.only.split(",")))
     names = ["raw file (io_uring, direct)", "thinbd", "thinbd --buffered-io", "nbdkit file", "nbdkit memory (no disk)",
-             "nbd-server", "qemu-nbd raw", "qemu-nbd qcow2", "qcow2 overlay (COW)"]
-    keys = ["raw", "thinbd", "thinbd-buffered", "nbdkit", "nbdkit-memory", "nbd-server", "qemu-raw", "qemu-qcow2", "overlay"]
-    opt_in = ("thinbd-buffered", "nbdkit-memory")  # run only when --only names them
+             "nbd-ceiling (least server)", "nbd-server", "qemu-nbd raw", "qemu-nbd qcow2", "qcow2 overlay (COW)"]
+    keys = ["raw", "thinbd", "thinbd-buffered", "nbdkit", "nbdkit-memory", "ceiling", "nbd-server", "qemu-raw", "qemu-qcow2", "overlay"]
+    opt_in = ("thinbd-buffered", "nbdkit-memory", "ceiling")  # run only when --only names them
     # (job, key) -> (iops, MB/s, p99 us, server CPU ms per 1k requests, FLUSH p99 us, machine CPU us per request)
     results = {}
     for key, name in zip(keys, names):
@@ -438,6 +449,8 @@ def main():
                         target = t.nbdkit(t.image("raw.img"))
                     elif key == "nbdkit-memory":
                         target = t.nbdkit_memory()
+                    elif key == "ceiling":
+                        target = t.ceiling(t.image("raw.img"))
                     elif key == "nbd-server":
                         target = t.nbd_server(t.image("raw.img"))
                     elif key == "qemu-raw":

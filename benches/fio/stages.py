@@ -5,7 +5,8 @@ metrics page (`thinbd_stage_seconds`) and thinbd's CPU per request.
 
 Usage: benches/fio/stages.py [randread|randwrite|read|write] [QUEUE_DEPTH] [-- serve args...]
 Needs a release build (or THINBD_BIN, to compare builds) and fio. BS=128k sets the block size; FSYNC=1 sends a FLUSH after every
-write (fio's --fsync); JOBS=2 runs two fio jobs (two connections); FRESH=1 skips the prefill (first writes). PERF=1 also records `perf record -g` of thinbd to /tmp/perf.data.
+write (fio's --fsync); JOBS=2 runs two fio jobs (two connections); FRESH=1 skips the prefill (first writes). PERF=1 also records `perf record -g` of thinbd to /tmp/perf.data
+(PERF=1 PERFSTAT=event,event...: `perf stat` of those events to /tmp/perfstat.txt instead).
 """
 import json, os, re, socket, subprocess, sys, tempfile, time, urllib.request
 
@@ -56,7 +57,7 @@ def main():
         before, c0, t0 = stages(metrics), cpu_seconds(server.pid), time.time()
         perf = None
         if os.environ.get("PERF"):
-            perf = subprocess.Popen(["perf", "record", "-F", "1999", "-g", "-p", str(server.pid), "-o", "/tmp/perf.data",
+            perf = subprocess.Popen(["perf", "stat", "-e", os.environ["PERFSTAT"], "-p", str(server.pid), "-o", "/tmp/perfstat.txt", "--", "sleep", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if os.environ.get("PERFSTAT") else subprocess.Popen(["perf", "record", "-F", "1999", "-g", "-p", str(server.pid), "-o", "/tmp/perf.data",
                                      "--", "sleep", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         r = subprocess.run(["fio", "--name=j", "--size=1G", f"--rw={job}", f"--bs={os.environ.get('BS', '4k')}", f"--iodepth={qd}", "--runtime=5",
                             "--time_based", "--randrepeat=0", "--norandommap", "--ioengine=nbd", f"--uri={uri}", "--output-format=json",
