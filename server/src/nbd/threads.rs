@@ -61,6 +61,7 @@ impl SessionThreads {
                 .name(format!("nbd-{i}"))
                 .spawn(move || {
                     crate::space::occupancy::declare(declared);
+                    crate::space::uring::dedicate_thread();
                     rt.block_on(stop.cancelled_owned())
                 })
                 .context("starting an NBD session thread")?;

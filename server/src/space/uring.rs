@@ -6,6 +6,12 @@
 //! hand-offs were most of a request's time on two cores; see benches/README). Each thread that
 //! submits has a ring of its own: on an NBD session thread its completions wake that thread.
 //! At most [`RING_ENTRIES`] requests are on a ring; the next ones wait for room.
+//!
+//! A thread that drives its own runtime for its whole life ([`dedicate_thread`]: the NBD
+//! session threads) gets rings that finish completions only when it asks
+//! (`IORING_SETUP_DEFER_TASKRUN`): by default the kernel interrupts the submitting thread to
+//! post each completion, which on this project's 2-vCPU machine cost a quarter of the 4 KiB
+//! random-write rate (benches/README, "Completions when the thread asks").
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -69,6 +75,9 @@ struct Ring {
     /// pushing onto the submission queue too (one producer at a time).
     slots: Mutex<Slots>,
     room: Arc<Semaphore>,
+    /// Completions wait for [`Ring::reap`] to ask for them (`IORING_SETUP_DEFER_TASKRUN`); only
+    /// the thread that made the ring, named here, may submit or reap.
+    deferred: Option<std::thread::ThreadId>,
     /// Cleared when the reaper is gone (its runtime shut down): the thread needs a new ring.
     reaping: AtomicBool,
 }
@@ -99,6 +108,16 @@ pub struct UringStore {
 thread_local! {
     /// This thread's ring of each store, by store id. Weak: the store owns its rings.
     static RINGS: RefCell<Vec<(u64, Weak<Ring>)>> = const { RefCell::new(Vec::new()) };
+    /// Set by [`dedicate_thread`].
+    static DEDICATED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Declares that the calling thread drives a current-thread runtime of its own for the rest of
+/// its life, so that every submission to and every reap of the rings it makes happen on it.
+/// Its rings then defer completion work to the thread's own reaps instead of interrupting it
+/// (a ring set up so answers only the thread that made it).
+pub fn dedicate_thread() {
+    DEDICATED.with(|d| d.set(true));
 }
 
 impl UringStore {
@@ -185,7 +204,16 @@ impl Ring {
     /// A ring on `file` with its reaper, woken through an eventfd, on the current runtime.
     fn start(file: Arc<File>) -> io::Result<Reaped> {
         let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
-        let ring = IoUring::new(RING_ENTRIES)?;
+        let dedicated =
+            DEDICATED.with(|d| d.get()) && runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread;
+        // Kernels before 6.1 refuse the flags: a plain ring then.
+        let deferred = dedicated
+            .then(|| IoUring::builder().setup_single_issuer().setup_defer_taskrun().build(RING_ENTRIES).ok())
+            .flatten();
+        let (ring, deferred) = match deferred {
+            Some(ring) => (ring, Some(std::thread::current().id())),
+            None => (IoUring::new(RING_ENTRIES)?, None),
+        };
         let events = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .map_err(io::Error::from)?;
         ring.submitter().register_eventfd(events.as_raw_fd())?;
@@ -195,6 +223,7 @@ impl Ring {
             cq: Mutex::new(()),
             slots: Default::default(),
             room: Arc::new(Semaphore::new(RING_ENTRIES as usize)),
+            deferred,
             reaping: AtomicBool::new(true),
         });
         let _guard = runtime.enter();
@@ -235,6 +264,16 @@ impl Ring {
     /// Takes every completion on the ring: finished requests are answered, short ones put back.
     fn reap(&self) {
         let Ok(_cq) = self.cq.lock() else { return };
+        if self.deferred.is_some() {
+            // Runs the completion work the kernel deferred to us, which posts the completions
+            // (and signals the eventfd once more: the reaper then finds nothing, harmlessly).
+            // SAFETY: no argument is passed.
+            let asked =
+                unsafe { self.ring.submitter().enter::<nix::libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None) };
+            if let Err(e) = asked {
+                tracing::warn!(error = %e, "cannot ask the ring for completions");
+            }
+        }
         // SAFETY: one consumer at a time (the `cq` lock).
         let done: Vec<(u64, i32)> =
             unsafe { self.ring.completion_shared() }.map(|c| (c.user_data(), c.result())).collect();
@@ -291,6 +330,9 @@ impl Ring {
         self.slots.lock().map_or(0, |s| s.on_ring.iter().filter(|f| f.is_some()).count())
     }
 }
+
+/// `IORING_ENTER_GETEVENTS` (the io-uring crate does not export the enter flags).
+const IORING_ENTER_GETEVENTS: u32 = 1;
 
 /// Wakes on the eventfd the kernel signals with each completion and reaps.
 async fn reap(ring: Arc<Ring>, events: AsyncFd<EventFd>) {
@@ -420,6 +462,14 @@ impl Drop for UringStore {
         for Reaped { ring, reaper } in rings {
             reaper.abort();
             ring.room.close();
+            let foreign = ring.deferred.is_some_and(|owner| owner != std::thread::current().id());
+            if foreign && ring.in_flight() > 0 {
+                // Another thread's deferred ring (it answers only that thread) with requests
+                // still on it: the kernel may yet write into their buffers, so the ring and its
+                // buffers are kept, not freed.
+                std::mem::forget(ring);
+                continue;
+            }
             while ring.in_flight() > 0 {
                 if ring.ring.submit_and_wait(1).is_err() {
                     break;
@@ -505,6 +555,56 @@ mod tests {
         assert_eq!(store.rings.lock().unwrap().len(), 3, "the other thread made its own");
         second.block_on(store.clone().write(4096, data.clone())).unwrap();
         assert_eq!(store.rings.lock().unwrap().len(), 3, "this thread's ring is reused");
+    }
+
+    /// A dedicated thread's ring defers completions to its reaps: many requests at once still
+    /// complete with the right data, and the store dropped on another thread while a request
+    /// is on that ring keeps the ring (the kernel may still write into the buffer) instead of
+    /// waiting on a ring that answers only its own thread.
+    #[test]
+    fn a_dedicated_thread_gets_a_deferred_ring_that_completes_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = FileStore::open(&dir.path().join("pool"), false).unwrap();
+        f.set_len(4 << 20).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            dedicate_thread();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let store = match rt.block_on(async { UringStore::new(f) }) {
+                Ok(s) => Arc::new(s),
+                Err((_, e)) => {
+                    eprintln!("SKIPPED: io_uring unavailable here: {e}");
+                    return;
+                }
+            };
+            let deferred = store.mine().unwrap().deferred;
+            if deferred.is_none() {
+                eprintln!("SKIPPED: this kernel has no IORING_SETUP_DEFER_TASKRUN");
+                return;
+            }
+            assert_eq!(deferred, Some(std::thread::current().id()));
+            rt.block_on(async {
+                let mut tasks = Vec::new();
+                for i in 0..600u64 {
+                    let store = store.clone();
+                    tasks.push(tokio::spawn(async move {
+                        let data = Bytes::from(vec![(i % 251) as u8; 4096]);
+                        store.clone().write(i * 4096, data.clone()).await.unwrap();
+                        assert_eq!(store.clone().read(i * 4096, 4096).await.unwrap(), data);
+                    }));
+                }
+                for t in tasks {
+                    t.await.unwrap();
+                }
+                let mut read = store.clone().read(0, 4096);
+                assert!(futures_util::poll!(&mut read).is_pending(), "on the ring");
+            });
+            assert_eq!(store.mine().unwrap().in_flight(), 1);
+            tx.send(store).unwrap();
+            // The runtime (and with it the reaper) ends with this thread.
+        });
+        let Ok(store) = rx.recv() else { return };
+        drop(store);
     }
 
     /// A FLUSH may sync on the calling thread only where that thread serves one client and has
