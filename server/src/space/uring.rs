@@ -484,6 +484,21 @@ impl Drop for UringStore {
 mod tests {
     use super::*;
 
+    /// A store on a new pool file of `len` bytes, made on `rt`; `None` (the test is skipped)
+    /// where io_uring is not available.
+    fn store_on(rt: &tokio::runtime::Runtime, len: u64) -> Option<(tempfile::TempDir, Arc<UringStore>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let f = FileStore::open(&dir.path().join("pool"), false).unwrap();
+        f.set_len(len).unwrap();
+        match rt.block_on(async { UringStore::new(f) }) {
+            Ok(s) => Some((dir, Arc::new(s))),
+            Err((_, e)) => {
+                eprintln!("SKIPPED: io_uring unavailable here: {e}");
+                None
+            }
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_concurrent_reads_and_writes_complete_correctly() {
         let dir = tempfile::tempdir().unwrap();
@@ -526,18 +541,9 @@ mod tests {
     /// ring's reaper with it) gets a new ring on the next runtime instead of waiting forever.
     #[test]
     fn each_thread_and_runtime_has_a_ring_of_its_own() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = FileStore::open(&dir.path().join("pool"), false).unwrap();
-        f.set_len(1 << 20).unwrap();
         let runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let first = runtime();
-        let store = match first.block_on(async { UringStore::new(f) }) {
-            Ok(s) => Arc::new(s),
-            Err((_, e)) => {
-                eprintln!("SKIPPED: io_uring unavailable here: {e}");
-                return;
-            }
-        };
+        let Some((_dir, store)) = store_on(&first, 1 << 20) else { return };
         let data = Bytes::from(vec![5u8; 4096]);
         first.block_on(store.clone().write(0, data.clone())).unwrap();
         assert_eq!(store.rings.lock().unwrap().len(), 1);
@@ -563,20 +569,11 @@ mod tests {
     /// waiting on a ring that answers only its own thread.
     #[test]
     fn a_dedicated_thread_gets_a_deferred_ring_that_completes_everything() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = FileStore::open(&dir.path().join("pool"), false).unwrap();
-        f.set_len(4 << 20).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             dedicate_thread();
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            let store = match rt.block_on(async { UringStore::new(f) }) {
-                Ok(s) => Arc::new(s),
-                Err((_, e)) => {
-                    eprintln!("SKIPPED: io_uring unavailable here: {e}");
-                    return;
-                }
-            };
+            let Some((dir, store)) = store_on(&rt, 4 << 20) else { return };
             let deferred = store.mine().unwrap().deferred;
             if deferred.is_none() {
                 eprintln!("SKIPPED: this kernel has no IORING_SETUP_DEFER_TASKRUN");
@@ -600,10 +597,10 @@ mod tests {
                 assert!(futures_util::poll!(&mut read).is_pending(), "on the ring");
             });
             assert_eq!(store.mine().unwrap().in_flight(), 1);
-            tx.send(store).unwrap();
+            tx.send((dir, store)).unwrap();
             // The runtime (and with it the reaper) ends with this thread.
         });
-        let Ok(store) = rx.recv() else { return };
+        let Ok((_dir, store)) = rx.recv() else { return };
         drop(store);
     }
 
@@ -612,17 +609,8 @@ mod tests {
     #[test]
     fn a_sync_runs_here_only_on_a_thread_alone_with_nothing_in_flight() {
         use std::sync::atomic::AtomicUsize;
-        let dir = tempfile::tempdir().unwrap();
-        let f = FileStore::open(&dir.path().join("pool"), false).unwrap();
-        f.set_len(1 << 20).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let store = match rt.block_on(async { UringStore::new(f) }) {
-            Ok(s) => Arc::new(s),
-            Err((_, e)) => {
-                eprintln!("SKIPPED: io_uring unavailable here: {e}");
-                return;
-            }
-        };
+        let Some((_dir, store)) = store_on(&rt, 1 << 20) else { return };
         assert!(!store.sync_here(), "a thread nobody declared");
         let clients = Arc::new(AtomicUsize::new(1));
         crate::space::occupancy::declare(clients.clone());
