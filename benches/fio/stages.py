@@ -57,8 +57,10 @@ def main():
         before, c0, t0 = stages(metrics), cpu_seconds(server.pid), time.time()
         perf = None
         if os.environ.get("PERF"):
-            perf = subprocess.Popen(["perf", "stat", "-e", os.environ["PERFSTAT"], "-p", str(server.pid), "-o", "/tmp/perfstat.txt", "--", "sleep", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if os.environ.get("PERFSTAT") else subprocess.Popen(["perf", "record", "-F", "1999", "-g", "-p", str(server.pid), "-o", "/tmp/perf.data",
-                                     "--", "sleep", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            what = (["stat", "-e", os.environ["PERFSTAT"], "-o", "/tmp/perfstat.txt"] if os.environ.get("PERFSTAT")
+                    else ["record", "-F", "1999", "-g", "-o", "/tmp/perf.data"])
+            perf = subprocess.Popen(["perf", *what, "-p", str(server.pid), "--", "sleep", "4"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         r = subprocess.run(["fio", "--name=j", "--size=1G", f"--rw={job}", f"--bs={os.environ.get('BS', '4k')}", f"--iodepth={qd}", "--runtime=5",
                             "--time_based", "--randrepeat=0", "--norandommap", "--ioengine=nbd", f"--uri={uri}", "--output-format=json",
                             f"--fsync={os.environ.get('FSYNC', '0')}", f"--numjobs={os.environ.get('JOBS', '1')}",

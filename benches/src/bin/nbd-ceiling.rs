@@ -18,27 +18,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use io_uring::{IoUring, opcode, types};
-
-const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const OPT_EXPORT_NAME: u32 = 1;
-const OPT_ABORT: u32 = 2;
-const OPT_INFO: u32 = 6;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const REP_ERR_UNSUP: u32 = 0x8000_0001;
-const FLAG_HAS_FLAGS: u16 = 1;
-const FLAG_SEND_FLUSH: u16 = 4;
-const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const EINVAL: u32 = 22;
-const EIO: u32 = 5;
+use thinbd_protocol::aligned::AlignedBuf;
+use thinbd_protocol::consts::*;
+use thinbd_protocol::wire::{REQUEST_HEADER_LEN, Request, SIMPLE_REPLY_LEN, simple_reply_header};
 
 const RECV: u64 = u64::MAX;
 const SEND: u64 = u64::MAX - 1;
@@ -79,13 +61,13 @@ fn serve(mut s: TcpStream, file: i32, size: u64) -> Result<()> {
 
 /// Fixed newstyle; answers EXPORT_NAME, INFO and GO with the file's size, refuses the rest.
 fn handshake(s: &mut TcpStream, size: u64) -> Result<bool> {
-    let mut hello = b"NBDMAGIC".to_vec();
+    let mut hello = NBDMAGIC.to_be_bytes().to_vec();
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    hello.extend_from_slice(&3u16.to_be_bytes()); // FIXED_NEWSTYLE | NO_ZEROES
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
     s.write_all(&hello)?;
     let mut client_flags = [0u8; 4];
     s.read_exact(&mut client_flags)?;
-    let no_zeroes = u32::from_be_bytes(client_flags) & 2 != 0;
+    let no_zeroes = u32::from_be_bytes(client_flags) & FLAG_C_NO_ZEROES != 0;
     let tflags = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_CAN_MULTI_CONN;
     loop {
         let mut h = [0u8; 16];
@@ -98,7 +80,7 @@ fn handshake(s: &mut TcpStream, size: u64) -> Result<bool> {
         let mut data = vec![0u8; len as usize];
         s.read_exact(&mut data)?;
         let reply = |s: &mut TcpStream, kind: u32, body: &[u8]| -> std::io::Result<()> {
-            let mut r = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+            let mut r = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
             r.extend_from_slice(&opt.to_be_bytes());
             r.extend_from_slice(&kind.to_be_bytes());
             r.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -116,7 +98,7 @@ fn handshake(s: &mut TcpStream, size: u64) -> Result<bool> {
                 return Ok(true);
             }
             OPT_INFO | OPT_GO => {
-                let mut info = 0u16.to_be_bytes().to_vec(); // NBD_INFO_EXPORT
+                let mut info = INFO_EXPORT.to_be_bytes().to_vec();
                 info.extend_from_slice(&size.to_be_bytes());
                 info.extend_from_slice(&tflags.to_be_bytes());
                 reply(s, REP_INFO, &info)?;
@@ -134,43 +116,17 @@ fn handshake(s: &mut TcpStream, size: u64) -> Result<bool> {
     }
 }
 
-/// A 4 KiB-aligned buffer for O_DIRECT.
-struct Aligned {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Aligned {
-        let layout = std::alloc::Layout::from_size_align(len.max(4096), 4096).expect("length fits a layout");
-        // SAFETY: the layout's size is not zero.
-        let ptr = unsafe { std::alloc::alloc(layout) };
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Aligned { ptr, len }
-    }
-}
-
-impl Drop for Aligned {
-    fn drop(&mut self) {
-        let layout = std::alloc::Layout::from_size_align(self.len.max(4096), 4096).expect("as allocated");
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, layout) }
-    }
-}
-
 /// A request at the disk.
 struct Job {
     cookie: u64,
     command: u16,
-    buf: Option<Aligned>,
+    buf: Option<AlignedBuf>,
 }
 
 /// Bytes on their way to the client: a reply header and, for reads, the data.
 struct Out {
-    header: [u8; 16],
-    data: Option<Aligned>,
+    header: [u8; SIMPLE_REPLY_LEN],
+    data: Option<AlignedBuf>,
 }
 
 struct Conn {
@@ -191,7 +147,7 @@ struct Conn {
     iov: Vec<libc::iovec>,
     msg: Box<libc::msghdr>,
     send_armed: bool,
-    spare: Vec<Aligned>,
+    spare: Vec<AlignedBuf>,
     done: bool,
 }
 
@@ -242,8 +198,7 @@ impl Conn {
                     self.rstart = 0;
                 }
                 if self.rend < RECV_BUF {
-                    // SAFETY: see `push`.
-                    let ptr = unsafe { self.rbuf.as_mut_ptr().add(self.rend) };
+                    let ptr = self.rbuf[self.rend..].as_mut_ptr();
                     let e =
                         opcode::Recv::new(types::Fd(sock), ptr, (RECV_BUF - self.rend) as u32).build().user_data(RECV);
                     self.push(e)?;
@@ -284,24 +239,20 @@ impl Conn {
 
     /// Starts every whole request received.
     fn parse(&mut self) -> Result<()> {
-        while self.rend - self.rstart >= 28 && !self.done {
-            let h = &self.rbuf[self.rstart..self.rstart + 28];
-            let magic = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
-            let command = u16::from_be_bytes([h[6], h[7]]);
-            let cookie = u64::from_be_bytes(h[8..16].try_into().expect("8 bytes"));
-            let offset = u64::from_be_bytes(h[16..24].try_into().expect("8 bytes"));
-            let length = u32::from_be_bytes(h[24..28].try_into().expect("4 bytes"));
-            if magic != REQUEST_MAGIC {
-                bail!("bad request magic {magic:#x}");
-            }
+        while self.rend - self.rstart >= REQUEST_HEADER_LEN && !self.done {
+            let h = &self.rbuf[self.rstart..self.rstart + REQUEST_HEADER_LEN];
+            let h: &[u8; REQUEST_HEADER_LEN] = h.try_into().expect("a header's length");
+            let Some(Request { command, cookie, offset, length, .. }) = Request::parse(h) else {
+                bail!("bad request magic");
+            };
             let payload = if command == CMD_WRITE { length as usize } else { 0 };
-            if self.rend - self.rstart < 28 + payload {
-                if 28 + payload > RECV_BUF {
+            if self.rend - self.rstart < REQUEST_HEADER_LEN + payload {
+                if REQUEST_HEADER_LEN + payload > RECV_BUF {
                     bail!("write of {length} bytes");
                 }
                 return Ok(());
             }
-            let body = self.rstart + 28;
+            let body = self.rstart + REQUEST_HEADER_LEN;
             self.rstart = body + payload;
             match command {
                 CMD_DISC => self.done = true,
@@ -309,15 +260,15 @@ impl Conn {
                     self.reply(cookie, EINVAL, None)
                 }
                 CMD_READ => {
-                    let buf = self.buffer(length as usize);
-                    let e = opcode::Read::new(types::Fd(self.file), buf.ptr, length).offset(offset);
+                    let mut buf = self.buffer(length as usize);
+                    let e =
+                        opcode::Read::new(types::Fd(self.file), buf.as_mut_slice().as_mut_ptr(), length).offset(offset);
                     self.start(Job { cookie, command, buf: Some(buf) }, e.build())?;
                 }
                 CMD_WRITE => {
-                    let buf = self.buffer(length as usize);
-                    // SAFETY: `buf` holds at least `length` bytes and does not overlap rbuf.
-                    unsafe { std::ptr::copy_nonoverlapping(self.rbuf.as_ptr().add(body), buf.ptr, payload) };
-                    let e = opcode::Write::new(types::Fd(self.file), buf.ptr, length).offset(offset);
+                    let mut buf = self.buffer(length as usize);
+                    buf.as_mut_slice().copy_from_slice(&self.rbuf[body..body + payload]);
+                    let e = opcode::Write::new(types::Fd(self.file), buf.as_slice().as_ptr(), length).offset(offset);
                     self.start(Job { cookie, command, buf: Some(buf) }, e.build())?;
                 }
                 CMD_FLUSH => {
@@ -330,10 +281,11 @@ impl Conn {
         Ok(())
     }
 
-    fn buffer(&mut self, len: usize) -> Aligned {
-        match self.spare.iter().position(|b| b.len == len) {
+    /// A buffer of `len` bytes, reused from finished requests (zeroed only when new).
+    fn buffer(&mut self, len: usize) -> AlignedBuf {
+        match self.spare.iter().position(|b| b.len() == len) {
             Some(i) => self.spare.swap_remove(i),
-            None => Aligned::new(len),
+            None => AlignedBuf::zeroed(len),
         }
     }
 
@@ -364,12 +316,8 @@ impl Conn {
         }
     }
 
-    fn reply(&mut self, cookie: u64, error: u32, data: Option<Aligned>) {
-        let mut header = [0u8; 16];
-        header[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-        header[4..8].copy_from_slice(&error.to_be_bytes());
-        header[8..].copy_from_slice(&cookie.to_be_bytes());
-        self.out.push_back(Out { header, data });
+    fn reply(&mut self, cookie: u64, error: u32, data: Option<AlignedBuf>) {
+        self.out.push_back(Out { header: simple_reply_header(cookie, error), data });
     }
 
     /// One send in flight at a time, so replies never interleave on the stream.
@@ -377,18 +325,15 @@ impl Conn {
         self.iov.clear();
         let mut skip = self.sent;
         for o in self.out.iter().take(512) {
-            let parts: [(*const u8, usize); 2] = [
-                (o.header.as_ptr(), 16),
-                o.data.as_ref().map_or((std::ptr::null(), 0), |d| (d.ptr as *const u8, d.len)),
-            ];
-            for (ptr, len) in parts {
-                if len <= skip {
-                    skip -= len;
+            let data = o.data.as_ref().map_or(&[][..], |d| d.as_slice());
+            let parts: [&[u8]; 2] = [&o.header, data];
+            for part in parts {
+                if part.len() <= skip {
+                    skip -= part.len();
                     continue;
                 }
-                // SAFETY: `skip` < `len`, inside the part.
-                let base = unsafe { ptr.add(skip) } as *mut libc::c_void;
-                self.iov.push(libc::iovec { iov_base: base, iov_len: len - skip });
+                let rest = &part[skip..];
+                self.iov.push(libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: rest.len() });
                 skip = 0;
             }
         }
@@ -403,7 +348,7 @@ impl Conn {
     fn sent_bytes(&mut self, mut n: usize) {
         n += self.sent;
         while let Some(front) = self.out.front() {
-            let len = 16 + front.data.as_ref().map_or(0, |d| d.len);
+            let len = SIMPLE_REPLY_LEN + front.data.as_ref().map_or(0, |d| d.len());
             if n < len {
                 break;
             }
