@@ -267,6 +267,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         tls = tls.is_some(),
         io_engine = engine.io_engine().name(),
         direct_io = engine.direct_io(),
+        io_unit = engine.io_unit(),
         "thinbd serving"
     );
     if engine.io_engine() != opts.io_engine {

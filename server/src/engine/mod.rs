@@ -257,6 +257,11 @@ impl Engine {
         self.space.pool.direct()
     }
 
+    /// Bytes per direct I/O unit of the pool (writes finer than this read around them).
+    pub fn io_unit(&self) -> u64 {
+        self.space.pool.alignment()
+    }
+
     /// Makes every completed write durable (NBD FLUSH; covers all connections).
     pub async fn flush(&self) -> Result<(), EngineError> {
         self.space.flush().await

@@ -107,7 +107,10 @@ impl FileStore {
         };
         let (file, align) = match direct {
             true => match open(nix::libc::O_DIRECT) {
-                Ok(f) => (f, DIRECT_ALIGN as u64),
+                Ok(f) => {
+                    let align = direct_alignment(&f);
+                    (f, align)
+                }
                 Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
                     tracing::warn!(path = %path.display(), "the filesystem refuses O_DIRECT; pool I/O goes through the page cache");
                     (open(0).map_err(|e| EngineError::io("open pool", 0, e))?, 1)
@@ -130,6 +133,25 @@ impl FileStore {
 
     pub fn set_len(&self, bytes: u64) -> Result<(), EngineError> {
         self.file.set_len(bytes).map_err(|e| EngineError::io("grow pool", bytes, e))
+    }
+}
+
+/// The offset and length granularity direct I/O on `file` needs, as the kernel reports it
+/// (statx `STATX_DIOALIGN`, Linux 6.1): the device's logical block, often 512 bytes. A 512-byte
+/// write then goes to the disk as it is instead of as a read-modify-write of 4 KiB. Buffers
+/// stay 4 KiB-aligned ([`AlignedBuf`]), so only a filesystem that wants more than that in
+/// memory, or one that does not say, gets 4 KiB.
+fn direct_alignment(file: &File) -> u64 {
+    use rustix::fs::{AtFlags, StatxFlags, statx};
+    let Ok(st) = statx(file, "", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN) else {
+        return DIRECT_ALIGN as u64;
+    };
+    let (offset, memory) = (st.stx_dio_offset_align as u64, st.stx_dio_mem_align as u64);
+    let told = st.stx_mask & StatxFlags::DIOALIGN.bits() != 0;
+    if told && offset.is_power_of_two() && offset <= DIRECT_ALIGN as u64 && memory <= DIRECT_ALIGN as u64 {
+        offset
+    } else {
+        DIRECT_ALIGN as u64
     }
 }
 

@@ -166,6 +166,12 @@ impl Pool {
         self.align > 1
     }
 
+    /// The granularity of pool I/O: offsets and lengths the disk takes as they are; writes
+    /// finer than this are read-modify-writes.
+    pub fn alignment(&self) -> u64 {
+        self.align
+    }
+
     /// The aligned span around `offset..offset+len`.
     fn span(&self, offset: u64, len: usize) -> (u64, u64) {
         let a = self.align;
@@ -398,5 +404,46 @@ mod tests {
         });
         // The store itself refuses what the pool smoothed over.
         assert!(BlockStore::write_at(&disk, b"q", 1).is_err());
+    }
+
+    /// On a disk that takes 512-byte direct I/O a 512-byte write goes down as it is: with
+    /// every read failing it still lands, while a write of fewer bytes, which must read the
+    /// sector around it, fails.
+    #[test]
+    fn a_sector_write_on_a_disk_of_sectors_reads_nothing() {
+        let disk = crate::space::fault_disk::FaultDisk::new();
+        disk.require_alignment(512);
+        let pool = Pool::on(Arc::new(disk.clone()), &geometry()).unwrap();
+        assert_eq!(pool.alignment(), 512);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            disk.fail_reads(true);
+            pool.write_at(4096 + 512, Bytes::from(vec![7u8; 512])).await.unwrap();
+            assert!(pool.write_at(4096 + 100, Bytes::from(vec![8u8; 100])).await.is_err());
+            disk.fail_reads(false);
+            let got = pool.read_at(4096, 1536).await.unwrap();
+            assert!(got[..512].iter().all(|b| *b == 0) && got[512..1024].iter().all(|b| *b == 7));
+            assert!(got[1024..].iter().all(|b| *b == 0), "the failed write changed nothing");
+        });
+    }
+
+    /// The pool file takes direct I/O at the granularity the kernel reports for it, and a
+    /// write at that granularity between older data reads back with its neighbours intact.
+    #[tokio::test]
+    async fn the_pool_file_uses_the_direct_io_granularity_its_filesystem_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, pool) in pools(dir.path()) {
+            let a = pool.alignment() as usize;
+            if !pool.direct() {
+                continue;
+            }
+            assert!(a.is_power_of_two() && (512..=4096).contains(&a), "{name}: alignment {a}");
+            pool.write_at(0, Bytes::from(vec![1u8; 8192])).await.unwrap();
+            pool.write_at(a as u64, Bytes::from(vec![2u8; a])).await.unwrap();
+            let got = pool.read_at(0, 8192).await.unwrap();
+            let want: Vec<u8> = (0..8192).map(|i| if (a..2 * a).contains(&i) { 2 } else { 1 }).collect();
+            assert!(got[..] == want[..], "{name}: a write of {a} bytes disturbed its neighbours");
+            eprintln!("{name}: direct I/O in units of {a} bytes");
+        }
     }
 }
