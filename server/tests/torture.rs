@@ -89,7 +89,7 @@ fn config() -> EngineConfig {
 fn open(meta: &FaultDisk, pool: &FaultDisk, seed: u64) -> Arc<Engine> {
     // As the O_DIRECT pool file on a disk of 4 KiB sectors, where the 512-byte writes of the
     // model become read-modify-writes, or of 512-byte sectors, where they go down as they are.
-    pool.require_alignment(if seed % 2 == 0 { 4096 } else { 512 });
+    pool.require_alignment(if seed.is_multiple_of(2) { 4096 } else { 512 });
     let db = redb::Builder::new().create_with_backend(meta.redb_backend()).expect("redb reopens after any crash");
     Engine::open_on(&config(), db, Arc::new(pool.clone())).expect("engine reopens after any crash")
 }
