@@ -2,7 +2,8 @@
 """fio harness: thinbd and its peers on the same disk, in one run, through fio's nbd engine.
 
 Targets: thinbd, qemu-nbd (raw, qcow2, qcow2 overlay on a backing file), nbdkit file,
-nbd-server, and the raw file itself with fio's io_uring engine and O_DIRECT (the limit).
+nbd-server, and the raw file itself with fio's io_uring engine and O_DIRECT (the limit; a second
+row with fio's buffers in huge pages when run as root, see `HugePages`).
 Prints IOPS, MB/s and p99 latency per job and target, and ratios to qemu-nbd qcow2 and to the
 raw limit, as a Markdown table.
 
@@ -13,7 +14,7 @@ Usage: benches/fio/harness.py [--runtime 5] [--size 1G] [--dir DIR] [--only thin
 Needs: fio, qemu-utils, nbdkit, nbd-server (scripts/setup installs them); builds thinbd (release)
 unless THINBD_BIN names a binary to measure.
 """
-import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
+import argparse, atexit, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # THINBD_BIN: a thinbd binary to measure instead of building this tree's (to compare builds).
@@ -77,10 +78,36 @@ def fio(target, opts, runtime, size, name="job"):
         args += ["--ioengine=nbd", f"--uri={target['uri']}"]
     else:
         args += ["--ioengine=io_uring", "--direct=1", f"--filename={target['file']}"]
+        if target.get("iomem"):
+            args.append(f"--iomem={target['iomem']}")
     for k, v in opts.items():
         args.append(f"--{k}={v}")
     out = sh(*args)
     return json.loads(out[out.index("{"):])["jobs"][0]
+
+
+class HugePages:
+    """fio's buffers in huge pages (`--iomem=mmaphuge`), for the raw file's second row: this
+    machine's disk charges a direct request per physically contiguous piece of its buffer, and
+    thinbd's large buffers are in huge pages (protocol/src/huge_buffers.rs). Needs root: reserves
+    128 MiB of huge pages and mounts hugetlbfs for the run, then puts both back."""
+
+    def __enter__(self):
+        self.dir = tempfile.mkdtemp(prefix="thinbd-huge-")
+        self.before = int(open("/proc/sys/vm/nr_hugepages").read())
+        with open("/proc/sys/vm/nr_hugepages", "w") as f:
+            f.write(str(max(self.before, 64)))
+        sh("mount", "-t", "hugetlbfs", "none", self.dir)
+        return self
+
+    def file(self):
+        return os.path.join(self.dir, "fio-buffers")
+
+    def __exit__(self, *exc):
+        subprocess.run(["umount", self.dir], check=False)
+        os.rmdir(self.dir)
+        with open("/proc/sys/vm/nr_hugepages", "w") as f:
+            f.write(str(self.before))
 
 
 def prefill(target, size):
@@ -388,7 +415,7 @@ def main():
     ap.add_argument("--runtime", type=int, default=5)
     ap.add_argument("--size", default="1G")
     ap.add_argument("--dir", default=os.path.join(ROOT, "target", "fio-bench"))
-    ap.add_argument("--only", default="", help="comma-separated targets: raw,thinbd,thinbd-buffered,nbdkit,"
+    ap.add_argument("--only", default="", help="comma-separated targets: raw,raw-huge,thinbd,thinbd-buffered,nbdkit,"
                     "nbdkit-memory,ceiling,nbd-server,qemu-raw,qemu-qcow2,overlay (thinbd-buffered, "
                     "nbdkit-memory and ceiling run only when named)")
     ap.add_argument("--jobs", default="", help="run only jobs whose name contains this")
@@ -420,14 +447,20 @@ def main():
         replication.replication(args.dir, args.size, args.runtime)
         return
     only = set(filter(None, args.only.split(",")))
-    names = ["raw file (io_uring, direct)", "thinbd", "thinbd --buffered-io", "nbdkit file", "nbdkit memory (no disk)",
+    names = ["raw file (io_uring, direct)", "raw file, buffers in huge pages", "thinbd", "thinbd --buffered-io", "nbdkit file", "nbdkit memory (no disk)",
              "nbd-ceiling (least server)", "nbd-server", "qemu-nbd raw", "qemu-nbd qcow2", "qcow2 overlay (COW)"]
-    keys = ["raw", "thinbd", "thinbd-buffered", "nbdkit", "nbdkit-memory", "ceiling", "nbd-server", "qemu-raw", "qemu-qcow2", "overlay"]
+    keys = ["raw", "raw-huge", "thinbd", "thinbd-buffered", "nbdkit", "nbdkit-memory", "ceiling", "nbd-server", "qemu-raw", "qemu-qcow2", "overlay"]
     opt_in = ("thinbd-buffered", "nbdkit-memory", "ceiling")  # run only when --only names them
     # (job, key) -> (iops, MB/s, p99 us, server CPU ms per 1k requests, FLUSH p99 us, machine CPU us per request)
     results = {}
+    huge = None
+    if (not only or "raw-huge" in only) and os.geteuid() == 0:
+        huge = HugePages().__enter__()
+        atexit.register(huge.__exit__, None, None, None)
+    elif not only or "raw-huge" in only:
+        print("raw-huge needs root (huge pages for fio's buffers): skipped", file=sys.stderr)
     for key, name in zip(keys, names):
-        if (only and key not in only) or (key in opt_in and key not in only):
+        if (only and key not in only) or (key in opt_in and key not in only) or (key == "raw-huge" and not huge):
             continue
         for job, opts, direction in JOBS:
             if args.jobs not in job:
@@ -441,6 +474,8 @@ def main():
                 try:
                     if key == "raw":
                         target = dict(engine="file", file=t.image("raw.img"))
+                    elif key == "raw-huge":
+                        target = dict(engine="file", file=t.image("raw.img"), iomem=f"mmaphuge:{huge.file()}")
                     elif key == "thinbd":
                         target = t.thinbd(cow=(job == COW_JOB))
                     elif key == "thinbd-buffered":
@@ -491,8 +526,8 @@ def main():
     jobs = [(job, opts) for job, opts, _ in JOBS if args.jobs in job]
     big = lambda opts: opts["bs"] in ("128k", "1M")
     print(f"\nfio {os.popen('fio --version').read().strip()}, size {args.size}, {args.runtime} s per job, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}\n")
-    print("| job | " + " | ".join(n for _, n in cols) + " | thinbd / raw |")
-    print("|---|" + "---|" * (len(cols) + 1))
+    print("| job | " + " | ".join(n for _, n in cols) + " | thinbd / raw | thinbd / raw, huge pages |")
+    print("|---|" + "---|" * (len(cols) + 2))
     for job, opts in jobs:
         cells = []
         for k, _ in cols:
@@ -500,7 +535,8 @@ def main():
             fsync = f" + FLUSH {v[4]:.0f}" if v and v[4] else ""
             cells.append("–" if not v else (f"{v[1]:.0f} MB/s, p99 {v[2]:.0f} µs" if big(opts) else f"{v[0]/1000:.1f}k, p99 {v[2]:.0f}{fsync} µs"))
         ratio = lambda a, b: f"{a[0]/b[0]:.2f}×" if a and b and b[0] else "–"
-        print(f"| {job} | " + " | ".join(cells) + f" | {ratio(results.get((job, 'thinbd')), results.get((job, 'raw')))} |")
+        t = results.get((job, "thinbd"))
+        print(f"| {job} | " + " | ".join(cells) + f" | {ratio(t, results.get((job, 'raw')))} | {ratio(t, results.get((job, 'raw-huge')))} |")
     print("\n(IOPS in thousands unless MB/s; prefilled targets unless the job says fresh; the COW row compares thinbd after a snapshot with a qcow2 overlay; "
           "`+ FLUSH`: the p99 of the fsync after each write.)")
     peers = [(k, n) for k, n in cols if k != "thinbd"]
@@ -521,7 +557,7 @@ def main():
             cells = [fmt.format(v[field]) if (v := results.get((job, k))) and v[field] is not None else "–" for k, _ in targets]
             print(f"| {job} | " + " | ".join(cells) + " |")
 
-    servers = [(k, n) for k, n in cols if k not in ("raw", "nbd-server")]
+    servers = [(k, n) for k, n in cols if k not in ("raw", "raw-huge", "nbd-server")]
     if servers:
         per_job("Server CPU per 1,000 requests (ms; user + system, whole process):", servers, 3, "{:.1f}")
     # What bounds a ratio to the raw file: every request costs fio, the kernel (TCP both ways,

@@ -81,7 +81,7 @@ def main():
             n = after.get(s, {}).get("count", 0) - before.get(s, {}).get("count", 0)
             if n:
                 mean = 1e6 * (after[s]["sum"] - before.get(s, {}).get("sum", 0)) / n
-                print(f"  {s:11s} {mean:8.1f} us mean")
+                print(f"  {s:11s} {mean:8.1f} us mean, {n} times")
     finally:
         server.terminate()
         server.wait()

@@ -50,7 +50,8 @@ impl AlignedBuf {
     }
 }
 
-/// Reads exactly `len` bytes from `rd` into a fresh buffer on a 4 KiB boundary: what `rd`
+/// Reads exactly `len` bytes from `rd` into a buffer on a 4 KiB boundary (in a huge page where
+/// [`crate::huge_buffers`] has one for the size, else fresh): what `rd`
 /// already buffered is copied, the rest is read from the socket straight into the buffer (a
 /// 128 KiB write's payload would otherwise be copied twice, socket → read buffer → payload).
 /// The buffer is not zeroed first: the bytes land in the spare capacity of a `BytesMut` slid
@@ -61,6 +62,20 @@ pub async fn read_aligned<R: tokio::io::AsyncRead + Unpin>(
 ) -> std::io::Result<Bytes> {
     use bytes::BufMut;
     use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    if let Some(mut buf) = crate::huge_buffers::HugeBuf::get(len) {
+        let dst = buf.as_mut_slice();
+        let buffered = rd.buffer();
+        let mut filled = buffered.len().min(len);
+        dst[..filled].copy_from_slice(&buffered[..filled]);
+        rd.consume(filled);
+        while filled < len {
+            match rd.get_mut().read(&mut dst[filled..]).await? {
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                n => filled += n,
+            }
+        }
+        return Ok(buf.freeze());
+    }
     let mut buf = bytes::BytesMut::with_capacity(len + DIRECT_ALIGN - 1);
     let pad = to_boundary(buf.as_ptr());
     buf.put_bytes(0, pad);

@@ -9,6 +9,7 @@ pub mod device;
 #[cfg(feature = "testing")]
 pub mod fuzzing;
 pub mod handshake;
+pub mod huge_buffers;
 mod in_flight;
 pub mod io;
 #[cfg(feature = "testing")]

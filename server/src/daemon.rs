@@ -341,6 +341,10 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         Arc::new(Catalog { engine: engine.clone(), require_grants: opts.require_grants, cluster: cluster.clone() });
     let config = ServerConfig { tls, ..ServerConfig::default() };
     let limits = opts.nbd_limits();
+    // Request buffers kept in huge pages count against the memory all sessions may hold.
+    thinbd_protocol::huge_buffers::limit(
+        usize::try_from(limits.server_bytes).unwrap_or(usize::MAX).min(thinbd_protocol::huge_buffers::DEFAULT_LIMIT),
+    );
     let stats = ListenerStats::new(&limits, stages.clone());
     let nbd_task = tokio::spawn(serve_nbd(nbd, catalog, config, limits, stats.clone(), shutdown.clone()));
 

@@ -25,6 +25,7 @@ use bytes::Bytes;
 use io_uring::{IoUring, opcode, squeue, types};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use thinbd_protocol::aligned::DIRECT_ALIGN;
+use thinbd_protocol::huge_buffers::HugeBuf;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
@@ -354,25 +355,43 @@ async fn reap(ring: Arc<Ring>, events: AsyncFd<EventFd>) {
     }
 }
 
-/// A read's buffer, on a 4 KiB boundary for O_DIRECT, left uninitialised for the kernel to
-/// fill: zeroing it first was 5% of a 128 KiB read's CPU.
+/// A read's buffer, on a 4 KiB boundary for O_DIRECT: in a huge page where
+/// [`thinbd_protocol::huge_buffers`] has one for the size (the disk then takes it in one piece),
+/// else fresh from the heap and left uninitialised for the kernel to fill (zeroing it first was
+/// 5% of a 128 KiB read's CPU).
 struct ReadBuf {
-    /// Length 0; the bytes live in its spare capacity until [`ReadBuf::filled`].
-    vec: Vec<u8>,
-    start: usize,
+    mem: ReadMem,
     len: usize,
+}
+
+enum ReadMem {
+    Huge(HugeBuf),
+    /// Length 0; the bytes live in its spare capacity from `start` until [`ReadBuf::filled`].
+    Heap {
+        vec: Vec<u8>,
+        start: usize,
+    },
 }
 
 impl ReadBuf {
     fn new(len: usize) -> ReadBuf {
-        let vec = Vec::with_capacity(len + DIRECT_ALIGN - 1);
-        let start = thinbd_protocol::aligned::to_boundary(vec.as_ptr());
-        ReadBuf { vec, start, len }
+        let mem = match HugeBuf::get(len) {
+            Some(b) => ReadMem::Huge(b),
+            None => {
+                let vec = Vec::with_capacity(len + DIRECT_ALIGN - 1);
+                let start = thinbd_protocol::aligned::to_boundary(vec.as_ptr());
+                ReadMem::Heap { vec, start }
+            }
+        };
+        ReadBuf { mem, len }
     }
 
     /// Where the kernel writes the buffer's bytes from `at` on.
     fn at(&mut self, at: usize) -> *mut u8 {
-        self.vec.spare_capacity_mut()[self.start + at..].as_mut_ptr().cast()
+        match &mut self.mem {
+            ReadMem::Huge(b) => b.as_mut_slice()[at..].as_mut_ptr(),
+            ReadMem::Heap { vec, start } => vec.spare_capacity_mut()[*start + at..].as_mut_ptr().cast(),
+        }
     }
 
     /// The data, once the kernel wrote its first `filled` bytes; the rest (past the end of the
@@ -380,17 +399,24 @@ impl ReadBuf {
     ///
     /// # Safety
     /// The first `filled` bytes (from [`ReadBuf::at`]`(0)`) must have been written.
-    unsafe fn filled(mut self, filled: usize) -> Bytes {
-        let end = self.start + self.len;
-        let spare = self.vec.spare_capacity_mut();
-        spare[..self.start].fill(std::mem::MaybeUninit::new(0));
-        spare[self.start + filled..end].fill(std::mem::MaybeUninit::new(0));
+    unsafe fn filled(self, filled: usize) -> Bytes {
+        let (mut vec, start) = match self.mem {
+            ReadMem::Huge(mut b) => {
+                b.as_mut_slice()[filled..].fill(0);
+                return b.freeze();
+            }
+            ReadMem::Heap { vec, start } => (vec, start),
+        };
+        let end = start + self.len;
+        let spare = vec.spare_capacity_mut();
+        spare[..start].fill(std::mem::MaybeUninit::new(0));
+        spare[start + filled..end].fill(std::mem::MaybeUninit::new(0));
         // SAFETY: bytes [0, start) and [start + filled, end) were written just above and
         // [start, start + filled) by the kernel (the caller's promise); `end` is within the
         // capacity reserved in `new`.
-        unsafe { self.vec.set_len(end) };
+        unsafe { vec.set_len(end) };
         // `Bytes::from` keeps the allocation where it is (no shrink), so the alignment holds.
-        Bytes::from(self.vec).slice(self.start..end)
+        Bytes::from(vec).slice(start..end)
     }
 }
 
