@@ -563,6 +563,29 @@ mod tests {
         drop(ring);
     }
 
+    /// Large reads land in reused huge-page buffers (`thinbd_protocol::huge_buffers`), which
+    /// hold an earlier read's bytes: a read cut short by the end of the file still reads zeros
+    /// past it, not those.
+    #[tokio::test]
+    async fn a_reused_read_buffer_shows_nothing_of_its_last_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = FileStore::open(&dir.path().join("pool"), false).unwrap();
+        let len = 1u64 << 20;
+        f.set_len(len).unwrap();
+        let Ok(ring) = UringStore::new(f).map(Arc::new) else { return };
+        ring.clone().write(0, Bytes::from(vec![0xab; len as usize])).await.unwrap();
+        for round in 0..20 {
+            let full = ring.clone().read(0, 96 << 10).await.unwrap();
+            assert!(full.iter().all(|b| *b == 0xab));
+            drop(full);
+            let short = ring.clone().read(len - 4096, 96 << 10).await.unwrap();
+            assert_eq!(short.len(), 96 << 10);
+            assert!(thinbd_protocol::aligned::is_aligned(&short));
+            assert!(short[..4096].iter().all(|b| *b == 0xab), "round {round}");
+            assert!(short[4096..].iter().all(|b| *b == 0), "round {round}: past the end of the file");
+        }
+    }
+
     /// A thread's requests go to that thread's ring, and a thread whose runtime ended (the
     /// ring's reaper with it) gets a new ring on the next runtime instead of waiting forever.
     #[test]
