@@ -65,15 +65,10 @@ pub async fn read_aligned<R: tokio::io::AsyncRead + Unpin>(
     if let Some(mut buf) = crate::huge_buffers::HugeBuf::get(len) {
         let dst = buf.as_mut_slice();
         let buffered = rd.buffer();
-        let mut filled = buffered.len().min(len);
-        dst[..filled].copy_from_slice(&buffered[..filled]);
-        rd.consume(filled);
-        while filled < len {
-            match rd.get_mut().read(&mut dst[filled..]).await? {
-                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                n => filled += n,
-            }
-        }
+        let n = buffered.len().min(len);
+        dst[..n].copy_from_slice(&buffered[..n]);
+        rd.consume(n);
+        rd.get_mut().read_exact(&mut dst[n..]).await?;
         return Ok(buf.freeze());
     }
     let mut buf = bytes::BytesMut::with_capacity(len + DIRECT_ALIGN - 1);

@@ -33,16 +33,20 @@ type Piece = &'static mut [u8];
 struct Pool {
     /// Free buffers of each size.
     free: [Mutex<Vec<Piece>>; CLASSES],
-    /// Chunks not yet carved.
-    chunks: Mutex<Vec<Piece>>,
-    carved: AtomicUsize,
+    chunks: Mutex<Chunks>,
     limit: AtomicUsize,
+}
+
+struct Chunks {
+    /// Chunks not yet carved.
+    spare: Vec<Piece>,
+    /// Bytes asked of the allocator so far.
+    taken: usize,
 }
 
 static POOL: Pool = Pool {
     free: [const { Mutex::new(Vec::new()) }; CLASSES],
-    chunks: Mutex::new(Vec::new()),
-    carved: AtomicUsize::new(0),
+    chunks: Mutex::new(Chunks { spare: Vec::new(), taken: 0 }),
     limit: AtomicUsize::new(DEFAULT_LIMIT),
 };
 
@@ -63,7 +67,8 @@ fn huge_pages_on() -> bool {
 /// A buffer of `len` bytes, its first on a [`MIN`]-byte boundary (so also fit for direct I/O).
 /// It holds whatever its last user left in it: the caller fills all of it before sharing it.
 pub struct HugeBuf {
-    piece: Option<Piece>,
+    /// Empty only once dropped.
+    piece: Piece,
     class: usize,
     len: usize,
 }
@@ -79,22 +84,11 @@ impl HugeBuf {
         // (Two statements: the free list's lock must be released before carving takes it.)
         let free = lock(&POOL.free[class]).pop();
         let piece = free.or_else(|| carve(class))?;
-        Some(HugeBuf { piece: Some(piece), class, len })
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+        Some(HugeBuf { piece, class, len })
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        match &mut self.piece {
-            Some(p) => &mut p[..self.len],
-            None => &mut [],
-        }
+        &mut self.piece[..self.len]
     }
 
     /// Shares the buffer; it returns to the pool when the last copy is dropped.
@@ -105,18 +99,13 @@ impl HugeBuf {
 
 impl AsRef<[u8]> for HugeBuf {
     fn as_ref(&self) -> &[u8] {
-        match &self.piece {
-            Some(p) => &p[..self.len],
-            None => &[],
-        }
+        &self.piece[..self.len]
     }
 }
 
 impl Drop for HugeBuf {
     fn drop(&mut self) {
-        if let Some(p) = self.piece.take() {
-            lock(&POOL.free[self.class]).push(p);
-        }
+        lock(&POOL.free[self.class]).push(std::mem::take(&mut self.piece));
     }
 }
 
@@ -137,14 +126,14 @@ fn carve(class: usize) -> Option<Piece> {
 
 fn take_chunk() -> Option<Piece> {
     let mut chunks = lock(&POOL.chunks);
-    if let Some(c) = chunks.pop() {
+    if let Some(c) = chunks.spare.pop() {
         return Some(c);
     }
     let want = REGION_CHUNKS * CHUNK;
-    if POOL.carved.fetch_add(want, Ordering::Relaxed) + want > POOL.limit.load(Ordering::Relaxed) {
-        POOL.carved.fetch_sub(want, Ordering::Relaxed);
+    if chunks.taken + want > POOL.limit.load(Ordering::Relaxed) {
         return None;
     }
+    chunks.taken += want;
     // Zeroed memory this large is a fresh mapping (untouched: the kernel zeroes each page as it
     // is first faulted in, as a huge page once advised). It is never freed.
     let region: Piece = Box::leak(vec![0u8; want + CHUNK].into_boxed_slice());
@@ -159,7 +148,7 @@ fn take_chunk() -> Option<Piece> {
     }
     let mut all: Vec<Piece> = aligned.chunks_exact_mut(CHUNK).collect();
     let first = all.pop();
-    chunks.extend(all);
+    chunks.spare.extend(all);
     first
 }
 
@@ -175,8 +164,8 @@ mod tests {
         // 16 KiB buffers: a size no other test of this crate asks for, so that none takes ours.
         let mut a = HugeBuf::get(16 << 10).unwrap();
         let mut b = HugeBuf::get(12 << 10).unwrap();
-        assert_eq!(a.len(), 16 << 10);
-        assert_eq!(b.len(), 12 << 10);
+        assert_eq!(a.as_ref().len(), 16 << 10);
+        assert_eq!(b.as_ref().len(), 12 << 10);
         for (buf, fill) in [(&mut a, 1u8), (&mut b, 2u8)] {
             assert_eq!((buf.as_mut_slice().as_ptr() as usize) % (16 << 10), 0, "on its size's boundary");
             buf.as_mut_slice().fill(fill);
