@@ -17,6 +17,7 @@ pub mod mem_device;
 mod reply_queue;
 pub mod session;
 pub mod stages;
+mod stop_watch;
 pub mod tls;
 pub mod wire;
 

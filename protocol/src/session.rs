@@ -21,6 +21,7 @@ use crate::in_flight::InFlight;
 use crate::io::{StallTimeout, WriteSide};
 use crate::reply_queue::ReplyQueue;
 use crate::stages::{SessionStage, StageClock};
+use crate::stop_watch::StopWatch;
 use crate::wire::{REQUEST_HEADER_LEN, Request, simple_reply_header, structured_header};
 
 #[derive(Debug, Clone, Copy)]
@@ -126,13 +127,15 @@ pub async fn serve<D: BlockDevice>(
         unwritten: VecDeque::new(),
         backlog: limits.max_in_flight.max(1) * 2,
         closed: false,
-        fence: fence.clone(),
+        stop: StopWatch::new(&fence, &shutdown),
         shared: shared.clone(),
     };
+    // What a started request checks before it runs (see the job below).
+    let fence = Arc::new(fence);
     let permits = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
     let session_budget = ByteBudget::new(limits.max_session_bytes.max(1));
     // Started requests, run by this task while it reads the next ones (see `driving`).
-    let mut running = InFlight::<Option<Queued>>::default();
+    let mut running = InFlight::default();
 
     // After a large write the next header is read straight from the socket, exactly 28 bytes:
     // a fill of `rd` would pull the next payload into its buffer, and `read_aligned` would then
@@ -148,7 +151,7 @@ pub async fn serve<D: BlockDevice>(
                 rd.read_exact(&mut hdr).await
             }
         };
-        let read = driving(&mut running, &mut replies, unless(&fence, Some(&shutdown), header)).await;
+        let read = driving(&mut running, &mut replies, Until::FenceOrShutdown, header).await;
         // Stopped, or the replies could not be written (the client is gone or stuck).
         let Ok(Some(read)) = read else { break Ok(()) };
         match read {
@@ -187,7 +190,7 @@ pub async fn serve<D: BlockDevice>(
                 };
                 Some(Charge { _session: session, _server: server })
             };
-            let taken = driving(&mut running, &mut replies, unless(&fence, Some(&shutdown), take)).await;
+            let taken = driving(&mut running, &mut replies, Until::FenceOrShutdown, take).await;
             let Ok(Some(taken)) = taken else { break Ok(()) };
             charge = taken;
         }
@@ -202,7 +205,7 @@ pub async fn serve<D: BlockDevice>(
                 }
             };
             // Once started, a payload is read to its end on shutdown (its request then runs).
-            let r = driving(&mut running, &mut replies, unless(&fence, None, body)).await;
+            let r = driving(&mut running, &mut replies, Until::Fence, body).await;
             let Ok(Some(r)) = r else { break Ok(()) };
             match r {
                 Ok(p) => payload = p,
@@ -214,11 +217,8 @@ pub async fn serve<D: BlockDevice>(
             replies.push((error_reply(&req, structured, errno, "request rejected".into()), None, None));
             continue;
         }
-        let permit = driving(&mut running, &mut replies, unless(&fence, None, permits.clone().acquire_owned())).await;
+        let permit = driving(&mut running, &mut replies, Until::Fence, permits.clone().acquire_owned()).await;
         let Ok(Some(Ok(permit))) = permit else { break Ok(()) };
-        if fence.is_cancelled() {
-            break Ok(());
-        }
         let dev = dev.clone();
         let job_fence = fence.clone();
         let contexts = contexts.clone();
@@ -241,15 +241,12 @@ pub async fn serve<D: BlockDevice>(
             let charge = if is_read { charge } else { None };
             Some((reply, charge, executed))
         };
-        running.push(Box::pin(job));
+        running.push(job);
     };
     // Finish what was started. Unless the session was cut (fenced) or the client cannot take
     // them, their replies go out; then the write side closes.
-    let mut fenced = std::pin::pin!(fence.cancelled());
     std::future::poll_fn(|cx| {
-        if fenced.as_mut().poll(cx).is_ready() {
-            replies.close();
-        }
+        replies.stop.refresh(cx);
         let finished = running.poll(cx, &mut |q| replies.push_some(q));
         let written = replies.poll_write(cx);
         if finished.is_ready() && (written.is_ready() || replies.closed) {
@@ -385,55 +382,43 @@ fn materialize(chunks: &[ReadChunk]) -> Vec<u8> {
     out
 }
 
-/// `f`'s output, or `None` if `fence` (or `shutdown`, when given) fires first.
-async fn unless<F: std::future::Future>(
-    fence: &CancellationToken,
-    shutdown: Option<&CancellationToken>,
-    f: F,
-) -> Option<F::Output> {
-    let shutdown = async {
-        match shutdown {
-            Some(s) => s.cancelled().await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        biased;
-        _ = fence.cancelled() => None,
-        _ = shutdown => None,
-        r = f => Some(r),
-    }
+/// Which stops end a wait in [`driving`]: a payload already started is read to its end on
+/// shutdown (its request then runs), so only a fence cuts that.
+#[derive(Clone, Copy, PartialEq)]
+enum Until {
+    Fence,
+    FenceOrShutdown,
 }
 
 /// Runs `f` to its end while running the started requests (see [`InFlight`]) and writing
-/// their replies as they finish. `Err` when the replies cannot be written (the client is gone
-/// or took nothing for the write timeout): the session then stops reading.
+/// their replies as they finish; `None` if a stop named by `until` comes first. `Err` when the
+/// replies cannot be written (the client is gone or took nothing for the write timeout): the
+/// session then stops reading.
 ///
 /// While as many replies as allowed wait for the client, `f` (a read from the client, or a
 /// wait before one) is not polled until they go out or a fence comes: a client that sends
 /// requests but takes no replies is read no further, instead of having its replies pile up in
 /// memory (the write timeout then ends it).
-async fn driving<F: std::future::Future>(
-    running: &mut InFlight<Option<Queued>>,
+async fn driving<J: std::future::Future<Output = Option<Queued>>, F: std::future::Future>(
+    running: &mut InFlight<J>,
     replies: &mut Replies,
+    until: Until,
     f: F,
-) -> std::io::Result<F::Output> {
+) -> std::io::Result<Option<F::Output>> {
     let mut f = std::pin::pin!(f);
-    let fence = replies.fence.clone();
-    let mut fenced = None;
     std::future::poll_fn(|cx| {
+        replies.stop.refresh(cx);
         let _ = running.poll(cx, &mut |q| replies.push_some(q));
         if let std::task::Poll::Ready(Err(e)) = replies.poll_write(cx) {
             return std::task::Poll::Ready(Err(e));
         }
-        if replies.backlogged() {
-            // Rare: only then is the fence watched here (polling `f` watches it otherwise).
-            let fenced = fenced.get_or_insert_with(|| Box::pin(fence.clone().cancelled_owned()));
-            if fenced.as_mut().poll(cx).is_pending() {
-                return std::task::Poll::Pending;
-            }
+        if replies.stop.fenced() || (until == Until::FenceOrShutdown && replies.stop.shut()) {
+            return std::task::Poll::Ready(Ok(None));
         }
-        f.as_mut().poll(cx).map(Ok)
+        if replies.backlogged() {
+            return std::task::Poll::Pending;
+        }
+        f.as_mut().poll(cx).map(|r| Ok(Some(r)))
     })
     .await
 }
@@ -453,7 +438,8 @@ struct Replies {
     backlog: usize,
     /// Nothing more goes out: the session was cut, or writing failed.
     closed: bool,
-    fence: CancellationToken,
+    /// Whether the session was cut or told to end; refreshed on each poll of its task.
+    stop: StopWatch,
     shared: Arc<SessionShared>,
 }
 
@@ -477,7 +463,7 @@ impl Replies {
     /// Writes what is queued; ready once it is all written and flushed. A cut session writes
     /// nothing more; a failed write closes the replies for good.
     fn poll_write(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
-        if self.fence.is_cancelled() {
+        if self.stop.fenced() {
             self.close();
         }
         if self.closed || !self.dirty {

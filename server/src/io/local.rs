@@ -161,8 +161,7 @@ impl LocalVolume {
         let last = end.div_ceil(cs);
         while first < last {
             let stop = last.min(first + RESOLVE_MAX);
-            // The runs of a fragmented range are read at once, not one after another.
-            let pieces = layer.resolve(first, stop)?.into_iter().map(|run| {
+            let piece = |run: Run| {
                 let (_, n, within) = clip(&run, cs, offset, end);
                 async move {
                     Ok::<_, EngineError>(match run.mapping {
@@ -172,8 +171,17 @@ impl LocalVolume {
                         _ => ReadChunk::Hole(n as u32),
                     })
                 }
-            });
-            out.extend(futures_util::future::try_join_all(pieces).await?);
+            };
+            let runs = layer.resolve(first, stop)?;
+            if let [run] = runs[..]
+                && out.is_empty()
+                && stop == last
+            {
+                // Most reads are one run: read it without joining.
+                return Ok(vec![piece(run).await?]);
+            }
+            // The runs of a fragmented range are read at once, not one after another.
+            out.extend(futures_util::future::try_join_all(runs.into_iter().map(piece)).await?);
             first = stop;
         }
         Ok(out)
