@@ -92,6 +92,11 @@ impl<F: Future> InFlight<F> {
         self.woken.slots.lock().unwrap_or_else(|p| p.into_inner()).push(slot);
     }
 
+    /// Requests started and not yet finished.
+    pub fn len(&self) -> usize {
+        self.running
+    }
+
     /// Polls the requests woken since the last call, handing what the finished ones return to
     /// `done`; ready once none is running.
     pub fn poll(&mut self, cx: &mut Context<'_>, done: &mut impl FnMut(F::Output)) -> Poll<()> {

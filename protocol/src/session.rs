@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -132,7 +132,7 @@ pub async fn serve<D: BlockDevice>(
     };
     // What a started request checks before it runs (see the job below).
     let fence = Arc::new(fence);
-    let permits = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
+    let max_in_flight = limits.max_in_flight.max(1);
     let session_budget = ByteBudget::new(limits.max_session_bytes.max(1));
     // Started requests, run by this task while it reads the next ones (see `driving`).
     let mut running = InFlight::default();
@@ -217,8 +217,12 @@ pub async fn serve<D: BlockDevice>(
             replies.push((error_reply(&req, structured, errno, "request rejected".into()), None, None));
             continue;
         }
-        let permit = driving(&mut running, &mut replies, Until::Fence, permits.clone().acquire_owned()).await;
-        let Ok(Some(Ok(permit))) = permit else { break Ok(()) };
+        if running.len() >= max_in_flight {
+            let room = drive(&mut running, &mut replies, Until::Fence, |running, _| {
+                if running.len() < max_in_flight { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+            });
+            let Ok(Some(())) = room.await else { break Ok(()) };
+        }
         let dev = dev.clone();
         let job_fence = fence.clone();
         let contexts = contexts.clone();
@@ -236,7 +240,6 @@ pub async fn serve<D: BlockDevice>(
             let reply = execute(&*dev, req, payload, structured, &contexts).await;
             let executed = stages.as_ref().map(|_| Instant::now());
             observe(&stages, SessionStage::Execute, running, executed);
-            drop(permit);
             // A read keeps its budget until the reply is written; a write is done with it.
             let charge = if is_read { charge } else { None };
             Some((reply, charge, executed))
@@ -406,6 +409,17 @@ async fn driving<J: std::future::Future<Output = Option<Queued>>, F: std::future
     f: F,
 ) -> std::io::Result<Option<F::Output>> {
     let mut f = std::pin::pin!(f);
+    drive(running, replies, until, |_, cx| f.as_mut().poll(cx)).await
+}
+
+/// [`driving`] with a condition instead of a future: `ready` is asked after each pass over the
+/// started requests, with them.
+async fn drive<J: std::future::Future<Output = Option<Queued>>, T>(
+    running: &mut InFlight<J>,
+    replies: &mut Replies,
+    until: Until,
+    mut ready: impl FnMut(&InFlight<J>, &mut std::task::Context<'_>) -> std::task::Poll<T>,
+) -> std::io::Result<Option<T>> {
     std::future::poll_fn(|cx| {
         replies.stop.refresh(cx);
         let _ = running.poll(cx, &mut |q| replies.push_some(q));
@@ -418,7 +432,7 @@ async fn driving<J: std::future::Future<Output = Option<Queued>>, F: std::future
         if replies.backlogged() {
             return std::task::Poll::Pending;
         }
-        f.as_mut().poll(cx).map(|r| Ok(Some(r)))
+        ready(running, cx).map(|r| Ok(Some(r)))
     })
     .await
 }

@@ -176,3 +176,105 @@ async fn a_client_that_reads_no_replies_stops_being_read() {
     // 2.8M requests in 20 s and went on.
     assert!(sent < 1_000_000, "{sent} requests read");
 }
+
+/// A memory device whose reads wait at a gate, counting how many wait at once.
+struct Gated {
+    mem: MemDevice,
+    gate: tokio::sync::Semaphore,
+    now: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+impl thinbd_protocol::BlockDevice for Gated {
+    fn info(&self) -> thinbd_protocol::DeviceInfo {
+        self.mem.info()
+    }
+    async fn read(&self, offset: u64, len: u32) -> thinbd_protocol::DeviceResult<Vec<thinbd_protocol::ReadChunk>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = self.now.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(n, SeqCst);
+        if let Ok(p) = self.gate.acquire().await {
+            p.forget();
+        }
+        self.now.fetch_sub(1, SeqCst);
+        self.mem.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: bytes::Bytes, fua: bool) -> thinbd_protocol::DeviceResult<()> {
+        self.mem.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> thinbd_protocol::DeviceResult<()> {
+        self.mem.flush().await
+    }
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> thinbd_protocol::DeviceResult<()> {
+        self.mem.trim(offset, len, fua).await
+    }
+    async fn write_zeroes(&self, o: u64, l: u32, u: bool, f: bool, fua: bool) -> thinbd_protocol::DeviceResult<()> {
+        self.mem.write_zeroes(o, l, u, f, fua).await
+    }
+    async fn block_status(&self, offset: u64, len: u32) -> thinbd_protocol::DeviceResult<Vec<Extent>> {
+        self.mem.block_status(offset, len).await
+    }
+}
+
+struct GatedCatalog(Arc<Gated>);
+
+impl thinbd_protocol::ExportCatalog for GatedCatalog {
+    type Device = Gated;
+    async fn open(
+        &self,
+        _name: &str,
+        _peer: Option<std::net::SocketAddr>,
+    ) -> Result<thinbd_protocol::Export<Gated>, thinbd_protocol::OpenError> {
+        Ok(thinbd_protocol::Export {
+            name: "g".into(),
+            description: String::new(),
+            device: self.0.clone(),
+            fences: Vec::new(),
+        })
+    }
+    fn list(&self, _peer: Option<std::net::SocketAddr>) -> Vec<thinbd_protocol::ExportListing> {
+        Vec::new()
+    }
+}
+
+/// No more requests run at once than the session's in-flight limit, however many the client
+/// sends; the others are served as the first ones finish.
+#[tokio::test]
+async fn requests_beyond_the_in_flight_limit_wait_for_room() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dev = Arc::new(Gated {
+        mem: MemDevice::new(1 << 20, false),
+        gate: tokio::sync::Semaphore::new(0),
+        now: Default::default(),
+        most: Default::default(),
+    });
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let catalog = GatedCatalog(dev.clone());
+    tokio::spawn(async move {
+        let (sock, peer) = l.accept().await.unwrap();
+        let n = negotiate(Box::new(sock), &catalog, &ServerConfig::default(), Some(peer)).await.unwrap().unwrap();
+        let limits = SessionLimits { max_in_flight: 4, ..SessionLimits::default() };
+        let _ = serve(n, limits, SessionShared::new(1 << 30), Stop::default()).await;
+    });
+    let c = Arc::new(Client::connect(&addr, ClientOptions::new("g")).await.unwrap());
+    let reads: Vec<_> = (0..16u64)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move { c.read(i * 4096, 4096).await.unwrap() })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while dev.now.load(SeqCst) < 4 {
+        assert!(std::time::Instant::now() < deadline, "the first requests never started");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // Time for the session to start more, were it going to.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(dev.most.load(SeqCst), 4, "at most the limit runs at once");
+    dev.gate.add_permits(16);
+    for r in reads {
+        assert_eq!(r.await.unwrap(), vec![0u8; 4096]);
+    }
+    assert_eq!(dev.most.load(SeqCst), 4);
+}

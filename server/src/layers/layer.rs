@@ -42,6 +42,16 @@ impl Layer {
     /// What virtual clusters `start..end` read as from this layer down: `Data` or `Zero` (no
     /// `Hole`s). At most [`RESOLVE_MAX`] clusters.
     pub fn resolve(self: &Arc<Self>, start: u64, end: u64) -> Result<Vec<Run>, EngineError> {
+        if end == start + 1 {
+            // Most requests fall within one cluster: one lookup per layer, not a range walk (a
+            // range search costs two descents of the map) and no table of slots.
+            let mapping = self.resolve_one(start)?.map_or(Mapping::Zero, Mapping::Data);
+            return Ok(vec![Run { vstart: start, count: 1, mapping }]);
+        }
+        self.resolve_range(start, end)
+    }
+
+    fn resolve_range(self: &Arc<Self>, start: u64, end: u64) -> Result<Vec<Run>, EngineError> {
         let n = (end - start) as usize;
         debug_assert!(end - start <= RESOLVE_MAX);
         let mut slots: Vec<Option<u64>> = vec![None; n];
@@ -111,5 +121,35 @@ impl Layer {
             layer = st.parent.clone();
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::extent_map::ZERO_MARK;
+
+    #[test]
+    fn one_cluster_resolves_as_a_range_of_one_does() {
+        // Three layers: data, zero marks and holes at every depth.
+        let root = Layer::new(1, ExtentMap::from_pairs([(0, 100), (1, 101), (2, 102), (5, 105)]), None);
+        let mid = Layer::new(2, ExtentMap::from_pairs([(1, 201), (2, ZERO_MARK), (6, 206)]), Some(root));
+        let top = Layer::new(3, ExtentMap::from_pairs([(0, ZERO_MARK), (3, 303), (6, 306)]), Some(mid));
+        let want = [
+            Mapping::Zero,
+            Mapping::Data(201),
+            Mapping::Zero,
+            Mapping::Data(303),
+            Mapping::Zero,
+            Mapping::Data(105),
+            Mapping::Data(306),
+            Mapping::Zero,
+        ];
+        for (v, want) in want.into_iter().enumerate() {
+            let v = v as u64;
+            let one = top.resolve(v, v + 1).unwrap();
+            assert_eq!(one, top.resolve_range(v, v + 1).unwrap(), "cluster {v}");
+            assert_eq!(one, vec![Run { vstart: v, count: 1, mapping: want }], "cluster {v}");
+        }
     }
 }
