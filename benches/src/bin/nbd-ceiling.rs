@@ -8,6 +8,12 @@
 //! is what any server could reach there (`benches/fio/harness.py --only ceiling`).
 //!
 //! Usage: `nbd-ceiling FILE PORT` (serves FILE, whole, as every export name, on 127.0.0.1:PORT).
+//!
+//! With `NBD_CEILING_SOCKET=epoll` the socket leaves the ring, to measure what that costs: it
+//! is read and written with plain system calls when epoll says it is ready, each disk request
+//! enters the kernel as it starts, and completions wake the thread through an eventfd in the
+//! same epoll — the shape of thinbd's session threads (tokio's epoll for the socket, a ring of
+//! their own for the disk), without anything else of thinbd.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -26,6 +32,8 @@ const RECV: u64 = u64::MAX;
 const SEND: u64 = u64::MAX - 1;
 const RECV_BUF: usize = 4 << 20;
 const MAX_LEN: u32 = 1 << 20;
+/// `IORING_ENTER_GETEVENTS` (the io-uring crate does not export the enter flags).
+const IORING_ENTER_GETEVENTS: u32 = 1;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -56,7 +64,8 @@ fn serve(mut s: TcpStream, file: i32, size: u64) -> Result<()> {
     if !handshake(&mut s, size)? {
         return Ok(());
     }
-    Conn::new(s, file)?.run()
+    let conn = Conn::new(s, file)?;
+    if std::env::var("NBD_CEILING_SOCKET").is_ok_and(|v| v == "epoll") { conn.run_epoll() } else { conn.run() }
 }
 
 /// Fixed newstyle; answers EXPORT_NAME, INFO and GO with the file's size, refuses the rest.
@@ -149,6 +158,8 @@ struct Conn {
     send_armed: bool,
     spare: Vec<AlignedBuf>,
     done: bool,
+    /// Each disk request enters the kernel as it starts (the epoll loop).
+    submit_each: bool,
 }
 
 impl Conn {
@@ -173,6 +184,7 @@ impl Conn {
             send_armed: false,
             spare: Vec::new(),
             done: false,
+            submit_each: false,
         })
     }
 
@@ -237,6 +249,90 @@ impl Conn {
         }
     }
 
+    /// The loop with the socket outside the ring (`NBD_CEILING_SOCKET=epoll`).
+    fn run_epoll(mut self) -> Result<()> {
+        use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+        use nix::sys::eventfd::{EfdFlags, EventFd};
+        let s = self.s.try_clone()?;
+        s.set_nonblocking(true)?;
+        self.submit_each = true;
+        let completions = EventFd::from_flags(EfdFlags::EFD_NONBLOCK)?;
+        self.ring.submitter().register_eventfd(completions.as_raw_fd())?;
+        let epoll = Epoll::new(EpollCreateFlags::empty())?;
+        epoll.add(&s, EpollEvent::new(EpollFlags::EPOLLIN, 0))?;
+        epoll.add(&completions, EpollEvent::new(EpollFlags::EPOLLIN, 1))?;
+        let mut events = [EpollEvent::empty(); 4];
+        loop {
+            // Receive what is there and start it.
+            if !self.done {
+                if self.rstart == self.rend {
+                    self.rstart = 0;
+                    self.rend = 0;
+                } else if self.rstart > RECV_BUF / 2 {
+                    self.rbuf.copy_within(self.rstart..self.rend, 0);
+                    self.rend -= self.rstart;
+                    self.rstart = 0;
+                }
+                if self.rend < RECV_BUF {
+                    match (&s).read(&mut self.rbuf[self.rend..]) {
+                        Ok(0) => self.done = true,
+                        Ok(n) => {
+                            self.rend += n;
+                            self.parse()?;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => self.done = true,
+                    }
+                }
+            }
+            // Reap completions (deferred task work runs only when this thread asks).
+            // SAFETY: no submission is involved and no signal mask is passed.
+            unsafe { self.ring.submitter().enter::<libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None)? };
+            let cqes: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
+            for (slot, res) in cqes {
+                self.finish(slot as usize, res);
+            }
+            // Send the replies, as much as the socket takes.
+            while !self.out.is_empty() {
+                let n = {
+                    let slices = self.slices();
+                    match (&s).write_vectored(&slices) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => bail!("writev: {e}"),
+                    }
+                };
+                self.sent_bytes(n);
+            }
+            if self.done && self.out.is_empty() && self.jobs.iter().all(|j| j.is_none()) {
+                return Ok(());
+            }
+            // Wait for the socket or a completion.
+            let n = epoll.wait(&mut events, EpollTimeout::NONE)?;
+            if events[..n].iter().any(|e| e.data() == 1) {
+                let _ = completions.read();
+            }
+        }
+    }
+
+    /// What is left to send, as slices.
+    fn slices(&self) -> Vec<std::io::IoSlice<'_>> {
+        let mut out = Vec::new();
+        let mut skip = self.sent;
+        for o in self.out.iter().take(512) {
+            let data = o.data.as_ref().map_or(&[][..], |d| d.as_slice());
+            for part in [&o.header[..], data] {
+                if part.len() <= skip {
+                    skip -= part.len();
+                    continue;
+                }
+                out.push(std::io::IoSlice::new(&part[skip..]));
+                skip = 0;
+            }
+        }
+        out
+    }
+
     /// Starts every whole request received.
     fn parse(&mut self) -> Result<()> {
         while self.rend - self.rstart >= REQUEST_HEADER_LEN && !self.done {
@@ -298,7 +394,11 @@ impl Conn {
             }
         };
         self.jobs[slot] = Some(job);
-        self.push(e.user_data(slot as u64))
+        self.push(e.user_data(slot as u64))?;
+        if self.submit_each {
+            self.ring.submit()?;
+        }
+        Ok(())
     }
 
     fn finish(&mut self, slot: usize, res: i32) {
@@ -322,21 +422,11 @@ impl Conn {
 
     /// One send in flight at a time, so replies never interleave on the stream.
     fn arm_send(&mut self, sock: i32) -> Result<()> {
-        self.iov.clear();
-        let mut skip = self.sent;
-        for o in self.out.iter().take(512) {
-            let data = o.data.as_ref().map_or(&[][..], |d| d.as_slice());
-            let parts: [&[u8]; 2] = [&o.header, data];
-            for part in parts {
-                if part.len() <= skip {
-                    skip -= part.len();
-                    continue;
-                }
-                let rest = &part[skip..];
-                self.iov.push(libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: rest.len() });
-                skip = 0;
-            }
-        }
+        let iov = self
+            .slices()
+            .into_iter()
+            .map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() });
+        self.iov = iov.collect();
         self.msg.msg_iov = self.iov.as_mut_ptr();
         self.msg.msg_iovlen = self.iov.len();
         let e = opcode::SendMsg::new(types::Fd(sock), &*self.msg).build().user_data(SEND);
