@@ -201,14 +201,7 @@ impl Conn {
         let sock = self.s.as_raw_fd();
         loop {
             if !self.recv_armed && !self.done {
-                if self.rstart == self.rend {
-                    self.rstart = 0;
-                    self.rend = 0;
-                } else if self.rstart > RECV_BUF / 2 {
-                    self.rbuf.copy_within(self.rstart..self.rend, 0);
-                    self.rend -= self.rstart;
-                    self.rstart = 0;
-                }
+                self.make_room();
                 if self.rend < RECV_BUF {
                     let ptr = self.rbuf[self.rend..].as_mut_ptr();
                     let e =
@@ -249,6 +242,19 @@ impl Conn {
         }
     }
 
+    /// Moves what is received but not parsed to the front of the receive buffer when the front
+    /// is mostly used up.
+    fn make_room(&mut self) {
+        if self.rstart == self.rend {
+            self.rstart = 0;
+            self.rend = 0;
+        } else if self.rstart > RECV_BUF / 2 {
+            self.rbuf.copy_within(self.rstart..self.rend, 0);
+            self.rend -= self.rstart;
+            self.rstart = 0;
+        }
+    }
+
     /// The loop with the socket outside the ring (`NBD_CEILING_SOCKET=epoll`).
     fn run_epoll(mut self) -> Result<()> {
         use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -265,14 +271,7 @@ impl Conn {
         loop {
             // Receive what is there and start it.
             if !self.done {
-                if self.rstart == self.rend {
-                    self.rstart = 0;
-                    self.rend = 0;
-                } else if self.rstart > RECV_BUF / 2 {
-                    self.rbuf.copy_within(self.rstart..self.rend, 0);
-                    self.rend -= self.rstart;
-                    self.rstart = 0;
-                }
+                self.make_room();
                 if self.rend < RECV_BUF {
                     match (&s).read(&mut self.rbuf[self.rend..]) {
                         Ok(0) => self.done = true,
@@ -308,7 +307,11 @@ impl Conn {
                 return Ok(());
             }
             // Wait for the socket or a completion.
-            let n = epoll.wait(&mut events, EpollTimeout::NONE)?;
+            // (Interrupted by the kernel's task work for the ring: go round again.)
+            let n = match epoll.wait(&mut events, EpollTimeout::NONE) {
+                Err(nix::errno::Errno::EINTR) => 0,
+                r => r?,
+            };
             if events[..n].iter().any(|e| e.data() == 1) {
                 let _ = completions.read();
             }
