@@ -32,6 +32,8 @@ const RECV: u64 = u64::MAX;
 const SEND: u64 = u64::MAX - 1;
 const RECV_BUF: usize = 4 << 20;
 const MAX_LEN: u32 = 1 << 20;
+/// Replies gathered into one send at most (two pieces each: within Linux's 1024 iovecs).
+const MAX_REPLIES: usize = 512;
 /// `IORING_ENTER_GETEVENTS` (the io-uring crate does not export the enter flags).
 const IORING_ENTER_GETEVENTS: u32 = 1;
 
@@ -294,8 +296,13 @@ impl Conn {
             // Send the replies, as much as the socket takes.
             while !self.out.is_empty() {
                 let n = {
-                    let slices = self.slices();
-                    match (&s).write_vectored(&slices) {
+                    let mut slices = [std::io::IoSlice::new(&[]); 2 * MAX_REPLIES];
+                    let mut k = 0;
+                    self.unsent(|p| {
+                        slices[k] = std::io::IoSlice::new(p);
+                        k += 1;
+                    });
+                    match (&s).write_vectored(&slices[..k]) {
                         Ok(n) => n,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                         Err(e) => bail!("writev: {e}"),
@@ -318,22 +325,21 @@ impl Conn {
         }
     }
 
-    /// What is left to send, as slices.
-    fn slices(&self) -> Vec<std::io::IoSlice<'_>> {
-        let mut out = Vec::new();
+    /// Hands `f` each piece of what is left to send (of the first [`MAX_REPLIES`] replies), in
+    /// order.
+    fn unsent<'a>(&'a self, mut f: impl FnMut(&'a [u8])) {
         let mut skip = self.sent;
-        for o in self.out.iter().take(512) {
+        for o in self.out.iter().take(MAX_REPLIES) {
             let data = o.data.as_ref().map_or(&[][..], |d| d.as_slice());
             for part in [&o.header[..], data] {
                 if part.len() <= skip {
                     skip -= part.len();
                     continue;
                 }
-                out.push(std::io::IoSlice::new(&part[skip..]));
+                f(&part[skip..]);
                 skip = 0;
             }
         }
-        out
     }
 
     /// Starts every whole request received.
@@ -425,11 +431,11 @@ impl Conn {
 
     /// One send in flight at a time, so replies never interleave on the stream.
     fn arm_send(&mut self, sock: i32) -> Result<()> {
-        let iov = self
-            .slices()
-            .into_iter()
-            .map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() });
-        self.iov = iov.collect();
+        // The vector is kept from send to send (taken out while `out` is read).
+        let mut iov = std::mem::take(&mut self.iov);
+        iov.clear();
+        self.unsent(|p| iov.push(libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() }));
+        self.iov = iov;
         self.msg.msg_iov = self.iov.as_mut_ptr();
         self.msg.msg_iovlen = self.iov.len();
         let e = opcode::SendMsg::new(types::Fd(sock), &*self.msg).build().user_data(SEND);
