@@ -45,6 +45,50 @@ impl ByteBudget {
     }
 }
 
+/// One session's own budget. Only its session takes from it, and every release happens while
+/// that session's task runs (a write's request finishing, a reply written), so the session
+/// waits for room by asking again after each of its passes: a counter, no semaphore and no
+/// lock per request.
+pub(crate) struct SessionBudget {
+    held: Arc<AtomicU64>,
+    total: u64,
+}
+
+/// Bytes taken from a [`SessionBudget`], given back when dropped.
+pub(crate) struct Held {
+    bytes: u64,
+    held: Arc<AtomicU64>,
+}
+
+impl SessionBudget {
+    pub(crate) fn new(bytes: u64) -> Self {
+        SessionBudget { held: Arc::default(), total: bytes.max(1) }
+    }
+
+    /// Takes `bytes` (capped at the whole budget, so one large request still runs, alone) if
+    /// they are free now.
+    pub(crate) fn try_take(&self, bytes: u64) -> Option<Held> {
+        let n = bytes.min(self.total);
+        // Only releases run concurrently with this, and they only make room.
+        if self.held.load(Relaxed) + n > self.total {
+            return None;
+        }
+        self.held.fetch_add(n, Relaxed);
+        Some(Held { bytes: n, held: self.held.clone() })
+    }
+
+    #[cfg(test)]
+    fn in_use(&self) -> u64 {
+        self.held.load(Relaxed)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.bytes, Relaxed);
+    }
+}
+
 /// What the sessions of one server share: the server-wide byte budget and counters for the
 /// metrics endpoint.
 pub struct SessionShared {
@@ -79,5 +123,27 @@ impl SessionShared {
 
     pub(crate) fn count_wait(&self) {
         self.budget_waits.fetch_add(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_budget_is_given_back_when_dropped_and_fits_one_oversized_request() {
+        let b = SessionBudget::new(100);
+        let a = b.try_take(60).expect("free");
+        assert!(b.try_take(50).is_none(), "60 + 50 is over 100");
+        let c = b.try_take(40).expect("exactly full");
+        assert_eq!(b.in_use(), 100);
+        drop(a);
+        assert_eq!(b.in_use(), 40);
+        assert!(b.try_take(1000).is_none(), "an oversized request waits until it is alone");
+        drop(c);
+        let big = b.try_take(1000).expect("alone, capped at the whole budget");
+        assert_eq!(b.in_use(), 100);
+        drop(big);
+        assert_eq!(b.in_use(), 0);
     }
 }

@@ -27,6 +27,9 @@ pub struct InFlight<F> {
     free: Vec<usize>,
     running: usize,
     woken: Arc<Woken>,
+    /// Slots started since the last pass: only this task starts requests, so they are listed
+    /// here without taking the lock of `woken`.
+    started: Vec<usize>,
     /// The slots being polled in this pass (kept to reuse its allocation).
     batch: Vec<usize>,
 }
@@ -69,6 +72,7 @@ impl<F> Default for InFlight<F> {
             free: Vec::new(),
             running: 0,
             woken: Arc::default(),
+            started: Vec::new(),
             batch: Vec::new(),
         }
     }
@@ -89,7 +93,7 @@ impl<F: Future> InFlight<F> {
         };
         self.slots[slot].as_mut().set(Some(job));
         self.running += 1;
-        self.woken.slots.lock().unwrap_or_else(|p| p.into_inner()).push(slot);
+        self.started.push(slot);
     }
 
     /// Requests started and not yet finished.
@@ -102,6 +106,7 @@ impl<F: Future> InFlight<F> {
     pub fn poll(&mut self, cx: &mut Context<'_>, done: &mut impl FnMut(F::Output)) -> Poll<()> {
         self.woken.session.register(cx.waker());
         std::mem::swap(&mut self.batch, &mut *self.woken.slots.lock().unwrap_or_else(|p| p.into_inner()));
+        self.batch.append(&mut self.started);
         for &slot in &self.batch {
             // A wake may come late (from a finished request, or twice): an empty slot is
             // skipped, and polling a request that was not woken is harmless.

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::ProtocolError;
-use crate::budget::{ByteBudget, SessionShared};
+use crate::budget::{Held, SessionBudget, SessionShared};
 use crate::consts::*;
 use crate::device::{BlockDevice, DeviceError, Extent, ReadChunk};
 use crate::handshake::Negotiated;
@@ -87,7 +87,7 @@ enum Reply {
 
 /// Budget a request holds until its reply is on the socket (reads) or its data is written.
 struct Charge {
-    _session: OwnedSemaphorePermit,
+    _session: Held,
     _server: OwnedSemaphorePermit,
 }
 
@@ -133,7 +133,7 @@ pub async fn serve<D: BlockDevice>(
     // What a started request checks before it runs (see the job below).
     let fence = Arc::new(fence);
     let max_in_flight = limits.max_in_flight.max(1);
-    let session_budget = ByteBudget::new(limits.max_session_bytes.max(1));
+    let session_budget = SessionBudget::new(limits.max_session_bytes);
     // Started requests, run by this task while it reads the next ones (see `driving`).
     let mut running = InFlight::default();
 
@@ -173,26 +173,30 @@ pub async fn serve<D: BlockDevice>(
         let bytes = data_bytes(&req, &limits);
         let mut charge = None;
         if bytes > 0 {
-            let take = async {
-                let session = match session_budget.try_take(bytes) {
-                    Some(p) => p,
-                    None => {
-                        shared.count_wait();
-                        session_budget.take(bytes).await?
-                    }
-                };
-                let server = match shared.budget.try_take(bytes) {
-                    Some(p) => p,
-                    None => {
-                        shared.count_wait();
-                        shared.budget.take(bytes).await?
-                    }
-                };
-                Some(Charge { _session: session, _server: server })
+            // The session's own budget comes back only as its requests finish and their
+            // replies are written, which happens in its passes: it asks again after each.
+            let session = match session_budget.try_take(bytes) {
+                Some(held) => held,
+                None => {
+                    shared.count_wait();
+                    let room = drive(&mut running, &mut replies, Until::FenceOrShutdown, |_, _| {
+                        session_budget.try_take(bytes).map_or(std::task::Poll::Pending, std::task::Poll::Ready)
+                    });
+                    let Ok(Some(held)) = room.await else { break Ok(()) };
+                    held
+                }
             };
-            let taken = driving(&mut running, &mut replies, Until::FenceOrShutdown, take).await;
-            let Ok(Some(taken)) = taken else { break Ok(()) };
-            charge = taken;
+            let server = match shared.budget.try_take(bytes) {
+                Some(p) => Some(p),
+                None => {
+                    shared.count_wait();
+                    let take = shared.budget.take(bytes);
+                    let taken = driving(&mut running, &mut replies, Until::FenceOrShutdown, take).await;
+                    let Ok(Some(taken)) = taken else { break Ok(()) };
+                    taken
+                }
+            };
+            charge = server.map(|server| Charge { _session: session, _server: server });
         }
         // A write's payload follows its header whatever we think of the request.
         let mut payload = None;

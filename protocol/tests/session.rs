@@ -237,13 +237,12 @@ impl thinbd_protocol::ExportCatalog for GatedCatalog {
     }
 }
 
-/// No more requests run at once than the session's in-flight limit, however many the client
-/// sends; the others are served as the first ones finish.
-#[tokio::test]
-async fn requests_beyond_the_in_flight_limit_wait_for_room() {
+/// Serves one session of a [`Gated`] device under `limits`, sends `n` pipelined reads of `len`
+/// bytes and returns how many ran at once at most, and how often the session waited for budget.
+async fn most_at_once(limits: SessionLimits, n: u64, len: u32) -> (usize, u64) {
     use std::sync::atomic::Ordering::SeqCst;
     let dev = Arc::new(Gated {
-        mem: MemDevice::new(1 << 20, false),
+        mem: MemDevice::new(4 << 20, false),
         gate: tokio::sync::Semaphore::new(0),
         now: Default::default(),
         most: Default::default(),
@@ -251,30 +250,50 @@ async fn requests_beyond_the_in_flight_limit_wait_for_room() {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let catalog = GatedCatalog(dev.clone());
+    let shared = SessionShared::new(1 << 30);
+    let sh = shared.clone();
     tokio::spawn(async move {
         let (sock, peer) = l.accept().await.unwrap();
         let n = negotiate(Box::new(sock), &catalog, &ServerConfig::default(), Some(peer)).await.unwrap().unwrap();
-        let limits = SessionLimits { max_in_flight: 4, ..SessionLimits::default() };
-        let _ = serve(n, limits, SessionShared::new(1 << 30), Stop::default()).await;
+        let _ = serve(n, limits, sh, Stop::default()).await;
     });
     let c = Arc::new(Client::connect(&addr, ClientOptions::new("g")).await.unwrap());
-    let reads: Vec<_> = (0..16u64)
+    let reads: Vec<_> = (0..n)
         .map(|i| {
             let c = c.clone();
-            tokio::spawn(async move { c.read(i * 4096, 4096).await.unwrap() })
+            tokio::spawn(async move { c.read(i * len as u64, len).await.unwrap() })
         })
         .collect();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while dev.now.load(SeqCst) < 4 {
+    while dev.now.load(SeqCst) == 0 {
         assert!(std::time::Instant::now() < deadline, "the first requests never started");
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     // Time for the session to start more, were it going to.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    assert_eq!(dev.most.load(SeqCst), 4, "at most the limit runs at once");
-    dev.gate.add_permits(16);
+    let most = dev.most.load(SeqCst);
+    dev.gate.add_permits(n as usize);
     for r in reads {
-        assert_eq!(r.await.unwrap(), vec![0u8; 4096]);
+        assert_eq!(r.await.unwrap(), vec![0u8; len as usize]);
     }
-    assert_eq!(dev.most.load(SeqCst), 4);
+    assert_eq!(dev.most.load(SeqCst), most, "no more ran at once later");
+    (most, shared.budget_waits.load(SeqCst))
+}
+
+/// No more requests run at once than the session's in-flight limit, however many the client
+/// sends; the others are served as the first ones finish.
+#[tokio::test]
+async fn requests_beyond_the_in_flight_limit_wait_for_room() {
+    let limits = SessionLimits { max_in_flight: 4, ..SessionLimits::default() };
+    assert_eq!(most_at_once(limits, 16, 4096).await.0, 4, "at most the limit runs at once");
+}
+
+/// Reads whose replies would hold more than the session's memory budget wait for the earlier
+/// replies to be written, and then all are served.
+#[tokio::test]
+async fn reads_beyond_the_session_budget_wait_for_earlier_replies() {
+    let limits = SessionLimits { max_session_bytes: 64 << 10, ..SessionLimits::default() };
+    let (most, waits) = most_at_once(limits, 16, 32 << 10).await;
+    assert_eq!(most, 2, "two 32 KiB reads fill a 64 KiB budget");
+    assert!(waits > 0, "the waits are counted");
 }
