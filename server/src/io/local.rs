@@ -172,6 +172,10 @@ impl LocalVolume {
                     })
                 }
             };
+            if last == first + 1 {
+                // Most reads fall within one cluster: no list of runs to allocate.
+                return Ok(vec![piece(layer.resolve_cluster(first)?).await?]);
+            }
             let runs = layer.resolve(first, stop)?;
             if let [run] = runs[..]
                 && out.is_empty()

@@ -45,8 +45,7 @@ impl Layer {
         if end == start + 1 {
             // Most requests fall within one cluster: one lookup per layer, not a range walk (a
             // range search costs two descents of the map) and no table of slots.
-            let mapping = self.resolve_one(start)?.map_or(Mapping::Zero, Mapping::Data);
-            return Ok(vec![Run { vstart: start, count: 1, mapping }]);
+            return Ok(vec![self.resolve_cluster(start)?]);
         }
         self.resolve_range(start, end)
     }
@@ -82,7 +81,13 @@ impl Layer {
         Ok(out)
     }
 
-    /// Resolves one cluster.
+    /// What virtual cluster `v` reads as, as a run of one (see [`Layer::resolve`]).
+    pub fn resolve_cluster(self: &Arc<Self>, v: u64) -> Result<Run, EngineError> {
+        let mapping = self.resolve_one(v)?.map_or(Mapping::Zero, Mapping::Data);
+        Ok(Run { vstart: v, count: 1, mapping })
+    }
+
+    /// The physical cluster virtual cluster `v` reads from, `None` for zeros.
     pub fn resolve_one(self: &Arc<Self>, v: u64) -> Result<Option<u64>, EngineError> {
         let mut layer = Some(self.clone());
         while let Some(l) = layer {
