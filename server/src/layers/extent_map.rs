@@ -16,42 +16,10 @@ pub enum Mapping {
     Data(u64),
 }
 
-/// Entries in pages of [`PAGE`] consecutive virtual clusters, the pages in a B-tree: a lookup
-/// searches a tree a page's worth (64×) smaller than one keyed by cluster, then indexes an
-/// array. A page costs 512 bytes however few of its clusters are mapped: under 1% of the 64 KiB
-/// of data behind even a lone mapped cluster, and a full page takes 8 bytes per cluster, a
-/// third of what a tree entry does.
 #[derive(Debug, Default, Clone)]
 pub struct ExtentMap {
-    pages: BTreeMap<u64, Box<Page>>,
-    /// Entries, zero marks included.
-    entries: usize,
-    /// Entries that hold a physical cluster.
+    map: BTreeMap<u64, u64>,
     data: usize,
-}
-
-/// Virtual clusters per page.
-const PAGE: u64 = 64;
-/// A page's slot with no entry. Physical clusters are numbered from 0 up to the pool's size,
-/// far below this and [`ZERO_MARK`].
-const NO_ENTRY: u64 = u64::MAX - 1;
-
-#[derive(Debug, Clone)]
-struct Page {
-    slots: [u64; PAGE as usize],
-    used: u32,
-}
-
-impl Page {
-    fn empty() -> Box<Page> {
-        Box::new(Page { slots: [NO_ENTRY; PAGE as usize], used: 0 })
-    }
-
-    /// Entries of page `number`, in order.
-    fn entries(&self, number: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
-        let base = number * PAGE;
-        self.slots.iter().enumerate().filter(|(_, p)| **p != NO_ENTRY).map(move |(i, p)| (base + i as u64, *p))
-    }
 }
 
 /// A run of consecutive virtual clusters with the same kind of mapping; for `Data`, the physical
@@ -96,34 +64,17 @@ fn mapping_of(p: u64) -> Mapping {
 
 impl ExtentMap {
     pub fn from_pairs(pairs: impl IntoIterator<Item = (u64, u64)>) -> Self {
-        let mut map = ExtentMap::default();
-        for (v, p) in pairs {
-            map.insert(v, p);
-        }
-        map
+        let map: BTreeMap<u64, u64> = pairs.into_iter().collect();
+        let data = map.values().filter(|p| **p != ZERO_MARK).count();
+        ExtentMap { map, data }
     }
 
     pub fn get(&self, v: u64) -> Mapping {
-        match self.pages.get(&(v / PAGE)) {
-            Some(page) => match page.slots[(v % PAGE) as usize] {
-                NO_ENTRY => Mapping::Hole,
-                p => mapping_of(p),
-            },
-            None => Mapping::Hole,
-        }
+        self.map.get(&v).map_or(Mapping::Hole, |p| mapping_of(*p))
     }
 
     pub fn insert(&mut self, v: u64, p: u64) -> Option<u64> {
-        debug_assert_ne!(p, NO_ENTRY, "not a physical cluster");
-        let page = self.pages.entry(v / PAGE).or_insert_with(Page::empty);
-        let old = std::mem::replace(&mut page.slots[(v % PAGE) as usize], p);
-        let old = if old == NO_ENTRY {
-            page.used += 1;
-            self.entries += 1;
-            None
-        } else {
-            Some(old)
-        };
+        let old = self.map.insert(v, p);
         if p != ZERO_MARK {
             self.data += 1;
         }
@@ -134,29 +85,20 @@ impl ExtentMap {
     }
 
     pub fn remove(&mut self, v: u64) -> Option<u64> {
-        let std::collections::btree_map::Entry::Occupied(mut page) = self.pages.entry(v / PAGE) else { return None };
-        let old = std::mem::replace(&mut page.get_mut().slots[(v % PAGE) as usize], NO_ENTRY);
-        if old == NO_ENTRY {
-            return None;
-        }
-        page.get_mut().used -= 1;
-        if page.get().used == 0 {
-            page.remove();
-        }
-        self.entries -= 1;
-        if old != ZERO_MARK {
+        let old = self.map.remove(&v);
+        if old.is_some_and(|o| o != ZERO_MARK) {
             self.data -= 1;
         }
-        Some(old)
+        old
     }
 
     /// Entries, zero marks included.
     pub fn len(&self) -> usize {
-        self.entries
+        self.map.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries == 0
+        self.map.is_empty()
     }
 
     /// Entries that hold a physical cluster.
@@ -164,22 +106,19 @@ impl ExtentMap {
         self.data
     }
 
-    /// Entries in order of virtual cluster.
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.pages.iter().flat_map(|(n, page)| page.entries(*n))
+        self.map.iter().map(|(v, p)| (*v, *p))
     }
 
-    /// Entries for virtual clusters `start..end`, in order.
     pub fn range(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
-        let pages = if start < end { start / PAGE..(end - 1) / PAGE + 1 } else { 0..0 };
-        self.pages.range(pages).flat_map(|(n, page)| page.entries(*n)).filter(move |(v, _)| (start..end).contains(v))
+        self.map.range(start..end).map(|(v, p)| (*v, *p))
     }
 
     /// This map alone over virtual clusters `start..end`, merged where contiguous.
     pub fn runs(&self, start: u64, end: u64) -> Vec<Run> {
         let mut out = Vec::new();
         let mut pos = start;
-        for (v, p) in self.range(start, end) {
+        for (&v, &p) in self.map.range(start..end) {
             if v > pos {
                 push_run(&mut out, Run { vstart: pos, count: v - pos, mapping: Mapping::Hole });
             }
@@ -222,51 +161,6 @@ mod tests {
         assert_eq!(m.runs(3, 4), vec![data(3, 1, 11)]);
         assert_eq!(ExtentMap::default().runs(0, 3), vec![hole(0, 3)]);
         assert_eq!(m.data_clusters(), 4);
-    }
-
-    /// The paged map against a plain ordered map under random inserts, zero marks and removes,
-    /// across page edges: every lookup, range, count and the order of iteration agree.
-    #[test]
-    fn pages_behave_as_one_ordered_map() {
-        let mut model = BTreeMap::new();
-        let mut m = ExtentMap::default();
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
-        for step in 0..20_000 {
-            // Virtual clusters over five pages and one far away, so pages fill, empty and go.
-            let v = if next(10) == 0 { 1_000_000 + next(3) } else { next(5 * PAGE) };
-            match next(4) {
-                0 => assert_eq!(m.remove(v), model.remove(&v), "remove {v} at step {step}"),
-                1 => assert_eq!(m.insert(v, ZERO_MARK), model.insert(v, ZERO_MARK)),
-                _ => {
-                    let p = next(1 << 40);
-                    assert_eq!(m.insert(v, p), model.insert(v, p));
-                }
-            }
-            let probe = next(6 * PAGE);
-            let expected = model.get(&probe).map_or(Mapping::Hole, |p| mapping_of(*p));
-            assert_eq!(m.get(probe), expected, "get {probe} at step {step}");
-            if step % 97 == 0 {
-                let (a, b) = (next(6 * PAGE), next(6 * PAGE));
-                let (a, b) = (a.min(b), a.max(b) + next(2));
-                let want: Vec<_> = model.range(a..b).map(|(v, p)| (*v, *p)).collect();
-                assert_eq!(m.range(a, b).collect::<Vec<_>>(), want, "range {a}..{b}");
-                assert_eq!(m.iter().collect::<Vec<_>>(), model.iter().map(|(v, p)| (*v, *p)).collect::<Vec<_>>());
-                assert_eq!(m.len(), model.len());
-                assert_eq!(m.data_clusters(), model.values().filter(|p| **p != ZERO_MARK).count());
-                assert_eq!(
-                    m.pages.len(),
-                    model.keys().map(|v| v / PAGE).collect::<std::collections::BTreeSet<_>>().len(),
-                    "empty pages go"
-                );
-            }
-        }
-        assert!(m.range(7, 7).next().is_none() && m.range(9, 3).next().is_none(), "empty ranges");
     }
 
     #[test]
