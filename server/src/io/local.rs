@@ -239,7 +239,15 @@ impl LocalVolume {
         let cs = self.graph.space.cs;
         let end = offset + data.len() as u64;
         let top = vol.top()?;
-        let runs = top.read()?.map.runs(offset / cs, end.div_ceil(cs));
+        let (first, last) = (offset / cs, end.div_ceil(cs));
+        if last == first + 1 {
+            let mapped = top.read()?.map.get(first);
+            if let Mapping::Data(p) = mapped {
+                // Most overwrites are of one cluster the top layer owns: in place, no lists.
+                return self.graph.space.pool.write_at(p * cs + (offset - first * cs), data).await;
+            }
+        }
+        let runs = top.read()?.map.runs(first, last);
         // Clusters the top layer owns are overwritten in place; the rest need new clusters.
         let mut todo = self.write_runs(&runs, offset, &data).await?;
         // First writes run concurrently: each request claims the clusters nobody is filling,

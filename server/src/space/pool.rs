@@ -220,16 +220,23 @@ impl Pool {
     async fn lock(&self, s: u64, e: u64, exclusive: bool) -> RegionLocks<'_> {
         let first = s >> REGION_SHIFT;
         let last = (e - 1) >> REGION_SHIFT;
+        let take = |i: usize| async move {
+            match exclusive {
+                true => RegionGuard::Exclusive(self.stripes[i].write().await),
+                false => RegionGuard::Shared(self.stripes[i].read().await),
+            }
+        };
+        if first == last {
+            // Most writes stay in one region: no list of stripes to build.
+            return RegionLocks { _one: Some(take((first % STRIPES as u64) as usize).await), _more: Vec::new() };
+        }
         let mut idx: Vec<usize> =
             (first..=last.min(first + STRIPES as u64)).map(|r| (r % STRIPES as u64) as usize).collect();
         idx.sort_unstable();
         idx.dedup();
-        let mut locks = RegionLocks { _shared: Vec::new(), _exclusive: Vec::new() };
+        let mut locks = RegionLocks { _one: None, _more: Vec::with_capacity(idx.len()) };
         for i in idx {
-            match exclusive {
-                true => locks._exclusive.push(self.stripes[i].write().await),
-                false => locks._shared.push(self.stripes[i].read().await),
-            }
+            locks._more.push(take(i).await);
         }
         locks
     }
@@ -299,10 +306,16 @@ fn with_engine(file: FileStore, engine: IoEngine) -> Result<Arc<dyn BlockStore>,
     }
 }
 
-/// Held for the duration of one write.
+/// Held for the duration of one write: the stripes of the regions it touches, in stripe order.
 struct RegionLocks<'a> {
-    _shared: Vec<tokio::sync::RwLockReadGuard<'a, ()>>,
-    _exclusive: Vec<tokio::sync::RwLockWriteGuard<'a, ()>>,
+    _one: Option<RegionGuard<'a>>,
+    _more: Vec<RegionGuard<'a>>,
+}
+
+/// Held, never read: its drop releases the stripe.
+enum RegionGuard<'a> {
+    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'a, ()>),
+    Exclusive(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'a, ()>),
 }
 
 fn copy_aligned(data: &[u8]) -> Bytes {
