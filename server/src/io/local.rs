@@ -156,26 +156,26 @@ impl LocalVolume {
             Target::Snapshot(s) => (None, s.layer.clone()),
         };
         let _reading = self.graph.space.grace.enter();
-        let mut out = Vec::new();
+        let piece = |run: Run| {
+            let (_, n, within) = clip(&run, cs, offset, end);
+            async move {
+                Ok::<_, EngineError>(match run.mapping {
+                    Mapping::Data(p) => {
+                        ReadChunk::Data(self.graph.space.pool.read_at(p * cs + within, n as usize).await?)
+                    }
+                    _ => ReadChunk::Hole(n as u32),
+                })
+            }
+        };
         let mut first = offset / cs;
         let last = end.div_ceil(cs);
+        if last == first + 1 {
+            // Most reads fall within one cluster: no list of runs to allocate.
+            return Ok(vec![piece(layer.resolve_cluster(first)?).await?]);
+        }
+        let mut out = Vec::new();
         while first < last {
             let stop = last.min(first + RESOLVE_MAX);
-            let piece = |run: Run| {
-                let (_, n, within) = clip(&run, cs, offset, end);
-                async move {
-                    Ok::<_, EngineError>(match run.mapping {
-                        Mapping::Data(p) => {
-                            ReadChunk::Data(self.graph.space.pool.read_at(p * cs + within, n as usize).await?)
-                        }
-                        _ => ReadChunk::Hole(n as u32),
-                    })
-                }
-            };
-            if last == first + 1 {
-                // Most reads fall within one cluster: no list of runs to allocate.
-                return Ok(vec![piece(layer.resolve_cluster(first)?).await?]);
-            }
             let runs = layer.resolve(first, stop)?;
             if let [run] = runs[..]
                 && out.is_empty()
