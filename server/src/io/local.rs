@@ -240,14 +240,16 @@ impl LocalVolume {
         let end = offset + data.len() as u64;
         let top = vol.top()?;
         let (first, last) = (offset / cs, end.div_ceil(cs));
-        if last == first + 1 {
-            let mapped = top.read()?.map.get(first);
-            if let Mapping::Data(p) = mapped {
+        let runs = if last == first + 1 {
+            let mapping = top.read()?.map.get(first);
+            if let Mapping::Data(p) = mapping {
                 // Most overwrites are of one cluster the top layer owns: in place, no lists.
                 return self.graph.space.pool.write_at(p * cs + (offset - first * cs), data).await;
             }
-        }
-        let runs = top.read()?.map.runs(first, last);
+            vec![Run { vstart: first, count: 1, mapping }]
+        } else {
+            top.read()?.map.runs(first, last)
+        };
         // Clusters the top layer owns are overwritten in place; the rest need new clusters.
         let mut todo = self.write_runs(&runs, offset, &data).await?;
         // First writes run concurrently: each request claims the clusters nobody is filling,
