@@ -5,7 +5,13 @@
 //! request costs one submission syscall and no hand-off to another thread and back (those
 //! hand-offs were most of a request's time on two cores; see benches/README). Each thread that
 //! submits has a ring of its own: on an NBD session thread its completions wake that thread.
-//! At most [`RING_ENTRIES`] requests are on a ring; the next ones wait for room.
+//! At most [`RING_ENTRIES`] requests are on a ring; the next ones queue in the ring's table and
+//! go on as earlier ones complete.
+//!
+//! A request lives in a slot of its ring's table from submission until its task takes the
+//! result: the slot holds its buffer while the kernel may use it, then the result and the
+//! task's waker. No channel or semaphore per request (they were a tenth of a session thread's
+//! time at 4 KiB; benches/README).
 //!
 //! A thread that drives its own runtime for its whole life ([`dedicate_thread`]: the NBD
 //! session threads) gets rings that finish completions only when it asks
@@ -14,11 +20,15 @@
 //! random-write rate (benches/README, "Completions when the thread asks").
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::fs::File;
+use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -27,29 +37,47 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use thinbd_protocol::aligned::DIRECT_ALIGN;
 use thinbd_protocol::huge_buffers::HugeBuf;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::space::backend::{BlockStore, FileStore, IoEngine, IoFuture};
 
 const RING_ENTRIES: u32 = 256;
 
-/// A request's result, and when its completion was reaped (with `--stage-latency`).
-type Done<T> = oneshot::Sender<(io::Result<T>, Option<Instant>)>;
-
-/// A request on the ring. Its buffer lives here until the kernel has completed it; the permit
-/// is its room on the ring.
-struct InFlight {
+/// A request for the ring. Its buffer lives here until the kernel has completed it.
+struct Request {
     kind: Kind,
     offset: u64,
     /// Bytes transferred so far (a short transfer is resubmitted for the rest).
     moved: usize,
+    /// When it went on the ring (with `--stage-latency`).
     on_ring: Option<Instant>,
-    _room: OwnedSemaphorePermit,
 }
 
 enum Kind {
-    Read { buf: ReadBuf, done: Done<Bytes> },
-    Write { data: Bytes, done: Done<()> },
+    Read { buf: ReadBuf },
+    Write { data: Bytes },
+}
+
+/// What a finished request gives its task: a read's data, or that a write is done.
+enum Outcome {
+    Read(Bytes),
+    Written,
+}
+
+/// One request's place in its ring's table, from submission until its task takes the result.
+enum Slot {
+    Free,
+    /// Waiting for room on the ring (in [`Table::queue`]).
+    Queued(Request, Option<Waker>),
+    /// With the kernel, which may use its buffer until the completion is reaped.
+    OnRing(Request, Option<Waker>),
+    /// On the ring, but its task is gone: freed when the kernel is done with the buffer.
+    Abandoned {
+        _held: Request,
+    },
+    /// Queued, but its task is gone: freed when the queue reaches it.
+    Withdrawn,
+    /// Finished; the result waits for its task (and when it was reaped, stages timed).
+    Done(io::Result<Outcome>, Option<Instant>),
 }
 
 /// Now, when stages are timed.
@@ -71,11 +99,10 @@ struct Ring {
     /// The pool file (its descriptor goes into every entry).
     file: Arc<File>,
     /// Held while taking from the completion queue (the reaper, or the last drop).
-    cq: Mutex<()>,
-    /// Requests on the ring, by slot (the entry's user data), and the free slots. Held while
-    /// pushing onto the submission queue too (one producer at a time).
-    slots: Mutex<Slots>,
-    room: Arc<Semaphore>,
+    cq: Mutex<Reaps>,
+    /// Every request of this ring, by slot (the entry's user data). Held while pushing onto the
+    /// submission queue too (one producer at a time).
+    table: Mutex<Table>,
     /// Completions wait for [`Ring::reap`] to ask for them (`IORING_SETUP_DEFER_TASKRUN`); only
     /// the thread that made the ring, named here, may submit or reap.
     deferred: Option<std::thread::ThreadId>,
@@ -83,10 +110,25 @@ struct Ring {
     reaping: AtomicBool,
 }
 
+/// Lists a reap fills and empties, kept to be reused.
 #[derive(Default)]
-struct Slots {
-    on_ring: Vec<Option<InFlight>>,
+struct Reaps {
+    /// Completions taken from the queue: slot and result.
+    done: Vec<(u64, i32)>,
+    /// The tasks of the requests finished, woken once the table is let go.
+    wake: Vec<Waker>,
+}
+
+#[derive(Default)]
+struct Table {
+    slots: Vec<Slot>,
     free: Vec<usize>,
+    /// Slots whose requests wait for room on the ring, oldest first.
+    queue: VecDeque<usize>,
+    /// Requests with the kernel (at most [`RING_ENTRIES`]).
+    on_ring: usize,
+    /// Set when the store is dropped: nothing more is taken.
+    closed: bool,
 }
 
 /// A ring and its reaper task (stopped when the store is dropped).
@@ -162,7 +204,7 @@ impl UringStore {
 
     /// Whether nothing the calling thread submitted is on (or waiting for) its ring.
     fn idle_here(&self) -> bool {
-        self.mine().is_none_or(|ring| ring.room.available_permits() == RING_ENTRIES as usize)
+        self.mine().is_none_or(|ring| ring.busy() == 0)
     }
 
     /// Keeps a ring made on this thread as this thread's.
@@ -175,29 +217,82 @@ impl UringStore {
         self.rings.lock().unwrap_or_else(|p| p.into_inner()).push(started);
     }
 
-    async fn submit(&self, kind: Kind, offset: u64) -> io::Result<()> {
+    /// The request's outcome, once this thread's ring has done it.
+    fn submit(&self, kind: Kind, offset: u64) -> Submitted {
         let sent = clock();
-        let ring = self.ring()?;
-        let room = ring.room.clone().acquire_owned().await.map_err(|_| io::Error::other("ring closed"))?;
-        let on_ring = observe(crate::stages::RingStage::Queue, sent);
-        let f = InFlight { kind, offset, moved: 0, on_ring, _room: room };
-        ring.put(f)
+        let state = match self.ring() {
+            Ok(ring) => match ring.take(Request { kind, offset, moved: 0, on_ring: sent }) {
+                Ok(slot) => State::Taken { ring, slot },
+                Err(e) => State::Failed(Some(e)),
+            },
+            Err(e) => State::Failed(Some(e)),
+        };
+        Submitted { state }
     }
+}
 
-    async fn submit_read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
-        let (done, rx) = oneshot::channel();
-        self.submit(Kind::Read { buf: ReadBuf::new(len), done }, offset).await?;
-        let (r, reaped) = rx.await.map_err(|_| io::Error::other("the ring dropped a read"))?;
-        observe(crate::stages::RingStage::Wake, reaped);
-        r
+/// A request taken by a ring, until its task has its outcome. Dropped before that, the slot is
+/// given up (the buffer stays with the ring until the kernel is done with it).
+struct Submitted {
+    state: State,
+}
+
+enum State {
+    Taken { ring: Arc<Ring>, slot: usize },
+    Failed(Option<io::Error>),
+    Finished,
+}
+
+impl Future for Submitted {
+    type Output = io::Result<Outcome>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<Outcome>> {
+        let this = &mut *self;
+        let (ring, slot) = match &mut this.state {
+            State::Taken { ring, slot } => (ring, *slot),
+            State::Failed(e) => {
+                let e = e.take().unwrap_or_else(|| io::Error::other("polled after completion"));
+                this.state = State::Finished;
+                return Poll::Ready(Err(e));
+            }
+            State::Finished => return Poll::Ready(Err(io::Error::other("polled after completion"))),
+        };
+        let mut table = ring.lock_table();
+        let Some(s) = table.slots.get_mut(slot) else {
+            drop(table);
+            this.state = State::Finished;
+            return Poll::Ready(Err(io::Error::other("the ring lost a request")));
+        };
+        match s {
+            Slot::Queued(_, waker) | Slot::OnRing(_, waker) => {
+                match waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => *waker = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+            Slot::Done(..) => {
+                let Slot::Done(result, reaped) = std::mem::replace(s, Slot::Free) else { unreachable!() };
+                table.free.push(slot);
+                drop(table);
+                this.state = State::Finished;
+                observe(crate::stages::RingStage::Wake, reaped);
+                Poll::Ready(result)
+            }
+            Slot::Free | Slot::Abandoned { .. } | Slot::Withdrawn => {
+                drop(table);
+                this.state = State::Finished;
+                Poll::Ready(Err(io::Error::other("the ring lost a request")))
+            }
+        }
     }
+}
 
-    async fn submit_write(&self, offset: u64, data: Bytes) -> io::Result<()> {
-        let (done, rx) = oneshot::channel();
-        self.submit(Kind::Write { data, done }, offset).await?;
-        let (r, reaped) = rx.await.map_err(|_| io::Error::other("the ring dropped a write"))?;
-        observe(crate::stages::RingStage::Wake, reaped);
-        r
+impl Drop for Submitted {
+    fn drop(&mut self) {
+        if let State::Taken { ring, slot } = &self.state {
+            ring.give_up(*slot);
+        }
     }
 }
 
@@ -221,9 +316,8 @@ impl Ring {
         let ring = Arc::new(Ring {
             ring,
             file,
-            cq: Mutex::new(()),
-            slots: Default::default(),
-            room: Arc::new(Semaphore::new(RING_ENTRIES as usize)),
+            cq: Mutex::default(),
+            table: Default::default(),
             deferred,
             reaping: AtomicBool::new(true),
         });
@@ -235,36 +329,83 @@ impl Ring {
         Ok(Reaped { ring, reaper })
     }
 
-    /// Puts `f` (or what is left of it) on the ring in a free slot and enters the kernel.
-    fn put(&self, f: InFlight) -> io::Result<()> {
-        {
-            let mut slots = self.slots.lock().map_err(|_| io::Error::other("ring poisoned"))?;
-            let slot = slots.free.pop().unwrap_or(slots.on_ring.len());
-            if slot == slots.on_ring.len() {
-                slots.on_ring.push(None);
-            }
-            let entry = entry(&self.file, slot, slots.on_ring[slot].insert(f));
-            // SAFETY: one producer at a time (under the `slots` lock). The entry's buffer belongs
-            // to the slot's `InFlight`, which stays in `slots` (its buffer on the heap, not
-            // moving when the Vec grows) until its completion is reaped. Room for it was taken
-            // from `room`: never more requests than entries on the ring, so the push finds room.
-            if unsafe { self.ring.submission_shared().push(&entry) }.is_err() {
-                let f = slots.on_ring[slot].take();
-                slots.free.push(slot);
-                drop(slots);
-                if let Some(f) = f {
-                    fail(f, io::Error::other("the ring is full"));
-                }
-                return Ok(());
-            }
-        }
-        self.ring.submit()?;
-        Ok(())
+    /// The table; a panic elsewhere while it was held leaves it as consistent as any
+    /// single-step update does, so it is used on.
+    fn lock_table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes every completion on the ring: finished requests are answered, short ones put back.
+    /// Takes `r` into a slot of the table: onto the ring (entering the kernel) if there is room,
+    /// else into the queue.
+    fn take(&self, mut r: Request) -> io::Result<usize> {
+        let mut table = self.lock_table();
+        if table.closed {
+            return Err(io::Error::other("ring closed"));
+        }
+        let slot = table.free.pop().unwrap_or(table.slots.len());
+        if slot == table.slots.len() {
+            table.slots.push(Slot::Free);
+        }
+        if table.on_ring >= RING_ENTRIES as usize {
+            table.slots[slot] = Slot::Queued(r, None);
+            table.queue.push_back(slot);
+            return Ok(slot);
+        }
+        r.on_ring = observe(crate::stages::RingStage::Queue, r.on_ring);
+        let pushed = self.push(&mut table, slot, r, None);
+        drop(table);
+        if pushed {
+            self.ring.submit()?;
+        }
+        Ok(slot)
+    }
+
+    /// Puts `r` (or what is left of it) on the ring in `slot`; `false` if the ring refused it
+    /// (the slot is then done with an error).
+    fn push(&self, table: &mut Table, slot: usize, mut r: Request, waker: Option<Waker>) -> bool {
+        let entry = entry(&self.file, slot, &mut r);
+        table.slots[slot] = Slot::OnRing(r, waker);
+        // SAFETY: one producer at a time (under the table's lock). The entry's buffer belongs
+        // to the slot's request, which stays in the table (its buffer on the heap, not moving
+        // when the table grows) until its completion is reaped. At most `RING_ENTRIES` requests
+        // are on the ring (`on_ring`) and each push is submitted before the lock is let go, so
+        // the push finds room.
+        if unsafe { self.ring.submission_shared().push(&entry) }.is_err() {
+            if let Slot::OnRing(_, waker) = std::mem::replace(&mut table.slots[slot], Slot::Free) {
+                table.slots[slot] = Slot::Done(Err(io::Error::other("the ring is full")), None);
+                if let Some(w) = waker {
+                    w.wake();
+                }
+            }
+            return false;
+        }
+        table.on_ring += 1;
+        true
+    }
+
+    /// A task no longer wants its request's outcome.
+    fn give_up(&self, slot: usize) {
+        let mut table = self.lock_table();
+        let Some(s) = table.slots.get_mut(slot) else { return };
+        match std::mem::replace(s, Slot::Free) {
+            Slot::OnRing(r, _) => *s = Slot::Abandoned { _held: r },
+            Slot::Queued(..) => *s = Slot::Withdrawn,
+            Slot::Done(..) => table.free.push(slot),
+            other => *s = other,
+        }
+    }
+
+    /// Requests on the ring or waiting for it.
+    fn busy(&self) -> usize {
+        let table = self.lock_table();
+        table.on_ring + table.queue.len()
+    }
+
+    /// Takes every completion on the ring: finished requests are answered, short ones put back,
+    /// queued ones put on in the room made.
     fn reap(&self) {
-        let Ok(_cq) = self.cq.lock() else { return };
+        let Ok(mut reaps) = self.cq.lock() else { return };
+        let Reaps { done, wake } = &mut *reaps;
         if self.deferred.is_some() {
             // Runs the completion work the kernel deferred to us, which posts the completions
             // (and signals the eventfd once more: the reaper then finds nothing, harmlessly).
@@ -275,60 +416,115 @@ impl Ring {
                 tracing::warn!(error = %e, "cannot ask the ring for completions");
             }
         }
+        done.clear();
         // SAFETY: one consumer at a time (the `cq` lock).
-        let done: Vec<(u64, i32)> =
-            unsafe { self.ring.completion_shared() }.map(|c| (c.user_data(), c.result())).collect();
-        for (slot, res) in done {
-            let taken = match self.slots.lock() {
-                Ok(mut slots) => {
-                    let f = slots.on_ring.get_mut(slot as usize).and_then(Option::take);
-                    if f.is_some() {
-                        slots.free.push(slot as usize);
-                    }
-                    f
+        done.extend(unsafe { self.ring.completion_shared() }.map(|c| (c.user_data(), c.result())));
+        if done.is_empty() {
+            return;
+        }
+        let mut pushed = false;
+        let mut table = self.lock_table();
+        for &(slot, res) in done.iter() {
+            let slot = slot as usize;
+            let Some(s) = table.slots.get_mut(slot) else { continue };
+            let (mut r, waker) = match std::mem::replace(s, Slot::Free) {
+                Slot::OnRing(r, waker) => (r, waker),
+                Slot::Abandoned { .. } => {
+                    // Its task is gone and the kernel is done with the buffer (dropped here).
+                    table.on_ring -= 1;
+                    table.free.push(slot);
+                    continue;
                 }
-                Err(_) => None,
+                other => {
+                    *s = other;
+                    continue;
+                }
             };
-            let Some(mut f) = taken else { continue };
-            if res < 0 {
-                fail(f, io::Error::from_raw_os_error(-res));
-                continue;
-            }
-            let n = res as usize;
-            f.moved += n;
-            let finished = match &f.kind {
-                // End of file: the rest reads as zeros (`ReadBuf::filled` writes them).
-                Kind::Read { buf, .. } => n == 0 || f.moved == buf.len,
-                Kind::Write { data, .. } => {
-                    if n == 0 {
-                        fail(f, io::Error::from_raw_os_error(nix::libc::EIO));
+            table.on_ring -= 1;
+            let outcome = if res < 0 {
+                Some(Err(io::Error::from_raw_os_error(-res)))
+            } else {
+                let n = res as usize;
+                r.moved += n;
+                match &r.kind {
+                    // End of file: the rest reads as zeros (`ReadBuf::filled` writes them).
+                    Kind::Read { buf } if n == 0 || r.moved == buf.len => None,
+                    Kind::Write { .. } if n == 0 => Some(Err(io::Error::from_raw_os_error(nix::libc::EIO))),
+                    Kind::Write { data } if r.moved == data.len() => None,
+                    _ => {
+                        // Short: the rest goes on again, in the same slot.
+                        pushed |= self.push(&mut table, slot, r, waker);
                         continue;
                     }
-                    f.moved == data.len()
                 }
             };
-            if !finished {
-                if let Err(e) = self.put(f) {
-                    tracing::warn!(error = %e, "cannot resubmit the rest of a short transfer");
-                }
-                continue;
-            }
-            let reaped = observe(crate::stages::RingStage::Disk, f.on_ring);
-            match f.kind {
-                Kind::Read { buf, done } => {
-                    // SAFETY: the completions of this read reported `f.moved` bytes from the
+            let reaped = observe(crate::stages::RingStage::Disk, r.on_ring);
+            let result = outcome.unwrap_or_else(|| {
+                Ok(match r.kind {
+                    // SAFETY: the completions of this read reported `r.moved` bytes from the
                     // buffer's start written by the kernel (each entry starts where the last
                     // ended, see `entry`).
-                    let data = unsafe { buf.filled(f.moved) };
-                    drop(done.send((Ok(data), reaped)))
-                }
-                Kind::Write { done, .. } => drop(done.send((Ok(()), reaped))),
-            }
+                    Kind::Read { buf } => Outcome::Read(unsafe { buf.filled(r.moved) }),
+                    Kind::Write { .. } => Outcome::Written,
+                })
+            });
+            table.slots[slot] = Slot::Done(result, reaped);
+            // No waker yet: its task has not been polled since it submitted, and finds the
+            // result when it is.
+            wake.extend(waker);
+        }
+        pushed |= self.unqueue(&mut table);
+        drop(table);
+        if pushed && let Err(e) = self.ring.submit() {
+            tracing::warn!(error = %e, "cannot submit to the ring");
+        }
+        for w in wake.drain(..) {
+            w.wake();
         }
     }
 
+    /// Puts queued requests on the ring while it has room; whether any went on.
+    fn unqueue(&self, table: &mut Table) -> bool {
+        let mut pushed = false;
+        while table.on_ring < RING_ENTRIES as usize
+            && let Some(slot) = table.queue.pop_front()
+        {
+            match std::mem::replace(&mut table.slots[slot], Slot::Free) {
+                Slot::Queued(mut r, waker) => {
+                    r.on_ring = observe(crate::stages::RingStage::Queue, r.on_ring);
+                    pushed |= self.push(table, slot, r, waker)
+                }
+                Slot::Withdrawn => table.free.push(slot),
+                other => table.slots[slot] = other,
+            }
+        }
+        pushed
+    }
+
+    /// Refuses new requests and fails the queued ones (the store is going away).
+    fn close(&self) {
+        let mut table = self.lock_table();
+        table.closed = true;
+        let mut wake = Vec::new();
+        while let Some(slot) = table.queue.pop_front() {
+            match std::mem::replace(&mut table.slots[slot], Slot::Free) {
+                Slot::Queued(_, waker) => {
+                    table.slots[slot] = Slot::Done(Err(io::Error::other("ring closed")), None);
+                    wake.extend(waker);
+                }
+                Slot::Withdrawn => table.free.push(slot),
+                other => table.slots[slot] = other,
+            }
+        }
+        drop(table);
+        for w in wake {
+            w.wake();
+        }
+    }
+
+    /// Requests with the kernel.
     fn in_flight(&self) -> usize {
-        self.slots.lock().map_or(0, |s| s.on_ring.iter().filter(|f| f.is_some()).count())
+        self.lock_table().on_ring
     }
 }
 
@@ -420,24 +616,17 @@ impl ReadBuf {
     }
 }
 
-fn fail(f: InFlight, e: io::Error) {
-    match f.kind {
-        Kind::Read { done, .. } => drop(done.send((Err(e), None))),
-        Kind::Write { done, .. } => drop(done.send((Err(e), None))),
-    }
-}
-
-/// The entry for the remaining part of `f`.
-fn entry(file: &File, slot: usize, f: &mut InFlight) -> squeue::Entry {
+/// The entry for the remaining part of `r`.
+fn entry(file: &File, slot: usize, r: &mut Request) -> squeue::Entry {
     let fd = types::Fd(file.as_raw_fd());
-    let at = f.offset + f.moved as u64;
-    let e = match &mut f.kind {
-        Kind::Read { buf, .. } => {
-            let rest = buf.len - f.moved;
-            opcode::Read::new(fd, buf.at(f.moved), rest as u32).offset(at).build()
+    let at = r.offset + r.moved as u64;
+    let e = match &mut r.kind {
+        Kind::Read { buf } => {
+            let rest = buf.len - r.moved;
+            opcode::Read::new(fd, buf.at(r.moved), rest as u32).offset(at).build()
         }
-        Kind::Write { data, .. } => {
-            let rest = &data[f.moved..];
+        Kind::Write { data } => {
+            let rest = &data[r.moved..];
             opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32).offset(at).build()
         }
     };
@@ -473,10 +662,15 @@ impl BlockStore for UringStore {
         self.file.reserve(offset, len)
     }
     fn read(self: Arc<Self>, offset: u64, len: usize) -> IoFuture<Bytes> {
-        Box::pin(async move { self.submit_read(offset, len).await })
+        Box::pin(async move {
+            match self.submit(Kind::Read { buf: ReadBuf::new(len) }, offset).await? {
+                Outcome::Read(data) => Ok(data),
+                Outcome::Written => Err(io::Error::other("a read came back as a write")),
+            }
+        })
     }
     fn write(self: Arc<Self>, offset: u64, data: Bytes) -> IoFuture<()> {
-        Box::pin(async move { self.submit_write(offset, data).await })
+        Box::pin(async move { self.submit(Kind::Write { data }, offset).await.map(|_| ()) })
     }
 }
 
@@ -487,7 +681,7 @@ impl Drop for UringStore {
         let rings = std::mem::take(&mut *self.rings.lock().unwrap_or_else(|p| p.into_inner()));
         for Reaped { ring, reaper } in rings {
             reaper.abort();
-            ring.room.close();
+            ring.close();
             let foreign = ring.deferred.is_some_and(|owner| owner != std::thread::current().id());
             if foreign && ring.in_flight() > 0 {
                 // Another thread's deferred ring (it answers only that thread) with requests
@@ -674,5 +868,47 @@ mod tests {
         assert!(store.sync_here(), "the read completed");
         clients.store(2, Ordering::Relaxed);
         assert!(!store.sync_here(), "the thread serves two clients");
+    }
+
+    /// Requests given up by their tasks — on the ring (the kernel still owns their buffers) or
+    /// queued for room — leave the others to complete with the right data, and every slot comes
+    /// back free once the ring is done with them.
+    #[test]
+    fn requests_given_up_on_or_off_the_ring_leave_the_rest_whole() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let Some((_dir, store)) = store_on(&rt, 4 << 20) else { return };
+        rt.block_on(async {
+            let n = 3 * RING_ENTRIES as u64;
+            for i in 0..n {
+                store.clone().write(i * 4096, Bytes::from(vec![(i % 251) as u8; 4096])).await.unwrap();
+            }
+            let mut reads: Vec<_> = (0..n).map(|i| Some(store.clone().read(i * 4096, 4096))).collect();
+            for r in reads.iter_mut().flatten() {
+                assert!(futures_util::poll!(r).is_pending());
+            }
+            let ring = store.mine().unwrap();
+            assert_eq!(ring.in_flight(), RING_ENTRIES as usize, "as many on the ring as it holds");
+            assert_eq!(ring.busy(), n as usize, "the rest queued");
+            // Every third given up: some on the ring, some queued.
+            for r in reads.iter_mut().step_by(3) {
+                *r = None;
+            }
+            for (i, r) in reads.into_iter().enumerate() {
+                if let Some(r) = r {
+                    assert_eq!(r.await.unwrap(), Bytes::from(vec![(i as u64 % 251) as u8; 4096]), "read {i}");
+                }
+            }
+            // The abandoned ones still on the ring finish in the kernel and are reaped.
+            tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                while ring.busy() > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            })
+            .await
+            .expect("every request leaves the ring");
+            let table = ring.lock_table();
+            assert!(table.slots.iter().all(|s| matches!(s, Slot::Free)));
+            assert_eq!(table.free.len(), table.slots.len(), "every slot back on the free list");
+        });
     }
 }
