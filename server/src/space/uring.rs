@@ -217,30 +217,21 @@ impl UringStore {
         self.rings.lock().unwrap_or_else(|p| p.into_inner()).push(started);
     }
 
-    /// The request's outcome, once this thread's ring has done it.
-    fn submit(&self, kind: Kind, offset: u64) -> Submitted {
-        let sent = clock();
-        let state = match self.ring() {
-            Ok(ring) => match ring.take(Request { kind, offset, moved: 0, on_ring: sent }) {
-                Ok(slot) => State::Taken { ring, slot },
-                Err(e) => State::Failed(Some(e)),
-            },
-            Err(e) => State::Failed(Some(e)),
-        };
-        Submitted { state }
+    /// Puts the request on this thread's ring (or in its queue); its outcome is awaited.
+    fn submit(&self, kind: Kind, offset: u64) -> io::Result<Submitted> {
+        let ring = self.ring()?;
+        let slot = ring.take(Request { kind, offset, moved: 0, on_ring: clock() })?;
+        Ok(Submitted { ring, slot, finished: false })
     }
 }
 
 /// A request taken by a ring, until its task has its outcome. Dropped before that, the slot is
 /// given up (the buffer stays with the ring until the kernel is done with it).
 struct Submitted {
-    state: State,
-}
-
-enum State {
-    Taken { ring: Arc<Ring>, slot: usize },
-    Failed(Option<io::Error>),
-    Finished,
+    ring: Arc<Ring>,
+    slot: usize,
+    /// The outcome was taken (the slot is free again).
+    finished: bool,
 }
 
 impl Future for Submitted {
@@ -248,19 +239,14 @@ impl Future for Submitted {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<Outcome>> {
         let this = &mut *self;
-        let (ring, slot) = match &mut this.state {
-            State::Taken { ring, slot } => (ring, *slot),
-            State::Failed(e) => {
-                let e = e.take().unwrap_or_else(|| io::Error::other("polled after completion"));
-                this.state = State::Finished;
-                return Poll::Ready(Err(e));
-            }
-            State::Finished => return Poll::Ready(Err(io::Error::other("polled after completion"))),
-        };
-        let mut table = ring.lock_table();
+        if this.finished {
+            return Poll::Ready(Err(io::Error::other("polled after completion")));
+        }
+        let slot = this.slot;
+        let mut table = this.ring.lock_table();
         let Some(s) = table.slots.get_mut(slot) else {
             drop(table);
-            this.state = State::Finished;
+            this.finished = true;
             return Poll::Ready(Err(io::Error::other("the ring lost a request")));
         };
         match s {
@@ -275,13 +261,13 @@ impl Future for Submitted {
                 let Slot::Done(result, reaped) = std::mem::replace(s, Slot::Free) else { unreachable!() };
                 table.free.push(slot);
                 drop(table);
-                this.state = State::Finished;
+                this.finished = true;
                 observe(crate::stages::RingStage::Wake, reaped);
                 Poll::Ready(result)
             }
             Slot::Free | Slot::Abandoned { .. } | Slot::Withdrawn => {
                 drop(table);
-                this.state = State::Finished;
+                this.finished = true;
                 Poll::Ready(Err(io::Error::other("the ring lost a request")))
             }
         }
@@ -290,8 +276,8 @@ impl Future for Submitted {
 
 impl Drop for Submitted {
     fn drop(&mut self) {
-        if let State::Taken { ring, slot } = &self.state {
-            ring.give_up(*slot);
+        if !self.finished {
+            self.ring.give_up(self.slot);
         }
     }
 }
@@ -663,14 +649,14 @@ impl BlockStore for UringStore {
     }
     fn read(self: Arc<Self>, offset: u64, len: usize) -> IoFuture<Bytes> {
         Box::pin(async move {
-            match self.submit(Kind::Read { buf: ReadBuf::new(len) }, offset).await? {
+            match self.submit(Kind::Read { buf: ReadBuf::new(len) }, offset)?.await? {
                 Outcome::Read(data) => Ok(data),
                 Outcome::Written => Err(io::Error::other("a read came back as a write")),
             }
         })
     }
     fn write(self: Arc<Self>, offset: u64, data: Bytes) -> IoFuture<()> {
-        Box::pin(async move { self.submit(Kind::Write { data }, offset).await.map(|_| ()) })
+        Box::pin(async move { self.submit(Kind::Write { data }, offset)?.await.map(|_| ()) })
     }
 }
 
