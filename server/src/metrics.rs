@@ -151,6 +151,11 @@ impl Histogram {
         self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
     }
 
+    /// How many observations there were.
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
     /// Times `f`.
     pub fn time<T>(&self, f: impl FnOnce() -> T) -> T {
         let started = std::time::Instant::now();

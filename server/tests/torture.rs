@@ -8,6 +8,9 @@
 //!  - the metadata reopens and fsck agrees (invariant 5), on a pool small enough to fill up
 //!    (invariant 4).
 //!
+//! Every third seed runs on a pool of format 2, whose 255-block journal region fills, checkpoints
+//! and wraps within an iteration; the others on the current format's larger region.
+//!
 //! `THINBD_TORTURE_SEED` picks the first seed, `THINBD_TORTURE_ITERATIONS` the count (long mode:
 //! e.g. 20000). A failure prints the seed that reproduces it.
 
@@ -17,6 +20,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use thinbd::engine::{Engine, EngineConfig};
 use thinbd::error::EngineError;
+use thinbd::meta::store::{PoolConfig, create_with_format};
 use thinbd::space::fault_disk::{FaultDisk, XorShift};
 
 const CS: u64 = 4096;
@@ -325,6 +329,11 @@ async fn crash_and_check(
 async fn iteration(seed: u64) {
     let mut rng = XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let (mut meta, mut pool) = (FaultDisk::new(), FaultDisk::new());
+    if seed.is_multiple_of(3) {
+        let db = redb::Builder::new().create_with_backend(meta.redb_backend()).expect("redb");
+        let cfg = PoolConfig { cluster_size: CS, capacity_clusters: CAPACITY / CS };
+        create_with_format(&db, cfg, 2).expect("a format 2 store");
+    }
     let mut e = open(&meta, &pool, seed);
     let mut m = Model::default();
     for _ in 0..3 {

@@ -407,6 +407,12 @@ impl Engine {
         )
     }
 
+    /// Durable metadata commits so far (tests: journal checkpoints).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn durable_commits(&self) -> u64 {
+        self.space.store().durable_commit_latency.count()
+    }
+
     /// Tests' shorthand: opens `NAME` (read-write volume) or `VOLUME@SNAPSHOT` (read-only); the
     /// handle counts as a session until dropped. The product parses export names once, at the
     /// NBD edge (`nbd::export_name`), and calls [`Engine::open_volume`] / [`Engine::open_snapshot`].

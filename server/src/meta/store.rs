@@ -28,9 +28,11 @@ pub const ZERO_MARK: u64 = u64::MAX;
 const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("grants");
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 
-/// Format 2 pools start with a superblock and keep data from `superblock::DATA_OFFSET`;
-/// format 1 pools (no superblock, data from offset 0) are still opened.
-const FORMAT_VERSION: u64 = 2;
+/// The pool format new pools get. Formats 2 and 3 start with a superblock and keep data from
+/// `superblock::data_offset` (1 MiB and 16 MiB: the journal region between them grew);
+/// format 1 pools (no superblock, data from offset 0) are still opened. A pool keeps the
+/// format it was created with.
+pub const FORMAT_VERSION: u64 = 3;
 const OLDEST_FORMAT: u64 = 1;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -244,7 +246,7 @@ fn from_json<T: serde::de::DeserializeOwned>(what: &str, b: &[u8]) -> Result<T, 
 pub struct Loaded {
     pub config: PoolConfig,
     pub format: u64,
-    /// Recorded in the pool's superblock too (format 2).
+    /// Recorded in the pool's superblock too (formats 2 and up).
     pub pool_uuid: Option<u128>,
     /// The store was created by this open.
     pub created: bool,
@@ -401,7 +403,7 @@ impl Store {
     /// opens it again after an I/O error.
     pub fn on(db: Database, reopen: Option<Reopen>, create: PoolConfig) -> Result<(Store, Loaded), EngineError> {
         let store = Store::new(db, reopen);
-        let created = store.with_db(|db| init_tables(db, create))?;
+        let created = store.with_db(|db| init_tables(db, create, FORMAT_VERSION))?;
         let (mut loaded, stored, computed) = store.load_unverified()?;
         match stored {
             Some(d) if d != computed => return Err(damaged()),
@@ -468,8 +470,15 @@ fn read_records<T: serde::de::DeserializeOwned>(
     Ok(out)
 }
 
-/// Creates the tables (and the config of a new pool); true if the pool is new.
-fn init_tables(db: &Database, create: PoolConfig) -> Result<bool, EngineError> {
+/// Creates the store of a new pool of an earlier `format` (which [`Store::on`] then opens as it
+/// would one made by that release): tests of what older pools still do.
+#[cfg(any(test, feature = "testing"))]
+pub fn create_with_format(db: &Database, create: PoolConfig, format: u64) -> Result<(), EngineError> {
+    init_tables(db, create, format).map(|_| ())
+}
+
+/// Creates the tables (and the config of a new pool of `format`); true if the pool is new.
+fn init_tables(db: &Database, create: PoolConfig, format: u64) -> Result<bool, EngineError> {
     let txn = db.begin_write()?;
     let mut created = false;
     {
@@ -480,7 +489,7 @@ fn init_tables(db: &Database, create: PoolConfig) -> Result<bool, EngineError> {
                 let uuid = crate::meta::uuid::new_uuid();
                 cfg.insert("pool_uuid_hi", (uuid >> 64) as u64)?;
                 cfg.insert("pool_uuid_lo", uuid as u64)?;
-                cfg.insert("format_version", FORMAT_VERSION)?;
+                cfg.insert("format_version", format)?;
                 cfg.insert("cluster_size", create.cluster_size)?;
                 cfg.insert("capacity_clusters", create.capacity_clusters)?;
                 cfg.insert("high_water", 0)?;

@@ -21,6 +21,7 @@ struct State {
     fail_reads: bool,
     /// Syncs left before every sync fails with EIO (writes still land, unsynced).
     syncs_left: Option<usize>,
+
     /// Reads take this long (on the calling thread), so tests can hold a read in flight.
     read_delay: Option<std::time::Duration>,
     /// As O_DIRECT: pool I/O whose offset, length or buffer address is not a multiple of this
@@ -178,8 +179,18 @@ impl FaultDisk {
         if let Some(n) = st.syncs_left.as_mut() {
             *n -= 1;
         }
-        st.durable = st.current.clone();
-        st.pending.clear();
+
+        // What reads see becomes durable: the writes since the last sync, applied in order
+        // (cheaper than copying the whole image; `set_len` keeps both lengths in step).
+        let st = &mut *st;
+        for (off, data) in st.pending.drain(..) {
+            let (off, end) = (off as usize, off as usize + data.len());
+            if st.durable.len() < end {
+                st.durable.resize(end, 0);
+            }
+            st.durable[off..end].copy_from_slice(&data);
+        }
+        st.durable.resize(st.current.len(), 0);
         Ok(())
     }
 
@@ -238,6 +249,11 @@ impl redb::StorageBackend for RedbFaultDisk {
         let mut st = self.0.lock();
         st.current.resize(len as usize, 0);
         st.durable.resize(len as usize, 0);
+        // Unsynced writes past a cut are gone with it, and must not come back at the next sync.
+        st.pending.retain_mut(|(off, data)| {
+            data.truncate((len.saturating_sub(*off)) as usize);
+            !data.is_empty()
+        });
         Ok(())
     }
 

@@ -172,7 +172,7 @@ impl Space {
         self.committer.settle()
     }
 
-    /// Whether FLUSH goes through the journal (format 2 pools).
+    /// Whether FLUSH goes through the journal (pools of format 2 and up).
     pub fn journaled(&self) -> bool {
         self.journal.is_some()
     }

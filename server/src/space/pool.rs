@@ -21,7 +21,7 @@ use crate::error::EngineError;
 use crate::meta::store::Loaded;
 use crate::space::backend::FileStore;
 use crate::space::backend::{BlockStore, IoEngine};
-use crate::space::superblock::{BLOCK, DATA_OFFSET, Found, Superblock};
+use crate::space::superblock::{BLOCK, Found, Superblock, data_offset};
 
 /// Read-modify-write locks: one per 1 MiB region of the pool, folded onto a few stripes.
 const STRIPES: usize = 64;
@@ -41,8 +41,8 @@ impl Geometry {
     /// What the pool file must look like for this metadata.
     pub fn of(loaded: &Loaded) -> Geometry {
         let superblock = match (loaded.format, loaded.pool_uuid) {
-            (2.., Some(pool_uuid)) => {
-                Some(Superblock { format: 2, cluster_size: loaded.config.cluster_size, pool_uuid })
+            (format @ 2.., Some(pool_uuid)) => {
+                Some(Superblock { format: format as u32, cluster_size: loaded.config.cluster_size, pool_uuid })
             }
             _ => None,
         };
@@ -56,7 +56,7 @@ impl Geometry {
 
     /// Where cluster 0 starts in the file.
     pub fn base(&self) -> u64 {
-        if self.superblock.is_some() { DATA_OFFSET } else { 0 }
+        self.superblock.map_or(0, |sb| data_offset(sb.format))
     }
 
     fn check_length(&self, path: &Path, len: u64) -> Result<(), EngineError> {
@@ -254,7 +254,7 @@ impl Pool {
     /// The bytes between the superblock and cluster 0 (offset and length in the file), which
     /// hold the journal; `None` for format 1 pools, whose clusters start at 0.
     pub fn journal_region(&self) -> Option<(u64, u64)> {
-        (self.base == DATA_OFFSET).then_some((BLOCK as u64, DATA_OFFSET - BLOCK as u64))
+        (self.base > BLOCK as u64).then_some((BLOCK as u64, self.base - BLOCK as u64))
     }
 
     /// Allocates the journal region on the device, so a FLUSH on a full filesystem does not
