@@ -150,9 +150,26 @@ impl Pool {
             Err(e) => return Err(EngineError::io("read superblock", 0, e)),
         };
         if geo.judge(found)? {
+            self.write_journal_zeros(geo.base())?;
             block.as_mut_slice().copy_from_slice(&want.encode());
             self.store.write_at(block.as_mut_slice(), 0).map_err(|e| EngineError::io("write superblock", 0, e))?;
             self.sync_blocking()?;
+        }
+        Ok(())
+    }
+
+    /// Writes zeros over a new pool's journal region (which holds nothing yet), so that its
+    /// blocks are written extents of the file, not holes or fallocated (unwritten) ones whose
+    /// first journal write changes the filesystem's metadata, and the FLUSH after it has to
+    /// commit that too.
+    fn write_journal_zeros(&self, base: u64) -> Result<(), EngineError> {
+        let zeros = AlignedBuf::zeroed((1 << 20).min(base as usize));
+        let mut at = BLOCK as u64;
+        while at < base {
+            let n = (base - at).min(zeros.len() as u64) as usize;
+            let chunk = &zeros.as_slice()[..n];
+            self.store.write_at(chunk, at).map_err(|e| EngineError::io("write journal region", at, e))?;
+            at += n as u64;
         }
         Ok(())
     }
@@ -345,6 +362,28 @@ mod tests {
             out.push((format!("{:?}", pool.engine()), Arc::new(pool)));
         }
         out
+    }
+
+    /// The journal region of a new pool is written data from its first block to cluster 0
+    /// (not a hole, not unwritten extents, which `SEEK_DATA` skips on ext4 and xfs), and the
+    /// superblock is still there after it.
+    #[test]
+    fn a_new_pools_journal_region_is_written_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let sb = Superblock { format: 3, cluster_size: 65536, pool_uuid: crate::meta::uuid::new_uuid() };
+        let geo = Geometry { cluster_size: 65536, capacity_clusters: 16, high_water: 0, superblock: Some(sb) };
+        let path = dir.path().join("pool.img");
+        let pool = Pool::open_file(&path, &geo, IoEngine::Threads, true).expect("open pool");
+        assert_eq!(pool.journal_region(), Some((4096, (16 << 20) - 4096)));
+        drop(pool);
+        let file = std::fs::File::open(&path).unwrap();
+        let data = |from| rustix::fs::seek(&file, rustix::fs::SeekFrom::Data(from)).unwrap();
+        let hole = |from| rustix::fs::seek(&file, rustix::fs::SeekFrom::Hole(from)).unwrap();
+        assert_eq!(data(0), 0);
+        assert!(hole(0) >= 16 << 20, "the region has a hole at {}", hole(0));
+        let mut first = [0u8; BLOCK];
+        file.read_exact_at(&mut first, 0).unwrap();
+        assert_eq!(Superblock::decode(&first), Found::Valid(sb));
     }
 
     /// Many concurrent writes to different bytes of the same blocks: every byte lands, which
