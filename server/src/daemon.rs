@@ -268,6 +268,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         io_engine = engine.io_engine().name(),
         direct_io = engine.direct_io(),
         io_unit = engine.io_unit(),
+        journal_blocks = engine.journal_blocks(),
         "thinbd serving"
     );
     if engine.io_engine() != opts.io_engine {

@@ -50,6 +50,7 @@ async fn fill_flush_crash_and_check(format: Option<u64>) {
         create_with_format(&db, PoolConfig { cluster_size: CS, capacity_clusters: clusters }, f).expect("store");
     }
     let e = open(&meta, &pool, clusters);
+    assert_eq!(e.journal_blocks(), slots, "format {format:?}");
     e.create_volume("v", clusters * CS).await.expect("create");
     let h = e.open_export("v").expect("open");
     let before = e.durable_commits();

@@ -262,6 +262,12 @@ impl Engine {
         self.space.pool.alignment()
     }
 
+    /// 4 KiB blocks in the pool's journal region (4,095 in pools made now, 255 in format 2
+    /// pools, 0 in format 1 pools, which have none).
+    pub fn journal_blocks(&self) -> u64 {
+        self.space.pool.journal_region().map_or(0, |(_, len)| len / crate::space::journal::BLOCK as u64)
+    }
+
     /// Makes every completed write durable (NBD FLUSH; covers all connections).
     pub async fn flush(&self) -> Result<(), EngineError> {
         self.space.flush().await

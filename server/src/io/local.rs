@@ -353,9 +353,8 @@ impl LocalVolume {
     /// later writes into the rest of the cluster then allocate in the pool file's filesystem,
     /// and fresh 4k random writes at QD32 fell from about 40k to 28k IOPS; measured again in
     /// the twenty-third session: QD32 44.6k → 36.2k, against QD1 write+FLUSH 4.0k → 4.2k, write
-    /// p50 137 → 93 µs.) With `zeros`, the
-    /// clusters read zeros before (the caller checked; the top may already map them, so the
-    /// layers are not asked again).
+    /// p50 137 → 93 µs.) With `zeros`, the clusters read zeros before (the caller checked; the
+    /// top may already map them, so the layers are not asked again).
     async fn fill_new_clusters(
         &self,
         top: &Arc<Layer>,

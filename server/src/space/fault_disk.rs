@@ -21,7 +21,6 @@ struct State {
     fail_reads: bool,
     /// Syncs left before every sync fails with EIO (writes still land, unsynced).
     syncs_left: Option<usize>,
-
     /// Reads take this long (on the calling thread), so tests can hold a read in flight.
     read_delay: Option<std::time::Duration>,
     /// As O_DIRECT: pool I/O whose offset, length or buffer address is not a multiple of this
@@ -179,7 +178,6 @@ impl FaultDisk {
         if let Some(n) = st.syncs_left.as_mut() {
             *n -= 1;
         }
-
         // What reads see becomes durable: the writes since the last sync, applied in order
         // (cheaper than copying the whole image; `set_len` keeps both lengths in step).
         let st = &mut *st;
