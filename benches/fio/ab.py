@@ -16,20 +16,9 @@ files are deleted"). Delete --dir yourself afterwards.
 Prints per run: IOPS, completion p50 and p99, the FLUSH's p99 with --fsync, thinbd's CPU per
 request, and how many durable metadata commits (journal checkpoints, admin operations) it made.
 """
-import argparse, json, os, re, socket, subprocess, sys, time, urllib.request
+import argparse, json, os, re, subprocess, sys, time, urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from stages import cpu_seconds, port
 
 
 def durable_commits(metrics):

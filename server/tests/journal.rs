@@ -12,10 +12,10 @@ use thinbd::engine::{Engine, EngineConfig};
 use thinbd::meta::store::{FORMAT_VERSION, PoolConfig, create_with_format};
 use thinbd::space::backend::BlockStore;
 use thinbd::space::fault_disk::{FaultDisk, XorShift};
+use thinbd::space::journal::BLOCK;
 use thinbd::space::superblock::data_offset;
 
 const CS: u64 = 4096;
-const BLOCK: u64 = 4096;
 
 fn config(clusters: u64) -> EngineConfig {
     EngineConfig {
@@ -42,7 +42,7 @@ async fn fill_flush_crash_and_check(format: Option<u64>) {
     let (meta, pool) = (FaultDisk::new(), FaultDisk::new());
     pool.require_alignment(4096);
     let offset = data_offset(format.unwrap_or(FORMAT_VERSION) as u32);
-    let slots = offset / BLOCK - 1;
+    let slots = offset / BLOCK as u64 - 1;
     let writes = 2 * slots + 50;
     let clusters = writes + 16;
     if let Some(f) = format {
